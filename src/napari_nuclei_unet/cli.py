@@ -1,0 +1,325 @@
+"""``nuclei-unet``: segment, train, evaluate and convert RLE from the command line.
+
+Expected failures (bad files, bad weights) print one line naming the file and the
+problem and exit with status 2; nothing partial is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .errors import Cancelled, InputError, NucleiUnetError
+
+
+def _threshold(value: str):
+    if value == "auto":
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be 'auto' or a number in (0, 1)") from None
+    if not 0 < number < 1:
+        raise argparse.ArgumentTypeError("must be in (0, 1)")
+    return number
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="default", help="checkpoint folder or .pth state_dict (default: the bundled model)")
+    parser.add_argument("--encoder", default=None, help="encoder of a plain .pth state_dict when it can't be inferred (e.g. efficientnet-b3)")
+    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+
+
+def _add_segment_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tile-size", type=int, default=1024, help="tile edge in pixels (smaller tiles use less memory)")
+    parser.add_argument("--overlap", type=int, default=64, help="overlap between tiles in pixels")
+    parser.add_argument("--batch-size", type=int, default=1, help="tiles per network call")
+    parser.add_argument("--tta", action="store_true", help="test-time augmentation (4 flips; ~4x slower)")
+    parser.add_argument("--threshold", type=_threshold, default="auto", help="foreground probability threshold, or auto")
+    parser.add_argument("--min-size", type=int, default=15, help="remove nuclei smaller than this many pixels")
+    parser.add_argument("--hole-size", type=int, default=64, help="fill holes up to this many pixels")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nuclei-unet", description="Nuclei segmentation with a tiled U-Net and watershed.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    seg = commands.add_parser("segment", help="segment images into instance label images")
+    seg.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
+    seg.add_argument("--out", required=True, help="output folder for <stem>.tif label images")
+    seg.add_argument("--rle-csv", default=None, help="also write one RLE CSV for all inputs (ImageId = file stem)")
+    _add_model_args(seg)
+    _add_segment_args(seg)
+
+    train = commands.add_parser("train", help="train or fine-tune a model")
+    train.add_argument("--images", required=True, help="folder of images")
+    train.add_argument("--labels", required=True, help="folder of label images, an RLE CSV, or a Kaggle DSB folder")
+    train.add_argument("--out", required=True, help="output model folder (resumes if it holds a training state)")
+    train.add_argument("--model", default=None, help="starting weights: 'default' (bundled), a checkpoint, or none for a fresh U-Net")
+    train.add_argument("--encoder", default="mobilenet_v2", help="encoder of a fresh U-Net")
+    train.add_argument("--decoder-channels", default="128,64,32,16,16", help="decoder widths of a fresh U-Net")
+    train.add_argument("--encoder-weights", default=None, choices=[None, "imagenet"], help="pretrained encoder for a fresh U-Net (needs internet)")
+    train.add_argument("--split", default=None, help="CSV ImageId,split: train on 'train', validate on 'val'")
+    train.add_argument("--val-fraction", type=float, default=0.15, help="images held out for validation when --split is not given")
+    train.add_argument("--epochs", type=int, default=20)
+    train.add_argument("--iterations", type=int, default=50, help="iterations per epoch")
+    train.add_argument("--max-minutes", type=float, default=None, help="stop after this much wall-clock time (validates and saves)")
+    train.add_argument("--patch-size", type=int, default=256)
+    train.add_argument("--batch-size", type=int, default=8)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--val-every", type=int, default=1, help="validate every N epochs")
+    train.add_argument("--scale-range", default="0.5,2.0", help="zoom range of the scale augmentation")
+    train.add_argument("--no-augment", action="store_true")
+    train.add_argument("--no-resume", action="store_true", help="start over even if --out holds a training state")
+    train.add_argument("--overwrite", action="store_true", help="allow writing into an existing model folder")
+    train.add_argument("--device", default="auto")
+    train.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    train.add_argument("--seed", type=int, default=0)
+
+    ev = commands.add_parser("evaluate", help="score predictions against ground truth")
+    ev.add_argument("--truth", required=True, help="folder of label images or an RLE CSV")
+    ev.add_argument("--pred", required=True, help="folder of label images or an RLE CSV")
+    ev.add_argument("--images", default=None, help="image folder giving shapes for RLE CSVs without Height/Width")
+    ev.add_argument("--json", default=None, help="also write the metrics as JSON")
+
+    rle = commands.add_parser("rle", help="convert between RLE CSV and label images")
+    rle_commands = rle.add_subparsers(dest="rle_command", required=True)
+    dec = rle_commands.add_parser("decode", help="RLE CSV -> <ImageId>.tif label images")
+    dec.add_argument("csv")
+    dec.add_argument("--out", required=True)
+    dec.add_argument("--images", default=None, help="folder with <ImageId>.<ext> images, for shapes")
+    dec.add_argument("--format", default="tif", choices=["tif", "png"])
+    enc = rle_commands.add_parser("encode", help="label images -> one RLE CSV")
+    enc.add_argument("labels", nargs="+", help="label image files, folders or globs")
+    enc.add_argument("--out", required=True)
+    enc.add_argument("--no-shape", action="store_true", help="omit the Height/Width columns")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        handler = {"segment": cmd_segment, "train": cmd_train, "evaluate": cmd_evaluate, "rle": cmd_rle}[args.command]
+        return handler(args) or 0
+    except Cancelled as error:
+        print(f"nuclei-unet: {error}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("nuclei-unet: interrupted", file=sys.stderr)
+        return 130
+    except NucleiUnetError as error:
+        print(f"nuclei-unet: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _load_checkpoint(args):
+    from .model import Checkpoint, resolve_model_path
+
+    return Checkpoint.load(resolve_model_path(args.model), encoder=args.encoder)
+
+
+def cmd_segment(args) -> int:
+    from tqdm import tqdm
+
+    from .io import find_images, read_image, write_labels
+    from .model import resolve_device
+    from .postprocess import PostprocessParams
+    from .rle import write_csv
+    from .segment import SegmentParams, count_tiles, segment
+    from .tiling import TilingParams
+
+    files = find_images(args.inputs)
+    out = Path(args.out)
+    device = resolve_device(args.device)
+    checkpoint = _load_checkpoint(args)
+    params = SegmentParams(
+        TilingParams(tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size, device=str(device), tta=args.tta),
+        PostprocessParams(threshold=args.threshold, min_size=args.min_size, hole_size=args.hole_size),
+    )
+    print(f"model: {checkpoint.summary()} | device: {device}", file=sys.stderr)
+    rle_rows = []
+    total_nuclei, total_pixels = 0, 0
+    started = time.perf_counter()
+    with tqdm(files, unit="image", desc="segment", file=sys.stderr) as bar:
+        for path in bar:
+            image = read_image(path)
+            tiles = tqdm(total=count_tiles(image, args.tile_size, args.overlap), unit="tile", leave=False, file=sys.stderr)
+
+            def progress(done: int, total: int, tiles=tiles) -> None:
+                tiles.n = done
+                tiles.refresh()
+
+            with tiles:
+                result = segment(checkpoint, image, params, progress=progress)
+            write_labels(out / f"{path.stem}.tif", result.labels)
+            total_nuclei += result.count
+            total_pixels += int(np.prod(result.labels.shape))
+            if args.rle_csv:
+                if result.labels.ndim == 2:
+                    rle_rows.append((path.stem, result.labels))
+                else:
+                    rle_rows.extend((f"{path.stem}_{i}", plane) for i, plane in enumerate(result.labels))
+            bar.set_postfix(nuclei=result.count)
+    if args.rle_csv:
+        write_csv(args.rle_csv, rle_rows)
+    seconds = time.perf_counter() - started
+    print(
+        f"segmented {len(files)} image(s): {total_nuclei} nuclei in {seconds:.1f} s, "
+        f"{total_pixels / 1e6 / max(seconds, 1e-9):.2f} MP/s on {device} -> {out}"
+    )
+    return 0
+
+
+def cmd_train(args) -> int:
+    from tqdm import tqdm
+
+    from .data import load_pairs, read_split
+    from .model import Checkpoint, ModelConfig, resolve_model_path
+    from .train import STATE_FILE, TrainConfig, fit
+
+    out = Path(args.out)
+    resuming = (out / STATE_FILE).exists() and not args.no_resume
+    if out.exists() and any(out.iterdir()) and not resuming and not args.overwrite:
+        raise InputError(f"{out}: folder exists and is not empty; pass --overwrite or choose another --out")
+    split = read_split(args.split) if args.split else None
+    if split is not None:
+        train = load_pairs(args.images, args.labels, {k for k, v in split.items() if v == "train"})
+        val = load_pairs(args.images, args.labels, {k for k, v in split.items() if v == "val"})
+    else:
+        train, val = load_pairs(args.images, args.labels), None
+    if args.model:
+        checkpoint = Checkpoint.load(resolve_model_path(args.model))
+    else:
+        decoder = tuple(int(c) for c in args.decoder_channels.split(","))
+        config = ModelConfig(encoder_name=args.encoder, encoder_depth=len(decoder), decoder_channels=decoder)
+        checkpoint = Checkpoint.create(config, encoder_weights=args.encoder_weights)
+    scale = tuple(float(v) for v in args.scale_range.split(","))
+    config = TrainConfig(
+        epochs=args.epochs, iterations_per_epoch=args.iterations, max_minutes=args.max_minutes, patch_size=args.patch_size,
+        batch_size=args.batch_size, learning_rate=args.lr, augment=not args.no_augment, scale_range=scale,
+        val_every=args.val_every, val_fraction=args.val_fraction, device=args.device, seed=args.seed, threads=args.threads,
+    )
+    bar = tqdm(total=config.epochs * config.iterations_per_epoch, unit="it", desc="train", file=sys.stderr)
+
+    def progress(event) -> None:
+        bar.n = event.iteration
+        bar.set_postfix(epoch=event.epoch, loss=f"{event.loss:.3f}", best=event.best_score)
+        if event.kind == "epoch":
+            scores = event.scores
+            line = f"epoch {event.epoch}: loss {event.loss:.4f}"
+            if scores is not None:
+                line += f", val DSB {scores.kaggle_score:.4f}, AP@0.5 {scores.ap50:.4f}, Dice {scores.dice:.4f}"
+            bar.write(line + (" (best, saved)" if event.improved else ""))
+
+    with bar:
+        result = fit(checkpoint, train, out, val, config, progress=progress, data_description=_describe(args, train))
+    best = f"{result.best_score:.4f}" if result.best_score is not None else "n/a"
+    print(f"trained {result.iteration} iterations in {result.elapsed / 60:.1f} min on {result.device}; best val DSB score {best} -> {out}")
+    return 0
+
+
+def _describe(args, train) -> str:
+    return f"{len(train)} images from {Path(args.images).resolve().parent.name}/{Path(args.images).name}"
+
+
+def _read_label_source(path: str, images: str | None) -> dict[str, np.ndarray]:
+    from .io import IMAGE_SUFFIXES, find_images, read_image
+    from .rle import decode_csv
+
+    source = Path(path)
+    if source.is_file() and source.suffix.lower() == ".csv":
+        return decode_csv(source, _shape_lookup(images))
+    if source.is_dir():
+        return {p.stem: read_image(p) for p in find_images([str(source)]) if p.suffix.lower() in IMAGE_SUFFIXES}
+    raise InputError(f"{path}: expected a folder of label images or an RLE CSV")
+
+
+def _shape_lookup(images: str | None):
+    """ImageId -> shape, from ``<images>/<ImageId>.*`` or the Kaggle layout ``<images>/<ImageId>/images/<ImageId>.png``."""
+    if images is None:
+        return None
+    import imageio.v3 as iio
+
+    from .io import IMAGE_SUFFIXES
+
+    root = Path(images)
+
+    def shape_of(image_id: str):
+        candidates = [root / f"{image_id}{s}" for s in IMAGE_SUFFIXES] + [root / image_id / "images" / f"{image_id}.png"]
+        for candidate in candidates:
+            if candidate.is_file():
+                if candidate.suffix.lower() in (".tif", ".tiff"):
+                    import tifffile
+
+                    with tifffile.TiffFile(candidate) as tif:
+                        return tuple(tif.pages[0].shape[:2])
+                return tuple(iio.improps(candidate).shape[:2])
+        return None
+
+    return shape_of
+
+
+def cmd_evaluate(args) -> int:
+    from .io import atomic_write
+    from .metrics import evaluate, format_table
+
+    truth = _read_label_source(args.truth, args.images)
+    pred = _read_label_source(args.pred, args.images)
+    missing = sorted(set(truth) - set(pred))
+    if missing:
+        print(f"note: {len(missing)} image(s) have no prediction and count as all-missed: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}", file=sys.stderr)
+    extra = sorted(set(pred) - set(truth))
+    if extra:
+        print(f"note: {len(extra)} predicted image(s) have no ground truth and are ignored", file=sys.stderr)
+    pairs = []
+    for key, labels in truth.items():
+        predicted = pred.get(key, np.zeros_like(labels))
+        if predicted.shape != labels.shape:
+            raise InputError(f"{args.pred}: {key}: shape {predicted.shape} differs from the ground truth {labels.shape}")
+        pairs.append((labels, predicted))
+    scores = evaluate(pairs)
+    print(format_table({Path(args.pred).name: scores}))
+    if args.json:
+        with atomic_write(args.json, "w") as handle:
+            json.dump(scores.as_dict(), handle, indent=2)
+    return 0
+
+
+def cmd_rle(args) -> int:
+    from .io import find_images, read_image, write_labels
+    from .rle import read_csv, write_csv
+
+    if args.rle_command == "decode":
+        entries = read_csv(args.csv)
+        shape_of = _shape_lookup(args.images)
+        decoded, overlaps = {}, 0
+        for image_id, entry in entries.items():  # decode all first: a bad row writes nothing
+            decoded[image_id] = entry.to_labels(entry.shape or (shape_of(image_id) if shape_of else None), source=args.csv)
+            overlaps += entry.overlap_pixels
+        for image_id, labels in decoded.items():
+            write_labels(Path(args.out) / f"{image_id}.{args.format}", labels)
+        print(f"decoded {len(decoded)} image(s), {sum(len(e.rles) for e in entries.values())} nuclei -> {args.out}")
+        if overlaps:
+            print(f"note: {overlaps} pixel(s) were claimed by two nuclei; each went to the nucleus listed first", file=sys.stderr)
+    else:
+        files = find_images(args.labels)
+        items = []
+        for path in files:
+            labels = read_image(path)
+            if labels.ndim != 2 or labels.dtype.kind not in "iub":
+                raise InputError(f"{path}: not a 2D integer label image (shape {labels.shape}, {labels.dtype})")
+            items.append((path.stem, labels))
+        write_csv(args.out, items, with_shape=not args.no_shape)
+        print(f"encoded {len(items)} label image(s), {sum(int(len(np.unique(l)) - (0 in l)) for _, l in items)} nuclei -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Training/evaluation data: image + instance-label pairs from folders, RLE CSVs or Kaggle layouts."""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+from .io import IMAGE_SUFFIXES, find_images, read_image
+
+
+@dataclass
+class LabelledImage:
+    """One training/evaluation example. ``roi`` (bool) marks where labels were checked; None = everywhere."""
+
+    name: str
+    image: np.ndarray
+    labels: np.ndarray
+    roi: np.ndarray | None = None
+
+    def __post_init__(self):
+        spatial = self.image.shape[:2]
+        if self.labels.shape != spatial:
+            raise InputError(f"{self.name}: labels shape {self.labels.shape} does not match image shape {spatial}")
+        if self.roi is not None and self.roi.shape != spatial:
+            raise InputError(f"{self.name}: region-of-interest shape {self.roi.shape} does not match image shape {spatial}")
+
+
+def image_kind(image: np.ndarray) -> str:
+    """``'fluorescence'`` (grey, dark background) or ``'brightfield'`` (colour or bright background, H&E-like)."""
+    array = np.asarray(image)
+    colour = array[..., :3].astype(np.float32) if array.ndim == 3 else array[..., None].astype(np.float32)
+    grey = colour.mean(axis=-1)
+    saturated = float(np.abs(colour - grey[..., None]).mean()) > 0.02 * max(float(grey.max()), 1.0)
+    bright_background = float(np.median(grey)) > float(grey.mean()) and float(np.median(grey)) > 0.3 * float(grey.max())
+    return "brightfield" if saturated or bright_background else "fluorescence"
+
+
+def read_split(path: str | os.PathLike) -> dict[str, str]:
+    """``ImageId,split`` CSV -> ``{image_id: split}``."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        if not reader.fieldnames or not {"ImageId", "split"} <= set(reader.fieldnames):
+            raise InputError(f"{path}: expected columns ImageId,split")
+        return {row["ImageId"]: row["split"] for row in reader}
+
+
+def load_pairs(images: str | os.PathLike, labels: str | os.PathLike, names: set[str] | None = None) -> list[LabelledImage]:
+    """Pair images with labels by file stem.
+
+    ``labels`` is a folder of label images, an RLE CSV (shapes from the images), or a
+    Kaggle DSB folder (``<id>/images/<id>.png`` + ``<id>/masks/*.png``; then ``images`` may be the same folder).
+    """
+    images, labels = Path(images), Path(labels)
+    if labels.is_dir() and _is_kaggle_layout(labels):
+        return _load_kaggle_layout(labels, names)
+    image_files = {p.stem: p for p in find_images([str(images)])}
+    if names is not None:
+        image_files = {k: v for k, v in image_files.items() if k in names}
+    pairs = []
+    if labels.is_file() and labels.suffix.lower() == ".csv":
+        from .rle import read_csv
+
+        entries = read_csv(labels)
+        for stem, path in sorted(image_files.items()):
+            if stem not in entries:
+                continue
+            image = read_image(path)
+            pairs.append(LabelledImage(stem, image, entries[stem].to_labels(image.shape[:2], source=str(labels))))
+    elif labels.is_dir():
+        label_files = {p.stem: p for p in sorted(labels.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+        for stem, path in sorted(image_files.items()):
+            if stem in label_files:
+                pairs.append(LabelledImage(stem, read_image(path), np.asarray(read_image(label_files[stem])).astype(np.int32)))
+    else:
+        raise InputError(f"{labels}: labels must be a folder of label images, an RLE CSV or a Kaggle DSB folder")
+    if not pairs:
+        raise InputError(f"{labels}: no labels match the images in {images} by file name")
+    return pairs
+
+
+def _is_kaggle_layout(folder: Path) -> bool:
+    first = next((p for p in folder.iterdir() if p.is_dir()), None)
+    return first is not None and (first / "images").is_dir() and (first / "masks").is_dir()
+
+
+def _load_kaggle_layout(folder: Path, names: set[str] | None) -> list[LabelledImage]:
+    pairs = []
+    for sample in sorted(p for p in folder.iterdir() if p.is_dir()):
+        if names is not None and sample.name not in names:
+            continue
+        image = read_image(sample / "images" / f"{sample.name}.png")
+        labels = np.zeros(image.shape[:2], np.int32)
+        for index, mask_file in enumerate(sorted((sample / "masks").glob("*.png")), start=1):
+            labels[np.asarray(read_image(mask_file)) > 0] = index
+        pairs.append(LabelledImage(sample.name, image, labels))
+    return pairs
+
+
+def median_diameter(label_images: list[np.ndarray]) -> float | None:
+    """Median equivalent diameter (px) of all nuclei: the model's reference scale."""
+    areas = np.concatenate([np.bincount(np.asarray(l).ravel())[1:] for l in label_images] or [np.zeros(0)])
+    areas = areas[areas > 0]
+    return float(np.median(2.0 * np.sqrt(areas / np.pi))) if areas.size else None

@@ -1,0 +1,217 @@
+"""Read microscopy images of any common dtype and layout, normalise them, write outputs atomically.
+
+Images are read with tifffile (TIFF) and imageio (PNG, JPEG, ...). The layout rules:
+
+* ``(Y, X)`` grey, ``(Y, X, 3|4)`` RGB/RGBA;
+* ``(N, Y, X)`` and ``(N, Y, X, 3|4)`` stacks (Z or T), segmented one plane at a time.
+
+Normalisation uses per-image percentiles, so 8-bit brightfield and 16-bit fluorescence
+land on the same scale. The percentiles are computed once (on a subsample for big
+images) and applied per tile, so no float copy of the whole image is ever made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+_TIFF_SUFFIXES = (".tif", ".tiff")
+# Percentiles are estimated from at most this many pixels: exact enough, and cheap on huge images.
+_PERCENTILE_SAMPLE = 2_000_000
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image file as a numpy array, raising :class:`InputError` naming the file on failure."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix not in IMAGE_SUFFIXES:
+        raise InputError(f"{path}: unsupported image type {suffix or '(no suffix)'!r}; use one of {', '.join(IMAGE_SUFFIXES)}")
+    try:
+        if suffix in _TIFF_SUFFIXES:
+            import tifffile
+
+            image = tifffile.imread(path)
+        else:
+            import imageio.v3 as iio
+
+            image = iio.imread(path)
+    except Exception as error:  # the readers raise many types for corrupt files
+        raise InputError(f"{path}: cannot read image ({type(error).__name__}: {error})") from None
+    image = np.asarray(image)
+    check_image_layout(image, name=str(path))
+    return image
+
+
+def check_image_layout(image, name: str = "image") -> None:
+    """Raise :class:`InputError` unless ``image`` is a 2D plane or a stack of them, grey or RGB(A)."""
+    shape = tuple(image.shape)
+    dtype = np.dtype(image.dtype)
+    if dtype.kind not in "buif":
+        raise InputError(f"{name}: unsupported pixel type {dtype}")
+    if len(shape) < 2 or len(shape) > 4 or min(shape) == 0:
+        raise InputError(f"{name}: expected a 2D image or a stack of 2D images, got shape {shape}")
+    if len(shape) == 4 and shape[-1] not in (3, 4):
+        raise InputError(f"{name}: 4D images must be stacks of RGB/RGBA planes (N, Y, X, 3|4), got shape {shape}")
+
+
+def is_rgb(image) -> bool:
+    """True when the last axis holds colour channels (3 or 4, and smaller than the spatial axes)."""
+    shape = image.shape
+    return len(shape) >= 3 and shape[-1] in (3, 4) and shape[-1] < min(shape[-3], shape[-2])
+
+
+def plane_count(image) -> int:
+    """Number of 2D planes: 1 for a single image, N for a Z/T stack."""
+    spatial_ndim = image.ndim - (1 if is_rgb(image) else 0)
+    return 1 if spatial_ndim == 2 else int(image.shape[0])
+
+
+def planes(image) -> Iterator:
+    """Yield the 2D planes (grey ``(Y, X)`` or colour ``(Y, X, C)``) of an image or stack, lazily."""
+    if plane_count(image) == 1 and image.ndim - (1 if is_rgb(image) else 0) == 2:
+        yield image
+    else:
+        for index in range(image.shape[0]):
+            yield image[index]
+
+
+@dataclass(frozen=True)
+class Normalizer:
+    """Maps raw pixel values of one image to the model's input: float32 ``(C, Y, X)`` in [0, 1].
+
+    ``low``/``high`` are the image's percentiles, pooled over colour channels so that
+    colour ratios (H&E stains) are kept. Greys are repeated to fill RGB models; colour is
+    averaged for single-channel models; alpha is dropped.
+    """
+
+    low: float
+    high: float
+    channels: int = 3
+
+    @classmethod
+    def from_image(
+        cls, plane, channels: int = 3, percentiles: tuple[float, float] = (1.0, 99.8)
+    ) -> "Normalizer":
+        """Estimate the percentiles of a 2D plane (numpy, dask or zarr), subsampling big ones."""
+        height, width = plane.shape[:2]
+        step = max(1, int(np.ceil(np.sqrt(height * width / _PERCENTILE_SAMPLE))))
+        sample = np.asarray(plane[::step, ::step])
+        if sample.ndim == 3:
+            sample = sample[..., :3]
+        low, high = np.percentile(sample, percentiles)
+        low, high = float(low), float(high)
+        if not np.isfinite(low) or not np.isfinite(high):
+            raise InputError("image contains NaN or infinite values")
+        if high <= low:  # flat image: map it to 0 instead of dividing by zero
+            high = low + 1.0
+        return cls(low=low, high=high, channels=channels)
+
+    def __call__(self, plane) -> np.ndarray:
+        """Normalise a (crop of a) plane to float32 ``(C, Y, X)``."""
+        array = np.asarray(plane)
+        if array.ndim == 3:
+            array = array[..., :3]
+            array = np.moveaxis(array, -1, 0)
+        else:
+            array = array[None]
+        out = array.astype(np.float32, copy=True)
+        out -= np.float32(self.low)
+        out *= np.float32(1.0 / (self.high - self.low))
+        np.clip(out, 0.0, 1.0, out=out)  # the same range in training (colour/gamma augmentation) and inference
+        if out.shape[0] != self.channels:
+            if self.channels == 1:
+                out = out.mean(axis=0, keepdims=True)
+            elif out.shape[0] == 1:
+                out = np.repeat(out, self.channels, axis=0)
+            else:
+                raise InputError(f"cannot map a {out.shape[0]}-channel image to a {self.channels}-channel model")
+        return out
+
+
+def label_dtype(max_label: int) -> np.dtype:
+    """uint16 when the labels fit, uint32 otherwise."""
+    return np.dtype(np.uint16) if max_label < 2**16 else np.dtype(np.uint32)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside ``path``, renamed over ``path`` only if the block succeeds.
+
+    An interrupted or failed write leaves any existing ``path`` untouched and no partial file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp_name)
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator:
+    """Like :func:`atomic_path`, but yields an open file (text mode writes UTF-8 with newline='')."""
+    with atomic_path(path) as tmp:
+        with open(tmp, mode, **({} if "b" in mode else {"newline": "", "encoding": "utf-8"})) as handle:
+            yield handle
+
+
+def write_labels(path: str | os.PathLike, labels: np.ndarray) -> Path:
+    """Write an instance label image (uint16, or uint32 when needed) to ``.tif`` or ``.png``, atomically."""
+    path = Path(path)
+    labels = np.asarray(labels)
+    max_label = int(labels.max()) if labels.size else 0
+    dtype = label_dtype(max_label)
+    suffix = path.suffix.lower()
+    if suffix in _TIFF_SUFFIXES:
+        import tifffile
+
+        with atomic_path(path) as tmp:
+            tifffile.imwrite(tmp, labels.astype(dtype, copy=False), compression="zlib")
+    elif suffix == ".png":
+        if dtype != np.uint16 or labels.ndim != 2:
+            raise InputError(f"{path}: PNG holds one 2D plane of at most 65535 labels; use .tif")
+        import imageio.v3 as iio
+
+        with atomic_path(path) as tmp:
+            iio.imwrite(tmp, labels.astype(np.uint16), extension=".png")
+    else:
+        raise InputError(f"{path}: label images are written as .tif or .png, not {suffix!r}")
+    return path
+
+
+def find_images(inputs: list[str]) -> list[Path]:
+    """Expand files, folders and glob patterns to a sorted, de-duplicated list of image files."""
+    import glob
+
+    found: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found.extend(p for p in sorted(path.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        elif path.exists():
+            found.append(path)
+        else:
+            matches = sorted(glob.glob(item))
+            if not matches:
+                raise InputError(f"{item}: no such file, folder or matching pattern")
+            found.extend(Path(m) for m in matches if Path(m).suffix.lower() in IMAGE_SUFFIXES)
+    unique = list(dict.fromkeys(p.resolve() for p in found))
+    if not unique:
+        raise InputError(f"{', '.join(inputs)}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
+    return unique

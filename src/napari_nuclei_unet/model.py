@@ -1,0 +1,359 @@
+"""U-Net checkpoints: build from a small config, save/load in segmentation-models-pytorch's format.
+
+A checkpoint folder is what ``smp.Unet.save_pretrained`` writes (``config.json`` and
+``model.safetensors``) plus our ``nuclei_unet.json``: what each output channel means, how
+inputs are normalised, the reference nucleus diameter, and the training record.
+
+Plain PyTorch ``state_dict`` files (``.pth``/``.pt``) of an ``smp.Unet`` load too, with
+``torch.load(weights_only=True)`` (no arbitrary unpickling). The architecture is worked
+out from the keys and shapes; when it can't be, the user names the encoder.
+
+Nothing here downloads: encoders are built with ``encoder_weights=None`` unless a caller
+explicitly asks for ``"imagenet"`` (which needs internet).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ModelError
+
+METADATA_FILE = "nuclei_unet.json"
+SMP_CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT_VERSION = 1
+# Channel names the post-processing understands; "foreground" is required.
+KNOWN_OUTPUTS = ("foreground", "boundary")
+BUNDLED_MODEL_DIR = Path(__file__).parent / "models" / "default"
+
+
+@dataclass
+class ModelConfig:
+    """What to build: a ``smp.Unet`` and the meaning of its output channels."""
+
+    encoder_name: str = "resnet18"
+    encoder_depth: int = 5
+    decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)
+    in_channels: int = 3
+    outputs: tuple[str, ...] = ("foreground", "boundary")
+    decoder_attention_type: str | None = None
+
+    def __post_init__(self):
+        self.decoder_channels = tuple(int(c) for c in self.decoder_channels)
+        self.outputs = tuple(self.outputs)
+        if "foreground" not in self.outputs:
+            raise ModelError(f"model outputs {self.outputs} must include 'foreground'")
+        if len(self.decoder_channels) != self.encoder_depth:
+            raise ModelError(f"decoder_channels {self.decoder_channels} must have encoder_depth={self.encoder_depth} entries")
+
+    def build(self, encoder_weights: str | None = None) -> torch.nn.Module:
+        import segmentation_models_pytorch as smp
+
+        try:
+            return smp.Unet(
+                encoder_name=self.encoder_name,
+                encoder_depth=self.encoder_depth,
+                encoder_weights=encoder_weights,
+                decoder_channels=self.decoder_channels,
+                decoder_attention_type=self.decoder_attention_type,
+                in_channels=self.in_channels,
+                classes=len(self.outputs),
+            )
+        except (KeyError, ValueError) as error:
+            raise ModelError(f"cannot build smp.Unet with encoder {self.encoder_name!r}: {error}") from None
+        except OSError as error:  # weight download without internet
+            raise ModelError(f"cannot download {encoder_weights} weights for {self.encoder_name!r} ({error}); use encoder_weights=None offline") from None
+
+
+@dataclass
+class Checkpoint:
+    """A model plus everything needed to use it correctly: outputs, normalisation, provenance."""
+
+    model: torch.nn.Module
+    config: ModelConfig
+    percentiles: tuple[float, float] = (1.0, 99.8)
+    # median equivalent diameter (px) of the nuclei it was trained on; None = unknown
+    nucleus_diameter: float | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    source: str | None = None
+
+    @classmethod
+    def create(cls, config: ModelConfig | None = None, encoder_weights: str | None = None, **kwargs) -> "Checkpoint":
+        """A fresh, untrained checkpoint."""
+        config = config or ModelConfig()
+        return cls(model=config.build(encoder_weights), config=config, **kwargs)
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return self.config.outputs
+
+    @property
+    def name(self) -> str:
+        return self.metadata.get("name") or (Path(self.source).name if self.source else "unsaved model")
+
+    def summary(self) -> str:
+        """One line for the user: name, architecture, training data and headline metric."""
+        parts = [self.name, f"Unet/{self.config.encoder_name}", "+".join(self.outputs)]
+        training = self.metadata.get("training", {})
+        if training.get("data"):
+            parts.append(f"trained on {training['data']}")
+        metrics = self.metadata.get("metrics", {})
+        if "kaggle_score" in metrics:
+            parts.append(f"val DSB score {metrics['kaggle_score']:.3f}")
+        if self.nucleus_diameter:
+            parts.append(f"nuclei ~{self.nucleus_diameter:.0f} px")
+        return ", ".join(parts)
+
+    # ---------------------------------------------------------------- saving
+    def save(self, folder: str | os.PathLike, overwrite: bool = False, half: bool = False) -> Path:
+        """Save as an SMP folder plus our metadata, atomically (a temp folder renamed into place).
+
+        ``half`` stores fp16 weights (half the size); they load back as float32.
+        """
+        folder = Path(folder)
+        if folder.exists() and not overwrite:
+            raise ModelError(f"{folder}: already exists; choose another folder or allow overwriting")
+        if folder.resolve() == BUNDLED_MODEL_DIR.resolve() and not os.environ.get("NUCLEI_UNET_WRITE_BUNDLED"):
+            raise ModelError(f"{folder}: refusing to overwrite the bundled model")
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        try:
+            model = self.model
+            if half:
+                import copy
+
+                model = copy.deepcopy(model).half()
+            # The saved SMP config must never trigger a download when loaded elsewhere.
+            hub_config = getattr(model, "_hub_mixin_config", None)
+            saved_weights = hub_config.get("encoder_weights") if isinstance(hub_config, dict) else None
+            if isinstance(hub_config, dict):
+                hub_config["encoder_weights"] = None
+            try:
+                model.save_pretrained(tmp)
+            finally:
+                if isinstance(hub_config, dict):
+                    hub_config["encoder_weights"] = saved_weights
+            (tmp / METADATA_FILE).write_text(json.dumps(self._metadata_json(), indent=2) + "\n", encoding="utf-8")
+            if folder.exists():
+                # Replace file by file (each rename is atomic); other files in the folder,
+                # such as a training log, stay.
+                for item in tmp.iterdir():
+                    os.replace(item, folder / item.name)
+                tmp.rmdir()
+            else:
+                tmp.rename(folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.source = str(folder)
+        return folder
+
+    def _metadata_json(self) -> dict:
+        config = asdict(self.config)
+        config["decoder_channels"] = list(config["decoder_channels"])
+        config["outputs"] = list(config["outputs"])
+        return {
+            "format": "napari-nuclei-unet",
+            "format_version": FORMAT_VERSION,
+            "architecture": "Unet",
+            "config": config,
+            "normalization": {"method": "percentile", "percentiles": list(self.percentiles), "channels": self.config.in_channels},
+            "nucleus_diameter": self.nucleus_diameter,
+            **self.metadata,
+        }
+
+    # --------------------------------------------------------------- loading
+    @classmethod
+    def load(cls, path: str | os.PathLike, encoder: str | None = None, device: str | torch.device = "cpu") -> "Checkpoint":
+        """Load a checkpoint folder or a plain ``state_dict`` file; ``encoder`` names the architecture of the latter."""
+        path = Path(path)
+        if not path.exists():
+            raise ModelError(f"{path}: no such model file or folder")
+        if path.is_dir():
+            checkpoint = _load_folder(path)
+        elif path.suffix.lower() in (".pth", ".pt", ".ckpt", ".bin"):
+            checkpoint = _load_state_dict_file(path, encoder)
+        elif path.suffix.lower() == ".safetensors" or path.name == SMP_CONFIG_FILE:
+            checkpoint = _load_folder(path.parent)
+        else:
+            raise ModelError(f"{path}: not a model (expected a checkpoint folder or a .pth state_dict)")
+        checkpoint.model.to(device).eval()
+        checkpoint.source = str(path)
+        return checkpoint
+
+
+def bundled_model_path() -> Path | None:
+    """The default model shipped in the package, or None if this build has none."""
+    return BUNDLED_MODEL_DIR if (BUNDLED_MODEL_DIR / WEIGHTS_FILE).is_file() else None
+
+
+def resolve_model_path(model: str | os.PathLike | None) -> Path:
+    """``None``/``'default'`` -> the bundled model; anything else is taken as a path."""
+    if model is None or str(model) == "default":
+        bundled = bundled_model_path()
+        if bundled is None:
+            raise ModelError("no bundled default model in this installation; pass a model with --model PATH")
+        return bundled
+    return Path(model)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError(f"{path}: missing; not a segmentation-models-pytorch checkpoint folder") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ModelError(f"{path}: corrupt JSON ({error})") from None
+
+
+def _load_folder(folder: Path) -> Checkpoint:
+    smp_config = _read_json(folder / SMP_CONFIG_FILE)
+    meta = _read_json(folder / METADATA_FILE) if (folder / METADATA_FILE).exists() else {}
+    model_class = smp_config.get("_model_class", "Unet")
+    if model_class != "Unet":
+        raise ModelError(f"{folder}: a {model_class} checkpoint; only smp.Unet is supported")
+    outputs = tuple(meta.get("config", {}).get("outputs") or _default_outputs(smp_config.get("classes", 1)))
+    try:
+        config = ModelConfig(
+            encoder_name=smp_config.get("encoder_name", "resnet34"),
+            encoder_depth=int(smp_config.get("encoder_depth", 5)),
+            decoder_channels=tuple(smp_config.get("decoder_channels", (256, 128, 64, 32, 16))),
+            in_channels=int(smp_config.get("in_channels", 3)),
+            outputs=outputs,
+            decoder_attention_type=smp_config.get("decoder_attention_type"),
+        )
+    except (TypeError, ValueError) as error:
+        raise ModelError(f"{folder / SMP_CONFIG_FILE}: invalid model config ({error})") from None
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ModelError(f"{weights}: missing weights file")
+    try:
+        from safetensors.torch import load_file
+
+        state = load_file(str(weights))
+    except Exception as error:  # safetensors raises its own error types for truncated files
+        raise ModelError(f"{weights}: corrupt or truncated weights ({error})") from None
+    model = config.build()
+    _load_strict(model, state, weights, config)
+    normalization = meta.get("normalization", {})
+    extra = {k: v for k, v in meta.items() if k not in ("format", "format_version", "architecture", "config", "normalization", "nucleus_diameter")}
+    return Checkpoint(
+        model=model,
+        config=config,
+        percentiles=tuple(normalization.get("percentiles", (1.0, 99.8))),
+        nucleus_diameter=meta.get("nucleus_diameter"),
+        metadata=extra,
+    )
+
+
+def _default_outputs(classes: int) -> tuple[str, ...]:
+    # Without our metadata, channel 0 is taken as foreground (as in the DSB2018 notebooks).
+    return ("foreground", "boundary", *[f"channel{i}" for i in range(2, classes)])[:classes] if classes > 1 else ("foreground",)
+
+
+def _load_strict(model: torch.nn.Module, state: dict, path: Path, config: ModelConfig) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or mismatched:
+        detail = "; ".join(
+            f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''} ({len(keys)})"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched))
+            if keys
+        )
+        raise ModelError(f"{path}: weights do not match smp.Unet(encoder={config.encoder_name!r}, classes={len(config.outputs)}): {detail}")
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+
+
+def _load_state_dict_file(path: Path, encoder: str | None) -> Checkpoint:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle/zip errors for truncated or non-weights files
+        message = str(error).splitlines()[0][:200]
+        raise ModelError(f"{path}: corrupt, truncated or not a weights-only state_dict ({message})") from None
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"{path}: not a state_dict of tensors")
+    state = {k.removeprefix("module.").removeprefix("model."): v for k, v in state.items()}
+    if "segmentation_head.0.weight" not in state:
+        raise ModelError(f"{path}: not the weights of an smp.Unet (no segmentation_head)")
+    blocks = sorted({int(k.split(".")[2]) for k in state if k.startswith("decoder.blocks.") and ".conv1.0.weight" in k})
+    decoder_channels = tuple(int(state[f"decoder.blocks.{i}.conv1.0.weight"].shape[0]) for i in blocks)
+    first_conv = next(v for k, v in state.items() if k.startswith("encoder.") and v.ndim == 4)
+    classes = int(state["segmentation_head.0.weight"].shape[0])
+    attention = "scse" if any(".attention1.attention." in k for k in state) else None
+    base = dict(
+        encoder_depth=len(decoder_channels),
+        decoder_channels=decoder_channels,
+        in_channels=int(first_conv.shape[1]),
+        outputs=_default_outputs(classes),
+        decoder_attention_type=attention,
+    )
+    candidates = [encoder] if encoder else _encoder_candidates(state)
+    if not candidates:
+        raise ModelError(f"{path}: cannot tell the encoder from the weights; name it (CLI: --encoder, e.g. efficientnet-b3)")
+    for name in candidates:
+        config = ModelConfig(encoder_name=name, **base)
+        if encoder is None and not _encoder_matches(config, state):
+            continue
+        model = config.build()
+        _load_strict(model, state, path, config)
+        return Checkpoint(model=model, config=config, metadata={"name": path.stem, "imported_from": str(path)})
+    raise ModelError(f"{path}: cannot tell the encoder from the weights; name it (CLI: --encoder, e.g. efficientnet-b3)")
+
+
+def _encoder_candidates(state: dict) -> list[str]:
+    """Encoders whose key layout fits the state_dict, most common DSB2018 choices first."""
+    keys = set(state)
+    if any(k.startswith("encoder._blocks.") for k in keys):
+        return [f"efficientnet-b{i}" for i in (3, 0, 1, 2, 4, 5, 6, 7)]
+    if any(k.startswith("encoder.blocks.") for k in keys):
+        return [f"timm-efficientnet-b{i}" for i in (3, 0, 1, 2, 4, 5, 6, 7)]
+    if "encoder.layer1.0.conv1.weight" in keys:
+        return ["resnet34", "resnet18", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "se_resnext50_32x4d", "se_resnet50"]
+    if any(k.startswith("encoder.features.") for k in keys):
+        return ["mobilenet_v2", "vgg16_bn", "vgg16", "densenet121", "vgg11", "vgg13", "vgg19", "densenet169"]
+    return []
+
+
+def _encoder_matches(config: ModelConfig, state: dict) -> bool:
+    """Compare only the encoder's keys and shapes (cheap: no decoder build, no weights)."""
+    from segmentation_models_pytorch.encoders import get_encoder
+
+    try:
+        encoder = get_encoder(config.encoder_name, in_channels=config.in_channels, depth=config.encoder_depth, weights=None)
+    except Exception:
+        return False
+    expected = {f"encoder.{k}": tuple(v.shape) for k, v in encoder.state_dict().items()}
+    given = {k: tuple(v.shape) for k, v in state.items() if k.startswith("encoder.")}
+    return expected == given
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu; a named device is checked to exist."""
+    name = str(device)
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"device {name!r} requested but CUDA is not available (use --device auto or cpu)")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ModelError("device 'mps' requested but Apple MPS is not available (use --device auto or cpu)")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ModelError(f"unknown device {name!r}; use auto, cpu, cuda or mps") from None

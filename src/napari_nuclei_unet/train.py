@@ -1,0 +1,420 @@
+"""Training and fine-tuning: one implementation, used by ``nuclei-unet train`` and the fine-tune widget.
+
+* Targets are derived from instance labels: ``foreground`` and ``boundary`` (the inner
+  contour of every nucleus, 2 px, which is also the line between touching nuclei). The
+  watershed seeds from ``foreground - boundary``.
+* Image and targets are augmented together with ``torchvision.transforms.v2``
+  (``tv_tensors.Image`` / ``tv_tensors.Mask``): scale, flips, 90° rotations, brightness,
+  contrast, saturation/hue, gamma.
+* Loss: BCE + Dice from ``segmentation_models_pytorch.losses``; pixels outside a region
+  of interest (or in padding) are ignored.
+* The run validates every ``val_every`` epochs with the full segmentation pipeline and
+  the Kaggle DSB2018 score, keeps the best checkpoint, logs each epoch to CSV, and can
+  resume. ``train_steps`` is a generator of :class:`TrainEvent` (for thread workers);
+  ``fit`` drives it with a progress callback and a cancel check. No global state.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from .data import LabelledImage, median_diameter
+from .errors import InputError, ModelError
+from .io import Normalizer
+from .metrics import Scores, evaluate
+from .model import Checkpoint, resolve_device
+
+IGNORE = -1.0
+STATE_FILE = "training_state.pt"
+LOG_FILE = "training_log.csv"
+
+
+@dataclass
+class TrainConfig:
+    """Training parameters; defaults suit fine-tuning on a CPU laptop."""
+
+    epochs: int = 20
+    iterations_per_epoch: int = 50
+    max_minutes: float | None = None
+    patch_size: int = 256
+    batch_size: int = 8
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_iterations: int = 50
+    augment: bool = True
+    scale_range: tuple[float, float] = (0.5, 2.0)  # zoom factors of the scale augmentation
+    val_every: int = 1
+    val_fraction: float = 0.15  # used when no validation images are given
+    device: str = "auto"
+    seed: int = 0
+    threads: int | None = None
+
+
+@dataclass
+class TrainEvent:
+    """Progress report: ``kind`` is 'iteration', 'epoch' (with validation) or 'done'."""
+
+    kind: str
+    epoch: int
+    iteration: int
+    total_iterations: int
+    loss: float
+    elapsed: float
+    device: str
+    scores: Scores | None = None
+    best_score: float | None = None
+    improved: bool = False
+    cancelled: bool = False
+    history: list[dict] = field(default_factory=list)
+
+
+def make_targets(labels: np.ndarray, roi: np.ndarray | None = None, boundary_width: int = 2) -> np.ndarray:
+    """``(3, Y, X)`` uint8: foreground, boundary (inner contours, ``boundary_width`` px), valid (loss counts)."""
+    from scipy import ndimage as ndi
+    from skimage.segmentation import find_boundaries
+
+    labels = np.asarray(labels)
+    foreground = labels > 0
+    boundary = find_boundaries(labels, mode="inner") & foreground
+    if boundary_width > 1:
+        boundary = ndi.binary_dilation(boundary, iterations=boundary_width - 1) & foreground
+    valid = np.ones_like(foreground) if roi is None else np.asarray(roi, bool)
+    return np.stack([foreground, boundary, valid]).astype(np.uint8)
+
+
+class RandomRot90(v2.Transform):
+    """Rotate image and masks together by a random multiple of 90°."""
+
+    def make_params(self, flat_inputs):
+        return {"k": int(torch.randint(4, ()))}
+
+    def transform(self, inpt, params):
+        return inpt if params["k"] == 0 else tv_tensors.wrap(torch.rot90(inpt, params["k"], dims=(-2, -1)), like=inpt)
+
+
+class RandomGamma(v2.Transform):
+    """Gamma change of the image only (masks pass through untouched)."""
+
+    _transformed_types = (tv_tensors.Image,)
+
+    def __init__(self, gamma: tuple[float, float] = (0.7, 1.5)):
+        super().__init__()
+        self.gamma = gamma
+
+    def make_params(self, flat_inputs):
+        low, high = np.log(self.gamma)
+        return {"gamma": float(np.exp(np.random.uniform(low, high)))}
+
+    def transform(self, inpt, params):
+        return v2.functional.adjust_gamma(inpt, params["gamma"])
+
+
+def build_augmentation(config: TrainConfig) -> v2.Transform:
+    """Joint geometric + image-only intensity augmentation (torchvision v2)."""
+    geometric = [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(), RandomRot90()]
+    intensity = [
+        v2.RandomApply([v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.4, hue=0.08)], p=0.8),
+        v2.RandomApply([RandomGamma()], p=0.5),
+        v2.RandomGrayscale(p=0.1),
+    ]
+    return v2.Compose(geometric + intensity)
+
+
+class PatchSampler:
+    """Random training patches with joint augmentation; in-process (no DataLoader workers to pickle)."""
+
+    def __init__(self, samples: list[LabelledImage], config: TrainConfig, in_channels: int, percentiles, rng: np.random.Generator):
+        self.config = config
+        self.rng = rng
+        self.images = [torch.from_numpy(Normalizer.from_image(s.image, in_channels, percentiles)(s.image)) for s in samples]
+        self.targets = [torch.from_numpy(make_targets(s.labels, s.roi)) for s in samples]
+        areas = np.array([s.labels.size for s in samples], np.float64)
+        self.weights = np.maximum(areas / config.patch_size**2, 1.0)
+        self.weights /= self.weights.sum()
+        self.augment = build_augmentation(config) if config.augment else None
+
+    def patch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        index = int(self.rng.choice(len(self.images), p=self.weights))
+        image, target = self.images[index], self.targets[index]
+        size = self.config.patch_size
+        zoom = 1.0
+        if self.config.augment:
+            low, high = np.log(self.config.scale_range)
+            zoom = float(np.exp(self.rng.uniform(low, high)))
+        crop = max(8, int(round(size / zoom)))
+        height, width = image.shape[-2:]
+        top = int(self.rng.integers(0, max(height - crop, 0) + 1))
+        left = int(self.rng.integers(0, max(width - crop, 0) + 1))
+        image = tv_tensors.Image(image[:, top:top + crop, left:left + crop])
+        target = tv_tensors.Mask(target[:, top:top + crop, left:left + crop])
+        # Pad small images (padding is marked invalid in the target), then zoom to the patch size.
+        pad_h, pad_w = max(0, crop - image.shape[-2]), max(0, crop - image.shape[-1])
+        if pad_h or pad_w:
+            image = v2.functional.pad(image, [0, 0, pad_w, pad_h], padding_mode="reflect" if min(image.shape[-2:]) > max(pad_h, pad_w) else "constant")
+            target = v2.functional.pad(target, [0, 0, pad_w, pad_h], fill=0)
+        if crop != size:
+            image = v2.functional.resize(image, [size, size], antialias=True)
+            target = v2.functional.resize(target, [size, size])  # masks: nearest
+        if self.augment is not None:
+            image, target = self.augment(image, target)
+        target = target.float()
+        labels = target[:2].clone()
+        labels[:, target[2] == 0] = IGNORE
+        return image.as_subclass(torch.Tensor), labels
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        pairs = [self.patch() for _ in range(self.config.batch_size)]
+        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+
+def make_loss() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """BCE + Dice over both output channels, ignoring pixels marked IGNORE."""
+    from segmentation_models_pytorch.losses import DiceLoss, SoftBCEWithLogitsLoss
+
+    dice = DiceLoss(mode="multilabel", from_logits=True, ignore_index=IGNORE)
+    bce = SoftBCEWithLogitsLoss(ignore_index=IGNORE)
+
+    def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return bce(logits, target) + dice(logits, target)
+
+    return loss
+
+
+def split_validation(samples: list[LabelledImage], fraction: float, seed: int) -> tuple[list[LabelledImage], list[LabelledImage]]:
+    """Hold out whole images for validation (at least one when there are two or more)."""
+    if len(samples) < 2 or fraction <= 0:
+        return samples, []
+    order = np.random.default_rng(seed).permutation(len(samples))
+    count = min(len(samples) - 1, max(1, int(round(fraction * len(samples)))))
+    held = set(order[:count].tolist())
+    return [s for i, s in enumerate(samples) if i not in held], [s for i, s in enumerate(samples) if i in held]
+
+
+def validate(checkpoint: Checkpoint, samples: list[LabelledImage], device: str = "auto", cancel=None) -> Scores:
+    """Score the checkpoint on whole images with the real pipeline (tiling + watershed)."""
+    from .segment import SegmentParams, segment
+    from .tiling import TilingParams
+
+    params = SegmentParams(tiling=TilingParams(device=device))
+    was_training = checkpoint.model.training
+    checkpoint.model.eval()
+    try:
+        pairs = []
+        for sample in samples:
+            result = segment(checkpoint, sample.image, params, cancel=cancel)
+            truth = sample.labels if sample.roi is None else np.where(sample.roi, sample.labels, 0)
+            pred = result.labels if sample.roi is None else np.where(sample.roi, result.labels, 0)
+            pairs.append((truth, pred))
+        return evaluate(pairs)
+    finally:
+        checkpoint.model.train(was_training)
+
+
+def _learning_rate(config: TrainConfig, iteration: int, total: int, elapsed: float) -> float:
+    """Linear warm-up, then cosine decay over iterations or wall-clock time, whichever runs out first."""
+    if iteration < config.warmup_iterations:
+        return config.learning_rate * (iteration + 1) / config.warmup_iterations
+    fraction = iteration / max(total, 1)
+    if config.max_minutes:
+        fraction = max(fraction, elapsed / (60.0 * config.max_minutes))
+    return config.learning_rate * (0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * min(fraction, 1.0))))
+
+
+def train_steps(
+    checkpoint: Checkpoint,
+    train: list[LabelledImage],
+    out_dir: str | os.PathLike,
+    val: list[LabelledImage] | None = None,
+    config: TrainConfig | None = None,
+    resume: bool = True,
+    base_model: str | None = None,
+    data_description: str | None = None,
+) -> Iterator[TrainEvent]:
+    """Train ``checkpoint`` in place, yielding a :class:`TrainEvent` after every iteration and epoch.
+
+    Closing the generator (or stopping to iterate) is the cancel: the best checkpoint so far
+    stays in ``out_dir`` and ``training_state.pt`` allows resuming.
+    """
+    config = config or TrainConfig()
+    out_dir = Path(out_dir)
+    if not train:
+        raise InputError("no training images with labels")
+    if not any(int(s.labels.max()) > 0 for s in train):
+        raise InputError("the training labels contain no nuclei")
+    if val is None:
+        train, val = split_validation(train, config.val_fraction, config.seed)
+    _check_writable(out_dir)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    model = checkpoint.model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    total = config.epochs * config.iterations_per_epoch
+    history: list[dict] = []
+    start_epoch, iteration, best, spent = 0, 0, -1.0, 0.0
+    state_path = out_dir / STATE_FILE
+    if resume and state_path.exists():
+        try:
+            state = torch.load(state_path, map_location=device, weights_only=True)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        except Exception as error:
+            raise ModelError(f"{state_path}: cannot resume ({str(error).splitlines()[0][:200]}); delete it to start over") from None
+        start_epoch, iteration, best, spent = int(state["epoch"]), int(state["iteration"]), float(state["best"]), float(state["elapsed"])
+        history = _read_log(out_dir / LOG_FILE)
+        rng = np.random.default_rng(config.seed + start_epoch)
+    sampler = PatchSampler(train, config, checkpoint.config.in_channels, checkpoint.percentiles, rng)
+    loss_fn = make_loss()
+    checkpoint.nucleus_diameter = median_diameter([s.labels for s in train]) or checkpoint.nucleus_diameter
+    started = time.perf_counter() - spent
+    record = {
+        "base_model": base_model or checkpoint.source or "new",
+        "data": data_description or f"{len(train)} images",
+        "images": len(train),
+        "nuclei": int(sum(int(np.unique(s.labels).size - (1 if (s.labels == 0).any() else 0)) for s in train)),
+        "validation_images": len(val),
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
+    }
+    epoch = start_epoch
+    running = float("nan")
+    finished = False
+    try:
+        for epoch in range(start_epoch + 1, config.epochs + 1):
+            losses = []
+            for _ in range(config.iterations_per_epoch):
+                elapsed = time.perf_counter() - started
+                lr = _learning_rate(config, iteration, total, elapsed)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                images, targets = sampler.batch()
+                images, targets = images.to(device), targets.to(device)
+                loss = loss_fn(model(images), targets)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                iteration += 1
+                losses.append(float(loss.detach()))
+                running = float(np.mean(losses))
+                yield TrainEvent("iteration", epoch, iteration, total, float(loss.detach()), time.perf_counter() - started, str(device))
+            elapsed = time.perf_counter() - started
+            out_of_time = bool(config.max_minutes and elapsed >= 60.0 * config.max_minutes)
+            scores, improved = None, False
+            if val and (epoch % config.val_every == 0 or epoch == config.epochs or out_of_time):
+                scores = validate(checkpoint, val, str(device))
+                improved = scores.kaggle_score > best
+            elif not val:
+                improved = True  # nothing to validate on: keep the latest
+            row = {"epoch": epoch, "iteration": iteration, "train_loss": running, "lr": lr, "seconds": round(elapsed, 1)}
+            if scores is not None:
+                row.update({k: round(v, 5) if isinstance(v, float) else v for k, v in scores.as_dict().items()})
+            history.append(row)
+            if improved:
+                best = scores.kaggle_score if scores is not None else best
+                _save_best(checkpoint, out_dir, record, scores, epoch, iteration, elapsed, device)
+            _save_state(state_path, model, optimizer, epoch, iteration, best, elapsed)
+            _write_log(out_dir / LOG_FILE, history)
+            yield TrainEvent("epoch", epoch, iteration, total, running, elapsed, str(device), scores, best if best >= 0 else None, improved, history=list(history))
+            if out_of_time:
+                break
+        finished = True
+    finally:
+        model.eval()
+        if not finished:  # cancelled (generator closed): make sure a usable model exists
+            if not (out_dir / "model.safetensors").exists():
+                _save_best(checkpoint, out_dir, record, None, epoch, iteration, time.perf_counter() - started, device)
+    best_checkpoint = Checkpoint.load(out_dir, device=device)
+    checkpoint.model.load_state_dict(best_checkpoint.model.state_dict())
+    checkpoint.metadata, checkpoint.source = best_checkpoint.metadata, str(out_dir)
+    yield TrainEvent("done", epoch, iteration, total, running, time.perf_counter() - started, str(device), best_score=best if best >= 0 else None, history=list(history))
+
+
+def fit(
+    checkpoint: Checkpoint,
+    train: list[LabelledImage],
+    out_dir: str | os.PathLike,
+    val: list[LabelledImage] | None = None,
+    config: TrainConfig | None = None,
+    progress: Callable[[TrainEvent], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+    **kwargs,
+) -> TrainEvent:
+    """Run :func:`train_steps` to the end; ``cancel()`` is checked after every iteration."""
+    steps = train_steps(checkpoint, train, out_dir, val, config, **kwargs)
+    last = None
+    for event in steps:
+        last = event
+        if progress is not None:
+            progress(event)
+        if event.kind == "done":
+            return event
+        if cancel is not None and cancel():
+            steps.close()
+            best = Checkpoint.load(out_dir)
+            checkpoint.model.load_state_dict(best.model.state_dict())
+            checkpoint.metadata, checkpoint.source = best.metadata, str(out_dir)
+            last.kind, last.cancelled = "done", True
+            return last
+    return last
+
+
+def _check_writable(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise InputError(f"{out_dir}: output folder is not writable ({error.strerror})") from None
+
+
+def _save_best(checkpoint, out_dir, record, scores, epoch, iteration, elapsed, device) -> None:
+    checkpoint.metadata.setdefault("name", out_dir.name)
+    checkpoint.metadata["training"] = {
+        **record,
+        "epochs": epoch,
+        "iterations": iteration,
+        "seconds": round(elapsed, 1),
+        "device": str(device),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    if scores is not None:
+        checkpoint.metadata["metrics"] = {k: round(v, 5) if isinstance(v, float) else v for k, v in scores.as_dict().items()}
+        checkpoint.metadata["metrics"]["measured_on"] = "validation images"
+    checkpoint.save(out_dir, overwrite=True)
+
+
+def _save_state(path, model, optimizer, epoch, iteration, best, elapsed) -> None:
+    tmp = path.with_suffix(".part")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "iteration": iteration, "best": best, "elapsed": elapsed}, tmp)
+    os.replace(tmp, path)
+
+
+def _write_log(path: Path, history: list[dict]) -> None:
+    from .io import atomic_write
+
+    columns = list(dict.fromkeys(k for row in history for k in row))
+    with atomic_write(path, "w") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def _read_log(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="", encoding="utf-8") as handle:
+        return [dict(row) for row in csv.DictReader(handle)]

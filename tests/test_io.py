@@ -1,0 +1,99 @@
+import numpy as np
+import pytest
+
+from napari_nuclei_unet import InputError
+from napari_nuclei_unet.io import Normalizer, atomic_write, is_rgb, plane_count, planes, read_image, write_labels
+
+
+@pytest.mark.parametrize(
+    "suffix, array",
+    [
+        (".png", np.arange(64 * 48, dtype=np.uint16).reshape(64, 48) % 256),
+        (".png", (np.random.default_rng(0).random((40, 50, 3)) * 255).astype(np.uint8)),
+        (".png", (np.random.default_rng(0).random((40, 50, 4)) * 255).astype(np.uint8)),
+        (".jpg", (np.random.default_rng(0).random((40, 50, 3)) * 255).astype(np.uint8)),
+        (".tif", np.random.default_rng(0).integers(0, 65535, (3, 30, 40), dtype=np.uint16)),  # Z stack
+        (".tif", np.random.default_rng(0).random((30, 40)).astype(np.float32)),
+    ],
+    ids=["png-8bit-grey", "png-rgb", "png-rgba", "jpeg-rgb", "tiff-16bit-stack", "tiff-float"],
+)
+def test_read_formats(tmp_path, suffix, array):
+    import imageio.v3 as iio
+    import tifffile
+
+    path = tmp_path / f"image{suffix}"
+    if suffix == ".tif":
+        tifffile.imwrite(path, array)
+    else:
+        iio.imwrite(path, array.astype(np.uint8) if suffix == ".png" and array.dtype == np.uint16 else array)
+    image = read_image(path)
+    assert image.shape == array.shape
+    if suffix != ".jpg":
+        assert np.allclose(image, array.astype(image.dtype))
+
+
+def test_layouts():
+    assert is_rgb(np.zeros((10, 12, 3))) and plane_count(np.zeros((10, 12, 3))) == 1
+    assert not is_rgb(np.zeros((3, 10, 12))) and plane_count(np.zeros((3, 10, 12))) == 3
+    assert plane_count(np.zeros((5, 10, 12, 4))) == 5
+    assert [p.shape for p in planes(np.zeros((2, 10, 12)))] == [(10, 12), (10, 12)]
+
+
+def test_normalizer_percentiles_and_channels():
+    rng = np.random.default_rng(0)
+    sixteen_bit = rng.integers(1000, 5000, (64, 64)).astype(np.uint16)
+    eight_bit = (sixteen_bit / 5000 * 255).astype(np.uint8)
+    for image in (sixteen_bit, eight_bit):
+        out = Normalizer.from_image(image, channels=3)(image)
+        assert out.dtype == np.float32 and out.shape == (3, 64, 64)
+        assert -0.05 < np.percentile(out, 1) < 0.05 and 0.95 < np.percentile(out, 99.8) < 1.05
+    rgba = rng.integers(0, 255, (16, 16, 4)).astype(np.uint8)
+    assert Normalizer.from_image(rgba, channels=1)(rgba).shape == (1, 16, 16)
+    flat = np.full((8, 8), 7, np.uint16)
+    assert np.all(Normalizer.from_image(flat)(flat) == 0)
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("broken.png", b"\x89PNG\r\n\x1a\nnot really", "cannot read image"),
+        ("notes.txt", b"hello", "unsupported image type '.txt'"),
+        ("empty.tif", b"", "cannot read image"),
+    ],
+)
+def test_bad_images_give_one_line_errors(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(InputError) as info:
+        read_image(path)
+    assert str(info.value).startswith(str(path)) and message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(InputError, match="no such file"):
+        read_image(tmp_path / "nope.png")
+
+
+def test_write_labels_dtypes(tmp_path):
+    import tifffile
+
+    small = np.arange(12, dtype=np.int32).reshape(3, 4)
+    big = small.copy()
+    big[0, 0] = 70000
+    assert tifffile.imread(write_labels(tmp_path / "a.tif", small)).dtype == np.uint16
+    assert tifffile.imread(write_labels(tmp_path / "b.tif", big)).dtype == np.uint32
+    assert np.array_equal(read_image(write_labels(tmp_path / "c.png", small)), small)
+    with pytest.raises(InputError, match="use .tif"):
+        write_labels(tmp_path / "d.png", big)
+    assert not (tmp_path / "d.png").exists()
+
+
+def test_atomic_write_keeps_old_file(tmp_path):
+    path = tmp_path / "x.bin"
+    path.write_bytes(b"old")
+    with pytest.raises(ValueError):
+        with atomic_write(path) as handle:
+            handle.write(b"half")
+            raise ValueError("boom")
+    assert path.read_bytes() == b"old" and len(list(tmp_path.iterdir())) == 1

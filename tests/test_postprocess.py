@@ -1,0 +1,51 @@
+import numpy as np
+import pytest
+
+from conftest import disks
+from napari_nuclei_unet.postprocess import PostprocessParams, auto_threshold, instances, semantic_mask
+
+
+def test_two_touching_disks_split_by_distance_watershed():
+    labels = disks()
+    probability = np.where(labels > 0, 0.95, 0.02).astype(np.float32)[None]
+    mask, found = instances(probability, ("foreground",))
+    assert found.max() == 2
+    for true_label in (1, 2):
+        values, counts = np.unique(found[labels == true_label], return_counts=True)
+        assert counts.max() / counts.sum() > 0.95  # each disk is essentially one instance
+
+
+def test_boundary_channel_splits_touching_nuclei():
+    from skimage.segmentation import find_boundaries
+
+    labels = disks(centres=((48, 45), (48, 75)), radius=18)
+    foreground = (labels > 0).astype(np.float32)
+    boundary = find_boundaries(labels, mode="inner").astype(np.float32)
+    found = instances(np.stack([foreground, boundary]), ("foreground", "boundary"))[1]
+    assert found.max() == 2
+
+
+def test_min_size_holes_and_sequential_labels():
+    probability = np.zeros((60, 60), np.float32)
+    probability[5:25, 5:25] = 0.9
+    probability[12:15, 12:15] = 0.1  # a 9-pixel hole
+    probability[40:42, 40:42] = 0.9  # a 4-pixel speck
+    probability[30:50, 5:20] = 0.9
+    mask, labels = instances(probability[None], ("foreground",), PostprocessParams(threshold=0.5, min_size=10, hole_size=20))
+    assert mask[13, 13]  # hole filled
+    assert labels[41, 41] == 0  # speck removed
+    assert sorted(np.unique(labels).tolist()) == [0, 1, 2]
+
+
+def test_blank_image_gives_no_nuclei():
+    mask, labels = instances(np.full((1, 50, 50), 0.01, np.float32), ("foreground",))
+    assert not mask.any() and labels.max() == 0
+    noise = np.random.default_rng(0).random((50, 50)).astype(np.float32) * 0.2
+    assert semantic_mask(noise).sum() == 0  # auto threshold does not split pure background
+
+
+def test_auto_threshold_and_validation():
+    probability = np.concatenate([np.full(100, 0.1), np.full(100, 0.8)]).astype(np.float32).reshape(10, 20)
+    assert 0.3 <= auto_threshold(probability) <= 0.7
+    with pytest.raises(ValueError, match="threshold"):
+        semantic_mask(probability, threshold=1.5)
