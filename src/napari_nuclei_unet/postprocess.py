@@ -71,7 +71,6 @@ def instances(
 
     ``probabilities`` is ``(C, Y, X)`` with channel meanings in ``outputs``.
     """
-    from skimage.morphology import remove_small_objects
     from skimage.segmentation import relabel_sequential, watershed
 
     params = params or PostprocessParams()
@@ -101,7 +100,10 @@ def instances(
     if count:
         labels = np.where(orphans > 0, orphans + labels.max(), labels)
     if params.min_size > 0:
-        labels = remove_small_objects(labels, max_size=params.min_size - 1)
+        sizes = np.bincount(labels.ravel())
+        too_small = sizes < params.min_size
+        too_small[0] = False
+        labels[too_small[labels]] = 0
     labels, _, _ = relabel_sequential(labels.astype(np.int32, copy=False))
     return labels > 0, labels
 

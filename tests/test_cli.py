@@ -1,0 +1,106 @@
+"""The ``nuclei-unet`` command line, run in-process through ``main(argv)``."""
+
+import numpy as np
+import pytest
+import tifffile
+
+from napari_nuclei_unet.cli import main
+from napari_nuclei_unet.io import read_image
+from napari_nuclei_unet.rle import decode_csv
+from napari_nuclei_unet.synthetic import nuclei_field
+
+
+@pytest.fixture
+def model_dir(tmp_path, tiny_checkpoint):
+    return tiny_checkpoint.save(tmp_path / "model")
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    import imageio.v3 as iio
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    image, _ = nuclei_field((96, 128), count=8, seed=1)
+    tifffile.imwrite(folder / "fluo16.tif", image)  # 16-bit TIFF
+    iio.imwrite(folder / "bright8.png", (255 - image // 13).astype(np.uint8))  # 8-bit PNG
+    tifffile.imwrite(folder / "stack.tif", np.stack([image, image[::-1]]))  # Z stack
+    return folder
+
+
+def test_segment_folder_writes_labels_and_rle(tmp_path, model_dir, image_folder, capsys):
+    out = tmp_path / "out"
+    csv_path = tmp_path / "pred.csv"
+    code = main(["segment", str(image_folder), "--out", str(out), "--model", str(model_dir), "--rle-csv", str(csv_path), "--tile-size", "64", "--overlap", "16"])
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["bright8.tif", "fluo16.tif", "stack.tif"]
+    labels = read_image(out / "fluo16.tif")
+    assert labels.shape == (96, 128) and labels.dtype == np.uint16
+    assert read_image(out / "stack.tif").shape == (2, 96, 128)
+    decoded = decode_csv(csv_path)
+    assert set(decoded) == {"bright8", "fluo16", "stack_0", "stack_1"}
+    assert np.array_equal(decoded["fluo16"] > 0, labels > 0)
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    assert summary.startswith("segmented 3 image(s):") and "MP/s on cpu" in summary
+
+
+def test_segment_needs_a_model_or_bundled_default(tmp_path, image_folder, capsys, monkeypatch):
+    import napari_nuclei_unet.model as model
+
+    monkeypatch.setattr(model, "BUNDLED_MODEL_DIR", tmp_path / "nothing")
+    assert main(["segment", str(image_folder), "--out", str(tmp_path / "o")]) == 2
+    assert "pass a model with --model" in capsys.readouterr().err
+
+
+def test_bad_image_is_one_line_and_writes_nothing(tmp_path, model_dir, capsys):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\ngarbage")
+    out = tmp_path / "out"
+    assert main(["segment", str(bad), "--out", str(out), "--model", str(model_dir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"nuclei-unet: error: {bad}: cannot read image")
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_bad_weights_are_one_line(tmp_path, image_folder, capsys):
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"not a checkpoint")
+    assert main(["segment", str(image_folder), "--out", str(tmp_path / "o"), "--model", str(weights)]) == 2
+    assert f"{weights}: corrupt, truncated" in capsys.readouterr().err
+
+
+def test_rle_decode_encode_round_trip(tmp_path, capsys):
+    labels = nuclei_field((64, 80), count=6, seed=3)[1]
+    src = tmp_path / "labels"
+    src.mkdir()
+    tifffile.imwrite(src / "a.tif", labels.astype(np.uint16))
+    tifffile.imwrite(src / "b.tif", np.zeros((10, 12), np.uint16))
+    csv_path = tmp_path / "a.csv"
+    assert main(["rle", "encode", str(src), "--out", str(csv_path)]) == 0
+    assert main(["rle", "decode", str(csv_path), "--out", str(tmp_path / "dec")]) == 0
+    assert np.array_equal(read_image(tmp_path / "dec" / "a.tif"), labels)
+    assert read_image(tmp_path / "dec" / "b.tif").max() == 0  # the empty image survived
+
+
+def test_rle_decode_bad_row_writes_nothing(tmp_path, capsys):
+    csv_path = tmp_path / "bad.csv"
+    csv_path.write_text("ImageId,EncodedPixels,Height,Width\ngood,1 2,4,4\nbad,1 2 3,4,4\n")
+    out = tmp_path / "dec"
+    assert main(["rle", "decode", str(csv_path), "--out", str(out)]) == 2
+    assert "row 3 (ImageId 'bad'): odd number of values" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_evaluate_prints_table_and_json(tmp_path, capsys):
+    import json
+
+    labels = nuclei_field((64, 80), count=6, seed=3)[1]
+    truth, pred = tmp_path / "t", tmp_path / "p"
+    truth.mkdir(), pred.mkdir()
+    tifffile.imwrite(truth / "x.tif", labels.astype(np.uint16))
+    tifffile.imwrite(pred / "x.tif", labels.astype(np.uint16))
+    assert main(["evaluate", "--truth", str(truth), "--pred", str(pred), "--json", str(tmp_path / "m.json")]) == 0
+    table = capsys.readouterr().out
+    assert "DSB2018 score" in table and "AP@0.5" in table
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["kaggle_score"] == 1.0 and metrics["n_true"] == labels.max()

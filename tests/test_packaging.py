@@ -1,0 +1,74 @@
+"""The package as users get it: a built wheel carries napari.yaml, and the core stays headless."""
+
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def installed_wheel(tmp_path_factory):
+    """Build the wheel and install it (no dependencies) into a separate folder."""
+    dist = tmp_path_factory.mktemp("dist")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(REPO)], check=True)
+    wheel = next(dist.glob("napari_nuclei_unet-*.whl"))
+    target = tmp_path_factory.mktemp("site")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)], check=True)
+    return wheel, target
+
+
+def test_wheel_contains_manifest_and_samples(installed_wheel):
+    wheel, target = installed_wheel
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "napari_nuclei_unet/napari.yaml" in names
+    shipped = target / "napari_nuclei_unet" / "napari.yaml"
+    assert shipped.is_file() and not shipped.is_symlink()
+    assert shipped.read_text() == (REPO / "napari.yaml").read_text()
+
+
+def test_npe2_finds_manifest_in_installed_wheel(installed_wheel):
+    _, target = installed_wheel
+    script = textwrap.dedent(
+        f"""
+        import importlib.metadata as md, sys
+        sys.path.insert(0, {str(target)!r})
+        from npe2 import PluginManifest
+        dist = md.distribution("napari-nuclei-unet")  # the wheel's copy comes first on sys.path
+        assert str(dist.locate_file("")).startswith({str(target)!r}), dist.locate_file("")
+        manifest = PluginManifest.from_distribution("napari-nuclei-unet")
+        manifest.validate_imports()
+        import napari_nuclei_unet
+        assert napari_nuclei_unet.__file__.startswith({str(target)!r}), napari_nuclei_unet.__file__
+        print(manifest.name, len(manifest.contributions.commands or []))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[0] == "napari-nuclei-unet"
+
+
+def test_manifest_valid_in_editable_install():
+    from npe2 import PluginManager
+
+    manager = PluginManager.instance()
+    manager.discover()
+    manifest = manager.get_manifest("napari-nuclei-unet")
+    manifest.validate_imports()
+    assert manifest.contributions.readers
+
+
+def test_core_imports_neither_qt_nor_napari():
+    core = "io rle model tiling postprocess segment train metrics data synthetic cli".split()
+    script = "import sys\n" + "".join(f"import napari_nuclei_unet.{m}\n" for m in core) + textwrap.dedent(
+        """
+        bad = sorted(m for m in sys.modules if m.split('.')[0] in ('napari', 'qtpy', 'PyQt5', 'PyQt6', 'PySide2', 'PySide6', 'magicgui'))
+        print(' '.join(bad))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == ""

@@ -1,0 +1,71 @@
+"""The training core on a generated sample: fast, tiny model, few iterations."""
+
+import numpy as np
+import pytest
+import torch
+
+from napari_nuclei_unet import InputError
+from napari_nuclei_unet.data import LabelledImage
+from napari_nuclei_unet.model import Checkpoint
+from napari_nuclei_unet.synthetic import nuclei_field
+from napari_nuclei_unet.train import IGNORE, TrainConfig, fit, make_loss, make_targets, train_steps
+
+
+@pytest.fixture
+def samples():
+    return [LabelledImage(f"s{i}", *nuclei_field((128, 128), count=12, seed=i)) for i in range(3)]
+
+
+def test_targets_mark_borders_between_touching_nuclei():
+    labels = np.zeros((10, 10), np.int32)
+    labels[2:8, 1:5], labels[2:8, 5:9] = 1, 2
+    foreground, boundary, valid = make_targets(labels)
+    assert foreground.sum() == 48 and valid.all()
+    assert boundary[4, 4] and boundary[4, 5]  # both sides of the touching line
+    assert not boundary[0, 0]
+
+
+def test_loss_ignores_pixels_outside_roi():
+    loss = make_loss()
+    logits = torch.randn(1, 2, 16, 16)
+    target = (torch.rand(1, 2, 16, 16) > 0.5).float()
+    target[..., :, 8:] = IGNORE
+    changed = logits.clone()
+    changed[..., :, 8:] = torch.randn(1, 2, 16, 8) * 10  # predictions outside the ROI change wildly
+    assert torch.allclose(loss(logits, target), loss(changed, target))
+
+
+def test_fit_decreases_loss_and_writes_loadable_checkpoint(tmp_path, tiny_checkpoint, samples):
+    config = TrainConfig(epochs=3, iterations_per_epoch=6, patch_size=64, batch_size=4, learning_rate=3e-3, warmup_iterations=2, device="cpu")
+    events = []
+    result = fit(tiny_checkpoint, samples[:2], tmp_path / "model", val=samples[2:], config=config, progress=events.append)
+    losses = [e.loss for e in events if e.kind == "epoch"]
+    assert result.kind == "done" and not result.cancelled
+    assert losses[-1] < losses[0]
+    loaded = Checkpoint.load(tmp_path / "model")
+    assert loaded.metadata["training"]["images"] == 2 and "kaggle_score" in loaded.metadata["metrics"]
+    assert loaded.nucleus_diameter and 12 < loaded.nucleus_diameter < 24
+    assert (tmp_path / "model" / "training_log.csv").read_text().count("\n") == 4
+
+
+def test_cancel_keeps_a_usable_model_and_resume_continues(tmp_path, tiny_checkpoint, samples):
+    config = TrainConfig(epochs=4, iterations_per_epoch=3, patch_size=64, batch_size=2, device="cpu")
+    seen = []
+    result = fit(tiny_checkpoint, samples[:2], tmp_path / "m", val=samples[2:], config=config, progress=seen.append, cancel=lambda: len([e for e in seen if e.kind == "epoch"]) >= 1)
+    assert result.cancelled and result.epoch == 1  # stopped right after the first epoch's report
+    assert Checkpoint.load(tmp_path / "m").metadata["training"]["epochs"] == 1
+    resumed = list(train_steps(tiny_checkpoint, samples[:2], tmp_path / "m", val=samples[2:], config=config))
+    epochs = [e.epoch for e in resumed if e.kind == "epoch"]
+    assert epochs == [2, 3, 4]  # picks up after the last completed epoch
+
+
+def test_bad_training_input(tmp_path, tiny_checkpoint, samples):
+    empty = [LabelledImage("e", samples[0].image, np.zeros_like(samples[0].labels))]
+    with pytest.raises(InputError, match="no nuclei"):
+        fit(tiny_checkpoint, empty, tmp_path / "x")
+    with pytest.raises(InputError, match="does not match image shape"):
+        LabelledImage("bad", samples[0].image, samples[0].labels[:10])
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    with pytest.raises(InputError, match="not writable"):
+        fit(tiny_checkpoint, samples, blocked / "sub")
