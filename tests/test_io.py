@@ -23,7 +23,7 @@ def test_read_formats(tmp_path, suffix, array):
 
     path = tmp_path / f"image{suffix}"
     if suffix == ".tif":
-        tifffile.imwrite(path, array)
+        tifffile.imwrite(path, array, photometric="minisblack")
     else:
         iio.imwrite(path, array.astype(np.uint8) if suffix == ".png" and array.dtype == np.uint16 else array)
     image = read_image(path)

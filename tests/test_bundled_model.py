@@ -1,0 +1,34 @@
+"""The model shipped in the package: loads offline and segments the generated sample sensibly."""
+
+import numpy as np
+
+from napari_nuclei_unet.cli import main
+from napari_nuclei_unet.metrics import evaluate
+from napari_nuclei_unet.model import Checkpoint, bundled_model_path
+from napari_nuclei_unet.segment import segment
+from napari_nuclei_unet.synthetic import nuclei_field
+
+
+def test_bundled_model_is_small_and_complete():
+    path = bundled_model_path()
+    assert path is not None
+    size = sum(p.stat().st_size for p in path.iterdir())
+    assert size < 30e6
+    checkpoint = Checkpoint.load(path)
+    assert checkpoint.outputs == ("foreground", "boundary") and checkpoint.nucleus_diameter
+    assert "kaggle_score" in checkpoint.metadata["metrics"]
+
+
+def test_bundled_model_segments_generated_nuclei():
+    image, truth = nuclei_field((256, 320), count=30, diameter=20, seed=7)
+    result = segment(Checkpoint.load(bundled_model_path()), image)
+    assert 0.7 * truth.max() <= result.count <= 1.3 * truth.max()
+    scores = evaluate([(truth, result.labels)])
+    assert scores.ap50 > 0.6 and scores.dice > 0.85
+
+
+def test_cli_default_model_on_sample(tmp_path, capsys):
+    sample = "sample_data/synthetic_nuclei.tif"
+    assert main(["segment", sample, "--out", str(tmp_path)]) == 0
+    assert "nuclei-unet-default" in capsys.readouterr().err
+    assert (tmp_path / "synthetic_nuclei.tif").is_file()
