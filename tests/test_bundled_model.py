@@ -1,6 +1,6 @@
 """The model shipped in the package: loads offline and segments the generated sample sensibly."""
 
-import numpy as np
+from pathlib import Path
 
 from napari_nuclei_unet.cli import main
 from napari_nuclei_unet.metrics import evaluate
@@ -28,7 +28,7 @@ def test_bundled_model_segments_generated_nuclei():
 
 
 def test_cli_default_model_on_sample(tmp_path, capsys):
-    sample = "sample_data/synthetic_nuclei.tif"
+    sample = str(Path(__file__).resolve().parents[1] / "sample_data" / "synthetic_nuclei.tif")
     assert main(["segment", sample, "--out", str(tmp_path)]) == 0
     assert "nuclei-unet-default" in capsys.readouterr().err
     assert (tmp_path / "synthetic_nuclei.tif").is_file()
