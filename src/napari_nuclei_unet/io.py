@@ -79,7 +79,7 @@ def plane_count(image) -> int:
 
 def planes(image) -> Iterator:
     """Yield the 2D planes (grey ``(Y, X)`` or colour ``(Y, X, C)``) of an image or stack, lazily."""
-    if plane_count(image) == 1 and image.ndim - (1 if is_rgb(image) else 0) == 2:
+    if image.ndim - (1 if is_rgb(image) else 0) == 2:
         yield image
     else:
         for index in range(image.shape[0]):

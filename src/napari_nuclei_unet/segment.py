@@ -95,7 +95,7 @@ def segment(
         done_before += per_plane
     if cancel is not None and cancel():
         raise Cancelled("segmentation cancelled")
-    stacked = probabilities[0] if plane_count(image) == 1 and len(probabilities) == 1 and _is_single(image) else np.stack(probabilities)
+    stacked = probabilities[0] if _is_single(image) else np.stack(probabilities)
     mask, labels = label_probabilities(stacked, checkpoint.outputs, params.postprocess)
     return Segmentation(stacked, mask, labels)
 
