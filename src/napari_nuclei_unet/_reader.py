@@ -20,11 +20,11 @@ def get_reader(path):
 
 def read_rle_csv(path) -> list[tuple]:
     """Decode every ImageId; shapes from Height/Width, an image beside the CSV, or the Kaggle layout."""
-    from .cli import _shape_lookup
+    from .io import image_shape_lookup
     from .rle import read_csv
 
     path = Path(path)
-    lookup = _shape_lookup(str(path.parent))
+    lookup = image_shape_lookup(path.parent)
     layers = []
     for image_id, entry in read_csv(path).items():
         labels = entry.to_labels(entry.shape or lookup(image_id), source=str(path))

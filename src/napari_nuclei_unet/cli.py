@@ -242,28 +242,9 @@ def _read_label_source(path: str, images: str | None) -> dict[str, np.ndarray]:
 
 
 def _shape_lookup(images: str | None):
-    """ImageId -> shape, from ``<images>/<ImageId>.*`` or the Kaggle layout ``<images>/<ImageId>/images/<ImageId>.png``."""
-    if images is None:
-        return None
-    import imageio.v3 as iio
+    from .io import image_shape_lookup
 
-    from .io import IMAGE_SUFFIXES
-
-    root = Path(images)
-
-    def shape_of(image_id: str):
-        candidates = [root / f"{image_id}{s}" for s in IMAGE_SUFFIXES] + [root / image_id / "images" / f"{image_id}.png"]
-        for candidate in candidates:
-            if candidate.is_file():
-                if candidate.suffix.lower() in (".tif", ".tiff"):
-                    import tifffile
-
-                    with tifffile.TiffFile(candidate) as tif:
-                        return tuple(tif.pages[0].shape[:2])
-                return tuple(iio.improps(candidate).shape[:2])
-        return None
-
-    return shape_of
+    return image_shape_lookup(images) if images is not None else None
 
 
 def cmd_evaluate(args) -> int:

@@ -71,15 +71,19 @@ def is_rgb(image) -> bool:
     return len(shape) >= 3 and shape[-1] in (3, 4) and shape[-1] < min(shape[-3], shape[-2])
 
 
+def is_single_plane(image) -> bool:
+    """True for one 2D image (grey or colour), False for a Z/T stack."""
+    return image.ndim - (1 if is_rgb(image) else 0) == 2
+
+
 def plane_count(image) -> int:
     """Number of 2D planes: 1 for a single image, N for a Z/T stack."""
-    spatial_ndim = image.ndim - (1 if is_rgb(image) else 0)
-    return 1 if spatial_ndim == 2 else int(image.shape[0])
+    return 1 if is_single_plane(image) else int(image.shape[0])
 
 
 def planes(image) -> Iterator:
     """Yield the 2D planes (grey ``(Y, X)`` or colour ``(Y, X, C)``) of an image or stack, lazily."""
-    if image.ndim - (1 if is_rgb(image) else 0) == 2:
+    if is_single_plane(image):
         yield image
     else:
         for index in range(image.shape[0]):
@@ -144,6 +148,16 @@ def label_dtype(max_label: int) -> np.dtype:
     return np.dtype(np.uint16) if max_label < 2**16 else np.dtype(np.uint32)
 
 
+def default_mode(directory: bool = False) -> int:
+    """The permissions a plain ``open``/``mkdir`` would give under the current umask.
+
+    Temp files and folders (mkstemp/mkdtemp) are private; outputs renamed into place should not be.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary path beside ``path``, renamed over ``path`` only if the block succeeds.
@@ -154,9 +168,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_name, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
+    os.chmod(tmp_name, default_mode())  # mkstemp makes 0600
     try:
         yield Path(tmp_name)
         os.replace(tmp_name, path)
@@ -218,3 +230,26 @@ def find_images(inputs: list[str]) -> list[Path]:
     if not unique:
         raise InputError(f"{', '.join(inputs)}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
     return unique
+
+
+def image_shape_lookup(folder: str | os.PathLike):
+    """``image_id -> (height, width)`` from ``<folder>/<id>.<ext>`` or the Kaggle layout
+    ``<folder>/<id>/images/<id>.png``, reading only the file headers; None when not found."""
+    root = Path(folder)
+
+    def shape_of(image_id: str) -> tuple[int, int] | None:
+        candidates = [root / f"{image_id}{s}" for s in IMAGE_SUFFIXES] + [root / image_id / "images" / f"{image_id}.png"]
+        for candidate in candidates:
+            if not candidate.is_file():
+                continue
+            if candidate.suffix.lower() in _TIFF_SUFFIXES:
+                import tifffile
+
+                with tifffile.TiffFile(candidate) as tif:
+                    return tuple(tif.pages[0].shape[:2])
+            import imageio.v3 as iio
+
+            return tuple(iio.improps(candidate).shape[:2])
+        return None
+
+    return shape_of

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from .errors import ModelError
+from .io import default_mode
 
 METADATA_FILE = "nuclei_unet.json"
 SMP_CONFIG_FILE = "config.json"
@@ -142,11 +143,9 @@ class Checkpoint:
                 if isinstance(hub_config, dict):
                     hub_config["encoder_weights"] = saved_weights
             (tmp / METADATA_FILE).write_text(json.dumps(self._metadata_json(), indent=2) + "\n", encoding="utf-8")
-            umask = os.umask(0)
-            os.umask(umask)
-            tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700: give the folder and files normal permissions
+            tmp.chmod(default_mode(directory=True))  # mkdtemp makes 0700
             for item in tmp.iterdir():
-                item.chmod(0o666 & ~umask)
+                item.chmod(default_mode())
             if folder.exists():
                 # Replace file by file (each rename is atomic); other files in the folder,
                 # such as a training log, stay.

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import Cancelled
-from .io import Normalizer, planes, plane_count
+from .io import Normalizer, is_single_plane, plane_count, planes
 from .model import Checkpoint
 from .postprocess import PostprocessParams, instances
 from .tiling import CancelCheck, ProgressCallback, TilingParams, plan_tiles, predict
@@ -95,12 +95,7 @@ def segment(
         done_before += per_plane
     if cancel is not None and cancel():
         raise Cancelled("segmentation cancelled")
-    stacked = probabilities[0] if _is_single(image) else np.stack(probabilities)
+    stacked = probabilities[0] if is_single_plane(image) else np.stack(probabilities)
     mask, labels = label_probabilities(stacked, checkpoint.outputs, params.postprocess)
     return Segmentation(stacked, mask, labels)
 
-
-def _is_single(image) -> bool:
-    from .io import is_rgb
-
-    return image.ndim - (1 if is_rgb(image) else 0) == 2
