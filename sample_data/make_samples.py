@@ -5,12 +5,12 @@ from pathlib import Path
 import tifffile
 
 from napari_nuclei_unet.rle import write_csv
-from napari_nuclei_unet.synthetic import nuclei_field
+from napari_nuclei_unet.synthetic import sample_field
 
 HERE = Path(__file__).parent
 
 if __name__ == "__main__":
-    image, labels = nuclei_field((384, 512), count=60, diameter=20, seed=2018)
+    image, labels = sample_field()
     tifffile.imwrite(HERE / "synthetic_nuclei.tif", image, compression="zlib")
     tifffile.imwrite(HERE / "synthetic_nuclei_labels.tif", labels.astype("uint16"), compression="zlib")
     write_csv(HERE / "synthetic_nuclei_labels.csv", [("synthetic_nuclei", labels)])

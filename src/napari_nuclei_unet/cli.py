@@ -44,6 +44,9 @@ def _add_segment_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=_threshold, default="auto", help="foreground probability threshold, or auto")
     parser.add_argument("--min-size", type=int, default=15, help="remove nuclei smaller than this many pixels")
     parser.add_argument("--hole-size", type=int, default=64, help="fill holes up to this many pixels")
+    parser.add_argument("--markers", default="distance", choices=["distance", "boundary"], help="watershed markers: distance-transform peaks, or the model's predicted interiors")
+    parser.add_argument("--h", type=float, default=0.5, help="h-maxima height for distance markers, pixels (higher splits fewer nuclei)")
+    parser.add_argument("--diameter", type=float, default=None, help="typical nucleus diameter in pixels; the image is rescaled to the model's training size")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,7 +135,7 @@ def cmd_segment(args) -> int:
     from .model import resolve_device
     from .postprocess import PostprocessParams
     from .rle import write_csv
-    from .segment import SegmentParams, count_tiles, segment
+    from .segment import SegmentParams, segment
     from .tiling import TilingParams
 
     files = find_images(args.inputs)
@@ -141,7 +144,8 @@ def cmd_segment(args) -> int:
     checkpoint = _load_checkpoint(args)
     params = SegmentParams(
         TilingParams(tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size, device=str(device), tta=args.tta),
-        PostprocessParams(threshold=args.threshold, min_size=args.min_size, hole_size=args.hole_size),
+        PostprocessParams(threshold=args.threshold, min_size=args.min_size, hole_size=args.hole_size, markers=args.markers, h=args.h),
+        diameter=args.diameter,
     )
     print(f"model: {checkpoint.summary()} | device: {device}", file=sys.stderr)
     rle_rows = []
@@ -150,10 +154,10 @@ def cmd_segment(args) -> int:
     with tqdm(files, unit="image", desc="segment", file=sys.stderr) as bar:
         for path in bar:
             image = read_image(path)
-            tiles = tqdm(total=count_tiles(image, args.tile_size, args.overlap), unit="tile", leave=False, file=sys.stderr)
+            tiles = tqdm(unit="tile", leave=False, file=sys.stderr)
 
             def progress(done: int, total: int, tiles=tiles) -> None:
-                tiles.n = done
+                tiles.total, tiles.n = total, done
                 tiles.refresh()
 
             with tiles:

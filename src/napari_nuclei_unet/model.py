@@ -344,6 +344,15 @@ def _encoder_matches(config: ModelConfig, state: dict) -> bool:
     return expected == given
 
 
+def available_devices() -> list[str]:
+    """Device names a user can pick on this machine, ``auto`` first."""
+    names = ["auto", "cpu"]
+    names += [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        names.append("mps")
+    return names
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``auto`` picks cuda, then mps, then cpu; a named device is checked to exist."""
     name = str(device)

@@ -1,8 +1,10 @@
 """From probabilities to a semantic mask and watershed-separated instances.
 
-Markers come from the network where it predicts borders between touching nuclei
-(``foreground - boundary``); otherwise from the distance transform of the mask
-(h-maxima, so one marker per convex blob). Everything stays in float32/int32.
+Markers come by default from the distance transform of the mask (h-maxima, so one
+marker per convex blob). Models with a ``boundary`` output can take markers from the
+predicted interiors (``foreground - boundary``) instead; on the DSB2018 val split the
+distance markers split touching nuclei better with the bundled model (AP@0.5 0.751 vs
+0.694, see docs/model-card.md). Everything stays in float32/int32.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ class PostprocessParams:
     threshold: Threshold = "auto"
     min_size: int = 15  # objects smaller than this many pixels are removed
     hole_size: int = 64  # holes up to this many pixels are filled
-    markers: str = "auto"  # "auto" | "boundary" | "distance"
+    markers: str = "distance"  # "distance" | "boundary" (needs a model with a boundary output)
     marker_threshold: float = 0.5  # interior probability (foreground - boundary) for a marker
-    h: float = 2.0  # h-maxima height of the distance transform, pixels (distance markers)
+    h: float = 0.5  # h-maxima height of the distance transform in pixels: higher splits less
 
 
 def auto_threshold(probability: np.ndarray) -> float:
@@ -79,8 +81,6 @@ def instances(
     if not mask.any():
         return mask, np.zeros(mask.shape, np.int32)
     method = params.markers
-    if method == "auto":
-        method = "boundary" if "boundary" in outputs else "distance"
     if method == "boundary":
         if "boundary" not in outputs:
             raise ValueError("boundary markers need a model with a 'boundary' output")
@@ -93,7 +93,7 @@ def instances(
         markers = _distance_markers(distance, params.h)
         surface = -distance
     else:
-        raise ValueError(f"markers must be 'auto', 'boundary' or 'distance', got {params.markers!r}")
+        raise ValueError(f"markers must be 'distance' or 'boundary', got {params.markers!r}")
     labels = watershed(surface, markers, mask=mask)
     # Mask components that got no marker (tiny or thin) still count as nuclei.
     orphans, count = ndi.label(mask & (labels == 0))

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import Cancelled
+from .errors import Cancelled, InputError
 from .io import Normalizer, is_single_plane, plane_count, planes
 from .model import Checkpoint
 from .postprocess import PostprocessParams, instances
@@ -25,6 +25,8 @@ class SegmentParams:
 
     tiling: TilingParams = field(default_factory=TilingParams)
     postprocess: PostprocessParams = field(default_factory=PostprocessParams)
+    # Typical nucleus diameter in the image, pixels; None runs at the image's own scale.
+    diameter: float | None = None
 
 
 @dataclass
@@ -43,16 +45,50 @@ class Segmentation:
         return int(sum(int(plane.max()) for plane in self.labels))
 
 
+# Rescaling by less than this is not worth the interpolation.
+_RESCALE_TOLERANCE = 0.1
+
+
+def rescale_factor(checkpoint: Checkpoint, diameter: float | None) -> float:
+    """Zoom that brings nuclei of ``diameter`` px to the size the model was trained on (1.0: none)."""
+    if diameter is None:
+        return 1.0
+    if not diameter > 0:
+        raise InputError(f"nucleus diameter must be a positive number of pixels, got {diameter}")
+    if not checkpoint.nucleus_diameter:
+        raise InputError(f"model {checkpoint.name} does not record the nucleus size it was trained on; leave the diameter empty")
+    factor = float(checkpoint.nucleus_diameter) / float(diameter)
+    return 1.0 if abs(factor - 1.0) < _RESCALE_TOLERANCE else factor
+
+
 def predict_probabilities(
     checkpoint: Checkpoint,
     plane,
     tiling: TilingParams | None = None,
     progress: ProgressCallback | None = None,
     cancel: CancelCheck | None = None,
+    diameter: float | None = None,
 ) -> np.ndarray:
-    """Probabilities ``(C, Y, X)`` of one 2D plane, normalised as the checkpoint expects."""
+    """Probabilities ``(C, Y, X)`` of one 2D plane at its own size, normalised as the checkpoint expects.
+
+    With ``diameter``, the plane is zoomed so its nuclei match the model's training size
+    and the probabilities are zoomed back, so post-processing always works in the
+    image's own pixels.
+    """
     normalizer = Normalizer.from_image(plane, checkpoint.config.in_channels, checkpoint.percentiles)
-    return predict(checkpoint.model, plane, normalizer, tiling, progress=progress, cancel=cancel)
+    factor = rescale_factor(checkpoint, diameter)
+    if factor == 1.0:
+        return predict(checkpoint.model, plane, normalizer, tiling, progress=progress, cancel=cancel)
+    from skimage.transform import rescale, resize
+
+    height, width = plane.shape[:2]
+    colour = plane.ndim == 3
+    zoomed = rescale(
+        np.asarray(plane, dtype=np.float32), factor, order=1, preserve_range=True,
+        anti_aliasing=factor < 1, channel_axis=-1 if colour else None,
+    ).astype(np.float32, copy=False)
+    small = predict(checkpoint.model, zoomed, normalizer, tiling, progress=progress, cancel=cancel)
+    return np.stack([resize(channel, (height, width), order=1, preserve_range=True).astype(np.float32) for channel in small])
 
 
 def label_probabilities(
@@ -65,10 +101,10 @@ def label_probabilities(
     return np.stack([r[0] for r in results]), np.stack([r[1] for r in results])
 
 
-def count_tiles(image, tile_size: int, overlap: int) -> int:
-    """Total tiles over all planes (for a progress bar's length)."""
+def _tiles_per_plane(image, tile_size: int, overlap: int, factor: float) -> int:
     first = next(planes(image))
-    return plane_count(image) * len(plan_tiles(first.shape[:2], tile_size, overlap)[1])
+    shape = tuple(max(1, int(round(side * factor))) for side in first.shape[:2])
+    return len(plan_tiles(shape, tile_size, overlap)[1])
 
 
 def segment(
@@ -81,18 +117,17 @@ def segment(
     """Segment a 2D image or a stack plane by plane; ``progress(done, total)`` counts tiles over all planes."""
     params = params or SegmentParams()
     tiling = params.tiling
-    total = count_tiles(image, tiling.tile_size, tiling.overlap)
-    done_before = 0
+    factor = rescale_factor(checkpoint, params.diameter)
+    per_plane = _tiles_per_plane(image, tiling.tile_size, tiling.overlap, factor)
+    total = plane_count(image) * per_plane
     probabilities = []
-    for plane in planes(image):
-        per_plane = len(plan_tiles(plane.shape[:2], tiling.tile_size, tiling.overlap)[1])
+    for index, plane in enumerate(planes(image)):
 
-        def plane_progress(done: int, _total: int, offset: int = done_before) -> None:
+        def plane_progress(done: int, _total: int, offset: int = index * per_plane) -> None:
             if progress is not None:
                 progress(offset + done, total)
 
-        probabilities.append(predict_probabilities(checkpoint, plane, tiling, plane_progress, cancel))
-        done_before += per_plane
+        probabilities.append(predict_probabilities(checkpoint, plane, tiling, plane_progress, cancel, params.diameter))
     if cancel is not None and cancel():
         raise Cancelled("segmentation cancelled")
     stacked = probabilities[0] if is_single_plane(image) else np.stack(probabilities)

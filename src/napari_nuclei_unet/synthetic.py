@@ -54,3 +54,8 @@ def nuclei_field(
     expected = (background + signal) * 3000.0
     image = rng.poisson(np.clip(expected, 0, None)).astype(np.float64) + rng.normal(0, 20, shape)
     return np.clip(image, 0, 65535).astype(np.uint16), labels
+
+
+def sample_field() -> tuple[np.ndarray, np.ndarray]:
+    """The plugin's generated sample (also written to sample_data/ by its script): 60 nuclei, ~20 px."""
+    return nuclei_field((384, 512), count=60, diameter=20, seed=2018)

@@ -1,0 +1,22 @@
+"""Samples under File > Open Sample; both load without network."""
+
+from __future__ import annotations
+
+
+def immunohistochemistry() -> list[tuple]:
+    """A real brightfield tissue image (hematoxylin-stained nuclei), shipped inside scikit-image's wheel."""
+    from skimage import data
+
+    image = data.immunohistochemistry()
+    return [(image, {"name": "immunohistochemistry", "rgb": True}, "image")]
+
+
+def synthetic_nuclei() -> list[tuple]:
+    """A generated fluorescence field with touching nuclei, plus its ground-truth labels."""
+    from .synthetic import sample_field
+
+    image, labels = sample_field()
+    return [
+        (image, {"name": "synthetic nuclei", "colormap": "gray"}, "image"),
+        (labels, {"name": "synthetic nuclei ground truth", "visible": False, "opacity": 0.5}, "labels"),
+    ]

@@ -1,0 +1,366 @@
+"""The "Segment nuclei" dock widget.
+
+Thin by design: it turns the controls into a :class:`SegmentRequest`, runs
+:func:`napari_nuclei_unet.segment.predict_probabilities` in a napari thread worker, and
+writes the results into layers. Probabilities are cached so that post-processing
+controls re-label live without running the network again.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSlider, FloatSpinBox, Label, PushButton, SpinBox
+from napari.layers import Image, Labels
+from napari.qt.threading import thread_worker
+from napari.utils import cancelable_progress
+from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtCore import QObject, QTimer, Signal
+
+from ..errors import Cancelled
+from ..io import is_rgb
+from ..postprocess import PostprocessParams
+from ..segment import SegmentParams, label_probabilities, predict_probabilities, rescale_factor
+from ..tiling import TilingParams
+from ._common import ModelPicker, result_metadata
+
+if TYPE_CHECKING:
+    import napari
+
+CURRENT_PLANE = "current plane"
+WHOLE_STACK = "whole stack"
+# Debounce for live re-labelling while a slider is dragged, in ms.
+RELABEL_DELAY_MS = 150
+
+
+@dataclass
+class SegmentRequest:
+    """What one run segments and how; everything the worker needs, no Qt."""
+
+    image: Any  # the layer's 2D plane or stack (numpy, dask, zarr)
+    plane: int | None  # index in the stack, or None for a 2D image / the whole stack
+    params: SegmentParams
+    model_path: str
+
+    def network_key(self) -> tuple:
+        """Runs with equal keys share cached probabilities."""
+        return (self.model_path, asdict(self.params.tiling), self.params.diameter)
+
+
+@dataclass
+class _Cache:
+    """Probabilities of one source layer: ``None`` -> whole 2D image, int -> stack plane."""
+
+    layer: Image
+    data: Any
+    key: tuple
+    outputs: tuple[str, ...]
+    model_name: str
+    planes: dict[int | None, np.ndarray] = field(default_factory=dict)
+
+
+class _Relay(QObject):
+    """Carries progress from the worker thread to the GUI thread (queued signal)."""
+
+    progressed = Signal(int, int)
+
+
+class SegmentWidget(Container):
+    """Segment the nuclei of an image layer into instance and mask Labels layers."""
+
+    def __init__(self, napari_viewer: "napari.viewer.Viewer"):
+        super().__init__(labels=True)
+        self.viewer = napari_viewer
+        self.image_layer = ComboBox(label="image", choices=self._image_layers, tooltip="2D grey/RGB image or a T/Z stack")
+        self.scope = ComboBox(label="stack", choices=[CURRENT_PLANE, WHOLE_STACK], value=CURRENT_PLANE)
+        self.model = ModelPicker()
+        self.tile_size = SpinBox(label="tile size", value=1024, min=128, max=8192, step=32, tooltip="pixels; smaller tiles use less memory")
+        self.overlap = SpinBox(label="tile overlap", value=64, min=0, max=1024, step=16)
+        self.diameter = FloatSpinBox(
+            label="nucleus diameter", value=0.0, min=0.0, max=1000.0, step=1.0,
+            tooltip="typical nucleus diameter in pixels; the image is rescaled to the model's training size. 0 = use the image as it is",
+        )
+        self.tta = CheckBox(text="test-time augmentation (4x slower)", value=False)
+        self.auto_threshold = CheckBox(text="automatic threshold (Otsu)", value=True)
+        self.threshold = FloatSlider(label="threshold", value=0.5, min=0.05, max=0.95, step=0.01, enabled=False)
+        self.min_size = SpinBox(label="min size (px)", value=15, min=0, max=100000, tooltip="objects with fewer pixels are removed")
+        self.markers = ComboBox(
+            label="split by", choices=["distance", "boundary"], value="distance",
+            tooltip="watershed markers: peaks of the distance transform, or the model's predicted nucleus interiors",
+        )
+        self.split_h = FloatSpinBox(
+            label="split height (px)", value=0.5, min=0.0, max=20.0, step=0.1,
+            tooltip="h-maxima height of the distance transform: lower splits touching nuclei more eagerly",
+        )
+        self.show_probability = CheckBox(text="add probability layer", value=False)
+        self.run_button = PushButton(text="Segment")
+        self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.status = Label(value="")
+        self.status.native.setWordWrap(True)
+        self.extend([
+            self.image_layer, self.scope, *self.model.widgets, self.tile_size, self.overlap, self.diameter, self.tta,
+            self.auto_threshold, self.threshold, self.min_size, self.markers, self.split_h, self.show_probability,
+            self.run_button, self.cancel_button, self.status,
+        ])  # fmt: skip
+
+        self._cache: _Cache | None = None
+        self._cancel_event = threading.Event()
+        self._worker = None
+        self._relabel_worker = None
+        self._relabel_again = False
+        self._progress = None
+        self._relay = _Relay()
+        self._relay.progressed.connect(self._on_progress)
+        self._relabel_timer = QTimer()
+        self._relabel_timer.setSingleShot(True)
+        self._relabel_timer.setInterval(RELABEL_DELAY_MS)
+        self._relabel_timer.timeout.connect(self.relabel)
+
+        self.run_button.changed.connect(self.run)
+        self.cancel_button.changed.connect(self.cancel)
+        self.image_layer.changed.connect(self._update_scope)
+        self.auto_threshold.changed.connect(lambda value: setattr(self.threshold, "enabled", not value))
+        for control in (self.auto_threshold, self.threshold, self.min_size, self.markers, self.split_h):
+            control.changed.connect(self._schedule_relabel)
+        self.viewer.layers.events.inserted.connect(self.reset_choices)
+        self.viewer.layers.events.removed.connect(self.reset_choices)
+        self.reset_choices()
+        self._update_scope()
+        self.model.load_async()
+
+    # ------------------------------------------------------------------ inputs
+    def _image_layers(self, _widget=None) -> list[Image]:
+        return [layer for layer in self.viewer.layers if isinstance(layer, Image)]
+
+    def _update_scope(self, *_):
+        layer = self.image_layer.value
+        self.scope.enabled = layer is not None and not _is_2d(layer)
+
+    def postprocess_params(self) -> PostprocessParams:
+        return PostprocessParams(
+            threshold="auto" if self.auto_threshold.value else float(self.threshold.value),
+            min_size=int(self.min_size.value),
+            markers=self.markers.value,
+            h=float(self.split_h.value),
+        )
+
+    def request(self) -> SegmentRequest:
+        """Collect the controls; raises ValueError with a user-facing message."""
+        layer = self.image_layer.value
+        if layer is None:
+            raise ValueError("open an image first (File > Open, or File > Open Sample)")
+        data = layer.data[0] if layer.multiscale else layer.data
+        if data.ndim - (1 if layer.rgb else 0) > 3:
+            raise ValueError(f"{layer.name}: {data.ndim}D data; choose a 2D image or a single T/Z stack")
+        plane = None
+        if not _is_2d(layer) and self.scope.value == CURRENT_PLANE:
+            plane = self._current_plane(layer, data.shape[0])
+        params = SegmentParams(
+            tiling=TilingParams(tile_size=int(self.tile_size.value), overlap=int(self.overlap.value), device=self.model.device.value, tta=bool(self.tta.value)),
+            postprocess=self.postprocess_params(),
+            diameter=float(self.diameter.value) or None,
+        )
+        return SegmentRequest(image=data, plane=plane, params=params, model_path=self.model.path())
+
+    def _current_plane(self, layer: Image, count: int) -> int:
+        position = layer.world_to_data(self.viewer.dims.point)
+        return int(np.clip(round(float(position[0])), 0, count - 1))
+
+    # ---------------------------------------------------------------- running
+    def run(self, *_) -> None:
+        """Start segmenting in a thread worker (one run at a time)."""
+        if self._worker is not None:
+            return
+        layer = self.image_layer.value
+        try:
+            request = self.request()
+        except ValueError as error:
+            show_error(f"Segment nuclei: {error}")
+            return
+        self._cancel_event.clear()
+        self.run_button.enabled = False
+        self.cancel_button.enabled = True
+        self.status.value = f"segmenting {layer.name}…"
+        self._progress = cancelable_progress(total=0, desc=f"Segmenting {layer.name}", cancel_callback=self.cancel)
+        cache = self._cache if self._cache_matches(layer, request) else None
+        worker = _segment_worker(request, self.model, cache.planes if cache else {}, self._cancel_event.is_set, self._relay.progressed.emit)
+        worker.returned.connect(lambda result: self._on_segmented(layer, request, result))
+        worker.errored.connect(self._on_error)
+        worker.finished.connect(self._on_finished)
+        self._worker = worker
+        worker.start()
+
+    def cancel(self, *_) -> None:
+        """Stop between tiles; no layer is touched."""
+        self._cancel_event.set()
+        self.status.value = "cancelling…"
+
+    def _on_progress(self, done: int, total: int) -> None:
+        if self._progress is not None:
+            if self._progress.total != total:
+                self._progress.total = total
+            self._progress.update(done - self._progress.n)
+
+    def _on_error(self, error: Exception) -> None:
+        if isinstance(error, Cancelled):
+            self.status.value = "cancelled; layers unchanged"
+            show_info("Segment nuclei: cancelled; no layers were changed")
+        else:
+            self.status.value = f"failed: {error}"
+            show_error(f"Segment nuclei: {error}")
+
+    def _on_finished(self) -> None:
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+        self._worker = None
+        self.run_button.enabled = True
+        self.cancel_button.enabled = False
+
+    def _cache_matches(self, layer: Image, request: SegmentRequest) -> bool:
+        cache = self._cache
+        return cache is not None and cache.layer is layer and cache.data is request.image and cache.key == request.network_key()
+
+    def _on_segmented(self, layer: Image, request: SegmentRequest, result: dict) -> None:
+        checkpoint = result["checkpoint"]
+        if not self._cache_matches(layer, request):
+            self._cache = _Cache(layer, request.image, request.network_key(), checkpoint.outputs, checkpoint.name)
+        self._cache.planes.update(result["probabilities"])
+        written = self._write_layers(result["labelled"], request.params.postprocess)
+        seconds, megapixels = result["seconds"], result["megapixels"]
+        self.status.value = (
+            f"{written} nuclei in {seconds:.1f} s ({megapixels / max(seconds, 1e-9):.2f} MP/s) on {result['device']}"
+            + (f", rescaled x{result['factor']:.2f}" if result["factor"] != 1.0 else "")
+        )
+
+    # ------------------------------------------------------------- re-labelling
+    def _schedule_relabel(self, *_) -> None:
+        self._relabel_timer.start()
+
+    def relabel(self, *_) -> None:
+        """Re-run post-processing on the cached probabilities (no network)."""
+        cache = self._cache
+        if cache is None or cache.layer not in self.viewer.layers or not cache.planes:
+            return
+        if self._relabel_worker is not None:
+            self._relabel_again = True
+            return
+        params = self.postprocess_params()
+        worker = _relabel_worker(dict(cache.planes), cache.outputs, params)
+        worker.returned.connect(lambda labelled: self._on_relabelled(labelled, params))
+        worker.errored.connect(self._on_error)
+        worker.finished.connect(self._on_relabel_finished)
+        self._relabel_worker = worker
+        worker.start()
+
+    def _on_relabelled(self, labelled: dict, params: PostprocessParams) -> None:
+        count = self._write_layers(labelled, params)
+        self.status.value = f"{count} nuclei (re-labelled from cached probabilities)"
+
+    def _on_relabel_finished(self) -> None:
+        self._relabel_worker = None
+        if self._relabel_again:
+            self._relabel_again = False
+            self.relabel()
+
+    # ------------------------------------------------------------------ output
+    def _write_layers(self, labelled: dict, params: PostprocessParams) -> int:
+        """Write planes ``{index: (mask, labels, probabilities)}`` into the result layers; returns the nucleus count."""
+        cache = self._cache
+        source = cache.layer
+        shape = _spatial_shape(source)
+        metadata = result_metadata(cache.model_name, cache.key, params)
+        count = 0
+        for suffix, position, dtype in (("nuclei", 1, np.int32), ("mask", 0, np.uint8)):
+            layer = self._result_layer(source, suffix, Labels, shape, dtype)
+            data = layer.data
+            for index, planes in labelled.items():
+                target = data if index is None else data[index]
+                target[...] = planes[position]
+            layer.metadata["nuclei_unet"] = {**metadata, "edited": False}
+            layer.refresh()
+        for index, planes in labelled.items():
+            count += int(planes[1].max())
+        if self.show_probability.value:
+            layer = self._result_layer(source, "probability", Image, shape, np.float32)
+            for index, planes in labelled.items():
+                target = layer.data if index is None else layer.data[index]
+                target[...] = cache.planes[index][cache.outputs.index("foreground")]
+            layer.metadata["nuclei_unet"] = metadata
+            layer.refresh()
+        return count
+
+    def _result_layer(self, source: Image, suffix: str, kind: type, shape: tuple, dtype) -> Any:
+        """The layer ``"<image> <suffix>"``, reused when it fits; a hand-edited one is kept under a new name."""
+        name = f"{source.name} {suffix}"
+        existing = self.viewer.layers[name] if name in self.viewer.layers else None
+        if existing is not None and (not isinstance(existing, kind) or existing.data.shape != shape or existing.data.dtype != dtype):
+            existing.name = f"{name} (previous)"
+            existing = None
+        if existing is not None and existing.metadata.get("nuclei_unet", {}).get("edited"):
+            existing.name = f"{name} (edited)"
+            show_warning(f"Kept your edited layer as '{existing.name}'; new results are in '{name}'")
+            existing = None
+        if existing is not None:
+            existing.scale, existing.translate = source.scale[-len(shape):], source.translate[-len(shape):]
+            return existing
+        data = np.zeros(shape, dtype)
+        common = dict(name=name, scale=source.scale[-len(shape):], translate=source.translate[-len(shape):])
+        if kind is Image:
+            return self.viewer.add_image(data, colormap="magma", blending="additive", contrast_limits=(0, 1), **common)
+        layer = self.viewer.add_labels(data, opacity=0.5 if suffix == "mask" else 0.7, **common)
+        if suffix == "mask":
+            layer.visible = False
+        if hasattr(layer.events, "paint"):
+            layer.events.paint.connect(lambda *_: layer.metadata.setdefault("nuclei_unet", {}).update(edited=True))
+        return layer
+
+
+def _is_2d(layer: Image) -> bool:
+    return layer.ndim == 2
+
+
+def _spatial_shape(layer: Image) -> tuple[int, ...]:
+    data = layer.data[0] if layer.multiscale else layer.data
+    return tuple(data.shape[:-1]) if layer.rgb else tuple(data.shape)
+
+
+@thread_worker(ignore_errors=True)  # errors are shown as notifications by the widget
+def _segment_worker(request: SegmentRequest, model: ModelPicker, cached: dict, cancel, progress) -> dict:
+    """Network + post-processing for the requested planes, reusing cached probabilities."""
+    started = time.perf_counter()
+    checkpoint = model.checkpoint(request.model_path)
+    factor = rescale_factor(checkpoint, request.params.diameter)
+    image = request.image
+    indices = [None] if image.ndim - (1 if is_rgb(image) else 0) == 2 else ([request.plane] if request.plane is not None else list(range(image.shape[0])))
+    todo = [i for i in indices if i not in cached]
+    probabilities, labelled = {}, {}
+    for number, index in enumerate(todo):
+        plane = image if index is None else image[index]
+
+        def plane_progress(done: int, total: int, offset: int = number) -> None:
+            progress(offset * total + done, total * len(todo))
+
+        probabilities[index] = predict_probabilities(checkpoint, plane, request.params.tiling, plane_progress, cancel, request.params.diameter)
+    if cancel():
+        raise Cancelled("segmentation cancelled")
+    for index in indices:
+        probs = probabilities[index] if index in probabilities else cached[index]
+        mask, labels = label_probabilities(probs, checkpoint.outputs, request.params.postprocess)
+        labelled[index] = (mask, labels)
+    megapixels = sum(np.prod(probabilities[i].shape[1:]) for i in todo) / 1e6
+    from ..model import resolve_device
+
+    return {
+        "checkpoint": checkpoint, "probabilities": probabilities, "labelled": labelled, "factor": factor,
+        "seconds": time.perf_counter() - started, "megapixels": megapixels, "device": str(resolve_device(request.params.tiling.device)),
+    }  # fmt: skip
+
+
+@thread_worker(ignore_errors=True)  # errors are shown as notifications by the widget
+def _relabel_worker(planes: dict, outputs: tuple[str, ...], params: PostprocessParams) -> dict:
+    return {index: label_probabilities(probs, outputs, params) for index, probs in planes.items()}

@@ -1,0 +1,106 @@
+"""The plugin's reader, writers and samples through napari itself (viewer.open / layer.save / open_sample)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+napari = pytest.importorskip("napari")
+
+from conftest import disks  # noqa: E402
+
+from napari_nuclei_unet._reader import get_reader  # noqa: E402
+from napari_nuclei_unet.rle import write_csv  # noqa: E402
+
+PLUGIN = "napari-nuclei-unet"
+
+
+def test_rle_csv_round_trip_through_the_viewer(make_napari_viewer, tmp_path):
+    viewer = make_napari_viewer()
+    first = disks()
+    second = disks(shape=(40, 50), centres=((20, 20),), radius=10)
+    viewer.add_labels(first, name="first")
+    viewer.add_labels(second, name="second")
+    path = tmp_path / "both.csv"
+    written = viewer.layers.save(str(path), plugin=PLUGIN)
+    assert written == [str(path)]
+    viewer.layers.clear()
+
+    viewer.open(str(path), plugin=PLUGIN)
+    assert [layer.name for layer in viewer.layers] == ["first", "second"]
+    assert np.array_equal(viewer.layers["first"].data, first)
+    assert np.array_equal(viewer.layers["second"].data, second)
+    assert viewer.layers["first"].metadata["image_id"] == "first"
+
+
+def test_single_labels_layer_saves_as_rle_and_as_label_images(make_napari_viewer, tmp_path):
+    viewer = make_napari_viewer()
+    labels = disks(centres=((30, 30), (60, 90), (20, 100)), radius=12)
+    layer = viewer.add_labels(labels, name="cells")
+    for suffix in (".csv", ".tif", ".png"):
+        path = tmp_path / f"cells{suffix}"
+        layer.save(str(path), plugin=PLUGIN)
+        assert path.is_file()
+    viewer.open(str(tmp_path / "cells.csv"), plugin=PLUGIN)
+    assert np.array_equal(viewer.layers[-1].data, labels)
+    import tifffile
+    import imageio.v3 as iio
+
+    assert tifffile.imread(tmp_path / "cells.tif").dtype == np.uint16
+    assert np.array_equal(tifffile.imread(tmp_path / "cells.tif"), labels)
+    assert np.array_equal(iio.imread(tmp_path / "cells.png"), labels)
+
+
+def test_shape_from_an_image_beside_the_csv(make_napari_viewer, tmp_path):
+    import tifffile
+
+    labels = disks()
+    tifffile.imwrite(tmp_path / "sample1.tif", np.zeros(labels.shape, np.uint8))
+    write_csv(tmp_path / "no_shape.csv", [("sample1", labels)], with_shape=False)
+    viewer = make_napari_viewer()
+    viewer.open(str(tmp_path / "no_shape.csv"), plugin=PLUGIN)
+    assert np.array_equal(viewer.layers["sample1"].data, labels)
+
+
+def test_a_csv_that_is_not_rle_is_not_claimed(make_napari_viewer, tmp_path):
+    path = tmp_path / "table.csv"
+    path.write_text("name,area\na,3\n")
+    assert get_reader(str(path)) is None
+    viewer = make_napari_viewer()
+    with pytest.raises(Exception, match="table.csv"):
+        viewer.open(str(path), plugin=PLUGIN)
+
+
+def test_a_broken_rle_csv_names_the_row(make_napari_viewer, tmp_path):
+    path = tmp_path / "broken.csv"
+    path.write_text("ImageId,EncodedPixels,Height,Width\nimg,1 3,10,10\nimg,5 x,10,10\n")
+    viewer = make_napari_viewer()
+    with pytest.raises(Exception, match=r"broken\.csv.*row 3|row 3.*broken\.csv"):
+        viewer.open(str(path), plugin=PLUGIN)
+    assert len(viewer.layers) == 0
+
+
+def test_writers_never_leave_partial_files(make_napari_viewer, tmp_path):
+    viewer = make_napari_viewer()
+    layer = viewer.add_labels(np.full((4, 300, 300), 70000, np.int32), name="too many for png")
+    path = tmp_path / "out.png"
+    with pytest.raises(Exception, match="PNG"):
+        layer.save(str(path), plugin=PLUGIN)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_samples_load_without_network(make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.open_sample(PLUGIN, "synthetic_nuclei")
+    viewer.open_sample(PLUGIN, "immunohistochemistry")
+    names = [layer.name for layer in viewer.layers]
+    assert names == ["synthetic nuclei", "synthetic nuclei ground truth", "immunohistochemistry"]
+    assert viewer.layers["synthetic nuclei ground truth"].data.max() == 60
+    assert viewer.layers["immunohistochemistry"].rgb
+    from napari_nuclei_unet.synthetic import sample_field
+    import tifffile
+    from conftest import REPO
+
+    image, labels = sample_field()  # the files in sample_data/ are this generator's output
+    assert np.array_equal(tifffile.imread(REPO / "sample_data" / "synthetic_nuclei.tif"), image)
+    assert np.array_equal(tifffile.imread(REPO / "sample_data" / "synthetic_nuclei_labels.tif"), labels)

@@ -1,0 +1,197 @@
+"""The "Segment nuclei" widget in a real napari viewer (pytest-qt, xvfb in CI), with the bundled model."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+napari = pytest.importorskip("napari")
+
+from napari.layers import Image, Labels  # noqa: E402
+
+from napari_nuclei_unet._widgets import segment as segment_module  # noqa: E402
+from napari_nuclei_unet._widgets.segment import WHOLE_STACK, SegmentWidget  # noqa: E402
+from napari_nuclei_unet.synthetic import nuclei_field  # noqa: E402
+
+PLUGIN = "napari-nuclei-unet"
+TIMEOUT_MS = 120_000
+
+
+@pytest.fixture
+def viewer_and_widget(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    _dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment nuclei")
+    qtbot.waitUntil(lambda: "Unet/" in widget.model.summary.value or "could not" in widget.model.summary.value, timeout=TIMEOUT_MS)
+    return viewer, widget
+
+
+def run_and_wait(widget: SegmentWidget, qtbot) -> None:
+    widget.run()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=TIMEOUT_MS)
+
+
+def test_widget_opens_through_the_manifest_with_the_bundled_model(viewer_and_widget):
+    _viewer, widget = viewer_and_widget
+    assert isinstance(widget, SegmentWidget)
+    assert "nuclei-unet-default" in widget.model.summary.value
+    assert "runs on cpu" in widget.model.summary.value or "runs on cuda" in widget.model.summary.value
+
+
+def test_segments_the_generated_sample_with_sane_count(viewer_and_widget, qtbot):
+    viewer, widget = viewer_and_widget
+    viewer.open_sample(PLUGIN, "synthetic_nuclei")
+    image = viewer.layers["synthetic nuclei"]
+    truth = viewer.layers["synthetic nuclei ground truth"].data
+    image.scale, image.translate = (0.5, 0.25), (10.0, 20.0)
+    widget.image_layer.value = image
+    run_and_wait(widget, qtbot)
+
+    nuclei, mask = viewer.layers["synthetic nuclei nuclei"], viewer.layers["synthetic nuclei mask"]
+    assert isinstance(nuclei, Labels) and isinstance(mask, Labels)
+    assert nuclei.data.shape == mask.data.shape == image.data.shape
+    assert nuclei.data.dtype == np.int32 and mask.data.dtype == np.uint8
+    assert tuple(nuclei.scale) == (0.5, 0.25) and tuple(nuclei.translate) == (10.0, 20.0)
+    count, true_count = int(nuclei.data.max()), int(truth.max())
+    assert 0.7 * true_count <= count <= 1.2 * true_count, (count, true_count)
+    # Mask and instances agree, and the mask covers most of the true nuclei.
+    assert np.array_equal(mask.data > 0, nuclei.data > 0)
+    overlap = np.logical_and(mask.data > 0, truth > 0).sum() / (truth > 0).sum()
+    assert overlap > 0.8
+    recorded = nuclei.metadata["nuclei_unet"]
+    assert recorded["model"] == "nuclei-unet-default" and recorded["postprocess"]["min_size"] == 15
+    assert "nuclei in" in widget.status.value
+
+    # Running again updates the same layers instead of adding duplicates.
+    layer_count = len(viewer.layers)
+    run_and_wait(widget, qtbot)
+    assert len(viewer.layers) == layer_count
+    assert viewer.layers["synthetic nuclei nuclei"] is nuclei
+
+
+def test_relabels_from_cached_probabilities_without_the_network(viewer_and_widget, qtbot, monkeypatch):
+    viewer, widget = viewer_and_widget
+    viewer.open_sample(PLUGIN, "synthetic_nuclei")
+    widget.image_layer.value = viewer.layers["synthetic nuclei"]
+    run_and_wait(widget, qtbot)
+    nuclei = viewer.layers["synthetic nuclei nuclei"]
+    before = nuclei.data.max()
+
+    def no_network(*_args, **_kwargs):
+        raise AssertionError("the network must not run when only post-processing changes")
+
+    monkeypatch.setattr(segment_module, "predict_probabilities", no_network)
+    started = time.perf_counter()
+    widget.min_size.value = 400  # removes the smaller nuclei
+    qtbot.waitUntil(lambda: nuclei.data.max() < before, timeout=5000)
+    assert time.perf_counter() - started < 1.0
+    assert "re-labelled" in widget.status.value
+    assert nuclei.metadata["nuclei_unet"]["postprocess"]["min_size"] == 400
+    # Same image and network settings: Segment re-uses the cache too.
+    run_and_wait(widget, qtbot)
+    assert nuclei.data.max() < before
+
+
+def test_cancel_mid_run_leaves_no_layers(viewer_and_widget, qtbot):
+    viewer, widget = viewer_and_widget
+    image, _ = nuclei_field((1024, 1024), count=400, diameter=20, seed=1)
+    viewer.add_image(image, name="big")
+    widget.image_layer.value = viewer.layers["big"]
+    widget.tile_size.value = 256
+    widget.overlap.value = 32
+    seen = []
+
+    def cancel_after_first_tile(done, total):
+        seen.append((done, total))
+        widget.cancel()
+
+    widget._relay.progressed.connect(cancel_after_first_tile)
+    run_and_wait(widget, qtbot)
+    assert seen and seen[0][0] < seen[0][1], seen
+    assert [layer.name for layer in viewer.layers] == ["big"]
+    assert "cancelled" in widget.status.value
+
+
+def test_errors_become_notifications(viewer_and_widget, qtbot, monkeypatch):
+    viewer, widget = viewer_and_widget
+    messages = []
+    monkeypatch.setattr(segment_module, "show_error", messages.append)
+    widget.run()  # no image layer open
+    assert messages and "open an image first" in messages[-1]
+
+    viewer.add_image(np.zeros((64, 64), np.float32), name="flat")
+    widget.image_layer.value = viewer.layers["flat"]
+    widget.model.source.value = "from file…"
+    widget.run()  # 'from file' but no file chosen
+    assert "choose a model file" in messages[-1]
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["rgb", "uint16", "stack-current", "stack-whole", "dask"],
+)
+def test_input_kinds(viewer_and_widget, qtbot, kind):
+    viewer, widget = viewer_and_widget
+    image, truth = nuclei_field((192, 256), count=20, diameter=20, seed=3)
+    if kind == "rgb":
+        data = np.stack([image >> 8, image >> 9, image >> 8], axis=-1).astype(np.uint8)
+    elif kind.startswith("stack"):
+        data = np.stack([image, np.roll(image, 40, axis=1), image // 2])
+    elif kind == "dask":
+        import dask.array as da
+
+        data = da.from_array(image, chunks=(64, 64))
+    else:
+        data = image
+    layer = viewer.add_image(data, name=kind, rgb=kind == "rgb")
+    widget.image_layer.value = layer
+    widget.tile_size.value = 128
+    if kind.startswith("stack"):
+        assert widget.scope.enabled
+        viewer.dims.set_current_step(0, 1)
+        if kind == "stack-whole":
+            widget.scope.value = WHOLE_STACK
+    run_and_wait(widget, qtbot)
+    nuclei = viewer.layers[f"{kind} nuclei"]
+    expected = data.shape[:-1] if kind == "rgb" else data.shape
+    assert nuclei.data.shape == expected
+    if kind == "stack-current":
+        assert nuclei.data[1].max() > 10 and nuclei.data[0].max() == 0 and nuclei.data[2].max() == 0
+    elif kind == "stack-whole":
+        assert all(nuclei.data[i].max() > 10 for i in range(3))
+    else:
+        assert 0.6 * truth.max() <= nuclei.data.max() <= 1.4 * truth.max()
+
+
+def test_edited_results_are_kept_when_running_again(viewer_and_widget, qtbot, monkeypatch):
+    viewer, widget = viewer_and_widget
+    monkeypatch.setattr(segment_module, "show_warning", lambda message: None)
+    image, _ = nuclei_field((128, 128), count=8, diameter=20, seed=4)
+    viewer.add_image(image, name="cells")
+    widget.image_layer.value = viewer.layers["cells"]
+    run_and_wait(widget, qtbot)
+    nuclei = viewer.layers["cells nuclei"]
+    nuclei.selected_label = 99
+    nuclei.paint((5, 5), 99)  # a correction with napari's brush
+    edited = nuclei.data.copy()
+    assert nuclei.metadata["nuclei_unet"]["edited"]
+    run_and_wait(widget, qtbot)
+    assert np.array_equal(viewer.layers["cells nuclei (edited)"].data, edited)
+    assert viewer.layers["cells nuclei"] is not nuclei
+    assert not viewer.layers["cells nuclei"].metadata["nuclei_unet"]["edited"]
+
+
+def test_probability_layer_and_rescaling(viewer_and_widget, qtbot):
+    viewer, widget = viewer_and_widget
+    image, truth = nuclei_field((160, 192), count=12, diameter=40, seed=5)  # nuclei twice the model's size
+    viewer.add_image(image, name="big nuclei")
+    widget.image_layer.value = viewer.layers["big nuclei"]
+    widget.show_probability.value = True
+    widget.diameter.value = 40
+    run_and_wait(widget, qtbot)
+    probability = viewer.layers["big nuclei probability"]
+    assert isinstance(probability, Image) and probability.data.shape == image.shape
+    assert 0.0 <= probability.data.min() and probability.data.max() <= 1.0
+    assert "rescaled x0.49" in widget.status.value  # 19.8 px training nuclei / 40 px
+    assert abs(int(viewer.layers["big nuclei nuclei"].data.max()) - int(truth.max())) <= 4
