@@ -25,7 +25,7 @@ system-deps:
 # napari with the sample and the plugin when there is a display; otherwise the CLI on the sample.
 run: venv
 	@if [ -n "$$DISPLAY$$WAYLAND_DISPLAY" ]; then \
-		$(VENV)/bin/napari sample_data/synthetic_nuclei.tif; \
+		$(VENV)/bin/napari sample_data/synthetic_nuclei.tif --with napari-nuclei-unet "Segment nuclei"; \
 	else \
 		$(VENV)/bin/nuclei-unet segment sample_data/synthetic_nuclei.tif --out results --rle-csv results/nuclei.csv && \
 		$(VENV)/bin/nuclei-unet evaluate --truth sample_data/synthetic_nuclei_labels.csv --pred results/nuclei.csv; \

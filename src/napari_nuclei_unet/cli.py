@@ -46,6 +46,7 @@ def _add_segment_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hole-size", type=int, default=64, help="fill holes up to this many pixels")
     parser.add_argument("--markers", default="distance", choices=["distance", "boundary"], help="watershed markers: distance-transform peaks, or the model's predicted interiors")
     parser.add_argument("--h", type=float, default=0.5, help="h-maxima height for distance markers, pixels (higher splits fewer nuclei)")
+    parser.add_argument("--stain", default="none", choices=["none", "hematoxylin"], help="hematoxylin: segment the hematoxylin channel of brightfield RGB images (e.g. DAB immunohistochemistry)")
     parser.add_argument("--diameter", type=float, default=None, help="typical nucleus diameter in pixels; the image is rescaled to the model's training size")
 
 
@@ -146,6 +147,7 @@ def cmd_segment(args) -> int:
         TilingParams(tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size, device=str(device), tta=args.tta),
         PostprocessParams(threshold=args.threshold, min_size=args.min_size, hole_size=args.hole_size, markers=args.markers, h=args.h),
         diameter=args.diameter,
+        stain=args.stain,
     )
     print(f"model: {checkpoint.summary()} | device: {device}", file=sys.stderr)
     rle_rows = []

@@ -90,6 +90,15 @@ def planes(image) -> Iterator:
             yield image[index]
 
 
+def hematoxylin(plane) -> np.ndarray:
+    """Hematoxylin optical density of a brightfield RGB plane (Ruifrok & Johnston colour deconvolution), float32."""
+    from skimage.color import rgb2hed
+
+    if plane.ndim != 3:
+        raise InputError("the hematoxylin stain option needs an RGB image")
+    return rgb2hed(np.asarray(plane)[..., :3])[..., 0].astype(np.float32)
+
+
 @dataclass(frozen=True)
 class Normalizer:
     """Maps raw pixel values of one image to the model's input: float32 ``(C, Y, X)`` in [0, 1].
@@ -233,12 +242,14 @@ def find_images(inputs: list[str]) -> list[Path]:
 
 
 def image_shape_lookup(folder: str | os.PathLike):
-    """``image_id -> (height, width)`` from ``<folder>/<id>.<ext>`` or the Kaggle layout
-    ``<folder>/<id>/images/<id>.png``, reading only the file headers; None when not found."""
+    """``image_id -> (height, width)`` from ``<folder>/<id>.<ext>``, ``<folder>/images/<id>.<ext>``
+    or the Kaggle layout ``<folder>/<id>/images/<id>.png``, reading only the file headers;
+    None when not found."""
     root = Path(folder)
 
     def shape_of(image_id: str) -> tuple[int, int] | None:
-        candidates = [root / f"{image_id}{s}" for s in IMAGE_SUFFIXES] + [root / image_id / "images" / f"{image_id}.png"]
+        candidates = [base / f"{image_id}{s}" for base in (root, root / "images") for s in IMAGE_SUFFIXES]
+        candidates.append(root / image_id / "images" / f"{image_id}.png")
         for candidate in candidates:
             if not candidate.is_file():
                 continue

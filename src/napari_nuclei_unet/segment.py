@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import Cancelled, InputError
-from .io import Normalizer, is_single_plane, plane_count, planes
+from .io import Normalizer, hematoxylin, is_single_plane, plane_count, planes
 from .model import Checkpoint
 from .postprocess import PostprocessParams, instances
 from .tiling import CancelCheck, ProgressCallback, TilingParams, plan_tiles, predict
@@ -27,6 +27,15 @@ class SegmentParams:
     postprocess: PostprocessParams = field(default_factory=PostprocessParams)
     # Typical nucleus diameter in the image, pixels; None runs at the image's own scale.
     diameter: float | None = None
+    # "hematoxylin": segment the hematoxylin channel of a brightfield RGB (colour deconvolution),
+    # for stains the model has not seen, such as DAB immunohistochemistry. "none": the image as is.
+    stain: str = "none"
+
+    def network_key(self) -> tuple:
+        """Parameters that change the probabilities (post-processing does not)."""
+        from dataclasses import asdict
+
+        return (asdict(self.tiling), self.diameter, self.stain)
 
 
 @dataclass
@@ -64,19 +73,24 @@ def rescale_factor(checkpoint: Checkpoint, diameter: float | None) -> float:
 def predict_probabilities(
     checkpoint: Checkpoint,
     plane,
-    tiling: TilingParams | None = None,
+    params: SegmentParams | None = None,
     progress: ProgressCallback | None = None,
     cancel: CancelCheck | None = None,
-    diameter: float | None = None,
 ) -> np.ndarray:
     """Probabilities ``(C, Y, X)`` of one 2D plane at its own size, normalised as the checkpoint expects.
 
-    With ``diameter``, the plane is zoomed so its nuclei match the model's training size
-    and the probabilities are zoomed back, so post-processing always works in the
+    With ``params.diameter``, the plane is zoomed so its nuclei match the model's training
+    size and the probabilities are zoomed back, so post-processing always works in the
     image's own pixels.
     """
+    params = params or SegmentParams()
+    tiling = params.tiling
+    if params.stain == "hematoxylin":
+        plane = hematoxylin(plane)
+    elif params.stain != "none":
+        raise InputError(f"stain must be 'none' or 'hematoxylin', got {params.stain!r}")
     normalizer = Normalizer.from_image(plane, checkpoint.config.in_channels, checkpoint.percentiles)
-    factor = rescale_factor(checkpoint, diameter)
+    factor = rescale_factor(checkpoint, params.diameter)
     if factor == 1.0:
         return predict(checkpoint.model, plane, normalizer, tiling, progress=progress, cancel=cancel)
     from skimage.transform import rescale, resize
@@ -127,7 +141,7 @@ def segment(
             if progress is not None:
                 progress(offset + done, total)
 
-        probabilities.append(predict_probabilities(checkpoint, plane, tiling, plane_progress, cancel, params.diameter))
+        probabilities.append(predict_probabilities(checkpoint, plane, params, plane_progress, cancel))
     if cancel is not None and cancel():
         raise Cancelled("segmentation cancelled")
     stacked = probabilities[0] if is_single_plane(image) else np.stack(probabilities)

@@ -116,11 +116,12 @@ class ModelPicker:
 
 def result_metadata(model_name: str, network_key: tuple, postprocess: PostprocessParams) -> dict:
     """What produced a result layer, stored in ``layer.metadata['nuclei_unet']``."""
-    model_path, tiling, diameter = network_key
+    model_path, tiling, diameter, stain = network_key
     return {
         "model": model_name,
         "model_path": model_path,
         "tiling": tiling,
         "diameter": diameter,
+        "stain": stain,
         "postprocess": asdict(postprocess),
     }

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -48,7 +48,7 @@ class SegmentRequest:
 
     def network_key(self) -> tuple:
         """Runs with equal keys share cached probabilities."""
-        return (self.model_path, asdict(self.params.tiling), self.params.diameter)
+        return (self.model_path, *self.params.network_key())
 
 
 @dataclass
@@ -84,6 +84,11 @@ class SegmentWidget(Container):
             label="nucleus diameter", value=0.0, min=0.0, max=1000.0, step=1.0,
             tooltip="typical nucleus diameter in pixels; the image is rescaled to the model's training size. 0 = use the image as it is",
         )
+        self.stain = ComboBox(
+            label="stain", choices=["none", "hematoxylin"], value="none",
+            tooltip="hematoxylin: segment the hematoxylin channel of a brightfield RGB image (colour deconvolution), "
+            "for stains the model has not seen, such as DAB immunohistochemistry",
+        )
         self.tta = CheckBox(text="test-time augmentation (4x slower)", value=False)
         self.auto_threshold = CheckBox(text="automatic threshold (Otsu)", value=True)
         self.threshold = FloatSlider(label="threshold", value=0.5, min=0.05, max=0.95, step=0.01, enabled=False)
@@ -102,7 +107,7 @@ class SegmentWidget(Container):
         self.status = Label(value="")
         self.status.native.setWordWrap(True)
         self.extend([
-            self.image_layer, self.scope, *self.model.widgets, self.tile_size, self.overlap, self.diameter, self.tta,
+            self.image_layer, self.scope, *self.model.widgets, self.tile_size, self.overlap, self.diameter, self.stain, self.tta,
             self.auto_threshold, self.threshold, self.min_size, self.markers, self.split_h, self.show_probability,
             self.run_button, self.cancel_button, self.status,
         ])  # fmt: skip
@@ -139,6 +144,7 @@ class SegmentWidget(Container):
     def _update_scope(self, *_):
         layer = self.image_layer.value
         self.scope.enabled = layer is not None and not _is_2d(layer)
+        self.stain.enabled = layer is not None and layer.rgb
 
     def postprocess_params(self) -> PostprocessParams:
         return PostprocessParams(
@@ -163,6 +169,7 @@ class SegmentWidget(Container):
             tiling=TilingParams(tile_size=int(self.tile_size.value), overlap=int(self.overlap.value), device=self.model.device.value, tta=bool(self.tta.value)),
             postprocess=self.postprocess_params(),
             diameter=float(self.diameter.value) or None,
+            stain=self.stain.value if layer.rgb else "none",
         )
         return SegmentRequest(image=data, plane=plane, params=params, model_path=self.model.path())
 
@@ -345,7 +352,7 @@ def _segment_worker(request: SegmentRequest, model: ModelPicker, cached: dict, c
         def plane_progress(done: int, total: int, offset: int = number) -> None:
             progress(offset * total + done, total * len(todo))
 
-        probabilities[index] = predict_probabilities(checkpoint, plane, request.params.tiling, plane_progress, cancel, request.params.diameter)
+        probabilities[index] = predict_probabilities(checkpoint, plane, request.params, plane_progress, cancel)
     if cancel():
         raise Cancelled("segmentation cancelled")
     for index in indices:

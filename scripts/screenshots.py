@@ -1,0 +1,110 @@
+"""Take the user guide's screenshots of the real napari window (run under xvfb on a headless machine).
+
+    xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python scripts/screenshots.py [--out docs/images]
+
+Each picture is the whole window (``viewer.screenshot(canvas_only=False)``) after driving
+the widgets the way a user would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+from pathlib import Path
+
+import napari
+import numpy as np
+from qtpy.QtWidgets import QApplication
+
+PLUGIN = "napari-nuclei-unet"
+warnings.filterwarnings("ignore", message=".*PyQt5.*")  # keep napari's deprecation toast out of the pictures
+
+
+def wait_for(widget, condition, seconds: float = 300.0) -> None:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not condition():
+        QApplication.processEvents()
+        if time.monotonic() > deadline:
+            raise TimeoutError("the widget did not finish in time")
+        time.sleep(0.02)
+    for _ in range(20):
+        QApplication.processEvents()
+
+
+def segment(widget) -> None:
+    widget.run()
+    wait_for(widget, lambda: widget._worker is None)
+
+
+def save(viewer, path: Path) -> None:
+    for _ in range(10):
+        QApplication.processEvents()
+    viewer.screenshot(str(path), canvas_only=False)
+    print("wrote", path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "images"))
+    out = Path(parser.parse_args().out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    viewer = napari.Viewer(title="napari-nuclei-unet")
+    viewer.window._qt_window.resize(1500, 950)
+    _dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment nuclei")
+    wait_for(widget, lambda: "runs on" in widget.model.summary.value or "could not" in widget.model.summary.value)
+
+    # 1. The generated sample, segmented with the defaults (one click).
+    viewer.open_sample(PLUGIN, "synthetic_nuclei")
+    widget.image_layer.value = viewer.layers["synthetic nuclei"]
+    save(viewer, out / "01-sample-and-widget.png")
+    segment(widget)
+    viewer.layers.selection.active = viewer.layers["synthetic nuclei nuclei"]
+    save(viewer, out / "02-segmented-sample.png")
+
+    # 2. Tuning post-processing live: the probability layer and a stricter split.
+    widget.show_probability.value = True
+    segment(widget)  # cached: only adds the probability layer
+    viewer.layers["synthetic nuclei nuclei"].visible = False
+    viewer.layers["synthetic nuclei probability"].opacity = 1.0
+    save(viewer, out / "03-probability.png")
+    viewer.layers["synthetic nuclei nuclei"].visible = True
+    viewer.layers["synthetic nuclei probability"].visible = False
+    viewer.layers.selection.active = viewer.layers["synthetic nuclei nuclei"]
+    widget.split_h.value = 2.0
+    wait_for(widget, lambda: "re-labelled" in widget.status.value)
+    save(viewer, out / "04-tuned-split.png")
+    widget.split_h.value = 0.5
+    wait_for(widget, lambda: widget._relabel_worker is None and not widget._relabel_timer.isActive())
+
+    # 3. Correcting with napari's label tools: paint mode on the nuclei layer, zoomed in.
+    nuclei = viewer.layers["synthetic nuclei nuclei"]
+    viewer.layers.selection.active = nuclei
+    nuclei.mode = "paint"
+    nuclei.brush_size = 6
+    nuclei.selected_label = int(nuclei.data.max()) + 1
+    viewer.camera.center = (0, 190, 250)
+    viewer.camera.zoom = viewer.camera.zoom * 2.2
+    save(viewer, out / "05-correct-labels.png")
+    nuclei.mode = "pan_zoom"
+    viewer.reset_view()
+
+    # 4. A real brightfield tissue image (scikit-image's immunohistochemistry sample).
+    for layer in list(viewer.layers):
+        viewer.layers.remove(layer)
+    viewer.open_sample(PLUGIN, "immunohistochemistry")
+    widget.image_layer.value = viewer.layers["immunohistochemistry"]
+    widget.show_probability.value = False
+    widget.stain.value = "hematoxylin"  # DAB/hematoxylin: segment the hematoxylin channel
+    segment(widget)
+    viewer.layers.selection.active = viewer.layers["immunohistochemistry nuclei"]
+    save(viewer, out / "06-immunohistochemistry.png")
+    count = int(np.max(viewer.layers["immunohistochemistry nuclei"].data))
+    print(f"immunohistochemistry: {count} nuclei; status: {widget.status.value}")
+    viewer.close()
+
+
+if __name__ == "__main__":
+    main()
