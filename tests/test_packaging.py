@@ -44,12 +44,21 @@ def test_npe2_finds_manifest_in_installed_wheel(installed_wheel):
         manifest.validate_imports()
         import napari_nuclei_unet
         assert napari_nuclei_unet.__file__.startswith({str(target)!r}), napari_nuclei_unet.__file__
-        print(manifest.name, len(manifest.contributions.commands or []))
+        c = manifest.contributions
+        print(manifest.name, [w.display_name for w in c.widgets], len(c.readers), len(c.writers), len(c.sample_data))
         """
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split()[0] == "napari-nuclei-unet"
+    assert result.stdout.strip() == "napari-nuclei-unet ['Segment nuclei'] 1 2 2"
+
+
+def test_runtime_dependencies_have_no_qt_binding():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    bindings = ("pyqt5", "pyqt6", "pyside2", "pyside6", "napari[")
+    assert not [d for d in dependencies if d.lower().startswith(bindings)]
 
 
 def test_manifest_valid_in_editable_install():
