@@ -190,7 +190,8 @@ class Checkpoint:
         else:
             raise ModelError(f"{path}: not a model (expected a checkpoint folder or a .pth state_dict)")
         checkpoint.model.to(device).eval()
-        checkpoint.source = str(path)
+        # A file picked inside a checkpoint folder stands for the folder.
+        checkpoint.source = str(path.parent if path.is_file() and path.suffix.lower() in (".safetensors", ".json") else path)
         return checkpoint
 
 

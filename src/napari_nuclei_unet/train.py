@@ -94,6 +94,14 @@ def make_targets(labels: np.ndarray, roi: np.ndarray | None = None, boundary_wid
     return np.stack([foreground, boundary, valid]).astype(np.uint8)
 
 
+def loss_targets(target: torch.Tensor) -> torch.Tensor:
+    """Float ``(2, Y, X)`` targets for :func:`make_loss` from :func:`make_targets` output: invalid pixels -> IGNORE."""
+    target = torch.as_tensor(target).float()
+    labels = target[:2].clone()
+    labels[:, target[2] == 0] = IGNORE
+    return labels
+
+
 class RandomRot90(v2.Transform):
     """Rotate image and masks together by a random multiple of 90°."""
 
@@ -169,10 +177,7 @@ class PatchSampler:
             target = v2.functional.resize(target, [size, size])  # masks: nearest
         if self.augment is not None:
             image, target = self.augment(image, target)
-        target = target.float()
-        labels = target[:2].clone()
-        labels[:, target[2] == 0] = IGNORE
-        return image.as_subclass(torch.Tensor), labels
+        return image.as_subclass(torch.Tensor), loss_targets(target)
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         pairs = [self.patch() for _ in range(self.config.batch_size)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import threading
 from dataclasses import asdict
+from pathlib import Path
 
 from magicgui.widgets import ComboBox, FileEdit, Label
 from napari.qt.threading import thread_worker
@@ -76,6 +77,15 @@ class ModelPicker:
                 self._loaded[path] = Checkpoint.load(resolve_model_path(path))
             return self._loaded[path]
 
+    def use_checkpoint_folder(self, folder) -> None:
+        """Switch to a (new or re-written) checkpoint folder and load it."""
+        chosen = str(Path(folder) / "model.safetensors")
+        with self._lock:
+            self._loaded.pop(chosen, None)
+        self.source.value = FROM_FILE
+        self.file.value = chosen
+        self.load_async()
+
     def load_async(self) -> None:
         """Load the chosen model in a worker and show its summary; errors become notifications."""
         try:
@@ -85,8 +95,8 @@ class ModelPicker:
             return
         self.summary.value = "loading model…"
         worker = thread_worker(self.checkpoint, ignore_errors=True)(path)
-        worker.returned.connect(lambda _: self._show_summary())
-        worker.errored.connect(self._on_error)
+        worker.returned.connect(lambda _: _unless_closed(self._show_summary))
+        worker.errored.connect(lambda error: _unless_closed(self._on_error, error))
         worker.start()
         self._load_worker = worker  # keep a reference while it runs
 
@@ -112,6 +122,15 @@ class ModelPicker:
     def _on_error(self, error: Exception) -> None:
         self.summary.value = f"could not load: {error}"
         show_error(f"Model: {error}")
+
+
+def _unless_closed(callback, *args) -> None:
+    """Run a GUI update unless its widgets were closed meanwhile (a load can outlive the viewer)."""
+    try:
+        callback(*args)
+    except RuntimeError as error:
+        if "has been deleted" not in str(error):
+            raise
 
 
 def result_metadata(model_name: str, network_key: tuple, postprocess: PostprocessParams) -> dict:

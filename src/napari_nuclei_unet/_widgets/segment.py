@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +36,20 @@ CURRENT_PLANE = "current plane"
 WHOLE_STACK = "whole stack"
 # Debounce for live re-labelling while a slider is dragged, in ms.
 RELABEL_DELAY_MS = 150
+
+
+# The Segment widget of each viewer, so the Fine-tune widget can hand it a new model.
+_SEGMENT_WIDGETS: "weakref.WeakValueDictionary[int, SegmentWidget]" = weakref.WeakValueDictionary()
+
+
+def _viewer_key(viewer) -> int:
+    # napari hands plugins a proxy of the viewer; key on the real object behind it.
+    return id(getattr(viewer, "__wrapped__", viewer))
+
+
+def segment_widget_of(viewer) -> "SegmentWidget | None":
+    """The open Segment nuclei widget of ``viewer``, if any."""
+    return _SEGMENT_WIDGETS.get(_viewer_key(viewer))
 
 
 @dataclass
@@ -75,6 +90,7 @@ class SegmentWidget(Container):
     def __init__(self, napari_viewer: "napari.viewer.Viewer"):
         super().__init__(labels=True)
         self.viewer = napari_viewer
+        _SEGMENT_WIDGETS[_viewer_key(napari_viewer)] = self
         self.image_layer = ComboBox(label="image", choices=self._image_layers, tooltip="2D grey/RGB image or a T/Z stack")
         self.scope = ComboBox(label="stack", choices=[CURRENT_PLANE, WHOLE_STACK], value=CURRENT_PLANE)
         self.model = ModelPicker()

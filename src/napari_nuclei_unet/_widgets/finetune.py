@@ -1,0 +1,346 @@
+"""The "Fine-tune" dock widget: train the model on corrected labels from the open layers.
+
+Thin by design: it turns layers into :class:`~napari_nuclei_unet.data.LabelledImage`
+samples and calls :func:`napari_nuclei_unet.train.fit` (the same function as
+``nuclei-unet train``) in a thread worker, plotting each epoch as it arrives.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, Label, LineEdit, PushButton, SpinBox
+from napari.layers import Image, Labels, Shapes
+from napari.qt.threading import thread_worker
+from napari.utils import cancelable_progress
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtCore import QObject, QPointF, Qt, Signal
+from qtpy.QtGui import QColor, QPainter, QPen
+from qtpy.QtWidgets import QWidget
+
+from ..data import LabelledImage
+from ..errors import NucleiUnetError
+from ..model import BUNDLED_MODEL_DIR
+from ..train import TrainConfig, TrainEvent, fit
+from ._common import ModelPicker
+from .segment import segment_widget_of
+
+if TYPE_CHECKING:
+    import napari
+
+DEFAULT_MODELS_DIR = Path.home() / "nuclei-unet-models"
+
+
+@dataclass
+class FineTuneRequest:
+    """Everything the worker needs; built on the GUI thread from the controls."""
+
+    train: list[LabelledImage]
+    val: list[LabelledImage] | None
+    base_model: str
+    out_dir: Path
+    config: TrainConfig
+    description: str = ""
+    pairs: list[str] = field(default_factory=list)
+
+
+def samples_from_layers(image: Image, labels: Labels, roi: Shapes | None = None) -> list[LabelledImage]:
+    """One LabelledImage per plane; raises ValueError with a message naming the layers."""
+    if labels is None:
+        raise ValueError("choose a labels layer with your corrected nuclei")
+    if image is None:
+        raise ValueError("choose the image layer that the labels belong to")
+    pixels = image.data[0] if image.multiscale else image.data
+    spatial = tuple(pixels.shape[:-1]) if image.rgb else tuple(pixels.shape)
+    label_data = labels.data[0] if labels.multiscale else labels.data
+    if tuple(label_data.shape) != spatial:
+        raise ValueError(f"labels '{labels.name}' have shape {tuple(label_data.shape)}, image '{image.name}' has {spatial}")
+    label_array = np.asarray(label_data)
+    if not label_array.any():
+        raise ValueError(f"labels '{labels.name}' are empty: paint or segment some nuclei first")
+    region = None
+    if roi is not None:
+        if len(roi.data) == 0:
+            raise ValueError(f"region layer '{roi.name}' has no shapes")
+        masks = roi.to_masks(mask_shape=spatial[-2:])
+        region = np.any(masks, axis=0)
+    planes = [(None, np.asarray(pixels), label_array)] if len(spatial) == 2 else [
+        (i, np.asarray(pixels[i]), label_array[i]) for i in range(spatial[0]) if label_array[i].any()
+    ]  # fmt: skip
+    return [
+        LabelledImage(name=image.name if index is None else f"{image.name}[{index}]", image=plane, labels=plane_labels.astype(np.int32), roi=region)
+        for index, plane, plane_labels in planes
+    ]
+
+
+class CurvePlot(QWidget):
+    """Training loss and validation score per epoch, drawn with QPainter (no plotting dependency)."""
+
+    def __init__(self):
+        super().__init__()
+        self.setMinimumHeight(140)
+        self.losses: list[float] = []
+        self.scores: list[tuple[int, float]] = []
+
+    def clear(self) -> None:
+        self.losses, self.scores = [], []
+        self.update()
+
+    def add(self, epoch: int, loss: float, score: float | None) -> None:
+        self.losses.append(loss)
+        if score is not None:
+            self.scores.append((epoch, score))
+        self.update()
+
+    def paintEvent(self, _event) -> None:  # noqa: N802 (Qt API)
+        painter = QPainter(self)
+        painter.setRenderHint(QPainter.RenderHint.Antialiasing)
+        width, height, margin = self.width(), self.height(), 24
+        painter.setPen(QPen(QColor("#888888"), 1))
+        painter.drawRect(margin, 6, width - margin - 6, height - margin - 6)
+        painter.drawText(4, height - 6, "epoch")
+        n = max(len(self.losses), 2)
+
+        def point(index: int, value: float, low: float, high: float) -> QPointF:
+            x = margin + (width - margin - 6) * (index - 1) / (n - 1)
+            y = 6 + (height - margin - 6) * (1.0 - (value - low) / max(high - low, 1e-9))
+            return QPointF(x, y)
+
+        if self.losses:
+            low, high = min(self.losses), max(self.losses)
+            painter.setPen(QPen(QColor("#f0a030"), 2))
+            points = [point(i + 1, v, low, high) for i, v in enumerate(self.losses)]
+            for a, b in zip(points, points[1:]):
+                painter.drawLine(a, b)
+            painter.drawText(margin + 4, 20, f"loss {self.losses[-1]:.3f}")
+        if self.scores:
+            painter.setPen(QPen(QColor("#40b0ff"), 2))
+            points = [point(epoch, score, 0.0, 1.0) for epoch, score in self.scores]
+            for a, b in zip(points, points[1:]):
+                painter.drawLine(a, b)
+            for p in points:
+                painter.drawEllipse(p, 3, 3)
+            painter.drawText(margin + 4, 36, f"val DSB score {self.scores[-1][1]:.3f}")
+        painter.end()
+
+
+class _Relay(QObject):
+    event = Signal(object)
+
+
+class FineTuneWidget(Container):
+    """Fine-tune a model on (image, corrected labels) pairs from the viewer."""
+
+    def __init__(self, napari_viewer: "napari.viewer.Viewer"):
+        super().__init__(labels=True)
+        self.viewer = napari_viewer
+        self.image_layer = ComboBox(label="image", choices=lambda _w: self._layers(Image))
+        self.labels_layer = ComboBox(label="corrected labels", choices=lambda _w: self._layers(Labels))
+        self.roi_layer = ComboBox(label="checked region", choices=lambda _w: [None, *self._layers(Shapes)], value=None,
+                                  tooltip="optional Shapes layer: only pixels inside its shapes count; elsewhere the labels are not trusted")  # fmt: skip
+        self.add_pair_button = PushButton(text="Add pair")
+        self.clear_pairs_button = PushButton(text="Clear pairs")
+        self.pairs_label = Label(value="pairs: the image/labels above")
+        self.model = ModelPicker()
+        self.epochs = SpinBox(label="epochs", value=10, min=1, max=1000)
+        self.iterations = SpinBox(label="iterations / epoch", value=20, min=1, max=10000)
+        self.learning_rate = FloatSpinBox(label="learning rate", value=3e-4, min=1e-6, max=1e-1, step=1e-4)
+        self.patch_size = SpinBox(label="patch size", value=256, min=64, max=1024, step=32)
+        self.batch_size = SpinBox(label="batch size", value=4, min=1, max=64)
+        self.augment = CheckBox(text="augmentation", value=True)
+        self.val_fraction = FloatSpinBox(label="validation fraction", value=0.25, min=0.0, max=0.9, step=0.05,
+                                         tooltip="share of the planes held out to pick the best epoch (needs 2+ planes)")  # fmt: skip
+        self.output_folder = FileEdit(label="save in", mode="d", value=str(DEFAULT_MODELS_DIR))
+        self.model_name = LineEdit(label="model name", value=f"finetuned-{datetime.now():%Y%m%d-%H%M}")
+        self.advanced = CheckBox(text="show advanced settings", value=False)
+        self.start_button = PushButton(text="Start fine-tuning")
+        self.cancel_button = PushButton(text="Cancel (keep best so far)", enabled=False)
+        self.resegment_button = PushButton(text="Segment again with the new model", enabled=False)
+        self.status = Label(value="")
+        self.status.native.setWordWrap(True)
+        self.plot = CurvePlot()
+        self._advanced_widgets = [self.learning_rate, self.patch_size, self.batch_size, self.augment, self.val_fraction]
+        self.extend([
+            self.image_layer, self.labels_layer, self.roi_layer, self.add_pair_button, self.clear_pairs_button, self.pairs_label,
+            *self.model.widgets, self.epochs, self.iterations, self.advanced, *self._advanced_widgets,
+            self.output_folder, self.model_name, self.start_button, self.cancel_button, self.status,
+        ])  # fmt: skip
+        self.native.layout().addWidget(self.plot)
+        self.append(self.resegment_button)
+
+        self._pairs: list[tuple[Image, Labels, Shapes | None]] = []
+        self._cancel = threading.Event()
+        self._worker = None
+        self._progress = None
+        self.result_dir: Path | None = None
+        self._relay = _Relay()
+        self._relay.event.connect(self._on_event)
+        self.add_pair_button.changed.connect(self._add_pair)
+        self.clear_pairs_button.changed.connect(self._clear_pairs)
+        self.start_button.changed.connect(self.start)
+        self.cancel_button.changed.connect(self.cancel)
+        self.resegment_button.changed.connect(self.resegment)
+        self.advanced.changed.connect(self._show_advanced)
+        self.viewer.layers.events.inserted.connect(self.reset_choices)
+        self.viewer.layers.events.removed.connect(self.reset_choices)
+        self._show_advanced(False)
+        self._use_segment_widget_model()
+        self.model.load_async()
+        self.reset_choices()
+        self._pick_corrected_pair()
+
+    # ------------------------------------------------------------------ inputs
+    def _layers(self, kind: type) -> list:
+        return [layer for layer in self.viewer.layers if isinstance(layer, kind)]
+
+    def _show_advanced(self, value: bool) -> None:
+        for widget in self._advanced_widgets:
+            widget.visible = bool(value)
+
+    def _use_segment_widget_model(self) -> None:
+        """Start from the model the Segment widget is using (the 'current' model)."""
+        segment = segment_widget_of(self.viewer)
+        if segment is not None:
+            self.model.source.value = segment.model.source.value
+            self.model.file.value = segment.model.file.value
+
+    def _pick_corrected_pair(self) -> None:
+        """Preselect '<image> nuclei' and its image when they are open."""
+        for labels in self._layers(Labels):
+            base = labels.name.removesuffix(" nuclei")
+            if base != labels.name and base in self.viewer.layers and isinstance(self.viewer.layers[base], Image):
+                self.labels_layer.value, self.image_layer.value = labels, self.viewer.layers[base]
+                return
+
+    def _add_pair(self, *_) -> None:
+        try:
+            samples_from_layers(self.image_layer.value, self.labels_layer.value, self.roi_layer.value)
+        except ValueError as error:
+            show_error(f"Fine-tune: {error}")
+            return
+        self._pairs.append((self.image_layer.value, self.labels_layer.value, self.roi_layer.value))
+        self._show_pairs()
+
+    def _clear_pairs(self, *_) -> None:
+        self._pairs = []
+        self._show_pairs()
+
+    def _show_pairs(self) -> None:
+        if not self._pairs:
+            self.pairs_label.value = "pairs: the image/labels above"
+            return
+        self.pairs_label.value = "pairs: " + "; ".join(
+            f"{image.name} + {labels.name}" + (f" in {roi.name}" if roi is not None else "") for image, labels, roi in self._pairs
+        )
+
+    def request(self) -> FineTuneRequest:
+        """Collect the controls; raises ValueError with a user-facing message."""
+        pairs = self._pairs or [(self.image_layer.value, self.labels_layer.value, self.roi_layer.value)]
+        samples = [s for image, labels, roi in pairs for s in samples_from_layers(image, labels, roi)]
+        name = str(self.model_name.value).strip()
+        if not name or any(c in name for c in '/\\:'):
+            raise ValueError("give the new model a name without slashes or colons")
+        out_dir = Path(str(self.output_folder.value)).expanduser() / name
+        if out_dir.resolve().is_relative_to(BUNDLED_MODEL_DIR.resolve()):
+            raise ValueError("the bundled model's folder cannot be overwritten; choose another folder")
+        if out_dir.exists() and any(out_dir.iterdir()):
+            raise ValueError(f"{out_dir} already exists and is not empty; choose another model name")
+        config = TrainConfig(
+            epochs=int(self.epochs.value), iterations_per_epoch=int(self.iterations.value), learning_rate=float(self.learning_rate.value),
+            patch_size=int(self.patch_size.value), batch_size=int(self.batch_size.value), augment=bool(self.augment.value),
+            val_fraction=float(self.val_fraction.value), device=self.model.device.value, val_every=1,
+            warmup_iterations=min(20, int(self.iterations.value)),
+        )  # fmt: skip
+        val = None if len(samples) > 1 and config.val_fraction > 0 else []
+        nuclei = sum(int(len(np.unique(s.labels)) - 1) for s in samples)
+        description = f"{len(samples)} corrected image(s) from napari ({nuclei} nuclei): " + ", ".join(s.name for s in samples[:5])
+        return FineTuneRequest(samples, val, self.model.path(), out_dir, config, description, [s.name for s in samples])
+
+    # ---------------------------------------------------------------- running
+    def start(self, *_) -> None:
+        if self._worker is not None:
+            return
+        try:
+            request = self.request()
+        except ValueError as error:
+            show_error(f"Fine-tune: {error}")
+            return
+        self._cancel.clear()
+        self.plot.clear()
+        self.start_button.enabled = False
+        self.cancel_button.enabled = True
+        self.status.value = f"fine-tuning on {len(request.train)} image(s)…"
+        total = request.config.epochs * request.config.iterations_per_epoch
+        self._progress = cancelable_progress(total=total, desc="Fine-tuning", cancel_callback=self.cancel)
+        worker = _finetune_worker(request, self.model, self._cancel.is_set, self._relay.event.emit)
+        worker.returned.connect(lambda event: self._on_done(request, event))
+        worker.errored.connect(self._on_error)
+        worker.finished.connect(self._on_finished)
+        self._worker = worker
+        worker.start()
+
+    def cancel(self, *_) -> None:
+        self._cancel.set()
+        self.status.value = "cancelling after this step; the best model so far is kept…"
+
+    def _on_event(self, event: TrainEvent) -> None:
+        if self._progress is not None:
+            self._progress.update(event.iteration - self._progress.n)
+        if event.kind == "epoch":
+            score = event.scores.kaggle_score if event.scores is not None else None
+            self.plot.add(event.epoch, event.loss, score)
+            self.status.value = f"epoch {event.epoch}: loss {event.loss:.3f}" + (f", val DSB score {score:.3f}" if score is not None else "") + f" on {event.device}"
+
+    def _on_done(self, request: FineTuneRequest, event: TrainEvent) -> None:
+        self.result_dir = request.out_dir
+        best = f", best val DSB score {event.best_score:.3f}" if event.best_score is not None else ""
+        verb = "cancelled; kept the best model so far" if event.cancelled else "done"
+        self.status.value = f"{verb}: {event.iteration} iterations in {event.elapsed:.0f} s on {event.device}{best}. Saved to {request.out_dir}"
+        show_info(f"Fine-tune {verb}: model saved to {request.out_dir}")
+        segment = segment_widget_of(self.viewer)
+        if segment is not None:
+            segment.model.use_checkpoint_folder(request.out_dir)
+        self.resegment_button.enabled = segment is not None
+
+    def _on_error(self, error: Exception) -> None:
+        self.status.value = f"failed: {error}"
+        show_error(f"Fine-tune: {error}")
+
+    def _on_finished(self) -> None:
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+        self._worker = None
+        self.start_button.enabled = True
+        self.cancel_button.enabled = False
+
+    def resegment(self, *_) -> None:
+        """Run the Segment widget with the new model; the corrected layer stays for comparison."""
+        segment = segment_widget_of(self.viewer)
+        if segment is None:
+            show_error("Fine-tune: open the Segment nuclei widget to re-segment")
+            return
+        segment.run()
+
+
+@thread_worker(ignore_errors=True)  # errors are shown as notifications by the widget
+def _finetune_worker(request: FineTuneRequest, model: ModelPicker, cancel, report) -> Any:
+    from copy import deepcopy
+
+    try:
+        checkpoint = deepcopy(model.checkpoint(request.base_model))  # the loaded base model stays as it was
+        checkpoint.metadata = {**checkpoint.metadata, "name": request.out_dir.name}
+        checkpoint.metadata.pop("metrics", None)
+        return fit(
+            checkpoint, request.train, request.out_dir, request.val, request.config, progress=report, cancel=cancel,
+            resume=False, base_model=request.base_model, data_description=request.description,
+        )  # fmt: skip
+    except NucleiUnetError:
+        raise
+    except RuntimeError as error:  # e.g. out of memory on a GPU
+        raise NucleiUnetError(f"training failed: {str(error).splitlines()[0]}") from error

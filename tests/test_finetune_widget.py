@@ -1,0 +1,156 @@
+"""The Fine-tune widget: trains with the shared core on layers, live curve, cancel, hand-over to Segment."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+napari = pytest.importorskip("napari")
+
+from napari_nuclei_unet._widgets import finetune as finetune_module  # noqa: E402
+from napari_nuclei_unet._widgets.finetune import FineTuneWidget, samples_from_layers  # noqa: E402
+from napari_nuclei_unet.model import Checkpoint  # noqa: E402
+from napari_nuclei_unet.synthetic import nuclei_field  # noqa: E402
+from napari_nuclei_unet.train import loss_targets, make_loss, make_targets  # noqa: E402
+
+PLUGIN = "napari-nuclei-unet"
+TIMEOUT_MS = 180_000
+
+
+@pytest.fixture
+def setup(make_napari_viewer, qtbot, tiny_checkpoint, tmp_path, monkeypatch):
+    """A viewer with an image, its corrected labels, the Segment widget on a tiny model, and Fine-tune."""
+    messages = []
+    monkeypatch.setattr(finetune_module, "show_error", messages.append)
+    monkeypatch.setattr(finetune_module, "show_info", lambda message: None)
+    tiny_checkpoint.nucleus_diameter = 20.0
+    tiny_checkpoint.save(tmp_path / "tiny")
+    viewer = make_napari_viewer()
+    image, labels = nuclei_field((128, 160), count=14, diameter=20, seed=7)
+    viewer.add_image(image, name="cells")
+    viewer.add_labels(labels, name="cells nuclei")
+    _dock, segment = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment nuclei")
+    segment.model.use_checkpoint_folder(tmp_path / "tiny")
+    qtbot.waitUntil(lambda: "Unet/resnet18" in segment.model.summary.value, timeout=20000)
+    _dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Fine-tune")
+    qtbot.waitUntil(lambda: "Unet/resnet18" in widget.model.summary.value, timeout=TIMEOUT_MS)
+    widget.output_folder.value = str(tmp_path / "models")
+    widget.model_name.value = "mine"
+    widget.epochs.value, widget.iterations.value = 4, 5
+    widget.patch_size.value, widget.batch_size.value, widget.learning_rate.value = 64, 4, 3e-3
+    return viewer, segment, widget, messages, tmp_path
+
+
+def wait(widget, qtbot) -> None:
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=TIMEOUT_MS)
+
+
+def test_finetune_trains_saves_and_hands_the_model_to_segment(setup, qtbot):
+    viewer, segment, widget, messages, tmp_path = setup
+    assert widget.image_layer.value is viewer.layers["cells"] and widget.labels_layer.value is viewer.layers["cells nuclei"]
+    widget.start()
+    wait(widget, qtbot)
+    assert not messages, messages
+    out = tmp_path / "models" / "mine"
+    loaded = Checkpoint.load(out)
+    training = loaded.metadata["training"]
+    assert training["images"] == 1 and training["nuclei"] == 14 and "tiny" in training["base_model"]
+    assert training["iterations"] == 20 and "date" in training
+    assert len(widget.plot.losses) == 4 and widget.plot.losses[-1] < widget.plot.losses[0]
+    assert "done" in widget.status.value and "on cpu" in widget.status.value
+    assert segment.model.path() == str(out / "model.safetensors")
+    # The base model folder is untouched, and one click re-segments with the new model.
+    assert Checkpoint.load(tmp_path / "tiny").metadata.get("training") is None
+    assert widget.resegment_button.enabled
+    widget.resegment()
+    qtbot.waitUntil(lambda: segment._worker is None, timeout=TIMEOUT_MS)
+    assert viewer.layers["cells nuclei"].metadata["nuclei_unet"]["model"] == "mine"
+
+
+def test_cancel_keeps_the_best_model_so_far(setup, qtbot):
+    _viewer, _segment, widget, messages, tmp_path = setup
+    widget.epochs.value, widget.iterations.value = 50, 5
+
+    def cancel_after_second_epoch(event):
+        if event.kind == "epoch" and event.epoch == 2:
+            widget.cancel()
+
+    widget._relay.event.connect(cancel_after_second_epoch)
+    widget.start()
+    wait(widget, qtbot)
+    assert not messages, messages
+    assert "cancelled" in widget.status.value
+    loaded = Checkpoint.load(tmp_path / "models" / "mine")
+    assert loaded.metadata["training"]["iterations"] < 50 * 5
+
+
+def test_bad_input_gives_clear_messages(setup, qtbot):
+    viewer, _segment, widget, messages, tmp_path = setup
+    corrected = viewer.layers["cells nuclei"]
+    viewer.layers.remove(corrected)
+    assert widget.labels_layer.value is None
+    widget.start()
+    assert "choose a labels layer" in messages[-1]
+    viewer.layers.append(corrected)
+
+    viewer.add_labels(np.zeros((64, 64), np.int32), name="wrong shape")
+    widget.labels_layer.value = viewer.layers["wrong shape"]
+    widget.start()
+    assert "shape (64, 64)" in messages[-1] and "(128, 160)" in messages[-1]
+
+    viewer.add_labels(np.zeros((128, 160), np.int32), name="empty")
+    widget.labels_layer.value = viewer.layers["empty"]
+    widget.start()
+    assert "'empty' are empty" in messages[-1]
+
+    widget.labels_layer.value = viewer.layers["cells nuclei"]
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    widget.output_folder.value = str(blocker)
+    widget.start()
+    wait(widget, qtbot)
+    assert "not writable" in messages[-1]
+
+    (tmp_path / "models" / "taken").mkdir(parents=True)
+    (tmp_path / "models" / "taken" / "model.safetensors").write_bytes(b"x")
+    widget.output_folder.value = str(tmp_path / "models")
+    widget.model_name.value = "taken"
+    widget.start()
+    assert "already exists" in messages[-1]
+
+
+def test_region_of_interest_limits_the_loss(make_napari_viewer):
+    viewer = make_napari_viewer()
+    image, labels = nuclei_field((96, 96), count=8, diameter=20, seed=2)
+    image_layer = viewer.add_image(image, name="img")
+    labels_layer = viewer.add_labels(labels, name="lab")
+    roi = viewer.add_shapes([np.array([[0, 0], [0, 47], [47, 47], [47, 0]])], shape_type="polygon", name="checked")
+    (sample,) = samples_from_layers(image_layer, labels_layer, roi)
+    assert sample.roi[:40, :40].all() and not sample.roi[60:, :].any() and not sample.roi[:, 60:].any()
+
+    target = loss_targets(torch.from_numpy(make_targets(sample.labels, sample.roi)))[None]
+    loss = make_loss()
+    logits = torch.randn(1, 2, 96, 96)
+    changed = logits.clone()
+    changed[..., 60:, :] += 10.0  # very different predictions outside the checked region
+    changed[..., :, 60:] -= 10.0
+    assert torch.isclose(loss(logits, target), loss(changed, target))
+    inside = logits.clone()
+    inside[..., 10:20, 10:20] += 10.0
+    assert not torch.isclose(loss(logits, target), loss(inside, target))
+
+
+def test_stacks_contribute_their_labelled_planes(make_napari_viewer):
+    viewer = make_napari_viewer()
+    image, labels = nuclei_field((64, 64), count=4, diameter=16, seed=3)
+    stack = viewer.add_image(np.stack([image, image, image]), name="stack")
+    stack_labels = np.stack([labels, np.zeros_like(labels), labels])
+    samples = samples_from_layers(stack, viewer.add_labels(stack_labels, name="stack nuclei"))
+    assert [s.name for s in samples] == ["stack[0]", "stack[2]"]
+
+
+def test_widget_is_declared_in_the_manifest(make_napari_viewer):
+    viewer = make_napari_viewer()
+    _dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Fine-tune")
+    assert isinstance(widget, FineTuneWidget)
