@@ -9,6 +9,7 @@ the widgets the way a user would.
 from __future__ import annotations
 
 import argparse
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -103,6 +104,43 @@ def main() -> None:
     save(viewer, out / "06-immunohistochemistry.png")
     count = int(np.max(viewer.layers["immunohistochemistry nuclei"].data))
     print(f"immunohistochemistry: {count} nuclei; status: {widget.status.value}")
+
+    # 5. Correct and fine-tune: the sample's ground truth stands in for the user's corrections.
+    for layer in list(viewer.layers):
+        viewer.layers.remove(layer)
+    viewer.open_sample(PLUGIN, "synthetic_nuclei")
+    widget.image_layer.value = viewer.layers["synthetic nuclei"]
+    widget.stain.value = "none"
+    segment(widget)
+    nuclei = viewer.layers["synthetic nuclei nuclei"]
+    viewer.add_labels(nuclei.data.copy(), name="before fine-tune", visible=False)
+    nuclei.data = viewer.layers["synthetic nuclei ground truth"].data.astype(np.int32)  # "corrected"
+    nuclei.metadata["nuclei_unet"]["edited"] = True
+    _dock, tune = viewer.window.add_plugin_dock_widget(PLUGIN, "Fine-tune")
+    wait_for(tune, lambda: "runs on" in tune.model.summary.value)
+    tune.output_folder.value = str(Path(tempfile.mkdtemp()))
+    tune.model_name.value = "my-nuclei"
+    tune.epochs.value, tune.iterations.value = 8, 10
+    tune.start()
+    wait_for(tune, lambda: len(tune.plot.losses) >= 4)
+    save(viewer, out / "07-fine-tune-running.png")
+    wait_for(tune, lambda: tune._worker is None)
+    tune.resegment()
+    wait_for(widget, lambda: widget._worker is None)
+    # Side by side: the image with the labels before (left) and after (right) fine-tuning.
+    image = viewer.layers["synthetic nuclei"]
+    before, after = viewer.layers["before fine-tune"], viewer.layers["synthetic nuclei nuclei"]
+    for layer in [layer for layer in viewer.layers if layer not in (image, before, after)]:
+        viewer.layers.remove(layer)
+    after.name = "after fine-tune"
+    copy = viewer.add_image(image.data, name="synthetic nuclei (copy)", colormap="gray")
+    for index, layer in enumerate([image, before, copy, after]):
+        viewer.layers.move(viewer.layers.index(layer), index)
+        layer.visible = True
+    viewer.grid.enabled, viewer.grid.stride = True, 2
+    viewer.reset_view()
+    save(viewer, out / "08-before-after.png")
+    print(f"fine-tune: {tune.status.value}")
     viewer.close()
 
 

@@ -69,3 +69,16 @@ def test_bad_training_input(tmp_path, tiny_checkpoint, samples):
     blocked.write_text("")
     with pytest.raises(InputError, match="not writable"):
         fit(tiny_checkpoint, samples, blocked / "sub")
+
+
+def test_freeze_batchnorm_keeps_the_starting_statistics(tmp_path, tiny_checkpoint, samples):
+    def running_means(checkpoint):
+        return [m.running_mean.clone() for m in checkpoint.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+
+    config = TrainConfig(epochs=1, iterations_per_epoch=3, patch_size=64, batch_size=2, warmup_iterations=1)
+    frozen = Checkpoint.create(tiny_checkpoint.config)
+    start = running_means(frozen)
+    fit(frozen, samples, tmp_path / "frozen", val=[], config=TrainConfig(**{**config.__dict__, "freeze_batchnorm": True}))
+    assert all(torch.equal(a, b) for a, b in zip(start, running_means(frozen)))
+    fit(tiny_checkpoint, samples, tmp_path / "free", val=[], config=config)
+    assert not all(torch.equal(a, b) for a, b in zip(start, running_means(tiny_checkpoint)))

@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--val-every", type=int, default=1, help="validate every N epochs")
     train.add_argument("--scale-range", default="0.5,2.0", help="zoom range of the scale augmentation")
     train.add_argument("--no-augment", action="store_true")
+    train.add_argument("--freeze-batchnorm", action="store_true", help="keep the starting model's BatchNorm statistics (fine-tuning on a few images)")
     train.add_argument("--no-resume", action="store_true", help="start over even if --out holds a training state")
     train.add_argument("--overwrite", action="store_true", help="allow writing into an existing model folder")
     train.add_argument("--device", default="auto")
@@ -209,7 +210,7 @@ def cmd_train(args) -> int:
     scale = tuple(float(v) for v in args.scale_range.split(","))
     config = TrainConfig(
         epochs=args.epochs, iterations_per_epoch=args.iterations, max_minutes=args.max_minutes, patch_size=args.patch_size,
-        batch_size=args.batch_size, learning_rate=args.lr, augment=not args.no_augment, scale_range=scale,
+        batch_size=args.batch_size, learning_rate=args.lr, augment=not args.no_augment, scale_range=scale, freeze_batchnorm=args.freeze_batchnorm,
         val_every=args.val_every, val_fraction=args.val_fraction, device=args.device, seed=args.seed, threads=args.threads,
     )
     bar = tqdm(total=config.epochs * config.iterations_per_epoch, unit="it", desc="train", file=sys.stderr)

@@ -60,6 +60,9 @@ class TrainConfig:
     device: str = "auto"
     seed: int = 0
     threads: int | None = None
+    # Keep BatchNorm statistics of the starting model. For fine-tuning on a few images of one
+    # kind: re-estimating them from those images alone breaks the model on every other kind.
+    freeze_batchnorm: bool = False
 
 
 @dataclass
@@ -213,7 +216,7 @@ def validate(checkpoint: Checkpoint, samples: list[LabelledImage], device: str =
     from .tiling import TilingParams
 
     params = SegmentParams(tiling=TilingParams(device=device))
-    was_training = checkpoint.model.training
+    modes = [(module, module.training) for module in checkpoint.model.modules()]  # e.g. frozen BatchNorm stays frozen
     checkpoint.model.eval()
     try:
         pairs = []
@@ -224,7 +227,8 @@ def validate(checkpoint: Checkpoint, samples: list[LabelledImage], device: str =
             pairs.append((truth, pred))
         return evaluate(pairs)
     finally:
-        checkpoint.model.train(was_training)
+        for module, training in modes:
+            module.training = training
 
 
 def _learning_rate(config: TrainConfig, iteration: int, total: int, elapsed: float) -> float:
@@ -266,7 +270,8 @@ def train_steps(
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    model = checkpoint.model.to(device).train()
+    model = checkpoint.model.to(device)
+    _set_training_mode(model, config.freeze_batchnorm)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     total = config.epochs * config.iterations_per_epoch
     history: list[dict] = []
@@ -345,6 +350,14 @@ def train_steps(
     checkpoint.model.load_state_dict(best_checkpoint.model.state_dict())
     checkpoint.metadata, checkpoint.source = best_checkpoint.metadata, str(out_dir)
     yield TrainEvent("done", epoch, iteration, total, running, time.perf_counter() - started, str(device), best_score=best if best >= 0 else None, history=list(history))
+
+
+def _set_training_mode(model: torch.nn.Module, freeze_batchnorm: bool) -> None:
+    model.train()
+    if freeze_batchnorm:
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()
 
 
 def fit(

@@ -149,7 +149,7 @@ class FineTuneWidget(Container):
         self.model = ModelPicker()
         self.epochs = SpinBox(label="epochs", value=10, min=1, max=1000)
         self.iterations = SpinBox(label="iterations / epoch", value=20, min=1, max=10000)
-        self.learning_rate = FloatSpinBox(label="learning rate", value=3e-4, min=1e-6, max=1e-1, step=1e-4)
+        self.learning_rate = FloatSpinBox(label="learning rate", value=1e-4, min=1e-6, max=1e-1, step=1e-4)
         self.patch_size = SpinBox(label="patch size", value=256, min=64, max=1024, step=32)
         self.batch_size = SpinBox(label="batch size", value=4, min=1, max=64)
         self.augment = CheckBox(text="augmentation", value=True)
@@ -254,7 +254,7 @@ class FineTuneWidget(Container):
             epochs=int(self.epochs.value), iterations_per_epoch=int(self.iterations.value), learning_rate=float(self.learning_rate.value),
             patch_size=int(self.patch_size.value), batch_size=int(self.batch_size.value), augment=bool(self.augment.value),
             val_fraction=float(self.val_fraction.value), device=self.model.device.value, val_every=1,
-            warmup_iterations=min(20, int(self.iterations.value)),
+            warmup_iterations=min(20, int(self.iterations.value)), freeze_batchnorm=True,
         )  # fmt: skip
         val = None if len(samples) > 1 and config.val_fraction > 0 else []
         nuclei = sum(int(len(np.unique(s.labels)) - 1) for s in samples)
