@@ -14,8 +14,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-
 from napari_nuclei_unet.baseline import classical_segment
 from napari_nuclei_unet.data import image_kind, load_pairs, read_split
 from napari_nuclei_unet.metrics import format_table, match_image, summarize

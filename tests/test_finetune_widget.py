@@ -76,7 +76,7 @@ def test_cancel_keeps_the_best_model_so_far(setup, qtbot):
         if event.kind == "epoch" and event.epoch == 2:
             widget.cancel()
 
-    widget._relay.event.connect(cancel_after_second_epoch)
+    widget._relay.message.connect(cancel_after_second_epoch)
     widget.start()
     wait(widget, qtbot)
     assert not messages, messages

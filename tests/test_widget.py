@@ -102,11 +102,11 @@ def test_cancel_mid_run_leaves_no_layers(viewer_and_widget, qtbot):
     widget.overlap.value = 32
     seen = []
 
-    def cancel_after_first_tile(done, total):
-        seen.append((done, total))
+    def cancel_after_first_tile(message):
+        seen.append(message)  # (tiles done, tiles in total)
         widget.cancel()
 
-    widget._relay.progressed.connect(cancel_after_first_tile)
+    widget._relay.message.connect(cancel_after_first_tile)
     run_and_wait(widget, qtbot)
     assert seen and seen[0][0] < seen[0][1], seen
     assert [layer.name for layer in viewer.layers] == ["big"]

@@ -8,7 +8,7 @@ image or stack.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -33,8 +33,6 @@ class SegmentParams:
 
     def network_key(self) -> tuple:
         """Parameters that change the probabilities (post-processing does not)."""
-        from dataclasses import asdict
-
         return (asdict(self.tiling), self.diameter, self.stain)
 
 

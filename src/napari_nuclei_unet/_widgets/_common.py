@@ -10,6 +10,7 @@ from pathlib import Path
 from magicgui.widgets import ComboBox, FileEdit, Label
 from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error
+from qtpy.QtCore import QObject, Signal
 
 from ..model import Checkpoint, available_devices, resolve_model_path
 from ..postprocess import PostprocessParams
@@ -122,6 +123,12 @@ class ModelPicker:
     def _on_error(self, error: Exception) -> None:
         self.summary.value = f"could not load: {error}"
         show_error(f"Model: {error}")
+
+
+class Relay(QObject):
+    """Carries reports from a worker thread to the GUI thread (a queued signal)."""
+
+    message = Signal(object)
 
 
 def _unless_closed(callback, *args) -> None:

@@ -8,7 +8,7 @@ samples and calls :func:`napari_nuclei_unet.train.fit` (the same function as
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,7 +19,7 @@ from napari.layers import Image, Labels, Shapes
 from napari.qt.threading import thread_worker
 from napari.utils import cancelable_progress
 from napari.utils.notifications import show_error, show_info
-from qtpy.QtCore import QObject, QPointF, Qt, Signal
+from qtpy.QtCore import QPointF
 from qtpy.QtGui import QColor, QPainter, QPen
 from qtpy.QtWidgets import QWidget
 
@@ -27,7 +27,7 @@ from ..data import LabelledImage
 from ..errors import NucleiUnetError
 from ..model import BUNDLED_MODEL_DIR
 from ..train import TrainConfig, TrainEvent, fit
-from ._common import ModelPicker
+from ._common import ModelPicker, Relay
 from .segment import segment_widget_of
 
 if TYPE_CHECKING:
@@ -46,7 +46,6 @@ class FineTuneRequest:
     out_dir: Path
     config: TrainConfig
     description: str = ""
-    pairs: list[str] = field(default_factory=list)
 
 
 def samples_from_layers(image: Image, labels: Labels, roi: Shapes | None = None) -> list[LabelledImage]:
@@ -129,10 +128,6 @@ class CurvePlot(QWidget):
         painter.end()
 
 
-class _Relay(QObject):
-    event = Signal(object)
-
-
 class FineTuneWidget(Container):
     """Fine-tune a model on (image, corrected labels) pairs from the viewer."""
 
@@ -177,9 +172,8 @@ class FineTuneWidget(Container):
         self._cancel = threading.Event()
         self._worker = None
         self._progress = None
-        self.result_dir: Path | None = None
-        self._relay = _Relay()
-        self._relay.event.connect(self._on_event)
+        self._relay = Relay()
+        self._relay.message.connect(self._on_event)
         self.add_pair_button.changed.connect(self._add_pair)
         self.clear_pairs_button.changed.connect(self._clear_pairs)
         self.start_button.changed.connect(self.start)
@@ -259,7 +253,7 @@ class FineTuneWidget(Container):
         val = None if len(samples) > 1 and config.val_fraction > 0 else []
         nuclei = sum(int(len(np.unique(s.labels)) - 1) for s in samples)
         description = f"{len(samples)} corrected image(s) from napari ({nuclei} nuclei): " + ", ".join(s.name for s in samples[:5])
-        return FineTuneRequest(samples, val, self.model.path(), out_dir, config, description, [s.name for s in samples])
+        return FineTuneRequest(samples, val, self.model.path(), out_dir, config, description)
 
     # ---------------------------------------------------------------- running
     def start(self, *_) -> None:
@@ -277,7 +271,7 @@ class FineTuneWidget(Container):
         self.status.value = f"fine-tuning on {len(request.train)} image(s)…"
         total = request.config.epochs * request.config.iterations_per_epoch
         self._progress = cancelable_progress(total=total, desc="Fine-tuning", cancel_callback=self.cancel)
-        worker = _finetune_worker(request, self.model, self._cancel.is_set, self._relay.event.emit)
+        worker = _finetune_worker(request, self.model, self._cancel.is_set, self._relay.message.emit)
         worker.returned.connect(lambda event: self._on_done(request, event))
         worker.errored.connect(self._on_error)
         worker.finished.connect(self._on_finished)
@@ -297,7 +291,6 @@ class FineTuneWidget(Container):
             self.status.value = f"epoch {event.epoch}: loss {event.loss:.3f}" + (f", val DSB score {score:.3f}" if score is not None else "") + f" on {event.device}"
 
     def _on_done(self, request: FineTuneRequest, event: TrainEvent) -> None:
-        self.result_dir = request.out_dir
         best = f", best val DSB score {event.best_score:.3f}" if event.best_score is not None else ""
         verb = "cancelled; kept the best model so far" if event.cancelled else "done"
         self.status.value = f"{verb}: {event.iteration} iterations in {event.elapsed:.0f} s on {event.device}{best}. Saved to {request.out_dir}"

@@ -15,19 +15,19 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSlider, FloatSpinBox, Label, PushButton, SpinBox
+from magicgui.widgets import CheckBox, ComboBox, Container, FloatSlider, FloatSpinBox, Label, PushButton, SpinBox
 from napari.layers import Image, Labels
 from napari.qt.threading import thread_worker
 from napari.utils import cancelable_progress
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import QObject, QTimer, Signal
+from qtpy.QtCore import QTimer
 
 from ..errors import Cancelled
-from ..io import is_rgb
+from ..io import is_single_plane
 from ..postprocess import PostprocessParams
 from ..segment import SegmentParams, label_probabilities, predict_probabilities, rescale_factor
 from ..tiling import TilingParams
-from ._common import ModelPicker, result_metadata
+from ._common import ModelPicker, Relay, result_metadata
 
 if TYPE_CHECKING:
     import napari
@@ -76,12 +76,6 @@ class _Cache:
     outputs: tuple[str, ...]
     model_name: str
     planes: dict[int | None, np.ndarray] = field(default_factory=dict)
-
-
-class _Relay(QObject):
-    """Carries progress from the worker thread to the GUI thread (queued signal)."""
-
-    progressed = Signal(int, int)
 
 
 class SegmentWidget(Container):
@@ -134,8 +128,8 @@ class SegmentWidget(Container):
         self._relabel_worker = None
         self._relabel_again = False
         self._progress = None
-        self._relay = _Relay()
-        self._relay.progressed.connect(self._on_progress)
+        self._relay = Relay()
+        self._relay.message.connect(self._on_progress)
         self._relabel_timer = QTimer()
         self._relabel_timer.setSingleShot(True)
         self._relabel_timer.setInterval(RELABEL_DELAY_MS)
@@ -210,7 +204,7 @@ class SegmentWidget(Container):
         self.status.value = f"segmenting {layer.name}…"
         self._progress = cancelable_progress(total=0, desc=f"Segmenting {layer.name}", cancel_callback=self.cancel)
         cache = self._cache if self._cache_matches(layer, request) else None
-        worker = _segment_worker(request, self.model, cache.planes if cache else {}, self._cancel_event.is_set, self._relay.progressed.emit)
+        worker = _segment_worker(request, self.model, cache.planes if cache else {}, self._cancel_event.is_set, lambda done, total: self._relay.message.emit((done, total)))
         worker.returned.connect(lambda result: self._on_segmented(layer, request, result))
         worker.errored.connect(self._on_error)
         worker.finished.connect(self._on_finished)
@@ -222,7 +216,8 @@ class SegmentWidget(Container):
         self._cancel_event.set()
         self.status.value = "cancelling…"
 
-    def _on_progress(self, done: int, total: int) -> None:
+    def _on_progress(self, message: tuple[int, int]) -> None:
+        done, total = message
         if self._progress is not None:
             if self._progress.total != total:
                 self._progress.total = total
@@ -292,12 +287,11 @@ class SegmentWidget(Container):
 
     # ------------------------------------------------------------------ output
     def _write_layers(self, labelled: dict, params: PostprocessParams) -> int:
-        """Write planes ``{index: (mask, labels, probabilities)}`` into the result layers; returns the nucleus count."""
+        """Write planes ``{index: (mask, labels)}`` into the result layers; returns the nucleus count."""
         cache = self._cache
         source = cache.layer
         shape = _spatial_shape(source)
         metadata = result_metadata(cache.model_name, cache.key, params)
-        count = 0
         for suffix, position, dtype in (("nuclei", 1, np.int32), ("mask", 0, np.uint8)):
             layer = self._result_layer(source, suffix, Labels, shape, dtype)
             data = layer.data
@@ -306,11 +300,10 @@ class SegmentWidget(Container):
                 target[...] = planes[position]
             layer.metadata["nuclei_unet"] = {**metadata, "edited": False}
             layer.refresh()
-        for index, planes in labelled.items():
-            count += int(planes[1].max())
+        count = sum(int(labels.max()) for _mask, labels in labelled.values())
         if self.show_probability.value:
             layer = self._result_layer(source, "probability", Image, shape, np.float32)
-            for index, planes in labelled.items():
+            for index in labelled:
                 target = layer.data if index is None else layer.data[index]
                 target[...] = cache.planes[index][cache.outputs.index("foreground")]
             layer.metadata["nuclei_unet"] = metadata
@@ -359,7 +352,7 @@ def _segment_worker(request: SegmentRequest, model: ModelPicker, cached: dict, c
     checkpoint = model.checkpoint(request.model_path)
     factor = rescale_factor(checkpoint, request.params.diameter)
     image = request.image
-    indices = [None] if image.ndim - (1 if is_rgb(image) else 0) == 2 else ([request.plane] if request.plane is not None else list(range(image.shape[0])))
+    indices = [None] if is_single_plane(image) else ([request.plane] if request.plane is not None else list(range(image.shape[0])))
     todo = [i for i in indices if i not in cached]
     probabilities, labelled = {}, {}
     for number, index in enumerate(todo):
