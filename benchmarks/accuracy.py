@@ -1,10 +1,16 @@
 """Accuracy on the DSB2018 `val` split: bundled model vs. the classical baseline (and other models).
 
-    python benchmarks/accuracy.py [--data ../shared/data/dsb2018] [--model PATH ...] [--tta] [--json out.json]
+    python benchmarks/accuracy.py [--data ../shared/data/dsb2018] [--model PATH ...] [--tta]
+                                  [--scales 1,0.5,2,4] [--json out.json]
 
 Prints one table for all val images and the same table per image type (fluorescence vs
 brightfield/tissue). Megapixels/s is end to end per image (network + post-processing),
-single process, on this machine. This is a benchmark, not a test.
+single process, on this machine. Each model runs with the default options (nucleus
+diameter "auto") and with ``diameter=None`` (the image at its own scale).
+
+``--scales`` also scores rescaled copies of the val split (images bilinear, labels
+nearest-neighbour), as if imaged at another magnification, and ends with a table of the
+Kaggle DSB2018 score per scale next to the native one. This is a benchmark, not a test.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import time
 from pathlib import Path
 
 from napari_nuclei_unet.baseline import classical_segment
-from napari_nuclei_unet.data import image_kind, load_pairs, read_split
+from napari_nuclei_unet.data import LabelledImage, image_kind, load_pairs, read_split
 from napari_nuclei_unet.metrics import format_table, match_image, summarize
 from napari_nuclei_unet.model import Checkpoint, resolve_model_path
 from napari_nuclei_unet.segment import SegmentParams, segment
@@ -36,11 +42,25 @@ def run_method(name, predict, samples):
     return counts, pixels / 1e6 / seconds
 
 
+def rescaled(sample: LabelledImage, scale: float) -> LabelledImage:
+    """The sample as imaged at ``scale`` x the magnification: image bilinear, labels nearest."""
+    if scale == 1.0:
+        return sample
+    import numpy as np
+    from skimage.transform import rescale
+
+    image = sample.image
+    zoomed = rescale(image, scale, order=1, preserve_range=True, anti_aliasing=scale < 1, channel_axis=-1 if image.ndim == 3 else None)
+    labels = rescale(sample.labels, scale, order=0, preserve_range=True, anti_aliasing=False).astype(sample.labels.dtype)
+    return LabelledImage(sample.name, np.round(zoomed).astype(image.dtype) if image.dtype.kind in "ui" else zoomed.astype(image.dtype), labels)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "dsb2018"))
     parser.add_argument("--model", action="append", default=None, help="model folder(s); default: the bundled model")
     parser.add_argument("--tta", action="store_true")
+    parser.add_argument("--scales", default="1", help="comma-separated magnification factors, e.g. 1,0.5,2,4")
     parser.add_argument("--limit", type=int, default=None, help="only the first N val images (quick checks)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -53,30 +73,53 @@ def main() -> None:
     print(f"{len(samples)} val images: {kinds.count('fluorescence')} fluorescence, {kinds.count('brightfield')} brightfield/tissue")
 
     methods = {"classical (Gaussian+Otsu+watershed)": classical_segment}
-    params = SegmentParams(tiling=TilingParams(tta=args.tta))
     for model_path in args.model or ["default"]:
         checkpoint = Checkpoint.load(resolve_model_path(model_path))
         label = f"{checkpoint.name} ({checkpoint.config.encoder_name}{', TTA' if args.tta else ''})"
-        segment(checkpoint, samples[0].image, params)  # warm-up outside the timing
-        methods[label] = lambda image, c=checkpoint: segment(c, image, params).labels
+        for suffix, diameter in (("", "auto"), (", diameter none", None)):
+            params = SegmentParams(tiling=TilingParams(tta=args.tta), diameter=diameter)
+            segment(checkpoint, samples[0].image, params)  # warm-up outside the timing
+            methods[label + suffix] = lambda image, c=checkpoint, p=params: segment(c, image, p).labels
 
-    results, speed = {}, {}
-    for name, predict in methods.items():
-        results[name], speed[name] = run_method(name, predict, samples)
-
-    report = {}
-    for group in ("all", "fluorescence", "brightfield"):
-        rows, extra = {}, {}
-        for name, counts in results.items():
-            chosen = [c for c, k in zip(counts, kinds) if group == "all" or k == group]
-            if chosen:
-                rows[name] = summarize(chosen)
-                extra[name] = {"MP/s": f"{speed[name]:.2f}"} if group == "all" else {}
-        print(f"\n## {group} ({rows[next(iter(rows))].n_images} images)")
-        print(format_table(rows, extra))
-        report[group] = {name: {**scores.as_dict(), "mp_per_s": speed[name]} for name, scores in rows.items()}
+    scales = [float(v) for v in args.scales.split(",")]
+    report, by_scale = {}, {}
+    for scale in scales:
+        scaled = [rescaled(s, scale) for s in samples]
+        results, speed = {}, {}
+        for name, predict in methods.items():
+            results[name], speed[name] = run_method(name, predict, scaled)
+        for group in ("all", "fluorescence", "brightfield"):
+            rows, extra = {}, {}
+            for name, counts in results.items():
+                chosen = [c for c, k in zip(counts, kinds) if group == "all" or k == group]
+                if chosen:
+                    rows[name] = summarize(chosen)
+                    extra[name] = {"MP/s": f"{speed[name]:.2f}"} if group == "all" else {}
+            print(f"\n## x{scale:g}, {group} ({rows[next(iter(rows))].n_images} images)", flush=True)
+            print(format_table(rows, extra), flush=True)
+            report.setdefault(f"x{scale:g}", {})[group] = {name: {**scores.as_dict(), "mp_per_s": speed[name]} for name, scores in rows.items()}
+            if group == "all":
+                by_scale[scale] = {name: scores.kaggle_score for name, scores in rows.items()}
+    if len(scales) > 1:
+        print(scale_table(by_scale))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
+
+
+def scale_table(by_scale: dict[float, dict[str, float]]) -> str:
+    """Kaggle DSB2018 score per magnification, with the change from x1 for each method."""
+    names = list(next(iter(by_scale.values())))
+    native = by_scale.get(1.0)
+    lines = ["\n## Kaggle DSB2018 score by magnification (change from x1)", "method | " + " | ".join(f"x{s:g}" for s in by_scale)]
+    for name in names:
+        cells = []
+        for values in by_scale.values():
+            cell = f"{values[name]:.3f}"
+            if native is not None and values is not native:
+                cell += f" ({values[name] - native[name]:+.3f})"
+            cells.append(cell)
+        lines.append(f"{name} | " + " | ".join(cells))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

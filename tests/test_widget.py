@@ -13,6 +13,7 @@ from napari.layers import Image, Labels  # noqa: E402
 
 from napari_nuclei_unet._widgets import segment as segment_module  # noqa: E402
 from napari_nuclei_unet._widgets.segment import WHOLE_STACK, SegmentWidget  # noqa: E402
+from napari_nuclei_unet.data import median_diameter  # noqa: E402
 from napari_nuclei_unet.synthetic import nuclei_field  # noqa: E402
 
 PLUGIN = "napari-nuclei-unet"
@@ -81,7 +82,7 @@ def test_relabels_from_cached_probabilities_without_the_network(viewer_and_widge
     def no_network(*_args, **_kwargs):
         raise AssertionError("the network must not run when only post-processing changes")
 
-    monkeypatch.setattr(segment_module, "predict_probabilities", no_network)
+    monkeypatch.setattr(segment_module, "predict_plane", no_network)
     started = time.perf_counter()
     widget.min_size.value = 400  # removes the smaller nuclei
     qtbot.waitUntil(lambda: nuclei.data.max() < before, timeout=5000)
@@ -185,13 +186,24 @@ def test_edited_results_are_kept_when_running_again(viewer_and_widget, qtbot, mo
 def test_probability_layer_and_rescaling(viewer_and_widget, qtbot):
     viewer, widget = viewer_and_widget
     image, truth = nuclei_field((160, 192), count=12, diameter=40, seed=5)  # nuclei twice the model's size
-    viewer.add_image(image, name="big nuclei")
+    viewer.add_image(image, name="big nuclei", scale=(0.5, 0.25), translate=(10.0, -4.0))
     widget.image_layer.value = viewer.layers["big nuclei"]
     widget.show_probability.value = True
-    widget.diameter.value = 40
+    assert widget.auto_diameter.value and not widget.diameter.enabled  # estimated by default
     run_and_wait(widget, qtbot)
+    assert widget.diameter.value == pytest.approx(median_diameter([truth]), rel=0.15)  # the estimate is shown
+    assert "(estimated)" in widget.status.value and "rescaled" in widget.status.value
+    nuclei = viewer.layers["big nuclei nuclei"]
+    assert nuclei.data.shape == image.shape  # back on the image's own grid and place
+    assert tuple(nuclei.scale) == (0.5, 0.25) and tuple(nuclei.translate) == (10.0, -4.0)
+    assert abs(int(nuclei.data.max()) - int(truth.max())) <= 4
     probability = viewer.layers["big nuclei probability"]
     assert isinstance(probability, Image) and probability.data.shape == image.shape
     assert 0.0 <= probability.data.min() and probability.data.max() <= 1.0
-    assert "rescaled x0.49" in widget.status.value  # 19.8 px training nuclei / 40 px
+
+    widget.auto_diameter.value = False  # override the estimate
+    assert widget.diameter.enabled
+    widget.diameter.value = 40
+    run_and_wait(widget, qtbot)
+    assert "rescaled x0.49" in widget.status.value and "(estimated)" not in widget.status.value  # 19.8 px training nuclei / 40 px
     assert abs(int(viewer.layers["big nuclei nuclei"].data.max()) - int(truth.max())) <= 4

@@ -30,6 +30,18 @@ def _threshold(value: str):
     return number
 
 
+def _diameter(value: str):
+    if value in ("auto", "none"):
+        return None if value == "none" else value
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be 'auto', 'none' or a number of pixels") from None
+    if not number > 0:
+        raise argparse.ArgumentTypeError("must be a positive number of pixels")
+    return number
+
+
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="default", help="checkpoint folder or .pth state_dict (default: the bundled model)")
     parser.add_argument("--encoder", default=None, help="encoder of a plain .pth state_dict when it can't be inferred (e.g. efficientnet-b3)")
@@ -47,7 +59,11 @@ def _add_segment_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--markers", default="distance", choices=["distance", "boundary"], help="watershed markers: distance-transform peaks, or the model's predicted interiors")
     parser.add_argument("--h", type=float, default=0.5, help="h-maxima height for distance markers, pixels (higher splits fewer nuclei)")
     parser.add_argument("--stain", default="none", choices=["none", "hematoxylin"], help="hematoxylin: segment the hematoxylin channel of brightfield RGB images (e.g. DAB immunohistochemistry)")
-    parser.add_argument("--diameter", type=float, default=None, help="typical nucleus diameter in pixels; the image is rescaled to the model's training size")
+    parser.add_argument(
+        "--diameter", type=_diameter, default="auto",
+        help="typical nucleus diameter in pixels: auto (estimated per image; default), a number, or none (no rescaling). "
+        "Images are rescaled so nuclei match the model's training size",
+    )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,6 +169,7 @@ def cmd_segment(args) -> int:
     print(f"model: {checkpoint.summary()} | device: {device}", file=sys.stderr)
     rle_rows = []
     total_nuclei, total_pixels = 0, 0
+    diameters = []
     started = time.perf_counter()
     with tqdm(files, unit="image", desc="segment", file=sys.stderr) as bar:
         for path in bar:
@@ -168,20 +185,40 @@ def cmd_segment(args) -> int:
             write_labels(out / f"{path.stem}.tif", result.labels)
             total_nuclei += result.count
             total_pixels += int(np.prod(result.labels.shape))
+            if result.diameter is not None:
+                diameters.append(result.diameter)
             if args.rle_csv:
                 if result.labels.ndim == 2:
                     rle_rows.append((path.stem, result.labels))
                 else:
                     rle_rows.extend((f"{path.stem}_{i}", plane) for i, plane in enumerate(result.labels))
-            bar.set_postfix(nuclei=result.count)
+            bar.set_postfix(nuclei=result.count, diameter=_format_diameter(result))
     if args.rle_csv:
         write_csv(args.rle_csv, rle_rows)
     seconds = time.perf_counter() - started
     print(
         f"segmented {len(files)} image(s): {total_nuclei} nuclei in {seconds:.1f} s, "
-        f"{total_pixels / 1e6 / max(seconds, 1e-9):.2f} MP/s on {device} -> {out}"
+        f"{total_pixels / 1e6 / max(seconds, 1e-9):.2f} MP/s on {device}; {_diameter_summary(args.diameter, diameters)} -> {out}"
     )
     return 0
+
+
+def _format_diameter(result) -> str:
+    if result.diameter is None:
+        return "-"
+    return f"{result.diameter:.0f}px" + (f" (x{result.factor:.2f})" if result.factor != 1.0 else "")
+
+
+def _diameter_summary(requested, diameters: list[float]) -> str:
+    if requested is None:
+        return "nucleus diameter: not used (no rescaling)"
+    if requested != "auto":
+        return f"nucleus diameter: {requested:g} px (given)"
+    if not diameters:
+        return "nucleus diameter: not estimated (no nuclei found, or the model records no training size)"
+    low, median, high = np.percentile(diameters, [0, 50, 100])
+    spread = f" (range {low:.1f}-{high:.1f})" if len(diameters) > 1 else ""
+    return f"nucleus diameter: {median:.1f} px estimated{' median' if len(diameters) > 1 else ''}{spread}"
 
 
 def cmd_train(args) -> int:

@@ -9,7 +9,7 @@ distance markers split touching nuclei better with the bundled model (AP@0.5 0.7
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -67,15 +67,24 @@ def semantic_mask(foreground: np.ndarray, threshold: Threshold = "auto", min_siz
 
 
 def instances(
-    probabilities: np.ndarray, outputs: tuple[str, ...] = ("foreground",), params: PostprocessParams | None = None
+    probabilities: np.ndarray,
+    outputs: tuple[str, ...] = ("foreground",),
+    params: PostprocessParams | None = None,
+    scale: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(mask, labels)``: semantic mask (bool) and instance labels numbered 1..N (int32).
 
-    ``probabilities`` is ``(C, Y, X)`` with channel meanings in ``outputs``.
+    ``probabilities`` is ``(C, Y, X)`` with channel meanings in ``outputs``. ``scale`` is
+    image pixels per network pixel when the image was rescaled for the network: sizes
+    (``min_size``, ``hole_size``, the splitting height ``h``) are meant at the network's
+    scale, so they grow and shrink with the nuclei.
     """
     from skimage.segmentation import relabel_sequential, watershed
 
     params = params or PostprocessParams()
+    if scale != 1.0:
+        area = scale * scale
+        params = replace(params, min_size=int(round(params.min_size * area)), hole_size=int(round(params.hole_size * area)))
     foreground = probabilities[outputs.index("foreground")]
     mask = semantic_mask(foreground, params.threshold, params.min_size, params.hole_size)
     if not mask.any():
@@ -90,7 +99,7 @@ def instances(
         surface = -interior
     elif method == "distance":
         distance = ndi.distance_transform_edt(mask).astype(np.float32)
-        markers = _distance_markers(distance, mask, params.h)
+        markers = _distance_markers(distance, mask, params.h * scale, smoothing=scale)
         surface = -distance
     else:
         raise ValueError(f"markers must be 'distance' or 'boundary', got {params.markers!r}")
@@ -108,7 +117,7 @@ def instances(
     return labels > 0, labels
 
 
-def _distance_markers(distance: np.ndarray, mask: np.ndarray, h: float) -> np.ndarray:
+def _distance_markers(distance: np.ndarray, mask: np.ndarray, h: float, smoothing: float = 1.0) -> np.ndarray:
     """One marker per h-maximum of the (lightly smoothed) distance map, found object by object.
 
     Most objects are single nuclei with one regional maximum, which is their only
@@ -118,7 +127,7 @@ def _distance_markers(distance: np.ndarray, mask: np.ndarray, h: float) -> np.nd
     """
     from skimage.morphology import h_maxima
 
-    smooth = ndi.gaussian_filter(distance, 1.0)
+    smooth = ndi.gaussian_filter(distance, smoothing)
     objects, _ = ndi.label(mask)
     local_maxima = (smooth == ndi.maximum_filter(smooth, size=3)) & mask
     markers = np.zeros(mask.shape, np.int32)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+from scipy import ndimage as ndi
 
 from .errors import Cancelled, InputError
 from .io import Normalizer, hematoxylin, is_single_plane, plane_count, planes
@@ -19,14 +20,18 @@ from .postprocess import PostprocessParams, instances
 from .tiling import CancelCheck, ProgressCallback, TilingParams, plan_tiles, predict
 
 
+AUTO = "auto"
+
+
 @dataclass
 class SegmentParams:
     """Everything that decides a segmentation, grouped as the user sees it."""
 
     tiling: TilingParams = field(default_factory=TilingParams)
     postprocess: PostprocessParams = field(default_factory=PostprocessParams)
-    # Typical nucleus diameter in the image, pixels; None runs at the image's own scale.
-    diameter: float | None = None
+    # Typical nucleus diameter in the image, pixels: "auto" estimates it, a number is taken as
+    # given, None runs the network at the image's own scale.
+    diameter: float | str | None = AUTO
     # "hematoxylin": segment the hematoxylin channel of a brightfield RGB (colour deconvolution),
     # for stains the model has not seen, such as DAB immunohistochemistry. "none": the image as is.
     stain: str = "none"
@@ -37,80 +42,251 @@ class SegmentParams:
 
 
 @dataclass
+class PlanePrediction:
+    """Network output for one plane, on the plane's own pixel grid."""
+
+    probabilities: np.ndarray  # (C, Y, X) float32
+    diameter: float | None  # nucleus diameter in image pixels: estimated, given, or None
+    factor: float = 1.0  # zoom the network ran at; post-processing lengths scale by 1 / factor
+
+
+@dataclass
 class Segmentation:
     """Result for an image or stack; arrays have a leading plane axis only for stacks."""
 
-    probabilities: np.ndarray  # (C, Y, X) or (N, C, Y, X), float32
-    mask: np.ndarray  # bool
-    labels: np.ndarray  # int32, 1..N per plane
+    probabilities: np.ndarray | None  # (C, Y, X) or (N, C, Y, X), float32; None for planes done block by block
+    mask: np.ndarray | None  # bool; None for planes done block by block
+    labels: np.ndarray  # int32, 1..N per plane (numpy, or the zarr array it was written to)
+    diameter: float | None = None  # nucleus diameter used, image pixels (estimated with "auto")
+    factor: float = 1.0  # zoom the network ran at
+    total: int | None = None  # nucleus count, when known without reading the labels back
 
     @property
     def count(self) -> int:
         """Number of nuclei (summed over planes)."""
+        if self.total is not None:
+            return self.total
         if self.labels.ndim == 2:
             return int(self.labels.max())
         return int(sum(int(plane.max()) for plane in self.labels))
 
 
-# Rescaling by less than this is not worth the interpolation.
+# Nuclei this many times the model's training size (min, max) are segmented without rescaling.
+SIZE_BAND = (0.6, 1.6)
+# Zooms closer than this are the same for the network (an estimation pass is reused).
 _RESCALE_TOLERANCE = 0.1
+# The zoom applied for a diameter is kept within these limits (a wrong estimate stays affordable).
+ZOOM_LIMITS = (0.125, 4.0)
+# Estimation passes look at a centre crop of at most this many pixels (at the pass's zoom).
+_ESTIMATE_PIXELS = 2048 * 2048
+_MIN_PASS_SIDE = 48  # px: coarser passes than this see too little
+# Fewer confidently detected nuclei than this give no estimate.
+_MIN_OBJECTS = 3
+_BOUNDARY_WIDTH = 2  # px: the boundary target's width (train.make_targets)
 
 
 def rescale_factor(checkpoint: Checkpoint, diameter: float | None) -> float:
-    """Zoom that brings nuclei of ``diameter`` px to the size the model was trained on (1.0: none)."""
+    """Zoom that brings nuclei of ``diameter`` px into the size range the model handles (1.0: none).
+
+    The model was trained with scale augmentation, so nuclei from ``SIZE_BAND[0]`` to
+    ``SIZE_BAND[1]`` times its training size are segmented as they are: interpolating
+    them costs more accuracy than it buys (measured on the DSB2018 val split, see the
+    model card). Nuclei outside the band are zoomed to its nearest edge.
+    """
     if diameter is None:
         return 1.0
     if not diameter > 0:
         raise InputError(f"nucleus diameter must be a positive number of pixels, got {diameter}")
     if not checkpoint.nucleus_diameter:
         raise InputError(f"model {checkpoint.name} does not record the nucleus size it was trained on; leave the diameter empty")
-    factor = float(checkpoint.nucleus_diameter) / float(diameter)
-    return 1.0 if abs(factor - 1.0) < _RESCALE_TOLERANCE else factor
+    ratio = float(diameter) / float(checkpoint.nucleus_diameter)
+    low, high = SIZE_BAND
+    if low <= ratio <= high:
+        return 1.0
+    return float(np.clip((high if ratio > high else low) / ratio, *ZOOM_LIMITS))
 
 
-def predict_probabilities(
+def measure_nuclei(probabilities: np.ndarray, outputs: tuple[str, ...]) -> tuple[float, float] | None:
+    """``(diameter, confidence)`` of the nuclei found in probabilities, or None if too few.
+
+    ``diameter``: median equivalent diameter in px on the probabilities' grid. Cheap on
+    purpose (threshold + connected components, no watershed); nuclei are cut apart by
+    the predicted boundary when the model has one, and the ring this removes (2 px at the
+    network's scale, as in training) is added back. ``confidence``: mean foreground
+    probability over the detected foreground; highest where the model sees nuclei at a
+    size it knows.
+    """
+    foreground = probabilities[outputs.index("foreground")]
+    detected = foreground > 0.5
+    cores, ring = detected, 0.0
+    if "boundary" in outputs:
+        cores = detected & (probabilities[outputs.index("boundary")] < 0.5)
+        ring = 2.0 * _BOUNDARY_WIDTH
+    objects, count = ndi.label(cores)
+    if count == 0:
+        return None
+    areas = np.bincount(objects.ravel())[1:]
+    areas = areas[areas >= 4]  # single pixels and specks say nothing about size
+    if areas.size < _MIN_OBJECTS:
+        return None
+    diameter = float(np.median(2.0 * np.sqrt(areas / np.pi))) + ring
+    return diameter, float(foreground[detected].mean())
+
+
+@dataclass
+class DiameterEstimate:
+    """An estimated nucleus diameter, with the probabilities of the last pass when they cover the plane."""
+
+    diameter: float | None
+    zoom: float = 1.0
+    probabilities: np.ndarray | None = None  # (C, y, x) at ``zoom``, only for an uncropped pass
+
+
+def estimate_diameter(
     checkpoint: Checkpoint,
     plane,
     params: SegmentParams | None = None,
     progress: ProgressCallback | None = None,
     cancel: CancelCheck | None = None,
-) -> np.ndarray:
-    """Probabilities ``(C, Y, X)`` of one 2D plane at its own size, normalised as the checkpoint expects.
+) -> DiameterEstimate:
+    """Nucleus diameter of a plane in its own pixels, from the model's own detections.
 
-    With ``params.diameter``, the plane is zoomed so its nuclei match the model's training
-    size and the probabilities are zoomed back, so post-processing always works in the
-    image's own pixels.
+    The network runs on (a centre crop of) the plane at zoom 1, 1/2, 1/4 and 1/8, and the
+    nuclei it finds are measured at each zoom. A model shown nuclei far larger than it was
+    trained on finds fragments of them, with low confidence; shown nuclei too small, it
+    merges or misses them. The zoom where it is most confident (mean foreground
+    probability) gives the diameter. The passes together cost a third more than one
+    pass at full size, and the full-size pass is reused when no rescaling is needed.
+    No nuclei found: ``diameter`` is None.
     """
     params = params or SegmentParams()
-    tiling = params.tiling
-    if params.stain == "hematoxylin":
-        plane = hematoxylin(plane)
-    elif params.stain != "none":
-        raise InputError(f"stain must be 'none' or 'hematoxylin', got {params.stain!r}")
+    plane = _apply_stain(plane, params.stain)
     normalizer = Normalizer.from_image(plane, checkpoint.config.in_channels, checkpoint.percentiles)
-    factor = rescale_factor(checkpoint, params.diameter)
-    if factor == 1.0:
-        return predict(checkpoint.model, plane, normalizer, tiling, progress=progress, cancel=cancel)
-    from skimage.transform import rescale, resize
+    return _estimate(checkpoint, plane, normalizer, params.tiling, progress, cancel)
 
+
+def _estimate(checkpoint, plane, normalizer, tiling, progress, cancel) -> DiameterEstimate:
+    best, best_confidence, first = None, -1.0, None
+    zoom = 1.0
+    while zoom >= ZOOM_LIMITS[0] and (zoom == 1.0 or min(plane.shape[:2]) * zoom >= _MIN_PASS_SIDE):
+        crop, whole = _centre_crop(plane, int(np.sqrt(_ESTIMATE_PIXELS) / zoom))
+        probabilities = _predict_zoomed(checkpoint, crop, normalizer, tiling, zoom, progress, cancel)
+        kept = probabilities if whole else None
+        first = first or DiameterEstimate(None, zoom, kept)
+        measured = measure_nuclei(probabilities, checkpoint.outputs)
+        if measured is not None and measured[1] > best_confidence:
+            best, best_confidence = DiameterEstimate(measured[0] / zoom, zoom, kept), measured[1]
+        zoom /= 2
+    return best or first or DiameterEstimate(None)
+
+
+def _centre_crop(plane, side: int):
+    """The centre ``side`` x ``side`` part of the plane (all of it when it fits), and whether that is all."""
     height, width = plane.shape[:2]
-    colour = plane.ndim == 3
+    if height <= side and width <= side:
+        return plane, True
+    top, left = max(0, (height - side) // 2), max(0, (width - side) // 2)
+    return plane[top:top + side, left:left + side], False
+
+
+def _apply_stain(plane, stain: str):
+    if stain == "hematoxylin":
+        return hematoxylin(plane)
+    if stain != "none":
+        raise InputError(f"stain must be 'none' or 'hematoxylin', got {stain!r}")
+    return plane
+
+
+def _predict_zoomed(checkpoint, plane, normalizer, tiling, zoom, progress, cancel) -> np.ndarray:
+    """Probabilities of ``plane`` zoomed by ``zoom`` (on the zoomed grid)."""
+    if zoom == 1.0:
+        return predict(checkpoint.model, plane, normalizer, tiling, progress=progress, cancel=cancel)
+    from skimage.transform import rescale
+
     zoomed = rescale(
-        np.asarray(plane, dtype=np.float32), factor, order=1, preserve_range=True,
-        anti_aliasing=factor < 1, channel_axis=-1 if colour else None,
-    ).astype(np.float32, copy=False)
-    small = predict(checkpoint.model, zoomed, normalizer, tiling, progress=progress, cancel=cancel)
-    return np.stack([resize(channel, (height, width), order=1, preserve_range=True).astype(np.float32) for channel in small])
+        np.asarray(plane, dtype=np.float32), zoom, order=1, preserve_range=True,
+        anti_aliasing=zoom < 1, channel_axis=-1 if plane.ndim == 3 else None,
+    ).astype(np.float32, copy=False)  # fmt: skip
+    return predict(checkpoint.model, zoomed, normalizer, tiling, progress=progress, cancel=cancel)
+
+
+def _resize_probabilities(probabilities: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    if probabilities.shape[1:] == tuple(shape):
+        return probabilities
+    from skimage.transform import resize
+
+    return np.stack([resize(channel, shape, order=1, preserve_range=True).astype(np.float32) for channel in probabilities])
+
+
+def resolve_diameter(checkpoint: Checkpoint, image, params: SegmentParams, progress=None, cancel=None) -> DiameterEstimate:
+    """The diameter to use for an image or stack: given, None, or estimated ("auto").
+
+    Stacks are estimated once, on their middle plane, so all planes share one scale. A
+    model that records no training nucleus size cannot be rescaled: "auto" then means None.
+    """
+    diameter = params.diameter
+    if diameter != AUTO:
+        if isinstance(diameter, str):
+            raise InputError(f"nucleus diameter must be 'auto', a number of pixels or None, got {diameter!r}")
+        return DiameterEstimate(None if diameter is None else float(diameter))
+    if not checkpoint.nucleus_diameter:
+        return DiameterEstimate(None)
+    plane = image if is_single_plane(image) else image[image.shape[0] // 2]
+    return estimate_diameter(checkpoint, plane, params, progress, cancel)
+
+
+def predict_plane(
+    checkpoint: Checkpoint,
+    plane,
+    params: SegmentParams | None = None,
+    progress: ProgressCallback | None = None,
+    cancel: CancelCheck | None = None,
+    estimate: DiameterEstimate | None = None,
+    normalizer: Normalizer | None = None,
+) -> PlanePrediction:
+    """Probabilities of one 2D plane at its own size, normalised as the checkpoint expects.
+
+    The plane is zoomed so its nuclei match the model's training size (``params.diameter``:
+    "auto", a number, or None for no zoom) and the probabilities are zoomed back, so
+    post-processing works in the image's own pixels. ``estimate`` and ``normalizer`` pass
+    what was already worked out for a whole stack or a whole large plane.
+    """
+    params = params or SegmentParams()
+    plane = _apply_stain(plane, params.stain)
+    normalizer = normalizer or Normalizer.from_image(plane, checkpoint.config.in_channels, checkpoint.percentiles)
+    if estimate is None:
+        if params.diameter == AUTO and checkpoint.nucleus_diameter:  # estimate on this plane, reuse a pass
+            estimate = _estimate(checkpoint, plane, normalizer, params.tiling, progress, cancel)
+        else:
+            estimate = resolve_diameter(checkpoint, plane, params)
+    factor = rescale_factor(checkpoint, estimate.diameter)
+    height, width = plane.shape[:2]
+    if estimate.probabilities is not None and abs(estimate.zoom / factor - 1.0) < _RESCALE_TOLERANCE:
+        factor, small = estimate.zoom, estimate.probabilities  # the last estimation pass ran at this zoom
+    else:
+        small = _predict_zoomed(checkpoint, plane, normalizer, params.tiling, factor, progress, cancel)
+    return PlanePrediction(_resize_probabilities(small, (height, width)), estimate.diameter, factor)
+
+
+def predict_probabilities(checkpoint: Checkpoint, plane, params: SegmentParams | None = None, progress=None, cancel=None) -> np.ndarray:
+    """Just the probabilities ``(C, Y, X)`` of :func:`predict_plane`."""
+    return predict_plane(checkpoint, plane, params, progress, cancel).probabilities
 
 
 def label_probabilities(
-    probabilities: np.ndarray, outputs: tuple[str, ...], postprocess: PostprocessParams | None = None
+    probabilities: np.ndarray, outputs: tuple[str, ...], postprocess: PostprocessParams | None = None, factor: float = 1.0
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(mask, labels)`` from cached probabilities of a plane ``(C, Y, X)`` or stack ``(N, C, Y, X)``."""
     if probabilities.ndim == 3:
-        return instances(probabilities, outputs, postprocess)
-    results = [instances(p, outputs, postprocess) for p in probabilities]
+        return instances(probabilities, outputs, postprocess, scale=1.0 / factor)
+    results = [instances(p, outputs, postprocess, scale=1.0 / factor) for p in probabilities]
     return np.stack([r[0] for r in results]), np.stack([r[1] for r in results])
+
+
+def _large_plane() -> int:
+    from .blocks import LARGE_PLANE
+
+    return LARGE_PLANE
 
 
 def _tiles_per_plane(image, tile_size: int, overlap: int, factor: float) -> int:
@@ -126,23 +302,37 @@ def segment(
     progress: ProgressCallback | None = None,
     cancel: CancelCheck | None = None,
 ) -> Segmentation:
-    """Segment a 2D image or a stack plane by plane; ``progress(done, total)`` counts tiles over all planes."""
+    """Segment a 2D image or a stack plane by plane; ``progress(done, total)`` counts tiles.
+
+    With ``diameter="auto"`` the estimation passes report their own tile counts first.
+    Planes larger than ``blocks.LARGE_PLANE`` go block by block (:func:`blocks.segment_large`).
+    """
     params = params or SegmentParams()
     tiling = params.tiling
-    factor = rescale_factor(checkpoint, params.diameter)
-    per_plane = _tiles_per_plane(image, tiling.tile_size, tiling.overlap, factor)
-    total = plane_count(image) * per_plane
-    probabilities = []
-    for index, plane in enumerate(planes(image)):
+    single = is_single_plane(image)
+    if single and image.shape[0] * image.shape[1] > _large_plane():
+        from .blocks import segment_large
 
-        def plane_progress(done: int, _total: int, offset: int = index * per_plane) -> None:
-            if progress is not None:
-                progress(offset + done, total)
+        return segment_large(checkpoint, image, params, progress=progress, cancel=cancel)
+    if single:  # the estimate's last pass can be reused as the prediction
+        prediction = predict_plane(checkpoint, image, params, progress, cancel)
+        predictions = [prediction]
+    else:
+        estimate = resolve_diameter(checkpoint, image, params, progress, cancel)
+        estimate.probabilities = None  # computed on one plane; every plane runs at the shared zoom
+        per_plane = _tiles_per_plane(image, tiling.tile_size, tiling.overlap, rescale_factor(checkpoint, estimate.diameter))
+        total = plane_count(image) * per_plane
+        predictions = []
+        for index, plane in enumerate(planes(image)):
 
-        probabilities.append(predict_probabilities(checkpoint, plane, params, plane_progress, cancel))
+            def plane_progress(done: int, _total: int, offset: int = index * per_plane) -> None:
+                if progress is not None:
+                    progress(offset + done, total)
+
+            predictions.append(predict_plane(checkpoint, plane, params, plane_progress, cancel, estimate=estimate))
     if cancel is not None and cancel():
         raise Cancelled("segmentation cancelled")
-    stacked = probabilities[0] if is_single_plane(image) else np.stack(probabilities)
-    mask, labels = label_probabilities(stacked, checkpoint.outputs, params.postprocess)
-    return Segmentation(stacked, mask, labels)
-
+    first = predictions[0]
+    stacked = first.probabilities if single else np.stack([p.probabilities for p in predictions])
+    mask, labels = label_probabilities(stacked, checkpoint.outputs, params.postprocess, first.factor)
+    return Segmentation(stacked, mask, labels, first.diameter, first.factor)

@@ -1,7 +1,7 @@
 """The "Segment nuclei" dock widget.
 
 Thin by design: it turns the controls into a :class:`SegmentRequest`, runs
-:func:`napari_nuclei_unet.segment.predict_probabilities` in a napari thread worker, and
+:func:`napari_nuclei_unet.segment.predict_plane` in a napari thread worker, and
 writes the results into layers. Probabilities are cached so that post-processing
 controls re-label live without running the network again.
 """
@@ -25,7 +25,7 @@ from qtpy.QtCore import QTimer
 from ..errors import Cancelled
 from ..io import is_single_plane
 from ..postprocess import PostprocessParams
-from ..segment import SegmentParams, label_probabilities, predict_probabilities, rescale_factor
+from ..segment import AUTO, PlanePrediction, SegmentParams, label_probabilities, predict_plane, resolve_diameter
 from ..tiling import TilingParams
 from ._common import ModelPicker, Relay, result_metadata
 
@@ -75,7 +75,7 @@ class _Cache:
     key: tuple
     outputs: tuple[str, ...]
     model_name: str
-    planes: dict[int | None, np.ndarray] = field(default_factory=dict)
+    planes: dict[int | None, PlanePrediction] = field(default_factory=dict)
 
 
 class SegmentWidget(Container):
@@ -90,9 +90,13 @@ class SegmentWidget(Container):
         self.model = ModelPicker()
         self.tile_size = SpinBox(label="tile size", value=1024, min=128, max=8192, step=32, tooltip="pixels; smaller tiles use less memory")
         self.overlap = SpinBox(label="tile overlap", value=64, min=0, max=1024, step=16)
+        self.auto_diameter = CheckBox(
+            text="estimate nucleus diameter", value=True,
+            tooltip="measure the nuclei first and rescale the image so they match the model's training size",
+        )
         self.diameter = FloatSpinBox(
-            label="nucleus diameter", value=0.0, min=0.0, max=1000.0, step=1.0,
-            tooltip="typical nucleus diameter in pixels; the image is rescaled to the model's training size. 0 = use the image as it is",
+            label="nucleus diameter (px)", value=0.0, min=0.0, max=1000.0, step=1.0, enabled=False,
+            tooltip="shows the estimate; untick 'estimate' to type your own. 0 = use the image at its own scale",
         )
         self.stain = ComboBox(
             label="stain", choices=["none", "hematoxylin"], value="none",
@@ -117,7 +121,7 @@ class SegmentWidget(Container):
         self.status = Label(value="")
         self.status.native.setWordWrap(True)
         self.extend([
-            self.image_layer, self.scope, *self.model.widgets, self.tile_size, self.overlap, self.diameter, self.stain, self.tta,
+            self.image_layer, self.scope, *self.model.widgets, self.tile_size, self.overlap, self.auto_diameter, self.diameter, self.stain, self.tta,
             self.auto_threshold, self.threshold, self.min_size, self.markers, self.split_h, self.show_probability,
             self.run_button, self.cancel_button, self.status,
         ])  # fmt: skip
@@ -139,6 +143,7 @@ class SegmentWidget(Container):
         self.cancel_button.changed.connect(self.cancel)
         self.image_layer.changed.connect(self._update_scope)
         self.auto_threshold.changed.connect(lambda value: setattr(self.threshold, "enabled", not value))
+        self.auto_diameter.changed.connect(lambda value: setattr(self.diameter, "enabled", not value))
         for control in (self.auto_threshold, self.threshold, self.min_size, self.markers, self.split_h):
             control.changed.connect(self._schedule_relabel)
         self.viewer.layers.events.inserted.connect(self.reset_choices)
@@ -178,7 +183,7 @@ class SegmentWidget(Container):
         params = SegmentParams(
             tiling=TilingParams(tile_size=int(self.tile_size.value), overlap=int(self.overlap.value), device=self.model.device.value, tta=bool(self.tta.value)),
             postprocess=self.postprocess_params(),
-            diameter=float(self.diameter.value) or None,
+            diameter=AUTO if self.auto_diameter.value else (float(self.diameter.value) or None),
             stain=self.stain.value if layer.rgb else "none",
         )
         return SegmentRequest(image=data, plane=plane, params=params, model_path=self.model.path())
@@ -250,9 +255,13 @@ class SegmentWidget(Container):
         self._cache.planes.update(result["probabilities"])
         written = self._write_layers(result["labelled"], request.params.postprocess)
         seconds, megapixels = result["seconds"], result["megapixels"]
+        diameter, factor = result["diameter"], result["factor"]
+        if request.params.diameter == AUTO and diameter is not None:
+            self.diameter.value = round(diameter, 1)  # shown; untick 'estimate' to override
+        size = "" if diameter is None else f"; nuclei ~{diameter:.0f} px{' (estimated)' if request.params.diameter == AUTO else ''}"
         self.status.value = (
-            f"{written} nuclei in {seconds:.1f} s ({megapixels / max(seconds, 1e-9):.2f} MP/s) on {result['device']}"
-            + (f", rescaled x{result['factor']:.2f}" if result["factor"] != 1.0 else "")
+            f"{written} nuclei in {seconds:.1f} s ({megapixels / max(seconds, 1e-9):.2f} MP/s) on {result['device']}{size}"
+            + (f", rescaled x{factor:.2f}" if factor != 1.0 else "")
         )
 
     # ------------------------------------------------------------- re-labelling
@@ -305,7 +314,7 @@ class SegmentWidget(Container):
             layer = self._result_layer(source, "probability", Image, shape, np.float32)
             for index in labelled:
                 target = layer.data if index is None else layer.data[index]
-                target[...] = cache.planes[index][cache.outputs.index("foreground")]
+                target[...] = cache.planes[index].probabilities[cache.outputs.index("foreground")]
             layer.metadata["nuclei_unet"] = metadata
             layer.refresh()
         return count
@@ -350,33 +359,36 @@ def _segment_worker(request: SegmentRequest, model: ModelPicker, cached: dict, c
     """Network + post-processing for the requested planes, reusing cached probabilities."""
     started = time.perf_counter()
     checkpoint = model.checkpoint(request.model_path)
-    factor = rescale_factor(checkpoint, request.params.diameter)
     image = request.image
     indices = [None] if is_single_plane(image) else ([request.plane] if request.plane is not None else list(range(image.shape[0])))
     todo = [i for i in indices if i not in cached]
-    probabilities, labelled = {}, {}
+    # A whole stack shares one scale, estimated on its middle plane; a single plane is estimated on itself.
+    estimate = resolve_diameter(checkpoint, image, request.params, progress, cancel) if len(todo) > 1 else None
+    if estimate is not None:
+        estimate.probabilities = None
+    predictions, labelled = {}, {}
     for number, index in enumerate(todo):
         plane = image if index is None else image[index]
 
         def plane_progress(done: int, total: int, offset: int = number) -> None:
             progress(offset * total + done, total * len(todo))
 
-        probabilities[index] = predict_probabilities(checkpoint, plane, request.params, plane_progress, cancel)
+        predictions[index] = predict_plane(checkpoint, plane, request.params, plane_progress, cancel, estimate=estimate)
     if cancel():
         raise Cancelled("segmentation cancelled")
     for index in indices:
-        probs = probabilities[index] if index in probabilities else cached[index]
-        mask, labels = label_probabilities(probs, checkpoint.outputs, request.params.postprocess)
-        labelled[index] = (mask, labels)
-    megapixels = sum(np.prod(probabilities[i].shape[1:]) for i in todo) / 1e6
+        prediction = predictions[index] if index in predictions else cached[index]
+        labelled[index] = label_probabilities(prediction.probabilities, checkpoint.outputs, request.params.postprocess, prediction.factor)
+    megapixels = sum(np.prod(predictions[i].probabilities.shape[1:]) for i in todo) / 1e6
+    shown = predictions[todo[0]] if todo else cached[indices[0]]
     from ..model import resolve_device
 
     return {
-        "checkpoint": checkpoint, "probabilities": probabilities, "labelled": labelled, "factor": factor,
+        "checkpoint": checkpoint, "probabilities": predictions, "labelled": labelled, "factor": shown.factor, "diameter": shown.diameter,
         "seconds": time.perf_counter() - started, "megapixels": megapixels, "device": str(resolve_device(request.params.tiling.device)),
     }  # fmt: skip
 
 
 @thread_worker(ignore_errors=True)  # errors are shown as notifications by the widget
 def _relabel_worker(planes: dict, outputs: tuple[str, ...], params: PostprocessParams) -> dict:
-    return {index: label_probabilities(probs, outputs, params) for index, probs in planes.items()}
+    return {index: label_probabilities(p.probabilities, outputs, params, p.factor) for index, p in planes.items()}

@@ -1,0 +1,158 @@
+"""Segment planes too large to handle whole: block by block, with flat memory.
+
+Two passes over a grid of blocks:
+
+1. **Network.** Each block is predicted with a margin of context around it (at least the
+   tile overlap) and only its core is kept, so the stitched probabilities match
+   whole-image prediction. They go into a probability store: numpy for moderate planes,
+   a temporary zarr array on disk for huge ones.
+2. **Instances.** Each block's probabilities are post-processed with a halo wider than a
+   nucleus. A nucleus belongs to the block holding its centre and is written whole, so
+   nuclei crossing block borders keep one label and labels are unique over the plane.
+
+The input may be numpy, dask or zarr (only a block is read at a time); the labels go
+into any array supporting slice assignment (numpy, zarr).
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import replace
+
+import numpy as np
+
+from .errors import Cancelled
+from .io import Normalizer, hematoxylin
+from .model import Checkpoint
+from .postprocess import instances, resolve_threshold
+from .segment import SegmentParams, Segmentation, predict_plane, rescale_factor, resolve_diameter
+from .tiling import CancelCheck, ProgressCallback
+
+BLOCK_SIZE = 2048  # px: the core of a block
+# Planes with more pixels than this go block by block (see segment.segment).
+LARGE_PLANE = 3 * BLOCK_SIZE * BLOCK_SIZE
+# Probability stores larger than this many pixels are kept on disk.
+_IN_MEMORY_PIXELS = 16 * 2**20
+
+
+def block_grid(height: int, width: int, size: int = BLOCK_SIZE) -> list[tuple[slice, slice]]:
+    """Core regions ``(rows, cols)`` tiling a plane without overlap."""
+    return [
+        (slice(top, min(top + size, height)), slice(left, min(left + size, width)))
+        for top in range(0, height, size)
+        for left in range(0, width, size)
+    ]
+
+
+def _grow(core: tuple[slice, slice], margin: int, height: int, width: int) -> tuple[slice, slice]:
+    rows, cols = core
+    return (slice(max(0, rows.start - margin), min(height, rows.stop + margin)), slice(max(0, cols.start - margin), min(width, cols.stop + margin)))
+
+
+def plane_normalizer(checkpoint: Checkpoint, plane, stain: str = "none") -> Normalizer:
+    """The normaliser of a whole (possibly lazy) plane, from a strided sample of it."""
+    height, width = plane.shape[:2]
+    step = max(1, int(math.ceil(math.sqrt(height * width / 4_000_000))))
+    sample = np.asarray(plane[::step, ::step])
+    if stain == "hematoxylin":
+        sample = hematoxylin(sample)
+    return Normalizer.from_image(sample, checkpoint.config.in_channels, checkpoint.percentiles)
+
+
+def _probability_store(shape: tuple[int, int, int], workdir: str | None):
+    if shape[1] * shape[2] <= _IN_MEMORY_PIXELS:
+        return np.zeros(shape, np.float32), None
+    import zarr
+
+    folder = tempfile.TemporaryDirectory(prefix="nuclei-unet-", dir=workdir)
+    store = zarr.open_array(f"{folder.name}/probabilities.zarr", mode="w", shape=shape, chunks=(shape[0], 1024, 1024), dtype="float32")
+    return store, folder
+
+
+def segment_large(
+    checkpoint: Checkpoint,
+    plane,
+    params: SegmentParams | None = None,
+    labels_out=None,
+    block_size: int = BLOCK_SIZE,
+    progress: ProgressCallback | None = None,
+    cancel: CancelCheck | None = None,
+    workdir: str | None = None,
+) -> Segmentation:
+    """Segment one 2D plane block by block into ``labels_out`` (a new int32 numpy array if None).
+
+    ``progress(done, total)`` counts blocks over both passes. The result holds no
+    probabilities or mask (they would not fit); ``labels`` is ``labels_out``.
+    """
+    params = params or SegmentParams()
+    height, width = plane.shape[:2]
+    if labels_out is None:
+        labels_out = np.zeros((height, width), np.int32)
+    estimate = resolve_diameter(checkpoint, plane, params, cancel=cancel)
+    estimate.probabilities = None  # from a crop; every block runs at the shared zoom
+    factor = rescale_factor(checkpoint, estimate.diameter)
+    normalizer = plane_normalizer(checkpoint, plane, params.stain)
+    cores = block_grid(height, width, block_size)
+    total = 2 * len(cores)
+    outputs = checkpoint.outputs
+
+    def step(done: int) -> None:
+        if cancel is not None and cancel():
+            raise Cancelled("segmentation cancelled")
+        if progress is not None:
+            progress(done, total)
+
+    # Pass 1: probabilities, each block with context beyond the tile overlap (in image pixels).
+    context = int(math.ceil((params.tiling.overlap + 32) / factor))
+    store, folder = _probability_store((len(outputs), height, width), workdir)
+    try:
+        for index, core in enumerate(cores):
+            step(index)
+            grown = _grow(core, context, height, width)
+            prediction = predict_plane(checkpoint, plane[grown], params, cancel=cancel, estimate=estimate, normalizer=normalizer)
+            inner = (slice(None), *(slice(c.start - g.start, c.stop - g.start) for c, g in zip(core, grown)))
+            store[(slice(None), *core)] = prediction.probabilities[inner]
+
+        # One threshold for the whole plane, so that blocks agree at their borders.
+        foreground = outputs.index("foreground")
+        sample_step = max(1, int(math.ceil(math.sqrt(height * width / 4_000_000))))
+        threshold = resolve_threshold(params.postprocess.threshold, np.asarray(store[foreground, ::sample_step, ::sample_step]))
+        postprocess = replace(params.postprocess, threshold=threshold)
+        nucleus = estimate.diameter or (checkpoint.nucleus_diameter or 20.0) / factor
+        halo = int(math.ceil(max(64.0, 3.0 * nucleus)))
+
+        # Pass 2: instances; a nucleus belongs to the block holding its centre.
+        count = 0
+        for index, core in enumerate(cores):
+            step(len(cores) + index)
+            grown = _grow(core, halo, height, width)
+            _mask, labels = instances(np.asarray(store[(slice(None), *grown)]), outputs, postprocess, scale=1.0 / factor)
+            count = _write_owned(labels, core, grown, labels_out, count)
+        step(total)
+    finally:
+        if folder is not None:
+            folder.cleanup()
+    return Segmentation(None, None, labels_out, estimate.diameter, factor, total=count)
+
+
+def _write_owned(labels: np.ndarray, core, grown, labels_out, count: int) -> int:
+    """Write the nuclei of ``labels`` (on ``grown``) whose centre lies in ``core``, numbered from ``count + 1``."""
+    objects = int(labels.max())
+    if objects == 0:
+        return count
+    flat = labels.ravel()
+    sizes = np.bincount(flat, minlength=objects + 1).astype(np.float64)
+    rows, cols = np.indices(labels.shape, dtype=np.float32)
+    centre_y = np.bincount(flat, weights=rows.ravel(), minlength=objects + 1) / np.maximum(sizes, 1) + grown[0].start
+    centre_x = np.bincount(flat, weights=cols.ravel(), minlength=objects + 1) / np.maximum(sizes, 1) + grown[1].start
+    owned = (sizes > 0) & (centre_y >= core[0].start) & (centre_y < core[0].stop) & (centre_x >= core[1].start) & (centre_x < core[1].stop)
+    owned[0] = False
+    lookup = np.zeros(objects + 1, np.int32)
+    lookup[owned] = count + np.arange(1, int(owned.sum()) + 1, dtype=np.int32)
+    new = lookup[labels]
+    region = np.asarray(labels_out[grown]).copy()
+    free = (new > 0) & (region == 0)  # a pixel already given to a neighbour block's nucleus stays there
+    region[free] = new[free]
+    labels_out[grown] = region
+    return count + int(owned.sum())

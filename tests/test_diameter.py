@@ -1,0 +1,88 @@
+"""Automatic nucleus-size estimation and rescaling, with the bundled model on generated nuclei."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_nuclei_unet import segment as segment_module
+from napari_nuclei_unet.cli import main
+from napari_nuclei_unet.data import median_diameter
+from napari_nuclei_unet.io import write_labels
+from napari_nuclei_unet.metrics import evaluate
+from napari_nuclei_unet.model import Checkpoint, bundled_model_path
+from napari_nuclei_unet.segment import SegmentParams, estimate_diameter, measure_nuclei, segment
+from napari_nuclei_unet.synthetic import nuclei_field
+
+
+@pytest.fixture(scope="module")
+def bundled() -> Checkpoint:
+    return Checkpoint.load(bundled_model_path())
+
+
+@pytest.mark.parametrize("scale", [0.5, 1.0, 3.0])
+def test_estimate_within_15_percent(bundled, scale):
+    # The same field imaged at three magnifications: 20 px nuclei become 10, 20 and 60 px.
+    shape = (int(256 * scale), int(320 * scale))
+    image, truth = nuclei_field(shape, count=30, diameter=20 * scale, seed=11)
+    true = median_diameter([truth])
+    estimate = estimate_diameter(bundled, image)
+    assert estimate.diameter == pytest.approx(true, rel=0.15)
+
+
+def test_auto_rescales_large_nuclei_and_maps_labels_back(bundled):
+    image, truth = nuclei_field((480, 600), count=30, diameter=60, seed=12)
+    auto = segment(bundled, image)  # default: diameter "auto"
+    assert auto.labels.shape == image.shape and auto.probabilities.shape[1:] == image.shape
+    assert auto.factor == pytest.approx(bundled.nucleus_diameter / auto.diameter)
+    assert auto.factor < 0.5  # ran at about a third of the size
+    scores = evaluate([(truth, auto.labels)])  # labels on the original grid match the truth
+    assert scores.ap50 > 0.9 and scores.dice > 0.95
+
+
+def test_given_diameter_skips_the_estimate(bundled, monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("estimated although a diameter was given")
+
+    monkeypatch.setattr(segment_module, "_estimate", fail)
+    image, _ = nuclei_field((200, 240), count=10, diameter=40, seed=13)
+    result = segment(bundled, image, SegmentParams(diameter=40.0))
+    assert result.diameter == 40.0 and result.factor == pytest.approx(bundled.nucleus_diameter / 40.0)
+    assert segment(bundled, image, SegmentParams(diameter=None)).factor == 1.0
+
+
+def test_blank_image_gives_no_nuclei_and_no_estimate(bundled):
+    blank = np.zeros((300, 400), np.uint16)
+    result = segment(bundled, blank)
+    assert result.count == 0 and result.diameter is None and result.factor == 1.0
+    assert measure_nuclei(np.zeros((2, 50, 50), np.float32), bundled.outputs) is None
+
+
+def test_stack_shares_one_estimate(bundled):
+    planes = [nuclei_field((160, 200), count=8, diameter=40, seed=seed)[0] for seed in (1, 2, 3)]
+    result = segment(bundled, np.stack(planes))
+    assert result.labels.shape == (3, 160, 200)
+    assert result.diameter == pytest.approx(40, rel=0.2) and result.factor < 0.6
+
+
+def test_model_without_a_training_size_is_not_rescaled(tiny_checkpoint):
+    tiny_checkpoint.nucleus_diameter = None
+    result = segment(tiny_checkpoint, np.random.default_rng(0).random((64, 64)).astype(np.float32))
+    assert result.factor == 1.0 and result.diameter is None
+
+
+def test_cli_diameter_auto_number_and_none(tmp_path, capsys):
+    image, _ = nuclei_field((240, 300), count=12, diameter=40, seed=14)
+    source = tmp_path / "big.tif"
+    write_labels(source, image)  # any integer image writes as a TIFF
+    assert main(["segment", str(source), "--out", str(tmp_path / "auto")]) == 0
+    line = capsys.readouterr().out
+    estimated = float(line.split("nucleus diameter: ")[1].split(" px")[0])
+    assert estimated == pytest.approx(40, rel=0.2)
+    assert main(["segment", str(source), "--out", str(tmp_path / "given"), "--diameter", "35"]) == 0
+    assert "nucleus diameter: 35 px (given)" in capsys.readouterr().out
+    assert main(["segment", str(source), "--out", str(tmp_path / "none"), "--diameter", "none"]) == 0
+    assert "not used" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["segment", str(source), "--out", str(tmp_path / "bad"), "--diameter", "big"])
+    assert "--diameter" in capsys.readouterr().err
