@@ -72,9 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     seg = commands.add_parser("segment", help="segment images into instance label images")
-    seg.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
-    seg.add_argument("--out", required=True, help="output folder for <stem>.tif label images")
+    seg.add_argument("inputs", nargs="+", help="image files, .zarr stores, folders or glob patterns")
+    seg.add_argument("--out", required=True, help="output folder for <stem>.tif (or .zarr) label images")
     seg.add_argument("--rle-csv", default=None, help="also write one RLE CSV for all inputs (ImageId = file stem)")
+    seg.add_argument("--out-format", default="tif", choices=["tif", "zarr"], help="label images as TIFF, or zarr stores (written block by block, for images larger than memory)")
+    seg.add_argument("--workers", type=int, default=None, help="run on a dask LocalCluster of this many worker processes")
+    seg.add_argument("--dask-scheduler", default=None, help="run on an existing dask.distributed cluster, e.g. tcp://HOST:8786 (the --out folder must be shared with the workers)")
     _add_model_args(seg)
     _add_segment_args(seg)
 
@@ -147,19 +150,25 @@ def _load_checkpoint(args):
 
 
 def cmd_segment(args) -> int:
-    from tqdm import tqdm
-
-    from .io import find_images, read_image, write_labels
+    from .batch import output_path
+    from .io import find_images, read_image
     from .model import resolve_device
     from .postprocess import PostprocessParams
     from .rle import write_csv
-    from .segment import SegmentParams, segment
+    from .segment import SegmentParams
     from .tiling import TilingParams
 
     files = find_images(args.inputs)
     out = Path(args.out)
-    device = resolve_device(args.device)
-    checkpoint = _load_checkpoint(args)
+    targets = [output_path(out, path, args.out_format) for path in files]
+    clashes = sorted({t.name for t in targets if targets.count(t) > 1})
+    if clashes:
+        raise InputError(f"{out}: several inputs would write {', '.join(clashes[:3])}; segment them into separate --out folders")
+    if args.workers is not None and args.workers < 1:
+        raise InputError(f"--workers must be at least 1, got {args.workers}")
+    distributed = args.workers or args.dask_scheduler
+    device = resolve_device("cpu" if distributed and args.device == "auto" else args.device)
+    checkpoint = _load_checkpoint(args)  # fails early, here, on bad weights
     params = SegmentParams(
         TilingParams(tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size, device=str(device), tta=args.tta),
         PostprocessParams(threshold=args.threshold, min_size=args.min_size, hole_size=args.hole_size, markers=args.markers, h=args.h),
@@ -167,40 +176,98 @@ def cmd_segment(args) -> int:
         stain=args.stain,
     )
     print(f"model: {checkpoint.summary()} | device: {device}", file=sys.stderr)
-    rle_rows = []
-    total_nuclei, total_pixels = 0, 0
-    diameters = []
     started = time.perf_counter()
-    with tqdm(files, unit="image", desc="segment", file=sys.stderr) as bar:
-        for path in bar:
-            image = read_image(path)
-            tiles = tqdm(unit="tile", leave=False, file=sys.stderr)
-
-            def progress(done: int, total: int, tiles=tiles) -> None:
-                tiles.total, tiles.n = total, done
-                tiles.refresh()
-
-            with tiles:
-                result = segment(checkpoint, image, params, progress=progress)
-            write_labels(out / f"{path.stem}.tif", result.labels)
-            total_nuclei += result.count
-            total_pixels += int(np.prod(result.labels.shape))
-            if result.diameter is not None:
-                diameters.append(result.diameter)
-            if args.rle_csv:
-                if result.labels.ndim == 2:
-                    rle_rows.append((path.stem, result.labels))
-                else:
-                    rle_rows.extend((f"{path.stem}_{i}", plane) for i, plane in enumerate(result.labels))
-            bar.set_postfix(nuclei=result.count, diameter=_format_diameter(result))
-    if args.rle_csv:
-        write_csv(args.rle_csv, rle_rows)
+    if distributed:
+        results = _segment_distributed(args, files, params)
+    else:
+        results = _segment_serial(checkpoint, files, out, params, args.out_format)
+    if args.rle_csv:  # from the written files: one codec, and flat memory for thousands of images
+        write_csv(args.rle_csv, _rle_items(results, read_image))
     seconds = time.perf_counter() - started
+    pixels = sum(r.pixels for r in results)
     print(
-        f"segmented {len(files)} image(s): {total_nuclei} nuclei in {seconds:.1f} s, "
-        f"{total_pixels / 1e6 / max(seconds, 1e-9):.2f} MP/s on {device}; {_diameter_summary(args.diameter, diameters)} -> {out}"
+        f"segmented {len(results)} image(s): {sum(r.nuclei for r in results)} nuclei in {seconds:.1f} s, "
+        f"{pixels / 1e6 / max(seconds, 1e-9):.2f} MP/s on {device}; "
+        f"{_diameter_summary(args.diameter, [r.diameter for r in results if r.diameter is not None])} -> {out}"
     )
     return 0
+
+
+def _segment_serial(checkpoint, files, out, params, out_format):
+    from tqdm import tqdm
+
+    from .batch import segment_file
+
+    results = []
+    with tqdm(files, unit="image", desc="segment", file=sys.stderr) as bar:
+        for path in bar:
+            steps = tqdm(unit="step", leave=False, file=sys.stderr)
+
+            def progress(done: int, total: int, steps=steps) -> None:
+                steps.total, steps.n = total, done
+                steps.refresh()
+
+            with steps:
+                result = segment_file(checkpoint, path, out, params, out_format, progress=progress)
+            results.append(result)
+            bar.set_postfix(nuclei=result.nuclei, diameter=_format_diameter(result))
+    return results
+
+
+def _segment_distributed(args, files, params):
+    """One task per image on a dask.distributed cluster: an existing one, or a LocalCluster of --workers."""
+    import os
+
+    from dask.distributed import Client, LocalCluster, as_completed
+    from tqdm import tqdm
+
+    from .batch import segment_file_task
+
+    cluster = None
+    if args.dask_scheduler:
+        client = Client(args.dask_scheduler)
+        threads = None
+    else:
+        threads = max(1, (os.cpu_count() or 1) // args.workers)
+        cluster = LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=None)
+        client = Client(cluster)
+    try:
+        print(f"dask: {len(client.scheduler_info()['workers'])} worker(s) at {client.scheduler.address}", file=sys.stderr)
+        futures = [
+            client.submit(segment_file_task, args.model, args.encoder, str(path), str(Path(args.out).resolve()), params, args.out_format, threads, pure=False)
+            for path in files
+        ]
+        order = {future.key: index for index, future in enumerate(futures)}
+        results = [None] * len(futures)
+        with tqdm(total=len(futures), unit="image", desc="segment", file=sys.stderr) as bar:
+            for future in as_completed(futures):
+                result = future.result()  # re-raises a worker's error (e.g. a bad file) here
+                results[order[future.key]] = result
+                bar.update()
+                bar.set_postfix(nuclei=result.nuclei, diameter=_format_diameter(result))
+        return results
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def _rle_items(results, read_image):
+    import numpy as np
+
+    for result in results:
+        path = Path(result.output)
+        if path.suffix == ".zarr":
+            import zarr
+
+            labels = np.asarray(zarr.open_array(str(path), mode="r")[...])
+        else:
+            labels = read_image(path)
+        stem = Path(result.source).stem
+        if labels.ndim == 2:
+            yield stem, labels
+        else:
+            yield from ((f"{stem}_{i}", plane) for i, plane in enumerate(labels))
 
 
 def _format_diameter(result) -> str:

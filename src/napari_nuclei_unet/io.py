@@ -220,24 +220,27 @@ def write_labels(path: str | os.PathLike, labels: np.ndarray) -> Path:
 
 
 def find_images(inputs: list[str]) -> list[Path]:
-    """Expand files, folders and glob patterns to a sorted, de-duplicated list of image files."""
+    """Expand files, folders and glob patterns to a sorted, de-duplicated list of image files and ``.zarr`` stores."""
     import glob
+
+    def is_image(p: Path) -> bool:
+        return (p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()) or (p.suffix.lower() == ".zarr" and p.is_dir())
 
     found: list[Path] = []
     for item in inputs:
         path = Path(item)
-        if path.is_dir():
-            found.extend(p for p in sorted(path.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if path.is_dir() and path.suffix.lower() != ".zarr":
+            found.extend(p for p in sorted(path.iterdir()) if is_image(p))
         elif path.exists():
             found.append(path)
         else:
             matches = sorted(glob.glob(item))
             if not matches:
                 raise InputError(f"{item}: no such file, folder or matching pattern")
-            found.extend(Path(m) for m in matches if Path(m).suffix.lower() in IMAGE_SUFFIXES)
+            found.extend(Path(m) for m in matches if is_image(Path(m)))
     unique = list(dict.fromkeys(p.resolve() for p in found))
     if not unique:
-        raise InputError(f"{', '.join(inputs)}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
+        raise InputError(f"{', '.join(inputs)}: no images found (looked for {', '.join(IMAGE_SUFFIXES)} and .zarr stores)")
     return unique
 
 

@@ -1,0 +1,66 @@
+"""Out-of-core and distributed segmentation through the CLI: zarr in and out, dask LocalCluster."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from napari_nuclei_unet.cli import main
+from napari_nuclei_unet.io import read_image
+from napari_nuclei_unet.metrics import evaluate
+from napari_nuclei_unet.rle import decode_csv
+from napari_nuclei_unet.synthetic import nuclei_field
+
+
+def test_zarr_in_zarr_out(tmp_path, capsys, monkeypatch):
+    import zarr
+
+    from napari_nuclei_unet import blocks
+
+    monkeypatch.setattr(blocks, "LARGE_PLANE", 200 * 200)  # take the block path on a small image
+    monkeypatch.setattr(blocks, "BLOCK_SIZE", 160)
+    image, truth = nuclei_field((320, 400), count=40, diameter=20, seed=31)
+    store = zarr.open_array(str(tmp_path / "field.zarr"), mode="w", shape=image.shape, chunks=(128, 128), dtype=image.dtype)
+    store[...] = image
+    assert main(["segment", str(tmp_path / "field.zarr"), "--out", str(tmp_path / "out"), "--out-format", "zarr", "--diameter", "none",
+                 "--rle-csv", str(tmp_path / "out.csv")]) == 0  # fmt: skip
+    labels = np.asarray(zarr.open_array(str(tmp_path / "out" / "field.zarr"), mode="r")[...])
+    assert labels.shape == image.shape and evaluate([(truth, labels)]).ap50 > 0.8
+    assert not any(p.name.endswith(".part") for p in (tmp_path / "out").iterdir())
+    decoded = decode_csv(tmp_path / "out.csv")["field"]
+    assert np.array_equal(decoded > 0, labels > 0)
+    assert "1 image(s)" in capsys.readouterr().out
+
+
+def test_bad_zarr_is_one_line(tmp_path, capsys):
+    (tmp_path / "broken.zarr").mkdir()
+    assert main(["segment", str(tmp_path / "broken.zarr"), "--out", str(tmp_path / "out")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and "broken.zarr" in errors[0]
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_local_cluster_gives_exactly_the_serial_labels(tmp_path, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for seed in range(4):
+        image, _ = nuclei_field((200, 260), count=15, diameter=18 + 6 * seed, seed=40 + seed)
+        tifffile.imwrite(folder / f"plate_{seed}.tif", image)
+    threads = max(1, (os.cpu_count() or 1) // 2)  # what each of the 2 workers uses
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert main(["segment", str(folder), "--out", str(tmp_path / "serial")]) == 0
+    finally:
+        torch.set_num_threads(previous)
+    assert main(["segment", str(folder), "--out", str(tmp_path / "cluster"), "--workers", "2"]) == 0
+    captured = capsys.readouterr()
+    assert "dask: 2 worker(s)" in captured.err
+    for seed in range(4):
+        serial = read_image(tmp_path / "serial" / f"plate_{seed}.tif")
+        assert serial.max() > 5
+        assert np.array_equal(serial, read_image(tmp_path / "cluster" / f"plate_{seed}.tif"))
