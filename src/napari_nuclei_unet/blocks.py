@@ -6,8 +6,8 @@ Two passes over a grid of blocks:
    tile overlap) and only its core is kept, so the stitched probabilities match
    whole-image prediction. They go into a probability store: numpy for moderate planes,
    a temporary zarr array on disk for huge ones.
-2. **Instances.** Each block's probabilities are post-processed with a halo wider than a
-   nucleus. A nucleus belongs to the block holding its centre and is written whole, so
+2. **Instances.** Each block (half the network's block size) is post-processed with a
+   halo wider than a nucleus. A nucleus belongs to the block holding its centre and is written whole, so
    nuclei crossing block borders keep one label and labels are unique over the plane.
 
 The input may be numpy, dask or zarr (only a block is read at a time); the labels go
@@ -122,10 +122,12 @@ def segment_large(
         nucleus = estimate.diameter or (checkpoint.nucleus_diameter or 20.0) / factor
         halo = int(math.ceil(max(64.0, 3.0 * nucleus)))
 
-        # Pass 2: instances; a nucleus belongs to the block holding its centre.
+        # Pass 2: instances; a nucleus belongs to the block holding its centre. Smaller
+        # blocks than for the network: the watershed's working arrays are the peak memory.
         count = 0
-        for index, core in enumerate(cores):
-            step(len(cores) + index)
+        post_cores = block_grid(height, width, max(256, block_size // 2))
+        for index, core in enumerate(post_cores):
+            step(len(cores) + index * len(cores) // len(post_cores))
             grown = _grow(core, halo, height, width)
             _mask, labels = instances(np.asarray(store[(slice(None), *grown)]), outputs, postprocess, scale=1.0 / factor)
             count = _write_owned(labels, core, grown, labels_out, count)
