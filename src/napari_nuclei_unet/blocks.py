@@ -23,10 +23,10 @@ from dataclasses import replace
 import numpy as np
 
 from .errors import Cancelled
-from .io import Normalizer, hematoxylin
+from .io import sample_step
 from .model import Checkpoint
 from .postprocess import instances, resolve_threshold
-from .segment import SegmentParams, Segmentation, predict_plane, rescale_factor, resolve_diameter
+from .segment import SegmentParams, Segmentation, plane_normalizer, predict_plane, rescale_factor, resolve_diameter
 from .tiling import CancelCheck, ProgressCallback
 
 BLOCK_SIZE = 2048  # px: the core of a block
@@ -50,16 +50,6 @@ def _grow(core: tuple[slice, slice], margin: int, height: int, width: int) -> tu
     return (slice(max(0, rows.start - margin), min(height, rows.stop + margin)), slice(max(0, cols.start - margin), min(width, cols.stop + margin)))
 
 
-def plane_normalizer(checkpoint: Checkpoint, plane, stain: str = "none") -> Normalizer:
-    """The normaliser of a whole (possibly lazy) plane, from a strided sample of it."""
-    height, width = plane.shape[:2]
-    step = max(1, int(math.ceil(math.sqrt(height * width / 4_000_000))))
-    sample = np.asarray(plane[::step, ::step])
-    if stain == "hematoxylin":
-        sample = hematoxylin(sample)
-    return Normalizer.from_image(sample, checkpoint.config.in_channels, checkpoint.percentiles)
-
-
 def _probability_store(shape: tuple[int, int, int], workdir: str | None):
     if shape[1] * shape[2] <= _IN_MEMORY_PIXELS:
         return np.zeros(shape, np.float32), None
@@ -75,17 +65,19 @@ def segment_large(
     plane,
     params: SegmentParams | None = None,
     labels_out=None,
-    block_size: int = BLOCK_SIZE,
+    block_size: int | None = None,
     progress: ProgressCallback | None = None,
     cancel: CancelCheck | None = None,
     workdir: str | None = None,
 ) -> Segmentation:
     """Segment one 2D plane block by block into ``labels_out`` (a new int32 numpy array if None).
 
+    ``block_size`` is the network block's core (default ``BLOCK_SIZE``).
     ``progress(done, total)`` counts blocks over both passes. The result holds no
     probabilities or mask (they would not fit); ``labels`` is ``labels_out``.
     """
     params = params or SegmentParams()
+    block_size = block_size or BLOCK_SIZE  # read at call time, so the module setting applies
     height, width = plane.shape[:2]
     if labels_out is None:
         labels_out = np.zeros((height, width), np.int32)
@@ -116,8 +108,8 @@ def segment_large(
 
         # One threshold for the whole plane, so that blocks agree at their borders.
         foreground = outputs.index("foreground")
-        sample_step = max(1, int(math.ceil(math.sqrt(height * width / 4_000_000))))
-        threshold = resolve_threshold(params.postprocess.threshold, np.asarray(store[foreground, ::sample_step, ::sample_step]))
+        stride = sample_step(height, width)
+        threshold = resolve_threshold(params.postprocess.threshold, np.asarray(store[foreground, ::stride, ::stride]))
         postprocess = replace(params.postprocess, threshold=threshold)
         nucleus = estimate.diameter or (checkpoint.nucleus_diameter or 20.0) / factor
         halo = int(math.ceil(max(64.0, 3.0 * nucleus)))

@@ -151,7 +151,7 @@ def _load_checkpoint(args):
 
 def cmd_segment(args) -> int:
     from .batch import output_path
-    from .io import find_images, read_image
+    from .io import find_images
     from .model import resolve_device
     from .postprocess import PostprocessParams
     from .rle import write_csv
@@ -182,7 +182,7 @@ def cmd_segment(args) -> int:
     else:
         results = _segment_serial(checkpoint, files, out, params, args.out_format)
     if args.rle_csv:  # from the written files: one codec, and flat memory for thousands of images
-        write_csv(args.rle_csv, _rle_items(results, read_image))
+        write_csv(args.rle_csv, _rle_items(results))
     seconds = time.perf_counter() - started
     pixels = sum(r.pixels for r in results)
     print(
@@ -252,8 +252,9 @@ def _segment_distributed(args, files, params):
             cluster.close()
 
 
-def _rle_items(results, read_image):
-    import numpy as np
+def _rle_items(results):
+    """``(image_id, labels)`` of the written outputs, read back one at a time."""
+    from .io import read_image
 
     for result in results:
         path = Path(result.output)

@@ -99,6 +99,11 @@ def hematoxylin(plane) -> np.ndarray:
     return rgb2hed(np.asarray(plane)[..., :3])[..., 0].astype(np.float32)
 
 
+def sample_step(height: int, width: int) -> int:
+    """Stride that leaves at most ~``_PERCENTILE_SAMPLE`` pixels of a plane: enough for its statistics."""
+    return max(1, int(np.ceil(np.sqrt(height * width / _PERCENTILE_SAMPLE))))
+
+
 @dataclass(frozen=True)
 class Normalizer:
     """Maps raw pixel values of one image to the model's input: float32 ``(C, Y, X)`` in [0, 1].
@@ -117,8 +122,7 @@ class Normalizer:
         cls, plane, channels: int = 3, percentiles: tuple[float, float] = (1.0, 99.8)
     ) -> "Normalizer":
         """Estimate the percentiles of a 2D plane (numpy, dask or zarr), subsampling big ones."""
-        height, width = plane.shape[:2]
-        step = max(1, int(np.ceil(np.sqrt(height * width / _PERCENTILE_SAMPLE))))
+        step = sample_step(*plane.shape[:2])
         sample = np.asarray(plane[::step, ::step])
         if sample.ndim == 3:
             sample = sample[..., :3]

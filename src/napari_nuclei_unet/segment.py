@@ -14,7 +14,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from .errors import Cancelled, InputError
-from .io import Normalizer, hematoxylin, is_single_plane, plane_count, planes
+from .io import Normalizer, hematoxylin, is_single_plane, plane_count, planes, sample_step
 from .model import Checkpoint
 from .postprocess import PostprocessParams, instances
 from .tiling import CancelCheck, ProgressCallback, TilingParams, plan_tiles, predict
@@ -160,9 +160,8 @@ def estimate_diameter(
     No nuclei found: ``diameter`` is None.
     """
     params = params or SegmentParams()
-    plane = _apply_stain(plane, params.stain)
-    normalizer = Normalizer.from_image(plane, checkpoint.config.in_channels, checkpoint.percentiles)
-    return _estimate(checkpoint, plane, normalizer, params.tiling, progress, cancel)
+    normalizer = plane_normalizer(checkpoint, plane, params.stain)
+    return _estimate(checkpoint, _apply_stain(plane, params.stain), normalizer, params.tiling, progress, cancel)
 
 
 def _estimate(checkpoint, plane, normalizer, tiling, progress, cancel) -> DiameterEstimate:
@@ -187,6 +186,16 @@ def _centre_crop(plane, side: int):
         return plane, True
     top, left = max(0, (height - side) // 2), max(0, (width - side) // 2)
     return plane[top:top + side, left:left + side], False
+
+
+def plane_normalizer(checkpoint: Checkpoint, plane, stain: str = "none") -> Normalizer:
+    """The checkpoint's normaliser for a whole (possibly lazy) plane after the stain conversion.
+
+    Only a strided sample is read and converted, so a huge dask or zarr plane costs little.
+    """
+    step = sample_step(*plane.shape[:2])
+    sample = _apply_stain(np.asarray(plane[::step, ::step]), stain)
+    return Normalizer.from_image(sample, checkpoint.config.in_channels, checkpoint.percentiles)
 
 
 def _apply_stain(plane, stain: str):
@@ -252,8 +261,8 @@ def predict_plane(
     what was already worked out for a whole stack or a whole large plane.
     """
     params = params or SegmentParams()
+    normalizer = normalizer or plane_normalizer(checkpoint, plane, params.stain)
     plane = _apply_stain(plane, params.stain)
-    normalizer = normalizer or Normalizer.from_image(plane, checkpoint.config.in_channels, checkpoint.percentiles)
     if estimate is None:
         if params.diameter == AUTO and checkpoint.nucleus_diameter:  # estimate on this plane, reuse a pass
             estimate = _estimate(checkpoint, plane, normalizer, params.tiling, progress, cancel)
