@@ -52,6 +52,7 @@ def _add_segment_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tile-size", type=int, default=1024, help="tile edge in pixels (smaller tiles use less memory)")
     parser.add_argument("--overlap", type=int, default=64, help="overlap between tiles in pixels")
     parser.add_argument("--batch-size", type=int, default=1, help="tiles per network call")
+    parser.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"], help="CPU inference engine: auto = ONNX Runtime when installed (~2x faster than torch), else PyTorch")
     parser.add_argument("--tta", action="store_true", help="test-time augmentation (4 flips; ~4x slower)")
     parser.add_argument("--threshold", type=_threshold, default="auto", help="foreground probability threshold, or auto")
     parser.add_argument("--min-size", type=int, default=15, help="remove nuclei smaller than this many pixels")
@@ -153,6 +154,7 @@ def cmd_segment(args) -> int:
     from .batch import output_path
     from .io import find_images
     from .model import resolve_device
+    from .onnx_backend import describe_device
     from .postprocess import PostprocessParams
     from .rle import write_csv
     from .segment import SegmentParams
@@ -170,12 +172,12 @@ def cmd_segment(args) -> int:
     device = resolve_device("cpu" if distributed and args.device == "auto" else args.device)
     checkpoint = _load_checkpoint(args)  # fails early, here, on bad weights
     params = SegmentParams(
-        TilingParams(tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size, device=str(device), tta=args.tta),
+        TilingParams(tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size, device=str(device), tta=args.tta, backend=args.backend),
         PostprocessParams(threshold=args.threshold, min_size=args.min_size, hole_size=args.hole_size, markers=args.markers, h=args.h),
         diameter=args.diameter,
         stain=args.stain,
     )
-    print(f"model: {checkpoint.summary()} | device: {device}", file=sys.stderr)
+    print(f"model: {checkpoint.summary()} | device: {describe_device(device, args.backend)}", file=sys.stderr)
     started = time.perf_counter()
     if distributed:
         results = _segment_distributed(args, files, params)

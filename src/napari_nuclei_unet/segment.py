@@ -208,23 +208,35 @@ def _apply_stain(plane, stain: str):
 
 def _predict_zoomed(checkpoint, plane, normalizer, tiling, zoom, progress, cancel) -> np.ndarray:
     """Probabilities of ``plane`` zoomed by ``zoom`` (on the zoomed grid)."""
-    if zoom == 1.0:
-        return predict(checkpoint.model, plane, normalizer, tiling, progress=progress, cancel=cancel)
-    from skimage.transform import rescale
+    if zoom != 1.0:
+        shape = tuple(max(1, int(round(side * zoom))) for side in plane.shape[:2])
+        plane = _resize(np.asarray(plane), shape, channel_axis=-1 if plane.ndim == 3 else None)
+    return predict(checkpoint.model, plane, normalizer, tiling, progress=progress, cancel=cancel)
 
-    zoomed = rescale(
-        np.asarray(plane, dtype=np.float32), zoom, order=1, preserve_range=True,
-        anti_aliasing=zoom < 1, channel_axis=-1 if plane.ndim == 3 else None,
-    ).astype(np.float32, copy=False)  # fmt: skip
-    return predict(checkpoint.model, zoomed, normalizer, tiling, progress=progress, cancel=cancel)
+
+def _resize(array: np.ndarray, shape: tuple[int, int], channel_axis: int | None) -> np.ndarray:
+    """Bilinear resize of a 2D array (with channels at ``channel_axis``) to ``shape``, float32.
+
+    Antialiased when shrinking, as the training's scale augmentation (torchvision) does;
+    on two cores ~10x faster than scikit-image's resize with a Gaussian antialiasing filter.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    spatial = array.shape[:2] if channel_axis == -1 else array.shape[-2:]
+    if tuple(spatial) == tuple(shape):
+        return array.astype(np.float32, copy=False)
+    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    tensor = tensor.movedim(-1, 0) if channel_axis == -1 else tensor if channel_axis == 0 else tensor[None]
+    shrinking = shape[0] < tensor.shape[-2] or shape[1] < tensor.shape[-1]
+    with torch.inference_mode():
+        resized = F.interpolate(tensor[None], size=tuple(shape), mode="bilinear", align_corners=False, antialias=shrinking)[0]
+    resized = resized.movedim(0, -1) if channel_axis == -1 else resized if channel_axis == 0 else resized[0]
+    return np.ascontiguousarray(resized.numpy())
 
 
 def _resize_probabilities(probabilities: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    if probabilities.shape[1:] == tuple(shape):
-        return probabilities
-    from skimage.transform import resize
-
-    return np.stack([resize(channel, shape, order=1, preserve_range=True).astype(np.float32) for channel in probabilities])
+    return _resize(probabilities, shape, channel_axis=0)
 
 
 def resolve_diameter(checkpoint: Checkpoint, image, params: SegmentParams, progress=None, cancel=None) -> DiameterEstimate:

@@ -36,6 +36,9 @@ class TilingParams:
     device: str = "auto"
     tta: bool = False
     amp: bool = True  # mixed precision on CUDA only
+    # On the CPU: "auto" runs ONNX Runtime when installed (~2x faster, same output within
+    # 1e-4), "torch" eager PyTorch, "onnx" ONNX Runtime or an error. GPUs always use torch.
+    backend: str = "auto"
 
 
 def _ceil_to(value: int, multiple: int) -> int:
@@ -105,7 +108,7 @@ def _batches(tiles: list[Tile], size: int) -> Iterator[list[Tile]]:
         yield tiles[start:start + size]
 
 
-def _tta_forward(model: torch.nn.Module, batch: torch.Tensor, tta: bool) -> torch.Tensor:
+def _tta_forward(model: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor, tta: bool) -> torch.Tensor:
     """Logits of the batch, averaged over the four flips when ``tta`` is on."""
     if not tta:
         return model(batch)
@@ -139,12 +142,23 @@ def predict(
     device = resolve_device(params.device)
     height, width = plane.shape[:2]
     tile_shape, tiles = plan_tiles((height, width), params.tile_size, params.overlap)
-    model = model.to(device).eval()
+    if next(model.parameters()).device != device:  # .to() and .eval() walk every module: skip when
+        model = model.to(device)  # there is nothing to do (they cost ~5 ms per call)
+    if model.training:
+        model.eval()
     cpu = device.type == "cpu"
+    channels_last = False
     if cpu:
-        model = model.to(memory_format=torch.channels_last)
+        from .onnx_backend import cpu_network
+
+        network = cpu_network(model, normalizer.channels, params.backend)
+        channels_last = network is model
+        if channels_last:
+            model = network = model.to(memory_format=torch.channels_last)
+    else:
+        network = model
     with torch.inference_mode():
-        classes = _output_channels(model, normalizer.channels, device)
+        classes = _output_channels(network, normalizer.channels, device)
         if out is None:
             out = np.zeros((classes, height, width), np.float32)
         autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" and params.amp else _no_autocast()
@@ -159,12 +173,12 @@ def predict(
             tensor = torch.from_numpy(batch)
             if device.type == "cuda":
                 tensor = tensor.pin_memory().to(device, non_blocking=True)
-            elif cpu:
+            elif channels_last:
                 tensor = tensor.contiguous(memory_format=torch.channels_last)
-            else:
+            elif not cpu:
                 tensor = tensor.to(device)
             with autocast:
-                logits = _tta_forward(model, tensor, params.tta)
+                logits = _tta_forward(network, tensor, params.tta)
             probs = torch.sigmoid(logits.float()).cpu().numpy()
             for slot, tile in enumerate(batch_tiles):
                 weight = tile.weight_y[:, None] * tile.weight_x[None, :]
@@ -184,7 +198,9 @@ class _no_autocast:
         return False
 
 
-def _output_channels(model: torch.nn.Module, in_channels: int, device: torch.device) -> int:
+def _output_channels(model, in_channels: int, device: torch.device) -> int:
+    if getattr(model, "out_channels", None):  # an OnnxNetwork
+        return int(model.out_channels)
     head = getattr(model, "segmentation_head", None)
     conv = head[0] if head is not None else None
     if isinstance(conv, torch.nn.Conv2d):

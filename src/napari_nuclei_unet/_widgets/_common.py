@@ -107,6 +107,7 @@ class ModelPicker:
 
     def _show_summary(self) -> None:
         from ..model import resolve_device
+        from ..onnx_backend import describe_device
 
         try:
             checkpoint = self._loaded.get(self.path())
@@ -115,7 +116,7 @@ class ModelPicker:
         if checkpoint is None:
             return
         try:
-            device = str(resolve_device(self.device.value))
+            device = describe_device(resolve_device(self.device.value))
         except Exception as error:  # a device that vanished (e.g. eGPU unplugged)
             device = f"unavailable ({error})"
         self.summary.value = f"{checkpoint.summary()} | runs on {device}"

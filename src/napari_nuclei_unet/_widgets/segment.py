@@ -382,10 +382,11 @@ def _segment_worker(request: SegmentRequest, model: ModelPicker, cached: dict, c
     megapixels = sum(np.prod(predictions[i].probabilities.shape[1:]) for i in todo) / 1e6
     shown = predictions[todo[0]] if todo else cached[indices[0]]
     from ..model import resolve_device
+    from ..onnx_backend import describe_device
 
     return {
         "checkpoint": checkpoint, "probabilities": predictions, "labelled": labelled, "factor": shown.factor, "diameter": shown.diameter,
-        "seconds": time.perf_counter() - started, "megapixels": megapixels, "device": str(resolve_device(request.params.tiling.device)),
+        "seconds": time.perf_counter() - started, "megapixels": megapixels, "device": describe_device(resolve_device(request.params.tiling.device), request.params.tiling.backend),
     }  # fmt: skip
 
 
