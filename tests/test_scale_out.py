@@ -36,6 +36,32 @@ def test_zarr_in_zarr_out(tmp_path, capsys, monkeypatch):
     assert "1 image(s)" in capsys.readouterr().out
 
 
+def test_large_tiff_is_read_lazily_and_written_tile_by_tile(tmp_path, monkeypatch):
+    """A TIFF plane above the block threshold never has to fit in memory, in or out."""
+    import zarr
+
+    from napari_nuclei_unet import batch, blocks
+    from napari_nuclei_unet.model import Checkpoint, bundled_model_path
+    from napari_nuclei_unet.segment import SegmentParams
+
+    monkeypatch.setattr(blocks, "LARGE_PLANE", 200 * 200)
+    monkeypatch.setattr(blocks, "BLOCK_SIZE", 160)
+    image, truth = nuclei_field((330, 410), count=40, diameter=20, seed=32)
+    tifffile.imwrite(tmp_path / "field.tif", image, tile=(128, 128))
+    opened = batch.open_image(tmp_path / "field.tif")
+    assert isinstance(opened, zarr.Array) and np.array_equal(opened[...], image)  # lazy, same pixels
+
+    checkpoint = Checkpoint.load(bundled_model_path())
+    params = SegmentParams(diameter=None)
+    result = batch.segment_file(checkpoint, tmp_path / "field.tif", tmp_path / "tif", params)
+    batch.segment_file(checkpoint, tmp_path / "field.tif", tmp_path / "zarr", params, out_format="zarr")
+    written = tifffile.imread(tmp_path / "tif" / "field.tif")
+    assert written.dtype == np.uint16 and written.max() == result.nuclei
+    assert np.array_equal(written, zarr.open_array(str(tmp_path / "zarr" / "field.zarr"), mode="r")[...])
+    assert evaluate([(truth, written)]).ap50 > 0.8
+    assert [p.name for p in (tmp_path / "tif").iterdir()] == ["field.tif"]  # no scratch left behind
+
+
 def test_bad_zarr_is_one_line(tmp_path, capsys):
     (tmp_path / "broken.zarr").mkdir()
     assert main(["segment", str(tmp_path / "broken.zarr"), "--out", str(tmp_path / "out")]) == 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,8 +40,14 @@ class FileResult:
 
 
 def open_image(path: str | os.PathLike):
-    """An image file as numpy, or a ``.zarr`` store as a lazy zarr array (first array of a group, e.g. OME-Zarr level 0)."""
+    """An image file as numpy, or a lazy zarr array for a ``.zarr`` store (first array of a
+    group, e.g. OME-Zarr level 0) and for a TIFF holding one plane too large to segment whole.
+    """
     path = Path(path)
+    if path.suffix.lower() in (".tif", ".tiff"):
+        lazy = _lazy_tiff_plane(path)
+        if lazy is not None:
+            return lazy
     if path.suffix.lower() != ".zarr":
         return read_image(path)
     import zarr
@@ -56,6 +63,29 @@ def open_image(path: str | os.PathLike):
         node = node[keys[0]]
     check_image_layout(node, name=str(path))
     return node
+
+
+def _lazy_tiff_plane(path: Path):
+    """A large single-plane TIFF as a zarr array read strip by strip or tile by tile; None otherwise."""
+    from .blocks import LARGE_PLANE
+
+    try:
+        import tifffile
+        import zarr
+
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            if len(series.levels) > 1 or len(tif.series) > 1:
+                return None  # pyramids and multi-series files: read as before
+            shape = tuple(series.shape)
+        plane = len(shape) == 2 or (len(shape) == 3 and shape[-1] in (3, 4))
+        if not plane or shape[0] * shape[1] <= LARGE_PLANE:
+            return None
+        array = zarr.open(tifffile.imread(path, aszarr=True), mode="r")
+    except Exception:  # unreadable here: read_image reports the problem with the file name
+        return None
+    check_image_layout(array, name=str(path))
+    return array
 
 
 def output_path(out_dir: str | os.PathLike, source: str | os.PathLike, out_format: str) -> Path:
@@ -81,6 +111,7 @@ def segment_file(
     target = output_path(out_dir, source, out_format)
     single = is_single_plane(image)
     shape = tuple(image.shape[:2]) if single else tuple(image.shape[:3])
+    large = single and shape[0] * shape[1] > LARGE_PLANE
     if out_format == "zarr":
         import zarr
 
@@ -89,7 +120,7 @@ def segment_file(
         shutil.rmtree(partial, ignore_errors=True)
         labels_out = zarr.open_array(str(partial), mode="w", shape=shape, chunks=(1,) * (len(shape) - 2) + (1024, 1024), dtype="int32")
         try:
-            if single and shape[0] * shape[1] > LARGE_PLANE:
+            if large:
                 result = segment_large(checkpoint, image, params, labels_out=labels_out, progress=progress, cancel=cancel)
             else:
                 result = segment(checkpoint, image, params, progress=progress, cancel=cancel)
@@ -98,6 +129,14 @@ def segment_file(
             os.replace(partial, target)
         finally:
             shutil.rmtree(partial, ignore_errors=True)
+    elif large:  # labels on disk, then streamed into a tiled TIFF: memory stays flat
+        import zarr
+
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".{target.name}.", dir=target.parent) as scratch:
+            labels_out = zarr.open_array(str(Path(scratch) / "labels.zarr"), mode="w", shape=shape, chunks=(1024, 1024), dtype="int32")
+            result = segment_large(checkpoint, image, params, labels_out=labels_out, progress=progress, cancel=cancel)
+            write_labels(target, labels_out, max_label=result.count)
     else:
         result = segment(checkpoint, image, params, progress=progress, cancel=cancel)
         write_labels(target, np.asarray(result.labels))

@@ -199,18 +199,29 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator:
             yield handle
 
 
-def write_labels(path: str | os.PathLike, labels: np.ndarray) -> Path:
-    """Write an instance label image (uint16, or uint32 when needed) to ``.tif`` or ``.png``, atomically."""
+def write_labels(path: str | os.PathLike, labels, max_label: int | None = None) -> Path:
+    """Write an instance label image (uint16, or uint32 when needed) to ``.tif`` or ``.png``, atomically.
+
+    A 2D zarr or dask array goes to a tiled TIFF one band of tiles at a time, so labels
+    larger than memory can be written. ``max_label``, when known, saves a pass over them.
+    """
     path = Path(path)
-    labels = np.asarray(labels)
-    max_label = int(labels.max()) if labels.size else 0
-    dtype = label_dtype(max_label)
     suffix = path.suffix.lower()
+    lazy = not isinstance(labels, np.ndarray) and len(labels.shape) == 2 and suffix in _TIFF_SUFFIXES
+    if not lazy:
+        labels = np.asarray(labels)
+    if max_label is None:
+        max_label = max((int(band.max()) for band in _bands(labels) if band.size), default=0)
+    dtype = label_dtype(max_label)
     if suffix in _TIFF_SUFFIXES:
         import tifffile
 
         with atomic_path(path) as tmp:
-            tifffile.imwrite(tmp, labels.astype(dtype, copy=False), compression="zlib")
+            if lazy:
+                tiles = (tile for band in _bands(labels) for tile in _split_columns(band.astype(dtype, copy=False)))
+                tifffile.imwrite(tmp, tiles, shape=labels.shape, dtype=dtype, tile=(_TIFF_TILE, _TIFF_TILE), compression="zlib")
+            else:
+                tifffile.imwrite(tmp, labels.astype(dtype, copy=False), compression="zlib")
     elif suffix == ".png":
         if dtype != np.uint16 or labels.ndim != 2:
             raise InputError(f"{path}: PNG holds one 2D plane of at most 65535 labels; use .tif")
@@ -221,6 +232,23 @@ def write_labels(path: str | os.PathLike, labels: np.ndarray) -> Path:
     else:
         raise InputError(f"{path}: label images are written as .tif or .png, not {suffix!r}")
     return path
+
+
+_TIFF_TILE = 512  # px: tile edge of label TIFFs written from zarr/dask
+
+
+def _bands(labels) -> Iterator[np.ndarray]:
+    """Rows of tiles of a 2D array as numpy (a numpy array or a stack is one band)."""
+    if isinstance(labels, np.ndarray) or len(labels.shape) != 2:
+        yield np.asarray(labels)
+        return
+    for top in range(0, labels.shape[0], _TIFF_TILE):
+        yield np.asarray(labels[top:top + _TIFF_TILE])
+
+
+def _split_columns(band: np.ndarray) -> Iterator[np.ndarray]:
+    for left in range(0, band.shape[1], _TIFF_TILE):
+        yield band[:, left:left + _TIFF_TILE]
 
 
 def find_images(inputs: list[str]) -> list[Path]:

@@ -115,6 +115,9 @@ def _export(model: torch.nn.Module, in_channels: int, threads: int) -> OnnxNetwo
     options.intra_op_num_threads = max(1, threads)
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # errors only
+    # The memory arena keeps the largest tile's activations (~140 MB more peak RSS at 1024 px
+    # tiles) but saves ~30% of the time of 1024 px tiles (measured: 2.3 s vs 3.3 s at 4 MP).
+    options.enable_cpu_mem_arena = True
     session = onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
     return OnnxNetwork(session, out_channels)
 
