@@ -42,14 +42,22 @@ def test_nuclei_across_block_borders_stay_whole_and_labels_are_unique(bundled, f
     labels = blocked.labels
     assert labels.shape == truth.shape and labels.dtype == np.int32
     assert blocked.count == len(np.unique(labels)) - 1  # every written label is a distinct nucleus
+    whole = segment(bundled, image, params)
+
+    def merged_size(labels: np.ndarray, index: int) -> int:
+        inside = labels[truth == index]
+        values, counts = np.unique(inside[inside > 0], return_counts=True)
+        return int((labels == values[np.argmax(counts)]).sum()) if values.size else 0
+
     for index in crossing:
         inside = labels[truth == index]
         values, counts = np.unique(inside[inside > 0], return_counts=True)
         assert values.size, f"nucleus {index} lost"
         main = values[np.argmax(counts)]
         assert counts.max() >= 0.8 * inside.size, f"nucleus {index} cut at a block border"
-        assert (labels == main).sum() <= 1.3 * inside.size  # and not merged with a neighbour
-    whole = segment(bundled, image, params)
+        # Not merged with a neighbour by the stitching (the model may merge a pair on its own:
+        # then the whole-plane segmentation merges it too).
+        assert (labels == main).sum() <= 1.3 * max(inside.size, merged_size(whole.labels, index))
     assert abs(evaluate([(truth, labels)]).kaggle_score - evaluate([(truth, whole.labels)]).kaggle_score) < 0.03
 
 

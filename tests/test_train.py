@@ -82,3 +82,21 @@ def test_freeze_batchnorm_keeps_the_starting_statistics(tmp_path, tiny_checkpoin
     assert all(torch.equal(a, b) for a, b in zip(start, running_means(frozen)))
     fit(tiny_checkpoint, samples, tmp_path / "free", val=[], config=config)
     assert not all(torch.equal(a, b) for a, b in zip(start, running_means(tiny_checkpoint)))
+
+
+def test_low_resolution_augmentation_blurs_the_image_only():
+    from torchvision import tv_tensors
+
+    from napari_nuclei_unet.train import RandomLowResolution
+
+    rng = np.random.default_rng(5)
+    image = tv_tensors.Image(torch.from_numpy(rng.random((3, 64, 80), dtype=np.float32)))
+    mask = tv_tensors.Mask(torch.from_numpy((rng.random((3, 64, 80)) > 0.5).astype(np.uint8)))
+    blurred, same_mask = RandomLowResolution((2.0, 2.0))(image, mask)
+    assert blurred.shape == image.shape and torch.equal(same_mask, mask)
+    # Detail is gone: neighbouring pixels of white noise become strongly correlated.
+    def neighbour_difference(x):
+        return float((x[..., 1:] - x[..., :-1]).abs().mean())
+
+    assert neighbour_difference(blurred) < 0.5 * neighbour_difference(image)
+    assert abs(float(blurred.mean()) - float(image.mean())) < 0.02  # brightness kept
