@@ -22,20 +22,27 @@ def _image(shape=(200, 330), seed=3):
     return (ndi.gaussian_filter(rng.random(shape), 3) * 4000).astype(np.uint16)
 
 
-def _both(model, image, **tiling):
+def _both(model, image, monkeypatch, **tiling):
+    """Probabilities with each backend, checking that ONNX Runtime ran only when asked for."""
+    calls = []
+    original = onnx_backend.OnnxNetwork.__call__
+    monkeypatch.setattr(onnx_backend.OnnxNetwork, "__call__", lambda self, batch: calls.append(1) or original(self, batch))
     normalizer = Normalizer.from_image(image, 3)
-    results = [predict(model, image, normalizer, TilingParams(device="cpu", backend=b, **tiling)) for b in ("torch", "onnx")]
-    return results
+    with_torch = predict(model, image, normalizer, TilingParams(device="cpu", backend="torch", **tiling))
+    assert not calls
+    with_onnx = predict(model, image, normalizer, TilingParams(device="cpu", backend="onnx", **tiling))
+    assert calls
+    return with_torch, with_onnx
 
 
 @pytest.mark.parametrize("tiling", [{}, {"tile_size": 128, "overlap": 32, "batch_size": 2}, {"tta": True}])
-def test_onnx_matches_torch(tiny_checkpoint, tiling):
-    with_torch, with_onnx = _both(tiny_checkpoint.model, _image(), **tiling)
+def test_onnx_matches_torch(tiny_checkpoint, tiling, monkeypatch):
+    with_torch, with_onnx = _both(tiny_checkpoint.model, _image(), monkeypatch, **tiling)
     assert with_onnx.shape == with_torch.shape == (2, 200, 330)
     assert np.abs(with_onnx - with_torch).max() < TOLERANCE
 
 
-def test_one_export_per_weights_and_a_new_one_after_training(tiny_checkpoint):
+def test_one_export_per_weights_and_a_new_one_after_training(tiny_checkpoint, monkeypatch):
     model = tiny_checkpoint.model.eval()
     first = onnx_backend.cpu_network(model, 3)
     assert isinstance(first, onnx_backend.OnnxNetwork)
@@ -44,7 +51,7 @@ def test_one_export_per_weights_and_a_new_one_after_training(tiny_checkpoint):
         model.segmentation_head[0].bias.add_(0.5)
     second = onnx_backend.cpu_network(model, 3)
     assert second is not first
-    with_torch, with_onnx = _both(model, _image())
+    with_torch, with_onnx = _both(model, _image(), monkeypatch)
     assert np.abs(with_onnx - with_torch).max() < TOLERANCE  # the new weights, not the exported ones
 
 
@@ -60,16 +67,21 @@ def test_backend_choices(tiny_checkpoint, monkeypatch):
     assert onnx_backend.describe_device("cpu") == "cpu (PyTorch)"
 
 
-def test_failed_export_falls_back_to_torch(tiny_checkpoint, monkeypatch):
+def test_failed_export_falls_back_to_torch_and_is_not_retried(tiny_checkpoint, monkeypatch):
+    attempts = []
+
     def broken(*args, **kwargs):
+        attempts.append(1)
         raise RuntimeError("unsupported operator")
 
     monkeypatch.setattr(onnx_backend, "_export", broken)
     model = tiny_checkpoint.model
     with pytest.warns(RuntimeWarning, match="ONNX export failed"):
         assert onnx_backend.cpu_network(model, 3, "auto") is model
+    assert onnx_backend.cpu_network(model, 3, "auto") is model  # every tile of every image: one attempt
     with pytest.raises(ModelError, match="unsupported operator"):
         onnx_backend.cpu_network(model, 3, "onnx")
+    assert len(attempts) == 1
 
 
 def test_cli_names_the_engine(tmp_path, capsys):

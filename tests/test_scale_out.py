@@ -55,6 +55,8 @@ def test_large_tiff_is_read_lazily_and_written_tile_by_tile(tmp_path, monkeypatc
     params = SegmentParams(diameter=None)
     result = batch.segment_file(checkpoint, tmp_path / "field.tif", tmp_path / "tif", params)
     batch.segment_file(checkpoint, tmp_path / "field.tif", tmp_path / "zarr", params, out_format="zarr")
+    with tifffile.TiffFile(tmp_path / "tif" / "field.tif") as tif:
+        assert tif.pages[0].is_tiled  # streamed tile by tile (whole arrays are written in strips)
     written = tifffile.imread(tmp_path / "tif" / "field.tif")
     assert written.dtype == np.uint16 and written.max() == result.nuclei
     assert np.array_equal(written, zarr.open_array(str(tmp_path / "zarr" / "field.zarr"), mode="r")[...])

@@ -211,7 +211,7 @@ def write_labels(path: str | os.PathLike, labels, max_label: int | None = None) 
     if not lazy:
         labels = np.asarray(labels)
     if max_label is None:
-        max_label = max((int(band.max()) for band in _bands(labels) if band.size), default=0)
+        max_label = max((int(band.max()) for band in (_bands(labels) if lazy else [labels]) if band.size), default=0)
     dtype = label_dtype(max_label)
     if suffix in _TIFF_SUFFIXES:
         import tifffile
@@ -238,10 +238,7 @@ _TIFF_TILE = 512  # px: tile edge of label TIFFs written from zarr/dask
 
 
 def _bands(labels) -> Iterator[np.ndarray]:
-    """Rows of tiles of a 2D array as numpy (a numpy array or a stack is one band)."""
-    if isinstance(labels, np.ndarray) or len(labels.shape) != 2:
-        yield np.asarray(labels)
-        return
+    """Rows of tiles of a 2D zarr or dask array, read one at a time as numpy."""
     for top in range(0, labels.shape[0], _TIFF_TILE):
         yield np.asarray(labels[top:top + _TIFF_TILE])
 

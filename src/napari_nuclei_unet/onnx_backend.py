@@ -13,6 +13,7 @@ is no exported file to keep in step with the checkpoint. Without ``onnxruntime``
 
 from __future__ import annotations
 
+import functools
 import io
 import threading
 import warnings
@@ -25,7 +26,8 @@ from .errors import ModelError
 
 BACKENDS = ("auto", "torch", "onnx")
 _OPSET = 17
-_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, OnnxNetwork]]" = weakref.WeakKeyDictionary()
+# Per model: (weights version, the exported network or why the export failed).
+_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, OnnxNetwork | str]]" = weakref.WeakKeyDictionary()
 _TENSORS: "weakref.WeakKeyDictionary[torch.nn.Module, list[torch.Tensor]]" = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 
@@ -43,6 +45,7 @@ class OnnxNetwork:
         return torch.from_numpy(self.session.run(None, {self._input: array})[0])
 
 
+@functools.cache
 def available() -> bool:
     """Whether ONNX Runtime and the exporter's ``onnx`` package can be imported."""
     try:
@@ -71,17 +74,20 @@ def cpu_network(model: torch.nn.Module, in_channels: int, backend: str = "auto")
     key = (_weights_version(model), in_channels, torch.get_num_threads())
     with _LOCK:  # one export per model and weights, also when several threads segment at once
         cached = _CACHE.get(model)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        try:
-            network = _export(model, in_channels, threads=key[2])
-        except Exception as error:  # an encoder with an op the exporter lacks, etc.
-            if backend == "onnx":
-                raise ModelError(f"cannot run this model with ONNX Runtime: {error}") from None
-            warnings.warn(f"ONNX export failed, using PyTorch on the CPU ({error})", RuntimeWarning, stacklevel=2)
-            return model
-        _CACHE[model] = (key, network)
-        return network
+        if cached is None or cached[0] != key:
+            try:
+                cached = (key, _export(model, in_channels, threads=key[2]))
+            except Exception as error:  # an encoder with an op the exporter lacks, etc.; not retried
+                cached = (key, str(error))
+                if backend == "auto":
+                    warnings.warn(f"ONNX export failed, using PyTorch on the CPU ({error})", RuntimeWarning, stacklevel=2)
+            _CACHE[model] = cached
+    network = cached[1]
+    if isinstance(network, str):
+        if backend == "onnx":
+            raise ModelError(f"cannot run this model with ONNX Runtime: {network}")
+        return model
+    return network
 
 
 def _weights_version(model: torch.nn.Module) -> tuple:

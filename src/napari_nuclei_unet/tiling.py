@@ -147,16 +147,14 @@ def predict(
     if model.training:
         model.eval()
     cpu = device.type == "cpu"
-    channels_last = False
+    network = model
     if cpu:
         from .onnx_backend import cpu_network
 
         network = cpu_network(model, normalizer.channels, params.backend)
-        channels_last = network is model
-        if channels_last:
-            model = network = model.to(memory_format=torch.channels_last)
-    else:
-        network = model
+    channels_last = cpu and network is model  # PyTorch on the CPU
+    if channels_last:
+        network = model.to(memory_format=torch.channels_last)
     with torch.inference_mode():
         classes = _output_channels(network, normalizer.channels, device)
         if out is None:

@@ -158,14 +158,13 @@ class RandomLowResolution(v2.Transform):
 def build_augmentation(config: TrainConfig) -> v2.Transform:
     """Joint geometric + image-only intensity and resolution augmentation (torchvision v2)."""
     geometric = [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(), RandomRot90()]
-    if config.low_resolution > 0:
-        geometric.append(v2.RandomApply([RandomLowResolution()], p=config.low_resolution))
+    resolution = [v2.RandomApply([RandomLowResolution()], p=config.low_resolution)] if config.low_resolution > 0 else []
     intensity = [
         v2.RandomApply([v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.4, hue=0.08)], p=0.8),
         v2.RandomApply([RandomGamma()], p=0.5),
         v2.RandomGrayscale(p=0.1),
     ]
-    return v2.Compose(geometric + intensity)
+    return v2.Compose(geometric + resolution + intensity)
 
 
 class PatchSampler:
