@@ -46,3 +46,17 @@ def test_rle_cli_round_trips_the_real_csv(dsb2018, tmp_path):
         assert entries[image_id].overlap_pixels > 0, image_id
         assert len(original[image_id]) == len(again[image_id])
     assert len(different) <= 6
+
+
+def test_image_types_of_the_val_split(dsb2018):
+    """The three DSB2018 image types, checked by looking at them: 53 fluorescence, 4 grey brightfield, 10 stained tissue."""
+    from napari_nuclei_unet.data import image_kind, image_type, load_pairs, read_split
+
+    split = read_split(dsb2018 / "split.csv")
+    names = sorted(k for k, v in split.items() if v == "val")
+    types = [image_type(s.image) for s in load_pairs(dsb2018 / "images", dsb2018 / "train_labels.csv", set(names))]
+    assert {t: types.count(t) for t in set(types)} == {"fluorescence": 53, "brightfield": 4, "tissue": 10}
+    grey_dark = np.zeros((64, 64), np.uint8)
+    grey_dark[20:30, 20:30] = 200
+    assert image_type(grey_dark) == image_kind(grey_dark) == "fluorescence"
+    assert image_type(255 - grey_dark) == image_kind(255 - grey_dark) == "brightfield"

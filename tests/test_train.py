@@ -100,3 +100,35 @@ def test_low_resolution_augmentation_blurs_the_image_only():
 
     assert neighbour_difference(blurred) < 0.5 * neighbour_difference(image)
     assert abs(float(blurred.mean()) - float(image.mean())) < 0.02  # brightness kept
+
+
+def _distance_from(checkpoint, start):
+    return float(sum(((p - p0) ** 2).sum() for p, p0 in zip(checkpoint.model.state_dict().values(), start.values()) if p.is_floating_point()))
+
+
+def test_anchor_keeps_fine_tuned_weights_near_the_start(tmp_path, tiny_checkpoint, samples):
+    base = {k: v.clone() for k, v in tiny_checkpoint.model.state_dict().items()}
+    config = dict(epochs=1, iterations_per_epoch=4, patch_size=64, batch_size=2, warmup_iterations=1, learning_rate=3e-3)
+    free, anchored = Checkpoint.create(tiny_checkpoint.config), Checkpoint.create(tiny_checkpoint.config)
+    for checkpoint in (free, anchored):
+        checkpoint.model.load_state_dict(base)
+    fit(free, samples, tmp_path / "free", val=[], config=TrainConfig(**config))
+    fit(anchored, samples, tmp_path / "anchored", val=[], config=TrainConfig(**config, anchor_weight=100.0))
+    assert 0 < _distance_from(anchored, base) < 0.5 * _distance_from(free, base)
+
+
+def test_freeze_encoder_trains_only_the_decoder(tmp_path, tiny_checkpoint, samples):
+    start = {k: v.clone() for k, v in tiny_checkpoint.model.state_dict().items()}
+    config = TrainConfig(epochs=1, iterations_per_epoch=2, patch_size=64, batch_size=2, warmup_iterations=1, freeze_encoder=True, freeze_batchnorm=True)
+    fit(tiny_checkpoint, samples, tmp_path / "out", val=[], config=config)
+    after = tiny_checkpoint.model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in start.items() if k.startswith("encoder."))
+    assert not all(torch.equal(after[k], v) for k, v in start.items() if k.startswith("decoder."))
+
+
+def test_finetune_config_applies_overrides():
+    from napari_nuclei_unet.train import FINETUNE_DEFAULTS, finetune_config
+
+    config = finetune_config(learning_rate=5e-5)
+    assert config.learning_rate == 5e-5 and config.freeze_batchnorm
+    assert config.batch_size == FINETUNE_DEFAULTS["batch_size"]

@@ -30,14 +30,26 @@ class LabelledImage:
             raise InputError(f"{self.name}: region-of-interest shape {self.roi.shape} does not match image shape {spatial}")
 
 
-def image_kind(image: np.ndarray) -> str:
-    """``'fluorescence'`` (grey, dark background) or ``'brightfield'`` (colour or bright background, H&E-like)."""
+def image_type(image: np.ndarray) -> str:
+    """The DSB2018 image type: ``'fluorescence'`` (dark background), ``'tissue'`` (stained
+    colour, H&E-like) or ``'brightfield'`` (grey on a bright background).
+
+    These are the types the challenge's images fall into, and models fare very differently
+    on each: benchmarks score them separately.
+    """
     array = np.asarray(image)
     colour = array[..., :3].astype(np.float32) if array.ndim == 3 else array[..., None].astype(np.float32)
     grey = colour.mean(axis=-1)
     saturated = float(np.abs(colour - grey[..., None]).mean()) > 0.02 * max(float(grey.max()), 1.0)
+    if saturated:
+        return "tissue"
     bright_background = float(np.median(grey)) > float(grey.mean()) and float(np.median(grey)) > 0.3 * float(grey.max())
-    return "brightfield" if saturated or bright_background else "fluorescence"
+    return "brightfield" if bright_background else "fluorescence"
+
+
+def image_kind(image: np.ndarray) -> str:
+    """``'fluorescence'`` (dark background) or ``'brightfield'`` (bright background or stained colour)."""
+    return "fluorescence" if image_type(image) == "fluorescence" else "brightfield"
 
 
 def read_split(path: str | os.PathLike) -> dict[str, str]:

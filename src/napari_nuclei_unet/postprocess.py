@@ -121,28 +121,37 @@ def _distance_markers(distance: np.ndarray, mask: np.ndarray, h: float, smoothin
     """One marker per h-maximum of the (lightly smoothed) distance map, found object by object.
 
     Most objects are single nuclei with one regional maximum, which is their only
-    h-maximum; only objects with several maxima go through the h-maxima reconstruction,
-    on their bounding box. The markers are those of ``h_maxima`` on each object alone; ~5x
-    faster than ``h_maxima`` on the whole image.
+    h-maximum: their markers (the pixels at the object's maximum) are found for all of
+    them at once. Only objects with several maxima go through the h-maxima
+    reconstruction, on their bounding box. The markers are those of ``h_maxima`` on each
+    object alone; ~5x faster than ``h_maxima`` on the whole image.
     """
     from skimage.morphology import h_maxima
 
     smooth = ndi.gaussian_filter(distance, smoothing)
-    objects, _ = ndi.label(mask)
+    objects, count = ndi.label(mask)
+    if count == 0:
+        return np.zeros(mask.shape, np.int32)
+    peak = np.zeros(count + 1, np.float32)
+    np.maximum.at(peak, objects[mask], smooth[mask])  # each object's highest value (ndi.maximum sorts: ~20x slower)
     local_maxima = (smooth == ndi.maximum_filter(smooth, size=3)) & mask
-    markers = np.zeros(mask.shape, np.int32)
-    next_label = 1
-    for index, box in enumerate(ndi.find_objects(objects), start=1):
-        if box is None:
-            continue
-        inside = objects[box] == index
+    maxima, maxima_count = ndi.label(local_maxima)
+    # Number of separate local-maximum regions in each object.
+    owner = np.zeros(maxima_count + 1, np.int64)
+    owner[maxima[local_maxima]] = objects[local_maxima]
+    regions = np.bincount(owner[1:], minlength=count + 1)
+    several = (regions > 1) & (peak > h)
+    several[0] = False
+    # Single-maximum objects: the pixels at the object's peak.
+    top = mask & ~several[objects] & (smooth == peak[objects])
+    markers, next_label = ndi.label(top)
+    markers = markers.astype(np.int32, copy=False)
+    boxes = ndi.find_objects(objects)
+    for label in np.flatnonzero(several):
+        box = boxes[label - 1]
+        inside = objects[box] == label
         values = np.where(inside, smooth[box], 0.0).astype(np.float32)
-        _, maxima = ndi.label(local_maxima[box] & inside)
-        if maxima > 1 and values.max() > h:
-            top = h_maxima(values, h).astype(bool) & inside
-        else:
-            top = inside & (values == values.max())
-        found, count = ndi.label(top)
-        markers[box][found > 0] = found[found > 0] + (next_label - 1)
-        next_label += count
+        found, found_count = ndi.label(h_maxima(values, h).astype(bool) & inside)
+        markers[box][found > 0] = found[found > 0] + next_label
+        next_label += found_count
     return markers

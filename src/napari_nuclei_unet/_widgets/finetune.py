@@ -26,7 +26,7 @@ from qtpy.QtWidgets import QWidget
 from ..data import LabelledImage
 from ..errors import NucleiUnetError
 from ..model import BUNDLED_MODEL_DIR
-from ..train import TrainConfig, TrainEvent, fit
+from ..train import FINETUNE_DEFAULTS, TrainConfig, TrainEvent, finetune_config, fit
 from ._common import ModelPicker, Relay
 from .segment import segment_widget_of
 
@@ -142,11 +142,11 @@ class FineTuneWidget(Container):
         self.clear_pairs_button = PushButton(text="Clear pairs")
         self.pairs_label = Label(value="pairs: the image/labels above")
         self.model = ModelPicker()
-        self.epochs = SpinBox(label="epochs", value=10, min=1, max=1000)
-        self.iterations = SpinBox(label="iterations / epoch", value=20, min=1, max=10000)
-        self.learning_rate = FloatSpinBox(label="learning rate", value=1e-4, min=1e-6, max=1e-1, step=1e-4)
-        self.patch_size = SpinBox(label="patch size", value=256, min=64, max=1024, step=32)
-        self.batch_size = SpinBox(label="batch size", value=4, min=1, max=64)
+        self.epochs = SpinBox(label="epochs", value=FINETUNE_DEFAULTS["epochs"], min=1, max=1000)
+        self.iterations = SpinBox(label="iterations / epoch", value=FINETUNE_DEFAULTS["iterations_per_epoch"], min=1, max=10000)
+        self.learning_rate = FloatSpinBox(label="learning rate", value=FINETUNE_DEFAULTS["learning_rate"], min=1e-6, max=1e-1, step=1e-4)
+        self.patch_size = SpinBox(label="patch size", value=FINETUNE_DEFAULTS["patch_size"], min=64, max=1024, step=32)
+        self.batch_size = SpinBox(label="batch size", value=FINETUNE_DEFAULTS["batch_size"], min=1, max=64)
         self.augment = CheckBox(text="augmentation", value=True)
         self.val_fraction = FloatSpinBox(label="validation fraction", value=0.25, min=0.0, max=0.9, step=0.05,
                                          tooltip="share of the planes held out to pick the best epoch (needs 2+ planes)")  # fmt: skip
@@ -244,11 +244,11 @@ class FineTuneWidget(Container):
             raise ValueError("the bundled model's folder cannot be overwritten; choose another folder")
         if out_dir.exists() and any(out_dir.iterdir()):
             raise ValueError(f"{out_dir} already exists and is not empty; choose another model name")
-        config = TrainConfig(
+        config = finetune_config(
             epochs=int(self.epochs.value), iterations_per_epoch=int(self.iterations.value), learning_rate=float(self.learning_rate.value),
             patch_size=int(self.patch_size.value), batch_size=int(self.batch_size.value), augment=bool(self.augment.value),
             val_fraction=float(self.val_fraction.value), device=self.model.device.value, val_every=1,
-            warmup_iterations=min(20, int(self.iterations.value)), freeze_batchnorm=True,
+            warmup_iterations=min(FINETUNE_DEFAULTS["warmup_iterations"], int(self.iterations.value)),
         )  # fmt: skip
         val = None if len(samples) > 1 and config.val_fraction > 0 else []
         nuclei = sum(int(len(np.unique(s.labels)) - 1) for s in samples)
