@@ -87,3 +87,19 @@ def test_cli_diameter_auto_number_and_none(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["segment", str(source), "--out", str(tmp_path / "bad"), "--diameter", "big"])
     assert "--diameter" in capsys.readouterr().err
+
+
+def test_estimation_passes_stop_once_confidence_falls(bundled, monkeypatch):
+    """Confidence 0.80, 0.90, 0.85 at zoom 1, 1/2, 1/4: the 1/2 pass wins and 1/8 never runs."""
+    zooms = []
+    confidences = iter([0.80, 0.90, 0.85, 0.99])
+
+    def fake_predict(checkpoint, plane, normalizer, tiling, zoom, progress, cancel):
+        zooms.append(zoom)
+        return np.zeros((2, 8, 8), np.float32)
+
+    monkeypatch.setattr(segment_module, "_predict_zoomed", fake_predict)
+    monkeypatch.setattr(segment_module, "measure_nuclei", lambda probabilities, outputs: (10.0, next(confidences)))
+    estimate = estimate_diameter(bundled, np.zeros((512, 512), np.uint8))
+    assert zooms == [1.0, 0.5, 0.25]
+    assert estimate.zoom == 0.5 and estimate.diameter == pytest.approx(20.0)

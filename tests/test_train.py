@@ -132,3 +132,25 @@ def test_finetune_config_applies_overrides():
     config = finetune_config(learning_rate=5e-5)
     assert config.learning_rate == 5e-5 and config.freeze_batchnorm
     assert config.batch_size == FINETUNE_DEFAULTS["batch_size"]
+
+
+def test_fine_tuning_pools_the_reference_size_with_the_base_model():
+    from napari_nuclei_unet.train import pooled_diameter
+
+    assert pooled_diameter(None, 0, 12.0, 50) == 12.0  # a new model: its data's median
+    assert pooled_diameter(20.0, 0, 12.0, 50) == 12.0  # base of unknown provenance: as before
+    assert pooled_diameter(20.0, 1000, None, 0) == 20.0  # no nuclei measured: unchanged
+    # 100 new nuclei against 900 the base learnt from: a tenth of the way (log scale).
+    assert pooled_diameter(20.0, 900, 40.0, 100) == pytest.approx(20.0 * 2.0 ** 0.1)
+
+
+def test_fit_records_the_data_median_and_the_pooled_reference(tmp_path, tiny_checkpoint, samples):
+    tiny_checkpoint.nucleus_diameter = 30.0
+    tiny_checkpoint.metadata["training"] = {"nuclei": 10_000}
+    config = TrainConfig(epochs=1, iterations_per_epoch=1, patch_size=64, batch_size=2, warmup_iterations=1)
+    fit(tiny_checkpoint, samples, tmp_path / "out", val=[], config=config)
+    saved = Checkpoint.load(tmp_path / "out")
+    training = saved.metadata["training"]
+    assert training["data_nucleus_diameter"] < 25 and training["reference_nuclei"] == 10_000 + training["nuclei"]
+    assert training["data_nucleus_diameter"] < saved.nucleus_diameter < 30.0
+    assert saved.nucleus_diameter == pytest.approx(30.0, rel=0.05)  # a few nuclei barely move it
