@@ -140,8 +140,7 @@ def _distance_markers(distance: np.ndarray, mask: np.ndarray, h: float, smoothin
     owner = np.zeros(maxima_count + 1, np.int64)
     owner[maxima[local_maxima]] = objects[local_maxima]
     regions = np.bincount(owner[1:], minlength=count + 1)
-    several = (regions > 1) & (peak > h)
-    several[0] = False
+    several = (regions > 1) & (peak > h)  # index 0, the background, has neither
     # Single-maximum objects: the pixels at the object's peak.
     top = mask & ~several[objects] & (smooth == peak[objects])
     markers, next_label = ndi.label(top)

@@ -153,8 +153,8 @@ def predict(
 
         network = cpu_network(model, normalizer.channels, params.backend)
     channels_last = cpu and network is model  # PyTorch on the CPU
-    if channels_last:
-        network = model.to(memory_format=torch.channels_last)
+    if channels_last and not next(model.parameters()).is_contiguous(memory_format=torch.channels_last):
+        model.to(memory_format=torch.channels_last)  # once: converting walks every module
     with torch.inference_mode():
         classes = _output_channels(network, normalizer.channels, device)
         if out is None:
