@@ -55,6 +55,9 @@ class TrainConfig:
     warmup_iterations: int = 50
     augment: bool = True
     scale_range: tuple[float, float] = (0.5, 2.0)  # zoom factors of the scale augmentation
+    # Show each image's nuclei at the zoom segmentation will run them at (their median size
+    # against the model's reference, segment.rescale_factor); scale_range then jitters around it.
+    zoom_to_reference: bool = False
     # Share of patches shown at up to 2.5x lower resolution, zoomed back up: what the network
     # sees when an image taken at low magnification is zoomed up to its nuclei's training size.
     # Off by default: 0.25 gained only 0.015 at x0.5 and made the size estimate overshoot (model card).
@@ -188,9 +191,13 @@ def build_augmentation(config: TrainConfig) -> v2.Transform:
 class PatchSampler:
     """Random training patches with joint augmentation; in-process (no DataLoader workers to pickle)."""
 
-    def __init__(self, samples: list[LabelledImage], config: TrainConfig, in_channels: int, percentiles, rng: np.random.Generator):
+    def __init__(
+        self, samples: list[LabelledImage], config: TrainConfig, in_channels: int, percentiles, rng: np.random.Generator,
+        zooms: list[float] | None = None,
+    ):  # fmt: skip
         self.config = config
         self.rng = rng
+        self.zooms = zooms or [1.0] * len(samples)  # per image, before the scale augmentation
         self.images = [torch.from_numpy(Normalizer.from_image(s.image, in_channels, percentiles)(s.image)) for s in samples]
         self.targets = [torch.from_numpy(make_targets(s.labels, s.roi)) for s in samples]
         areas = np.array([s.labels.size for s in samples], np.float64)
@@ -202,10 +209,10 @@ class PatchSampler:
         index = int(self.rng.choice(len(self.images), p=self.weights))
         image, target = self.images[index], self.targets[index]
         size = self.config.patch_size
-        zoom = 1.0
+        zoom = self.zooms[index]
         if self.config.augment:
             low, high = np.log(self.config.scale_range)
-            zoom = float(np.exp(self.rng.uniform(low, high)))
+            zoom *= float(np.exp(self.rng.uniform(low, high)))
         crop = max(8, int(round(size / zoom)))
         height, width = image.shape[-2:]
         top = int(self.rng.integers(0, max(height - crop, 0) + 1))
@@ -331,7 +338,8 @@ def train_steps(
         start_epoch, iteration, best, spent = int(state["epoch"]), int(state["iteration"]), float(state["best"]), float(state["elapsed"])
         history = _read_log(out_dir / LOG_FILE)
         rng = np.random.default_rng(config.seed + start_epoch)
-    sampler = PatchSampler(train, config, checkpoint.config.in_channels, checkpoint.percentiles, rng)
+    zooms = _reference_zooms(checkpoint, train) if config.zoom_to_reference else None
+    sampler = PatchSampler(train, config, checkpoint.config.in_channels, checkpoint.percentiles, rng, zooms)
     loss_fn = make_loss()
     nuclei = int(sum(int(np.unique(s.labels).size - (1 if (s.labels == 0).any() else 0)) for s in train))
     data_diameter = median_diameter([s.labels for s in train])
@@ -419,6 +427,15 @@ def pooled_diameter(base: float | None, base_nuclei: int, data: float | None, da
         return data or base
     share = data_nuclei / (data_nuclei + base_nuclei)
     return float(np.exp((1.0 - share) * np.log(base) + share * np.log(data)))
+
+
+def _reference_zooms(checkpoint: Checkpoint, samples: list[LabelledImage]) -> list[float]:
+    """Per image, the zoom segmentation applies to nuclei of its median size (1.0 without a reference)."""
+    from .segment import rescale_factor
+
+    if not checkpoint.nucleus_diameter:
+        return [1.0] * len(samples)
+    return [rescale_factor(checkpoint, median_diameter([s.labels])) for s in samples]
 
 
 def _reference_nuclei(checkpoint: Checkpoint) -> int:
