@@ -104,3 +104,24 @@ def test_evaluate_prints_table_and_json(tmp_path, capsys):
     assert "DSB2018 score" in table and "AP@0.5" in table
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["kaggle_score"] == 1.0 and metrics["n_true"] == labels.max()
+
+
+def test_train_fine_tunes_with_the_widget_settings(tmp_path, tiny_checkpoint):
+    from napari_nuclei_unet.io import write_labels
+    from napari_nuclei_unet.model import Checkpoint
+
+    tiny_checkpoint.nucleus_diameter = 20.0
+    model_dir = tiny_checkpoint.save(tmp_path / "model")
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir(), labels.mkdir()
+    for seed in (1, 2):
+        image, truth = nuclei_field((96, 128), count=8, diameter=30, seed=seed)
+        tifffile.imwrite(images / f"field{seed}.tif", image)
+        write_labels(labels / f"field{seed}.tif", truth)
+    out = tmp_path / "tuned"
+    argv = ["train", "--images", str(images), "--labels", str(labels), "--out", str(out), "--model", str(model_dir),
+            "--epochs", "1", "--iterations", "2", "--patch-size", "64", "--batch-size", "2", "--val-fraction", "0",
+            "--freeze-batchnorm", "--zoom-to-reference", "--anchor-weight", "0.01", "--scale-range", "0.8,1.25"]  # fmt: skip
+    assert main(argv) == 0
+    config = Checkpoint.load(out).metadata["training"]["config"]
+    assert config["zoom_to_reference"] and config["anchor_weight"] == 0.01 and config["scale_range"] == [0.8, 1.25]

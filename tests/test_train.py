@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage as ndi
 
 from napari_nuclei_unet import InputError
 from napari_nuclei_unet.data import LabelledImage
@@ -154,3 +155,25 @@ def test_fit_records_the_data_median_and_the_pooled_reference(tmp_path, tiny_che
     assert training["data_nucleus_diameter"] < 25 and training["reference_nuclei"] == 10_000 + training["nuclei"]
     assert training["data_nucleus_diameter"] < saved.nucleus_diameter < 30.0
     assert saved.nucleus_diameter == pytest.approx(30.0, rel=0.05)  # a few nuclei barely move it
+
+
+def test_zoom_to_reference_shows_nuclei_at_the_zoom_segmentation_uses(tiny_checkpoint):
+    from napari_nuclei_unet.data import median_diameter
+    from napari_nuclei_unet.segment import rescale_factor
+    from napari_nuclei_unet.train import PatchSampler, _reference_zooms
+
+    tiny_checkpoint.nucleus_diameter = 20.0
+    large = LabelledImage("large", *nuclei_field((256, 256), count=6, diameter=48, seed=1))  # zoomed to 1.6 x 20 px
+    typical = LabelledImage("typical", *nuclei_field((256, 256), count=20, diameter=20, seed=2))  # in the band: as is
+    zooms = _reference_zooms(tiny_checkpoint, [large, typical])
+    assert zooms[0] == pytest.approx(rescale_factor(tiny_checkpoint, median_diameter([large.labels]))) and zooms[0] < 0.8
+    assert zooms[1] == 1.0
+    config = TrainConfig(patch_size=128, batch_size=1, augment=False, zoom_to_reference=True)
+    sampler = PatchSampler([large], config, 1, tiny_checkpoint.percentiles, np.random.default_rng(0), zooms[:1])
+    # Without augmentation a patch is patch_size / zoom image pixels shrunk to patch_size: its
+    # nuclei have the size segmentation will show the network (nuclei cut by the edge aside).
+    shown = [ndi.label(sampler.patch()[1][0].numpy() == 1)[0] for _ in range(10)]
+    whole = [np.where(np.isin(objects, np.unique(np.r_[objects[0], objects[-1], objects[:, 0], objects[:, -1]])), 0, objects) for objects in shown]
+    assert median_diameter(whole) == pytest.approx(median_diameter([large.labels]) * zooms[0], rel=0.15)
+    tiny_checkpoint.nucleus_diameter = None
+    assert _reference_zooms(tiny_checkpoint, [large]) == [1.0]  # no reference: as before

@@ -81,7 +81,7 @@ class TrainConfig:
 # widget's defaults, measured with benchmarks/finetune.py (docs/user-guide.md, section 8).
 FINETUNE_DEFAULTS = dict(
     epochs=10, iterations_per_epoch=20, learning_rate=1e-4, batch_size=4, patch_size=256, warmup_iterations=20,
-    freeze_batchnorm=True, freeze_encoder=False, anchor_weight=0.0,
+    freeze_batchnorm=True, freeze_encoder=False, anchor_weight=0.01, zoom_to_reference=True, scale_range=(0.8, 1.25),
 )  # fmt: skip
 
 
@@ -369,16 +369,18 @@ def train_steps(
                     group["lr"] = lr
                 images, targets = sampler.batch()
                 images, targets = images.to(device), targets.to(device)
-                loss = loss_fn(model(images), targets)
+                data_loss = loss_fn(model(images), targets)
+                loss = data_loss
                 if anchor is not None:
                     loss = loss + config.anchor_weight * sum(((p - p0) ** 2).sum() for p, p0 in zip(trainable, anchor))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 iteration += 1
-                losses.append(float(loss.detach()))
+                # Reported: how well the labels are fitted (BCE + Dice), without the anchor's penalty.
+                losses.append(float(data_loss.detach()))
                 running = float(np.mean(losses))
-                yield TrainEvent("iteration", epoch, iteration, total, float(loss.detach()), time.perf_counter() - started, str(device))
+                yield TrainEvent("iteration", epoch, iteration, total, losses[-1], time.perf_counter() - started, str(device))
             elapsed = time.perf_counter() - started
             out_of_time = bool(config.max_minutes and elapsed >= 60.0 * config.max_minutes)
             scores, improved = None, False

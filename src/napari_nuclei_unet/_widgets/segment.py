@@ -25,7 +25,7 @@ from qtpy.QtCore import QTimer
 from ..errors import Cancelled
 from ..io import is_single_plane
 from ..postprocess import PostprocessParams
-from ..segment import AUTO, PlanePrediction, SegmentParams, label_plane, predict_plane, resolve_diameter
+from ..segment import AUTO, PlanePrediction, SegmentParams, label_probabilities, predict_plane, resolve_diameter
 from ..tiling import TilingParams
 from ._common import ModelPicker, Relay, result_metadata
 
@@ -378,7 +378,7 @@ def _segment_worker(request: SegmentRequest, model: ModelPicker, cached: dict, c
         raise Cancelled("segmentation cancelled")
     for index in indices:
         prediction = predictions[index] if index in predictions else cached[index]
-        labelled[index] = label_plane(prediction, checkpoint.outputs, request.params.postprocess)
+        labelled[index] = label_probabilities(prediction.probabilities, checkpoint.outputs, request.params.postprocess, prediction.factor)
     megapixels = sum(np.prod(predictions[i].probabilities.shape[1:]) for i in todo) / 1e6
     shown = predictions[todo[0]] if todo else cached[indices[0]]
     from ..model import resolve_device
@@ -392,4 +392,4 @@ def _segment_worker(request: SegmentRequest, model: ModelPicker, cached: dict, c
 
 @thread_worker(ignore_errors=True)  # errors are shown as notifications by the widget
 def _relabel_worker(planes: dict, outputs: tuple[str, ...], params: PostprocessParams) -> dict:
-    return {index: label_plane(p, outputs, params) for index, p in planes.items()}
+    return {index: label_probabilities(p.probabilities, outputs, params, p.factor) for index, p in planes.items()}
