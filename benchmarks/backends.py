@@ -3,9 +3,9 @@
     python benchmarks/backends.py [--side 1024] [--repeats 3] [--no-compile]
 
 Times one forward pass of a ``side`` x ``side`` tile (after a warm-up call) with: eager
-PyTorch (channels_last without ``torch.inference_mode``, then contiguous and channels_last with it), ``torch.compile`` (inductor; its compile time is
-printed separately), and ONNX Runtime with 1 thread and with all of torch's threads, as
-``tiling.predict`` runs it. Also prints the largest difference from eager PyTorch's logits.
+PyTorch (channels_last without ``torch.inference_mode``, then contiguous and channels_last
+with it), ``torch.compile`` (inductor; its compile time is printed separately), and ONNX
+Runtime with 1 thread and with all of torch's threads, as ``tiling.predict`` runs it. Also prints the largest difference from eager PyTorch's logits.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ type where it is weakest (``--type auto``), fine-tunes on the ground truth of a 
 of that type (standing in for a user's corrections) with the Fine-tune widget's default
 settings (``train.finetune_config``; no validation hold-out, so every corrected image is
 trained on and the last weights are kept) and the same ``fit`` the CLI and the widget use,
-within a CPU-time budget, and
-scores the remaining images of that type and every other type before and after.
+within a CPU-time budget, and scores the remaining images of that type and every other
+type before and after.
 
 Bars (issue #5): the Kaggle DSB2018 score of the held-out images of the type rises by at
 least 0.05; the score of each other type drops by no more than 0.02.
