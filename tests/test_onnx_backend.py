@@ -1,4 +1,4 @@
-"""The ONNX Runtime CPU backend gives PyTorch's probabilities and follows the weights it was exported from."""
+"""The ONNX Runtime CPU backend gives PyTorch's probabilities (float32) or nearly them (int8), and follows the weights it was exported from."""
 
 import numpy as np
 import pytest
@@ -30,7 +30,7 @@ def _both(model, image, monkeypatch, **tiling):
     normalizer = Normalizer.from_image(image, 3)
     with_torch = predict(model, image, normalizer, TilingParams(device="cpu", backend="torch", **tiling))
     assert not calls
-    with_onnx = predict(model, image, normalizer, TilingParams(device="cpu", backend="onnx", **tiling))
+    with_onnx = predict(model, image, normalizer, TilingParams(device="cpu", backend="onnx", precision="float32", **tiling))
     assert calls
     return with_torch, with_onnx
 
@@ -44,13 +44,16 @@ def test_onnx_matches_torch(tiny_checkpoint, tiling, monkeypatch):
 
 def test_one_export_per_weights_and_a_new_one_after_training(tiny_checkpoint, monkeypatch):
     model = tiny_checkpoint.model.eval()
-    first = onnx_backend.cpu_network(model, 3)
+    first = onnx_backend.cpu_network(model, 3, precision="float32")
     assert isinstance(first, onnx_backend.OnnxNetwork)
-    assert onnx_backend.cpu_network(model, 3) is first  # cached, not re-exported
+    assert onnx_backend.cpu_network(model, 3, precision="float32") is first  # cached, not re-exported
+    quantised = onnx_backend.cpu_network(model, 3, precision="int8")
+    assert quantised is not first and onnx_backend.cpu_network(model, 3, precision="int8") is quantised
     with torch.no_grad():  # an optimiser step changes weights in place
         model.segmentation_head[0].bias.add_(0.5)
-    second = onnx_backend.cpu_network(model, 3)
+    second = onnx_backend.cpu_network(model, 3, precision="float32")
     assert second is not first
+    assert onnx_backend.cpu_network(model, 3, precision="int8") is not quantised
     with_torch, with_onnx = _both(model, _image(), monkeypatch)
     assert np.abs(with_onnx - with_torch).max() < TOLERANCE  # the new weights, not the exported ones
 
@@ -60,6 +63,8 @@ def test_backend_choices(tiny_checkpoint, monkeypatch):
     assert onnx_backend.cpu_network(model, 3, "torch") is model
     with pytest.raises(ModelError, match="backend must be one of"):
         onnx_backend.cpu_network(model, 3, "tensorrt")
+    with pytest.raises(ModelError, match="precision must be one of int8, float32"):
+        onnx_backend.cpu_network(model, 3, "auto", "int4")
     monkeypatch.setattr(onnx_backend, "available", lambda: False)
     assert onnx_backend.cpu_network(model, 3, "auto") is model  # quietly PyTorch
     with pytest.raises(ModelError, match="pip install onnxruntime"):
@@ -91,4 +96,39 @@ def test_cli_names_the_engine(tmp_path, capsys):
 
     tifffile.imwrite(tmp_path / "a.tif", _image((96, 96)))
     assert main(["segment", str(tmp_path / "a.tif"), "--out", str(tmp_path / "out"), "--diameter", "none", "--device", "cpu"]) == 0
-    assert "device: cpu (ONNX Runtime)" in capsys.readouterr().err
+    assert "device: cpu (ONNX Runtime, 8-bit)" in capsys.readouterr().err
+    assert main(["segment", str(tmp_path / "a.tif"), "--out", str(tmp_path / "out32"), "--diameter", "none", "--device", "cpu", "--precision", "float32"]) == 0
+    assert "device: cpu (ONNX Runtime)\n" in capsys.readouterr().err
+
+
+def _quantised_and_float(checkpoint, image):
+    normalizer = Normalizer.from_image(image, 3)
+    return [predict(checkpoint.model, image, normalizer, TilingParams(device="cpu", precision=p)) for p in ("int8", "float32")]
+
+
+def test_int8_network_is_quantised_and_stays_close_to_float32(tiny_checkpoint):
+    """8-bit convolutions except the first and the last three, and probabilities near float32's."""
+    import onnx
+
+    model = tiny_checkpoint.model.eval()
+    assert onnx_backend.cpu_network(model, 3, precision="int8").precision == "int8"
+    graph = onnx.load_from_string(onnx_backend.quantize(onnx_backend.to_onnx(model, 3)[0], 3)).graph
+    dequantised = {name for node in graph.node if node.op_type == "DequantizeLinear" for name in node.output}
+    quantised_weights = [node.input[1] in dequantised for node in graph.node if node.op_type == "Conv"]
+    assert len(quantised_weights) > 4
+    assert not any(quantised_weights[:1] + quantised_weights[-3:]) and all(quantised_weights[1:-3])
+
+    normalizer = Normalizer.from_image(_image(), 3)
+    int8, float32 = (predict(model, _image(), normalizer, TilingParams(device="cpu", precision=p)) for p in ("int8", "float32"))
+    assert int8.shape == float32.shape == (2, 200, 330)
+    assert np.abs(int8 - float32).mean() < 0.02
+
+
+def test_failed_quantisation_runs_float32_with_a_warning(tiny_checkpoint, monkeypatch):
+    def broken(*args, **kwargs):
+        raise ValueError("no 8-bit kernel for this operator")
+
+    monkeypatch.setattr(onnx_backend, "quantize", broken)
+    with pytest.warns(RuntimeWarning, match="8-bit quantisation failed, running float32 .no 8-bit kernel"):
+        network = onnx_backend.cpu_network(tiny_checkpoint.model.eval(), 3, precision="int8")
+    assert isinstance(network, onnx_backend.OnnxNetwork) and network.precision == "float32"

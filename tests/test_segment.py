@@ -16,7 +16,8 @@ def test_rescale_factor(tiny_checkpoint):
     assert rescale_factor(tiny_checkpoint, 21.0) == 1.0  # within the band the model handles as is
     assert rescale_factor(tiny_checkpoint, 30.0) == 1.0
     assert rescale_factor(tiny_checkpoint, 40.0) == pytest.approx(0.8)  # to the band's top, 1.6 x 20 px
-    assert rescale_factor(tiny_checkpoint, 6.0) == pytest.approx(2.0)  # to its bottom, 0.6 x 20 px
+    assert rescale_factor(tiny_checkpoint, 17.0) == 1.0  # the band's bottom is 0.7 x 20 px
+    assert rescale_factor(tiny_checkpoint, 8.0) == pytest.approx(2.5)  # small nuclei: to the training size
     with pytest.raises(InputError, match="positive"):
         rescale_factor(tiny_checkpoint, -3)
     tiny_checkpoint.nucleus_diameter = None

@@ -79,8 +79,10 @@ def test_memory_is_bounded_by_tile_batch(tiny_checkpoint):
     image = np.zeros((2048, 2048), np.uint8)
     normalizer = Normalizer(low=0.0, high=255.0, channels=3)
     out = np.zeros((2, *image.shape), np.float32)
+    params = TilingParams(tile_size=256, overlap=32, device="cpu")
+    predict(tiny_checkpoint.model, image[:64, :64], normalizer, params)  # export (and quantise) the network first
     tracemalloc.start()
-    predict(tiny_checkpoint.model, image, normalizer, TilingParams(tile_size=256, overlap=32, device="cpu"), out=out)
+    predict(tiny_checkpoint.model, image, normalizer, params, out=out)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     full_copy = 2048 * 2048 * 3 * 4  # one float32 RGB copy of the image

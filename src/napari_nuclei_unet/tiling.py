@@ -39,6 +39,10 @@ class TilingParams:
     # On the CPU: "auto" runs ONNX Runtime when installed (~2x faster, same output within
     # 1e-4), "torch" eager PyTorch, "onnx" ONNX Runtime or an error. GPUs always use torch.
     backend: str = "auto"
+    # ONNX Runtime on the CPU: "int8" runs the network quantised to 8 bits (2-3x faster, val
+    # DSB2018 score 0.001 lower), "float32" as trained. PyTorch and GPUs always use float32
+    # (GPUs with fp16 autocast when ``amp``).
+    precision: str = "int8"
 
 
 def _ceil_to(value: int, multiple: int) -> int:
@@ -151,7 +155,7 @@ def predict(
     if cpu:
         from .onnx_backend import cpu_network
 
-        network = cpu_network(model, normalizer.channels, params.backend)
+        network = cpu_network(model, normalizer.channels, params.backend, params.precision)
     channels_last = cpu and network is model  # PyTorch on the CPU
     if channels_last and not next(model.parameters()).is_contiguous(memory_format=torch.channels_last):
         model.to(memory_format=torch.channels_last)  # once: converting walks every module

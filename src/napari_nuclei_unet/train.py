@@ -264,7 +264,7 @@ def validate(checkpoint: Checkpoint, samples: list[LabelledImage], device: str =
     from .segment import SegmentParams, segment
     from .tiling import TilingParams
 
-    params = SegmentParams(tiling=TilingParams(device=device))
+    params = SegmentParams(tiling=TilingParams(device=device, precision="float32"))  # the model as trained, not re-quantised every epoch
     modes = [(module, module.training) for module in checkpoint.model.modules()]  # e.g. frozen BatchNorm stays frozen
     checkpoint.model.eval()
     try:

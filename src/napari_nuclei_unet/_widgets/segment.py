@@ -25,7 +25,7 @@ from qtpy.QtCore import QTimer
 from ..errors import Cancelled
 from ..io import is_single_plane
 from ..postprocess import PostprocessParams
-from ..segment import AUTO, PlanePrediction, SegmentParams, label_probabilities, predict_plane, resolve_diameter
+from ..segment import AUTO, PlanePrediction, SegmentParams, label_plane, predict_plane, resolve_diameter
 from ..tiling import TilingParams
 from ._common import ModelPicker, Relay, result_metadata
 
@@ -104,6 +104,11 @@ class SegmentWidget(Container):
             "for stains the model has not seen, such as DAB immunohistochemistry",
         )
         self.tta = CheckBox(text="test-time augmentation (4x slower)", value=False)
+        self.int8 = CheckBox(
+            text="8-bit network on the CPU (2-3x faster)", value=True,
+            tooltip="ONNX Runtime with 8-bit weights and activations; untick for float32, as the model was trained "
+            "(val DSB2018 score 0.001 higher). GPUs always run float32",
+        )
         self.auto_threshold = CheckBox(text="automatic threshold (Otsu)", value=True)
         self.threshold = FloatSlider(label="threshold", value=0.5, min=0.05, max=0.95, step=0.01, enabled=False)
         self.min_size = SpinBox(label="min size (px)", value=15, min=0, max=100000, tooltip="objects with fewer pixels are removed")
@@ -122,7 +127,7 @@ class SegmentWidget(Container):
         self.status.native.setWordWrap(True)
         self.extend([
             self.image_layer, self.scope, *self.model.widgets, self.tile_size, self.overlap, self.auto_diameter, self.diameter, self.stain, self.tta,
-            self.auto_threshold, self.threshold, self.min_size, self.markers, self.split_h, self.show_probability,
+            self.int8, self.auto_threshold, self.threshold, self.min_size, self.markers, self.split_h, self.show_probability,
             self.run_button, self.cancel_button, self.status,
         ])  # fmt: skip
 
@@ -181,7 +186,10 @@ class SegmentWidget(Container):
         if not _is_2d(layer) and self.scope.value == CURRENT_PLANE:
             plane = self._current_plane(layer, data.shape[0])
         params = SegmentParams(
-            tiling=TilingParams(tile_size=int(self.tile_size.value), overlap=int(self.overlap.value), device=self.model.device.value, tta=bool(self.tta.value)),
+            tiling=TilingParams(
+                tile_size=int(self.tile_size.value), overlap=int(self.overlap.value), device=self.model.device.value,
+                tta=bool(self.tta.value), precision="int8" if self.int8.value else "float32",
+            ),
             postprocess=self.postprocess_params(),
             diameter=AUTO if self.auto_diameter.value else (float(self.diameter.value) or None),
             stain=self.stain.value if layer.rgb else "none",
@@ -378,7 +386,7 @@ def _segment_worker(request: SegmentRequest, model: ModelPicker, cached: dict, c
         raise Cancelled("segmentation cancelled")
     for index in indices:
         prediction = predictions[index] if index in predictions else cached[index]
-        labelled[index] = label_probabilities(prediction.probabilities, checkpoint.outputs, request.params.postprocess, prediction.factor)
+        labelled[index] = label_plane(prediction, checkpoint.outputs, request.params.postprocess)
     megapixels = sum(np.prod(predictions[i].probabilities.shape[1:]) for i in todo) / 1e6
     shown = predictions[todo[0]] if todo else cached[indices[0]]
     from ..model import resolve_device
@@ -386,10 +394,10 @@ def _segment_worker(request: SegmentRequest, model: ModelPicker, cached: dict, c
 
     return {
         "checkpoint": checkpoint, "probabilities": predictions, "labelled": labelled, "factor": shown.factor, "diameter": shown.diameter,
-        "seconds": time.perf_counter() - started, "megapixels": megapixels, "device": describe_device(resolve_device(request.params.tiling.device), request.params.tiling.backend),
+        "seconds": time.perf_counter() - started, "megapixels": megapixels, "device": describe_device(resolve_device(request.params.tiling.device), request.params.tiling.backend, request.params.tiling.precision),
     }  # fmt: skip
 
 
 @thread_worker(ignore_errors=True)  # errors are shown as notifications by the widget
 def _relabel_worker(planes: dict, outputs: tuple[str, ...], params: PostprocessParams) -> dict:
-    return {index: label_probabilities(p.probabilities, outputs, params, p.factor) for index, p in planes.items()}
+    return {index: label_plane(p, outputs, params) for index, p in planes.items()}
