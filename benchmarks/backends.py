@@ -5,7 +5,9 @@
 Times one forward pass of a ``side`` x ``side`` tile (after a warm-up call) with: eager
 PyTorch (channels_last without ``torch.inference_mode``, then contiguous and channels_last
 with it), ``torch.compile`` (inductor; its compile time is printed separately), and ONNX
-Runtime with 1 thread and with all of torch's threads, as ``tiling.predict`` runs it. Also prints the largest difference from eager PyTorch's logits.
+Runtime in float32 and 8-bit (the default), each with 1 thread and with all of torch's
+threads, as ``tiling.predict`` runs it. Also prints the largest difference from eager
+PyTorch's logits (8-bit logits differ by design: the model card scores them).
 """
 
 from __future__ import annotations
@@ -62,9 +64,11 @@ def main() -> None:
             print(f"torch.compile: {time.perf_counter() - started:.0f} s to compile", flush=True)
             measure(f"torch.compile, channels_last, {threads} threads", compiled, tile.contiguous(memory_format=torch.channels_last))
         model = model.to(memory_format=torch.contiguous_format)
-        for count in sorted({1, threads}):
-            torch.set_num_threads(count)
-            measure(f"ONNX Runtime, {count} thread{'s' if count > 1 else ''}", cpu_network(model, 3, "onnx"), tile)
+        for precision in ("float32", "int8"):
+            for count in sorted({1, threads}):
+                torch.set_num_threads(count)
+                network = cpu_network(model, 3, "onnx", precision)
+                measure(f"ONNX Runtime {precision}, {count} thread{'s' if count > 1 else ''}", network, tile)
         torch.set_num_threads(threads)
 
 
