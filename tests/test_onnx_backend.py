@@ -129,6 +129,28 @@ def test_failed_quantisation_runs_float32_with_a_warning(tiny_checkpoint, monkey
         raise ValueError("no 8-bit kernel for this operator")
 
     monkeypatch.setattr(onnx_backend, "quantize", broken)
+    monkeypatch.setattr(onnx_backend, "_QUANTISED", {})  # nothing quantised earlier in this process
     with pytest.warns(RuntimeWarning, match="8-bit quantisation failed, running float32 .no 8-bit kernel"):
         network = onnx_backend.cpu_network(tiny_checkpoint.model.eval(), 3, precision="int8")
     assert isinstance(network, onnx_backend.OnnxNetwork) and network.precision == "float32"
+
+
+def test_the_same_weights_are_quantised_once(tiny_config, monkeypatch):
+    """Two copies of one checkpoint (e.g. loaded twice) share one quantisation; other weights get their own."""
+    import collections
+
+    from napari_nuclei_unet.model import Checkpoint
+
+    calls = []
+    original = onnx_backend.quantize
+    monkeypatch.setattr(onnx_backend, "quantize", lambda *args: calls.append(1) or original(*args))
+    monkeypatch.setattr(onnx_backend, "_QUANTISED", collections.OrderedDict())  # nothing quantised earlier in this process
+    first = Checkpoint.create(tiny_config)
+    copy = Checkpoint.create(tiny_config)
+    copy.model.load_state_dict(first.model.state_dict())
+    assert onnx_backend.cpu_network(first.model.eval(), 3).precision == "int8"
+    assert onnx_backend.cpu_network(copy.model.eval(), 3).precision == "int8"
+    assert len(calls) == 1
+    torch.manual_seed(1)
+    onnx_backend.cpu_network(Checkpoint.create(tiny_config).model.eval(), 3)
+    assert len(calls) == 2

@@ -63,12 +63,17 @@ def test_segments_the_generated_sample_with_sane_count(viewer_and_widget, qtbot)
     recorded = nuclei.metadata["nuclei_unet"]
     assert recorded["model"] == "nuclei-unet-default" and recorded["postprocess"]["min_size"] == 15
     assert "nuclei in" in widget.status.value
+    assert widget.request().params.tiling.precision == "int8"
+    if "cpu" in widget.status.value:
+        assert "on cpu (ONNX Runtime, 8-bit)" in widget.status.value
 
     # Running again updates the same layers instead of adding duplicates.
     layer_count = len(viewer.layers)
     run_and_wait(widget, qtbot)
     assert len(viewer.layers) == layer_count
     assert viewer.layers["synthetic nuclei nuclei"] is nuclei
+    widget.int8.value = False  # the float32 network, as trained
+    assert widget.request().params.tiling.precision == "float32"
 
 
 def test_relabels_from_cached_probabilities_without_the_network(viewer_and_widget, qtbot, monkeypatch):

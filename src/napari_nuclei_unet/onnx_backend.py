@@ -15,7 +15,9 @@ uses PyTorch.
 
 from __future__ import annotations
 
+import collections
 import functools
+import hashlib
 import io
 import logging
 import tempfile
@@ -36,6 +38,9 @@ _OPSET = 17
 _CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, tuple[tuple, OnnxNetwork | str]]]" = weakref.WeakKeyDictionary()
 _TENSORS: "weakref.WeakKeyDictionary[torch.nn.Module, list[torch.Tensor]]" = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
+# Quantised networks by the digest of their float32 export (a few MB each).
+_QUANTISED: "collections.OrderedDict[tuple[bytes, int], bytes]" = collections.OrderedDict()
+_QUANTISED_KEPT = 4
 
 
 class OnnxNetwork:
@@ -117,7 +122,7 @@ def _export(model: torch.nn.Module, in_channels: int, threads: int, precision: s
     quantised = False
     if precision == "int8":
         try:
-            exported, quantised = quantize(exported, in_channels), True
+            exported, quantised = _quantize_cached(exported, in_channels), True
         except Exception as error:  # an op the quantiser cannot handle: float32 still works
             warnings.warn(f"8-bit quantisation failed, running float32 ({error})", RuntimeWarning, stacklevel=3)
     options = onnxruntime.SessionOptions()
@@ -150,6 +155,20 @@ def to_onnx(model: torch.nn.Module, in_channels: int) -> tuple[bytes, int]:
     finally:
         model.train(was_training)
     return buffer.getvalue(), out_channels
+
+
+def _quantize_cached(exported: bytes, in_channels: int) -> bytes:
+    """:func:`quantize`, remembered for the last few networks: the same weights loaded again
+    (another copy of a checkpoint, a widget reloading its model) are not re-quantised.
+    Called with ``_LOCK`` held (by :func:`cpu_network`)."""
+    key = (hashlib.blake2b(exported, digest_size=16).digest(), in_channels)
+    if key in _QUANTISED:
+        _QUANTISED.move_to_end(key)
+        return _QUANTISED[key]
+    quantised = _QUANTISED[key] = quantize(exported, in_channels)
+    while len(_QUANTISED) > _QUANTISED_KEPT:
+        _QUANTISED.popitem(last=False)
+    return quantised
 
 
 def quantize(exported: bytes, in_channels: int) -> bytes:
