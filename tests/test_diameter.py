@@ -58,6 +58,16 @@ def test_small_nuclei_are_separated_on_the_zoomed_grid_and_sampled_back(bundled)
     assert np.array_equal(segment(bundled, image).labels, labels)  # the pipeline labels the same way
 
 
+def test_stack_planes_are_labelled_on_the_zoomed_grid_like_single_planes(bundled):
+    """Each plane of a small-nuclei stack gets the labels it gets alone (at the stack's shared diameter)."""
+    planes = [nuclei_field((160, 200), count=40, diameter=8, seed=seed)[0] for seed in (15, 16)]
+    params = SegmentParams(diameter=8.0)
+    stack = segment(bundled, np.stack(planes), params)
+    assert stack.factor > 1.5 and stack.labels.shape == (2, 160, 200)
+    for index, plane in enumerate(planes):
+        assert np.array_equal(stack.labels[index], segment(bundled, plane, params).labels)
+
+
 def test_given_diameter_skips_the_estimate(bundled, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("estimated although a diameter was given")

@@ -2,8 +2,8 @@
 
 In float32 the bundled U-Net runs at ~0.37 s per megapixel under ONNX Runtime against
 ~0.75 s with PyTorch (channels_last) on a 2-core AVX2 machine, and its logits agree to
-~1e-5. By default the network is also quantised to 8 bits (``precision="int8"``): ~2-3x
-faster again, for a DSB2018 val score 0.001 lower (docs/performance.md). ONNX Runtime
+~1e-5. By default the network is also quantised to 8 bits (``precision="int8"``): ~1.7x
+faster again, with the same DSB2018 val score within 0.001 (docs/performance.md). ONNX Runtime
 also has no slow first call at a new input shape, which PyTorch's CPU kernels have.
 
 The torch model stays the source of truth: it is exported (and quantised) in memory,

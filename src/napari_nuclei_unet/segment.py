@@ -381,24 +381,28 @@ def segment(
         return segment_large(checkpoint, image, params, progress=progress, cancel=cancel)
     if single:  # the estimate's last pass can be reused as the prediction
         prediction = predict_plane(checkpoint, image, params, progress, cancel)
-        predictions = [prediction]
+        predictions, labelled = [prediction], [label_plane(prediction, checkpoint.outputs, params.postprocess)]
     else:
         estimate = resolve_diameter(checkpoint, image, params, progress, cancel)
         estimate.probabilities = None  # computed on one plane; every plane runs at the shared zoom
         per_plane = _tiles_per_plane(image, tiling.tile_size, tiling.overlap, rescale_factor(checkpoint, estimate.diameter))
         total = plane_count(image) * per_plane
-        predictions = []
+        predictions, labelled = [], []
         for index, plane in enumerate(planes(image)):
 
             def plane_progress(done: int, _total: int, offset: int = index * per_plane) -> None:
                 if progress is not None:
                     progress(offset + done, total)
 
-            predictions.append(predict_plane(checkpoint, plane, params, plane_progress, cancel, estimate=estimate))
+            prediction = predict_plane(checkpoint, plane, params, plane_progress, cancel, estimate=estimate)
+            labelled.append(label_plane(prediction, checkpoint.outputs, params.postprocess))
+            # Labelled: drop the finer grid, up to 16x the plane's probabilities (zoom 4), so a
+            # stack of small nuclei holds no more than its image-grid probabilities.
+            prediction.network = None
+            predictions.append(prediction)
     if cancel is not None and cancel():
         raise Cancelled("segmentation cancelled")
     first = predictions[0]
-    labelled = [label_plane(p, checkpoint.outputs, params.postprocess) for p in predictions]
     if single:
         return Segmentation(first.probabilities, *labelled[0], first.diameter, first.factor)
     stacked = np.stack([p.probabilities for p in predictions])

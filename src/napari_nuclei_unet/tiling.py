@@ -39,8 +39,8 @@ class TilingParams:
     # On the CPU: "auto" runs ONNX Runtime when installed (~2x faster, same output within
     # 1e-4), "torch" eager PyTorch, "onnx" ONNX Runtime or an error. GPUs always use torch.
     backend: str = "auto"
-    # ONNX Runtime on the CPU: "int8" runs the network quantised to 8 bits (2-3x faster, val
-    # DSB2018 score 0.001 lower), "float32" as trained. PyTorch and GPUs always use float32
+    # ONNX Runtime on the CPU: "int8" runs the network quantised to 8 bits (~1.7x faster, the
+    # same val DSB2018 score within 0.001), "float32" as trained. PyTorch and GPUs always use float32
     # (GPUs with fp16 autocast when ``amp``).
     precision: str = "int8"
 
