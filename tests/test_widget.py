@@ -38,6 +38,11 @@ def test_widget_opens_through_the_manifest_with_the_bundled_model(viewer_and_wid
     assert isinstance(widget, SegmentWidget)
     assert "nuclei-unet-default" in widget.model.summary.value
     assert "runs on cpu" in widget.model.summary.value or "runs on cuda" in widget.model.summary.value
+    if "runs on cpu" in widget.model.summary.value:  # the network was prepared with the model, not on the first Segment
+        from napari_nuclei_unet import onnx_backend
+
+        prepared = onnx_backend._CACHE.get(widget.model.checkpoint("default").model, {})
+        assert "int8" in prepared
 
 
 def test_segments_the_generated_sample_with_sane_count(viewer_and_widget, qtbot):

@@ -95,11 +95,26 @@ class ModelPicker:
             self.summary.value = "choose a model file"
             return
         self.summary.value = "loading model…"
-        worker = thread_worker(self.checkpoint, ignore_errors=True)(path)
+        worker = thread_worker(self._load_and_prepare, ignore_errors=True)(path, self.device.value)
         worker.returned.connect(lambda _: _unless_closed(self._show_summary))
         worker.errored.connect(lambda error: _unless_closed(self._on_error, error))
         worker.start()
         self._load_worker = worker  # keep a reference while it runs
+
+    def _load_and_prepare(self, path: str, device: str) -> Checkpoint:
+        """Load the model and, on the CPU, export (and quantise) its network now, so the first
+        Segment does not spend ~3 s on it. An export problem is reported when segmenting."""
+        from ..model import resolve_device
+        from ..onnx_backend import cpu_network
+
+        checkpoint = self.checkpoint(path)
+        try:
+            on_cpu = resolve_device(device).type == "cpu"
+        except Exception:  # a device that vanished: the summary says so
+            on_cpu = False
+        if on_cpu:
+            cpu_network(checkpoint.model.eval(), checkpoint.config.in_channels)
+        return checkpoint
 
     def _on_source(self, value: str) -> None:
         self.file.visible = value == FROM_FILE
