@@ -10,6 +10,10 @@ Two passes over a grid of blocks:
    halo wider than a nucleus. A nucleus belongs to the block holding its centre and is written whole, so
    nuclei crossing block borders keep one label and labels are unique over the plane.
 
+When small nuclei are zoomed up, both passes work on the network's finer grid, as
+``segment.label_plane`` does for whole planes, and each image pixel takes the label at its
+centre.
+
 The input may be numpy, dask or zarr (only a block is read at a time); the labels go
 into any array supporting slice assignment (numpy, zarr).
 """
@@ -84,6 +88,14 @@ def segment_large(
     estimate = resolve_diameter(checkpoint, plane, params, cancel=cancel)
     estimate.probabilities = None  # from a crop; every block runs at the shared zoom
     factor = rescale_factor(checkpoint, estimate.diameter)
+    # Small nuclei are zoomed up and, as for whole planes (segment.label_plane), separated on
+    # the network's finer grid: the probability store then holds that grid, and blocks are
+    # smaller in image pixels so that they stay as large on it.
+    fine = factor > 1.0
+    grid = (round(height * factor), round(width * factor)) if fine else (height, width)
+    scale = (grid[0] / height, grid[1] / width)  # grid pixels per image pixel
+    if fine:
+        block_size = max(128, int(block_size / factor))
     normalizer = plane_normalizer(checkpoint, plane, params.stain)
     cores = block_grid(height, width, block_size)
     total = 2 * len(cores)
@@ -97,37 +109,71 @@ def segment_large(
 
     # Pass 1: probabilities, each block with context beyond the tile overlap (in image pixels).
     context = int(math.ceil((params.tiling.overlap + 32) / factor))
-    store, folder = _probability_store((len(outputs), height, width), workdir)
+    store, folder = _probability_store((len(outputs), *grid), workdir)
     try:
         for index, core in enumerate(cores):
             step(index)
             grown = _grow(core, context, height, width)
             prediction = predict_plane(checkpoint, plane[grown], params, cancel=cancel, estimate=estimate, normalizer=normalizer)
-            inner = (slice(None), *(slice(c.start - g.start, c.stop - g.start) for c, g in zip(core, grown)))
-            store[(slice(None), *core)] = prediction.probabilities[inner]
+            if fine:  # the block's zoomed output (its probabilities if that was too big to keep)
+                block = prediction.network if prediction.network is not None else prediction.probabilities
+                region = (_span(core[0], scale[0]), _span(core[1], scale[1]))
+                rows, cols = (_on_block(r, s, g, n) for r, s, g, n in zip(region, scale, grown, block.shape[1:]))
+                store[(slice(None), *region)] = block[:, rows][:, :, cols]
+            else:
+                inner = (slice(None), *(slice(c.start - g.start, c.stop - g.start) for c, g in zip(core, grown)))
+                store[(slice(None), *core)] = prediction.probabilities[inner]
 
         # One threshold for the whole plane, so that blocks agree at their borders.
         foreground = outputs.index("foreground")
-        stride = sample_step(height, width)
+        stride = sample_step(*grid)
         threshold = resolve_threshold(params.postprocess.threshold, np.asarray(store[foreground, ::stride, ::stride]))
         postprocess = replace(params.postprocess, threshold=threshold)
         nucleus = estimate.diameter or (checkpoint.nucleus_diameter or 20.0) / factor
-        halo = int(math.ceil(max(64.0, 3.0 * nucleus)))
+        halo = int(math.ceil(max(64.0 / (factor if fine else 1.0), 3.0 * nucleus)))
 
         # Pass 2: instances; a nucleus belongs to the block holding its centre. Smaller
         # blocks than for the network: the watershed's working arrays are the peak memory.
         count = 0
-        post_cores = block_grid(height, width, max(256, block_size // 2))
+        post_cores = block_grid(height, width, max(128 if fine else 256, block_size // 2))
         for index, core in enumerate(post_cores):
             step(len(cores) + index * len(cores) // len(post_cores))
             grown = _grow(core, halo, height, width)
-            _mask, labels = instances(np.asarray(store[(slice(None), *grown)]), outputs, postprocess, scale=1.0 / factor)
+            if fine:  # on the finer grid, then each image pixel takes the label at its centre
+                region = (_span(grown[0], scale[0]), _span(grown[1], scale[1]))
+                _mask, found = instances(np.asarray(store[(slice(None), *region)]), outputs, postprocess)
+                labels = found[np.ix_(*(_centres(g, r, s) for g, r, s in zip(grown, region, scale)))]
+            else:
+                _mask, labels = instances(np.asarray(store[(slice(None), *grown)]), outputs, postprocess, scale=1.0 / factor)
             count = _write_owned(labels, core, grown, labels_out, count)
         step(total)
     finally:
         if folder is not None:
             folder.cleanup()
     return Segmentation(None, None, labels_out, estimate.diameter, factor, total=count)
+
+
+def _span(image_span: slice, scale: float) -> slice:
+    """The rows (or columns) of the finer grid that belong to a span of image pixels; adjacent spans share no row."""
+    return slice(round(image_span.start * scale), round(image_span.stop * scale))
+
+
+def _on_block(grid_span: slice, scale: float, block: slice, block_length: int) -> np.ndarray:
+    """Indices into a block's own zoomed output (``block_length`` rows for image rows ``block``)
+    for rows ``grid_span`` of the plane's finer grid, matched by their centres.
+
+    The block was zoomed to a whole number of rows, so its scale can differ slightly from
+    the plane's ``scale``.
+    """
+    centres = (np.arange(grid_span.start, grid_span.stop) + 0.5) / scale - block.start  # image pixels from the block start
+    block_scale = block_length / (block.stop - block.start)
+    return np.clip((centres * block_scale).astype(np.int64), 0, block_length - 1)
+
+
+def _centres(image_span: slice, grid_span: slice, scale: float) -> np.ndarray:
+    """Index into rows ``grid_span`` of the finer grid at the centre of each image pixel of ``image_span``."""
+    centres = ((np.arange(image_span.start, image_span.stop) + 0.5) * scale).astype(np.int64) - grid_span.start
+    return np.clip(centres, 0, grid_span.stop - grid_span.start - 1)
 
 
 def _write_owned(labels: np.ndarray, core, grown, labels_out, count: int) -> int:
