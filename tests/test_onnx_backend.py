@@ -1,5 +1,7 @@
 """The ONNX Runtime CPU backend gives PyTorch's probabilities (float32) or nearly them (int8), and follows the weights it was exported from."""
 
+import collections
+
 import numpy as np
 import pytest
 import torch
@@ -101,11 +103,6 @@ def test_cli_names_the_engine(tmp_path, capsys):
     assert "device: cpu (ONNX Runtime)\n" in capsys.readouterr().err
 
 
-def _quantised_and_float(checkpoint, image):
-    normalizer = Normalizer.from_image(image, 3)
-    return [predict(checkpoint.model, image, normalizer, TilingParams(device="cpu", precision=p)) for p in ("int8", "float32")]
-
-
 def test_int8_network_is_quantised_and_stays_close_to_float32(tiny_checkpoint):
     """8-bit convolutions except the first and the last three, and probabilities near float32's."""
     import onnx
@@ -129,7 +126,7 @@ def test_failed_quantisation_runs_float32_with_a_warning(tiny_checkpoint, monkey
         raise ValueError("no 8-bit kernel for this operator")
 
     monkeypatch.setattr(onnx_backend, "quantize", broken)
-    monkeypatch.setattr(onnx_backend, "_QUANTISED", {})  # nothing quantised earlier in this process
+    monkeypatch.setattr(onnx_backend, "_QUANTISED", collections.OrderedDict())  # nothing quantised earlier in this process
     with pytest.warns(RuntimeWarning, match="8-bit quantisation failed, running float32 .no 8-bit kernel"):
         network = onnx_backend.cpu_network(tiny_checkpoint.model.eval(), 3, precision="int8")
     assert isinstance(network, onnx_backend.OnnxNetwork) and network.precision == "float32"
@@ -137,8 +134,6 @@ def test_failed_quantisation_runs_float32_with_a_warning(tiny_checkpoint, monkey
 
 def test_the_same_weights_are_quantised_once(tiny_config, monkeypatch):
     """Two copies of one checkpoint (e.g. loaded twice) share one quantisation; other weights get their own."""
-    import collections
-
     from napari_nuclei_unet.model import Checkpoint
 
     calls = []

@@ -30,7 +30,7 @@ from .errors import Cancelled
 from .io import sample_step
 from .model import Checkpoint
 from .postprocess import instances, resolve_threshold
-from .segment import SegmentParams, Segmentation, plane_normalizer, predict_plane, rescale_factor, resolve_diameter
+from .segment import SegmentParams, Segmentation, pixel_centres, plane_normalizer, predict_plane, rescale_factor, resolve_diameter
 from .tiling import CancelCheck, ProgressCallback
 
 BLOCK_SIZE = 2048  # px: the core of a block
@@ -94,6 +94,7 @@ def segment_large(
     fine = factor > 1.0
     grid = (round(height * factor), round(width * factor)) if fine else (height, width)
     scale = (grid[0] / height, grid[1] / width)  # grid pixels per image pixel
+    centres = (pixel_centres(grid[0], height), pixel_centres(grid[1], width))  # grid index at each image pixel's centre
     if fine:
         block_size = max(128, int(block_size / factor))
     normalizer = plane_normalizer(checkpoint, plane, params.stain)
@@ -142,7 +143,8 @@ def segment_large(
             if fine:  # on the finer grid, then each image pixel takes the label at its centre
                 region = (_span(grown[0], scale[0]), _span(grown[1], scale[1]))
                 _mask, found = instances(np.asarray(store[(slice(None), *region)]), outputs, postprocess)
-                labels = found[np.ix_(*(_centres(g, r, s) for g, r, s in zip(grown, region, scale)))]
+                rows, cols = (np.clip(c[g] - r.start, 0, r.stop - r.start - 1) for c, g, r in zip(centres, grown, region))
+                labels = found[np.ix_(rows, cols)]
             else:
                 _mask, labels = instances(np.asarray(store[(slice(None), *grown)]), outputs, postprocess, scale=1.0 / factor)
             count = _write_owned(labels, core, grown, labels_out, count)
@@ -168,12 +170,6 @@ def _on_block(grid_span: slice, scale: float, block: slice, block_length: int) -
     centres = (np.arange(grid_span.start, grid_span.stop) + 0.5) / scale - block.start  # image pixels from the block start
     block_scale = block_length / (block.stop - block.start)
     return np.clip((centres * block_scale).astype(np.int64), 0, block_length - 1)
-
-
-def _centres(image_span: slice, grid_span: slice, scale: float) -> np.ndarray:
-    """Index into rows ``grid_span`` of the finer grid at the centre of each image pixel of ``image_span``."""
-    centres = ((np.arange(image_span.start, image_span.stop) + 0.5) * scale).astype(np.int64) - grid_span.start
-    return np.clip(centres, 0, grid_span.stop - grid_span.start - 1)
 
 
 def _write_owned(labels: np.ndarray, core, grown, labels_out, count: int) -> int:

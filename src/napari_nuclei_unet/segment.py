@@ -338,12 +338,12 @@ def label_plane(
     from skimage.segmentation import relabel_sequential
 
     _mask, fine = instances(prediction.network, outputs, postprocess)
-    rows, cols = (_pixel_centres(f, c) for f, c in zip(fine.shape, prediction.probabilities.shape[1:]))
+    rows, cols = (pixel_centres(f, c) for f, c in zip(fine.shape, prediction.probabilities.shape[1:]))
     labels = relabel_sequential(fine[np.ix_(rows, cols)])[0]  # a nucleus smaller than a pixel can fall between centres
     return labels > 0, labels
 
 
-def _pixel_centres(fine: int, coarse: int) -> np.ndarray:
+def pixel_centres(fine: int, coarse: int) -> np.ndarray:
     """Index on a grid of ``fine`` pixels nearest to each centre of ``coarse`` pixels spanning the same extent."""
     return np.minimum(((np.arange(coarse) + 0.5) * (fine / coarse)).astype(np.int64), fine - 1)
 
