@@ -121,6 +121,24 @@ def test_int8_network_is_quantised_and_stays_close_to_float32(tiny_checkpoint):
     assert np.abs(int8 - float32).mean() < 0.02
 
 
+def test_int8_segments_the_sample_as_float32_does():
+    """The bundled model in 8 bits finds the same nuclei as in float32, as well against the truth."""
+    from napari_nuclei_unet.metrics import evaluate
+    from napari_nuclei_unet.model import Checkpoint, bundled_model_path
+    from napari_nuclei_unet.segment import SegmentParams, segment
+    from napari_nuclei_unet.synthetic import sample_field
+
+    checkpoint = Checkpoint.load(bundled_model_path())
+    image, truth = sample_field()
+    int8, float32 = (segment(checkpoint, image, SegmentParams(tiling=TilingParams(device="cpu", precision=p))) for p in ("int8", "float32"))
+    assert onnx_backend.cpu_network(checkpoint.model, 3, precision="int8").precision == "int8"  # it really ran 8-bit
+    assert np.abs(int8.probabilities - float32.probabilities).mean() < 0.01
+    assert np.mean((int8.labels > 0) == (float32.labels > 0)) > 0.99
+    assert abs(int8.count - float32.count) <= 2
+    scores = [evaluate([(truth, result.labels)]).kaggle_score for result in (int8, float32)]
+    assert abs(scores[0] - scores[1]) < 0.02, scores
+
+
 def test_failed_quantisation_runs_float32_with_a_warning(tiny_checkpoint, monkeypatch):
     def broken(*args, **kwargs):
         raise ValueError("no 8-bit kernel for this operator")

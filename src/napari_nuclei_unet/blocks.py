@@ -94,9 +94,9 @@ def segment_large(
     fine = factor > 1.0
     grid = (round(height * factor), round(width * factor)) if fine else (height, width)
     scale = (grid[0] / height, grid[1] / width)  # grid pixels per image pixel
-    centres = (pixel_centres(grid[0], height), pixel_centres(grid[1], width))  # grid index at each image pixel's centre
     if fine:
         block_size = max(128, int(block_size / factor))
+        centres = (pixel_centres(grid[0], height), pixel_centres(grid[1], width))  # grid index at each image pixel's centre
     normalizer = plane_normalizer(checkpoint, plane, params.stain)
     cores = block_grid(height, width, block_size)
     total = 2 * len(cores)

@@ -39,7 +39,7 @@ _CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, tuple[tuple, OnnxN
 _TENSORS: "weakref.WeakKeyDictionary[torch.nn.Module, list[torch.Tensor]]" = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 # Quantised networks by the digest of their float32 export (a few MB each).
-_QUANTISED: "collections.OrderedDict[tuple[bytes, int], bytes]" = collections.OrderedDict()
+_QUANTISED: "collections.OrderedDict[bytes, bytes]" = collections.OrderedDict()
 _QUANTISED_KEPT = 4
 
 
@@ -87,7 +87,7 @@ def cpu_network(model: torch.nn.Module, in_channels: int, backend: str = "auto",
         if backend == "onnx":
             raise ModelError("backend 'onnx' needs the onnxruntime and onnx packages: pip install onnxruntime onnx")
         return model
-    key = (_weights_version(model), in_channels, torch.get_num_threads(), precision)
+    key = (_weights_version(model), in_channels, torch.get_num_threads())
     with _LOCK:  # one export per model, weights and precision, also when several threads segment at once
         networks = _CACHE.setdefault(model, {})
         cached = networks.get(precision)
@@ -161,7 +161,7 @@ def _quantize_cached(exported: bytes, in_channels: int) -> bytes:
     """:func:`quantize`, remembered for the last few networks: the same weights loaded again
     (another copy of a checkpoint, a widget reloading its model) are not re-quantised.
     Called with ``_LOCK`` held (by :func:`cpu_network`)."""
-    key = (hashlib.blake2b(exported, digest_size=16).digest(), in_channels)
+    key = hashlib.blake2b(exported, digest_size=16).digest()  # the graph fixes the input channels too
     if key in _QUANTISED:
         _QUANTISED.move_to_end(key)
         return _QUANTISED[key]
