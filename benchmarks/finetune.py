@@ -1,7 +1,7 @@
 """Does fine-tuning on a few corrected images help? (DSB2018 val split; a benchmark, not a test.)
 
     python benchmarks/finetune.py [--data ../shared/data/dsb2018] [--type auto] [--images 3]
-                                  [--minutes 2.3] [--json out.json]
+                                  [--minutes 2.2] [--json out.json]
 
 The val images fall into three types (``data.image_type``): fluorescence, grey brightfield
 and stained (H&E-like) tissue. The benchmark scores the bundled model on each, takes the
@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "dsb2018"))
     parser.add_argument("--type", default="auto", choices=("auto", *TYPES), help="image type to fine-tune on; auto: the weakest")
     parser.add_argument("--images", type=int, default=3, help="corrected images to fine-tune on (fewer when the type has few)")
-    parser.add_argument("--minutes", type=float, default=2.3, help="training budget, wall clock; with 2 threads this stays under 5 CPU minutes")
+    parser.add_argument("--minutes", type=float, default=2.2, help="training budget, wall clock; with 2 threads this stays under 5 CPU minutes")
     parser.add_argument("--iterations", type=int, default=None, help="stop after this many iterations instead (for quick checks)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a fine-tuning setting (TrainConfig field), e.g. learning_rate=3e-4")

@@ -12,7 +12,7 @@ from napari_nuclei_unet._widgets import finetune as finetune_module  # noqa: E40
 from napari_nuclei_unet._widgets.finetune import FineTuneWidget, samples_from_layers  # noqa: E402
 from napari_nuclei_unet.model import Checkpoint  # noqa: E402
 from napari_nuclei_unet.synthetic import nuclei_field  # noqa: E402
-from napari_nuclei_unet.train import loss_targets, make_loss, make_targets  # noqa: E402
+from napari_nuclei_unet.train import FINETUNE_DEFAULTS, loss_targets, make_loss, make_targets  # noqa: E402
 
 PLUGIN = "napari-nuclei-unet"
 TIMEOUT_MS = 180_000
@@ -57,6 +57,7 @@ def test_finetune_trains_saves_and_hands_the_model_to_segment(setup, qtbot):
     training = loaded.metadata["training"]
     assert training["images"] == 1 and training["nuclei"] == 14 and "tiny" in training["base_model"]
     assert training["iterations"] == 20 and "date" in training
+    assert training["config"]["distill_weight"] == FINETUNE_DEFAULTS["distill_weight"] > 0  # other image types kept by default
     assert len(widget.plot.losses) == 4 and widget.plot.losses[-1] < widget.plot.losses[0]
     assert "done" in widget.status.value and "on cpu" in widget.status.value
     assert segment.model.path() == str(out / "model.safetensors")
@@ -83,6 +84,13 @@ def test_cancel_keeps_the_best_model_so_far(setup, qtbot):
     assert "cancelled" in widget.status.value
     loaded = Checkpoint.load(tmp_path / "models" / "mine")
     assert loaded.metadata["training"]["iterations"] < 50 * 5
+
+
+def test_keeping_the_other_image_types_can_be_switched_off(setup):
+    _viewer, _segment, widget, _messages, _tmp_path = setup
+    assert widget.keep_other_types.value and widget.request().config.distill_weight == FINETUNE_DEFAULTS["distill_weight"]
+    widget.keep_other_types.value = False
+    assert widget.request().config.distill_weight == 0.0
 
 
 def test_bad_input_gives_clear_messages(setup, qtbot):

@@ -177,3 +177,42 @@ def test_zoom_to_reference_shows_nuclei_at_the_zoom_segmentation_uses(tiny_check
     assert median_diameter(whole) == pytest.approx(median_diameter([large.labels]) * zooms[0], rel=0.15)
     tiny_checkpoint.nucleus_diameter = None
     assert _reference_zooms(tiny_checkpoint, [large]) == [1.0]  # no reference: as before
+
+
+def test_restyle_redraws_patches_as_the_other_image_types():
+    from napari_nuclei_unet.data import image_type
+    from napari_nuclei_unet.train import PatchSampler
+
+    image, labels = nuclei_field((128, 128), count=12, seed=3)
+    brightfield = LabelledImage("bf", (image.max() - image).astype(np.uint16), labels)
+    sampler = PatchSampler([brightfield], TrainConfig(patch_size=128, batch_size=24, augment=False), 3, (1.0, 99.8), np.random.default_rng(0))
+    assert sampler.types == ["brightfield"]
+    patches, targets, indices = sampler.batch()
+    restyled = sampler.restyle(patches, indices)
+    assert restyled.shape == patches.shape and 0.0 <= float(restyled.min()) and float(restyled.max()) <= 1.0
+    looks = set()
+    for patch, target in zip(restyled, targets):
+        nuclei = target[0] == 1
+        look = image_type((patch.permute(1, 2, 0).numpy() * 255).astype(np.uint8))
+        looks.add(look)
+        grey = patch.mean(0)
+        # The nuclei stay where they were: brighter than the background in fluorescence, darker otherwise.
+        contrast = float(grey[nuclei].mean() - grey[~nuclei].mean())
+        assert contrast > 0.2 if look == "fluorescence" else contrast < -0.2
+    assert looks == {"fluorescence", "tissue"}  # never its own type
+
+
+def test_distillation_holds_the_other_image_types_to_the_starting_model(tmp_path, tiny_checkpoint, samples):
+    brightfield = [LabelledImage(s.name, (s.image.max() - s.image).astype(np.uint16), s.labels) for s in samples]
+    fluorescence = torch.from_numpy(np.stack([s.image.astype(np.float32) / s.image.max() for s in samples])[:, None].repeat(3, axis=1))
+    base = {k: v.clone() for k, v in tiny_checkpoint.model.state_dict().items()}
+    config = dict(epochs=1, iterations_per_epoch=12, patch_size=64, batch_size=2, warmup_iterations=1, learning_rate=1e-2, freeze_batchnorm=True)
+    start = tiny_checkpoint.model.eval()(fluorescence).sigmoid().detach()
+    changes = []
+    for weight in (0.0, 5.0):
+        checkpoint = Checkpoint.create(tiny_checkpoint.config)
+        checkpoint.model.load_state_dict(base)
+        fit(checkpoint, brightfield, tmp_path / f"w{weight}", val=[], config=TrainConfig(**config, distill_weight=weight))
+        changes.append(float((checkpoint.model.eval()(fluorescence).sigmoid().detach() - start).abs().mean()))
+        assert Checkpoint.load(tmp_path / f"w{weight}").model.state_dict()["segmentation_head.0.weight"].is_contiguous()
+    assert changes[1] < 0.5 * changes[0]
