@@ -39,6 +39,10 @@ def setup(make_napari_viewer, qtbot, tiny_checkpoint, tmp_path, monkeypatch):
     widget.model_name.value = "mine"
     widget.epochs.value, widget.iterations.value = 4, 5
     widget.patch_size.value, widget.batch_size.value, widget.learning_rate.value = 64, 4, 3e-3
+    # On by default; off here: an untrained tiny model is no teacher worth keeping, and its pull
+    # would blur the loss curve these tests check (distillation: tests/test_train.py).
+    assert widget.keep_other_types.value
+    widget.keep_other_types.value = False
     return viewer, segment, widget, messages, tmp_path
 
 
@@ -57,7 +61,6 @@ def test_finetune_trains_saves_and_hands_the_model_to_segment(setup, qtbot):
     training = loaded.metadata["training"]
     assert training["images"] == 1 and training["nuclei"] == 14 and "tiny" in training["base_model"]
     assert training["iterations"] == 20 and "date" in training
-    assert training["config"]["distill_weight"] == FINETUNE_DEFAULTS["distill_weight"] > 0  # other image types kept by default
     assert len(widget.plot.losses) == 4 and widget.plot.losses[-1] < widget.plot.losses[0]
     assert "done" in widget.status.value and "on cpu" in widget.status.value
     assert segment.model.path() == str(out / "model.safetensors")
@@ -88,7 +91,8 @@ def test_cancel_keeps_the_best_model_so_far(setup, qtbot):
 
 def test_keeping_the_other_image_types_can_be_switched_off(setup):
     _viewer, _segment, widget, _messages, _tmp_path = setup
-    assert widget.keep_other_types.value and widget.request().config.distill_weight == FINETUNE_DEFAULTS["distill_weight"]
+    widget.keep_other_types.value = True
+    assert widget.request().config.distill_weight == FINETUNE_DEFAULTS["distill_weight"] > 0
     widget.keep_other_types.value = False
     assert widget.request().config.distill_weight == 0.0
 
