@@ -185,7 +185,7 @@ def test_restyle_redraws_patches_as_the_other_image_types():
 
     image, labels = nuclei_field((128, 128), count=12, seed=3)
     brightfield = LabelledImage("bf", (image.max() - image).astype(np.uint16), labels)
-    sampler = PatchSampler([brightfield], TrainConfig(patch_size=128, batch_size=24, augment=False), 3, (1.0, 99.8), np.random.default_rng(0))
+    sampler = PatchSampler([brightfield], TrainConfig(patch_size=128, batch_size=24, augment=False, distill_weight=1.0), 3, (1.0, 99.8), np.random.default_rng(0))
     assert sampler.types == ["brightfield"]
     patches, targets, indices = sampler.batch()
     restyled = sampler.restyle(patches, indices)

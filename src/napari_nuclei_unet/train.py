@@ -211,7 +211,8 @@ class PatchSampler:
         self.weights = np.maximum(areas / config.patch_size**2, 1.0)
         self.weights /= self.weights.sum()
         self.augment = build_augmentation(config) if config.augment else None
-        self.types = [image_type(s.image) for s in samples]
+        # For restyle (distillation only): each image's type and its background/nucleus signal levels.
+        self.types = [image_type(s.image) for s in samples] if config.distill_weight > 0 else []
         self.levels = [_signal_levels(image, target[0] > 0, kind) for image, target, kind in zip(self.images, self.targets, self.types)]
 
     def patch(self, index: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,8 +259,7 @@ class PatchSampler:
         out = torch.empty_like(images)
         for row, (image, index) in enumerate(zip(images, indices)):
             kind, (background, nuclei) = self.types[index], self.levels[index]
-            signal = image.mean(0) if kind == "fluorescence" else 1.0 - image.mean(0)
-            signal = ((signal - background) / max(nuclei - background, 0.05)).clamp(-0.2, 1.2)
+            signal = ((_nuclear_signal(image, kind) - background) / max(nuclei - background, 0.05)).clamp(-0.2, 1.2)
             look = [t for t in _LOOKS if t != kind][int(self.rng.integers(len(_LOOKS) - 1))]
             colours = _LOOKS[look]
             back = torch.tensor(np.clip(colours[0] + self.rng.uniform(-0.08, 0.08, 3), 0, 1), dtype=image.dtype)
@@ -279,9 +279,14 @@ _LOOKS = {
 }
 
 
+def _nuclear_signal(image: torch.Tensor, kind: str) -> torch.Tensor:
+    """Grey level that is high on nuclei: as is for fluorescence, inverted for bright backgrounds."""
+    return image.mean(0) if kind == "fluorescence" else 1.0 - image.mean(0)
+
+
 def _signal_levels(image: torch.Tensor, nuclei: torch.Tensor, kind: str) -> tuple[float, float]:
     """Median nuclear signal of the background and of the nuclei (1.0 when there are none)."""
-    signal = image.mean(0) if kind == "fluorescence" else 1.0 - image.mean(0)
+    signal = _nuclear_signal(image, kind)
     background = float(signal[~nuclei].median()) if (~nuclei).any() else 0.0
     inside = float(signal[nuclei].median()) if nuclei.any() else 1.0
     return background, inside
