@@ -121,7 +121,10 @@ def test_train_fine_tunes_with_the_widget_settings(tmp_path, tiny_checkpoint):
     out = tmp_path / "tuned"
     argv = ["train", "--images", str(images), "--labels", str(labels), "--out", str(out), "--model", str(model_dir),
             "--epochs", "1", "--iterations", "2", "--patch-size", "64", "--batch-size", "2", "--val-fraction", "0",
-            "--freeze-batchnorm", "--zoom-to-reference", "--anchor-weight", "0.01", "--distill-weight", "1", "--scale-range", "0.8,1.25"]  # fmt: skip
+            "--freeze-batchnorm", "--zoom-to-reference", "--anchor-weight", "0.01", "--distill-weight", "1", "--scale-range", "0.8,1.25",
+            "--precision", "bfloat16"]  # fmt: skip
     assert main(argv) == 0
-    config = Checkpoint.load(out).metadata["training"]["config"]
+    training = Checkpoint.load(out).metadata["training"]
+    config = training["config"]
     assert config["zoom_to_reference"] and config["anchor_weight"] == 0.01 and config["distill_weight"] == 1.0 and config["scale_range"] == [0.8, 1.25]
+    assert config["precision"] == "bfloat16" and training["precision"] == "bfloat16"

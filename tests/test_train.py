@@ -37,11 +37,11 @@ def test_loss_ignores_pixels_outside_roi():
 
 
 def test_fit_decreases_loss_and_writes_loadable_checkpoint(tmp_path, tiny_checkpoint, samples):
-    config = TrainConfig(epochs=3, iterations_per_epoch=6, patch_size=64, batch_size=4, learning_rate=3e-3, warmup_iterations=2, device="cpu")
+    config = TrainConfig(epochs=3, iterations_per_epoch=6, patch_size=64, batch_size=4, learning_rate=3e-3, warmup_iterations=2, device="cpu", precision="float32")
     events = []
     result = fit(tiny_checkpoint, samples[:2], tmp_path / "model", val=samples[2:], config=config, progress=events.append)
     losses = [e.loss for e in events if e.kind == "epoch"]
-    assert result.kind == "done" and not result.cancelled
+    assert result.kind == "done" and not result.cancelled and result.device == "cpu"
     assert losses[-1] < losses[0]
     loaded = Checkpoint.load(tmp_path / "model")
     assert loaded.metadata["training"]["images"] == 2 and "kaggle_score" in loaded.metadata["metrics"]
@@ -70,6 +70,9 @@ def test_bad_training_input(tmp_path, tiny_checkpoint, samples):
     blocked.write_text("")
     with pytest.raises(InputError, match="not writable"):
         fit(tiny_checkpoint, samples, blocked / "sub")
+    with pytest.raises(InputError, match="precision must be auto, float32 or bfloat16"):
+        fit(tiny_checkpoint, samples, tmp_path / "never", config=TrainConfig(precision="fp8"))
+    assert not (tmp_path / "never").exists()  # a bad setting leaves no empty model folder
 
 
 def test_freeze_batchnorm_keeps_the_starting_statistics(tmp_path, tiny_checkpoint, samples):
@@ -216,3 +219,25 @@ def test_distillation_holds_the_other_image_types_to_the_starting_model(tmp_path
         changes.append(float((checkpoint.model.eval()(fluorescence).sigmoid().detach() - start).abs().mean()))
         assert Checkpoint.load(tmp_path / f"w{weight}").model.state_dict()["segmentation_head.0.weight"].is_contiguous()
     assert changes[1] < 0.5 * changes[0]
+
+
+def test_training_precision_follows_the_setting_and_the_cpu(monkeypatch):
+    from napari_nuclei_unet import train
+
+    cpu = torch.device("cpu")
+    assert train.training_dtype("float32", cpu) == torch.float32
+    assert train.training_dtype("bfloat16", cpu) == torch.bfloat16
+    for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(train, "_cpu_has_native_bfloat16", lambda native=native: native)
+        assert train.training_dtype("auto", cpu) == expected
+
+
+def test_bfloat16_training_keeps_float32_weights_and_learns(tmp_path, tiny_checkpoint, samples):
+    config = TrainConfig(epochs=3, iterations_per_epoch=6, patch_size=64, batch_size=4, learning_rate=3e-3, warmup_iterations=2, device="cpu", precision="bfloat16")
+    events = []
+    fit(tiny_checkpoint, samples, tmp_path / "bf16", val=[], config=config, progress=events.append)
+    losses = [e.loss for e in events if e.kind == "epoch"]
+    assert np.isfinite(losses).all() and losses[-1] < losses[0]
+    assert events[-1].device == "cpu (bfloat16)"  # the widget's status line shows it
+    weights = Checkpoint.load(tmp_path / "bf16").model.state_dict()
+    assert all(w.dtype == torch.float32 for w in weights.values() if w.is_floating_point())

@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", help="allow writing into an existing model folder")
     train.add_argument("--device", default="auto")
     train.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    train.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"], help="training arithmetic: auto = bfloat16 autocast on CPUs with native bfloat16 (~1.5x faster steps), float32 elsewhere")
     train.add_argument("--seed", type=int, default=0)
 
     ev = commands.add_parser("evaluate", help="score predictions against ground truth")
@@ -325,6 +326,7 @@ def cmd_train(args) -> int:
         batch_size=args.batch_size, learning_rate=args.lr, augment=not args.no_augment, scale_range=scale, freeze_batchnorm=args.freeze_batchnorm,
         low_resolution=args.low_resolution, zoom_to_reference=args.zoom_to_reference, anchor_weight=args.anchor_weight, distill_weight=args.distill_weight,
         val_every=args.val_every, val_fraction=args.val_fraction, device=args.device, seed=args.seed, threads=args.threads,
+        precision=args.precision,
     )
     bar = tqdm(total=config.epochs * config.iterations_per_epoch, unit="it", desc="train", file=sys.stderr)
 
