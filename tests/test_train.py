@@ -107,7 +107,8 @@ def test_low_resolution_augmentation_blurs_the_image_only():
 
 
 def _distance_from(checkpoint, start):
-    return float(sum(((p - p0) ** 2).sum() for p, p0 in zip(checkpoint.model.state_dict().values(), start.values()) if p.is_floating_point()))
+    """Squared distance of the weights from ``start``; BatchNorm's running statistics are not weights the anchor pulls."""
+    return float(sum(((p.detach() - start[name]) ** 2).sum() for name, p in checkpoint.model.named_parameters()))
 
 
 def test_anchor_keeps_fine_tuned_weights_near_the_start(tmp_path, tiny_checkpoint, samples):
@@ -225,17 +226,20 @@ def test_training_precision_follows_the_setting_and_the_cpu(monkeypatch):
     from napari_nuclei_unet import train
 
     cpu = torch.device("cpu")
-    assert train.training_dtype("float32", cpu) == torch.float32
-    assert train.training_dtype("bfloat16", cpu) == torch.bfloat16
-    for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
+    assert train.training_precision("float32", cpu) == "float32"
+    assert train.training_precision("bfloat16", cpu) == "bfloat16"
+    for native, expected in ((True, "bfloat16"), (False, "float32")):
         monkeypatch.setattr(train, "_cpu_has_native_bfloat16", lambda native=native: native)
-        assert train.training_dtype("auto", cpu) == expected
+        assert train.training_precision("auto", cpu) == expected
 
 
 def test_bfloat16_training_keeps_float32_weights_and_learns(tmp_path, tiny_checkpoint, samples):
     config = TrainConfig(epochs=3, iterations_per_epoch=6, patch_size=64, batch_size=4, learning_rate=3e-3, warmup_iterations=2, device="cpu", precision="bfloat16")
-    events = []
+    events, computed_in = [], set()
+    hook = tiny_checkpoint.model.segmentation_head.register_forward_hook(lambda _module, _inputs, output: computed_in.add(output.dtype))
     fit(tiny_checkpoint, samples, tmp_path / "bf16", val=[], config=config, progress=events.append)
+    hook.remove()
+    assert computed_in == {torch.bfloat16}  # every training forward pass ran in bfloat16
     losses = [e.loss for e in events if e.kind == "epoch"]
     assert np.isfinite(losses).all() and losses[-1] < losses[0]
     assert events[-1].device == "cpu (bfloat16)"  # the widget's status line shows it

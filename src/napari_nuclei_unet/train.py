@@ -375,7 +375,7 @@ def train_steps(
     if val is None:
         train, val = split_validation(train, config.val_fraction, config.seed)
     device = resolve_device(config.device)
-    precision = "bfloat16" if training_dtype(config.precision, device) == torch.bfloat16 else "float32"
+    precision = training_precision(config.precision, device)
     _check_writable(out_dir)  # after the settings are checked, so a bad one leaves no empty folder
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -492,15 +492,13 @@ def train_steps(
     yield TrainEvent("done", epoch, iteration, total, running, time.perf_counter() - started, shown_device, best_score=best if best >= 0 else None, history=list(history))
 
 
-def training_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """The dtype the forward and backward passes run in for :attr:`TrainConfig.precision` on ``device``."""
-    if precision == "float32":
-        return torch.float32
-    if precision == "bfloat16":
-        return torch.bfloat16
-    if precision != "auto":
-        raise InputError(f"training precision must be auto, float32 or bfloat16, got {precision!r}")
-    return torch.bfloat16 if device.type == "cpu" and _cpu_has_native_bfloat16() else torch.float32
+def training_precision(setting: str, device: torch.device) -> str:
+    """"float32" or "bfloat16": what the forward and backward passes run in for :attr:`TrainConfig.precision` on ``device``."""
+    if setting in ("float32", "bfloat16"):
+        return setting
+    if setting != "auto":
+        raise InputError(f"training precision must be auto, float32 or bfloat16, got {setting!r}")
+    return "bfloat16" if device.type == "cpu" and _cpu_has_native_bfloat16() else "float32"
 
 
 @functools.lru_cache(maxsize=1)
