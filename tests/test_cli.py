@@ -122,9 +122,9 @@ def test_train_fine_tunes_with_the_widget_settings(tmp_path, tiny_checkpoint):
     argv = ["train", "--images", str(images), "--labels", str(labels), "--out", str(out), "--model", str(model_dir),
             "--epochs", "1", "--iterations", "2", "--patch-size", "64", "--batch-size", "2", "--val-fraction", "0",
             "--freeze-batchnorm", "--zoom-to-reference", "--anchor-weight", "0.01", "--distill-weight", "1", "--scale-range", "0.8,1.25",
-            "--precision", "bfloat16"]  # fmt: skip
+            "--precision", "bfloat16", "--start-weight-share", "0.25"]  # fmt: skip
     assert main(argv) == 0
     training = Checkpoint.load(out).metadata["training"]
     config = training["config"]
     assert config["zoom_to_reference"] and config["anchor_weight"] == 0.01 and config["distill_weight"] == 1.0 and config["scale_range"] == [0.8, 1.25]
-    assert config["precision"] == "bfloat16" and training["precision"] == "bfloat16"
+    assert config["precision"] == "bfloat16" and training["precision"] == "bfloat16" and config["start_weight_share"] == 0.25

@@ -97,6 +97,13 @@ def test_keeping_the_other_image_types_can_be_switched_off(setup):
     assert widget.request().config.distill_weight == 0.0
 
 
+def test_the_share_of_the_starting_weights_kept_reaches_the_training(setup):
+    _viewer, _segment, widget, _messages, _tmp_path = setup
+    assert widget.request().config.start_weight_share == FINETUNE_DEFAULTS["start_weight_share"] > 0
+    widget.start_share.value = 0.0
+    assert widget.request().config.start_weight_share == 0.0
+
+
 def test_bad_input_gives_clear_messages(setup, qtbot):
     viewer, _segment, widget, messages, tmp_path = setup
     corrected = viewer.layers["cells nuclei"]

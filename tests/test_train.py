@@ -72,6 +72,8 @@ def test_bad_training_input(tmp_path, tiny_checkpoint, samples):
         fit(tiny_checkpoint, samples, blocked / "sub")
     with pytest.raises(InputError, match="precision must be auto, float32 or bfloat16"):
         fit(tiny_checkpoint, samples, tmp_path / "never", config=TrainConfig(precision="fp8"))
+    with pytest.raises(InputError, match="share of the starting weights must be at least 0 and below 1"):
+        fit(tiny_checkpoint, samples, tmp_path / "never", config=TrainConfig(start_weight_share=1.0))
     assert not (tmp_path / "never").exists()  # a bad setting leaves no empty model folder
 
 
@@ -245,3 +247,52 @@ def test_bfloat16_training_keeps_float32_weights_and_learns(tmp_path, tiny_check
     assert events[-1].device == "cpu (bfloat16)"  # the widget's status line shows it
     weights = Checkpoint.load(tmp_path / "bf16").model.state_dict()
     assert all(w.dtype == torch.float32 for w in weights.values() if w.is_floating_point())
+
+
+def test_mixed_with_start_holds_the_blend_only_inside_the_block(tiny_checkpoint):
+    from napari_nuclei_unet.train import mixed_with_start
+
+    model = tiny_checkpoint.model
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for value in model.state_dict().values():
+            value.add_(1)  # the "trained" weights: start + 1, BatchNorm statistics and counters included
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    with mixed_with_start(model, start, 0.25):
+        inside = {k: v.clone() for k, v in model.state_dict().items()}
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, trained[name])  # its own weights again after the block
+        if value.is_floating_point():
+            assert torch.allclose(inside[name], start[name] + 0.75)
+        else:
+            assert torch.equal(inside[name], trained[name])  # counters stay as trained
+    with mixed_with_start(model, None, 0.25):
+        assert all(torch.equal(v, trained[k]) for k, v in model.state_dict().items())
+
+
+def test_the_saved_and_validated_model_mixes_the_starting_weights_back_in(tmp_path, tiny_checkpoint, samples, monkeypatch):
+    from napari_nuclei_unet import train
+
+    validated = []
+
+    def recording_validate(checkpoint, *args, **kwargs):
+        validated.append({k: v.clone() for k, v in checkpoint.model.state_dict().items()})
+        return real_validate(checkpoint, *args, **kwargs)
+
+    real_validate = train.validate
+    monkeypatch.setattr(train, "validate", recording_validate)
+    start = {k: v.clone() for k, v in tiny_checkpoint.model.state_dict().items()}
+    config = TrainConfig(epochs=2, iterations_per_epoch=3, patch_size=64, batch_size=2, warmup_iterations=1, learning_rate=3e-3, start_weight_share=0.25)
+    for val, out in (([], "saved"), (samples[2:], "validated")):
+        tuned = Checkpoint.create(tiny_checkpoint.config)
+        tuned.model.load_state_dict(start)
+        fit(tuned, samples[:2], tmp_path / out, val=val, config=config)
+        trained = torch.load(tmp_path / out / "training_state.pt", weights_only=True)["model"]  # kept unmixed, for resuming
+        floating = [k for k, v in start.items() if v.is_floating_point()]
+        assert any(not torch.allclose(trained[k], start[k]) for k in floating)
+        mixed = validated[-1] if val else Checkpoint.load(tmp_path / out).model.state_dict()  # the last epoch's weights, in both
+        for name in floating:
+            assert torch.allclose(mixed[name], 0.75 * trained[name] + 0.25 * start[name], atol=1e-6)
+    assert len(validated) == 2
+    assert all(torch.equal(v, tuned.model.state_dict()[k]) for k, v in Checkpoint.load(tmp_path / "validated").model.state_dict().items())  # fit leaves what it saved
+    assert Checkpoint.load(tmp_path / "saved").metadata["training"]["config"]["start_weight_share"] == 0.25

@@ -107,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--zoom-to-reference", action="store_true", help="show each image's nuclei at the zoom segmentation will use (fine-tuning)")
     train.add_argument("--anchor-weight", type=float, default=0.0, help="L2-SP pull towards the starting weights (fine-tuning)")
     train.add_argument("--distill-weight", type=float, default=0.0, help="hold the other image types to the starting model's output, seen on restyled patches (fine-tuning; the widget uses 1)")
+    train.add_argument("--start-weight-share", type=float, default=0.0, help="share of the starting weights mixed into the saved model, WiSE-FT (fine-tuning; the widget uses 0.25)")
     train.add_argument("--no-resume", action="store_true", help="start over even if --out holds a training state")
     train.add_argument("--overwrite", action="store_true", help="allow writing into an existing model folder")
     train.add_argument("--device", default="auto")
@@ -325,8 +326,8 @@ def cmd_train(args) -> int:
         epochs=args.epochs, iterations_per_epoch=args.iterations, max_minutes=args.max_minutes, patch_size=args.patch_size,
         batch_size=args.batch_size, learning_rate=args.lr, augment=not args.no_augment, scale_range=scale, freeze_batchnorm=args.freeze_batchnorm,
         low_resolution=args.low_resolution, zoom_to_reference=args.zoom_to_reference, anchor_weight=args.anchor_weight, distill_weight=args.distill_weight,
-        val_every=args.val_every, val_fraction=args.val_fraction, device=args.device, seed=args.seed, threads=args.threads,
-        precision=args.precision,
+        start_weight_share=args.start_weight_share, val_every=args.val_every, val_fraction=args.val_fraction, device=args.device, seed=args.seed,
+        threads=args.threads, precision=args.precision,
     )
     bar = tqdm(total=config.epochs * config.iterations_per_epoch, unit="it", desc="train", file=sys.stderr)
 

@@ -10,7 +10,8 @@
   of interest (or in padding) are ignored.
 * Fine-tuning on a few images of one type must not break the others: each patch is also
   redrawn as the other image types, where the model is held to the starting model's output
-  (``distill_weight``; learning without forgetting, Li & Hoiem 2016).
+  (``distill_weight``; learning without forgetting, Li & Hoiem 2016), and the saved model
+  mixes a share of the starting weights back in (``start_weight_share``; WiSE-FT).
 * The run validates every ``val_every`` epochs with the full segmentation pipeline and
   the Kaggle DSB2018 score, keeps the best checkpoint, logs each epoch to CSV, and can
   resume. ``train_steps`` is a generator of :class:`TrainEvent` (for thread workers);
@@ -19,6 +20,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import math
@@ -83,6 +85,11 @@ class TrainConfig:
     # the other types (fluorescence, brightfield, stained tissue), where the model is held to
     # the starting model's output with this weight. 0: off.
     distill_weight: float = 0.0
+    # Weight-space ensembling (WiSE-FT, Wortsman et al., CVPR 2022): the model validated and
+    # saved is (1 - share) x the trained weights + share x the starting weights. Fine-tuning
+    # fits a few images' outlines and also learns their quirks; mixing the start back in keeps
+    # more of the first and less of the second. 0: the trained weights as they are.
+    start_weight_share: float = 0.0
     # "auto": bfloat16 autocast on CPUs with native bfloat16 (AVX512-BF16 or AMX; a step ~1.5x
     # faster, measured in docs/performance.md), float32 elsewhere. "float32" | "bfloat16" force it.
     # Weights and optimiser state stay float32 either way.
@@ -94,6 +101,7 @@ class TrainConfig:
 FINETUNE_DEFAULTS = dict(
     epochs=10, iterations_per_epoch=20, learning_rate=3e-4, batch_size=4, patch_size=256, warmup_iterations=20,
     freeze_batchnorm=True, freeze_encoder=False, anchor_weight=0.0, distill_weight=1.0, zoom_to_reference=True, scale_range=(0.8, 1.25),
+    start_weight_share=0.25,
 )  # fmt: skip
 
 
@@ -376,6 +384,8 @@ def train_steps(
         train, val = split_validation(train, config.val_fraction, config.seed)
     device = resolve_device(config.device)
     precision = training_precision(config.precision, device)
+    if not 0.0 <= config.start_weight_share < 1.0:
+        raise InputError(f"the share of the starting weights must be at least 0 and below 1, got {config.start_weight_share}")
     _check_writable(out_dir)  # after the settings are checked, so a bad one leaves no empty folder
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -390,6 +400,7 @@ def train_steps(
     trainable = _trainable_parameters(model, config.freeze_encoder)
     anchor = [p.detach().clone() for p in trainable] if config.anchor_weight > 0 else None  # the starting weights
     teacher = _frozen_copy(model) if config.distill_weight > 0 else None  # the starting model, for distillation
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()} if config.start_weight_share > 0 else None
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0 if anchor else config.weight_decay)
     total = config.epochs * config.iterations_per_epoch
     history: list[dict] = []
@@ -463,18 +474,19 @@ def train_steps(
             elapsed = time.perf_counter() - started
             out_of_time = bool(config.max_minutes and elapsed >= 60.0 * config.max_minutes)
             scores, improved = None, False
-            if val and (epoch % config.val_every == 0 or epoch == config.epochs or out_of_time):
-                scores = validate(checkpoint, val, str(device))
-                improved = scores.kaggle_score > best
-            elif not val:
-                improved = True  # nothing to validate on: keep the latest
+            with mixed_with_start(model, start, config.start_weight_share):  # what is validated is what is saved
+                if val and (epoch % config.val_every == 0 or epoch == config.epochs or out_of_time):
+                    scores = validate(checkpoint, val, str(device))
+                    improved = scores.kaggle_score > best
+                elif not val:
+                    improved = True  # nothing to validate on: keep the latest
+                if improved:
+                    best = scores.kaggle_score if scores is not None else best
+                    _save_best(checkpoint, out_dir, record, scores, epoch, iteration, elapsed, device, memory_format)
             row = {"epoch": epoch, "iteration": iteration, "train_loss": running, "lr": lr, "seconds": round(elapsed, 1)}
             if scores is not None:
                 row.update({k: round(v, 5) if isinstance(v, float) else v for k, v in scores.as_dict().items()})
             history.append(row)
-            if improved:
-                best = scores.kaggle_score if scores is not None else best
-                _save_best(checkpoint, out_dir, record, scores, epoch, iteration, elapsed, device, memory_format)
             _save_state(state_path, model, optimizer, epoch, iteration, best, elapsed)
             _write_log(out_dir / LOG_FILE, history)
             yield TrainEvent("epoch", epoch, iteration, total, running, elapsed, shown_device, scores, best if best >= 0 else None, improved, history=list(history))
@@ -485,11 +497,34 @@ def train_steps(
         model.eval().to(memory_format=torch.contiguous_format)
         if not finished:  # cancelled (generator closed): make sure a usable model exists
             if not (out_dir / "model.safetensors").exists():
-                _save_best(checkpoint, out_dir, record, None, epoch, iteration, time.perf_counter() - started, device)
+                with mixed_with_start(model, start, config.start_weight_share):
+                    _save_best(checkpoint, out_dir, record, None, epoch, iteration, time.perf_counter() - started, device)
     best_checkpoint = Checkpoint.load(out_dir, device=device)
     checkpoint.model.load_state_dict(best_checkpoint.model.state_dict())
     checkpoint.metadata, checkpoint.source = best_checkpoint.metadata, str(out_dir)
     yield TrainEvent("done", epoch, iteration, total, running, time.perf_counter() - started, shown_device, best_score=best if best >= 0 else None, history=list(history))
+
+
+@contextlib.contextmanager
+def mixed_with_start(model: torch.nn.Module, start: dict[str, torch.Tensor] | None, share: float) -> Iterator[None]:
+    """Within the block, ``model`` holds ``(1 - share) x`` its weights ``+ share x start`` (WiSE-FT); after it, its own again.
+
+    Every floating-point entry of the state is mixed, BatchNorm statistics included; counters
+    stay as trained. ``start`` None or ``share`` 0: the block sees the model as it is.
+    """
+    if start is None or share <= 0:
+        yield
+        return
+    state = model.state_dict()
+    trained = {k: v.detach().clone() for k, v in state.items()}
+    with torch.no_grad():
+        for name, value in state.items():
+            if value.is_floating_point():
+                value.lerp_(start[name].to(value.device, value.dtype), share)
+    try:
+        yield
+    finally:
+        model.load_state_dict(trained)
 
 
 def training_precision(setting: str, device: torch.device) -> str:

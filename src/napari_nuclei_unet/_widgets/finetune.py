@@ -151,6 +151,9 @@ class FineTuneWidget(Container):
         self.keep_other_types = CheckBox(text="keep the other image types (distillation, ~2x slower)", value=FINETUNE_DEFAULTS["distill_weight"] > 0,
                                          tooltip="also shows each patch restyled as the other image types (fluorescence, brightfield, stained tissue) "
                                                  "and holds the model to its starting output there, so it does not forget them")  # fmt: skip
+        self.start_share = FloatSpinBox(label="starting weights kept", value=FINETUNE_DEFAULTS["start_weight_share"], min=0.0, max=0.9, step=0.05,
+                                        tooltip="share of the starting model's weights mixed into the new model (WiSE-FT): "
+                                                "keeps what it knew and less of the corrected images' quirks; 0: the trained weights alone")  # fmt: skip
         self.val_fraction = FloatSpinBox(label="validation fraction", value=0.25, min=0.0, max=0.9, step=0.05,
                                          tooltip="share of the planes held out to pick the best epoch (needs 2+ planes)")  # fmt: skip
         self.output_folder = FileEdit(label="save in", mode="d", value=str(DEFAULT_MODELS_DIR))
@@ -162,7 +165,7 @@ class FineTuneWidget(Container):
         self.status = Label(value="")
         self.status.native.setWordWrap(True)
         self.plot = CurvePlot()
-        self._advanced_widgets = [self.learning_rate, self.patch_size, self.batch_size, self.augment, self.keep_other_types, self.val_fraction]
+        self._advanced_widgets = [self.learning_rate, self.patch_size, self.batch_size, self.augment, self.keep_other_types, self.start_share, self.val_fraction]
         self.extend([
             self.image_layer, self.labels_layer, self.roi_layer, self.add_pair_button, self.clear_pairs_button, self.pairs_label,
             *self.model.widgets, self.epochs, self.iterations, self.advanced, *self._advanced_widgets,
@@ -252,6 +255,7 @@ class FineTuneWidget(Container):
             patch_size=int(self.patch_size.value), batch_size=int(self.batch_size.value), augment=bool(self.augment.value),
             val_fraction=float(self.val_fraction.value), device=self.model.device.value, val_every=1,
             distill_weight=FINETUNE_DEFAULTS["distill_weight"] if self.keep_other_types.value else 0.0,
+            start_weight_share=float(self.start_share.value),
             warmup_iterations=min(FINETUNE_DEFAULTS["warmup_iterations"], int(self.iterations.value)),
         )  # fmt: skip
         val = None if len(samples) > 1 and config.val_fraction > 0 else []
