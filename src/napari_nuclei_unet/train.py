@@ -160,6 +160,11 @@ class RandomRot90(v2.Transform):
         return inpt if params["k"] == 0 else tv_tensors.wrap(torch.rot90(inpt, params["k"], dims=(-2, -1)), like=inpt)
 
 
+def _uniform(low: float, high: float) -> float:
+    """A random number from torch's generator, like torchvision's own transforms: ``TrainConfig.seed`` makes it repeatable."""
+    return float(torch.empty(()).uniform_(low, high))
+
+
 class RandomGamma(v2.Transform):
     """Gamma change of the image only (masks pass through untouched)."""
 
@@ -171,7 +176,7 @@ class RandomGamma(v2.Transform):
 
     def make_params(self, flat_inputs):
         low, high = np.log(self.gamma)
-        return {"gamma": float(np.exp(np.random.uniform(low, high)))}
+        return {"gamma": math.exp(_uniform(low, high))}
 
     def transform(self, inpt, params):
         return v2.functional.adjust_gamma(inpt, params["gamma"])
@@ -187,7 +192,7 @@ class RandomLowResolution(v2.Transform):
         self.factor = factor
 
     def make_params(self, flat_inputs):
-        return {"factor": float(np.random.uniform(*self.factor))}
+        return {"factor": _uniform(*self.factor)}
 
     def transform(self, inpt, params):
         size = list(inpt.shape[-2:])
