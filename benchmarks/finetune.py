@@ -8,9 +8,11 @@ and stained (H&E-like) tissue. The benchmark scores the bundled model on each, t
 type where it is weakest (``--type auto``), fine-tunes on the ground truth of a few images
 of that type (standing in for a user's corrections) with the Fine-tune widget's default
 settings (``train.finetune_config``; no validation hold-out, so every corrected image is
-trained on and the last weights are kept) and the same ``fit`` the CLI and the widget use,
-within a CPU-time budget, and scores the remaining images of that type and every other
-type before and after.
+trained on and the last weights, mixed with the starting ones as the widget saves them, are
+kept) and the same ``fit`` the CLI and the widget use, for the widget's 200 iterations or
+``--minutes`` of wall clock, whichever comes first (with 2 threads under 5 CPU minutes; each
+run prints its CPU time), and scores the remaining images of that type and every other type
+before and after.
 
 A type has few val images (4 brightfield), so one run would score one or two images: the
 benchmark repeats the fine-tuning with the corrected images rotated (cross-validation; with
