@@ -44,6 +44,18 @@ def test_segment_folder_writes_labels_and_rle(tmp_path, model_dir, image_folder,
     assert summary.startswith("segmented 3 image(s):") and "MP/s on cpu" in summary
 
 
+def test_min_confidence_defaults_to_the_models_calibrated_level(tmp_path, image_folder, capsys):
+    counts = {}
+    for value in ("0", "auto", "0.85", "0.95"):  # the bundled model's calibrated level is 0.85
+        out = tmp_path / value
+        assert main(["segment", str(image_folder / "fluo16.tif"), "--out", str(out), "--min-confidence", value]) == 0
+        counts[value] = int(read_image(out / "fluo16.tif").max())
+    assert counts["0"] >= counts["auto"] == counts["0.85"] >= counts["0.95"] and counts["0"] > counts["0.95"], counts
+    with pytest.raises(SystemExit):
+        main(["segment", str(image_folder), "--out", str(tmp_path / "x"), "--min-confidence", "1.5"])
+    assert "--min-confidence: must be in [0, 1)" in capsys.readouterr().err
+
+
 def test_segment_needs_a_model_or_bundled_default(tmp_path, image_folder, capsys, monkeypatch):
     import napari_nuclei_unet.model as model
 
@@ -106,7 +118,7 @@ def test_evaluate_prints_table_and_json(tmp_path, capsys):
     assert metrics["kaggle_score"] == 1.0 and metrics["n_true"] == labels.max()
 
 
-def test_train_fine_tunes_with_the_widget_settings(tmp_path, tiny_checkpoint):
+def test_train_fine_tunes_with_the_widget_settings(tmp_path, tiny_checkpoint, capsys):
     from napari_nuclei_unet.io import write_labels
     from napari_nuclei_unet.model import Checkpoint
 
@@ -124,6 +136,7 @@ def test_train_fine_tunes_with_the_widget_settings(tmp_path, tiny_checkpoint):
             "--freeze-batchnorm", "--zoom-to-reference", "--anchor-weight", "0.01", "--distill-weight", "1", "--scale-range", "0.8,1.25",
             "--precision", "bfloat16", "--start-weight-share", "0.25"]  # fmt: skip
     assert main(argv) == 0
+    assert "min confidence" in capsys.readouterr().out and Checkpoint.load(out).metadata["postprocess"]["calibrated_on"] == "2 training images"
     training = Checkpoint.load(out).metadata["training"]
     config = training["config"]
     assert config["zoom_to_reference"] and config["anchor_weight"] == 0.01 and config["distill_weight"] == 1.0 and config["scale_range"] == [0.8, 1.25]

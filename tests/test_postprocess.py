@@ -49,3 +49,20 @@ def test_auto_threshold_and_validation():
     assert 0.3 <= auto_threshold(probability) <= 0.7
     with pytest.raises(ValueError, match="threshold"):
         semantic_mask(probability, threshold=1.5)
+
+
+def test_objects_the_network_is_unsure_of_are_dropped():
+    probability = np.full((60, 90), 0.02, np.float32)
+    probability[5:25, 5:25] = 0.95  # a nucleus
+    probability[5:25, 40:60] = 0.6  # a fold: above the threshold, but the network is unsure of it
+    probability[35:55, 40:60] = 0.88
+    params = PostprocessParams(threshold=0.5)
+    assert instances(probability[None], ("foreground",), params)[1].max() == 3  # "auto" without a model: no filter
+    mask, labels = instances(probability[None], ("foreground",), PostprocessParams(threshold=0.5, min_confidence=0.85))
+    assert labels.max() == 2 and labels[15, 50] == 0 and not mask[15, 50]  # mask and labels agree
+    assert labels[15, 15] == 1 and labels[45, 50] == 2  # numbered 1..N again
+    assert instances(probability[None], ("foreground",), PostprocessParams(threshold=0.5, min_confidence=0.9))[1].max() == 1
+    with pytest.raises(ValueError, match="min_confidence"):
+        instances(probability[None], ("foreground",), PostprocessParams(min_confidence=1.0))
+    with pytest.raises(ValueError, match="min_confidence"):
+        instances(probability[None], ("foreground",), PostprocessParams(min_confidence="high"))

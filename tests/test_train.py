@@ -9,7 +9,7 @@ from napari_nuclei_unet import InputError
 from napari_nuclei_unet.data import LabelledImage
 from napari_nuclei_unet.model import Checkpoint
 from napari_nuclei_unet.synthetic import nuclei_field
-from napari_nuclei_unet.train import IGNORE, TrainConfig, fit, make_loss, make_targets, train_steps
+from napari_nuclei_unet.train import IGNORE, TrainConfig, calibrate_min_confidence, fit, make_loss, make_targets, train_steps
 
 
 @pytest.fixture
@@ -47,6 +47,33 @@ def test_fit_decreases_loss_and_writes_loadable_checkpoint(tmp_path, tiny_checkp
     assert loaded.metadata["training"]["images"] == 2 and "kaggle_score" in loaded.metadata["metrics"]
     assert loaded.nucleus_diameter and 12 < loaded.nucleus_diameter < 24
     assert (tmp_path / "model" / "training_log.csv").read_text().count("\n") == 4
+    # The model's min confidence was calibrated on the validation image, saved with it and loaded back.
+    calibration = loaded.metadata["postprocess"]
+    assert calibration["calibrated_on"] == "1 validation image" and [e.kind for e in events][-2:] == ["calibrating", "done"]
+    scores = {float(k): v for k, v in calibration["kaggle_score_by_min_confidence"].items()}
+    assert loaded.min_confidence == tiny_checkpoint.min_confidence == max(scores, key=lambda c: (scores[c], -c))
+
+
+def test_calibration_picks_the_lowest_min_confidence_that_drops_the_unsure_objects(tiny_checkpoint, monkeypatch):
+    from napari_nuclei_unet import segment
+
+    truth = np.zeros((64, 64), np.int32)
+    truth[4:20, 4:20], truth[40:56, 40:56] = 1, 2
+    probability = np.full((2, 64, 64), 0.02, np.float32)
+    probability[0][truth > 0] = 0.97
+    probability[0, 4:20, 40:56] = 0.72  # a fold the network is unsure of
+    monkeypatch.setattr(segment, "predict_plane", lambda *args, **kwargs: segment.PlanePrediction(probability, None))
+    value, scores = calibrate_min_confidence(tiny_checkpoint, [LabelledImage("folds", np.zeros((64, 64), np.uint8), truth)])
+    assert scores[0.0] < scores[0.75] == scores[0.95] == 1.0
+    assert value == 0.75  # ties go to the lowest value: drop no more than needed
+
+
+def test_training_without_calibration_keeps_the_starting_min_confidence(tmp_path, tiny_checkpoint, samples):
+    tiny_checkpoint.metadata["postprocess"] = {"min_confidence": 0.8}
+    config = TrainConfig(epochs=1, iterations_per_epoch=2, patch_size=64, batch_size=2, device="cpu", calibrate=False)
+    events = []
+    fit(tiny_checkpoint, samples[:2], tmp_path / "m", val=samples[2:], config=config, progress=events.append)
+    assert "calibrating" not in [e.kind for e in events] and Checkpoint.load(tmp_path / "m").min_confidence == 0.8
 
 
 def test_cancel_keeps_a_usable_model_and_resume_continues(tmp_path, tiny_checkpoint, samples):

@@ -67,6 +67,8 @@ def test_segments_the_generated_sample_with_sane_count(viewer_and_widget, qtbot)
     assert overlap > 0.8
     recorded = nuclei.metadata["nuclei_unet"]
     assert recorded["model"] == "nuclei-unet-default" and recorded["postprocess"]["min_size"] == 15
+    # The model's calibrated min confidence was used, recorded as a number and shown.
+    assert recorded["postprocess"]["min_confidence"] == 0.85 and widget.min_confidence.value == pytest.approx(0.85)
     assert "nuclei in" in widget.status.value
     assert widget.request().params.tiling.precision == "int8"
     if "cpu" in widget.status.value:
@@ -102,6 +104,14 @@ def test_relabels_from_cached_probabilities_without_the_network(viewer_and_widge
     # Same image and network settings: Segment re-uses the cache too.
     run_and_wait(widget, qtbot)
     assert nuclei.data.max() < before
+    # A min confidence of the user's own replaces the model's, also without the network.
+    widget.min_size.value = 15
+    widget.auto_confidence.value = False
+    assert widget.min_confidence.enabled
+    widget.min_confidence.value = 0.0
+    qtbot.waitUntil(lambda: nuclei.metadata["nuclei_unet"]["postprocess"]["min_confidence"] == 0.0, timeout=5000)
+    expected = segment_module.label_plane(widget._cache.planes[None], widget._cache.outputs, widget.postprocess_params())[1]
+    assert np.array_equal(nuclei.data, expected) and nuclei.data.max() >= before
 
 
 def test_cancel_mid_run_leaves_no_layers(viewer_and_widget, qtbot):

@@ -30,6 +30,18 @@ def _threshold(value: str):
     return number
 
 
+def _confidence(value: str):
+    if value == "auto":
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be 'auto' or a number in [0, 1)") from None
+    if not 0 <= number < 1:
+        raise argparse.ArgumentTypeError("must be in [0, 1)")
+    return number
+
+
 def _diameter(value: str):
     if value in ("auto", "none"):
         return None if value == "none" else value
@@ -60,6 +72,10 @@ def _add_segment_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hole-size", type=int, default=64, help="fill holes up to this many pixels")
     parser.add_argument("--markers", default="distance", choices=["distance", "boundary"], help="watershed markers: distance-transform peaks, or the model's predicted interiors")
     parser.add_argument("--h", type=float, default=0.5, help="h-maxima height for distance markers, pixels (higher splits fewer nuclei)")
+    parser.add_argument(
+        "--min-confidence", type=_confidence, default="auto",
+        help="drop objects whose mean foreground probability is below this (folds, debris); auto: the value calibrated for the model (0.85 for the bundled one), 0: keep all",
+    )  # fmt: skip
     parser.add_argument("--stain", default="none", choices=["none", "hematoxylin"], help="hematoxylin: segment the hematoxylin channel of brightfield RGB images (e.g. DAB immunohistochemistry)")
     parser.add_argument(
         "--diameter", type=_diameter, default="auto",
@@ -114,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     train.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"], help="training arithmetic: auto = bfloat16 autocast on CPUs with native bfloat16 (~1.5x faster steps), float32 elsewhere")
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--no-calibrate", action="store_true", help="skip measuring the model's min confidence on the validation (or training) images after training")
 
     ev = commands.add_parser("evaluate", help="score predictions against ground truth")
     ev.add_argument("--truth", required=True, help="folder of label images or an RLE CSV")
@@ -180,7 +197,7 @@ def cmd_segment(args) -> int:
     checkpoint = _load_checkpoint(args)  # fails early, here, on bad weights
     params = SegmentParams(
         TilingParams(tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size, device=str(device), tta=args.tta, backend=args.backend, precision=args.precision),
-        PostprocessParams(threshold=args.threshold, min_size=args.min_size, hole_size=args.hole_size, markers=args.markers, h=args.h),
+        PostprocessParams(threshold=args.threshold, min_size=args.min_size, hole_size=args.hole_size, markers=args.markers, h=args.h, min_confidence=args.min_confidence),
         diameter=args.diameter,
         stain=args.stain,
     )
@@ -327,13 +344,15 @@ def cmd_train(args) -> int:
         batch_size=args.batch_size, learning_rate=args.lr, augment=not args.no_augment, scale_range=scale, freeze_batchnorm=args.freeze_batchnorm,
         low_resolution=args.low_resolution, zoom_to_reference=args.zoom_to_reference, anchor_weight=args.anchor_weight, distill_weight=args.distill_weight,
         start_weight_share=args.start_weight_share, val_every=args.val_every, val_fraction=args.val_fraction, device=args.device, seed=args.seed,
-        threads=args.threads, precision=args.precision,
+        threads=args.threads, precision=args.precision, calibrate=not args.no_calibrate,
     )
     bar = tqdm(total=config.epochs * config.iterations_per_epoch, unit="it", desc="train", file=sys.stderr)
 
     def progress(event) -> None:
         bar.n = event.iteration
         bar.set_postfix(epoch=event.epoch, loss=f"{event.loss:.3f}", best=event.best_score)
+        if event.kind == "calibrating":
+            bar.write("calibrating the model's min confidence (post-processing)")
         if event.kind == "epoch":
             scores = event.scores
             line = f"epoch {event.epoch}: loss {event.loss:.4f}"
@@ -344,7 +363,9 @@ def cmd_train(args) -> int:
     with bar:
         result = fit(checkpoint, train, out, val, config, progress=progress, data_description=_describe(args, train))
     best = f"{result.best_score:.4f}" if result.best_score is not None else "n/a"
-    print(f"trained {result.iteration} iterations in {result.elapsed / 60:.1f} min on {result.device}; best val DSB score {best} -> {out}")
+    calibration = checkpoint.metadata.get("postprocess", {}) if config.calibrate and not result.cancelled else {}
+    calibrated = f"; min confidence {calibration['min_confidence']:g} (calibrated on {calibration['calibrated_on']})" if calibration else ""
+    print(f"trained {result.iteration} iterations in {result.elapsed / 60:.1f} min on {result.device}; best val DSB score {best}{calibrated} -> {out}")
     return 0
 
 

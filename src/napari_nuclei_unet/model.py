@@ -97,6 +97,12 @@ class Checkpoint:
         return self.config.outputs
 
     @property
+    def min_confidence(self) -> float:
+        """Mean foreground probability below which this model's objects are dropped, as calibrated
+        on its own data (``metadata["postprocess"]``); 0 (keep every object) when never calibrated."""
+        return float((self.metadata.get("postprocess") or {}).get("min_confidence", 0.0))
+
+    @property
     def name(self) -> str:
         return self.metadata.get("name") or (Path(self.source).name if self.source else "unsaved model")
 

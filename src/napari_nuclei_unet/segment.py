@@ -7,7 +7,7 @@ post-processing). ``segment`` chains them over every plane of an image or stack.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -323,6 +323,14 @@ def predict_probabilities(checkpoint: Checkpoint, plane, params: SegmentParams |
     return predict_plane(checkpoint, plane, params, progress, cancel).probabilities
 
 
+def model_postprocess(checkpoint: Checkpoint, postprocess: PostprocessParams | None) -> PostprocessParams:
+    """``postprocess`` with its "auto" settings that belong to the model (``min_confidence``) filled in from ``checkpoint``."""
+    postprocess = postprocess or PostprocessParams()
+    if postprocess.min_confidence == AUTO:
+        postprocess = replace(postprocess, min_confidence=checkpoint.min_confidence)
+    return postprocess
+
+
 def label_plane(
     prediction: PlanePrediction, outputs: tuple[str, ...], postprocess: PostprocessParams | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -373,6 +381,7 @@ def segment(
     Planes larger than ``blocks.LARGE_PLANE`` go block by block (:func:`blocks.segment_large`).
     """
     params = params or SegmentParams()
+    params = replace(params, postprocess=model_postprocess(checkpoint, params.postprocess))
     tiling = params.tiling
     single = is_single_plane(image)
     if single and image.shape[0] * image.shape[1] > _large_plane():

@@ -27,7 +27,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -94,6 +94,9 @@ class TrainConfig:
     # faster, measured in docs/performance.md), float32 elsewhere. "float32" | "bfloat16" force it.
     # Weights and optimiser state stay float32 either way.
     precision: str = "auto"
+    # After training, measure the model's min_confidence (calibrate_min_confidence) on the
+    # validation images, or on the training images when there are none, and save it with the model.
+    calibrate: bool = True
 
 
 # Settings for fine-tuning a trained model on a few corrected images: the Fine-tune
@@ -112,7 +115,7 @@ def finetune_config(**overrides) -> TrainConfig:
 
 @dataclass
 class TrainEvent:
-    """Progress report: ``kind`` is 'iteration', 'epoch' (with validation) or 'done'."""
+    """Progress report: ``kind`` is 'iteration', 'epoch' (with validation), 'calibrating' (after the last epoch) or 'done'."""
 
     kind: str
     epoch: int
@@ -335,23 +338,74 @@ def split_validation(samples: list[LabelledImage], fraction: float, seed: int) -
 
 def validate(checkpoint: Checkpoint, samples: list[LabelledImage], device: str = "auto", cancel=None) -> Scores:
     """Score the checkpoint on whole images with the real pipeline (tiling + watershed)."""
-    from .segment import SegmentParams, segment
+    from .segment import segment
+
+    with _evaluation_mode(checkpoint.model):
+        return evaluate([_within_roi(sample, segment(checkpoint, sample.image, _evaluation_params(device), cancel=cancel).labels) for sample in samples])
+
+
+# Candidates for a model's min_confidence: 0 keeps every object; above 0.95 little is left.
+CONFIDENCE_CANDIDATES = (0.0, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
+
+
+def calibrate_min_confidence(
+    checkpoint: Checkpoint, samples: list[LabelledImage], device: str = "auto", candidates=CONFIDENCE_CANDIDATES, cancel=None
+) -> tuple[float, dict[float, float]]:
+    """The ``min_confidence`` giving ``samples`` the best Kaggle DSB2018 score with ``checkpoint``, and the score of every candidate.
+
+    Like StarDist's ``optimize_thresholds``: a model's probabilities are its own (a model
+    fine-tuned on a few images is surer of itself than the one it started from), so the level
+    below which an object is more likely a fold or debris than a nucleus is measured per model,
+    on its data. The network runs once per image; ties go to the lower value (fewer dropped).
+    """
+    from .segment import label_plane, predict_plane
+
+    params = _evaluation_params(device)
+    with _evaluation_mode(checkpoint.model):
+        predictions = [predict_plane(checkpoint, sample.image, params, cancel=cancel) for sample in samples]
+    scores = {}
+    for value in candidates:
+        postprocess = replace(params.postprocess, min_confidence=value)
+        pairs = [_within_roi(sample, label_plane(prediction, checkpoint.outputs, postprocess)[1]) for sample, prediction in zip(samples, predictions)]
+        scores[value] = evaluate(pairs).kaggle_score
+    return max(candidates, key=lambda value: (scores[value], -value)), scores
+
+
+def calibrate(checkpoint: Checkpoint, samples: list[LabelledImage], description: str, device: str = "auto") -> float:
+    """Calibrate ``checkpoint``'s ``min_confidence`` on ``samples`` and record it in its metadata (saved with it)."""
+    value, scores = calibrate_min_confidence(checkpoint, samples, device)
+    checkpoint.metadata["postprocess"] = {
+        "min_confidence": value,
+        "calibrated_on": description,
+        "kaggle_score_by_min_confidence": {str(k): round(v, 5) for k, v in scores.items()},
+    }
+    return value
+
+
+def _evaluation_params(device: str):
+    from .segment import SegmentParams
     from .tiling import TilingParams
 
-    params = SegmentParams(tiling=TilingParams(device=device, precision="float32"))  # the model as trained, not re-quantised every epoch
-    modes = [(module, module.training) for module in checkpoint.model.modules()]  # e.g. frozen BatchNorm stays frozen
-    checkpoint.model.eval()
+    return SegmentParams(tiling=TilingParams(device=device, precision="float32"))  # the model as trained, not re-quantised every epoch
+
+
+@contextlib.contextmanager
+def _evaluation_mode(model: torch.nn.Module) -> Iterator[None]:
+    """``model`` in eval mode within the block; each module's own mode after it (frozen BatchNorm stays frozen)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
     try:
-        pairs = []
-        for sample in samples:
-            result = segment(checkpoint, sample.image, params, cancel=cancel)
-            truth = sample.labels if sample.roi is None else np.where(sample.roi, sample.labels, 0)
-            pred = result.labels if sample.roi is None else np.where(sample.roi, result.labels, 0)
-            pairs.append((truth, pred))
-        return evaluate(pairs)
+        yield
     finally:
         for module, training in modes:
             module.training = training
+
+
+def _within_roi(sample: LabelledImage, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(truth, prediction)`` with both cleared outside the sample's region of interest."""
+    if sample.roi is None:
+        return sample.labels, labels
+    return np.where(sample.roi, sample.labels, 0), np.where(sample.roi, labels, 0)
 
 
 def _learning_rate(config: TrainConfig, iteration: int, total: int, elapsed: float) -> float:
@@ -505,6 +559,11 @@ def train_steps(
                 with mixed_with_start(model, start, config.start_weight_share):
                     _save_best(checkpoint, out_dir, record, None, epoch, iteration, time.perf_counter() - started, device)
     best_checkpoint = Checkpoint.load(out_dir, device=device)
+    if config.calibrate:
+        yield TrainEvent("calibrating", epoch, iteration, total, running, time.perf_counter() - started, shown_device, best_score=best if best >= 0 else None, history=list(history))
+        samples = val or train
+        calibrate(best_checkpoint, samples, f"{len(samples)} {'validation' if val else 'training'} image{'s' if len(samples) != 1 else ''}", str(device))
+        best_checkpoint.save(out_dir, overwrite=True)
     checkpoint.model.load_state_dict(best_checkpoint.model.state_dict())
     checkpoint.metadata, checkpoint.source = best_checkpoint.metadata, str(out_dir)
     yield TrainEvent("done", epoch, iteration, total, running, time.perf_counter() - started, shown_device, best_score=best if best >= 0 else None, history=list(history))

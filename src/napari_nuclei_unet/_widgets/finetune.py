@@ -293,6 +293,8 @@ class FineTuneWidget(Container):
     def _on_event(self, event: TrainEvent) -> None:
         if self._progress is not None:
             self._progress.update(event.iteration - self._progress.n)
+        if event.kind == "calibrating":
+            self.status.value = f"calibrating the new model's min confidence on the corrected images… ({event.device})"
         if event.kind == "epoch":
             score = event.scores.kaggle_score if event.scores is not None else None
             self.plot.add(event.epoch, event.loss, score)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,7 +25,7 @@ from qtpy.QtCore import QTimer
 from ..errors import Cancelled
 from ..io import is_single_plane
 from ..postprocess import PostprocessParams
-from ..segment import AUTO, PlanePrediction, SegmentParams, label_plane, predict_plane, resolve_diameter
+from ..segment import AUTO, PlanePrediction, SegmentParams, label_plane, model_postprocess, predict_plane, resolve_diameter
 from ..tiling import TilingParams
 from ._common import ModelPicker, Relay, result_metadata
 
@@ -75,6 +75,7 @@ class _Cache:
     key: tuple
     outputs: tuple[str, ...]
     model_name: str
+    min_confidence: float  # the model's own (calibrated) value, for "auto"
     planes: dict[int | None, PlanePrediction] = field(default_factory=dict)
 
 
@@ -120,6 +121,14 @@ class SegmentWidget(Container):
             label="split height (px)", value=0.5, min=0.0, max=20.0, step=0.1,
             tooltip="h-maxima height of the distance transform: lower splits touching nuclei more eagerly",
         )
+        self.auto_confidence = CheckBox(
+            text="model's min confidence", value=True,
+            tooltip="drop objects the network is unsure of (folds, debris) below the level calibrated for the model on its own data",
+        )
+        self.min_confidence = FloatSlider(
+            label="min confidence", value=0.0, min=0.0, max=0.95, step=0.01, enabled=False,
+            tooltip="objects whose mean foreground probability is below this are dropped; 0 keeps every object",
+        )
         self.show_probability = CheckBox(text="add probability layer", value=False)
         self.run_button = PushButton(text="Segment")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
@@ -127,8 +136,8 @@ class SegmentWidget(Container):
         self.status.native.setWordWrap(True)
         self.extend([
             self.image_layer, self.scope, *self.model.widgets, self.tile_size, self.overlap, self.auto_diameter, self.diameter, self.stain, self.tta,
-            self.int8, self.auto_threshold, self.threshold, self.min_size, self.markers, self.split_h, self.show_probability,
-            self.run_button, self.cancel_button, self.status,
+            self.int8, self.auto_threshold, self.threshold, self.min_size, self.markers, self.split_h, self.auto_confidence,
+            self.min_confidence, self.show_probability, self.run_button, self.cancel_button, self.status,
         ])  # fmt: skip
 
         self._cache: _Cache | None = None
@@ -149,7 +158,8 @@ class SegmentWidget(Container):
         self.image_layer.changed.connect(self._update_scope)
         self.auto_threshold.changed.connect(lambda value: setattr(self.threshold, "enabled", not value))
         self.auto_diameter.changed.connect(lambda value: setattr(self.diameter, "enabled", not value))
-        for control in (self.auto_threshold, self.threshold, self.min_size, self.markers, self.split_h):
+        self.auto_confidence.changed.connect(lambda value: setattr(self.min_confidence, "enabled", not value))
+        for control in (self.auto_threshold, self.threshold, self.min_size, self.markers, self.split_h, self.auto_confidence, self.min_confidence):
             control.changed.connect(self._schedule_relabel)
         self.viewer.layers.events.inserted.connect(self.reset_choices)
         self.viewer.layers.events.removed.connect(self.reset_choices)
@@ -172,6 +182,7 @@ class SegmentWidget(Container):
             min_size=int(self.min_size.value),
             markers=self.markers.value,
             h=float(self.split_h.value),
+            min_confidence="auto" if self.auto_confidence.value else float(self.min_confidence.value),
         )
 
     def request(self) -> SegmentRequest:
@@ -259,9 +270,11 @@ class SegmentWidget(Container):
     def _on_segmented(self, layer: Image, request: SegmentRequest, result: dict) -> None:
         checkpoint = result["checkpoint"]
         if not self._cache_matches(layer, request):
-            self._cache = _Cache(layer, request.image, request.network_key(), checkpoint.outputs, checkpoint.name)
+            self._cache = _Cache(layer, request.image, request.network_key(), checkpoint.outputs, checkpoint.name, checkpoint.min_confidence)
         self._cache.planes.update(result["probabilities"])
-        written = self._write_layers(result["labelled"], request.params.postprocess)
+        written = self._write_layers(result["labelled"], result["postprocess"])
+        if self.auto_confidence.value:
+            self.min_confidence.value = checkpoint.min_confidence  # shown; untick to override
         seconds, megapixels = result["seconds"], result["megapixels"]
         diameter, factor = result["diameter"], result["factor"]
         if request.params.diameter == AUTO and diameter is not None:
@@ -285,6 +298,8 @@ class SegmentWidget(Container):
             self._relabel_again = True
             return
         params = self.postprocess_params()
+        if params.min_confidence == AUTO:
+            params = replace(params, min_confidence=cache.min_confidence)
         worker = _relabel_worker(dict(cache.planes), cache.outputs, params)
         worker.returned.connect(lambda labelled: self._on_relabelled(labelled, params))
         worker.errored.connect(self._on_error)
@@ -367,6 +382,7 @@ def _segment_worker(request: SegmentRequest, model: ModelPicker, cached: dict, c
     """Network + post-processing for the requested planes, reusing cached probabilities."""
     started = time.perf_counter()
     checkpoint = model.checkpoint(request.model_path)
+    postprocess = model_postprocess(checkpoint, request.params.postprocess)
     image = request.image
     indices = [None] if is_single_plane(image) else ([request.plane] if request.plane is not None else list(range(image.shape[0])))
     todo = [i for i in indices if i not in cached]
@@ -383,21 +399,21 @@ def _segment_worker(request: SegmentRequest, model: ModelPicker, cached: dict, c
 
         predictions[index] = predict_plane(checkpoint, plane, request.params, plane_progress, cancel, estimate=estimate)
         if len(todo) > 1:  # a stack keeps only each plane's image-grid probabilities (see segment.segment)
-            labelled[index] = label_plane(predictions[index], checkpoint.outputs, request.params.postprocess)
+            labelled[index] = label_plane(predictions[index], checkpoint.outputs, postprocess)
             predictions[index].network = None
     if cancel():
         raise Cancelled("segmentation cancelled")
     for index in indices:
         if index not in labelled:
             prediction = predictions[index] if index in predictions else cached[index]
-            labelled[index] = label_plane(prediction, checkpoint.outputs, request.params.postprocess)
+            labelled[index] = label_plane(prediction, checkpoint.outputs, postprocess)
     megapixels = sum(np.prod(predictions[i].probabilities.shape[1:]) for i in todo) / 1e6
     shown = predictions[todo[0]] if todo else cached[indices[0]]
     from ..model import resolve_device
     from ..onnx_backend import describe_device
 
     return {
-        "checkpoint": checkpoint, "probabilities": predictions, "labelled": labelled, "factor": shown.factor, "diameter": shown.diameter,
+        "checkpoint": checkpoint, "postprocess": postprocess, "probabilities": predictions, "labelled": labelled, "factor": shown.factor, "diameter": shown.diameter,
         "seconds": time.perf_counter() - started, "megapixels": megapixels, "device": describe_device(resolve_device(request.params.tiling.device), request.params.tiling.backend, request.params.tiling.precision),
     }  # fmt: skip
 
