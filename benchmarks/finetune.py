@@ -102,8 +102,8 @@ def main() -> None:
         changes_by_run.append(changes)
         print(f"run {run + 1}: fine-tuned on {', '.join(s.name[:8] for s in corrected)} ({sum(int(s.labels.max()) for s in corrected)} nuclei): "
               f"{event.iteration} iterations, {(time.perf_counter() - started) / 60:.1f} min wall clock, {cpu_minutes:.1f} min CPU time over "
-              f"{args.threads} threads; DSB2018 score change: " + ", ".join(f"{k} {v:+.3f}" for k, v in changes.items()), flush=True)  # fmt: skip
-        results.append({"corrected": [s.name for s in corrected], "held_out": [s.name for s in held_out], "iterations": event.iteration, "cpu_minutes": cpu_minutes, "changes": changes})
+              f"{args.threads} threads; calibrated min confidence {tuned.min_confidence:g}; DSB2018 score change: " + ", ".join(f"{k} {v:+.3f}" for k, v in changes.items()), flush=True)  # fmt: skip
+        results.append({"corrected": [s.name for s in corrected], "held_out": [s.name for s in held_out], "iterations": event.iteration, "cpu_minutes": cpu_minutes, "min_confidence": tuned.min_confidence, "changes": changes})
 
     held_before, held_after = evaluate(pairs["before"]), evaluate(pairs["after"])
     mean = {k: float(np.mean([c[k] for c in changes_by_run])) for k in changes_by_run[0]}

@@ -47,9 +47,9 @@ def test_fit_decreases_loss_and_writes_loadable_checkpoint(tmp_path, tiny_checkp
     assert loaded.metadata["training"]["images"] == 2 and "kaggle_score" in loaded.metadata["metrics"]
     assert loaded.nucleus_diameter and 12 < loaded.nucleus_diameter < 24
     assert (tmp_path / "model" / "training_log.csv").read_text().count("\n") == 4
-    # The model's min confidence was calibrated on the validation image, saved with it and loaded back.
+    # The model's min confidence was calibrated (one validation image is too few: the training images count too), saved and loaded back.
     calibration = loaded.metadata["postprocess"]
-    assert calibration["calibrated_on"] == "1 validation image" and [e.kind for e in events][-2:] == ["calibrating", "done"]
+    assert calibration["calibrated_on"] == "3 training and validation images" and [e.kind for e in events][-2:] == ["calibrating", "done"]
     scores = {float(k): v for k, v in calibration["kaggle_score_by_min_confidence"].items()}
     assert loaded.min_confidence == tiny_checkpoint.min_confidence == max(scores, key=lambda c: (scores[c], -c))
 

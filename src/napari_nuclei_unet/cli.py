@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     train.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"], help="training arithmetic: auto = bfloat16 autocast on CPUs with native bfloat16 (~1.5x faster steps), float32 elsewhere")
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--no-calibrate", action="store_true", help="skip measuring the model's min confidence on the validation (or training) images after training")
+    train.add_argument("--no-calibrate", action="store_true", help="skip calibrating the model's min confidence on the validation images (with the training images when there are few) after training")
 
     ev = commands.add_parser("evaluate", help="score predictions against ground truth")
     ev.add_argument("--truth", required=True, help="folder of label images or an RLE CSV")

@@ -1,12 +1,13 @@
 """From probabilities to a semantic mask and watershed-separated instances.
 
 Markers come by default from the distance transform of the mask (h-maxima, so one
-marker per convex blob). Objects the network is unsure of (mean foreground probability
-below ``min_confidence``: cell folds, debris, out-of-focus blobs) are dropped last; each
-model carries the value calibrated on its own data (``segment.calibrate_min_confidence``). Models with a ``boundary`` output can take markers from the
+marker per convex blob). Models with a ``boundary`` output can take markers from the
 predicted interiors (``foreground - boundary``) instead; on the DSB2018 val split the
 distance markers split touching nuclei better with the bundled model (AP@0.5 0.751 vs
-0.694, see docs/model-card.md). Everything stays in float32/int32.
+0.694, see docs/model-card.md). Objects the network is unsure of (mean foreground
+probability below ``min_confidence``: cell folds, debris, out-of-focus blobs) are dropped
+last; each model carries the level calibrated on its own data
+(``train.calibrate_min_confidence``). Everything stays in float32/int32.
 """
 
 from __future__ import annotations

@@ -95,7 +95,7 @@ class TrainConfig:
     # Weights and optimiser state stay float32 either way.
     precision: str = "auto"
     # After training, measure the model's min_confidence (calibrate_min_confidence) on the
-    # validation images, or on the training images when there are none, and save it with the model.
+    # validation images (with the training images when there are few) and save it with the model.
     calibrate: bool = True
 
 
@@ -340,12 +340,14 @@ def validate(checkpoint: Checkpoint, samples: list[LabelledImage], device: str =
     """Score the checkpoint on whole images with the real pipeline (tiling + watershed)."""
     from .segment import segment
 
+    params = _evaluation_params(device)
     with _evaluation_mode(checkpoint.model):
-        return evaluate([_within_roi(sample, segment(checkpoint, sample.image, _evaluation_params(device), cancel=cancel).labels) for sample in samples])
+        return evaluate([_within_roi(sample, segment(checkpoint, sample.image, params, cancel=cancel).labels) for sample in samples])
 
 
 # Candidates for a model's min_confidence: 0 keeps every object; above 0.95 little is left.
 CONFIDENCE_CANDIDATES = (0.0, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
+CALIBRATION_MIN_IMAGES = 5  # fewer validation images than this: calibrate on the training images too
 
 
 def calibrate_min_confidence(
@@ -561,8 +563,9 @@ def train_steps(
     best_checkpoint = Checkpoint.load(out_dir, device=device)
     if config.calibrate:
         yield TrainEvent("calibrating", epoch, iteration, total, running, time.perf_counter() - started, shown_device, best_score=best if best >= 0 else None, history=list(history))
-        samples = val or train
-        calibrate(best_checkpoint, samples, f"{len(samples)} {'validation' if val else 'training'} image{'s' if len(samples) != 1 else ''}", str(device))
+        # A few held-out images are too few to pick a level from: then the training images count too.
+        samples, kind = (val, "validation") if len(val) >= CALIBRATION_MIN_IMAGES else (train + val, "training and validation" if val else "training")
+        calibrate(best_checkpoint, samples, f"{len(samples)} {kind} image{'s' if len(samples) != 1 else ''}", str(device))
         best_checkpoint.save(out_dir, overwrite=True)
     checkpoint.model.load_state_dict(best_checkpoint.model.state_dict())
     checkpoint.metadata, checkpoint.source = best_checkpoint.metadata, str(out_dir)

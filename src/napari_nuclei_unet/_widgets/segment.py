@@ -274,7 +274,8 @@ class SegmentWidget(Container):
         self._cache.planes.update(result["probabilities"])
         written = self._write_layers(result["labelled"], result["postprocess"])
         if self.auto_confidence.value:
-            self.min_confidence.value = checkpoint.min_confidence  # shown; untick to override
+            with self.min_confidence.changed.blocked():  # shown (untick to override); the labels already use it
+                self.min_confidence.value = checkpoint.min_confidence
         seconds, megapixels = result["seconds"], result["megapixels"]
         diameter, factor = result["diameter"], result["factor"]
         if request.params.diameter == AUTO and diameter is not None:
