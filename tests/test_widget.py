@@ -112,6 +112,11 @@ def test_relabels_from_cached_probabilities_without_the_network(viewer_and_widge
     qtbot.waitUntil(lambda: nuclei.metadata["nuclei_unet"]["postprocess"]["min_confidence"] == 0.0, timeout=5000)
     expected = segment_module.label_plane(widget._cache.planes[None], widget._cache.outputs, widget.postprocess_params())[1]
     assert np.array_equal(nuclei.data, expected) and nuclei.data.max() >= before
+    kept_all = nuclei.data.max()
+    widget.min_confidence.value = 0.95  # stricter than the model's 0.85: drops some of the generated nuclei
+    qtbot.waitUntil(lambda: nuclei.metadata["nuclei_unet"]["postprocess"]["min_confidence"] == 0.95, timeout=5000)
+    expected = segment_module.label_plane(widget._cache.planes[None], widget._cache.outputs, widget.postprocess_params())[1]
+    assert np.array_equal(nuclei.data, expected) and nuclei.data.max() < kept_all
 
 
 def test_cancel_mid_run_leaves_no_layers(viewer_and_widget, qtbot):

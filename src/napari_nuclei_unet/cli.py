@@ -18,28 +18,22 @@ from . import __version__
 from .errors import Cancelled, InputError, NucleiUnetError
 
 
-def _threshold(value: str):
-    if value == "auto":
-        return value
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError("must be 'auto' or a number in (0, 1)") from None
-    if not 0 < number < 1:
-        raise argparse.ArgumentTypeError("must be in (0, 1)")
-    return number
+def _auto_or_fraction(zero_allowed: bool):
+    """An argparse type: "auto", or a number below 1 and above 0 (or from 0 when ``zero_allowed``)."""
+    interval = "[0, 1)" if zero_allowed else "(0, 1)"
 
+    def parse(value: str):
+        if value == "auto":
+            return value
+        try:
+            number = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be 'auto' or a number in {interval}") from None
+        if not (0 <= number < 1 if zero_allowed else 0 < number < 1):
+            raise argparse.ArgumentTypeError(f"must be in {interval}")
+        return number
 
-def _confidence(value: str):
-    if value == "auto":
-        return value
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError("must be 'auto' or a number in [0, 1)") from None
-    if not 0 <= number < 1:
-        raise argparse.ArgumentTypeError("must be in [0, 1)")
-    return number
+    return parse
 
 
 def _diameter(value: str):
@@ -67,13 +61,13 @@ def _add_segment_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"], help="CPU inference engine: auto = ONNX Runtime when installed (~2x faster than torch), else PyTorch")
     parser.add_argument("--precision", default="int8", choices=["int8", "float32"], help="network precision with ONNX Runtime on the CPU: int8 (network ~1.7x faster; same val DSB2018 score within 0.001) or float32 (as trained; PyTorch and GPUs always use it)")
     parser.add_argument("--tta", action="store_true", help="test-time augmentation (4 flips; ~4x slower)")
-    parser.add_argument("--threshold", type=_threshold, default="auto", help="foreground probability threshold, or auto")
+    parser.add_argument("--threshold", type=_auto_or_fraction(zero_allowed=False), default="auto", help="foreground probability threshold, or auto")
     parser.add_argument("--min-size", type=int, default=15, help="remove nuclei smaller than this many pixels")
     parser.add_argument("--hole-size", type=int, default=64, help="fill holes up to this many pixels")
     parser.add_argument("--markers", default="distance", choices=["distance", "boundary"], help="watershed markers: distance-transform peaks, or the model's predicted interiors")
     parser.add_argument("--h", type=float, default=0.5, help="h-maxima height for distance markers, pixels (higher splits fewer nuclei)")
     parser.add_argument(
-        "--min-confidence", type=_confidence, default="auto",
+        "--min-confidence", type=_auto_or_fraction(zero_allowed=True), default="auto",
         help="drop objects whose mean foreground probability is below this (folds, debris); auto: the value calibrated for the model (0.85 for the bundled one), 0: keep all",
     )  # fmt: skip
     parser.add_argument("--stain", default="none", choices=["none", "hematoxylin"], help="hematoxylin: segment the hematoxylin channel of brightfield RGB images (e.g. DAB immunohistochemistry)")

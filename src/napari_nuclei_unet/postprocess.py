@@ -115,12 +115,11 @@ def instances(
     orphans, count = ndi.label(mask & (labels == 0))
     if count:
         labels = np.where(orphans > 0, orphans + labels.max(), labels)
-    drop = np.zeros(int(labels.max()) + 1, bool)
-    if params.min_size > 0:
-        drop |= np.bincount(labels.ravel(), minlength=drop.size) < params.min_size
+    sizes = np.bincount(labels.ravel())
+    drop = sizes < params.min_size
     min_confidence = resolve_min_confidence(params.min_confidence)
-    if min_confidence > 0:
-        drop |= object_confidence(labels, foreground) < min_confidence
+    if min_confidence > 0:  # mean foreground probability of each object
+        drop |= np.bincount(labels.ravel(), weights=foreground.ravel(), minlength=sizes.size) < min_confidence * sizes
     drop[0] = False
     labels[drop[labels]] = 0
     labels, _, _ = relabel_sequential(labels.astype(np.int32, copy=False))
@@ -137,13 +136,6 @@ def resolve_min_confidence(value: Confidence) -> float:
     if not 0.0 <= value < 1.0:
         raise ValueError(f"min_confidence must be in [0, 1), got {value}")
     return value
-
-
-def object_confidence(labels: np.ndarray, foreground: np.ndarray) -> np.ndarray:
-    """Mean foreground probability of each label, indexed by label (index 0: the background)."""
-    counts = np.bincount(labels.ravel())
-    sums = np.bincount(labels.ravel(), weights=foreground.ravel().astype(np.float64), minlength=counts.size)
-    return (sums / np.maximum(counts, 1)).astype(np.float32)
 
 
 def _distance_markers(distance: np.ndarray, mask: np.ndarray, h: float, smoothing: float = 1.0) -> np.ndarray:
