@@ -41,7 +41,7 @@ from napari_nuclei_unet.data import image_type, load_pairs, read_split
 from napari_nuclei_unet.metrics import evaluate, format_table
 from napari_nuclei_unet.model import Checkpoint, resolve_model_path
 from napari_nuclei_unet.segment import segment
-from napari_nuclei_unet.train import finetune_config, fit
+from napari_nuclei_unet.training import finetune_config, fit
 
 REPO = Path(__file__).resolve().parents[1]
 TYPES = ("fluorescence", "brightfield", "tissue")

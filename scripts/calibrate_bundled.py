@@ -14,7 +14,7 @@ import torch
 
 from napari_nuclei_unet.data import load_pairs, read_split
 from napari_nuclei_unet.model import BUNDLED_MODEL_DIR, Checkpoint
-from napari_nuclei_unet.train import calibrate
+from napari_nuclei_unet.training import calibrate
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
-from napari_nuclei_unet.blocks import block_grid, segment_large
+from napari_nuclei_unet.blocks import block_grid
 from napari_nuclei_unet.metrics import evaluate
 from napari_nuclei_unet.model import Checkpoint, bundled_model_path
-from napari_nuclei_unet.postprocess import instances
-from napari_nuclei_unet.segment import SegmentParams, predict_plane, segment
+from napari_nuclei_unet.plane import BlockParams
+from napari_nuclei_unet.postprocess import instances, with_threshold
+from napari_nuclei_unet.segment import SegmentParams, segment, segment_planes
 from napari_nuclei_unet.synthetic import nuclei_field
+
+
+def segment_large(checkpoint, image, params, block_size, labels_out=None):
+    """The dispatcher, told to take the block path for this (small) plane."""
+    blocked = replace(params, blocks=BlockParams(block_size=block_size, large_plane=1))
+    return segment_planes(checkpoint, image, blocked, labels_out=labels_out)
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +85,9 @@ def test_small_nuclei_are_separated_on_the_zoomed_grid_block_by_block(bundled):
     assert same > 0.99, same
     blocked_score, whole_score = (evaluate([(truth, found)]).kaggle_score for found in (labels, whole.labels))
     assert abs(blocked_score - whole_score) < 0.03, (blocked_score, whole_score)
-    prediction = predict_plane(bundled, image, params)  # labelled on the image grid instead: clearly worse
-    on_image_grid = instances(prediction.probabilities, bundled.outputs, scale=1.0 / prediction.factor)[1]
+    prediction = whole.planes[None].prediction  # labelled on the image grid instead: clearly worse
+    image_grid_params = with_threshold(replace(whole.params.postprocess, threshold="auto"), prediction.probabilities[0])
+    on_image_grid = instances(prediction.probabilities, bundled.outputs, image_grid_params, scale=1.0 / prediction.factor)[1]
     assert blocked_score > evaluate([(truth, on_image_grid)]).kaggle_score + 0.05
     assert len(_crossing(truth, 128)) >= 10  # many nuclei cross the borders of the 128 px blocks (both passes)
 
@@ -89,7 +99,7 @@ def test_writes_into_a_zarr_array_from_a_dask_input(bundled, field, tmp_path):
     image, truth = field
     lazy = da.from_array(image, chunks=(100, 100))
     out = zarr.open_array(str(tmp_path / "labels.zarr"), mode="w", shape=image.shape, chunks=(128, 128), dtype="int32")
-    result = segment_large(bundled, lazy, SegmentParams(diameter=None), labels_out=out, block_size=192)
+    result = segment_large(bundled, lazy, SegmentParams(diameter=None), block_size=192, labels_out=out)
     stored = np.asarray(zarr.open_array(str(tmp_path / "labels.zarr"), mode="r")[:])
     assert result.count == len(np.unique(stored)) - 1
     assert evaluate([(truth, stored)]).ap50 > 0.8
@@ -100,3 +110,26 @@ def test_block_grid_covers_the_plane_once():
     for rows, cols in block_grid(300, 500, 128):
         cover[rows, cols] += 1
     assert (cover == 1).all()
+
+
+def test_blocked_equals_whole_at_the_default_settings(bundled):
+    """Block by block and whole, with every default (diameter, threshold and min confidence "auto").
+
+    The block path once skipped the model's min confidence (0.85 for the bundled model) and
+    kept every unsure object the whole-plane path drops; this fails then (blocked > whole).
+    """
+    image, truth = nuclei_field((384, 512), count=70, diameter=22, seed=21)
+    rows, cols = np.mgrid[: image.shape[0], : image.shape[1]]
+    low, high = np.percentile(image, (1, 99.8))
+    for cy, cx in ((40, 60), (200, 300), (330, 450), (100, 400), (300, 100)):  # faint blobs the network is unsure of
+        image[(rows - cy) ** 2 + (cols - cx) ** 2 < 64] = low + 0.09 * (high - low)
+    whole = segment(bundled, image)
+    blocked = segment_large(bundled, image, SegmentParams(), block_size=128)
+    assert whole.min_confidence == blocked.min_confidence == bundled.min_confidence == 0.85
+    assert blocked.probabilities is None and whole.probabilities is not None  # the block path was taken
+    unsure = segment(bundled, image, SegmentParams(postprocess=replace(SegmentParams().postprocess, min_confidence=0.0))).count
+    assert unsure > whole.count  # the faint blobs are found, and dropped at 0.85
+    assert abs(blocked.count - whole.count) <= 1, (blocked.count, whole.count, unsure)
+    agreement = np.mean((blocked.labels > 0) == (whole.labels > 0))
+    assert agreement > 0.995, agreement
+    assert abs(evaluate([(truth, blocked.labels)]).kaggle_score - evaluate([(truth, whole.labels)]).kaggle_score) < 0.01

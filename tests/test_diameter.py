@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
+from napari_nuclei_unet import scale as scale_module
 from napari_nuclei_unet import segment as segment_module
 from napari_nuclei_unet.cli import main
 from napari_nuclei_unet.data import median_diameter
@@ -12,9 +15,10 @@ from napari_nuclei_unet.io import write_labels
 from napari_nuclei_unet.metrics import evaluate
 from napari_nuclei_unet.model import Checkpoint, bundled_model_path
 from napari_nuclei_unet.postprocess import instances
-from napari_nuclei_unet.segment import (
-    SIZE_BAND, SegmentParams, estimate_diameter, label_plane, measure_nuclei, predict_plane, rescale_factor, segment,
-)
+from napari_nuclei_unet.plane import SegmentParams, estimate_diameter, label_plane
+from napari_nuclei_unet.postprocess import with_threshold
+from napari_nuclei_unet.scale import SIZE_BAND, measure_nuclei, rescale_factor
+from napari_nuclei_unet.segment import segment, segment_planes
 from napari_nuclei_unet.synthetic import nuclei_field
 
 
@@ -46,13 +50,15 @@ def test_auto_rescales_large_nuclei_and_maps_labels_back(bundled):
 
 def test_small_nuclei_are_separated_on_the_zoomed_grid_and_sampled_back(bundled):
     image, truth = nuclei_field((160, 200), count=40, diameter=8, seed=15)
-    prediction = predict_plane(bundled, image)
+    result = segment_planes(bundled, image)
+    prediction, used = result.planes[None].prediction, result.params.postprocess
     assert prediction.factor > 1.5 and prediction.network is not None  # zoomed in to the training size
     assert prediction.network.shape[1:] == tuple(round(side * prediction.factor) for side in image.shape)
-    mask, labels = label_plane(prediction, bundled.outputs)
+    mask, labels, threshold = label_plane(prediction, bundled.outputs, used)
     assert labels.shape == mask.shape == image.shape and np.array_equal(mask, labels > 0)
     assert np.array_equal(np.unique(labels), np.arange(labels.max() + 1))  # numbered 1..N after sampling
-    on_image_grid = instances(prediction.probabilities, bundled.outputs, scale=1.0 / prediction.factor)[1]
+    image_grid_params = with_threshold(replace(used, threshold="auto"), prediction.probabilities[0])
+    on_image_grid = instances(prediction.probabilities, bundled.outputs, image_grid_params, scale=1.0 / prediction.factor)[1]
     # 8 px nuclei: the zoomed grid keeps the detail that separates them (0.79 vs 0.64 when written)
     assert evaluate([(truth, labels)]).ap50 > max(0.75, evaluate([(truth, on_image_grid)]).ap50 + 0.05)
     assert np.array_equal(segment(bundled, image).labels, labels)  # the pipeline labels the same way
@@ -72,7 +78,7 @@ def test_given_diameter_skips_the_estimate(bundled, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("estimated although a diameter was given")
 
-    monkeypatch.setattr(segment_module, "_estimate", fail)
+    monkeypatch.setattr(segment_module, "estimate_on_plane", fail)
     image, _ = nuclei_field((200, 240), count=10, diameter=40, seed=13)
     result = segment(bundled, image, SegmentParams(diameter=40.0))
     assert result.diameter == 40.0 and result.factor == pytest.approx(SIZE_BAND[1] * bundled.nucleus_diameter / 40.0)
@@ -125,8 +131,8 @@ def test_estimation_passes_stop_once_confidence_falls(bundled, monkeypatch):
         zooms.append(zoom)
         return np.zeros((2, 8, 8), np.float32)
 
-    monkeypatch.setattr(segment_module, "_predict_zoomed", fake_predict)
-    monkeypatch.setattr(segment_module, "measure_nuclei", lambda probabilities, outputs: (15.0, next(confidences)))
+    monkeypatch.setattr(scale_module, "predict_zoomed", fake_predict)
+    monkeypatch.setattr(scale_module, "measure_nuclei", lambda probabilities, outputs: (15.0, next(confidences)))
     estimate = estimate_diameter(bundled, np.zeros((512, 512), np.uint8))
     assert zooms == [1.0, 0.5, 0.25]
     assert estimate.zoom == 0.5 and estimate.diameter == pytest.approx(30.0)
@@ -146,8 +152,8 @@ def test_small_nuclei_merged_at_a_coarser_zoom_are_checked_at_zoom_2(bundled, mo
         zooms.append(zoom)
         return np.full((2, 8, 8), zoom, np.float32)
 
-    monkeypatch.setattr(segment_module, "_predict_zoomed", fake_predict)
-    monkeypatch.setattr(segment_module, "measure_nuclei", lambda probabilities, outputs: measured[float(probabilities[0, 0, 0])])
+    monkeypatch.setattr(scale_module, "predict_zoomed", fake_predict)
+    monkeypatch.setattr(scale_module, "measure_nuclei", lambda probabilities, outputs: measured[float(probabilities[0, 0, 0])])
     estimate = estimate_diameter(bundled, np.zeros((512, 512), np.uint8))
     assert zooms == [1.0, 0.5, 0.25, 2.0]
     assert estimate.diameter == pytest.approx(expected)

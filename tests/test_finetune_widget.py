@@ -12,7 +12,7 @@ from napari_nuclei_unet._widgets import finetune as finetune_module  # noqa: E40
 from napari_nuclei_unet._widgets.finetune import FineTuneWidget, samples_from_layers  # noqa: E402
 from napari_nuclei_unet.model import Checkpoint  # noqa: E402
 from napari_nuclei_unet.synthetic import nuclei_field  # noqa: E402
-from napari_nuclei_unet.train import FINETUNE_DEFAULTS, loss_targets, make_loss, make_targets  # noqa: E402
+from napari_nuclei_unet.training import FINETUNE_DEFAULTS, loss_targets, make_loss, make_targets  # noqa: E402
 
 PLUGIN = "napari-nuclei-unet"
 TIMEOUT_MS = 180_000

@@ -2,13 +2,15 @@ import numpy as np
 import pytest
 
 from conftest import disks
-from napari_nuclei_unet.postprocess import PostprocessParams, auto_threshold, instances, semantic_mask
+from napari_nuclei_unet.postprocess import PostprocessParams, auto_threshold, instances, semantic_mask, with_threshold
+
+RESOLVED = PostprocessParams(threshold=0.5, min_confidence=0.0)
 
 
 def test_two_touching_disks_split_by_distance_watershed():
     labels = disks()
     probability = np.where(labels > 0, 0.95, 0.02).astype(np.float32)[None]
-    mask, found = instances(probability, ("foreground",))
+    mask, found = instances(probability, ("foreground",), RESOLVED)
     assert found.max() == 2
     for true_label in (1, 2):
         values, counts = np.unique(found[labels == true_label], return_counts=True)
@@ -21,7 +23,7 @@ def test_boundary_channel_splits_touching_nuclei():
     labels = disks(centres=((48, 45), (48, 75)), radius=18)
     foreground = (labels > 0).astype(np.float32)
     boundary = find_boundaries(labels, mode="inner").astype(np.float32)
-    found = instances(np.stack([foreground, boundary]), ("foreground", "boundary"))[1]
+    found = instances(np.stack([foreground, boundary]), ("foreground", "boundary"), RESOLVED)[1]
     assert found.max() == 2
 
 
@@ -31,24 +33,34 @@ def test_min_size_holes_and_sequential_labels():
     probability[12:15, 12:15] = 0.1  # a 9-pixel hole
     probability[40:42, 40:42] = 0.9  # a 4-pixel speck
     probability[30:50, 5:20] = 0.9
-    mask, labels = instances(probability[None], ("foreground",), PostprocessParams(threshold=0.5, min_size=10, hole_size=20))
+    mask, labels = instances(probability[None], ("foreground",), PostprocessParams(threshold=0.5, min_size=10, hole_size=20, min_confidence=0.0))
     assert mask[13, 13]  # hole filled
     assert labels[41, 41] == 0  # speck removed
     assert sorted(np.unique(labels).tolist()) == [0, 1, 2]
 
 
 def test_blank_image_gives_no_nuclei():
-    mask, labels = instances(np.full((1, 50, 50), 0.01, np.float32), ("foreground",))
+    blank = np.full((1, 50, 50), 0.01, np.float32)
+    mask, labels = instances(blank, ("foreground",), with_threshold(PostprocessParams(min_confidence=0.0), blank[0]))
     assert not mask.any() and labels.max() == 0
     noise = np.random.default_rng(0).random((50, 50)).astype(np.float32) * 0.2
-    assert semantic_mask(noise).sum() == 0  # auto threshold does not split pure background
+    assert semantic_mask(noise, auto_threshold(noise)).sum() == 0  # auto threshold does not split pure background
 
 
 def test_auto_threshold_and_validation():
     probability = np.concatenate([np.full(100, 0.1), np.full(100, 0.8)]).astype(np.float32).reshape(10, 20)
     assert 0.3 <= auto_threshold(probability) <= 0.7
     with pytest.raises(ValueError, match="threshold"):
-        semantic_mask(probability, threshold=1.5)
+        with_threshold(PostprocessParams(threshold=1.5), probability)
+
+
+def test_postprocessing_refuses_an_unresolved_auto():
+    """'auto' must be made a number before post-processing (segment.resolve, with_threshold): never a silent default."""
+    probability = np.full((1, 20, 20), 0.9, np.float32)
+    with pytest.raises(ValueError, match="threshold 'auto' reached post-processing unresolved"):
+        instances(probability, ("foreground",), PostprocessParams(min_confidence=0.0))
+    with pytest.raises(ValueError, match="min_confidence 'auto' reached post-processing unresolved"):
+        instances(probability, ("foreground",), PostprocessParams(threshold=0.5))
 
 
 def test_objects_the_network_is_unsure_of_are_dropped():
@@ -56,13 +68,13 @@ def test_objects_the_network_is_unsure_of_are_dropped():
     probability[5:25, 5:25] = 0.95  # a nucleus
     probability[5:25, 40:60] = 0.6  # a fold: above the threshold, but the network is unsure of it
     probability[35:55, 40:60] = 0.88
-    params = PostprocessParams(threshold=0.5)
-    assert instances(probability[None], ("foreground",), params)[1].max() == 3  # "auto" without a model: no filter
+    params = PostprocessParams(threshold=0.5, min_confidence=0.0)
+    assert instances(probability[None], ("foreground",), params)[1].max() == 3  # 0: no filter
     mask, labels = instances(probability[None], ("foreground",), PostprocessParams(threshold=0.5, min_confidence=0.85))
     assert labels.max() == 2 and labels[15, 50] == 0 and not mask[15, 50]  # mask and labels agree
     assert labels[15, 15] == 1 and labels[45, 50] == 2  # numbered 1..N again
     assert instances(probability[None], ("foreground",), PostprocessParams(threshold=0.5, min_confidence=0.9))[1].max() == 1
     with pytest.raises(ValueError, match="min_confidence"):
-        instances(probability[None], ("foreground",), PostprocessParams(min_confidence=1.0))
+        instances(probability[None], ("foreground",), PostprocessParams(threshold=0.5, min_confidence=1.0))
     with pytest.raises(ValueError, match="min_confidence"):
-        instances(probability[None], ("foreground",), PostprocessParams(min_confidence="high"))
+        instances(probability[None], ("foreground",), PostprocessParams(threshold=0.5, min_confidence="high"))

@@ -18,15 +18,11 @@ from napari_nuclei_unet.synthetic import nuclei_field
 def test_zarr_in_zarr_out(tmp_path, capsys, monkeypatch):
     import zarr
 
-    from napari_nuclei_unet import blocks
-
-    monkeypatch.setattr(blocks, "LARGE_PLANE", 200 * 200)  # take the block path on a small image
-    monkeypatch.setattr(blocks, "BLOCK_SIZE", 160)
     image, truth = nuclei_field((320, 400), count=40, diameter=20, seed=31)
     store = zarr.open_array(str(tmp_path / "field.zarr"), mode="w", shape=image.shape, chunks=(128, 128), dtype=image.dtype)
     store[...] = image
     assert main(["segment", str(tmp_path / "field.zarr"), "--out", str(tmp_path / "out"), "--out-format", "zarr", "--diameter", "none",
-                 "--rle-csv", str(tmp_path / "out.csv")]) == 0  # fmt: skip
+                 "--rle-csv", str(tmp_path / "out.csv"), "--large-plane", str(200 * 200), "--block-size", "160"]) == 0  # fmt: skip
     labels = np.asarray(zarr.open_array(str(tmp_path / "out" / "field.zarr"), mode="r")[...])
     assert labels.shape == image.shape and evaluate([(truth, labels)]).ap50 > 0.8
     assert not any(p.name.endswith(".part") for p in (tmp_path / "out").iterdir())
@@ -39,19 +35,18 @@ def test_large_tiff_is_read_lazily_and_written_tile_by_tile(tmp_path, monkeypatc
     """A TIFF plane above the block threshold never has to fit in memory, in or out."""
     import zarr
 
-    from napari_nuclei_unet import batch, blocks
+    from napari_nuclei_unet import batch
     from napari_nuclei_unet.model import Checkpoint, bundled_model_path
-    from napari_nuclei_unet.segment import SegmentParams
+    from napari_nuclei_unet.segment import BlockParams, SegmentParams
 
-    monkeypatch.setattr(blocks, "LARGE_PLANE", 200 * 200)
-    monkeypatch.setattr(blocks, "BLOCK_SIZE", 160)
+    blocks = BlockParams(block_size=160, large_plane=200 * 200)  # the block path on a small image
     image, truth = nuclei_field((330, 410), count=40, diameter=20, seed=32)
     tifffile.imwrite(tmp_path / "field.tif", image, tile=(128, 128))
-    opened = batch.open_image(tmp_path / "field.tif")
+    opened = batch.open_image(tmp_path / "field.tif", blocks)
     assert isinstance(opened, zarr.Array) and np.array_equal(opened[...], image)  # lazy, same pixels
 
     checkpoint = Checkpoint.load(bundled_model_path())
-    params = SegmentParams(diameter=None)
+    params = SegmentParams(diameter=None, blocks=blocks)
     result = batch.segment_file(checkpoint, tmp_path / "field.tif", tmp_path / "tif", params)
     batch.segment_file(checkpoint, tmp_path / "field.tif", tmp_path / "zarr", params, out_format="zarr")
     with tifffile.TiffFile(tmp_path / "tif" / "field.tif") as tif:

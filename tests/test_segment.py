@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from napari_nuclei_unet.errors import InputError
-from napari_nuclei_unet.segment import SegmentParams, predict_probabilities, rescale_factor, segment
+from napari_nuclei_unet.scale import rescale_factor
+from napari_nuclei_unet.segment import SegmentParams, segment, segment_planes
 from napari_nuclei_unet.tiling import TilingParams
 
 
@@ -38,7 +39,7 @@ def test_diameter_runs_the_network_on_a_rescaled_image_and_maps_back(tiny_checkp
 
     model.forward = spy
     params = SegmentParams(tiling=TilingParams(tile_size=4096), diameter=40.0)
-    probabilities = predict_probabilities(tiny_checkpoint, image, params)
+    probabilities = _probabilities(tiny_checkpoint, image, params)
     assert probabilities.shape == (2, 150, 110)
     assert seen and seen[0][0] < 150  # the network saw the half-size image (padded to a multiple of 32)
     result = segment(tiny_checkpoint, np.stack([image, image]), params)
@@ -47,11 +48,11 @@ def test_diameter_runs_the_network_on_a_rescaled_image_and_maps_back(tiny_checkp
 
 def test_hematoxylin_stain_needs_rgb(tiny_checkpoint):
     rgb = np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)
-    assert predict_probabilities(tiny_checkpoint, rgb, SegmentParams(stain="hematoxylin")).shape == (2, 64, 64)
+    assert _probabilities(tiny_checkpoint, rgb, SegmentParams(stain="hematoxylin")).shape == (2, 64, 64)
     with pytest.raises(InputError, match="RGB"):
-        predict_probabilities(tiny_checkpoint, rgb[..., 0], SegmentParams(stain="hematoxylin"))
+        _probabilities(tiny_checkpoint, rgb[..., 0], SegmentParams(stain="hematoxylin"))
     with pytest.raises(InputError, match="stain"):
-        predict_probabilities(tiny_checkpoint, rgb, SegmentParams(stain="eosin"))
+        _probabilities(tiny_checkpoint, rgb, SegmentParams(stain="eosin"))
 
 
 def test_network_key_ignores_postprocessing():
@@ -62,3 +63,7 @@ def test_network_key_ignores_postprocessing():
     assert a.network_key() == b.network_key()
     assert a.network_key() != SegmentParams(diameter=30.0).network_key()
     assert a.network_key() != SegmentParams(stain="hematoxylin").network_key()
+
+
+def _probabilities(checkpoint, image, params):
+    return segment_planes(checkpoint, image, params).probabilities

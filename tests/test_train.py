@@ -9,7 +9,7 @@ from napari_nuclei_unet import InputError
 from napari_nuclei_unet.data import LabelledImage
 from napari_nuclei_unet.model import Checkpoint
 from napari_nuclei_unet.synthetic import nuclei_field
-from napari_nuclei_unet.train import IGNORE, TrainConfig, calibrate_min_confidence, fit, make_loss, make_targets, train_steps
+from napari_nuclei_unet.training import IGNORE, TrainConfig, calibrate_min_confidence, fit, make_loss, make_targets, train_steps
 
 
 @pytest.fixture
@@ -120,7 +120,7 @@ def test_freeze_batchnorm_keeps_the_starting_statistics(tmp_path, tiny_checkpoin
 def test_low_resolution_augmentation_blurs_the_image_only():
     from torchvision import tv_tensors
 
-    from napari_nuclei_unet.train import RandomLowResolution
+    from napari_nuclei_unet.training.augment import RandomLowResolution
 
     rng = np.random.default_rng(5)
     image = tv_tensors.Image(torch.from_numpy(rng.random((3, 64, 80), dtype=np.float32)))
@@ -161,7 +161,7 @@ def test_freeze_encoder_trains_only_the_decoder(tmp_path, tiny_checkpoint, sampl
 
 
 def test_finetune_config_applies_overrides():
-    from napari_nuclei_unet.train import FINETUNE_DEFAULTS, finetune_config
+    from napari_nuclei_unet.training import FINETUNE_DEFAULTS, finetune_config
 
     config = finetune_config(learning_rate=5e-5)
     assert config.learning_rate == 5e-5 and config.freeze_batchnorm
@@ -169,7 +169,7 @@ def test_finetune_config_applies_overrides():
 
 
 def test_fine_tuning_pools_the_reference_size_with_the_base_model():
-    from napari_nuclei_unet.train import pooled_diameter
+    from napari_nuclei_unet.training import pooled_diameter
 
     assert pooled_diameter(None, 0, 12.0, 50) == 12.0  # a new model: its data's median
     assert pooled_diameter(20.0, 0, 12.0, 50) == 12.0  # base of unknown provenance: as before
@@ -193,7 +193,7 @@ def test_fit_records_the_data_median_and_the_pooled_reference(tmp_path, tiny_che
 def test_zoom_to_reference_shows_nuclei_at_the_zoom_segmentation_uses(tiny_checkpoint):
     from napari_nuclei_unet.data import median_diameter
     from napari_nuclei_unet.segment import rescale_factor
-    from napari_nuclei_unet.train import PatchSampler, _reference_zooms
+    from napari_nuclei_unet.training.sampler import PatchSampler, reference_zooms as _reference_zooms
 
     tiny_checkpoint.nucleus_diameter = 20.0
     large = LabelledImage("large", *nuclei_field((256, 256), count=6, diameter=48, seed=1))  # zoomed to 1.6 x 20 px
@@ -214,7 +214,7 @@ def test_zoom_to_reference_shows_nuclei_at_the_zoom_segmentation_uses(tiny_check
 
 def test_restyle_redraws_patches_as_the_other_image_types():
     from napari_nuclei_unet.data import image_type
-    from napari_nuclei_unet.train import PatchSampler
+    from napari_nuclei_unet.training.sampler import PatchSampler
 
     image, labels = nuclei_field((128, 128), count=12, seed=3)
     brightfield = LabelledImage("bf", (image.max() - image).astype(np.uint16), labels)
@@ -257,7 +257,7 @@ def test_distillation_holds_the_other_image_types_to_the_starting_model(tmp_path
 
 
 def test_training_precision_follows_the_setting_and_the_cpu(monkeypatch):
-    from napari_nuclei_unet import train
+    from napari_nuclei_unet.training import loop as train
 
     cpu = torch.device("cpu")
     assert train.training_precision("float32", cpu) == "float32"
@@ -282,7 +282,7 @@ def test_bfloat16_training_keeps_float32_weights_and_learns(tmp_path, tiny_check
 
 
 def test_mixed_with_start_holds_the_blend_only_inside_the_block(tiny_checkpoint):
-    from napari_nuclei_unet.train import mixed_with_start
+    from napari_nuclei_unet.training import mixed_with_start
 
     model = tiny_checkpoint.model
     start = {k: v.clone() for k, v in model.state_dict().items()}
@@ -303,7 +303,7 @@ def test_mixed_with_start_holds_the_blend_only_inside_the_block(tiny_checkpoint)
 
 
 def test_the_saved_and_validated_model_mixes_the_starting_weights_back_in(tmp_path, tiny_checkpoint, samples, monkeypatch):
-    from napari_nuclei_unet import train
+    from napari_nuclei_unet.training import loop as train
 
     validated = []
 

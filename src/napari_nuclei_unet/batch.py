@@ -8,22 +8,26 @@ folder must therefore be reachable from every worker (a shared file system on a 
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from .errors import Cancelled, InputError, NucleiUnetError, describe
 from .io import check_image_layout, is_single_plane, read_image, write_labels
 from .model import Checkpoint
-from .segment import SegmentParams, segment
+from .plane import BlockParams, SegmentParams
+from .segment import segment_planes
 from .tiling import CancelCheck, ProgressCallback
 
 OUT_FORMATS = ("tif", "zarr")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -37,15 +41,16 @@ class FileResult:
     diameter: float | None
     factor: float
     seconds: float
+    record: dict = field(default_factory=dict)  # the values every "auto" became (Segmentation.record)
 
 
-def open_image(path: str | os.PathLike):
+def open_image(path: str | os.PathLike, blocks: BlockParams | None = None):
     """An image file as numpy, or a lazy zarr array for a ``.zarr`` store (first array of a
     group, e.g. OME-Zarr level 0) and for a TIFF holding one plane too large to segment whole.
     """
     path = Path(path)
     if path.suffix.lower() in (".tif", ".tiff"):
-        lazy = _lazy_tiff_plane(path)
+        lazy = _lazy_tiff_plane(path, blocks or BlockParams())
         if lazy is not None:
             return lazy
     if path.suffix.lower() != ".zarr":
@@ -54,8 +59,8 @@ def open_image(path: str | os.PathLike):
 
     try:
         node = zarr.open(str(path), mode="r")
-    except Exception as error:
-        raise InputError(f"{path}: cannot open zarr store ({type(error).__name__}: {error})") from None
+    except Exception as error:  # noqa: BLE001 (zarr raises many types for a broken store)
+        raise InputError(f"{path}: cannot open zarr store ({describe(error)})") from None
     if not hasattr(node, "shape"):  # a group: take its first array, as OME-Zarr stores level 0 first
         keys = sorted(node.array_keys())
         if not keys:
@@ -65,24 +70,27 @@ def open_image(path: str | os.PathLike):
     return node
 
 
-def _lazy_tiff_plane(path: Path):
-    """A large single-plane TIFF as a zarr array read strip by strip or tile by tile; None otherwise."""
-    from .blocks import LARGE_PLANE
+def _lazy_tiff_plane(path: Path, blocks: BlockParams):
+    """A large single-plane TIFF as a zarr array read strip by strip or tile by tile; None otherwise.
+
+    None also when tifffile can't parse the file: ``read_image`` then reports the problem
+    with the file name.
+    """
+    import tifffile
+    import zarr
 
     try:
-        import tifffile
-        import zarr
-
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
             if len(series.levels) > 1 or len(tif.series) > 1:
-                return None  # pyramids and multi-series files: read as before
+                return None  # pyramids and multi-series files: read whole
             shape = tuple(series.shape)
         plane = len(shape) == 2 or (len(shape) == 3 and shape[-1] in (3, 4))
-        if not plane or shape[0] * shape[1] <= LARGE_PLANE:
+        if not plane or not blocks.is_large(shape):
             return None
         array = zarr.open(tifffile.imread(path, aszarr=True), mode="r")
-    except Exception:  # unreadable here: read_image reports the problem with the file name
+    except (tifffile.TiffFileError, OSError, ValueError, IndexError, KeyError, TypeError) as error:
+        log.info("%s: not opened lazily (%s); reading it whole", path, describe(error))
         return None
     check_image_layout(array, name=str(path))
     return array
@@ -103,28 +111,44 @@ def segment_file(
     progress: ProgressCallback | None = None,
     cancel: CancelCheck | None = None,
 ) -> FileResult:
-    """Segment one file into ``<out_dir>/<stem>.<out_format>``; the output appears only when complete."""
-    from .blocks import LARGE_PLANE, segment_large
+    """Segment one file into ``<out_dir>/<stem>.<out_format>``; the output appears only when complete.
 
+    Any failure caused by the file (unreadable, degenerate, too large for memory) becomes
+    one :class:`InputError` naming it.
+    """
+    try:
+        return _segment_file(checkpoint, Path(source), out_dir, params or SegmentParams(), out_format, progress, cancel)
+    except (Cancelled, KeyboardInterrupt):
+        raise
+    except NucleiUnetError as error:
+        message = describe(error).split(": ", 1)[-1]
+        raise type(error)(message if message.startswith(str(source)) else f"{source}: {message}") from None
+    except MemoryError:
+        raise InputError(f"{source}: not enough memory to segment this image") from None
+    except OSError as error:
+        where = error.filename or source
+        raise InputError(f"{where}: {error.strerror or describe(error)}") from None
+    except Exception as error:  # noqa: BLE001 (readers and arrays raise many types for a broken file)
+        log.debug("segmenting %s failed", source, exc_info=True)
+        raise InputError(f"{source}: cannot segment ({describe(error)})") from None
+
+
+def _segment_file(checkpoint, source: Path, out_dir, params: SegmentParams, out_format, progress, cancel) -> FileResult:
     started = time.perf_counter()
-    image = open_image(source)
+    image = open_image(source, params.blocks)
     target = output_path(out_dir, source, out_format)
     single = is_single_plane(image)
     shape = tuple(image.shape[:2]) if single else tuple(image.shape[:3])
-    large = single and shape[0] * shape[1] > LARGE_PLANE
+    large = params.blocks.is_large(shape[-2:])
+    target.parent.mkdir(parents=True, exist_ok=True)
     if out_format == "zarr":
         import zarr
 
-        target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(f".{target.name}.part")
         shutil.rmtree(partial, ignore_errors=True)
         labels_out = zarr.open_array(str(partial), mode="w", shape=shape, chunks=(1,) * (len(shape) - 2) + (1024, 1024), dtype="int32")
         try:
-            if large:
-                result = segment_large(checkpoint, image, params, labels_out=labels_out, progress=progress, cancel=cancel)
-            else:
-                result = segment(checkpoint, image, params, progress=progress, cancel=cancel)
-                labels_out[...] = result.labels
+            result = segment_planes(checkpoint, image, params, labels_out=labels_out, progress=progress, cancel=cancel)
             shutil.rmtree(target, ignore_errors=True)
             os.replace(partial, target)
         finally:
@@ -132,29 +156,26 @@ def segment_file(
     elif large:  # labels on disk, then streamed into a tiled TIFF: memory stays flat
         import zarr
 
-        target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=f".{target.name}.", dir=target.parent) as scratch:
-            labels_out = zarr.open_array(str(Path(scratch) / "labels.zarr"), mode="w", shape=shape, chunks=(1024, 1024), dtype="int32")
-            result = segment_large(checkpoint, image, params, labels_out=labels_out, progress=progress, cancel=cancel)
-            write_labels(target, labels_out, max_label=result.count)
+            chunks = (1,) * (len(shape) - 2) + (1024, 1024)
+            labels_out = zarr.open_array(str(Path(scratch) / "labels.zarr"), mode="w", shape=shape, chunks=chunks, dtype="int32")
+            result = segment_planes(checkpoint, image, params, labels_out=labels_out, progress=progress, cancel=cancel)
+            write_labels(target, labels_out, max_label=result.max_label)
     else:
-        result = segment(checkpoint, image, params, progress=progress, cancel=cancel)
-        write_labels(target, np.asarray(result.labels))
-    return FileResult(str(source), str(target), result.count, int(np.prod(shape)), result.diameter, result.factor, time.perf_counter() - started)
+        result = segment_planes(checkpoint, image, params, progress=progress, cancel=cancel)
+        write_labels(target, np.asarray(result.labels), max_label=result.max_label)
+    return FileResult(
+        str(source), str(target), result.count, int(np.prod(shape)), result.diameter, result.factor, time.perf_counter() - started, result.record()
+    )
 
 
-# Checkpoints already loaded in this process (a dask worker loads each model once).
-_CHECKPOINTS: dict[tuple, Checkpoint] = {}
-
-
+@functools.lru_cache(maxsize=4)
 def cached_checkpoint(model: str, encoder: str | None = None) -> Checkpoint:
-    """The checkpoint ``model`` (a path or 'default'), loaded once per process."""
+    """The checkpoint ``model`` (a path or 'default'), loaded once per process (a dask worker
+    loads each model once; a few models at most are kept)."""
     from .model import resolve_model_path
 
-    key = (model, encoder)
-    if key not in _CHECKPOINTS:
-        _CHECKPOINTS[key] = Checkpoint.load(resolve_model_path(model), encoder=encoder)
-    return _CHECKPOINTS[key]
+    return Checkpoint.load(resolve_model_path(model), encoder=encoder)
 
 
 def segment_file_task(model: str, encoder: str | None, source: str, out_dir: str, params: SegmentParams, out_format: str, threads: int | None) -> FileResult:

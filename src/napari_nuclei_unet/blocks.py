@@ -11,36 +11,44 @@ Two passes over a grid of blocks:
    nuclei crossing block borders keep one label and labels are unique over the plane.
 
 When small nuclei are zoomed up, both passes work on the network's finer grid, as
-``segment.label_plane`` does for whole planes, and each image pixel takes the label at its
+``plane.label_plane`` does for whole planes, and each image pixel takes the label at its
 centre.
 
 The input may be numpy, dask or zarr (only a block is read at a time); the labels go
-into any array supporting slice assignment (numpy, zarr).
+into any array supporting slice assignment (numpy, zarr). ``segment.segment_planes``
+decides which planes come here (``BlockParams``) and resolves every "auto" first.
 """
 
 from __future__ import annotations
 
 import math
 import tempfile
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from .errors import Cancelled
 from .io import sample_step
 from .model import Checkpoint
+from .plane import SegmentParams, pixel_centres, plane_normalizer, predict_plane
 from .postprocess import instances, resolve_threshold
-from .segment import SegmentParams, Segmentation, pixel_centres, plane_normalizer, predict_plane, rescale_factor, resolve_diameter
+from .scale import DiameterEstimate, rescale_factor
 from .tiling import CancelCheck, ProgressCallback
 
-BLOCK_SIZE = 2048  # px: the core of a block
-# Planes with more pixels than this go block by block (see segment.segment).
-LARGE_PLANE = 3 * BLOCK_SIZE * BLOCK_SIZE
 # Probability stores larger than this many pixels are kept on disk.
 _IN_MEMORY_PIXELS = 16 * 2**20
 
 
-def block_grid(height: int, width: int, size: int = BLOCK_SIZE) -> list[tuple[slice, slice]]:
+@dataclass
+class BlockResult:
+    """What a plane segmented block by block produced (its labels are in ``labels_out``)."""
+
+    count: int
+    threshold: float
+    factor: float
+
+
+def block_grid(height: int, width: int, size: int) -> list[tuple[slice, slice]]:
     """Core regions ``(rows, cols)`` tiling a plane without overlap."""
     return [
         (slice(top, min(top + size, height)), slice(left, min(left + size, width)))
@@ -67,28 +75,22 @@ def _probability_store(shape: tuple[int, int, int], workdir: str | None):
 def segment_large(
     checkpoint: Checkpoint,
     plane,
-    params: SegmentParams | None = None,
-    labels_out=None,
-    block_size: int | None = None,
+    params: SegmentParams,
+    estimate: DiameterEstimate,
+    labels_out,
     progress: ProgressCallback | None = None,
     cancel: CancelCheck | None = None,
     workdir: str | None = None,
-) -> Segmentation:
-    """Segment one 2D plane block by block into ``labels_out`` (a new int32 numpy array if None).
+) -> BlockResult:
+    """Segment one 2D plane block by block into ``labels_out`` (numpy or zarr, zeros).
 
-    ``block_size`` is the network block's core (default ``BLOCK_SIZE``).
-    ``progress(done, total)`` counts blocks over both passes. The result holds no
-    probabilities or mask (they would not fit); ``labels`` is ``labels_out``.
+    ``params`` come resolved (``segment.resolve``): a numeric min confidence, and the
+    nucleus size in ``estimate``. ``progress(done, total)`` counts blocks over both passes.
     """
-    params = params or SegmentParams()
-    block_size = block_size or BLOCK_SIZE  # read at call time, so the module setting applies
+    block_size = params.blocks.block_size
     height, width = plane.shape[:2]
-    if labels_out is None:
-        labels_out = np.zeros((height, width), np.int32)
-    estimate = resolve_diameter(checkpoint, plane, params, cancel=cancel)
-    estimate.probabilities = None  # from a crop; every block runs at the shared zoom
     factor = rescale_factor(checkpoint, estimate.diameter)
-    # Small nuclei are zoomed up and, as for whole planes (segment.label_plane), separated on
+    # Small nuclei are zoomed up and, as for whole planes (plane.label_plane), separated on
     # the network's finer grid: the probability store then holds that grid, and blocks are
     # smaller in image pixels so that they stay as large on it.
     fine = factor > 1.0
@@ -115,7 +117,7 @@ def segment_large(
         for index, core in enumerate(cores):
             step(index)
             grown = _grow(core, context, height, width)
-            prediction = predict_plane(checkpoint, plane[grown], params, cancel=cancel, estimate=estimate, normalizer=normalizer)
+            prediction = predict_plane(checkpoint, plane[grown], params, estimate, cancel=cancel, normalizer=normalizer)
             if fine:  # the block's zoomed output (its probabilities if that was too big to keep)
                 block = prediction.network if prediction.network is not None else prediction.probabilities
                 region = (_span(core[0], scale[0]), _span(core[1], scale[1]))
@@ -152,7 +154,7 @@ def segment_large(
     finally:
         if folder is not None:
             folder.cleanup()
-    return Segmentation(None, None, labels_out, estimate.diameter, factor, total=count)
+    return BlockResult(count, threshold, factor)
 
 
 def _span(image_span: slice, scale: float) -> slice:

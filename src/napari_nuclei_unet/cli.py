@@ -7,15 +7,22 @@ problem and exit with status 2; nothing partial is written.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from . import __version__
-from .errors import Cancelled, InputError, NucleiUnetError
+from .errors import Cancelled, InputError, NucleiUnetError, describe
+from .plane import BlockParams, SegmentParams
+from .postprocess import PostprocessParams
+from .tiling import TilingParams
 
 
 def _auto_or_fraction(zero_allowed: bool):
@@ -48,42 +55,89 @@ def _diameter(value: str):
     return number
 
 
+def dataclass_default(owner: type, name: str):
+    """The default of field ``name`` of dataclass ``owner`` (the one place defaults live)."""
+    spec = {f.name: f for f in dataclasses.fields(owner)}[name]
+    return spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
+
+
+def _option(parser: argparse.ArgumentParser, flag: str, owner: type, name: str, **kwargs) -> None:
+    """An option whose default, help and choices come from a parameter dataclass's field."""
+    metadata = {f.name: f for f in dataclasses.fields(owner)}[name].metadata
+    if "choices" in metadata:
+        kwargs.setdefault("choices", list(metadata["choices"]))
+    kwargs.setdefault("help", metadata.get("help"))
+    parser.add_argument(flag, dest=kwargs.pop("dest", name), default=dataclass_default(owner, name), **kwargs)
+
+
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="default", help="checkpoint folder or .pth state_dict (default: the bundled model)")
     parser.add_argument("--encoder", default=None, help="encoder of a plain .pth state_dict when it can't be inferred (e.g. efficientnet-b3)")
-    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    _option(parser, "--device", TilingParams, "device")
+
+
+_TILING_OPTIONS = ("tile_size", "overlap", "batch_size", "tta", "backend", "precision")
+_POSTPROCESS_OPTIONS = ("threshold", "min_size", "hole_size", "markers", "h", "min_confidence")
 
 
 def _add_segment_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tile-size", type=int, default=1024, help="tile edge in pixels (smaller tiles use less memory)")
-    parser.add_argument("--overlap", type=int, default=64, help="overlap between tiles in pixels")
-    parser.add_argument("--batch-size", type=int, default=1, help="tiles per network call")
-    parser.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"], help="CPU inference engine: auto = ONNX Runtime when installed (~2x faster than torch), else PyTorch")
-    parser.add_argument("--precision", default="int8", choices=["int8", "float32"], help="network precision with ONNX Runtime on the CPU: int8 (network ~1.7x faster; same val DSB2018 score within 0.001) or float32 (as trained; PyTorch and GPUs always use it)")
-    parser.add_argument("--tta", action="store_true", help="test-time augmentation (4 flips; ~4x slower)")
-    parser.add_argument("--threshold", type=_auto_or_fraction(zero_allowed=False), default="auto", help="foreground probability threshold, or auto")
-    parser.add_argument("--min-size", type=int, default=15, help="remove nuclei smaller than this many pixels")
-    parser.add_argument("--hole-size", type=int, default=64, help="fill holes up to this many pixels")
-    parser.add_argument("--markers", default="distance", choices=["distance", "boundary"], help="watershed markers: distance-transform peaks, or the model's predicted interiors")
-    parser.add_argument("--h", type=float, default=0.5, help="h-maxima height for distance markers, pixels (higher splits fewer nuclei)")
-    parser.add_argument(
-        "--min-confidence", type=_auto_or_fraction(zero_allowed=True), default="auto",
-        help="drop objects whose mean foreground probability is below this (folds, debris); auto: the value calibrated for the model (0.85 for the bundled one), 0: keep all",
-    )  # fmt: skip
-    parser.add_argument("--stain", default="none", choices=["none", "hematoxylin"], help="hematoxylin: segment the hematoxylin channel of brightfield RGB images (e.g. DAB immunohistochemistry)")
-    parser.add_argument(
-        "--diameter", type=_diameter, default="auto",
-        help="typical nucleus diameter in pixels: auto (estimated per image; default), a number, or none (no rescaling). "
-        "Images are rescaled so nuclei match the model's training size",
-    )  # fmt: skip
+    types = {"tile_size": _positive_int, "overlap": _non_negative_int, "batch_size": _positive_int, "min_size": _non_negative_int, "hole_size": _non_negative_int, "h": _non_negative_float,
+             "threshold": _auto_or_fraction(zero_allowed=False), "min_confidence": _auto_or_fraction(zero_allowed=True)}  # fmt: skip
+    for name in _TILING_OPTIONS:
+        if name == "tta":
+            _option(parser, "--tta", TilingParams, name, action="store_true")
+        else:
+            _option(parser, f"--{name.replace('_', '-')}", TilingParams, name, type=types.get(name, str))
+    for name in _POSTPROCESS_OPTIONS:
+        _option(parser, f"--{name.replace('_', '-')}", PostprocessParams, name, type=types.get(name, str))
+    _option(parser, "--stain", SegmentParams, "stain")
+    _option(parser, "--diameter", SegmentParams, "diameter", type=_diameter)
+    _option(parser, "--block-size", BlockParams, "block_size", type=_positive_int)
+    _option(parser, "--large-plane", BlockParams, "large_plane", type=_positive_int)
+
+
+def segment_params(args: argparse.Namespace, device: str) -> SegmentParams:
+    """The parameter dataclasses filled from parsed ``segment`` options."""
+    return SegmentParams(
+        TilingParams(device=device, **{name: getattr(args, name) for name in _TILING_OPTIONS}),
+        PostprocessParams(**{name: getattr(args, name) for name in _POSTPROCESS_OPTIONS}),
+        diameter=args.diameter,
+        stain=args.stain,
+        blocks=BlockParams(block_size=args.block_size, large_plane=args.large_plane),
+    )
+
+
+def _number(kind, check, wording: str):
+    def parse(value: str):
+        try:
+            number = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {wording}") from None
+        if not check(number):
+            raise argparse.ArgumentTypeError(f"must be {wording}")
+        return number
+
+    return parse
+
+
+_positive_int = _number(int, lambda n: n > 0, "a positive whole number")
+_non_negative_int = _number(int, lambda n: n >= 0, "a whole number, 0 or more")
+_non_negative_float = _number(float, lambda n: n >= 0 and n < float("inf"), "a number, 0 or more")
+
+
+def _train_default(name: str):
+    from .training.config import TrainConfig
+
+    return dataclass_default(TrainConfig, name)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nuclei-unet", description="Nuclei segmentation with a tiled U-Net and watershed.")
+    defaults = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    seg = commands.add_parser("segment", help="segment images into instance label images")
+    seg = commands.add_parser("segment", help="segment images into instance label images", **defaults)
     seg.add_argument("inputs", nargs="+", help="image files, .zarr stores, folders or glob patterns")
     seg.add_argument("--out", required=True, help="output folder for <stem>.tif (or .zarr) label images")
     seg.add_argument("--rle-csv", default=None, help="also write one RLE CSV for all inputs (ImageId = file stem)")
@@ -93,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(seg)
     _add_segment_args(seg)
 
-    train = commands.add_parser("train", help="train or fine-tune a model")
+    train = commands.add_parser("train", help="train or fine-tune a model", **defaults)
     train.add_argument("--images", required=True, help="folder of images")
     train.add_argument("--labels", required=True, help="folder of label images, an RLE CSV, or a Kaggle DSB folder")
     train.add_argument("--out", required=True, help="output model folder (resumes if it holds a training state)")
@@ -102,28 +156,28 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--decoder-channels", default="128,64,32,16,16", help="decoder widths of a fresh U-Net")
     train.add_argument("--encoder-weights", default=None, choices=[None, "imagenet"], help="pretrained encoder for a fresh U-Net (needs internet)")
     train.add_argument("--split", default=None, help="CSV ImageId,split: train on 'train', validate on 'val'")
-    train.add_argument("--val-fraction", type=float, default=0.15, help="images held out for validation when --split is not given")
-    train.add_argument("--epochs", type=int, default=20)
-    train.add_argument("--iterations", type=int, default=50, help="iterations per epoch")
-    train.add_argument("--max-minutes", type=float, default=None, help="stop after this much wall-clock time (validates and saves)")
-    train.add_argument("--patch-size", type=int, default=256)
-    train.add_argument("--batch-size", type=int, default=8)
-    train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--val-every", type=int, default=1, help="validate every N epochs")
-    train.add_argument("--scale-range", default="0.5,2.0", help="zoom range of the scale augmentation")
-    train.add_argument("--low-resolution", type=float, default=0.0, help="share of patches blurred as if taken at up to 2.5x lower magnification (experimental; see the model card)")
+    train.add_argument("--val-fraction", type=float, default=_train_default("val_fraction"), help="images held out for validation when --split is not given")
+    train.add_argument("--epochs", type=int, default=_train_default("epochs"))
+    train.add_argument("--iterations", type=int, default=_train_default("iterations_per_epoch"), help="iterations per epoch")
+    train.add_argument("--max-minutes", type=float, default=_train_default("max_minutes"), help="stop after this much wall-clock time (validates and saves)")
+    train.add_argument("--patch-size", type=int, default=_train_default("patch_size"))
+    train.add_argument("--batch-size", type=int, default=_train_default("batch_size"))
+    train.add_argument("--lr", type=float, default=_train_default("learning_rate"))
+    train.add_argument("--val-every", type=int, default=_train_default("val_every"), help="validate every N epochs")
+    train.add_argument("--scale-range", default=",".join(map(str, _train_default("scale_range"))), help="zoom range of the scale augmentation")
+    train.add_argument("--low-resolution", type=float, default=_train_default("low_resolution"), help="share of patches blurred as if taken at up to 2.5x lower magnification (experimental; see the model card)")
     train.add_argument("--no-augment", action="store_true")
     train.add_argument("--freeze-batchnorm", action="store_true", help="keep the starting model's BatchNorm statistics (fine-tuning on a few images)")
     train.add_argument("--zoom-to-reference", action="store_true", help="show each image's nuclei at the zoom segmentation will use (fine-tuning)")
-    train.add_argument("--anchor-weight", type=float, default=0.0, help="L2-SP pull towards the starting weights (fine-tuning)")
-    train.add_argument("--distill-weight", type=float, default=0.0, help="hold the other image types to the starting model's output, seen on restyled patches (fine-tuning; the widget uses 1)")
-    train.add_argument("--start-weight-share", type=float, default=0.0, help="share of the starting weights mixed into the saved model, WiSE-FT (fine-tuning; the widget uses 0.25)")
+    train.add_argument("--anchor-weight", type=float, default=_train_default("anchor_weight"), help="L2-SP pull towards the starting weights (fine-tuning)")
+    train.add_argument("--distill-weight", type=float, default=_train_default("distill_weight"), help="hold the other image types to the starting model's output, seen on restyled patches (fine-tuning; the widget uses 1)")
+    train.add_argument("--start-weight-share", type=float, default=_train_default("start_weight_share"), help="share of the starting weights mixed into the saved model, WiSE-FT (fine-tuning; the widget uses 0.25)")
     train.add_argument("--no-resume", action="store_true", help="start over even if --out holds a training state")
     train.add_argument("--overwrite", action="store_true", help="allow writing into an existing model folder")
-    train.add_argument("--device", default="auto")
-    train.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
-    train.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"], help="training arithmetic: auto = bfloat16 autocast on CPUs with native bfloat16 (~1.5x faster steps), float32 elsewhere")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--device", default=_train_default("device"))
+    train.add_argument("--threads", type=int, default=_train_default("threads"), help="CPU threads for torch")
+    train.add_argument("--precision", default=_train_default("precision"), choices=["auto", "float32", "bfloat16"], help="training arithmetic: auto = bfloat16 autocast on CPUs with native bfloat16 (~1.5x faster steps), float32 elsewhere")
+    train.add_argument("--seed", type=int, default=_train_default("seed"))
     train.add_argument("--no-calibrate", action="store_true", help="skip calibrating the model's min confidence on the validation images (with the training images when there are few) after training")
 
     ev = commands.add_parser("evaluate", help="score predictions against ground truth")
@@ -160,6 +214,37 @@ def main(argv: list[str] | None = None) -> int:
     except NucleiUnetError as error:
         print(f"nuclei-unet: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # an output (or input) the system refused: full disk, permissions, a folder in the way
+        print(f"nuclei-unet: error: {error.filename or ''}: {error.strerror or describe(error)}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("nuclei-unet: error: out of memory (try smaller --tile-size / --block-size)", file=sys.stderr)
+        return 2
+
+
+def writable_folder(path: str | Path) -> Path:
+    """``path`` as an output folder (made if missing); InputError if it is a file or can't be written."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder}: exists and is not a folder; --out needs a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"{folder}: cannot create the output folder ({error.strerror or describe(error)})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"{folder}: output folder is not writable")
+    return folder
+
+
+def writable_file(path: str | Path) -> Path:
+    """``path`` as an output file: InputError if it is a folder or its folder can't be written."""
+    target = Path(path)
+    if target.is_dir():
+        raise InputError(f"{target}: is a folder; expected a file name")
+    writable_folder(target.parent if str(target.parent) else ".")
+    if target.exists() and not os.access(target, os.W_OK):
+        raise InputError(f"{target}: exists and is not writable")
+    return target
 
 
 def _load_checkpoint(args):
@@ -173,10 +258,7 @@ def cmd_segment(args) -> int:
     from .io import find_images
     from .model import resolve_device
     from .onnx_backend import describe_device
-    from .postprocess import PostprocessParams
     from .rle import write_csv
-    from .segment import SegmentParams
-    from .tiling import TilingParams
 
     files = find_images(args.inputs)
     out = Path(args.out)
@@ -186,31 +268,52 @@ def cmd_segment(args) -> int:
         raise InputError(f"{out}: several inputs would write {', '.join(clashes[:3])}; segment them into separate --out folders")
     if args.workers is not None and args.workers < 1:
         raise InputError(f"--workers must be at least 1, got {args.workers}")
+    writable_folder(out)  # outputs are checked before any work, so a fault there costs nothing
+    if args.rle_csv:
+        writable_file(args.rle_csv)
     distributed = args.workers or args.dask_scheduler
     device = resolve_device("cpu" if distributed and args.device == "auto" else args.device)
     checkpoint = _load_checkpoint(args)  # fails early, here, on bad weights
-    params = SegmentParams(
-        TilingParams(tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size, device=str(device), tta=args.tta, backend=args.backend, precision=args.precision),
-        PostprocessParams(threshold=args.threshold, min_size=args.min_size, hole_size=args.hole_size, markers=args.markers, h=args.h, min_confidence=args.min_confidence),
-        diameter=args.diameter,
-        stain=args.stain,
-    )
+    params = segment_params(args, str(device))
     print(f"model: {checkpoint.summary()} | device: {describe_device(device, args.backend, args.precision)}", file=sys.stderr)
     started = time.perf_counter()
-    if distributed:
-        results = _segment_distributed(args, files, params)
-    else:
-        results = _segment_serial(checkpoint, files, out, params, args.out_format)
-    if args.rle_csv:  # from the written files: one codec, and flat memory for thousands of images
-        write_csv(args.rle_csv, _rle_items(results))
+    # Every output is written into a staging folder inside --out and moved into place only when
+    # all inputs succeeded: a bad input leaves no partial output and overwrites nothing.
+    staging = Path(tempfile.mkdtemp(prefix=".nuclei-unet-", dir=out))
+    try:
+        if distributed:
+            results = _segment_distributed(args, files, params, staging)
+        else:
+            results = _segment_serial(checkpoint, files, staging, params, args.out_format)
+        if args.rle_csv:  # from the written files: one codec, and flat memory for thousands of images
+            write_csv(args.rle_csv, _rle_items(results))
+        for result in results:
+            final = out / Path(result.output).name
+            if final.is_dir():
+                shutil.rmtree(final)
+            os.replace(result.output, final)
+            result.output = str(final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     seconds = time.perf_counter() - started
     pixels = sum(r.pixels for r in results)
     print(
         f"segmented {len(results)} image(s): {sum(r.nuclei for r in results)} nuclei in {seconds:.1f} s, "
         f"{pixels / 1e6 / max(seconds, 1e-9):.2f} MP/s on {device}; "
-        f"{_diameter_summary(args.diameter, [r.diameter for r in results if r.diameter is not None])} -> {out}"
+        f"{_diameter_summary(args.diameter, [r.diameter for r in results if r.diameter is not None])}; {_used_summary(results)} -> {out}"
     )
     return 0
+
+
+def _used_summary(results) -> str:
+    """The threshold and min confidence actually used (what "auto" became), for reproducing a run."""
+    thresholds = [t for r in results for t in np.atleast_1d(r.record.get("threshold", []))]
+    levels = sorted({r.record.get("min_confidence") for r in results if "min_confidence" in r.record})
+    threshold = "" if not thresholds else (
+        f"threshold {thresholds[0]:.3f}" if len(set(thresholds)) == 1 else f"threshold {min(thresholds):.3f}-{max(thresholds):.3f}"
+    )  # fmt: skip
+    level = "" if not levels else f"min confidence {', '.join(f'{v:g}' for v in levels)}"
+    return ", ".join(part for part in (threshold, level) if part)
 
 
 def _segment_serial(checkpoint, files, out, params, out_format):
@@ -234,7 +337,7 @@ def _segment_serial(checkpoint, files, out, params, out_format):
     return results
 
 
-def _segment_distributed(args, files, params):
+def _segment_distributed(args, files, params, out: Path):
     """One task per image on a dask.distributed cluster: an existing one, or a LocalCluster of --workers."""
     import os
 
@@ -254,7 +357,7 @@ def _segment_distributed(args, files, params):
     try:
         print(f"dask: {len(client.scheduler_info()['workers'])} worker(s) at {client.scheduler.address}", file=sys.stderr)
         futures = [
-            client.submit(segment_file_task, args.model, args.encoder, str(path), str(Path(args.out).resolve()), params, args.out_format, threads, pure=False)
+            client.submit(segment_file_task, args.model, args.encoder, str(path), str(out.resolve()), params, args.out_format, threads, pure=False)
             for path in files
         ]
         order = {future.key: index for index, future in enumerate(futures)}
@@ -314,7 +417,7 @@ def cmd_train(args) -> int:
 
     from .data import load_pairs, read_split
     from .model import Checkpoint, ModelConfig, resolve_model_path
-    from .train import STATE_FILE, TrainConfig, fit
+    from .training import STATE_FILE, TrainConfig, fit
 
     out = Path(args.out)
     resuming = (out / STATE_FILE).exists() and not args.no_resume

@@ -23,3 +23,42 @@ class ModelError(NucleiUnetError):
 
 class Cancelled(NucleiUnetError):
     """Long work stopped at the user's request."""
+
+
+def describe(error: BaseException, limit: int = 200) -> str:
+    """``"TypeName: first line of the message"``, for one-line reports; never raises itself.
+
+    Error handlers call this instead of ``str(error).splitlines()[0]``, which fails on an
+    empty message (and ``str`` can fail on a broken exception object).
+    """
+    try:
+        text = str(error)
+    except Exception:  # noqa: BLE001 (a broken __str__ must not break the report)
+        text = ""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    name = type(error).__name__
+    return f"{name}: {lines[0][:limit]}" if lines else name
+
+
+def available_memory() -> int:
+    """Bytes of memory this process can still allocate without swapping (MemAvailable), best known."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    import os
+
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # not on this platform (macOS, Windows)
+        return 1 << 40  # unknown: let the allocation itself fail (MemoryError is caught by the callers)
+
+
+def check_allocation(nbytes: float, what: str, source: object) -> None:
+    """Raise :class:`InputError` before allocating ``nbytes`` that a file declares but memory can't hold."""
+    available = available_memory()
+    if nbytes > available:
+        raise InputError(f"{source}: {what} would need {nbytes / 2**30:.3g} GiB, more than the {available / 2**30:.3g} GiB of memory available")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, check_allocation, describe
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 _TIFF_SUFFIXES = (".tif", ".tiff")
@@ -37,6 +37,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     suffix = path.suffix.lower()
     if suffix not in IMAGE_SUFFIXES:
         raise InputError(f"{path}: unsupported image type {suffix or '(no suffix)'!r}; use one of {', '.join(IMAGE_SUFFIXES)}")
+    check_allocation(_declared_bytes(path), "the image it declares", path)
     try:
         if suffix in _TIFF_SUFFIXES:
             import tifffile
@@ -46,11 +47,33 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
             import imageio.v3 as iio
 
             image = iio.imread(path)
-    except Exception as error:  # the readers raise many types for corrupt files
-        raise InputError(f"{path}: cannot read image ({type(error).__name__}: {error})") from None
+    except MemoryError:
+        raise InputError(f"{path}: too large to read into memory") from None
+    except Exception as error:  # noqa: BLE001 (the readers raise many types for corrupt files)
+        raise InputError(f"{path}: cannot read image ({describe(error)})") from None
     image = np.asarray(image)
     check_image_layout(image, name=str(path))
     return image
+
+
+def _declared_bytes(path: Path) -> int:
+    """Bytes of the pixels a file's header declares (0 when the header can't be read: the
+    reader then reports the problem), read before any pixel is decoded."""
+    try:
+        if path.suffix.lower() in _TIFF_SUFFIXES:
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                return sum(int(np.prod(s.shape, dtype=np.float64)) * np.dtype(s.dtype).itemsize for s in tif.series)
+        import imageio.v3 as iio
+
+        props = iio.improps(path)
+        return int(np.prod(props.shape, dtype=np.float64)) * np.dtype(props.dtype).itemsize
+    except Exception as error:  # noqa: BLE001 (a broken header: read_image's own reader names the fault)
+        import logging
+
+        logging.getLogger(__name__).debug("%s: header not readable (%s)", path, describe(error))
+        return 0
 
 
 def check_image_layout(image, name: str = "image") -> None:
@@ -126,6 +149,8 @@ class Normalizer:
         sample = np.asarray(plane[::step, ::step])
         if sample.ndim == 3:
             sample = sample[..., :3]
+        if sample.dtype == bool:  # a mask: 0 and 1
+            sample = sample.view(np.uint8)
         low, high = np.percentile(sample, percentiles)
         low, high = float(low), float(high)
         if not np.isfinite(low) or not np.isfinite(high):

@@ -15,6 +15,7 @@ explicitly asks for ``"imagenet"`` (which needs internet).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -24,8 +25,10 @@ from typing import Any
 
 import torch
 
-from .errors import ModelError
+from .errors import ModelError, describe
 from .io import default_mode
+
+log = logging.getLogger(__name__)
 
 METADATA_FILE = "nuclei_unet.json"
 SMP_CONFIG_FILE = "config.json"
@@ -68,8 +71,8 @@ class ModelConfig:
                 in_channels=self.in_channels,
                 classes=len(self.outputs),
             )
-        except (KeyError, ValueError) as error:
-            raise ModelError(f"cannot build smp.Unet with encoder {self.encoder_name!r}: {error}") from None
+        except (KeyError, ValueError, TypeError, AttributeError, AssertionError, RuntimeError) as error:
+            raise ModelError(f"cannot build smp.Unet with encoder {self.encoder_name!r}: {describe(error)}") from None
         except OSError as error:  # weight download without internet
             raise ModelError(f"cannot download {encoder_weights} weights for {self.encoder_name!r} ({error}); use encoder_weights=None offline") from None
 
@@ -218,11 +221,16 @@ def resolve_model_path(model: str | os.PathLike | None) -> Path:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ModelError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        return data
     except FileNotFoundError:
         raise ModelError(f"{path}: missing; not a segmentation-models-pytorch checkpoint folder") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ModelError(f"{path}: corrupt JSON ({error})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+        raise ModelError(f"{path}: corrupt JSON ({describe(error)})") from None
+    except OSError as error:
+        raise ModelError(f"{path}: cannot read ({error.strerror or describe(error)})") from None
 
 
 def _load_folder(folder: Path) -> Checkpoint:
@@ -231,8 +239,8 @@ def _load_folder(folder: Path) -> Checkpoint:
     model_class = smp_config.get("_model_class", "Unet")
     if model_class != "Unet":
         raise ModelError(f"{folder}: a {model_class} checkpoint; only smp.Unet is supported")
-    outputs = tuple(meta.get("config", {}).get("outputs") or _default_outputs(smp_config.get("classes", 1)))
     try:
+        outputs = tuple(str(o) for o in ((meta.get("config") or {}).get("outputs") or _default_outputs(int(smp_config.get("classes", 1)))))
         config = ModelConfig(
             encoder_name=smp_config.get("encoder_name", "resnet34"),
             encoder_depth=int(smp_config.get("encoder_depth", 5)),
@@ -241,8 +249,8 @@ def _load_folder(folder: Path) -> Checkpoint:
             outputs=outputs,
             decoder_attention_type=smp_config.get("decoder_attention_type"),
         )
-    except (TypeError, ValueError) as error:
-        raise ModelError(f"{folder / SMP_CONFIG_FILE}: invalid model config ({error})") from None
+    except (TypeError, ValueError, AttributeError) as error:
+        raise ModelError(f"{folder / SMP_CONFIG_FILE}: invalid model config ({describe(error)})") from None
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise ModelError(f"{weights}: missing weights file")
@@ -250,19 +258,49 @@ def _load_folder(folder: Path) -> Checkpoint:
         from safetensors.torch import load_file
 
         state = load_file(str(weights))
-    except Exception as error:  # safetensors raises its own error types for truncated files
-        raise ModelError(f"{weights}: corrupt or truncated weights ({error})") from None
+    except Exception as error:  # noqa: BLE001 (safetensors raises its own error types for truncated files)
+        raise ModelError(f"{weights}: corrupt or truncated weights ({describe(error)})") from None
+    _check_declared_architecture(config, state, folder / SMP_CONFIG_FILE)
     model = config.build()
     _load_strict(model, state, weights, config)
-    normalization = meta.get("normalization", {})
-    extra = {k: v for k, v in meta.items() if k not in ("format", "format_version", "architecture", "config", "normalization", "nucleus_diameter")}
-    return Checkpoint(
-        model=model,
-        config=config,
-        percentiles=tuple(normalization.get("percentiles", (1.0, 99.8))),
-        nucleus_diameter=meta.get("nucleus_diameter"),
-        metadata=extra,
-    )
+    return Checkpoint(model=model, config=config, metadata=_extra_metadata(meta), **_checked_metadata(folder / METADATA_FILE, meta))
+
+
+def _check_declared_architecture(config: ModelConfig, state: dict, path: Path) -> None:
+    """The layer widths ``config.json`` declares must be those of the weights, checked before the
+    model is built: a hostile or broken config could otherwise ask for a huge network."""
+    declared = {f"decoder.blocks.{i}.conv1.0.weight": width for i, width in enumerate(config.decoder_channels)}
+    declared["segmentation_head.0.weight"] = len(config.outputs)
+    if not 1 <= config.in_channels <= 16 or not 1 <= config.encoder_depth <= 5:
+        raise ModelError(f"{path}: in_channels {config.in_channels} / encoder_depth {config.encoder_depth} out of range (1-16 / 1-5)")
+    for key, width in declared.items():
+        tensor = state.get(key)
+        if tensor is None or tensor.ndim < 1 or int(tensor.shape[0]) != int(width):
+            found = "absent" if tensor is None else tuple(tensor.shape)
+            raise ModelError(f"{path}: weights do not match the config ({key}: {width} channels declared, the weights have {found})")
+
+
+def _checked_metadata(path: Path, meta: dict) -> dict:
+    """The normalisation and nucleus size of ``nuclei_unet.json``, checked: a bad value is a one-line ModelError."""
+    normalization = meta.get("normalization") or {}
+    try:
+        percentiles = tuple(float(p) for p in (normalization.get("percentiles") or (1.0, 99.8)))
+        diameter = meta.get("nucleus_diameter")
+        diameter = None if diameter is None else float(diameter)
+        level = float(((meta.get("postprocess") or {}).get("min_confidence", 0.0)))
+    except (TypeError, ValueError, AttributeError) as error:
+        raise ModelError(f"{path}: invalid value ({describe(error)})") from None
+    if len(percentiles) != 2 or not 0 <= percentiles[0] < percentiles[1] <= 100:
+        raise ModelError(f"{path}: normalization percentiles must be two numbers 0 <= low < high <= 100, got {list(percentiles)}")
+    if diameter is not None and not 0 < diameter < 1e4:
+        raise ModelError(f"{path}: nucleus_diameter must be a positive number of pixels, got {diameter}")
+    if not 0 <= level < 1:
+        raise ModelError(f"{path}: postprocess.min_confidence must be in [0, 1), got {level}")
+    return {"percentiles": percentiles, "nucleus_diameter": diameter}
+
+
+def _extra_metadata(meta: dict) -> dict:
+    return {k: v for k, v in meta.items() if k not in ("format", "format_version", "architecture", "config", "normalization", "nucleus_diameter")}
 
 
 def _default_outputs(classes: int) -> tuple[str, ...]:
@@ -288,9 +326,8 @@ def _load_strict(model: torch.nn.Module, state: dict, path: Path, config: ModelC
 def _load_state_dict_file(path: Path, encoder: str | None) -> Checkpoint:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # pickle/zip errors for truncated or non-weights files
-        message = str(error).splitlines()[0][:200]
-        raise ModelError(f"{path}: corrupt, truncated or not a weights-only state_dict ({message})") from None
+    except Exception as error:  # noqa: BLE001 (pickle/zip errors for truncated or non-weights files)
+        raise ModelError(f"{path}: corrupt, truncated or not a weights-only state_dict ({describe(error)})") from None
     for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -299,10 +336,15 @@ def _load_state_dict_file(path: Path, encoder: str | None) -> Checkpoint:
     state = {k.removeprefix("module.").removeprefix("model."): v for k, v in state.items()}
     if "segmentation_head.0.weight" not in state:
         raise ModelError(f"{path}: not the weights of an smp.Unet (no segmentation_head)")
-    blocks = sorted({int(k.split(".")[2]) for k in state if k.startswith("decoder.blocks.") and ".conv1.0.weight" in k})
-    decoder_channels = tuple(int(state[f"decoder.blocks.{i}.conv1.0.weight"].shape[0]) for i in blocks)
-    first_conv = next(v for k, v in state.items() if k.startswith("encoder.") and v.ndim == 4)
-    classes = int(state["segmentation_head.0.weight"].shape[0])
+    try:
+        blocks = sorted({int(k.split(".")[2]) for k in state if k.startswith("decoder.blocks.") and ".conv1.0.weight" in k})
+        decoder_channels = tuple(int(state[f"decoder.blocks.{i}.conv1.0.weight"].shape[0]) for i in blocks)
+        first_conv = next(v for k, v in state.items() if k.startswith("encoder.") and v.ndim == 4)
+        classes = int(state["segmentation_head.0.weight"].shape[0])
+    except (ValueError, IndexError, KeyError, StopIteration):
+        raise ModelError(f"{path}: not the weights of an smp.Unet (its decoder or encoder layers are not where smp puts them)") from None
+    if not decoder_channels or classes < 1:
+        raise ModelError(f"{path}: not the weights of an smp.Unet (no decoder blocks)")
     attention = "scse" if any(".attention1.attention." in k for k in state) else None
     base = dict(
         encoder_depth=len(decoder_channels),
@@ -344,7 +386,8 @@ def _encoder_matches(config: ModelConfig, state: dict) -> bool:
 
     try:
         encoder = get_encoder(config.encoder_name, in_channels=config.in_channels, depth=config.encoder_depth, weights=None)
-    except Exception:
+    except (KeyError, ValueError, TypeError, RuntimeError, AssertionError) as error:  # this encoder can't take that depth or input
+        log.info("encoder %s does not fit (%s)", config.encoder_name, describe(error))
         return False
     expected = {f"encoder.{k}": tuple(v.shape) for k, v in encoder.state_dict().items()}
     given = {k: tuple(v.shape) for k, v in state.items() if k.startswith("encoder.")}

@@ -7,12 +7,12 @@ distance markers split touching nuclei better with the bundled model (AP@0.5 0.7
 0.694, see docs/model-card.md). Objects the network is unsure of (mean foreground
 probability below ``min_confidence``: cell folds, debris, out-of-focus blobs) are dropped
 last; each model carries the level calibrated on its own data
-(``train.calibrate_min_confidence``). Everything stays in float32/int32.
+(``training.calibrate``). Everything stays in float32/int32.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -23,17 +23,23 @@ Confidence = float | str  # a value in [0, 1), or "auto": the model's calibrated
 
 @dataclass
 class PostprocessParams:
-    """Parameters users tune live; changing them never re-runs the network."""
+    """Parameters users tune live; changing them never re-runs the network.
 
-    threshold: Threshold = "auto"
-    min_size: int = 15  # objects smaller than this many pixels are removed
-    hole_size: int = 64  # holes up to this many pixels are filled
-    markers: str = "distance"  # "distance" | "boundary" (needs a model with a boundary output)
+    ``threshold`` and ``min_confidence`` may be "auto" here; :func:`instances` takes them
+    only as numbers. ``segment.resolve`` fills in the model's min confidence, and
+    ``plane.label_plane`` the threshold of each plane (:func:`with_threshold`).
+    """
+
+    threshold: Threshold = field(default="auto", metadata={"help": "foreground probability threshold in (0, 1), or auto (Otsu's, kept within [0.3, 0.7])"})
+    min_size: int = field(default=15, metadata={"help": "remove nuclei smaller than this many image pixels"})
+    hole_size: int = field(default=64, metadata={"help": "fill holes up to this many image pixels"})
+    markers: str = field(default="distance", metadata={"help": "watershed markers: distance-transform peaks, or the model's predicted interiors", "choices": ("distance", "boundary")})
     marker_threshold: float = 0.5  # interior probability (foreground - boundary) for a marker
-    h: float = 0.5  # h-maxima height of the distance transform in pixels: higher splits less
-    # Objects whose mean foreground probability is below this are dropped. "auto": the value
-    # calibrated for the model (segment.model_postprocess resolves it; 0 where no model is known).
-    min_confidence: Confidence = "auto"
+    h: float = field(default=0.5, metadata={"help": "h-maxima height for distance markers, pixels (higher splits fewer nuclei)"})
+    min_confidence: Confidence = field(
+        default="auto",
+        metadata={"help": "drop objects whose mean foreground probability is below this (folds, debris); auto: the level calibrated for the model, 0: keep all"},
+    )
 
 
 def auto_threshold(probability: np.ndarray) -> float:
@@ -51,6 +57,7 @@ def auto_threshold(probability: np.ndarray) -> float:
 
 
 def resolve_threshold(threshold: Threshold, probability: np.ndarray) -> float:
+    """``threshold`` as a number: Otsu's on ``probability`` for "auto"; ValueError if out of range."""
     if isinstance(threshold, str):
         if threshold != "auto":
             raise ValueError(f"threshold must be 'auto' or a number in (0, 1), got {threshold!r}")
@@ -61,11 +68,25 @@ def resolve_threshold(threshold: Threshold, probability: np.ndarray) -> float:
     return value
 
 
-def semantic_mask(foreground: np.ndarray, threshold: Threshold = "auto", min_size: int = 15, hole_size: int = 64) -> np.ndarray:
+def with_threshold(params: PostprocessParams, foreground: np.ndarray) -> PostprocessParams:
+    """``params`` with an "auto" threshold replaced by Otsu's on ``foreground``."""
+    return replace(params, threshold=resolve_threshold(params.threshold, foreground))
+
+
+def check_resolved(params: PostprocessParams) -> None:
+    """ValueError unless the threshold and min confidence are numbers in range (no "auto" left)."""
+    for name in ("threshold", "min_confidence"):
+        if isinstance(getattr(params, name), str):
+            raise ValueError(f"{name} {getattr(params, name)!r} reached post-processing unresolved; resolve it first (segment.resolve, postprocess.with_threshold)")
+    resolve_threshold(params.threshold, np.zeros(0))
+    resolve_min_confidence(params.min_confidence, 0.0)
+
+
+def semantic_mask(foreground: np.ndarray, threshold: float, min_size: int = 15, hole_size: int = 64) -> np.ndarray:
     """Boolean nuclei mask: threshold, fill small holes, drop small specks."""
     from skimage.morphology import remove_small_holes, remove_small_objects
 
-    mask = foreground > resolve_threshold(threshold, foreground)
+    mask = foreground > threshold
     if hole_size > 0:
         mask = remove_small_holes(mask, max_size=hole_size)
     if min_size > 0:
@@ -88,7 +109,9 @@ def instances(
     """
     from skimage.segmentation import relabel_sequential, watershed
 
-    params = params or PostprocessParams()
+    if params is None:
+        raise ValueError("instances needs resolved PostprocessParams (numbers, no 'auto')")
+    check_resolved(params)
     if scale != 1.0:
         area = scale * scale
         params = replace(params, min_size=int(round(params.min_size * area)), hole_size=int(round(params.hole_size * area)))
@@ -117,7 +140,7 @@ def instances(
         labels = np.where(orphans > 0, orphans + labels.max(), labels)
     sizes = np.bincount(labels.ravel())
     drop = sizes < params.min_size
-    min_confidence = resolve_min_confidence(params.min_confidence)
+    min_confidence = float(params.min_confidence)
     if min_confidence > 0:  # mean foreground probability of each object
         drop |= np.bincount(labels.ravel(), weights=foreground.ravel(), minlength=sizes.size) < min_confidence * sizes
     drop[0] = False
@@ -126,12 +149,12 @@ def instances(
     return labels > 0, labels
 
 
-def resolve_min_confidence(value: Confidence) -> float:
-    """``min_confidence`` as a number; "auto" left unresolved (no model known) is 0, no filter."""
+def resolve_min_confidence(value: Confidence, model_level: float) -> float:
+    """``min_confidence`` as a number: "auto" is ``model_level`` (the model's calibrated level)."""
     if isinstance(value, str):
         if value != "auto":
             raise ValueError(f"min_confidence must be 'auto' or a number in [0, 1), got {value!r}")
-        return 0.0
+        value = model_level
     value = float(value)
     if not 0.0 <= value < 1.0:
         raise ValueError(f"min_confidence must be in [0, 1), got {value}")

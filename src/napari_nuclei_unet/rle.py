@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import RLEError
+from .errors import RLEError, check_allocation
 from .io import atomic_write, label_dtype
 
 REQUIRED_COLUMNS = ("ImageId", "EncodedPixels")
@@ -33,6 +33,7 @@ def decode(rle: str, shape: tuple[int, int]) -> np.ndarray:
     """Decode a Kaggle RLE string to a 2D boolean mask of ``shape`` (height, width)."""
     starts, lengths = parse_runs(rle)
     _check_runs(starts, lengths, shape)
+    check_allocation(int(shape[0]) * int(shape[1]), "the mask", f"RLE of a {shape[0]}x{shape[1]} image")
     flat = np.zeros(shape[0] * shape[1], dtype=bool)
     flat[_run_indices(starts, lengths)] = True
     return flat.reshape(shape, order="F")
@@ -49,9 +50,19 @@ def parse_runs(rle: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         values = np.array([int(token) for token in tokens], dtype=np.int64)
     except ValueError:
-        bad = next(t for t in tokens if not t.lstrip("+-").isdigit())
-        raise ValueError(f"non-numeric value {bad!r}") from None
+        raise ValueError(f"non-numeric value {_first_bad(tokens)!r}") from None
+    except OverflowError:
+        raise ValueError(f"value {max(tokens, key=len)[:30]!r} is too large for a pixel number") from None
     return values[0::2], values[1::2]
+
+
+def _first_bad(tokens: list[str]) -> str:
+    for token in tokens:
+        try:
+            int(token)
+        except ValueError:
+            return token[:30]
+    return tokens[0][:30]
 
 
 def _check_runs(starts: np.ndarray, lengths: np.ndarray, shape: tuple[int, int]) -> None:
@@ -60,6 +71,11 @@ def _check_runs(starts: np.ndarray, lengths: np.ndarray, shape: tuple[int, int])
         raise ValueError(f"start {int(starts[starts < 1][0])} is below 1 (pixels are numbered from 1)")
     if (lengths < 1).any():
         raise ValueError(f"run length {int(lengths[lengths < 1][0])} is not positive")
+    huge = (starts > size) | (lengths > size)  # checked first: start + length could overflow int64
+    if huge.any():
+        first = int(np.argmax(huge))
+        end = int(starts[first]) + int(lengths[first]) - 1  # Python ints: no overflow
+        raise ValueError(f"run ends at pixel {end}, beyond the {shape[0]}x{shape[1]} image ({size} pixels)")
     ends = starts + lengths - 1
     if (ends > size).any():
         raise ValueError(f"run ends at pixel {int(ends.max())}, beyond the {shape[0]}x{shape[1]} image ({size} pixels)")
@@ -137,7 +153,8 @@ class RLEImage:
         where = f"{source}: " if source else ""
         if len(shape) != 2:
             raise RLEError(f"{where}ImageId {self.image_id!r}: image shape unknown (no Height/Width columns and no image found)")
-        size = shape[0] * shape[1]
+        size = int(shape[0]) * int(shape[1])
+        check_allocation(size * label_dtype(len(self.rles)).itemsize, f"ImageId {self.image_id!r}'s {shape[0]}x{shape[1]} labels", source or "RLE CSV")
         parsed = []
         for rle, row in zip(self.rles, self.rows):
             try:
@@ -150,6 +167,7 @@ class RLEImage:
         counts = [len(p[0]) for p in parsed]
         starts = np.concatenate([p[0] for p in parsed]) if parsed else np.zeros(0, np.int64)
         lengths = np.concatenate([p[1] for p in parsed]) if parsed else np.zeros(0, np.int64)
+        check_allocation(4 * 8 * int(lengths.sum()), f"ImageId {self.image_id!r}'s runs", source or "RLE CSV")
         values = np.repeat(np.arange(1, len(parsed) + 1), counts)
         indices = _run_indices(starts, lengths)
         pixel_values = np.repeat(values, lengths)

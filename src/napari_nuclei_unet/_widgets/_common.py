@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 from dataclasses import asdict
@@ -9,11 +10,11 @@ from pathlib import Path
 
 from magicgui.widgets import ComboBox, FileEdit, Label
 from napari.qt.threading import thread_worker
-from napari.utils.notifications import show_error
-from qtpy.QtCore import QObject, Signal
+from napari.utils.notifications import show_error, show_warning
+from qtpy.QtCore import QCoreApplication, QObject, Qt, Signal
 
+from ..errors import ModelError, describe
 from ..model import Checkpoint, available_devices, resolve_model_path
-from ..postprocess import PostprocessParams
 
 BUNDLED = "bundled default"
 FROM_FILE = "from file…"
@@ -39,6 +40,65 @@ def avoid_triton_llvm_clash() -> None:
         sys.modules["triton"] = None  # type: ignore[assignment]  # import triton -> ImportError
 
 
+_HUB_NAME = "napari-nuclei-unet jobs"
+
+
+class JobHub(QObject):
+    """The plugin's widgets in one napari window: one long job at a time, and the model a fine-tune saved.
+
+    Long jobs (segmenting, fine-tuning, loading a model) share napari's thread pool, which
+    has as many threads as cores; two of them side by side starve each other and the
+    viewer. A job the user starts while another runs is refused with a message
+    (:meth:`try_start`); automatic ones (model loads) wait their turn (:meth:`when_idle`).
+    The hub is a child of the window, found by name: no module-level registry.
+    """
+
+    model_saved = Signal(str)  # a checkpoint folder a finished fine-tune wrote, for the Segment widget
+    segment_requested = Signal()  # "segment again" (the Fine-tune widget asks the Segment widget)
+    job_changed = Signal(str)  # the running job's name; "" when idle
+
+    def __init__(self, parent: QObject | None = None):
+        super().__init__(parent)
+        self.setObjectName(_HUB_NAME)
+        self.job = ""
+        self.segment_model = "default"  # the Segment widget's model, where a fine-tune starts from
+        self._waiting: list = []
+
+    def try_start(self, job: str) -> bool:
+        """Mark ``job`` as running; False (and a warning naming the running job) if one runs."""
+        if self.job:
+            show_warning(f"{job}: wait until {self.job} has finished, or cancel it")
+            return False
+        self.job = job
+        self.job_changed.emit(job)
+        return True
+
+    def finish(self, job: str) -> None:
+        """``job`` is over: start what waited for it."""
+        if self.job != job:
+            return
+        self.job = ""
+        self.job_changed.emit("")
+        while self._waiting and not self.job:
+            self._waiting.pop(0)()
+
+    def when_idle(self, callback) -> None:
+        """Call ``callback`` now if no job runs, else when the running one finishes."""
+        if self.job:
+            self._waiting.append(callback)
+        else:
+            callback()
+
+
+def hub_of(viewer) -> JobHub:
+    """The :class:`JobHub` of ``viewer``'s window (made on first use)."""
+    real = getattr(viewer, "__wrapped__", viewer)  # napari hands plugins a proxy of the viewer
+    window = getattr(getattr(real, "window", None), "_qt_window", None)
+    parent = window if window is not None else QCoreApplication.instance()
+    hub = parent.findChild(JobHub, _HUB_NAME, Qt.FindChildOption.FindDirectChildrenOnly) if parent is not None else None
+    return hub if hub is not None else JobHub(parent)
+
+
 class ModelPicker:
     """Model source (bundled or a file), a one-line summary, and the device; loads lazily, off the GUI thread.
 
@@ -46,7 +106,7 @@ class ModelPicker:
     a plain ``.pth`` state_dict of an ``smp.Unet`` works too.
     """
 
-    def __init__(self):
+    def __init__(self, hub: JobHub):
         avoid_triton_llvm_clash()
         import segmentation_models_pytorch  # noqa: F401  (once, here, rather than racing in workers)
 
@@ -56,8 +116,9 @@ class ModelPicker:
         self.summary.native.setWordWrap(True)
         self.device = ComboBox(label="device", choices=available_devices(), value="auto", tooltip="auto: CUDA, then Apple MPS, then CPU")
         self.widgets = [self.source, self.file, self.summary, self.device]
-        self._loaded: dict[str, Checkpoint] = {}
+        self._loaded: dict[str, Checkpoint] = {}  # the chosen model only (older ones are dropped)
         self._lock = threading.Lock()
+        self._hub = hub
         self.source.changed.connect(self._on_source)
         self.file.changed.connect(lambda *_: self.load_async())
         self.device.changed.connect(lambda *_: self._show_summary())
@@ -75,7 +136,8 @@ class ModelPicker:
         """The loaded checkpoint for ``path`` (thread-safe; loads once)."""
         with self._lock:
             if path not in self._loaded:
-                self._loaded[path] = Checkpoint.load(resolve_model_path(path))
+                checkpoint = Checkpoint.load(resolve_model_path(path))
+                self._loaded = {path: checkpoint}  # one model in memory per picker
             return self._loaded[path]
 
     def use_checkpoint_folder(self, folder) -> None:
@@ -88,16 +150,23 @@ class ModelPicker:
         self.load_async()
 
     def load_async(self) -> None:
-        """Load the chosen model in a worker and show its summary; errors become notifications."""
+        """Load the chosen model in a worker, once no other job runs, and show its summary; errors become notifications."""
         try:
             path = self.path()
         except ValueError:
             self.summary.value = "choose a model file"
             return
         self.summary.value = "loading model…"
+        self._hub.when_idle(lambda: self._start_load(path))
+
+    def _start_load(self, path: str) -> None:
+        job = "loading the model"
+        if not self._hub.try_start(job):
+            return
         worker = thread_worker(self._load_and_prepare, ignore_errors=True)(path, self.device.value)
         worker.returned.connect(lambda _: _unless_closed(self._show_summary))
         worker.errored.connect(lambda error: _unless_closed(self._on_error, error))
+        worker.finished.connect(lambda: self._hub.finish(job))
         worker.start()
         self._load_worker = worker  # keep a reference while it runs
 
@@ -110,7 +179,8 @@ class ModelPicker:
         checkpoint = self.checkpoint(path)
         try:
             on_cpu = resolve_device(device).type == "cpu"
-        except Exception:  # a device that vanished: the summary says so
+        except ModelError as error:  # a device that vanished: the summary says so
+            logging.getLogger(__name__).info("device %s: %s", device, describe(error))
             on_cpu = False
         if on_cpu:
             cpu_network(checkpoint.model.eval(), checkpoint.config.in_channels)
@@ -132,7 +202,7 @@ class ModelPicker:
             return
         try:
             device = describe_device(resolve_device(self.device.value))
-        except Exception as error:  # a device that vanished (e.g. eGPU unplugged)
+        except ModelError as error:  # a device that vanished (e.g. eGPU unplugged)
             device = f"unavailable ({error})"
         self.summary.value = f"{checkpoint.summary()} | runs on {device}"
 
@@ -156,8 +226,9 @@ def _unless_closed(callback, *args) -> None:
             raise
 
 
-def result_metadata(model_name: str, network_key: tuple, postprocess: PostprocessParams) -> dict:
-    """What produced a result layer, stored in ``layer.metadata['nuclei_unet']``."""
+def result_metadata(model_name: str, network_key: tuple, postprocess, used: dict) -> dict:
+    """What produced a result layer, stored in ``layer.metadata['nuclei_unet']``: the settings
+    as asked (``"auto"`` included) and, under ``used``, the numbers every "auto" became."""
     model_path, tiling, diameter, stain = network_key
     return {
         "model": model_name,
@@ -166,4 +237,5 @@ def result_metadata(model_name: str, network_key: tuple, postprocess: Postproces
         "diameter": diameter,
         "stain": stain,
         "postprocess": asdict(postprocess),
+        "used": used,
     }

@@ -24,16 +24,16 @@ from qtpy.QtGui import QColor, QPainter, QPen
 from qtpy.QtWidgets import QWidget
 
 from ..data import LabelledImage
-from ..errors import NucleiUnetError
+from ..errors import NucleiUnetError, describe
 from ..model import BUNDLED_MODEL_DIR
-from ..train import FINETUNE_DEFAULTS, TrainConfig, TrainEvent, finetune_config, fit
-from ._common import ModelPicker, Relay
-from .segment import segment_widget_of
+from ..training import FINETUNE_DEFAULTS, TrainConfig, TrainEvent, finetune_config, fit
+from ._common import FROM_FILE, ModelPicker, Relay, hub_of
 
 if TYPE_CHECKING:
     import napari
 
 DEFAULT_MODELS_DIR = Path.home() / "nuclei-unet-models"
+FINETUNE_JOB = "fine-tuning"
 
 
 @dataclass
@@ -134,6 +134,7 @@ class FineTuneWidget(Container):
     def __init__(self, napari_viewer: "napari.viewer.Viewer"):
         super().__init__(labels=True)
         self.viewer = napari_viewer
+        self.hub = hub_of(napari_viewer)
         self.image_layer = ComboBox(label="image", choices=lambda _w: self._layers(Image))
         self.labels_layer = ComboBox(label="corrected labels", choices=lambda _w: self._layers(Labels))
         self.roi_layer = ComboBox(label="checked region", choices=lambda _w: [None, *self._layers(Shapes)], value=None,
@@ -141,7 +142,7 @@ class FineTuneWidget(Container):
         self.add_pair_button = PushButton(text="Add pair")
         self.clear_pairs_button = PushButton(text="Clear pairs")
         self.pairs_label = Label(value="pairs: the image/labels above")
-        self.model = ModelPicker()
+        self.model = ModelPicker(self.hub)
         self.epochs = SpinBox(label="epochs", value=FINETUNE_DEFAULTS["epochs"], min=1, max=1000)
         self.iterations = SpinBox(label="iterations / epoch", value=FINETUNE_DEFAULTS["iterations_per_epoch"], min=1, max=10000)
         self.learning_rate = FloatSpinBox(label="learning rate", value=FINETUNE_DEFAULTS["learning_rate"], min=1e-6, max=1e-1, step=1e-4)
@@ -204,10 +205,9 @@ class FineTuneWidget(Container):
 
     def _use_segment_widget_model(self) -> None:
         """Start from the model the Segment widget is using (the 'current' model)."""
-        segment = segment_widget_of(self.viewer)
-        if segment is not None:
-            self.model.source.value = segment.model.source.value
-            self.model.file.value = segment.model.file.value
+        if self.hub.segment_model != "default":
+            self.model.file.value = self.hub.segment_model
+            self.model.source.value = FROM_FILE
 
     def _pick_corrected_pair(self) -> None:
         """Preselect '<image> nuclei' and its image when they are open."""
@@ -265,12 +265,15 @@ class FineTuneWidget(Container):
 
     # ---------------------------------------------------------------- running
     def start(self, *_) -> None:
+        """Start fine-tuning in a thread worker, unless another long job runs in the window."""
         if self._worker is not None:
             return
         try:
             request = self.request()
         except ValueError as error:
             show_error(f"Fine-tune: {error}")
+            return
+        if not self.hub.try_start(FINETUNE_JOB):
             return
         self._cancel.clear()
         self.plot.clear()
@@ -301,14 +304,22 @@ class FineTuneWidget(Container):
             self.status.value = f"epoch {event.epoch}: loss {event.loss:.3f}" + (f", val DSB score {score:.3f}" if score is not None else "") + f" on {event.device}"
 
     def _on_done(self, request: FineTuneRequest, event: TrainEvent) -> None:
+        """Report the run. A finished run's model goes to the Segment widget; a cancelled one's is
+        only kept on disk (as the button says), and nothing is loaded or switched."""
         best = f", best val DSB score {event.best_score:.3f}" if event.best_score is not None else ""
-        verb = "cancelled; kept the best model so far" if event.cancelled else "done"
-        self.status.value = f"{verb}: {event.iteration} iterations in {event.elapsed:.0f} s on {event.device}{best}. Saved to {request.out_dir}"
-        show_info(f"Fine-tune {verb}: model saved to {request.out_dir}")
-        segment = segment_widget_of(self.viewer)
-        if segment is not None:
-            segment.model.use_checkpoint_folder(request.out_dir)
-        self.resegment_button.enabled = segment is not None
+        took = f"{event.iteration} iterations in {event.elapsed:.0f} s on {event.device}{best}"
+        if event.cancelled and not event.saved:
+            self.status.value = f"cancelled before the first epoch ended ({took}); nothing was saved"
+            show_info("Fine-tune cancelled; nothing was saved")
+            return
+        if event.cancelled:
+            self.status.value = f"cancelled ({took}); the best model so far is saved in {request.out_dir}, not put to use"
+            show_info(f"Fine-tune cancelled: the best model so far is in {request.out_dir} (choose it under 'model' to use it)")
+            return
+        self.status.value = f"done: {took}. Saved to {request.out_dir}"
+        show_info(f"Fine-tune done: model saved to {request.out_dir}")
+        self.hub.model_saved.emit(str(request.out_dir))
+        self.resegment_button.enabled = self.hub.receivers(self.hub.segment_requested) > 0
 
     def _on_error(self, error: Exception) -> None:
         self.status.value = f"failed: {error}"
@@ -321,14 +332,14 @@ class FineTuneWidget(Container):
         self._worker = None
         self.start_button.enabled = True
         self.cancel_button.enabled = False
+        self.hub.finish(FINETUNE_JOB)
 
     def resegment(self, *_) -> None:
         """Run the Segment widget with the new model; the corrected layer stays for comparison."""
-        segment = segment_widget_of(self.viewer)
-        if segment is None:
+        if self.hub.receivers(self.hub.segment_requested) == 0:
             show_error("Fine-tune: open the Segment nuclei widget to re-segment")
             return
-        segment.run()
+        self.hub.segment_requested.emit()
 
 
 @thread_worker(ignore_errors=True)  # errors are shown as notifications by the widget
@@ -346,4 +357,4 @@ def _finetune_worker(request: FineTuneRequest, model: ModelPicker, cancel, repor
     except NucleiUnetError:
         raise
     except RuntimeError as error:  # e.g. out of memory on a GPU
-        raise NucleiUnetError(f"training failed: {str(error).splitlines()[0]}") from error
+        raise NucleiUnetError(f"training failed: {describe(error)}") from error

@@ -1,16 +1,14 @@
 """The "Segment nuclei" dock widget.
 
 Thin by design: it turns the controls into a :class:`SegmentRequest`, runs
-:func:`napari_nuclei_unet.segment.predict_plane` in a napari thread worker, and
-writes the results into layers. Probabilities are cached so that post-processing
-controls re-label live without running the network again.
+:func:`napari_nuclei_unet.segment.segment_planes` (the CLI's dispatcher) in a napari thread
+worker, and writes the results into layers. Predictions are cached so that
+post-processing controls re-label live without running the network again.
 """
 
 from __future__ import annotations
 
 import threading
-import time
-import weakref
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -23,11 +21,11 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QTimer
 
 from ..errors import Cancelled
-from ..io import is_single_plane
-from ..postprocess import PostprocessParams
-from ..segment import AUTO, PlanePrediction, SegmentParams, label_plane, model_postprocess, predict_plane, resolve_diameter
+from ..plane import AUTO, PlanePrediction, SegmentParams, label_plane
+from ..postprocess import PostprocessParams, resolve_min_confidence
+from ..segment import Segmentation, segment_planes
 from ..tiling import TilingParams
-from ._common import ModelPicker, Relay, result_metadata
+from ._common import ModelPicker, Relay, hub_of, result_metadata
 
 if TYPE_CHECKING:
     import napari
@@ -38,18 +36,8 @@ WHOLE_STACK = "whole stack"
 RELABEL_DELAY_MS = 150
 
 
-# The Segment widget of each viewer, so the Fine-tune widget can hand it a new model.
-_SEGMENT_WIDGETS: "weakref.WeakValueDictionary[int, SegmentWidget]" = weakref.WeakValueDictionary()
-
-
-def _viewer_key(viewer) -> int:
-    # napari hands plugins a proxy of the viewer; key on the real object behind it.
-    return id(getattr(viewer, "__wrapped__", viewer))
-
-
-def segment_widget_of(viewer) -> "SegmentWidget | None":
-    """The open Segment nuclei widget of ``viewer``, if any."""
-    return _SEGMENT_WIDGETS.get(_viewer_key(viewer))
+SEGMENT_JOB = "segmenting"
+_DEFAULTS = SegmentParams()  # the controls start at the parameter dataclasses' defaults
 
 
 @dataclass
@@ -76,6 +64,7 @@ class _Cache:
     outputs: tuple[str, ...]
     model_name: str
     min_confidence: float  # the model's own (calibrated) value, for "auto"
+    used: dict = field(default_factory=dict)  # what "auto" became in the run (Segmentation.record)
     planes: dict[int | None, PlanePrediction] = field(default_factory=dict)
 
 
@@ -85,12 +74,13 @@ class SegmentWidget(Container):
     def __init__(self, napari_viewer: "napari.viewer.Viewer"):
         super().__init__(labels=True)
         self.viewer = napari_viewer
-        _SEGMENT_WIDGETS[_viewer_key(napari_viewer)] = self
+        self.hub = hub_of(napari_viewer)
         self.image_layer = ComboBox(label="image", choices=self._image_layers, tooltip="2D grey/RGB image or a T/Z stack")
         self.scope = ComboBox(label="stack", choices=[CURRENT_PLANE, WHOLE_STACK], value=CURRENT_PLANE)
-        self.model = ModelPicker()
-        self.tile_size = SpinBox(label="tile size", value=1024, min=128, max=8192, step=32, tooltip="pixels; smaller tiles use less memory")
-        self.overlap = SpinBox(label="tile overlap", value=64, min=0, max=1024, step=16)
+        self.model = ModelPicker(self.hub)
+        tiling, post = _DEFAULTS.tiling, _DEFAULTS.postprocess
+        self.tile_size = SpinBox(label="tile size", value=tiling.tile_size, min=128, max=8192, step=32, tooltip=_help(TilingParams, "tile_size"))
+        self.overlap = SpinBox(label="tile overlap", value=tiling.overlap, min=0, max=1024, step=16, tooltip=_help(TilingParams, "overlap"))
         self.auto_diameter = CheckBox(
             text="estimate nucleus diameter", value=True,
             tooltip="measure the nuclei first and rescale the image so they match the model's training size",
@@ -100,29 +90,29 @@ class SegmentWidget(Container):
             tooltip="shows the estimate; untick 'estimate' to type your own. 0 = use the image at its own scale",
         )
         self.stain = ComboBox(
-            label="stain", choices=["none", "hematoxylin"], value="none",
+            label="stain", choices=["none", "hematoxylin"], value=_DEFAULTS.stain,
             tooltip="hematoxylin: segment the hematoxylin channel of a brightfield RGB image (colour deconvolution), "
             "for stains the model has not seen, such as DAB immunohistochemistry",
         )
-        self.tta = CheckBox(text="test-time augmentation (4x slower)", value=False)
+        self.tta = CheckBox(text="test-time augmentation (4x slower)", value=tiling.tta)
         self.int8 = CheckBox(
-            text="8-bit network on the CPU (~1.7x faster)", value=True,
+            text="8-bit network on the CPU (~1.7x faster)", value=tiling.precision == "int8",
             tooltip="ONNX Runtime with 8-bit weights and activations; untick for float32, as the model was trained "
             "(the same val DSB2018 score within 0.001). GPUs always run float32",
         )
-        self.auto_threshold = CheckBox(text="automatic threshold (Otsu)", value=True)
-        self.threshold = FloatSlider(label="threshold", value=0.5, min=0.05, max=0.95, step=0.01, enabled=False)
-        self.min_size = SpinBox(label="min size (px)", value=15, min=0, max=100000, tooltip="objects with fewer pixels are removed")
+        self.auto_threshold = CheckBox(text="automatic threshold (Otsu)", value=post.threshold == AUTO)
+        self.threshold = FloatSlider(label="threshold", value=0.5, min=0.05, max=0.95, step=0.01, enabled=post.threshold != AUTO, tooltip=_help(PostprocessParams, "threshold"))
+        self.min_size = SpinBox(label="min size (px)", value=post.min_size, min=0, max=100000, tooltip=_help(PostprocessParams, "min_size"))
         self.markers = ComboBox(
-            label="split by", choices=["distance", "boundary"], value="distance",
+            label="split by", choices=["distance", "boundary"], value=post.markers,
             tooltip="watershed markers: peaks of the distance transform, or the model's predicted nucleus interiors",
         )
         self.split_h = FloatSpinBox(
-            label="split height (px)", value=0.5, min=0.0, max=20.0, step=0.1,
+            label="split height (px)", value=post.h, min=0.0, max=20.0, step=0.1,
             tooltip="h-maxima height of the distance transform: lower splits touching nuclei more eagerly",
         )
         self.auto_confidence = CheckBox(
-            text="model's min confidence", value=True,
+            text="model's min confidence", value=post.min_confidence == AUTO,
             tooltip="drop objects the network is unsure of (folds, debris) below the level calibrated for the model on its own data",
         )
         self.min_confidence = FloatSlider(
@@ -163,11 +153,22 @@ class SegmentWidget(Container):
             control.changed.connect(self._schedule_relabel)
         self.viewer.layers.events.inserted.connect(self.reset_choices)
         self.viewer.layers.events.removed.connect(self.reset_choices)
+        self.hub.model_saved.connect(self.model.use_checkpoint_folder)
+        self.hub.segment_requested.connect(self.run)
+        self.model.source.changed.connect(self._share_model)
+        self.model.file.changed.connect(self._share_model)
         self.reset_choices()
         self._update_scope()
         self.model.load_async()
 
     # ------------------------------------------------------------------ inputs
+    def _share_model(self, *_) -> None:
+        """Tell the hub which model is in use, so a fine-tune starts from it."""
+        try:
+            self.hub.segment_model = self.model.path()
+        except ValueError:
+            self.hub.segment_model = "default"
+
     def _image_layers(self, _widget=None) -> list[Image]:
         return [layer for layer in self.viewer.layers if isinstance(layer, Image)]
 
@@ -213,7 +214,7 @@ class SegmentWidget(Container):
 
     # ---------------------------------------------------------------- running
     def run(self, *_) -> None:
-        """Start segmenting in a thread worker (one run at a time)."""
+        """Start segmenting in a thread worker (one long job at a time in the window)."""
         if self._worker is not None:
             return
         layer = self.image_layer.value
@@ -221,6 +222,8 @@ class SegmentWidget(Container):
             request = self.request()
         except ValueError as error:
             show_error(f"Segment nuclei: {error}")
+            return
+        if not self.hub.try_start(SEGMENT_JOB):
             return
         self._cancel_event.clear()
         self.run_button.enabled = False
@@ -262,28 +265,30 @@ class SegmentWidget(Container):
         self._worker = None
         self.run_button.enabled = True
         self.cancel_button.enabled = False
+        self.hub.finish(SEGMENT_JOB)
 
     def _cache_matches(self, layer: Image, request: SegmentRequest) -> bool:
         cache = self._cache
         return cache is not None and cache.layer is layer and cache.data is request.image and cache.key == request.network_key()
 
-    def _on_segmented(self, layer: Image, request: SegmentRequest, result: dict) -> None:
-        checkpoint = result["checkpoint"]
+    def _on_segmented(self, layer: Image, request: SegmentRequest, outcome: tuple) -> None:
+        checkpoint, result, device = outcome
+        used = result.record()
         if not self._cache_matches(layer, request):
             self._cache = _Cache(layer, request.image, request.network_key(), checkpoint.outputs, checkpoint.name, checkpoint.min_confidence)
-        self._cache.planes.update(result["probabilities"])
-        written = self._write_layers(result["labelled"], result["postprocess"])
+        self._cache.used = used
+        self._cache.planes.update({i: p.prediction for i, p in result.planes.items() if p.prediction is not None})
+        written = self._write_layers({i: (p.mask, p.labels) for i, p in result.planes.items()}, request.params.postprocess, used)
         if self.auto_confidence.value:
             with self.min_confidence.changed.blocked():  # shown (untick to override); the labels already use it
-                self.min_confidence.value = checkpoint.min_confidence
-        seconds, megapixels = result["seconds"], result["megapixels"]
-        diameter, factor = result["diameter"], result["factor"]
+                self.min_confidence.value = result.min_confidence
+        diameter, factor, seconds = result.diameter, result.factor, result.seconds
         if request.params.diameter == AUTO and diameter is not None:
             self.diameter.value = round(diameter, 1)  # shown; untick 'estimate' to override
         size = "" if diameter is None else f"; nuclei ~{diameter:.0f} px{' (estimated)' if request.params.diameter == AUTO else ''}"
+        speed = f" ({result.megapixels / max(seconds, 1e-9):.2f} MP/s)" if result.megapixels else " (from cached probabilities)"
         self.status.value = (
-            f"{written} nuclei in {seconds:.1f} s ({megapixels / max(seconds, 1e-9):.2f} MP/s) on {result['device']}{size}"
-            + (f", rescaled x{factor:.2f}" if factor != 1.0 else "")
+            f"{written} nuclei in {seconds:.1f} s{speed} on {device}{size}" + (f", rescaled x{factor:.2f}" if factor != 1.0 else "")
         )
 
     # ------------------------------------------------------------- re-labelling
@@ -299,8 +304,7 @@ class SegmentWidget(Container):
             self._relabel_again = True
             return
         params = self.postprocess_params()
-        if params.min_confidence == AUTO:
-            params = replace(params, min_confidence=cache.min_confidence)
+        params = replace(params, min_confidence=resolve_min_confidence(params.min_confidence, cache.min_confidence))
         worker = _relabel_worker(dict(cache.planes), cache.outputs, params)
         worker.returned.connect(lambda labelled: self._on_relabelled(labelled, params))
         worker.errored.connect(self._on_error)
@@ -309,7 +313,9 @@ class SegmentWidget(Container):
         worker.start()
 
     def _on_relabelled(self, labelled: dict, params: PostprocessParams) -> None:
-        count = self._write_layers(labelled, params)
+        thresholds = [round(plane.threshold, 4) for plane in labelled.values()]
+        used = {**self._cache.used, "threshold": thresholds[0] if len(thresholds) == 1 else thresholds, "min_confidence": float(params.min_confidence)}
+        count = self._write_layers({i: (p.mask, p.labels) for i, p in labelled.items()}, params, used)
         self.status.value = f"{count} nuclei (re-labelled from cached probabilities)"
 
     def _on_relabel_finished(self) -> None:
@@ -319,18 +325,19 @@ class SegmentWidget(Container):
             self.relabel()
 
     # ------------------------------------------------------------------ output
-    def _write_layers(self, labelled: dict, params: PostprocessParams) -> int:
+    def _write_layers(self, labelled: dict, params: PostprocessParams, used: dict) -> int:
         """Write planes ``{index: (mask, labels)}`` into the result layers; returns the nucleus count."""
         cache = self._cache
         source = cache.layer
         shape = _spatial_shape(source)
-        metadata = result_metadata(cache.model_name, cache.key, params)
+        metadata = result_metadata(cache.model_name, cache.key, params, used)
         for suffix, position, dtype in (("nuclei", 1, np.int32), ("mask", 0, np.uint8)):
             layer = self._result_layer(source, suffix, Labels, shape, dtype)
             data = layer.data
             for index, planes in labelled.items():
                 target = data if index is None else data[index]
-                target[...] = planes[position]
+                if planes[position] is not None:
+                    target[...] = planes[position]
             layer.metadata["nuclei_unet"] = {**metadata, "edited": False}
             layer.refresh()
         count = sum(int(labels.max()) for _mask, labels in labelled.values())
@@ -338,7 +345,8 @@ class SegmentWidget(Container):
             layer = self._result_layer(source, "probability", Image, shape, np.float32)
             for index in labelled:
                 target = layer.data if index is None else layer.data[index]
-                target[...] = cache.planes[index].probabilities[cache.outputs.index("foreground")]
+                if index in cache.planes:  # planes done block by block keep no probabilities
+                    target[...] = cache.planes[index].probabilities[cache.outputs.index("foreground")]
             layer.metadata["nuclei_unet"] = metadata
             layer.refresh()
         return count
@@ -378,45 +386,24 @@ def _spatial_shape(layer: Image) -> tuple[int, ...]:
     return tuple(data.shape[:-1]) if layer.rgb else tuple(data.shape)
 
 
+def _help(owner: type, name: str) -> str:
+    """A parameter's help text, from its dataclass field (shared with ``nuclei-unet --help``)."""
+    from dataclasses import fields
+
+    return {f.name: f for f in fields(owner)}[name].metadata.get("help", "")
+
+
 @thread_worker(ignore_errors=True)  # errors are shown as notifications by the widget
-def _segment_worker(request: SegmentRequest, model: ModelPicker, cached: dict, cancel, progress) -> dict:
-    """Network + post-processing for the requested planes, reusing cached probabilities."""
-    started = time.perf_counter()
-    checkpoint = model.checkpoint(request.model_path)
-    postprocess = model_postprocess(checkpoint, request.params.postprocess)
-    image = request.image
-    indices = [None] if is_single_plane(image) else ([request.plane] if request.plane is not None else list(range(image.shape[0])))
-    todo = [i for i in indices if i not in cached]
-    # A whole stack shares one scale, estimated on its middle plane; a single plane is estimated on itself.
-    estimate = resolve_diameter(checkpoint, image, request.params, progress, cancel) if len(todo) > 1 else None
-    if estimate is not None:
-        estimate.probabilities = None
-    predictions, labelled = {}, {}
-    for number, index in enumerate(todo):
-        plane = image if index is None else image[index]
-
-        def plane_progress(done: int, total: int, offset: int = number) -> None:
-            progress(offset * total + done, total * len(todo))
-
-        predictions[index] = predict_plane(checkpoint, plane, request.params, plane_progress, cancel, estimate=estimate)
-        if len(todo) > 1:  # a stack keeps only each plane's image-grid probabilities (see segment.segment)
-            labelled[index] = label_plane(predictions[index], checkpoint.outputs, postprocess)
-            predictions[index].network = None
-    if cancel():
-        raise Cancelled("segmentation cancelled")
-    for index in indices:
-        if index not in labelled:
-            prediction = predictions[index] if index in predictions else cached[index]
-            labelled[index] = label_plane(prediction, checkpoint.outputs, postprocess)
-    megapixels = sum(np.prod(predictions[i].probabilities.shape[1:]) for i in todo) / 1e6
-    shown = predictions[todo[0]] if todo else cached[indices[0]]
+def _segment_worker(request: SegmentRequest, model: ModelPicker, cached: dict, cancel, progress) -> tuple[object, Segmentation, str]:
+    """The core's dispatcher on the requested planes, reusing cached predictions."""
     from ..model import resolve_device
     from ..onnx_backend import describe_device
 
-    return {
-        "checkpoint": checkpoint, "postprocess": postprocess, "probabilities": predictions, "labelled": labelled, "factor": shown.factor, "diameter": shown.diameter,
-        "seconds": time.perf_counter() - started, "megapixels": megapixels, "device": describe_device(resolve_device(request.params.tiling.device), request.params.tiling.backend, request.params.tiling.precision),
-    }  # fmt: skip
+    checkpoint = model.checkpoint(request.model_path)
+    planes = None if request.plane is None else [request.plane]
+    result = segment_planes(checkpoint, request.image, request.params, planes_to_do=planes, cached=cached, progress=progress, cancel=cancel)
+    tiling = request.params.tiling
+    return checkpoint, result, describe_device(resolve_device(tiling.device), tiling.backend, tiling.precision)
 
 
 @thread_worker(ignore_errors=True)  # errors are shown as notifications by the widget
