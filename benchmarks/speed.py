@@ -57,9 +57,10 @@ def child(method: str, inputs: list[str], out: str, threads: int) -> dict:
             network[0] += time.perf_counter() - started
 
     tiling.predict = timed_predict
+    import napari_nuclei_unet.scale as scale_module
     import napari_nuclei_unet.segment as segment_module
 
-    segment_module.predict = timed_predict
+    scale_module.predict = timed_predict  # every network call of the pipeline goes through scale.predict_zoomed
     checkpoint = Checkpoint.load(bundled_model_path())
     if method == "naive":
         params = SegmentParams(tiling=tiling.TilingParams(tile_size=1 << 16), diameter=None)

@@ -34,7 +34,7 @@ def setup(make_napari_viewer, qtbot, tiny_checkpoint, tmp_path, monkeypatch):
     segment.model.use_checkpoint_folder(tmp_path / "tiny")
     qtbot.waitUntil(lambda: "Unet/resnet18" in segment.model.summary.value, timeout=20000)
     _dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Fine-tune")
-    qtbot.waitUntil(lambda: "Unet/resnet18" in widget.model.summary.value, timeout=TIMEOUT_MS)
+    qtbot.waitUntil(lambda: "Unet/resnet18" in widget.model.summary.value and widget.hub.idle, timeout=TIMEOUT_MS)
     widget.output_folder.value = str(tmp_path / "models")
     widget.model_name.value = "mine"
     widget.epochs.value, widget.iterations.value = 4, 5
@@ -47,7 +47,7 @@ def setup(make_napari_viewer, qtbot, tiny_checkpoint, tmp_path, monkeypatch):
 
 
 def wait(widget, qtbot) -> None:
-    qtbot.waitUntil(lambda: widget._worker is None, timeout=TIMEOUT_MS)
+    qtbot.waitUntil(lambda: widget._worker is None and widget.hub.idle, timeout=TIMEOUT_MS)
 
 
 def test_finetune_trains_saves_and_hands_the_model_to_segment(setup, qtbot):
@@ -67,8 +67,8 @@ def test_finetune_trains_saves_and_hands_the_model_to_segment(setup, qtbot):
     # The base model folder is untouched, and one click re-segments with the new model.
     assert Checkpoint.load(tmp_path / "tiny").metadata.get("training") is None
     assert widget.resegment_button.enabled
-    widget.resegment()
-    qtbot.waitUntil(lambda: segment._worker is None, timeout=TIMEOUT_MS)
+    widget.resegment()  # waits for the new model to load, then segments
+    qtbot.waitUntil(lambda: "nuclei_unet" in viewer.layers["cells nuclei"].metadata and widget.hub.idle, timeout=TIMEOUT_MS)
     assert viewer.layers["cells nuclei"].metadata["nuclei_unet"]["model"] == "mine"
 
 
@@ -87,6 +87,48 @@ def test_cancel_keeps_the_best_model_so_far(setup, qtbot):
     assert "cancelled" in widget.status.value
     loaded = Checkpoint.load(tmp_path / "models" / "mine")
     assert loaded.metadata["training"]["iterations"] < 50 * 5
+
+
+def test_start_cancel_in_the_first_epoch_start_again_finish(setup, qtbot, monkeypatch):
+    """The sequence that froze napari on 2 cores: a cancelled run saved and reloaded its model
+    beside the next run. Now one long job runs at a time, others are refused or wait, and a
+    run cancelled before its first epoch ended saves, loads and switches nothing."""
+    from napari_nuclei_unet._widgets import _common
+
+    viewer, segment, widget, messages, tmp_path = setup
+    refused = []
+    monkeypatch.setattr(_common, "show_warning", refused.append)
+    jobs = []
+    widget.hub.job_changed.connect(jobs.append)
+    assert segment.hub is widget.hub  # one hub per window
+    tiny = segment.model.path()
+    widget.epochs.value, widget.iterations.value = 3, 5
+
+    def cancel_in_the_first_epoch(event):
+        if event.kind == "iteration" and event.epoch <= 1:
+            widget.cancel()
+
+    widget._relay.message.connect(cancel_in_the_first_epoch)
+    widget.start()
+    segment.run()  # a second long job beside the running one: refused, with a message
+    assert segment._worker is None and refused and "wait until fine-tuning has finished" in refused[-1]
+    wait(widget, qtbot)
+    assert "nothing was saved" in widget.status.value, widget.status.value
+    assert not (tmp_path / "models" / "mine").exists()
+    assert segment.model.path() == tiny and not widget.resegment_button.enabled  # nothing switched
+    widget._relay.message.disconnect(cancel_in_the_first_epoch)
+
+    widget.start()  # start again, and let it finish
+    wait(widget, qtbot)
+    assert not messages, messages
+    assert "done" in widget.status.value and Checkpoint.load(tmp_path / "models" / "mine").metadata["training"]["iterations"] == 15
+    qtbot.waitUntil(lambda: "mine" in segment.model.summary.value, timeout=TIMEOUT_MS)  # the new model, loaded after the run
+    assert segment.model.path() == str(tmp_path / "models" / "mine" / "model.safetensors")
+    assert jobs == ["fine-tuning", "", "fine-tuning", "", "loading the model", ""], jobs  # never two at once
+    qtbot.waitUntil(lambda: widget.hub.idle, timeout=TIMEOUT_MS)
+    segment.run()  # and the viewer is free again
+    qtbot.waitUntil(lambda: segment._worker is None and widget.hub.idle, timeout=TIMEOUT_MS)
+    assert "nuclei in" in segment.status.value and viewer.layers["cells nuclei"].metadata["nuclei_unet"]["model"] == "mine"
 
 
 def test_keeping_the_other_image_types_can_be_switched_off(setup):

@@ -72,7 +72,7 @@ def test_manifest_valid_in_editable_install():
 
 
 def test_core_imports_neither_qt_nor_napari():
-    core = "io rle model tiling postprocess segment train metrics data synthetic cli".split()
+    core = "io rle model tiling postprocess scale plane blocks segment batch training metrics data synthetic cli".split()
     script = "import sys\n" + "".join(f"import napari_nuclei_unet.{m}\n" for m in core) + textwrap.dedent(
         """
         bad = sorted(m for m in sys.modules if m.split('.')[0] in ('napari', 'qtpy', 'PyQt5', 'PyQt6', 'PySide2', 'PySide6', 'magicgui'))

@@ -41,6 +41,7 @@ def avoid_triton_llvm_clash() -> None:
 
 
 _HUB_NAME = "napari-nuclei-unet jobs"
+LOADING_JOB = "loading the model"
 
 
 class JobHub(QObject):
@@ -73,6 +74,10 @@ class JobHub(QObject):
         self.job_changed.emit(job)
         return True
 
+    @property
+    def idle(self) -> bool:
+        return not self.job and not self._waiting
+
     def finish(self, job: str) -> None:
         """``job`` is over: start what waited for it."""
         if self.job != job:
@@ -81,6 +86,15 @@ class JobHub(QObject):
         self.job_changed.emit("")
         while self._waiting and not self.job:
             self._waiting.pop(0)()
+
+    def start_or_wait(self, job: str, start, report) -> bool:
+        """True if ``job`` may start now. While a model loads, ``start`` is called once it has
+        loaded (``report`` says so) and False returned; other jobs refuse it with a message."""
+        if self.job == LOADING_JOB:
+            report("waiting for the model to load…")
+            self._waiting.append(start)
+            return False
+        return self.try_start(job)
 
     def when_idle(self, callback) -> None:
         """Call ``callback`` now if no job runs, else when the running one finishes."""
@@ -119,6 +133,7 @@ class ModelPicker:
         self._loaded: dict[str, Checkpoint] = {}  # the chosen model only (older ones are dropped)
         self._lock = threading.Lock()
         self._hub = hub
+        self.on_choice = None  # called with the chosen path whenever a model is chosen (the Segment widget shares it)
         self.source.changed.connect(self._on_source)
         self.file.changed.connect(lambda *_: self.load_async())
         self.device.changed.connect(lambda *_: self._show_summary())
@@ -145,8 +160,10 @@ class ModelPicker:
         chosen = str(Path(folder) / "model.safetensors")
         with self._lock:
             self._loaded.pop(chosen, None)
-        self.source.value = FROM_FILE
-        self.file.value = chosen
+        with self.source.changed.blocked(), self.file.changed.blocked():  # one load, not one per control
+            self.source.value = FROM_FILE
+            self.file.value = chosen
+        self.file.visible = True
         self.load_async()
 
     def load_async(self) -> None:
@@ -157,16 +174,18 @@ class ModelPicker:
             self.summary.value = "choose a model file"
             return
         self.summary.value = "loading model…"
+        if self.on_choice is not None:
+            self.on_choice(path)
         self._hub.when_idle(lambda: self._start_load(path))
 
     def _start_load(self, path: str) -> None:
-        job = "loading the model"
+        job = LOADING_JOB
         if not self._hub.try_start(job):
             return
         worker = thread_worker(self._load_and_prepare, ignore_errors=True)(path, self.device.value)
         worker.returned.connect(lambda _: _unless_closed(self._show_summary))
         worker.errored.connect(lambda error: _unless_closed(self._on_error, error))
-        worker.finished.connect(lambda: self._hub.finish(job))
+        worker.finished.connect(lambda: _unless_closed(self._hub.finish, job))
         worker.start()
         self._load_worker = worker  # keep a reference while it runs
 

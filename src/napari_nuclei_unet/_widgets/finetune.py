@@ -27,7 +27,7 @@ from ..data import LabelledImage
 from ..errors import NucleiUnetError, describe
 from ..model import BUNDLED_MODEL_DIR
 from ..training import FINETUNE_DEFAULTS, TrainConfig, TrainEvent, finetune_config, fit
-from ._common import FROM_FILE, ModelPicker, Relay, hub_of
+from ._common import FROM_FILE, ModelPicker, Relay, _unless_closed, hub_of
 
 if TYPE_CHECKING:
     import napari
@@ -273,7 +273,7 @@ class FineTuneWidget(Container):
         except ValueError as error:
             show_error(f"Fine-tune: {error}")
             return
-        if not self.hub.try_start(FINETUNE_JOB):
+        if not self.hub.start_or_wait(FINETUNE_JOB, self.start, lambda text: setattr(self.status, "value", text)):
             return
         self._cancel.clear()
         self.plot.clear()
@@ -332,7 +332,7 @@ class FineTuneWidget(Container):
         self._worker = None
         self.start_button.enabled = True
         self.cancel_button.enabled = False
-        self.hub.finish(FINETUNE_JOB)
+        _unless_closed(self.hub.finish, FINETUNE_JOB)
 
     def resegment(self, *_) -> None:
         """Run the Segment widget with the new model; the corrected layer stays for comparison."""

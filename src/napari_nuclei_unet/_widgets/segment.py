@@ -25,7 +25,7 @@ from ..plane import AUTO, PlanePrediction, SegmentParams, label_plane
 from ..postprocess import PostprocessParams, resolve_min_confidence
 from ..segment import Segmentation, segment_planes
 from ..tiling import TilingParams
-from ._common import ModelPicker, Relay, hub_of, result_metadata
+from ._common import ModelPicker, Relay, _unless_closed, hub_of, result_metadata
 
 if TYPE_CHECKING:
     import napari
@@ -155,19 +155,15 @@ class SegmentWidget(Container):
         self.viewer.layers.events.removed.connect(self.reset_choices)
         self.hub.model_saved.connect(self.model.use_checkpoint_folder)
         self.hub.segment_requested.connect(self.run)
-        self.model.source.changed.connect(self._share_model)
-        self.model.file.changed.connect(self._share_model)
+        self.model.on_choice = self._share_model
         self.reset_choices()
         self._update_scope()
         self.model.load_async()
 
     # ------------------------------------------------------------------ inputs
-    def _share_model(self, *_) -> None:
+    def _share_model(self, path: str) -> None:
         """Tell the hub which model is in use, so a fine-tune starts from it."""
-        try:
-            self.hub.segment_model = self.model.path()
-        except ValueError:
-            self.hub.segment_model = "default"
+        self.hub.segment_model = path
 
     def _image_layers(self, _widget=None) -> list[Image]:
         return [layer for layer in self.viewer.layers if isinstance(layer, Image)]
@@ -223,7 +219,7 @@ class SegmentWidget(Container):
         except ValueError as error:
             show_error(f"Segment nuclei: {error}")
             return
-        if not self.hub.try_start(SEGMENT_JOB):
+        if not self.hub.start_or_wait(SEGMENT_JOB, self.run, lambda text: setattr(self.status, "value", text)):
             return
         self._cancel_event.clear()
         self.run_button.enabled = False
@@ -265,7 +261,7 @@ class SegmentWidget(Container):
         self._worker = None
         self.run_button.enabled = True
         self.cancel_button.enabled = False
-        self.hub.finish(SEGMENT_JOB)
+        _unless_closed(self.hub.finish, SEGMENT_JOB)
 
     def _cache_matches(self, layer: Image, request: SegmentRequest) -> bool:
         cache = self._cache
