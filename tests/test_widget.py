@@ -125,7 +125,9 @@ def test_relabels_from_cached_probabilities_without_the_network(viewer_and_widge
     widget.min_confidence.value = level
     qtbot.waitUntil(lambda: nuclei.metadata["nuclei_unet"]["postprocess"]["min_confidence"] == level, timeout=5000)
     expected = segment_module.label_plane(widget._cache.planes[None], widget._cache.outputs, widget.postprocess_params())[1]
-    assert np.array_equal(nuclei.data, expected) and nuclei.data.max() == kept_all - int((confidence < level).sum()) if drops else True
+    assert np.array_equal(nuclei.data, expected)
+    if drops:
+        assert nuclei.data.max() < kept_all
     assert nuclei.metadata["nuclei_unet"]["used"]["min_confidence"] == level
 
 
