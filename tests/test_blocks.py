@@ -10,7 +10,7 @@ import pytest
 from napari_nuclei_unet.blocks import block_grid
 from napari_nuclei_unet.metrics import evaluate
 from napari_nuclei_unet.model import Checkpoint, bundled_model_path
-from napari_nuclei_unet.plane import BlockParams
+from napari_nuclei_unet.params import BlockParams
 from napari_nuclei_unet.postprocess import instances, with_threshold
 from napari_nuclei_unet.segment import SegmentParams, segment, segment_planes
 from napari_nuclei_unet.synthetic import nuclei_field

@@ -37,7 +37,7 @@ def test_large_tiff_is_read_lazily_and_written_tile_by_tile(tmp_path, monkeypatc
 
     from napari_nuclei_unet import batch
     from napari_nuclei_unet.model import Checkpoint, bundled_model_path
-    from napari_nuclei_unet.plane import BlockParams, SegmentParams
+    from napari_nuclei_unet.params import BlockParams, SegmentParams
 
     blocks = BlockParams(block_size=160, large_plane=200 * 200)  # the block path on a small image
     image, truth = nuclei_field((330, 410), count=40, diameter=20, seed=32)

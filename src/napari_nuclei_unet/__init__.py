@@ -1,6 +1,7 @@
 """Segment cell nuclei with a tiled U-Net and a watershed; headless core plus a napari plugin.
 
-The core modules (io, rle, model, tiling, postprocess, segment, train, metrics) import
+The core modules (params, io, rle, model, tiling, postprocess, scale, plane, blocks, segment, batch,
+training, metrics) import
 neither Qt nor napari, so they run in the CLI, notebooks and dask workers.
 """
 

@@ -22,7 +22,7 @@ import numpy as np
 from .errors import Cancelled, InputError, NucleiUnetError, describe
 from .io import check_image_layout, is_single_plane, read_image, write_labels
 from .model import Checkpoint
-from .plane import BlockParams, SegmentParams
+from .params import BlockParams, SegmentParams
 from .segment import segment_planes
 from .tiling import CancelCheck, ProgressCallback
 
@@ -121,7 +121,7 @@ def segment_file(
     except (Cancelled, KeyboardInterrupt):
         raise
     except NucleiUnetError as error:
-        message = describe(error).split(": ", 1)[-1]
+        message = str(error)  # our own errors are one line already
         raise type(error)(message if message.startswith(str(source)) else f"{source}: {message}") from None
     except MemoryError:
         raise InputError(f"{source}: not enough memory to segment this image") from None

@@ -30,7 +30,8 @@ import numpy as np
 from .errors import Cancelled
 from .io import sample_step
 from .model import Checkpoint
-from .plane import SegmentParams, pixel_centres, plane_normalizer, predict_plane
+from .params import SegmentParams
+from .plane import pixel_centres, plane_normalizer, predict_plane
 from .postprocess import instances, resolve_threshold
 from .scale import DiameterEstimate, rescale_factor
 from .tiling import CancelCheck, ProgressCallback

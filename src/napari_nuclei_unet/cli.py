@@ -7,7 +7,6 @@ problem and exit with status 2; nothing partial is written.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
@@ -20,9 +19,7 @@ import numpy as np
 
 from . import __version__
 from .errors import Cancelled, InputError, NucleiUnetError, describe
-from .plane import BlockParams, SegmentParams
-from .postprocess import PostprocessParams
-from .tiling import TilingParams
+from .params import BlockParams, PostprocessParams, SegmentParams, TilingParams, TrainConfig, field_default, field_metadata
 
 
 def _auto_or_fraction(zero_allowed: bool):
@@ -55,19 +52,13 @@ def _diameter(value: str):
     return number
 
 
-def dataclass_default(owner: type, name: str):
-    """The default of field ``name`` of dataclass ``owner`` (the one place defaults live)."""
-    spec = {f.name: f for f in dataclasses.fields(owner)}[name]
-    return spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
-
-
 def _option(parser: argparse.ArgumentParser, flag: str, owner: type, name: str, **kwargs) -> None:
     """An option whose default, help and choices come from a parameter dataclass's field."""
-    metadata = {f.name: f for f in dataclasses.fields(owner)}[name].metadata
+    metadata = field_metadata(owner, name)
     if "choices" in metadata:
         kwargs.setdefault("choices", list(metadata["choices"]))
     kwargs.setdefault("help", metadata.get("help"))
-    parser.add_argument(flag, dest=kwargs.pop("dest", name), default=dataclass_default(owner, name), **kwargs)
+    parser.add_argument(flag, dest=kwargs.pop("dest", name), default=field_default(owner, name), **kwargs)
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -126,9 +117,7 @@ _non_negative_float = _number(float, lambda n: n >= 0 and n < float("inf"), "a n
 
 
 def _train_default(name: str):
-    from .training.config import TrainConfig
-
-    return dataclass_default(TrainConfig, name)
+    return field_default(TrainConfig, name)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,7 @@ planes (``blocks``) use these; this module imports neither of them.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -16,7 +16,8 @@ import numpy as np
 from .errors import InputError
 from .io import Normalizer, hematoxylin, sample_step
 from .model import Checkpoint
-from .postprocess import PostprocessParams, instances, with_threshold
+from .params import STAINS, PostprocessParams, SegmentParams
+from .postprocess import instances, with_threshold
 from .scale import (
     NETWORK_GRID_MAX_PIXELS,
     RESCALE_TOLERANCE,
@@ -26,49 +27,7 @@ from .scale import (
     rescale_factor,
     resize_probabilities,
 )
-from .tiling import CancelCheck, ProgressCallback, TilingParams
-
-AUTO = "auto"
-STAINS = ("none", "hematoxylin")
-
-
-@dataclass
-class BlockParams:
-    """When and how a plane too large to hold whole is segmented block by block (``blocks``)."""
-
-    block_size: int = field(default=2048, metadata={"help": "core of a network block, pixels, for planes segmented block by block"})
-    # Planes with more pixels than this go block by block (3 blocks of 2048 x 2048: 12.6 MP).
-    large_plane: int = field(default=3 * 2048 * 2048, metadata={"help": "planes with more pixels than this are segmented block by block (flat memory)"})
-
-    def is_large(self, shape: tuple[int, ...]) -> bool:
-        """Whether a plane of ``(height, width, ...)`` goes block by block."""
-        return int(shape[0]) * int(shape[1]) > self.large_plane
-
-
-@dataclass
-class SegmentParams:
-    """Everything that decides a segmentation, grouped as the user sees it.
-
-    Defaults live here; the CLI's options and the widget's controls are built from them.
-    """
-
-    tiling: TilingParams = field(default_factory=TilingParams)
-    postprocess: PostprocessParams = field(default_factory=PostprocessParams)
-    # Typical nucleus diameter in the image, pixels: "auto" estimates it, a number is taken as
-    # given, None runs the network at the image's own scale.
-    diameter: float | str | None = field(
-        default=AUTO,
-        metadata={"help": "typical nucleus diameter in pixels: auto (estimated per image), a number, or none (no rescaling); images are rescaled so nuclei match the model's training size"},
-    )
-    stain: str = field(
-        default="none",
-        metadata={"help": "hematoxylin: segment the hematoxylin channel of brightfield RGB images (e.g. DAB immunohistochemistry); none: the image as is", "choices": STAINS},
-    )
-    blocks: BlockParams = field(default_factory=BlockParams)
-
-    def network_key(self) -> tuple:
-        """Parameters that change the probabilities (post-processing does not)."""
-        return (asdict(self.tiling), self.diameter, self.stain)
+from .tiling import CancelCheck, ProgressCallback
 
 
 @dataclass

@@ -12,34 +12,12 @@ last; each model carries the level calibrated on its own data
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import numpy as np
 from scipy import ndimage as ndi
 
-Threshold = float | str  # a value in (0, 1) or "auto"
-Confidence = float | str  # a value in [0, 1), or "auto": the model's calibrated value
-
-
-@dataclass
-class PostprocessParams:
-    """Parameters users tune live; changing them never re-runs the network.
-
-    ``threshold`` and ``min_confidence`` may be "auto" here; :func:`instances` takes them
-    only as numbers. ``segment.resolve`` fills in the model's min confidence, and
-    ``plane.label_plane`` the threshold of each plane (:func:`with_threshold`).
-    """
-
-    threshold: Threshold = field(default="auto", metadata={"help": "foreground probability threshold in (0, 1), or auto (Otsu's, kept within [0.3, 0.7])"})
-    min_size: int = field(default=15, metadata={"help": "remove nuclei smaller than this many image pixels"})
-    hole_size: int = field(default=64, metadata={"help": "fill holes up to this many image pixels"})
-    markers: str = field(default="distance", metadata={"help": "watershed markers: distance-transform peaks, or the model's predicted interiors", "choices": ("distance", "boundary")})
-    marker_threshold: float = 0.5  # interior probability (foreground - boundary) for a marker
-    h: float = field(default=0.5, metadata={"help": "h-maxima height for distance markers, pixels (higher splits fewer nuclei)"})
-    min_confidence: Confidence = field(
-        default="auto",
-        metadata={"help": "drop objects whose mean foreground probability is below this (folds, debris); auto: the level calibrated for the model, 0: keep all"},
-    )
+from .params import Confidence, PostprocessParams, Threshold
 
 
 def auto_threshold(probability: np.ndarray) -> float:

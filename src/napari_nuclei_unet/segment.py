@@ -22,9 +22,10 @@ from .blocks import segment_large
 from .errors import Cancelled, InputError
 from .io import is_single_plane
 from .model import Checkpoint
-from .plane import AUTO, STAINS, LabelledPlane, PlanePrediction, SegmentParams, label_plane, predict_plane
+from .params import AUTO, STAINS, SegmentParams
+from .plane import LabelledPlane, PlanePrediction, estimate_diameter, label_plane, predict_plane
 from .postprocess import resolve_min_confidence, resolve_threshold
-from .scale import DiameterEstimate, estimate_on_plane, rescale_factor
+from .scale import DiameterEstimate, rescale_factor
 from .tiling import CancelCheck, ProgressCallback
 
 __all__ = ["AUTO", "PlaneResult", "SegmentParams", "Segmentation", "resolve", "segment", "segment_planes"]
@@ -100,14 +101,19 @@ class Segmentation:
 
     def record(self) -> dict:
         """The values used, for layer metadata and summaries: enough to reproduce the result."""
-        thresholds = [round(t, 4) for t in self.thresholds.values()]
         return {
             "diameter": None if self.diameter is None else round(self.diameter, 2),
             "zoom": round(self.factor, 4),
             "stain": self.params.stain,
-            "threshold": thresholds[0] if len(thresholds) == 1 else thresholds,
+            "threshold": recorded_thresholds(self.thresholds.values()),
             "min_confidence": self.min_confidence,
         }
+
+
+def recorded_thresholds(thresholds) -> float | list[float]:
+    """Thresholds as recorded: one number for one plane, a list for a stack's planes."""
+    values = [round(float(t), 4) for t in thresholds]
+    return values[0] if len(values) == 1 else values
 
 
 def resolve(
@@ -134,7 +140,7 @@ def resolve(
         raise InputError(f"stain must be one of {', '.join(STAINS)}, got {params.stain!r}")
     try:
         min_confidence = resolve_min_confidence(params.postprocess.min_confidence, checkpoint.min_confidence)
-        if not isinstance(params.postprocess.threshold, str) or params.postprocess.threshold != AUTO:
+        if params.postprocess.threshold != AUTO:
             resolve_threshold(params.postprocess.threshold, np.zeros(0, np.float32))
     except ValueError as error:
         raise InputError(str(error)) from None
@@ -146,8 +152,6 @@ def resolve(
 
 
 def _resolve_diameter(checkpoint, image, params, plane_indices, progress, cancel) -> DiameterEstimate:
-    from .plane import apply_stain, plane_normalizer
-
     diameter = params.diameter
     if diameter != AUTO:
         if isinstance(diameter, str) or (diameter is not None and not float(diameter) > 0):
@@ -162,8 +166,7 @@ def _resolve_diameter(checkpoint, image, params, plane_indices, progress, cancel
     else:
         indices = plane_indices if plane_indices else list(range(image.shape[0]))
         plane = image[indices[len(indices) // 2]]
-    normalizer = plane_normalizer(checkpoint, plane, params.stain)
-    return estimate_on_plane(checkpoint, apply_stain(plane, params.stain), normalizer, params.tiling, progress, cancel)
+    return estimate_diameter(checkpoint, plane, params, progress, cancel)
 
 
 class _PlaneOf:

@@ -13,42 +13,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .errors import Cancelled
 from .io import Normalizer
+from .params import TilingParams
 
 ProgressCallback = Callable[[int, int], None]
 CancelCheck = Callable[[], bool]
 _ALIGN = 32  # U-Net with 5 poolings needs sizes divisible by 32
-
-
-@dataclass
-class TilingParams:
-    """How to cut the image and run the network."""
-
-    tile_size: int = field(default=1024, metadata={"help": "tile edge in pixels (smaller tiles use less memory)"})
-    overlap: int = field(default=64, metadata={"help": "overlap between tiles in pixels"})
-    batch_size: int = field(default=1, metadata={"help": "tiles per network call"})
-    device: str = field(default="auto", metadata={"help": "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps"})
-    tta: bool = field(default=False, metadata={"help": "test-time augmentation (4 flips; ~4x slower)"})
-    amp: bool = True  # mixed precision on CUDA only
-    # GPUs always use torch.
-    backend: str = field(
-        default="auto",
-        metadata={"help": "CPU inference engine: auto = ONNX Runtime when installed (~2x faster than torch), else PyTorch", "choices": ("auto", "torch", "onnx")},
-    )
-    # PyTorch and GPUs always use float32 (GPUs with fp16 autocast when ``amp``).
-    precision: str = field(
-        default="int8",
-        metadata={
-            "help": "network precision with ONNX Runtime on the CPU: int8 (network ~1.7x faster, same val DSB2018 score within 0.001) or float32 (as trained)",
-            "choices": ("int8", "float32"),
-        },
-    )
 
 
 def _ceil_to(value: int, multiple: int) -> int:

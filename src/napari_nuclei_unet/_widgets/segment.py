@@ -21,10 +21,10 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QTimer
 
 from ..errors import Cancelled
-from ..plane import AUTO, PlanePrediction, SegmentParams, label_plane
-from ..postprocess import PostprocessParams, resolve_min_confidence
-from ..segment import Segmentation, segment_planes
-from ..tiling import TilingParams
+from ..params import AUTO, PostprocessParams, SegmentParams, TilingParams, field_metadata
+from ..plane import PlanePrediction, label_plane
+from ..postprocess import resolve_min_confidence
+from ..segment import Segmentation, recorded_thresholds, segment_planes
 from ._common import ModelPicker, Relay, _unless_closed, hub_of, result_metadata
 
 if TYPE_CHECKING:
@@ -309,8 +309,8 @@ class SegmentWidget(Container):
         worker.start()
 
     def _on_relabelled(self, labelled: dict, params: PostprocessParams) -> None:
-        thresholds = [round(plane.threshold, 4) for plane in labelled.values()]
-        used = {**self._cache.used, "threshold": thresholds[0] if len(thresholds) == 1 else thresholds, "min_confidence": float(params.min_confidence)}
+        thresholds = recorded_thresholds(plane.threshold for plane in labelled.values())
+        used = {**self._cache.used, "threshold": thresholds, "min_confidence": float(params.min_confidence)}
         count = self._write_layers({i: (p.mask, p.labels) for i, p in labelled.items()}, params, used)
         self.status.value = f"{count} nuclei (re-labelled from cached probabilities)"
 
@@ -383,10 +383,7 @@ def _spatial_shape(layer: Image) -> tuple[int, ...]:
 
 
 def _help(owner: type, name: str) -> str:
-    """A parameter's help text, from its dataclass field (shared with ``nuclei-unet --help``)."""
-    from dataclasses import fields
-
-    return {f.name: f for f in fields(owner)}[name].metadata.get("help", "")
+    return field_metadata(owner, name).get("help", "")
 
 
 @thread_worker(ignore_errors=True)  # errors are shown as notifications by the widget

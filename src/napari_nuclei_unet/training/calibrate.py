@@ -66,8 +66,7 @@ def calibrate(checkpoint: Checkpoint, samples: list[LabelledImage], description:
 
 
 def _evaluation_params(device: str):
-    from ..plane import BlockParams, SegmentParams
-    from ..tiling import TilingParams
+    from ..params import BlockParams, SegmentParams, TilingParams
 
     # Training images are in memory already: segmented whole, so their predictions can be re-labelled.
     return SegmentParams(tiling=TilingParams(device=device, precision="float32"), blocks=BlockParams(large_plane=1 << 62))  # the model as trained, not re-quantised every epoch
