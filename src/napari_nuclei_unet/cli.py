@@ -7,6 +7,7 @@ problem and exit with status 2; nothing partial is written.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import shutil
@@ -81,6 +82,7 @@ def _add_segment_args(parser: argparse.ArgumentParser) -> None:
             _option(parser, f"--{name.replace('_', '-')}", TilingParams, name, type=types.get(name, str))
     for name in _POSTPROCESS_OPTIONS:
         _option(parser, f"--{name.replace('_', '-')}", PostprocessParams, name, type=types.get(name, str))
+    _option(parser, "--image-type", SegmentParams, "image_type")
     _option(parser, "--stain", SegmentParams, "stain")
     _option(parser, "--diameter", SegmentParams, "diameter", type=_diameter)
     _option(parser, "--block-size", BlockParams, "block_size", type=_positive_int)
@@ -93,6 +95,7 @@ def segment_params(args: argparse.Namespace, device: str) -> SegmentParams:
         TilingParams(device=device, **{name: getattr(args, name) for name in _TILING_OPTIONS}),
         PostprocessParams(**{name: getattr(args, name) for name in _POSTPROCESS_OPTIONS}),
         diameter=args.diameter,
+        image_type=args.image_type,
         stain=args.stain,
         blocks=BlockParams(block_size=args.block_size, large_plane=args.large_plane),
     )
@@ -137,14 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_segment_args(seg)
 
     train = commands.add_parser("train", help="train or fine-tune a model", **defaults)
-    train.add_argument("--images", required=True, help="folder of images")
-    train.add_argument("--labels", required=True, help="folder of label images, an RLE CSV, or a Kaggle DSB folder")
+    train.add_argument("--images", required=True, action="append", help="folder of images; repeat --images/--labels (and --split) to train on several data sets")
+    train.add_argument("--labels", required=True, action="append", help="folder of label images, an RLE CSV, or a Kaggle DSB folder (one per --images)")
     train.add_argument("--out", required=True, help="output model folder (resumes if it holds a training state)")
     train.add_argument("--model", default=None, help="starting weights: 'default' (bundled), a checkpoint, or none for a fresh U-Net")
     train.add_argument("--encoder", default="mobilenet_v2", help="encoder of a fresh U-Net")
     train.add_argument("--decoder-channels", default="128,64,32,16,16", help="decoder widths of a fresh U-Net")
     train.add_argument("--encoder-weights", default=None, choices=[None, "imagenet"], help="pretrained encoder for a fresh U-Net (needs internet)")
-    train.add_argument("--split", default=None, help="CSV ImageId,split: train on 'train', validate on 'val'")
+    train.add_argument("--split", default=None, action="append", help="CSV ImageId,split: train on 'train', validate on 'val' (one per --images, or none: --val-fraction)")
     train.add_argument("--val-fraction", type=float, default=_train_default("val_fraction"), help="images held out for validation when --split is not given")
     train.add_argument("--epochs", type=int, default=_train_default("epochs"))
     train.add_argument("--iterations", type=int, default=_train_default("iterations_per_epoch"), help="iterations per epoch")
@@ -155,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--val-every", type=int, default=_train_default("val_every"), help="validate every N epochs")
     train.add_argument("--scale-range", default=",".join(map(str, _train_default("scale_range"))), help="zoom range of the scale augmentation")
     train.add_argument("--low-resolution", type=float, default=_train_default("low_resolution"), help="share of patches blurred as if taken at up to 2.5x lower magnification (experimental; see the model card)")
+    train.add_argument("--hed-jitter", type=float, default=_train_default("hed_jitter"), help="stain colour augmentation of RGB tissue: HED concentrations scaled by up to +-this (0: off)")
+    train.add_argument("--blur-noise", type=float, default=_train_default("blur_noise"), help="share of patches blurred, and of patches with added noise")
+    train.add_argument("--invert-grey", type=float, default=_train_default("invert_grey"), help="share of grey patches shown inverted (fluorescence as brightfield and back)")
+    train.add_argument("--no-balance-types", action="store_true", help="draw patches by image area only, and pick the best epoch by the plain mean score, instead of giving every image type an equal share")
     train.add_argument("--no-augment", action="store_true")
     train.add_argument("--freeze-batchnorm", action="store_true", help="keep the starting model's BatchNorm statistics (fine-tuning on a few images)")
     train.add_argument("--zoom-to-reference", action="store_true", help="show each image's nuclei at the zoom segmentation will use (fine-tuning)")
@@ -295,14 +302,16 @@ def cmd_segment(args) -> int:
 
 
 def _used_summary(results) -> str:
-    """The threshold and min confidence actually used (what "auto" became), for reproducing a run."""
+    """The image types, stains, threshold and min confidence actually used (what "auto" became), for reproducing a run."""
+    seen = collections.Counter((r.record["image_type"], r.record["stain"]) for r in results if "image_type" in r.record)
+    kinds = ", ".join(f"{count} {kind}" + (f" (stain {stain})" if stain != "none" else "") for (kind, stain), count in sorted(seen.items()))
     thresholds = [t for r in results for t in np.atleast_1d(r.record.get("threshold", []))]
     levels = sorted({r.record.get("min_confidence") for r in results if "min_confidence" in r.record})
     threshold = "" if not thresholds else (
         f"threshold {thresholds[0]:.3f}" if len(set(thresholds)) == 1 else f"threshold {min(thresholds):.3f}-{max(thresholds):.3f}"
     )  # fmt: skip
     level = "" if not levels else f"min confidence {', '.join(f'{v:g}' for v in levels)}"
-    return ", ".join(part for part in (threshold, level) if part)
+    return ", ".join(part for part in (kinds, threshold, level) if part)
 
 
 def _segment_serial(checkpoint, files, out, params, out_format):
@@ -412,12 +421,17 @@ def cmd_train(args) -> int:
     resuming = (out / STATE_FILE).exists() and not args.no_resume
     if out.exists() and any(out.iterdir()) and not resuming and not args.overwrite:
         raise InputError(f"{out}: folder exists and is not empty; pass --overwrite or choose another --out")
-    split = read_split(args.split) if args.split else None
-    if split is not None:
-        train = load_pairs(args.images, args.labels, {k for k, v in split.items() if v == "train"})
-        val = load_pairs(args.images, args.labels, {k for k, v in split.items() if v == "val"})
-    else:
-        train, val = load_pairs(args.images, args.labels), None
+    if len(args.labels) != len(args.images) or (args.split and len(args.split) != len(args.images)):
+        raise InputError(f"give one --labels for each --images ({len(args.images)}), and one --split for each or none")
+    train, val = [], []
+    for index, (images, labels) in enumerate(zip(args.images, args.labels)):
+        if args.split:
+            split = read_split(args.split[index])
+            train += load_pairs(images, labels, {k for k, v in split.items() if v == "train"})
+            val += load_pairs(images, labels, {k for k, v in split.items() if v == "val"})
+        else:
+            train += load_pairs(images, labels)
+    val = val if args.split else None
     if args.model:
         checkpoint = Checkpoint.load(resolve_model_path(args.model))
     else:
@@ -430,7 +444,8 @@ def cmd_train(args) -> int:
         batch_size=args.batch_size, learning_rate=args.lr, augment=not args.no_augment, scale_range=scale, freeze_batchnorm=args.freeze_batchnorm,
         low_resolution=args.low_resolution, zoom_to_reference=args.zoom_to_reference, anchor_weight=args.anchor_weight, distill_weight=args.distill_weight,
         start_weight_share=args.start_weight_share, val_every=args.val_every, val_fraction=args.val_fraction, device=args.device, seed=args.seed,
-        threads=args.threads, precision=args.precision, calibrate=not args.no_calibrate,
+        threads=args.threads, precision=args.precision, calibrate=not args.no_calibrate, hed_jitter=args.hed_jitter, blur_noise=args.blur_noise,
+        invert_grey=args.invert_grey, balance_image_types=not args.no_balance_types,
     )
     bar = tqdm(total=config.epochs * config.iterations_per_epoch, unit="it", desc="train", file=sys.stderr)
 
@@ -456,7 +471,7 @@ def cmd_train(args) -> int:
 
 
 def _describe(args, train) -> str:
-    return f"{len(train)} images from {Path(args.images).resolve().parent.name}/{Path(args.images).name}"
+    return f"{len(train)} images from " + " and ".join(f"{Path(images).resolve().parent.name}/{Path(images).name}" for images in args.images)
 
 
 def _read_label_source(path: str, images: str | None) -> dict[str, np.ndarray]:

@@ -14,6 +14,7 @@ explicitly asks for ``"imagenet"`` (which needs internet).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -37,6 +38,10 @@ FORMAT_VERSION = 1
 # Channel names the post-processing understands; "foreground" is required.
 KNOWN_OUTPUTS = ("foreground", "boundary")
 BUNDLED_MODEL_DIR = Path(__file__).parent / "models" / "default"
+# What the network reads for each image type when the stain is "auto" (RGB images only), for
+# models whose ``nuclei_unet.json`` records no ``stain_by_image_type`` (v1 was trained on
+# DSB2018 alone: it segments H&E far better from the hematoxylin channel).
+DEFAULT_STAIN_BY_IMAGE_TYPE = {"fluorescence": "none", "brightfield": "none", "tissue": "hematoxylin"}
 
 
 @dataclass
@@ -79,15 +84,51 @@ class ModelConfig:
 
 @dataclass
 class Checkpoint:
-    """A model plus everything needed to use it correctly: outputs, normalisation, provenance."""
+    """A model plus everything needed to use it correctly: outputs, normalisation, provenance.
 
-    model: torch.nn.Module
+    A checkpoint loaded from a folder builds its torch model only when something asks for
+    :attr:`model`: building imports segmentation-models-pytorch (and timm and torchvision),
+    ~2.5 s of a process's start-up, which a CPU run whose exported network is cached on disk
+    does not need. Until then :attr:`file_digest` names its weights.
+    """
+
+    model: torch.nn.Module | None
     config: ModelConfig
     percentiles: tuple[float, float] = (1.0, 99.8)
     # median equivalent diameter (px) of the nuclei it was trained on; None = unknown
     nucleus_diameter: float | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     source: str | None = None
+    # Weights read from a file, not yet in a model; and that file's digest.
+    deferred: tuple[dict, str, Path] | None = field(default=None, repr=False)
+
+    def __getattribute__(self, name: str):
+        if name == "model":
+            if object.__getattribute__(self, "deferred") is not None:
+                self._build_deferred()
+            object.__getattribute__(self, "__dict__").pop("_untouched_file", None)  # may be changed from now on
+        return object.__getattribute__(self, name)
+
+    def _build_deferred(self) -> None:
+        state, _digest, path = object.__getattribute__(self, "deferred")
+        model = self.config.build()
+        _load_strict(model, state, path, self.config)
+        object.__setattr__(self, "model", model.eval())
+        object.__setattr__(self, "deferred", None)
+
+    @property
+    def file_digest(self) -> str | None:
+        """The digest of the weights file while the weights are as stored in it, else None.
+
+        That is: while they are not yet in a model, or, just after loading, until something
+        other than the CPU network lookup asks for :attr:`model` (which may change it).
+        """
+        deferred = object.__getattribute__(self, "deferred")
+        return deferred[1] if deferred is not None else self.__dict__.get("_untouched_file")
+
+    def _remember_file(self, digest: str) -> "Checkpoint":
+        self.__dict__["_untouched_file"] = digest
+        return self
 
     @classmethod
     def create(cls, config: ModelConfig | None = None, encoder_weights: str | None = None, **kwargs) -> "Checkpoint":
@@ -104,6 +145,11 @@ class Checkpoint:
         """Mean foreground probability below which this model's objects are dropped, as calibrated
         on its own data (``metadata["postprocess"]``); 0 (keep every object) when never calibrated."""
         return float((self.metadata.get("postprocess") or {}).get("min_confidence", 0.0))
+
+    def stain_for(self, image_type: str) -> str:
+        """The stain this model reads an RGB image of ``image_type`` in best (measured per model: model card)."""
+        chosen = {**DEFAULT_STAIN_BY_IMAGE_TYPE, **(self.metadata.get("stain_by_image_type") or {})}
+        return chosen.get(image_type, "none")
 
     @property
     def name(self) -> str:
@@ -198,7 +244,8 @@ class Checkpoint:
             checkpoint = _load_folder(path.parent)
         else:
             raise ModelError(f"{path}: not a model (expected a checkpoint folder or a .pth state_dict)")
-        checkpoint.model.to(device).eval()
+        if torch.device(device).type != "cpu" or checkpoint.file_digest is None:  # deferred models are built on the CPU
+            checkpoint.model.to(device).eval()
         # A file picked inside a checkpoint folder stands for the folder.
         checkpoint.source = str(path.parent if path.is_file() and path.suffix.lower() in (".safetensors", ".json") else path)
         return checkpoint
@@ -261,9 +308,18 @@ def _load_folder(folder: Path) -> Checkpoint:
     except Exception as error:  # noqa: BLE001 (safetensors raises its own error types for truncated files)
         raise ModelError(f"{weights}: corrupt or truncated weights ({describe(error)})") from None
     _check_declared_architecture(config, state, folder / SMP_CONFIG_FILE)
+    checked = _checked_metadata(folder / METADATA_FILE, meta)
+    digest = hashlib.blake2b(json.dumps(asdict(config), sort_keys=True).encode(), digest_size=16)
+    with open(weights, "rb") as handle:
+        digest.update(hashlib.file_digest(handle, "blake2b").digest())
+    digest = digest.hexdigest()
+    from .onnx_backend import is_cached
+
+    if is_cached(digest):  # these weights built and exported before: the model is built only if asked for
+        return Checkpoint(model=None, config=config, metadata=_extra_metadata(meta), deferred=(state, digest, weights), **checked)
     model = config.build()
     _load_strict(model, state, weights, config)
-    return Checkpoint(model=model, config=config, metadata=_extra_metadata(meta), **_checked_metadata(folder / METADATA_FILE, meta))
+    return Checkpoint(model=model.eval(), config=config, metadata=_extra_metadata(meta), deferred=None, **checked)._remember_file(digest)
 
 
 def _check_declared_architecture(config: ModelConfig, state: dict, path: Path) -> None:
@@ -296,6 +352,9 @@ def _checked_metadata(path: Path, meta: dict) -> dict:
         raise ModelError(f"{path}: nucleus_diameter must be a positive number of pixels, got {diameter}")
     if not 0 <= level < 1:
         raise ModelError(f"{path}: postprocess.min_confidence must be in [0, 1), got {level}")
+    stains = meta.get("stain_by_image_type") or {}
+    if not isinstance(stains, dict) or not set(stains.values()) <= {"none", "hematoxylin"}:
+        raise ModelError(f"{path}: stain_by_image_type must map image types to none or hematoxylin, got {stains!r}")
     return {"percentiles": percentiles, "nucleus_diameter": diameter}
 
 

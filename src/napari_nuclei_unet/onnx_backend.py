@@ -6,20 +6,24 @@ In float32 the bundled U-Net runs at ~0.37 s per megapixel under ONNX Runtime ag
 faster again, with the same DSB2018 val score within 0.001 (docs/performance.md). ONNX Runtime
 also has no slow first call at a new input shape, which PyTorch's CPU kernels have.
 
-The torch model stays the source of truth: it is exported (and quantised) in memory,
-~0.5 s (~3 s with int8), the first time it runs on the CPU, and again whenever its
-weights change (fine-tuning), so there is no exported file to keep in step with the
-checkpoint. Without ``onnxruntime`` and ``onnx`` installed, ``backend="auto"`` quietly
-uses PyTorch.
+The torch model stays the source of truth: it is exported (and quantised) the first time
+it runs on the CPU, ~0.5 s (~3 s with int8), and again whenever its weights change
+(fine-tuning). The result is also kept on disk (:func:`cache_folder`), named by the digest
+of the weights, the architecture and the exporter's versions, so the next process with the
+same model loads it instead of paying that again; a changed weight is a different file, so
+there is nothing to keep in step. Without ``onnxruntime`` and ``onnx`` installed,
+``backend="auto"`` quietly uses PyTorch.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import hashlib
 import io
 import logging
+import os
 import tempfile
 import threading
 import warnings
@@ -46,10 +50,11 @@ _QUANTISED_KEPT = 4
 class OnnxNetwork:
     """An ONNX Runtime session that is called like the torch model: ``(N, C, H, W)`` tensor in, logits out."""
 
-    def __init__(self, session, out_channels: int, precision: str = "float32"):
+    def __init__(self, session, out_channels: int, precision: str = "float32", serialized: bytes = b""):
         self.session = session
         self.out_channels = out_channels
         self.precision = precision  # "int8" only when quantisation worked
+        self.serialized = serialized  # the ONNX graph the session runs
         self._input = session.get_inputs()[0].name
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
@@ -107,6 +112,50 @@ def cpu_network(model: torch.nn.Module, in_channels: int, backend: str = "auto",
     return network
 
 
+def checkpoint_network(checkpoint, backend: str = "auto", precision: str = "int8"):
+    """:func:`cpu_network` for a :class:`~.model.Checkpoint`, found on disk by its weights file when it can be.
+
+    A checkpoint whose weights are as stored in their file (``file_digest``) is looked up in
+    the disk cache under that file's digest: a hit needs no torch model at all (the checkpoint
+    then never builds one). A miss builds the model, exports it, and stores the export under
+    the file's digest for the next process.
+    """
+    digest = checkpoint.file_digest
+    if digest is None or backend == "torch" or not available():
+        return cpu_network(checkpoint.model, checkpoint.config.in_channels, backend, precision)
+    threads = torch.get_num_threads()
+    path = _file_cache_path(digest, checkpoint.config.in_channels, precision)
+    networks = checkpoint.__dict__.setdefault("_cpu_networks", {})  # lives and dies with the checkpoint
+    with _LOCK:
+        network = networks.get((path, threads))
+        if network is None and (cached := _read_cached(path)) is not None:
+            try:
+                network = networks[(path, threads)] = _session(*cached, threads)
+            except Exception:  # damaged by something else than us: export again
+                path.unlink(missing_ok=True)
+    if network is not None:
+        return network
+    network = cpu_network(checkpoint.model, checkpoint.config.in_channels, backend, precision)
+    if isinstance(network, OnnxNetwork):
+        _write_cached(path, network.serialized, network.out_channels, network.precision == "int8")
+    return network
+
+
+def is_cached(file_digest: str) -> bool:
+    """Whether an export of the weights file with this digest is on disk (in any precision)."""
+    try:
+        return any(cache_folder().glob(f"{file_digest}-*.onnx"))
+    except OSError:
+        return False
+
+
+def _file_cache_path(file_digest: str, in_channels: int, precision: str) -> Path:
+    import onnxruntime
+
+    versions = f"{_EXPORT_FORMAT}|{_OPSET}|{torch.__version__}|{onnxruntime.__version__}|{in_channels}|{precision}"
+    return cache_folder() / f"{file_digest}-{hashlib.blake2b(versions.encode(), digest_size=8).hexdigest()}.onnx"
+
+
 def _weights_version(model: torch.nn.Module) -> tuple:
     """Changes whenever a weight or buffer is modified in place (optimiser steps, ``load_state_dict``) or moved."""
     tensors = _TENSORS.get(model)
@@ -115,9 +164,72 @@ def _weights_version(model: torch.nn.Module) -> tuple:
     return tuple((t.data_ptr(), t._version) for t in tensors)
 
 
-def _export(model: torch.nn.Module, in_channels: int, threads: int, precision: str = "float32") -> OnnxNetwork:
+# Exported networks kept on disk; the least recently used beyond this many are removed.
+_DISK_CACHE_KEPT = 8
+# Bump when what is exported changes for the same weights (quantisation settings, graph options).
+_EXPORT_FORMAT = 1
+
+
+def cache_folder() -> Path:
+    """Where exported networks are kept: ``$NUCLEI_UNET_CACHE`` or the user's cache folder (XDG)."""
+    configured = os.environ.get("NUCLEI_UNET_CACHE")
+    if configured:
+        return Path(configured)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "napari-nuclei-unet" / "onnx"
+
+
+def weights_digest(model: torch.nn.Module, in_channels: int, precision: str) -> str:
+    """Names one export: the architecture (the module tree), every weight and buffer, and the versions that shape the export."""
     import onnxruntime
 
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{_EXPORT_FORMAT}|{_OPSET}|{torch.__version__}|{onnxruntime.__version__}|{in_channels}|{precision}|{model!r}".encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(str((tuple(tensor.shape), tensor.dtype)).encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _read_cached(path: Path) -> tuple[bytes, int, bool] | None:
+    """``(network, output channels, quantised)`` stored at ``path``, or None when absent or unreadable."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    if len(data) < 2:
+        return None
+    return data[2:], data[0], bool(data[1])
+
+
+def _write_cached(path: Path, network: bytes, out_channels: int, quantised: bool) -> None:
+    """Atomically (a reader never sees half a file); a read-only or full disk only costs the next process the export."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".part", delete=False) as handle:
+            handle.write(bytes([out_channels, int(quantised)]) + network)
+        os.replace(handle.name, path)
+        kept = sorted(path.parent.glob("*.onnx"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in kept[_DISK_CACHE_KEPT:]:
+            old.unlink(missing_ok=True)
+    except OSError:
+        with contextlib.suppress(OSError, UnboundLocalError):
+            os.unlink(handle.name)
+
+
+def _export(model: torch.nn.Module, in_channels: int, threads: int, precision: str = "float32") -> OnnxNetwork:
+    path = cache_folder() / f"{weights_digest(model, in_channels, precision)}.onnx"
+    cached = _read_cached(path)
+    if cached is not None:
+        try:
+            network = _session(*cached, threads)
+        except Exception:  # damaged by something else than us: export again
+            path.unlink(missing_ok=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.utime(path)  # recently used: kept longest
+            return network
     exported, out_channels = to_onnx(model, in_channels)
     quantised = False
     if precision == "int8":
@@ -125,6 +237,14 @@ def _export(model: torch.nn.Module, in_channels: int, threads: int, precision: s
             exported, quantised = _quantize_cached(exported, in_channels), True
         except Exception as error:  # an op the quantiser cannot handle: float32 still works
             warnings.warn(f"8-bit quantisation failed, running float32 ({error})", RuntimeWarning, stacklevel=3)
+    network = _session(exported, out_channels, quantised, threads)
+    _write_cached(path, exported, out_channels, quantised)
+    return network
+
+
+def _session(exported: bytes, out_channels: int, quantised: bool, threads: int) -> OnnxNetwork:
+    import onnxruntime
+
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = max(1, threads)
     options.inter_op_num_threads = 1
@@ -133,7 +253,7 @@ def _export(model: torch.nn.Module, in_channels: int, threads: int, precision: s
     # tiles) but saves ~30% of the time of 1024 px tiles (measured: 2.3 s vs 3.3 s at 4 MP).
     options.enable_cpu_mem_arena = True
     session = onnxruntime.InferenceSession(exported, options, providers=["CPUExecutionProvider"])
-    return OnnxNetwork(session, out_channels, "int8" if quantised else "float32")
+    return OnnxNetwork(session, out_channels, "int8" if quantised else "float32", exported)
 
 
 def to_onnx(model: torch.nn.Module, in_channels: int) -> tuple[bytes, int]:

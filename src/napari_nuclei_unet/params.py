@@ -60,7 +60,8 @@ class PostprocessParams:
 
 
 AUTO = "auto"
-STAINS = ("none", "hematoxylin")
+STAINS = (AUTO, "none", "hematoxylin")
+IMAGE_TYPES = (AUTO, "fluorescence", "brightfield", "tissue")
 
 
 @dataclass
@@ -91,15 +92,24 @@ class SegmentParams:
         default=AUTO,
         metadata={"help": "typical nucleus diameter in pixels: auto (estimated per image), a number, or none (no rescaling); images are rescaled so nuclei match the model's training size"},
     )
+    # What the image shows: dark-field fluorescence, grey brightfield, or stained tissue (H&E,
+    # IHC). "auto" detects it per image (data.image_type); it decides an "auto" stain.
+    image_type: str = field(
+        default=AUTO,
+        metadata={"help": "fluorescence, brightfield or tissue (stained: H&E, IHC); auto: detected per image. Decides what an auto stain uses", "choices": IMAGE_TYPES},
+    )
     stain: str = field(
-        default="none",
-        metadata={"help": "hematoxylin: segment the hematoxylin channel of brightfield RGB images (e.g. DAB immunohistochemistry); none: the image as is", "choices": STAINS},
+        default=AUTO,
+        metadata={
+            "help": "hematoxylin: segment the hematoxylin channel of RGB images (e.g. DAB immunohistochemistry); none: the image as is; auto: what the model does best on for the image type",
+            "choices": STAINS,
+        },
     )
     blocks: BlockParams = field(default_factory=BlockParams)
 
     def network_key(self) -> tuple:
         """Parameters that change the probabilities (post-processing does not)."""
-        return (asdict(self.tiling), self.diameter, self.stain)
+        return (asdict(self.tiling), self.diameter, self.image_type, self.stain)
 
 
 @dataclass
@@ -123,6 +133,18 @@ class TrainConfig:
     # sees when an image taken at low magnification is zoomed up to its nuclei's training size.
     # Off by default: 0.25 gained only 0.015 at x0.5 and made the size estimate overshoot (model card).
     low_resolution: float = 0.0
+    # Stained-tissue colour variation between labs: each RGB patch's hematoxylin, eosin and DAB
+    # concentrations (HED space) are scaled by up to +-this and shifted a little (Tellez et al.,
+    # Medical Image Analysis 2019). 0: off.
+    hed_jitter: float = 0.25
+    # Share of patches blurred (Gaussian) and, independently, of patches with added noise.
+    blur_noise: float = 0.2
+    # Share of grey patches shown inverted: fluorescence as brightfield and back.
+    invert_grey: float = 0.15
+    # Draw patches so each image type (fluorescence, brightfield, stained tissue) gets an equal
+    # share, and choose the best epoch by the mean of the per-type validation scores; without
+    # it, 30 tissue tiles would be drowned by 500 fluorescence images.
+    balance_image_types: bool = True
     val_every: int = 1
     val_fraction: float = 0.15  # used when no validation images are given
     device: str = "auto"

@@ -141,7 +141,7 @@ def predict_zoomed(
     if zoom != 1.0:
         shape = tuple(max(1, int(round(side * zoom))) for side in plane.shape[:2])
         plane = _resize(np.asarray(plane), shape, channel_axis=-1 if plane.ndim == 3 else None)
-    return predict(checkpoint.model, plane, normalizer, tiling, progress=progress, cancel=cancel)
+    return predict(checkpoint, plane, normalizer, tiling, progress=progress, cancel=cancel)
 
 
 def _resize(array: np.ndarray, shape: tuple[int, int], channel_axis: int | None) -> np.ndarray:

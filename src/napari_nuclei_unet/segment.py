@@ -20,9 +20,9 @@ import numpy as np
 
 from .blocks import segment_large
 from .errors import Cancelled, InputError
-from .io import is_single_plane
+from .io import is_single_plane, sample_step
 from .model import Checkpoint
-from .params import AUTO, STAINS, SegmentParams
+from .params import AUTO, IMAGE_TYPES, STAINS, SegmentParams
 from .plane import LabelledPlane, PlanePrediction, estimate_diameter, label_plane, predict_plane
 from .postprocess import resolve_min_confidence, resolve_threshold
 from .scale import DiameterEstimate, rescale_factor
@@ -104,6 +104,7 @@ class Segmentation:
         return {
             "diameter": None if self.diameter is None else round(self.diameter, 2),
             "zoom": round(self.factor, 4),
+            "image_type": self.params.image_type,
             "stain": self.params.stain,
             "threshold": recorded_thresholds(self.thresholds.values()),
             "min_confidence": self.min_confidence,
@@ -128,9 +129,12 @@ def resolve(
     """``params`` with the "auto" that belong to the image and model made numbers, and the size estimate.
 
     * min confidence: the model's calibrated level (0 for a model never calibrated);
+    * image type: detected on the middle one of the planes to segment (``data.image_type``);
+    * stain: what the model reads best for that image type (``Checkpoint.stain_for``), for RGB
+      images; grey images are read as they are;
     * diameter: estimated on the middle one of the planes to segment (a stack shares one
       scale); None for a model that records no training nucleus size;
-    * stain and a numeric threshold are checked (an "auto" threshold is per plane: ``label_plane``).
+    * a numeric threshold is checked (an "auto" threshold is per plane: ``label_plane``).
 
     ``keep_pass``: keep the last estimation pass's probabilities, which ``predict_plane``
     reuses when they cover the plane; only for one plane, estimated on itself.
@@ -138,6 +142,9 @@ def resolve(
     params = params or SegmentParams()
     if params.stain not in STAINS:
         raise InputError(f"stain must be one of {', '.join(STAINS)}, got {params.stain!r}")
+    if params.image_type not in IMAGE_TYPES:
+        raise InputError(f"image type must be one of {', '.join(IMAGE_TYPES)}, got {params.image_type!r}")
+    params = _resolve_stain(checkpoint, _middle_plane(image, plane_indices), params)
     try:
         min_confidence = resolve_min_confidence(params.postprocess.min_confidence, checkpoint.min_confidence)
         if params.postprocess.threshold != AUTO:
@@ -151,6 +158,28 @@ def resolve(
     return resolved, estimate
 
 
+def _middle_plane(image, plane_indices: list[PlaneIndex] | None):
+    """The plane that stands for the image or for the planes to segment of a stack (they share one scale and type)."""
+    if is_single_plane(image):
+        return image
+    indices = plane_indices if plane_indices else list(range(image.shape[0]))
+    return image[indices[len(indices) // 2]]
+
+
+def _resolve_stain(checkpoint: Checkpoint, plane, params: SegmentParams) -> SegmentParams:
+    """``params`` with the image type detected (when "auto") and the stain chosen for it (when "auto")."""
+    from .data import image_type
+
+    kind = params.image_type
+    if kind == AUTO:
+        step = sample_step(*plane.shape[:2])
+        kind = image_type(np.asarray(plane[::step, ::step]))
+    stain = params.stain
+    if stain == AUTO:
+        stain = checkpoint.stain_for(kind) if len(plane.shape) == 3 and plane.shape[-1] in (3, 4) else "none"
+    return replace(params, image_type=kind, stain=stain)
+
+
 def _resolve_diameter(checkpoint, image, params, plane_indices, progress, cancel) -> DiameterEstimate:
     diameter = params.diameter
     if diameter != AUTO:
@@ -161,12 +190,7 @@ def _resolve_diameter(checkpoint, image, params, plane_indices, progress, cancel
         return estimate
     if not checkpoint.nucleus_diameter:
         return DiameterEstimate(None)
-    if is_single_plane(image):
-        plane = image
-    else:
-        indices = plane_indices if plane_indices else list(range(image.shape[0]))
-        plane = image[indices[len(indices) // 2]]
-    return estimate_diameter(checkpoint, plane, params, progress, cancel)
+    return estimate_diameter(checkpoint, _middle_plane(image, plane_indices), params, progress, cancel)
 
 
 class _PlaneOf:

@@ -108,7 +108,7 @@ def _tta_forward(model: Callable[[torch.Tensor], torch.Tensor], batch: torch.Ten
 
 
 def predict(
-    model: torch.nn.Module,
+    model,
     plane,
     normalizer: Normalizer,
     params: TilingParams | None = None,
@@ -118,16 +118,26 @@ def predict(
 ) -> np.ndarray:
     """Per-pixel probabilities ``(C, Y, X)`` float32 of one 2D plane (grey or ``(Y, X, C)``).
 
+    ``model`` is a torch module or a :class:`~.model.Checkpoint` (whose CPU network may then
+    come from the disk cache without building the torch model).
     ``plane`` may be numpy, dask or zarr: only one batch of tiles is read at a time.
     ``progress(done, total)`` is called after each batch; ``cancel()`` is checked before
     each batch and raises :class:`Cancelled`.
     """
-    from .model import resolve_device
+    from .model import Checkpoint, resolve_device
 
     params = params or TilingParams()
     device = resolve_device(params.device)
     height, width = plane.shape[:2]
     tile_shape, tiles = plan_tiles((height, width), params.tile_size, params.overlap)
+    if isinstance(model, Checkpoint):
+        if device.type == "cpu" and model.config.in_channels == normalizer.channels:
+            from .onnx_backend import OnnxNetwork, checkpoint_network
+
+            network = checkpoint_network(model, params.backend, params.precision)
+            if isinstance(network, OnnxNetwork):
+                return _run_tiles(network, plane, normalizer, params, tile_shape, tiles, device, False, progress, cancel, out)
+        model = model.model
     if next(model.parameters()).device != device:  # .to() and .eval() walk every module: skip when
         model = model.to(device)  # there is nothing to do (they cost ~5 ms per call)
     if model.training:
@@ -141,6 +151,12 @@ def predict(
     channels_last = cpu and network is model  # PyTorch on the CPU
     if channels_last and not next(model.parameters()).is_contiguous(memory_format=torch.channels_last):
         model.to(memory_format=torch.channels_last)  # once: converting walks every module
+    return _run_tiles(network, plane, normalizer, params, tile_shape, tiles, device, channels_last, progress, cancel, out)
+
+
+def _run_tiles(network, plane, normalizer, params, tile_shape, tiles, device, channels_last, progress, cancel, out) -> np.ndarray:
+    height, width = plane.shape[:2]
+    cpu = device.type == "cpu"
     with torch.inference_mode():
         classes = _output_channels(network, normalizer.channels, device)
         if out is None:

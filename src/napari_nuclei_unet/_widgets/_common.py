@@ -193,7 +193,7 @@ class ModelPicker:
         """Load the model and, on the CPU, export (and quantise) its network now, so the first
         Segment does not spend ~3 s on it. An export problem is reported when segmenting."""
         from ..model import resolve_device
-        from ..onnx_backend import cpu_network
+        from ..onnx_backend import checkpoint_network
 
         checkpoint = self.checkpoint(path)
         try:
@@ -202,7 +202,7 @@ class ModelPicker:
             logging.getLogger(__name__).info("device %s: %s", device, describe(error))
             on_cpu = False
         if on_cpu:
-            cpu_network(checkpoint.model.eval(), checkpoint.config.in_channels)
+            checkpoint_network(checkpoint)
         return checkpoint
 
     def _on_source(self, value: str) -> None:

@@ -21,7 +21,7 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QTimer
 
 from ..errors import Cancelled
-from ..params import AUTO, PostprocessParams, SegmentParams, TilingParams, field_metadata
+from ..params import AUTO, IMAGE_TYPES, STAINS, PostprocessParams, SegmentParams, TilingParams, field_metadata
 from ..plane import PlanePrediction, label_plane
 from ..postprocess import resolve_min_confidence
 from ..segment import Segmentation, recorded_thresholds, segment_planes
@@ -89,11 +89,8 @@ class SegmentWidget(Container):
             label="nucleus diameter (px)", value=0.0, min=0.0, max=1000.0, step=1.0, enabled=False,
             tooltip="shows the estimate; untick 'estimate' to type your own. 0 = use the image at its own scale",
         )
-        self.stain = ComboBox(
-            label="stain", choices=["none", "hematoxylin"], value=_DEFAULTS.stain,
-            tooltip="hematoxylin: segment the hematoxylin channel of a brightfield RGB image (colour deconvolution), "
-            "for stains the model has not seen, such as DAB immunohistochemistry",
-        )
+        self.image_type = ComboBox(label="image type", choices=IMAGE_TYPES, value=_DEFAULTS.image_type, tooltip=_help(SegmentParams, "image_type"))
+        self.stain = ComboBox(label="stain", choices=STAINS, value=_DEFAULTS.stain, tooltip=_help(SegmentParams, "stain"))
         self.tta = CheckBox(text="test-time augmentation (4x slower)", value=tiling.tta)
         self.int8 = CheckBox(
             text="8-bit network on the CPU (~1.7x faster)", value=tiling.precision == "int8",
@@ -125,7 +122,7 @@ class SegmentWidget(Container):
         self.status = Label(value="")
         self.status.native.setWordWrap(True)
         self.extend([
-            self.image_layer, self.scope, *self.model.widgets, self.tile_size, self.overlap, self.auto_diameter, self.diameter, self.stain, self.tta,
+            self.image_layer, self.scope, *self.model.widgets, self.tile_size, self.overlap, self.auto_diameter, self.diameter, self.image_type, self.stain, self.tta,
             self.int8, self.auto_threshold, self.threshold, self.min_size, self.markers, self.split_h, self.auto_confidence,
             self.min_confidence, self.show_probability, self.run_button, self.cancel_button, self.status,
         ])  # fmt: skip
@@ -200,6 +197,7 @@ class SegmentWidget(Container):
             ),
             postprocess=self.postprocess_params(),
             diameter=AUTO if self.auto_diameter.value else (float(self.diameter.value) or None),
+            image_type=self.image_type.value,
             stain=self.stain.value if layer.rgb else "none",
         )
         return SegmentRequest(image=data, plane=plane, params=params, model_path=self.model.path())
@@ -282,6 +280,8 @@ class SegmentWidget(Container):
         if request.params.diameter == AUTO and diameter is not None:
             self.diameter.value = round(diameter, 1)  # shown; untick 'estimate' to override
         size = "" if diameter is None else f"; nuclei ~{diameter:.0f} px{' (estimated)' if request.params.diameter == AUTO else ''}"
+        detected = " (detected)" if request.params.image_type == AUTO else ""
+        size += f"; {used['image_type']}{detected}" + (f", {used['stain']} channel" if used["stain"] != "none" else "")
         speed = f" ({result.megapixels / max(seconds, 1e-9):.2f} MP/s)" if result.megapixels else " (from cached probabilities)"
         self.status.value = (
             f"{written} nuclei in {seconds:.1f} s{speed} on {device}{size}" + (f", rescaled x{factor:.2f}" if factor != 1.0 else "")

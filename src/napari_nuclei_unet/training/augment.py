@@ -63,16 +63,83 @@ class RandomLowResolution(v2.Transform):
         return tv_tensors.wrap(v2.functional.resize(shrunk, size, antialias=False), like=inpt)
 
 
+def _is_colour(image: torch.Tensor) -> bool:
+    """Whether an RGB patch has colour (stained tissue) rather than three equal grey channels."""
+    return image.shape[-3] == 3 and float((image - image.mean(-3, keepdim=True)).abs().mean()) > 0.01
+
+
+class RandomHEDJitter(v2.Transform):
+    """Image only, coloured RGB patches only: scale and shift the hematoxylin, eosin and DAB concentrations.
+
+    Colour deconvolution (scikit-image ``rgb2hed``) separates the stains; each is scaled by
+    a random factor in ``1 +- strength`` and shifted by up to ``strength / 25`` (about a tenth
+    of a typical nucleus' hematoxylin), then recombined (Tellez et al. 2019, "HED"). Only the
+    change is added back, so pixels the round trip cannot represent (saturated white) keep
+    their value.
+    """
+
+    _transformed_types = (tv_tensors.Image,)
+
+    def __init__(self, strength: float):
+        super().__init__()
+        self.strength = strength
+
+    def make_params(self, flat_inputs):
+        scale = [_uniform(1.0 - self.strength, 1.0 + self.strength) for _ in range(3)]
+        shift = [_uniform(-self.strength / 25, self.strength / 25) for _ in range(3)]
+        return {"scale": np.array(scale, np.float32), "shift": np.array(shift, np.float32)}
+
+    def transform(self, inpt, params):
+        if not _is_colour(inpt):
+            return inpt
+        from skimage.color import hed2rgb, rgb2hed
+
+        rgb = inpt.movedim(-3, -1).clamp(0, 1).numpy()
+        stains = rgb2hed(rgb)
+        change = hed2rgb(stains * params["scale"] + params["shift"]) - hed2rgb(stains)
+        out = torch.from_numpy(np.clip(rgb + change, 0, 1).astype(np.float32)).movedim(-1, -3)
+        return tv_tensors.wrap(out, like=inpt)
+
+
+class RandomInvertGrey(v2.Transform):
+    """Image only, grey patches only: invert, so fluorescence is also seen as brightfield and back."""
+
+    _transformed_types = (tv_tensors.Image,)
+
+    def transform(self, inpt, params):
+        return inpt if _is_colour(inpt) else tv_tensors.wrap(1.0 - inpt, like=inpt)
+
+
+class RandomNoise(v2.Transform):
+    """Image only: additive Gaussian noise of a random strength (camera and shot noise)."""
+
+    _transformed_types = (tv_tensors.Image,)
+
+    def __init__(self, sigma: tuple[float, float] = (0.01, 0.08)):
+        super().__init__()
+        self.sigma = sigma
+
+    def make_params(self, flat_inputs):
+        return {"sigma": _uniform(*self.sigma)}
+
+    def transform(self, inpt, params):
+        noisy = inpt + params["sigma"] * torch.randn(inpt.shape[-2:], dtype=inpt.dtype)  # the same in every channel
+        return tv_tensors.wrap(noisy.clamp(0, 1), like=inpt)
+
+
 def build_augmentation(config: TrainConfig) -> v2.Transform:
-    """Joint geometric + image-only intensity and resolution augmentation (torchvision v2)."""
+    """Joint geometric + image-only stain, intensity, resolution and noise augmentation (torchvision v2)."""
     geometric = [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(), RandomRot90()]
     resolution = [v2.RandomApply([RandomLowResolution()], p=config.low_resolution)] if config.low_resolution > 0 else []
+    stain = [v2.RandomApply([RandomHEDJitter(config.hed_jitter)], p=0.8)] if config.hed_jitter > 0 else []
     intensity = [
         v2.RandomApply([v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.4, hue=0.08)], p=0.8),
         v2.RandomApply([RandomGamma()], p=0.5),
         v2.RandomGrayscale(p=0.1),
     ]
-    return v2.Compose(geometric + resolution + intensity)
+    invert = [v2.RandomApply([RandomInvertGrey()], p=config.invert_grey)] if config.invert_grey > 0 else []
+    degrade = [v2.RandomApply([v2.GaussianBlur(7, sigma=(0.3, 1.5))], p=config.blur_noise), v2.RandomApply([RandomNoise()], p=config.blur_noise)] if config.blur_noise > 0 else []
+    return v2.Compose(geometric + resolution + stain + intensity + invert + degrade)
 
 
 # Background and nucleus colours of the three DSB2018 image types, as normalised model input.

@@ -16,11 +16,25 @@ from ..model import Checkpoint
 
 def validate(checkpoint: Checkpoint, samples: list[LabelledImage], device: str = "auto", cancel=None) -> Scores:
     """Score the checkpoint on whole images with the real pipeline (tiling + watershed)."""
+    return validate_by_type(checkpoint, samples, device, cancel)["all"]
+
+
+def validate_by_type(checkpoint: Checkpoint, samples: list[LabelledImage], device: str = "auto", cancel=None) -> dict[str, Scores]:
+    """:func:`validate`'s scores on all images (``"all"``) and on each image type (``data.image_type``)."""
+    from ..data import image_type
     from ..segment import segment
 
     params = _evaluation_params(device)
     with _evaluation_mode(checkpoint.model):
-        return evaluate([_within_roi(sample, segment(checkpoint, sample.image, params, cancel=cancel).labels) for sample in samples])
+        pairs = [_within_roi(sample, segment(checkpoint, sample.image, params, cancel=cancel).labels) for sample in samples]
+    types = [image_type(sample.image) for sample in samples]
+    by_type = {kind: evaluate([pair for pair, other in zip(pairs, types) if other == kind]) for kind in sorted(set(types))}
+    return {"all": evaluate(pairs), **by_type}
+
+
+def balanced_score(by_type: dict[str, Scores]) -> float:
+    """The mean of the per-type Kaggle DSB2018 scores: each image type counts the same, however many images it has."""
+    return float(np.mean([scores.kaggle_score for kind, scores in by_type.items() if kind != "all"]))
 
 
 # Candidates for a model's min_confidence: 0 keeps every object; above 0.95 little is left.

@@ -37,7 +37,7 @@ import torch
 from ..data import LabelledImage, median_diameter
 from ..errors import InputError, ModelError
 from ..model import Checkpoint, resolve_device
-from .calibrate import CALIBRATION_MIN_IMAGES, calibrate, validate
+from .calibrate import CALIBRATION_MIN_IMAGES, balanced_score, calibrate, validate_by_type
 from .config import TrainConfig, TrainEvent
 from .sampler import PatchSampler, reference_nuclei, reference_zooms
 from .targets import make_loss
@@ -183,16 +183,20 @@ def train_steps(
             scores, improved = None, False
             with mixed_with_start(model, start, config.start_weight_share):  # what is validated is what is saved
                 if val and (epoch % config.val_every == 0 or epoch == config.epochs or out_of_time):
-                    scores = validate(checkpoint, val, str(device))
-                    improved = scores.kaggle_score > best
+                    by_type = validate_by_type(checkpoint, val, str(device))
+                    scores = by_type["all"]
+                    selection = balanced_score(by_type) if config.balance_image_types else scores.kaggle_score
+                    improved = selection > best
                 elif not val:
                     improved = True  # nothing to validate on: keep the latest
                 if improved:
-                    best = scores.kaggle_score if scores is not None else best
+                    best = selection if scores is not None else best
                     _save_best(checkpoint, out_dir, record, scores, epoch, iteration, elapsed, device, memory_format)
             row = {"epoch": epoch, "iteration": iteration, "train_loss": running, "lr": lr, "seconds": round(elapsed, 1)}
             if scores is not None:
                 row.update({k: round(v, 5) if isinstance(v, float) else v for k, v in scores.as_dict().items()})
+                row.update({f"kaggle_score_{kind}": round(s.kaggle_score, 5) for kind, s in by_type.items() if kind != "all"})
+                row["selection_score"] = round(selection, 5)
             history.append(row)
             _save_state(state_path, model, optimizer, epoch, iteration, best, elapsed)
             _write_log(out_dir / LOG_FILE, history)

@@ -27,12 +27,11 @@ class PatchSampler:
         self.zooms = zooms or [1.0] * len(samples)  # per image, before the scale augmentation
         self.images = [torch.from_numpy(Normalizer.from_image(s.image, in_channels, percentiles)(s.image)) for s in samples]
         self.targets = [torch.from_numpy(make_targets(s.labels, s.roi)) for s in samples]
-        areas = np.array([s.labels.size for s in samples], np.float64)
-        self.weights = np.maximum(areas / config.patch_size**2, 1.0)
-        self.weights /= self.weights.sum()
+        self.types = [image_type(s.image) for s in samples]
+        self.weights = patch_weights([s.labels.size for s in samples], self.types if config.balance_image_types else None, config.patch_size)
         self.augment = build_augmentation(config) if config.augment else None
-        # For restyle (distillation only): each image's type and its background/nucleus signal levels.
-        self.types = [image_type(s.image) for s in samples] if config.distill_weight > 0 else []
+        # For restyle (distillation only): each image's background/nucleus signal levels.
+        self.types = self.types if config.distill_weight > 0 else []
         self.levels = [signal_levels(image, target[0] > 0, kind) for image, target, kind in zip(self.images, self.targets, self.types)]
 
     def patch(self, index: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,6 +88,17 @@ class PatchSampler:
             painted = back[:, None, None] + (front - back)[:, None, None] * signal[None]
             out[row] = painted.mean(0, keepdim=True).expand_as(image) if image.shape[0] != 3 else painted
         return out.clamp_(0.0, 1.0)
+
+
+def patch_weights(pixels: list[int], types: list[str] | None, patch_size: int) -> np.ndarray:
+    """How often each image is drawn: by its area (in patches, at least one), and with ``types``
+    so that every image type gets the same share whatever its number of images."""
+    weights = np.maximum(np.asarray(pixels, np.float64) / patch_size**2, 1.0)
+    if types is not None:
+        kinds = np.asarray(types)
+        for kind in set(types):
+            weights[kinds == kind] /= weights[kinds == kind].sum()
+    return weights / weights.sum()
 
 
 def reference_zooms(checkpoint: Checkpoint, samples: list[LabelledImage]) -> list[float]:
