@@ -1,23 +1,42 @@
 """Copy a trained checkpoint into the package as the bundled default model (fp16 safetensors).
 
-    python scripts/bundle_model.py runs/default-v1
+    python scripts/bundle_model.py /work/runs/v2 --tissue-stain none
 
-The training log stays out of the package; the model's metadata keeps the training record.
+``--tissue-stain`` records what the model reads RGB stained tissue in when the stain is
+"auto" (``stain_by_image_type``), as chosen on the choosing sets with
+``benchmarks/generalisation.py --sets val,monuseg_val --stains none,hematoxylin``
+(docs/model-card.md). The training log stays out of the package; the model's metadata keeps
+the training record.
 """
 
+import argparse
 import os
 import shutil
-import sys
 from pathlib import Path
 
 from napari_nuclei_unet.model import BUNDLED_MODEL_DIR, Checkpoint
 
+DESCRIPTION = (
+    "Default nuclei model of napari-nuclei-unet for fluorescence, brightfield and H&E/IHC stained tissue, "
+    "trained on DSB2018 stage1_train (fixed; train split) and 25 MoNuSeg 2018 training tiles."
+)
+LICENSE = (
+    "BSD-3-Clause (weights). Training data: DSB2018/BBBC038 CC0 (Caicedo et al. 2019); "
+    "MoNuSeg 2018 training data CC BY-NC-SA 4.0, NON-COMMERCIAL (Kumar et al. 2017, 2020): "
+    "check before using these weights in a commercial product."
+)
+
 if __name__ == "__main__":
-    source = Path(sys.argv[1])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("source", help="trained checkpoint folder")
+    parser.add_argument("--tissue-stain", required=True, choices=["none", "hematoxylin"], help="what 'auto' reads RGB stained tissue in")
+    args = parser.parse_args()
+    source = Path(args.source)
     checkpoint = Checkpoint.load(source)
     checkpoint.metadata["name"] = "nuclei-unet-default"
-    checkpoint.metadata["description"] = "Default nuclei model of napari-nuclei-unet, trained on DSB2018 stage1_train (fixed), train split."
-    checkpoint.metadata["license"] = "BSD-3-Clause (weights); training data CC0 (BBBC038, Caicedo et al. 2019)"
+    checkpoint.metadata["description"] = DESCRIPTION
+    checkpoint.metadata["license"] = LICENSE
+    checkpoint.metadata["stain_by_image_type"] = {"fluorescence": "none", "brightfield": "none", "tissue": args.tissue_stain}
     os.environ["NUCLEI_UNET_WRITE_BUNDLED"] = "1"
     shutil.rmtree(BUNDLED_MODEL_DIR, ignore_errors=True)
     checkpoint.save(BUNDLED_MODEL_DIR, half=True)

@@ -12,6 +12,20 @@ REPO = Path(__file__).resolve().parents[1]
 DSB2018 = REPO.parent / "shared" / "data" / "dsb2018"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _own_network_cache(tmp_path_factory):
+    """Exported networks go to a folder of this test session, not the user's cache."""
+    import os
+
+    saved = os.environ.get("NUCLEI_UNET_CACHE")
+    os.environ["NUCLEI_UNET_CACHE"] = str(tmp_path_factory.mktemp("onnx-cache"))
+    yield
+    if saved is None:
+        os.environ.pop("NUCLEI_UNET_CACHE", None)
+    else:
+        os.environ["NUCLEI_UNET_CACHE"] = saved
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_torch():
     torch.manual_seed(0)

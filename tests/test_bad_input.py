@@ -150,7 +150,7 @@ def test_hostile_rle_rows(tmp_path, capsys, body, message):
 
 
 @pytest.mark.parametrize(
-    "fault", ["zero_byte_pth", "text_pth", "tensor_list_pth", "odd_keys_pth", "config_not_object", "huge_declared_decoder", "bad_percentiles", "bad_min_confidence", "no_weights"]
+    "fault", ["zero_byte_pth", "text_pth", "tensor_list_pth", "odd_keys_pth", "config_not_object", "huge_declared_decoder", "bad_percentiles", "bad_min_confidence", "bad_stain_by_type", "no_weights"]
 )
 def test_broken_and_hostile_models(tmp_path, tiny_checkpoint, capsys, fault):
     import torch
@@ -179,6 +179,9 @@ def test_broken_and_hostile_models(tmp_path, tiny_checkpoint, capsys, fault):
             (model / "nuclei_unet.json").write_text(json.dumps(meta))
         elif fault == "bad_min_confidence":
             meta["postprocess"] = {"min_confidence": 7}
+            (model / "nuclei_unet.json").write_text(json.dumps(meta))
+        elif fault == "bad_stain_by_type":
+            meta["stain_by_image_type"] = {"tissue": "eosin"}
             (model / "nuclei_unet.json").write_text(json.dumps(meta))
         else:
             (model / "model.safetensors").unlink()

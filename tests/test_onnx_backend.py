@@ -17,6 +17,12 @@ pytestmark = pytest.mark.skipif(not onnx_backend.available(), reason="onnxruntim
 TOLERANCE = 1e-4
 
 
+@pytest.fixture(autouse=True)
+def _empty_network_cache(tmp_path, monkeypatch):
+    """Each test counts its own exports: nothing comes from another test's disk cache."""
+    monkeypatch.setenv("NUCLEI_UNET_CACHE", str(tmp_path / "onnx-cache"))
+
+
 def _image(shape=(200, 330), seed=3):
     from scipy import ndimage as ndi
 
@@ -167,3 +173,65 @@ def test_the_same_weights_are_quantised_once(tiny_config, monkeypatch):
     torch.manual_seed(1)
     onnx_backend.cpu_network(Checkpoint.create(tiny_config).model.eval(), 3)
     assert len(calls) == 2
+
+
+def test_a_second_load_takes_the_network_from_disk_without_building_the_model(tmp_path, tiny_checkpoint, monkeypatch):
+    """The next process (here: the next load) pays neither the export nor segmentation-models-pytorch's import."""
+    from napari_nuclei_unet.model import Checkpoint, ModelConfig
+
+    monkeypatch.setenv("NUCLEI_UNET_CACHE", str(tmp_path / "cache"))
+    tiny_checkpoint.save(tmp_path / "model")
+    image = _image()
+    normalizer = Normalizer.from_image(image, 3)
+    first = Checkpoint.load(tmp_path / "model")
+    assert first.deferred is None  # nothing cached yet: built, checked and exported as before
+    expected = predict(first, image, normalizer, TilingParams(device="cpu"))
+    assert list((tmp_path / "cache").glob("*.onnx")), "the export was not kept on disk"
+
+    def no_build(self, *args, **kwargs):
+        raise AssertionError("the torch model was built")
+
+    monkeypatch.setattr(ModelConfig, "build", no_build)
+    second = Checkpoint.load(tmp_path / "model")
+    assert second.deferred is not None and second.file_digest
+    again = predict(second, image, normalizer, TilingParams(device="cpu"))
+    assert np.array_equal(again, expected)
+    assert second.deferred is not None  # still never built
+    monkeypatch.undo()
+    assert isinstance(second.model, torch.nn.Module) and second.deferred is None  # asked for: built then
+    assert second.file_digest is None  # from now on the weights may change in memory
+    with torch.no_grad():
+        for a, b in zip(second.model.state_dict().values(), tiny_checkpoint.model.state_dict().values()):
+            assert torch.equal(a, b)
+
+
+def test_other_weights_are_another_file_and_a_damaged_file_is_exported_again(tmp_path, tiny_config, monkeypatch):
+    from napari_nuclei_unet.model import Checkpoint
+
+    monkeypatch.setenv("NUCLEI_UNET_CACHE", str(tmp_path / "cache"))
+    image = _image()
+    normalizer = Normalizer.from_image(image, 3)
+    checkpoint = Checkpoint.create(tiny_config)
+    checkpoint.save(tmp_path / "a")
+    predict(Checkpoint.load(tmp_path / "a"), image, normalizer, TilingParams(device="cpu", precision="float32"))
+    with torch.no_grad():
+        checkpoint.model.segmentation_head[0].bias.add_(0.5)
+    checkpoint.save(tmp_path / "b")
+    expected = predict(checkpoint.model, image, normalizer, TilingParams(device="cpu", backend="torch"))
+    other = Checkpoint.load(tmp_path / "b")
+    assert other.deferred is None  # different weights: nothing of theirs is cached
+    assert np.abs(predict(other, image, normalizer, TilingParams(device="cpu", precision="float32")) - expected).max() < TOLERANCE
+    for path in (tmp_path / "cache").glob("*.onnx"):
+        path.write_bytes(b"\x02\x00not an onnx graph")
+    damaged = Checkpoint.load(tmp_path / "b")
+    assert damaged.deferred is not None
+    assert np.abs(predict(damaged, image, normalizer, TilingParams(device="cpu", precision="float32")) - expected).max() < TOLERANCE
+
+
+def test_an_unwritable_cache_folder_costs_only_the_export(tmp_path, tiny_checkpoint, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("NUCLEI_UNET_CACHE", str(blocker / "cache"))  # a folder that cannot be made
+    image = _image()
+    out = predict(tiny_checkpoint, image, Normalizer.from_image(image, 3), TilingParams(device="cpu", precision="float32"))
+    assert out.shape == (2, *image.shape)

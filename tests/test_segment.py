@@ -67,3 +67,43 @@ def test_network_key_ignores_postprocessing():
 
 def _probabilities(checkpoint, image, params):
     return segment_planes(checkpoint, image, params).probabilities
+
+
+def _purple_tissue(seed=2):
+    """An H&E-like RGB field: purple discs on pink."""
+    from napari_nuclei_unet.synthetic import nuclei_field
+
+    field, _ = nuclei_field((96, 96), count=8, diameter=14, seed=seed)
+    signal = field.astype(np.float32) / max(float(field.max()), 1.0)
+    pink, purple = np.array([235, 190, 215]), np.array([90, 40, 150])
+    return (pink + (purple - pink) * signal[..., None]).astype(np.uint8)
+
+
+def test_auto_stain_follows_the_detected_image_type_and_the_model(tiny_checkpoint):
+    from napari_nuclei_unet.segment import resolve
+
+    tissue = _purple_tissue()
+    params, _ = resolve(tiny_checkpoint, tissue, SegmentParams(diameter=None))
+    assert (params.image_type, params.stain) == ("tissue", "hematoxylin")  # a model that records nothing: v1's choice
+    tiny_checkpoint.metadata["stain_by_image_type"] = {"tissue": "none"}
+    params, _ = resolve(tiny_checkpoint, tissue, SegmentParams(diameter=None))
+    assert (params.image_type, params.stain) == ("tissue", "none")  # what this model reads best
+    grey = tissue.mean(-1).astype(np.uint8)
+    assert resolve(tiny_checkpoint, grey, SegmentParams(diameter=None))[0].image_type == "brightfield"
+    assert resolve(tiny_checkpoint, 255 - grey, SegmentParams(diameter=None))[0].image_type == "fluorescence"
+    forced = resolve(tiny_checkpoint, grey, SegmentParams(diameter=None, image_type="tissue"))[0]
+    assert (forced.image_type, forced.stain) == ("tissue", "none")  # a grey image has no hematoxylin channel
+    explicit = resolve(tiny_checkpoint, tissue, SegmentParams(diameter=None, stain="hematoxylin"))[0]
+    assert explicit.stain == "hematoxylin"
+    record = segment_planes(tiny_checkpoint, tissue, SegmentParams(diameter=None)).record()
+    assert (record["image_type"], record["stain"]) == ("tissue", "none")
+    with pytest.raises(InputError, match="image type"):
+        resolve(tiny_checkpoint, tissue, SegmentParams(image_type="histology"))
+
+
+def test_auto_stain_reads_the_channel_it_chose(tiny_checkpoint):
+    """The network sees the hematoxylin channel exactly when "auto" chose it."""
+    tissue = _purple_tissue()
+    auto = _probabilities(tiny_checkpoint, tissue, SegmentParams(diameter=None))
+    assert np.array_equal(auto, _probabilities(tiny_checkpoint, tissue, SegmentParams(diameter=None, stain="hematoxylin")))
+    assert not np.array_equal(auto, _probabilities(tiny_checkpoint, tissue, SegmentParams(diameter=None, stain="none")))

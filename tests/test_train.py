@@ -343,3 +343,95 @@ def test_training_with_the_same_seed_is_repeatable(tmp_path, tiny_config, sample
         weights.append(checkpoint.model.state_dict())
     assert any(not torch.equal(v, base[k]) for k, v in weights[0].items())
     assert all(torch.equal(v, weights[1][k]) for k, v in weights[0].items())
+
+
+def _tissue_patch(seed=0):
+    """A pink-and-purple H&E-like patch: eosin background, hematoxylin discs."""
+    from skimage.color import hed2rgb
+
+    stains = np.zeros((64, 64, 3), np.float32)
+    stains[..., 1] = 0.15  # eosin everywhere
+    yy, xx = np.mgrid[:64, :64]
+    for cy, cx in ((16, 16), (40, 44), (50, 14)):
+        stains[..., 0][(yy - cy) ** 2 + (xx - cx) ** 2 < 64] = 0.25
+    return torch.from_numpy(hed2rgb(stains).astype(np.float32)).permute(2, 0, 1)
+
+
+def test_hed_jitter_changes_the_stains_of_colour_patches_only():
+    from skimage.color import rgb2hed
+    from torchvision import tv_tensors
+
+    from napari_nuclei_unet.training.augment import RandomHEDJitter
+
+    tissue = tv_tensors.Image(_tissue_patch())
+    mask = tv_tensors.Mask(torch.ones(2, 64, 64))
+    jitter = RandomHEDJitter(0.25)
+    params = {"scale": np.array([1.25, 1.0, 1.0], np.float32), "shift": np.zeros(3, np.float32)}
+    stronger = jitter.transform(tissue, params)
+    before = rgb2hed(tissue.permute(1, 2, 0).numpy())
+    after = rgb2hed(stronger.permute(1, 2, 0).numpy())
+    nuclei = before[..., 0] > 0.2
+    assert np.isclose(after[..., 0][nuclei].mean() / before[..., 0][nuclei].mean(), 1.25, rtol=0.05)  # more hematoxylin
+    assert np.allclose(after[..., 1], before[..., 1], atol=0.01)  # eosin as it was
+    grey = tv_tensors.Image(tissue.mean(0, keepdim=True).expand(3, -1, -1).clone())
+    assert torch.equal(jitter.transform(grey, params), grey)  # fluorescence and brightfield keep their grey
+    out, same_mask = jitter(tissue, mask)
+    assert torch.equal(same_mask, mask) and out.shape == tissue.shape
+
+
+def test_invert_grey_and_noise_touch_the_image_only():
+    from torchvision import tv_tensors
+
+    from napari_nuclei_unet.training.augment import RandomInvertGrey, RandomNoise
+
+    grey = tv_tensors.Image(torch.rand(1, 32, 32).expand(3, -1, -1).clone())
+    mask = tv_tensors.Mask(torch.ones(2, 32, 32))
+    inverted, same_mask = RandomInvertGrey()(grey, mask)
+    assert torch.allclose(inverted, 1 - grey) and torch.equal(same_mask, mask)
+    tissue = tv_tensors.Image(_tissue_patch())
+    assert torch.equal(RandomInvertGrey()(tissue), tissue)  # stained tissue is never inverted
+    noisy, same_mask = RandomNoise((0.05, 0.05))(grey, mask)
+    assert torch.equal(same_mask, mask)
+    assert 0.03 < float((noisy - grey).std()) < 0.07 and torch.equal(noisy[0], noisy[1])  # grey stays grey
+
+
+def test_patch_weights_give_every_image_type_an_equal_share():
+    from napari_nuclei_unet.training.sampler import patch_weights
+
+    pixels = [256 * 256] * 8 + [1000 * 1000]
+    types = ["fluorescence"] * 8 + ["tissue"]
+    by_area = patch_weights(pixels, None, 256)
+    assert by_area[-1] == pytest.approx(by_area[0] * 1000 * 1000 / 256**2)
+    balanced = patch_weights(pixels, types, 256)
+    assert balanced.sum() == pytest.approx(1.0)
+    assert balanced[-1] == pytest.approx(0.5) and balanced[:8].sum() == pytest.approx(0.5)
+
+
+def test_best_epoch_is_chosen_by_the_mean_of_the_per_type_scores():
+    from napari_nuclei_unet.metrics import Scores
+    from napari_nuclei_unet.training.calibrate import balanced_score
+
+    def scores(value):
+        return Scores(value, value, 1, 1, 1, 1, 1, 1, 1, 1)
+
+    by_type = {"all": scores(0.6), "fluorescence": scores(0.7), "tissue": scores(0.1)}
+    assert balanced_score(by_type) == pytest.approx(0.4)  # not 0.6: 9 fluorescence images do not outvote 1 tissue image
+
+
+def test_validate_by_type_scores_each_image_type_apart(tiny_checkpoint, monkeypatch):
+    from napari_nuclei_unet.training.calibrate import balanced_score, validate_by_type
+
+    samples = [LabelledImage(f"s{i}", *nuclei_field((64, 64), count=4, seed=i)) for i in range(3)]
+    tissue = samples[2]
+    samples[2] = LabelledImage("rgb", np.stack([tissue.image, tissue.image // 3, tissue.image], -1), tissue.labels)  # purple-ish: stained tissue
+
+    class Perfect:  # labels exactly the truth for the grey images, nothing for the coloured one
+        def __init__(self, image):
+            self.labels = next(s.labels for s in samples if s.image is image) if image.ndim == 2 else np.zeros(image.shape[:2], np.int32)
+
+    monkeypatch.setattr("napari_nuclei_unet.segment.segment", lambda checkpoint, image, params, cancel=None: Perfect(image))
+    found = validate_by_type(tiny_checkpoint, samples, "cpu")
+    assert set(found) == {"all", "fluorescence", "tissue"}
+    assert found["fluorescence"].kaggle_score == 1.0 and found["tissue"].kaggle_score == 0.0
+    assert found["all"].kaggle_score == pytest.approx(2 / 3)
+    assert balanced_score(found) == pytest.approx(0.5)

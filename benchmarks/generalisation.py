@@ -1,0 +1,134 @@
+"""How models do on images from sources they never saw: the test-only sets, and the choosing sets beside them.
+
+    python benchmarks/generalisation.py [--model PATH ...] [--sets cpm15,gbm40,ctc_fluo,val,monuseg_val]
+                                        [--stains auto,none,hematoxylin] [--scales 1,0.5,2] [--json out.json]
+
+Sets (``../shared/data/README.md`` gives each its role):
+
+* test only: ``cpm15`` and ``gbm40`` (H&E of other origins) and ``ctc_fluo`` (fluorescence
+  from the Cell Tracking Challenge). Never trained on, never used to pick anything;
+* choosing: ``val`` (the DSB2018 val split, also scored per image type) and ``monuseg_val``
+  (the MoNuSeg tiles marked ``val`` in ``docs/data/monuseg_train_split.csv``).
+
+Every model runs with the default options (``SegmentParams()``: image type and stain
+"auto", diameter "auto", Otsu threshold, the model's min confidence); ``--stains`` adds runs
+with the stain forced, which is how the stain each model gets for tissue was chosen (on the
+choosing sets). ``--scales`` adds copies as if imaged at another magnification: x0.5 is the
+2 x 2 block mean of the image with the majority label of each block, x2 the image
+bilinear and the labels repeated. The classical baseline (Otsu + watershed) runs beside.
+Prints the Kaggle DSB2018 score and AP@0.5 per set. A benchmark, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from napari_nuclei_unet.baseline import classical_segment
+from napari_nuclei_unet.data import LabelledImage, image_type, load_pairs, read_split
+from napari_nuclei_unet.metrics import match_image, summarize
+from napari_nuclei_unet.model import Checkpoint, resolve_model_path
+from napari_nuclei_unet.segment import SegmentParams, segment
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+TEST_ONLY = ("cpm15", "gbm40", "ctc_fluo")
+
+
+def load_set(name: str) -> list[LabelledImage]:
+    """The labelled images of one set, by the name used in the tables."""
+    if name == "val":
+        split = read_split(DATA / "dsb2018" / "split.csv")
+        return load_pairs(DATA / "dsb2018" / "images", DATA / "dsb2018" / "train_labels.csv", {k for k, v in split.items() if v == "val"})
+    if name == "monuseg_val":
+        split = read_split(REPO / "docs" / "data" / "monuseg_train_split.csv")
+        return load_pairs(DATA / "monuseg_train" / "images", DATA / "monuseg_train" / "labels", {k for k, v in split.items() if v == "val"})
+    return load_pairs(DATA / name / "images", DATA / name / "labels")
+
+
+def magnified(sample: LabelledImage, scale: float) -> LabelledImage:
+    """x0.5: 2 x 2 block mean of the image, majority label of each block (ties: the top-left one); x2: bilinear image, repeated labels."""
+    if scale == 1.0:
+        return sample
+    image, labels = sample.image, sample.labels
+    if scale == 0.5:
+        height, width = (labels.shape[0] // 2) * 2, (labels.shape[1] // 2) * 2
+        blocks = image[:height, :width].astype(np.float32).reshape(height // 2, 2, width // 2, 2, *image.shape[2:])
+        small = blocks.mean(axis=(1, 3))
+        small = np.round(small).astype(image.dtype) if image.dtype.kind in "ui" else small.astype(image.dtype)
+        votes = labels[:height, :width].reshape(height // 2, 2, width // 2, 2).transpose(0, 2, 1, 3).reshape(-1, 4)
+        agree = (votes[:, :, None] == votes[:, None, :]).sum(-1)
+        majority = votes[np.arange(len(votes)), agree.argmax(1)].reshape(height // 2, width // 2)
+        return LabelledImage(sample.name, small, majority)
+    if scale == 2.0:
+        from skimage.transform import rescale
+
+        zoomed = rescale(image, 2.0, order=1, preserve_range=True, channel_axis=-1 if image.ndim == 3 else None)
+        zoomed = np.round(zoomed).astype(image.dtype) if image.dtype.kind in "ui" else zoomed.astype(image.dtype)
+        return LabelledImage(sample.name, zoomed, np.repeat(np.repeat(labels, 2, axis=0), 2, axis=1))
+    raise ValueError(f"scale must be 0.5, 1 or 2, got {scale}")
+
+
+def score(predict, samples: list[LabelledImage]) -> dict:
+    counts, started, records = [], time.perf_counter(), []
+    for sample in samples:
+        labels, record = predict(sample.image)
+        counts.append(match_image(sample.labels, labels))
+        records.append(record)
+    scores = summarize(counts)
+    kinds = sorted({r.get("image_type") for r in records if r.get("image_type")})
+    stains = sorted({r.get("stain") for r in records if r.get("stain")})
+    return {"kaggle_score": scores.kaggle_score, "ap50": scores.ap50, "images": len(samples), "nuclei": scores.n_true, "found": scores.n_pred,
+            "seconds": time.perf_counter() - started, "image_types": kinds, "stains": stains, "per_image": [c.kaggle_score for c in counts]}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", action="append", default=None, help="model folder(s); default: the bundled model")
+    parser.add_argument("--sets", default="cpm15,gbm40,ctc_fluo,val,monuseg_val")
+    parser.add_argument("--stains", default="auto", help="stain settings to run, e.g. auto,none,hematoxylin")
+    parser.add_argument("--scales", default="1", help="magnifications, from 0.5, 1, 2 (x0.5 and x2 only for gbm40, ctc_fluo)")
+    parser.add_argument("--no-classical", action="store_true")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+
+    sets = {name: load_set(name) for name in args.sets.split(",")}
+    if "val" in sets:  # DSB2018 val per image type, as the model card reports it
+        for kind in ("fluorescence", "brightfield", "tissue"):
+            sets[f"val_{kind}"] = [s for s in sets["val"] if image_type(s.image) == kind]
+    scales = [float(v) for v in args.scales.split(",")]
+    methods = {}
+    for path in args.model or ["default"]:
+        checkpoint = Checkpoint.load(resolve_model_path(path))
+        for stain in args.stains.split(","):
+            params = replace(SegmentParams(), stain=stain)
+
+            def predict(image, checkpoint=checkpoint, params=params):
+                result = segment(checkpoint, image, params)
+                return result.labels, result.record()
+
+            methods[f"{checkpoint.name} (stain {stain})"] = predict
+    if not args.no_classical:
+        methods["classical"] = lambda image: (classical_segment(image), {})
+    results = []
+    for name, samples in sets.items():
+        for scale in scales:
+            if scale != 1.0 and name not in ("gbm40", "ctc_fluo"):
+                continue
+            copies = [magnified(s, scale) for s in samples]
+            for method, predict in methods.items():
+                row = {"set": name, "scale": scale, "method": method, **score(predict, copies)}
+                results.append(row)
+                print(f"{name:18s} x{scale:<4g} {method:44s} DSB {row['kaggle_score']:.3f}  AP@0.5 {row['ap50']:.3f}  "
+                      f"{row['found']}/{row['nuclei']} nuclei  {row['seconds']:.0f} s  {','.join(row['image_types'])} {','.join(row['stains'])}", flush=True)  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
