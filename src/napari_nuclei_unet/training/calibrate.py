@@ -83,7 +83,9 @@ def _evaluation_params(device: str):
     from ..params import BlockParams, SegmentParams, TilingParams
 
     # Training images are in memory already: segmented whole, so their predictions can be re-labelled.
-    return SegmentParams(tiling=TilingParams(device=device, precision="float32"), blocks=BlockParams(large_plane=1 << 62))  # the model as trained, not re-quantised every epoch
+    # The model as trained: float32 (not re-quantised every epoch), and the images as they are
+    # (training reads no stain channel; "auto" would pick one for tissue from the model's metadata).
+    return SegmentParams(tiling=TilingParams(device=device, precision="float32"), stain="none", blocks=BlockParams(large_plane=1 << 62))
 
 
 @contextlib.contextmanager
