@@ -123,6 +123,28 @@ def test_evaluate_prints_table_and_json(tmp_path, capsys):
     assert metrics["kaggle_score"] == 1.0 and metrics["n_true"] == labels.max()
 
 
+def test_evaluate_says_what_is_missing_and_refuses_disjoint_sets(tmp_path, capsys):
+    import json
+
+    labels = nuclei_field((64, 80), count=6, seed=3)[1]
+    truth, pred, other = tmp_path / "t", tmp_path / "p", tmp_path / "o"
+    for folder in (truth, pred, other):
+        folder.mkdir()
+    for name in ("a", "b", "c", "d"):
+        tifffile.imwrite(truth / f"{name}.tif", labels.astype(np.uint16))
+    tifffile.imwrite(pred / "a.tif", labels.astype(np.uint16))
+    assert main(["evaluate", "--truth", str(truth), "--pred", str(pred), "--json", str(tmp_path / "all.json")]) == 0
+    err = capsys.readouterr().err
+    assert "3 of 4 ground-truth images have no prediction" in err and "--only-predicted" in err and len(err.strip().splitlines()) == 1
+    assert json.loads((tmp_path / "all.json").read_text())["kaggle_score"] == pytest.approx(0.25)  # 3 all-missed
+    assert main(["evaluate", "--truth", str(truth), "--pred", str(pred), "--only-predicted", "--json", str(tmp_path / "one.json")]) == 0
+    assert json.loads((tmp_path / "one.json").read_text())["kaggle_score"] == 1.0
+    tifffile.imwrite(other / "a nuclei.tif", labels.astype(np.uint16))  # named after a napari layer, not the image
+    assert main(["evaluate", "--truth", str(truth), "--pred", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "no image in common" in err and "'a nuclei'" in err and len(err.strip().splitlines()) == 1
+
+
 def test_train_fine_tunes_with_the_widget_settings(tmp_path, tiny_checkpoint, capsys):
     from napari_nuclei_unet.io import write_labels
     from napari_nuclei_unet.model import Checkpoint

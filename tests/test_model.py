@@ -105,3 +105,28 @@ def test_config_validation():
         ModelConfig(outputs=("boundary",))
     with pytest.raises(ModelError, match="encoder_depth"):
         ModelConfig(encoder_depth=4, decoder_channels=(1, 2, 3))
+
+
+def test_a_copy_of_a_checkpoint_that_ran_on_the_cpu_can_be_trained(tmp_path, tiny_checkpoint, monkeypatch):
+    """The Fine-tune widget deep-copies the model Segment uses; its exported network must not come along."""
+    import copy
+
+    import numpy as np
+    import torch
+
+    from napari_nuclei_unet.io import Normalizer
+    from napari_nuclei_unet.model import Checkpoint
+    from napari_nuclei_unet.tiling import TilingParams, predict
+
+    monkeypatch.setenv("NUCLEI_UNET_CACHE", str(tmp_path / "cache"))
+    tiny_checkpoint.save(tmp_path / "m")
+    image = np.random.default_rng(0).random((64, 64)).astype(np.float32)
+    predict(Checkpoint.load(tmp_path / "m"), image, Normalizer.from_image(image, 3), TilingParams(device="cpu"))  # exports to the disk cache
+    loaded = Checkpoint.load(tmp_path / "m")
+    assert loaded.deferred is not None
+    predict(loaded, image, Normalizer.from_image(image, 3), TilingParams(device="cpu"))  # its network is kept with it
+    copied = copy.deepcopy(loaded)
+    assert copied.deferred is None and "_cpu_networks" not in copied.__dict__ and copied.file_digest is None
+    with torch.no_grad():
+        next(copied.model.parameters()).add_(1.0)
+    assert not torch.equal(next(copied.model.parameters()), next(loaded.model.parameters()))

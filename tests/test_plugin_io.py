@@ -104,3 +104,16 @@ def test_samples_load_without_network(make_napari_viewer):
     image, labels = sample_field()  # the files in sample_data/ are this generator's output
     assert np.array_equal(tifffile.imread(REPO / "sample_data" / "synthetic_nuclei.tif"), image)
     assert np.array_equal(tifffile.imread(REPO / "sample_data" / "synthetic_nuclei_labels.tif"), labels)
+
+
+def test_rle_rows_of_segmented_layers_are_named_after_the_image(tmp_path):
+    """Rows must match Kaggle ground truth, which names them by the image's file stem, not "<stem> nuclei"."""
+    from napari_nuclei_unet._writer import write_rle_csv
+    from napari_nuclei_unet.rle import read_csv
+
+    labels = np.zeros((20, 30), np.int32)
+    labels[2:6, 3:9], labels[10:15, 12:20] = 1, 2
+    segmented = {"name": "0a7d30 nuclei", "metadata": {"nuclei_unet": {"image_id": "0a7d30"}}}
+    hand_made = {"name": "my labels", "metadata": {}}
+    write_rle_csv(str(tmp_path / "out.csv"), [(labels, segmented, "labels"), (labels, hand_made, "labels")])
+    assert set(read_csv(tmp_path / "out.csv")) == {"0a7d30", "my labels"}

@@ -12,13 +12,15 @@ import numpy as np
 
 
 def write_rle_csv(path: str, layer_data: list[tuple[Any, dict, str]]) -> list[str]:
-    """One row per label, ImageId = layer name (``<name>_<plane>`` for stacks), with Height/Width."""
+    """One row per label, with Height/Width. ImageId: the segmented image's file stem for layers
+    the Segment widget made (as ``nuclei-unet segment`` and Kaggle name them), else the layer
+    name; ``<id>_<plane>`` for stacks."""
     from .rle import write_csv
 
     rows = []
     for data, meta, _kind in layer_data:
         labels = np.asarray(data)
-        name = meta.get("name", "labels")
+        name = ((meta.get("metadata") or {}).get("nuclei_unet") or {}).get("image_id") or meta.get("name", "labels")
         if labels.ndim == 2:
             rows.append((name, labels))
         else:

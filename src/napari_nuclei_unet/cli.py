@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .errors import Cancelled, InputError, NucleiUnetError, describe
+from .errors import Cancelled, InputError, NucleiUnetError, describe, nuclei_text
 from .params import BlockParams, PostprocessParams, SegmentParams, TilingParams, TrainConfig, field_default, field_metadata
 
 
@@ -181,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--pred", required=True, help="folder of label images or an RLE CSV")
     ev.add_argument("--images", default=None, help="image folder giving shapes for RLE CSVs without Height/Width")
     ev.add_argument("--json", default=None, help="also write the metrics as JSON")
+    ev.add_argument("--only-predicted", action="store_true", help="score only the ground-truth images that have a prediction")
 
     rle = commands.add_parser("rle", help="convert between RLE CSV and label images")
     rle_commands = rle.add_subparsers(dest="rle_command", required=True)
@@ -294,7 +295,7 @@ def cmd_segment(args) -> int:
     seconds = time.perf_counter() - started
     pixels = sum(r.pixels for r in results)
     print(
-        f"segmented {len(results)} image(s): {sum(r.nuclei for r in results)} nuclei in {seconds:.1f} s, "
+        f"segmented {len(results)} image(s): {nuclei_text(sum(r.nuclei for r in results))} in {seconds:.1f} s, "
         f"{pixels / 1e6 / max(seconds, 1e-9):.2f} MP/s on {device}; "
         f"{_diameter_summary(args.diameter, [r.diameter for r in results if r.diameter is not None])}; {_used_summary(results)} -> {out}"
     )
@@ -498,9 +499,18 @@ def cmd_evaluate(args) -> int:
 
     truth = _read_label_source(args.truth, args.images)
     pred = _read_label_source(args.pred, args.images)
+    if not set(truth) & set(pred):
+        example = next(iter(pred), "none")
+        raise InputError(f"{args.pred}: no image in common with {args.truth} (e.g. prediction {example!r} has no ground truth); ImageIds must be the image file stems")
+    if args.only_predicted:
+        truth = {key: labels for key, labels in truth.items() if key in pred}
     missing = sorted(set(truth) - set(pred))
     if missing:
-        print(f"note: {len(missing)} image(s) have no prediction and count as all-missed: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}", file=sys.stderr)
+        print(
+            f"note: {len(missing)} of {len(truth)} ground-truth images have no prediction and count as all-missed "
+            f"(--only-predicted scores the {len(truth) - len(missing)} predicted ones)",
+            file=sys.stderr,
+        )
     extra = sorted(set(pred) - set(truth))
     if extra:
         print(f"note: {len(extra)} predicted image(s) have no ground truth and are ignored", file=sys.stderr)

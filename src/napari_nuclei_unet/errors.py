@@ -62,3 +62,8 @@ def check_allocation(nbytes: float, what: str, source: object) -> None:
     available = available_memory()
     if nbytes > available:
         raise InputError(f"{source}: {what} would need {nbytes / 2**30:.3g} GiB, more than the {available / 2**30:.3g} GiB of memory available")
+
+
+def nuclei_text(count: int) -> str:
+    """``"1 nucleus"``, ``"12 nuclei"``: counts as users read them."""
+    return f"{count} nucleus" if count == 1 else f"{count} nuclei"

@@ -126,6 +126,15 @@ class Checkpoint:
         deferred = object.__getattribute__(self, "deferred")
         return deferred[1] if deferred is not None else self.__dict__.get("_untouched_file")
 
+    def __deepcopy__(self, memo: dict) -> "Checkpoint":
+        """A copy to train: with its own built model; the runtime caches (exported networks) stay behind."""
+        import copy
+
+        return Checkpoint(
+            model=copy.deepcopy(self.model, memo), config=copy.deepcopy(self.config, memo), percentiles=self.percentiles,
+            nucleus_diameter=self.nucleus_diameter, metadata=copy.deepcopy(self.metadata, memo), source=self.source,
+        )  # fmt: skip
+
     def _remember_file(self, digest: str) -> "Checkpoint":
         self.__dict__["_untouched_file"] = digest
         return self

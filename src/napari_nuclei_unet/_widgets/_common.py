@@ -104,6 +104,13 @@ class JobHub(QObject):
             callback()
 
 
+def image_id(layer) -> str:
+    """The name results of ``layer`` are filed under: its file's stem when it came from a file
+    (as ``nuclei-unet segment`` names RLE rows), else the layer's name."""
+    path = getattr(getattr(layer, "source", None), "path", None)
+    return Path(path).stem if path else layer.name
+
+
 def hub_of(viewer) -> JobHub:
     """The :class:`JobHub` of ``viewer``'s window (made on first use)."""
     real = getattr(viewer, "__wrapped__", viewer)  # napari hands plugins a proxy of the viewer
@@ -245,15 +252,18 @@ def _unless_closed(callback, *args) -> None:
             raise
 
 
-def result_metadata(model_name: str, network_key: tuple, postprocess, used: dict) -> dict:
+def result_metadata(model_name: str, network_key: tuple, postprocess, used: dict, image_id: str) -> dict:
     """What produced a result layer, stored in ``layer.metadata['nuclei_unet']``: the settings
-    as asked (``"auto"`` included) and, under ``used``, the numbers every "auto" became."""
-    model_path, tiling, diameter, stain = network_key
+    as asked (``"auto"`` included), under ``used`` the numbers every "auto" became, and the
+    ``image_id`` that RLE rows and file names take (the image's file stem, as the CLI writes)."""
+    model_path, tiling, diameter, image_type, stain = network_key
     return {
+        "image_id": image_id,
         "model": model_name,
         "model_path": model_path,
         "tiling": tiling,
         "diameter": diameter,
+        "image_type": image_type,
         "stain": stain,
         "postprocess": asdict(postprocess),
         "used": used,

@@ -62,6 +62,7 @@ def samples_from_layers(image: Image, labels: Labels, roi: Shapes | None = None)
     label_array = np.asarray(label_data)
     if not label_array.any():
         raise ValueError(f"labels '{labels.name}' are empty: paint or segment some nuclei first")
+    _refuse_masks(labels.name, label_array)
     region = None
     if roi is not None:
         if len(roi.data) == 0:
@@ -75,6 +76,31 @@ def samples_from_layers(image: Image, labels: Labels, roi: Shapes | None = None)
         LabelledImage(name=image.name if index is None else f"{image.name}[{index}]", image=plane, labels=plane_labels.astype(np.int32), roi=region)
         for index, plane, plane_labels in planes
     ]
+
+
+def _refuse_masks(name: str, labels: np.ndarray) -> None:
+    """A mask (one label for many separate objects) taught as instances would teach merged nuclei."""
+    from scipy import ndimage as ndi
+
+    values = np.unique(labels)
+    if values.size == 2:  # background and one label
+        _objects, count = ndi.label(labels > 0)
+        if count > 1:
+            raise ValueError(
+                f"labels '{name}' hold one label for {count} separate objects: a mask, not one label per nucleus; "
+                "choose the '… nuclei' layer, or give each nucleus its own label"
+            )
+
+
+def next_free_name(folder: Path, name: str) -> str:
+    """``name``, or ``name-2``, ``name-3``… : the first that names no non-empty folder in ``folder``."""
+    stem, candidate, number = name, name, 1
+    if "-" in name and name.rsplit("-", 1)[1].isdigit() and len(name.rsplit("-", 1)[1]) < 3:
+        stem, number = name.rsplit("-", 1)[0], int(name.rsplit("-", 1)[1])
+    while (folder / candidate).exists() and any((folder / candidate).iterdir()):
+        number += 1
+        candidate = f"{stem}-{number}"
+    return candidate
 
 
 class CurvePlot(QWidget):
@@ -318,6 +344,7 @@ class FineTuneWidget(Container):
             return
         self.status.value = f"done: {took}. Saved to {request.out_dir}"
         show_info(f"Fine-tune done: model saved to {request.out_dir}")
+        self.model.use_checkpoint_folder(str(request.out_dir))  # the next round of corrections starts from it
         self.hub.model_saved.emit(str(request.out_dir))
         self.resegment_button.enabled = self.hub.receivers(self.hub.segment_requested) > 0
 
@@ -329,6 +356,8 @@ class FineTuneWidget(Container):
         if self._progress is not None:
             self._progress.close()
             self._progress = None
+        folder = Path(str(self.output_folder.value)).expanduser()
+        self.model_name.value = next_free_name(folder, str(self.model_name.value).strip())  # Start again does not hit "already exists"
         self._worker = None
         self.start_button.enabled = True
         self.cancel_button.enabled = False

@@ -20,12 +20,12 @@ from napari.utils import cancelable_progress
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QTimer
 
-from ..errors import Cancelled
+from ..errors import Cancelled, nuclei_text
 from ..params import AUTO, IMAGE_TYPES, STAINS, PostprocessParams, SegmentParams, TilingParams, field_metadata
 from ..plane import PlanePrediction, label_plane
 from ..postprocess import resolve_min_confidence
 from ..segment import Segmentation, recorded_thresholds, segment_planes
-from ._common import ModelPicker, Relay, _unless_closed, hub_of, result_metadata
+from ._common import ModelPicker, Relay, _unless_closed, hub_of, image_id, result_metadata
 
 if TYPE_CHECKING:
     import napari
@@ -284,7 +284,7 @@ class SegmentWidget(Container):
         size += f"; {used['image_type']}{detected}" + (f", {used['stain']} channel" if used["stain"] != "none" else "")
         speed = f" ({result.megapixels / max(seconds, 1e-9):.2f} MP/s)" if result.megapixels else " (from cached probabilities)"
         self.status.value = (
-            f"{written} nuclei in {seconds:.1f} s{speed} on {device}{size}" + (f", rescaled x{factor:.2f}" if factor != 1.0 else "")
+            f"{nuclei_text(written)} in {seconds:.1f} s{speed} on {device}{size}" + (f", rescaled x{factor:.2f}" if factor != 1.0 else "")
         )
 
     # ------------------------------------------------------------- re-labelling
@@ -312,7 +312,7 @@ class SegmentWidget(Container):
         thresholds = recorded_thresholds(plane.threshold for plane in labelled.values())
         used = {**self._cache.used, "threshold": thresholds, "min_confidence": float(params.min_confidence)}
         count = self._write_layers({i: (p.mask, p.labels) for i, p in labelled.items()}, params, used)
-        self.status.value = f"{count} nuclei (re-labelled from cached probabilities)"
+        self.status.value = f"{nuclei_text(count)} (re-labelled from cached probabilities)"
 
     def _on_relabel_finished(self) -> None:
         self._relabel_worker = None
@@ -326,9 +326,10 @@ class SegmentWidget(Container):
         cache = self._cache
         source = cache.layer
         shape = _spatial_shape(source)
-        metadata = result_metadata(cache.model_name, cache.key, params, used)
+        metadata = result_metadata(cache.model_name, cache.key, params, used, image_id(source))
+        layers = {}
         for suffix, position, dtype in (("nuclei", 1, np.int32), ("mask", 0, np.uint8)):
-            layer = self._result_layer(source, suffix, Labels, shape, dtype)
+            layer = layers[suffix] = self._result_layer(source, suffix, Labels, shape, dtype)
             data = layer.data
             for index, planes in labelled.items():
                 target = data if index is None else data[index]
@@ -345,6 +346,7 @@ class SegmentWidget(Container):
                     target[...] = cache.planes[index].probabilities[cache.outputs.index("foreground")]
             layer.metadata["nuclei_unet"] = metadata
             layer.refresh()
+        self.viewer.layers.selection.active = layers["nuclei"]  # what a user paints next (the mask layer is hidden)
         return count
 
     def _result_layer(self, source: Image, suffix: str, kind: type, shape: tuple, dtype) -> Any:
