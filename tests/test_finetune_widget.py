@@ -64,6 +64,8 @@ def test_finetune_trains_saves_and_hands_the_model_to_segment(setup, qtbot):
     assert len(widget.plot.losses) == 4 and widget.plot.losses[-1] < widget.plot.losses[0]
     assert "done" in widget.status.value and "on cpu" in widget.status.value
     assert segment.model.path() == str(out / "model.safetensors")
+    assert widget.model.path() == str(out / "model.safetensors")  # the next round starts from the new model
+    assert widget.model_name.value == "mine-2"  # Start again would not hit "already exists"
     # The base model folder is untouched, and one click re-segments with the new model.
     assert Checkpoint.load(tmp_path / "tiny").metadata.get("training") is None
     assert widget.resegment_button.enabled
@@ -164,6 +166,12 @@ def test_bad_input_gives_clear_messages(setup, qtbot):
     widget.labels_layer.value = viewer.layers["empty"]
     widget.start()
     assert "'empty' are empty" in messages[-1]
+
+    mask = (viewer.layers["cells nuclei"].data > 0).astype(np.uint8)
+    viewer.add_labels(mask, name="cells mask")
+    widget.labels_layer.value = viewer.layers["cells mask"]
+    widget.start()
+    assert "'cells mask' hold one label for" in messages[-1] and "a mask" in messages[-1]
 
     widget.labels_layer.value = viewer.layers["cells nuclei"]
     blocker = tmp_path / "a-file"

@@ -73,6 +73,10 @@ def test_segments_the_generated_sample_with_sane_count(viewer_and_widget, qtbot)
     assert widget.min_confidence.value == pytest.approx(0.85)
     assert 0.3 <= recorded["used"]["threshold"] <= 0.7 and recorded["used"]["diameter"] > 0
     assert "nuclei in" in widget.status.value
+    assert viewer.layers.selection.active is nuclei  # pressing 2 paints the visible nuclei, not the hidden mask
+    assert recorded["image_id"] == "synthetic nuclei"  # no file: the layer's name (a file's stem otherwise)
+    assert recorded["used"]["image_type"] == "fluorescence" and recorded["used"]["stain"] == "none"
+    assert "fluorescence (detected)" in widget.status.value
     assert widget.request().params.tiling.precision == "int8"
     if "cpu" in widget.status.value:
         assert "on cpu (ONNX Runtime, 8-bit)" in widget.status.value
