@@ -97,8 +97,7 @@ def main() -> None:
         viewer.layers.remove(layer)
     viewer.open_sample(PLUGIN, "immunohistochemistry")
     widget.image_layer.value = viewer.layers["immunohistochemistry"]
-    widget.show_probability.value = False
-    widget.stain.value = "hematoxylin"  # DAB/hematoxylin: segment the hematoxylin channel
+    widget.show_probability.value = False  # the defaults: image type and stain "auto"
     segment(widget)
     viewer.layers.selection.active = viewer.layers["immunohistochemistry nuclei"]
     save(viewer, out / "06-immunohistochemistry.png")
@@ -110,7 +109,6 @@ def main() -> None:
         viewer.layers.remove(layer)
     viewer.open_sample(PLUGIN, "synthetic_nuclei")
     widget.image_layer.value = viewer.layers["synthetic nuclei"]
-    widget.stain.value = "none"
     segment(widget)
     nuclei = viewer.layers["synthetic nuclei nuclei"]
     viewer.add_labels(nuclei.data.copy(), name="before fine-tune", visible=False)
