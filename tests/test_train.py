@@ -311,8 +311,8 @@ def test_the_saved_and_validated_model_mixes_the_starting_weights_back_in(tmp_pa
         validated.append({k: v.clone() for k, v in checkpoint.model.state_dict().items()})
         return real_validate(checkpoint, *args, **kwargs)
 
-    real_validate = train.validate
-    monkeypatch.setattr(train, "validate", recording_validate)
+    real_validate = train.validate_by_type
+    monkeypatch.setattr(train, "validate_by_type", recording_validate)
     start = {k: v.clone() for k, v in tiny_checkpoint.model.state_dict().items()}
     config = TrainConfig(epochs=2, iterations_per_epoch=3, patch_size=64, batch_size=2, warmup_iterations=1, learning_rate=3e-3, start_weight_share=0.25)
     for val, out in (([], "saved"), (samples[2:], "validated")):

@@ -8,7 +8,7 @@ planes (``blocks``) use these; this module imports neither of them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import numpy as np
@@ -16,7 +16,7 @@ import numpy as np
 from .errors import InputError
 from .io import Normalizer, hematoxylin, sample_step
 from .model import Checkpoint
-from .params import STAINS, PostprocessParams, SegmentParams
+from .params import AUTO, STAINS, PostprocessParams, SegmentParams
 from .postprocess import instances, with_threshold
 from .scale import (
     NETWORK_GRID_MAX_PIXELS,
@@ -60,6 +60,20 @@ def apply_stain(plane, stain: str):
     return plane
 
 
+def resolve_stain(checkpoint: Checkpoint, plane, params: SegmentParams) -> SegmentParams:
+    """``params`` with the image type detected (when "auto") and the stain chosen for it (when "auto")."""
+    from .data import image_type
+
+    kind = params.image_type
+    if kind == AUTO:
+        step = sample_step(*plane.shape[:2])
+        kind = image_type(np.asarray(plane[::step, ::step]))
+    stain = params.stain
+    if stain == AUTO:
+        stain = checkpoint.stain_for(kind) if len(plane.shape) == 3 and plane.shape[-1] in (3, 4) else "none"
+    return replace(params, image_type=kind, stain=stain)
+
+
 def plane_normalizer(checkpoint: Checkpoint, plane, stain: str = "none") -> Normalizer:
     """The checkpoint's normaliser for a whole (possibly lazy) plane after the stain conversion.
 
@@ -90,7 +104,7 @@ def estimate_diameter(
     full-size pass is reused when no rescaling is needed. No nuclei found: ``diameter``
     is None. (Measurements: docs/model-card.md.)
     """
-    params = params or SegmentParams()
+    params = resolve_stain(checkpoint, plane, params or SegmentParams())
     normalizer = plane_normalizer(checkpoint, plane, params.stain)
     return estimate_on_plane(checkpoint, apply_stain(plane, params.stain), normalizer, params.tiling, progress, cancel)
 
@@ -112,6 +126,7 @@ def predict_plane(
     at the right zoom is reused instead of running the network again. ``normalizer``
     passes what was already worked out for a whole large plane.
     """
+    params = resolve_stain(checkpoint, plane, params)  # as segment.resolve does (idempotent) when called directly
     normalizer = normalizer or plane_normalizer(checkpoint, plane, params.stain)
     plane = apply_stain(plane, params.stain)
     factor = rescale_factor(checkpoint, estimate.diameter)

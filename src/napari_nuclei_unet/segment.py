@@ -20,10 +20,10 @@ import numpy as np
 
 from .blocks import segment_large
 from .errors import Cancelled, InputError
-from .io import is_single_plane, sample_step
+from .io import is_single_plane
 from .model import Checkpoint
 from .params import AUTO, IMAGE_TYPES, STAINS, SegmentParams
-from .plane import LabelledPlane, PlanePrediction, estimate_diameter, label_plane, predict_plane
+from .plane import LabelledPlane, PlanePrediction, estimate_diameter, label_plane, predict_plane, resolve_stain
 from .postprocess import resolve_min_confidence, resolve_threshold
 from .scale import DiameterEstimate, rescale_factor
 from .tiling import CancelCheck, ProgressCallback
@@ -144,7 +144,7 @@ def resolve(
         raise InputError(f"stain must be one of {', '.join(STAINS)}, got {params.stain!r}")
     if params.image_type not in IMAGE_TYPES:
         raise InputError(f"image type must be one of {', '.join(IMAGE_TYPES)}, got {params.image_type!r}")
-    params = _resolve_stain(checkpoint, _middle_plane(image, plane_indices), params)
+    params = resolve_stain(checkpoint, _middle_plane(image, plane_indices), params)
     try:
         min_confidence = resolve_min_confidence(params.postprocess.min_confidence, checkpoint.min_confidence)
         if params.postprocess.threshold != AUTO:
@@ -164,20 +164,6 @@ def _middle_plane(image, plane_indices: list[PlaneIndex] | None):
         return image
     indices = plane_indices if plane_indices else list(range(image.shape[0]))
     return image[indices[len(indices) // 2]]
-
-
-def _resolve_stain(checkpoint: Checkpoint, plane, params: SegmentParams) -> SegmentParams:
-    """``params`` with the image type detected (when "auto") and the stain chosen for it (when "auto")."""
-    from .data import image_type
-
-    kind = params.image_type
-    if kind == AUTO:
-        step = sample_step(*plane.shape[:2])
-        kind = image_type(np.asarray(plane[::step, ::step]))
-    stain = params.stain
-    if stain == AUTO:
-        stain = checkpoint.stain_for(kind) if len(plane.shape) == 3 and plane.shape[-1] in (3, 4) else "none"
-    return replace(params, image_type=kind, stain=stain)
 
 
 def _resolve_diameter(checkpoint, image, params, plane_indices, progress, cancel) -> DiameterEstimate:
