@@ -38,7 +38,7 @@ def test_diameter_runs_the_network_on_a_rescaled_image_and_maps_back(tiny_checkp
         return original_forward(batch)
 
     model.forward = spy
-    params = SegmentParams(tiling=TilingParams(tile_size=4096), diameter=40.0)
+    params = SegmentParams(tiling=TilingParams(tile_size=4096, backend="torch"), diameter=40.0)  # the spy sees torch's calls
     probabilities = _probabilities(tiny_checkpoint, image, params)
     assert probabilities.shape == (2, 150, 110)
     assert seen and seen[0][0] < 150  # the network saw the half-size image (padded to a multiple of 32)
