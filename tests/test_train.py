@@ -407,7 +407,7 @@ def test_patch_weights_give_every_image_type_an_equal_share():
     assert balanced[-1] == pytest.approx(0.5) and balanced[:8].sum() == pytest.approx(0.5)
 
 
-def test_best_epoch_is_chosen_by_the_mean_of_the_per_type_scores():
+def test_balanced_score_counts_each_image_type_the_same():
     from napari_nuclei_unet.metrics import Scores
     from napari_nuclei_unet.training.calibrate import balanced_score
 
@@ -435,3 +435,22 @@ def test_validate_by_type_scores_each_image_type_apart(tiny_checkpoint, monkeypa
     assert found["fluorescence"].kaggle_score == 1.0 and found["tissue"].kaggle_score == 0.0
     assert found["all"].kaggle_score == pytest.approx(2 / 3)
     assert balanced_score(found) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(("balance", "kept_epoch"), [(True, 2), (False, 1)])
+def test_training_keeps_the_epoch_with_the_best_per_type_mean(tmp_path, tiny_checkpoint, samples, monkeypatch, balance, kept_epoch):
+    """Epoch 1: 0.6 over all images but 0.1 on tissue; epoch 2: 0.5 everywhere. Balanced, epoch 2 wins."""
+    from napari_nuclei_unet.metrics import Scores
+    from napari_nuclei_unet.training import loop
+
+    def scores(value):
+        return Scores(value, value, 1, 1, 1, 1, 1, 1, 1, 1)
+
+    rounds = iter([
+        {"all": scores(0.6), "fluorescence": scores(0.7), "tissue": scores(0.1)},
+        {"all": scores(0.5), "fluorescence": scores(0.5), "tissue": scores(0.5)},
+    ])  # fmt: skip
+    monkeypatch.setattr(loop, "validate_by_type", lambda *args, **kwargs: next(rounds))
+    config = TrainConfig(epochs=2, iterations_per_epoch=1, patch_size=64, batch_size=2, warmup_iterations=1, calibrate=False, balance_image_types=balance)
+    fit(tiny_checkpoint, samples[:2], tmp_path / "run", val=samples[2:], config=config)
+    assert Checkpoint.load(tmp_path / "run").metadata["training"]["epochs"] == kept_epoch

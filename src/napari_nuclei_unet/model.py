@@ -99,32 +99,29 @@ class Checkpoint:
     nucleus_diameter: float | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     source: str | None = None
-    # Weights read from a file, not yet in a model; and that file's digest.
-    deferred: tuple[dict, str, Path] | None = field(default=None, repr=False)
+    # Weights read from a file and not yet in a model, with that file: built on first use of ``model``.
+    deferred: tuple[dict, Path] | None = field(default=None, repr=False, compare=False)
+    # The digest of the weights file while the weights are as stored in it: until something
+    # other than the CPU network lookup (``onnx_backend.checkpoint_network``) asks for
+    # ``model``, which may then change them. None for checkpoints not loaded from a folder.
+    file_digest: str | None = field(default=None, repr=False, compare=False)
+    # Exported CPU networks of these file weights, by (cache file, threads): runtime state
+    # that lives and dies with the checkpoint (``onnx_backend.checkpoint_network``).
+    cpu_networks: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __getattribute__(self, name: str):
         if name == "model":
             if object.__getattribute__(self, "deferred") is not None:
                 self._build_deferred()
-            object.__getattribute__(self, "__dict__").pop("_untouched_file", None)  # may be changed from now on
+            object.__setattr__(self, "file_digest", None)  # may be changed from now on
         return object.__getattribute__(self, name)
 
     def _build_deferred(self) -> None:
-        state, _digest, path = object.__getattribute__(self, "deferred")
+        state, path = object.__getattribute__(self, "deferred")
         model = self.config.build()
         _load_strict(model, state, path, self.config)
         object.__setattr__(self, "model", model.eval())
         object.__setattr__(self, "deferred", None)
-
-    @property
-    def file_digest(self) -> str | None:
-        """The digest of the weights file while the weights are as stored in it, else None.
-
-        That is: while they are not yet in a model, or, just after loading, until something
-        other than the CPU network lookup asks for :attr:`model` (which may change it).
-        """
-        deferred = object.__getattribute__(self, "deferred")
-        return deferred[1] if deferred is not None else self.__dict__.get("_untouched_file")
 
     def __deepcopy__(self, memo: dict) -> "Checkpoint":
         """A copy to train: with its own built model; the runtime caches (exported networks) stay behind."""
@@ -134,10 +131,6 @@ class Checkpoint:
             model=copy.deepcopy(self.model, memo), config=copy.deepcopy(self.config, memo), percentiles=self.percentiles,
             nucleus_diameter=self.nucleus_diameter, metadata=copy.deepcopy(self.metadata, memo), source=self.source,
         )  # fmt: skip
-
-    def _remember_file(self, digest: str) -> "Checkpoint":
-        self.__dict__["_untouched_file"] = digest
-        return self
 
     @classmethod
     def create(cls, config: ModelConfig | None = None, encoder_weights: str | None = None, **kwargs) -> "Checkpoint":
@@ -325,10 +318,10 @@ def _load_folder(folder: Path) -> Checkpoint:
     from .onnx_backend import is_cached
 
     if is_cached(digest):  # these weights built and exported before: the model is built only if asked for
-        return Checkpoint(model=None, config=config, metadata=_extra_metadata(meta), deferred=(state, digest, weights), **checked)
+        return Checkpoint(model=None, config=config, metadata=_extra_metadata(meta), deferred=(state, weights), file_digest=digest, **checked)
     model = config.build()
     _load_strict(model, state, weights, config)
-    return Checkpoint(model=model.eval(), config=config, metadata=_extra_metadata(meta), deferred=None, **checked)._remember_file(digest)
+    return Checkpoint(model=model.eval(), config=config, metadata=_extra_metadata(meta), file_digest=digest, **checked)
 
 
 def _check_declared_architecture(config: ModelConfig, state: dict, path: Path) -> None:

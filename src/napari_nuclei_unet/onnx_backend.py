@@ -125,7 +125,7 @@ def checkpoint_network(checkpoint, backend: str = "auto", precision: str = "int8
         return cpu_network(checkpoint.model, checkpoint.config.in_channels, backend, precision)
     threads = torch.get_num_threads()
     path = _file_cache_path(digest, checkpoint.config.in_channels, precision)
-    networks = checkpoint.__dict__.setdefault("_cpu_networks", {})  # lives and dies with the checkpoint
+    networks = checkpoint.cpu_networks
     with _LOCK:
         network = networks.get((path, threads))
         if network is None and (cached := _read_cached(path)) is not None:
@@ -205,17 +205,20 @@ def _read_cached(path: Path) -> tuple[bytes, int, bool] | None:
 
 def _write_cached(path: Path, network: bytes, out_channels: int, quantised: bool) -> None:
     """Atomically (a reader never sees half a file); a read-only or full disk only costs the next process the export."""
+    part = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".part", delete=False) as handle:
+            part = handle.name
             handle.write(bytes([out_channels, int(quantised)]) + network)
-        os.replace(handle.name, path)
+        os.replace(part, path)
         kept = sorted(path.parent.glob("*.onnx"), key=lambda p: p.stat().st_mtime, reverse=True)
         for old in kept[_DISK_CACHE_KEPT:]:
             old.unlink(missing_ok=True)
     except OSError:
-        with contextlib.suppress(OSError, UnboundLocalError):
-            os.unlink(handle.name)
+        if part is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(part)
 
 
 def _export(model: torch.nn.Module, in_channels: int, threads: int, precision: str = "float32") -> OnnxNetwork:

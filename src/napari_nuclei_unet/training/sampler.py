@@ -31,8 +31,7 @@ class PatchSampler:
         self.weights = patch_weights([s.labels.size for s in samples], self.types if config.balance_image_types else None, config.patch_size)
         self.augment = build_augmentation(config) if config.augment else None
         # For restyle (distillation only): each image's background/nucleus signal levels.
-        self.types = self.types if config.distill_weight > 0 else []
-        self.levels = [signal_levels(image, target[0] > 0, kind) for image, target, kind in zip(self.images, self.targets, self.types)]
+        self.levels = [signal_levels(image, target[0] > 0, kind) for image, target, kind in zip(self.images, self.targets, self.types)] if config.distill_weight > 0 else []
 
     def patch(self, index: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if index is None:
