@@ -235,3 +235,40 @@ def test_an_unwritable_cache_folder_costs_only_the_export(tmp_path, tiny_checkpo
     image = _image()
     out = predict(tiny_checkpoint, image, Normalizer.from_image(image, 3), TilingParams(device="cpu", precision="float32"))
     assert out.shape == (2, *image.shape)
+
+
+def test_a_cli_run_from_the_disk_cache_imports_neither_torch_nor_onnx(tmp_path, tiny_checkpoint, monkeypatch):
+    """Importing torch (~2.5 s) and onnx (~1 s) was most of a short run's start-up; a cached network needs neither."""
+    import json
+    import subprocess
+    import sys
+
+    import tifffile
+
+    from napari_nuclei_unet.model import Checkpoint
+
+    monkeypatch.setenv("NUCLEI_UNET_CACHE", str(tmp_path / "cache"))
+    tiny_checkpoint.nucleus_diameter = 10.0
+    tiny_checkpoint.save(tmp_path / "model")
+    tifffile.imwrite(tmp_path / "cells.tif", _image((120, 150)))
+    arguments = ["segment", str(tmp_path / "cells.tif"), "--model", str(tmp_path / "model"), "--diameter", "5", "--device", "auto"]
+    # In this process: export and cache the network.
+    predict(Checkpoint.load(tmp_path / "model"), _image((8, 8)), Normalizer.from_image(_image((8, 8)), 3), TilingParams(device="cpu"))
+    script = (
+        "import json, sys\n"
+        "from napari_nuclei_unet import cli, model\n"
+        "gpu = model._gpu_possible()\n"
+        f"code = cli.main({arguments + ['--out', str(tmp_path / 'second')]!r})\n"
+        "print(json.dumps({'code': code, 'gpu': gpu, 'torch': 'torch' in sys.modules, 'onnx': 'onnx' in sys.modules}))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert report["code"] == 0
+    if report["gpu"]:
+        pytest.skip("a GPU driver is present: 'auto' must ask torch")
+    assert not report["torch"] and not report["onnx"], report
+    from napari_nuclei_unet import cli
+
+    assert cli.main([*arguments, "--out", str(tmp_path / "first")]) == 0  # the same run with torch loaded
+    assert np.array_equal(tifffile.imread(tmp_path / "second" / "cells.tif"), tifffile.imread(tmp_path / "first" / "cells.tif"))

@@ -253,7 +253,7 @@ def _load_checkpoint(args):
 def cmd_segment(args) -> int:
     from .batch import output_path
     from .io import find_images
-    from .model import resolve_device
+    from .model import device_name
     from .onnx_backend import describe_device
     from .rle import write_csv
 
@@ -269,9 +269,9 @@ def cmd_segment(args) -> int:
     if args.rle_csv:
         writable_file(args.rle_csv)
     distributed = args.workers or args.dask_scheduler
-    device = resolve_device("cpu" if distributed and args.device == "auto" else args.device)
+    device = device_name("cpu" if distributed and args.device == "auto" else args.device)
     checkpoint = _load_checkpoint(args)  # fails early, here, on bad weights
-    params = segment_params(args, str(device))
+    params = segment_params(args, device)
     print(f"model: {checkpoint.summary()} | device: {describe_device(device, args.backend, args.precision)}", file=sys.stderr)
     started = time.perf_counter()
     # Every output is written into a staging folder inside --out and moved into place only when

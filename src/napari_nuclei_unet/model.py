@@ -18,16 +18,19 @@ import hashlib
 import json
 import logging
 import os
+import platform
 import shutil
+import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import ModelError, describe
 from .io import default_mode
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +249,7 @@ class Checkpoint:
             checkpoint = _load_folder(path.parent)
         else:
             raise ModelError(f"{path}: not a model (expected a checkpoint folder or a .pth state_dict)")
-        if torch.device(device).type != "cpu" or checkpoint.file_digest is None:  # deferred models are built on the CPU
+        if device_name(device) != "cpu" or checkpoint.file_digest is None:  # deferred models are built on the CPU
             checkpoint.model.to(device).eval()
         # A file picked inside a checkpoint folder stands for the folder.
         checkpoint.source = str(path.parent if path.is_file() and path.suffix.lower() in (".safetensors", ".json") else path)
@@ -303,12 +306,7 @@ def _load_folder(folder: Path) -> Checkpoint:
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise ModelError(f"{weights}: missing weights file")
-    try:
-        from safetensors.torch import load_file
-
-        state = load_file(str(weights))
-    except Exception as error:  # noqa: BLE001 (safetensors raises its own error types for truncated files)
-        raise ModelError(f"{weights}: corrupt or truncated weights ({describe(error)})") from None
+    state = _read_safetensors(weights)
     _check_declared_architecture(config, state, folder / SMP_CONFIG_FILE)
     checked = _checked_metadata(folder / METADATA_FILE, meta)
     digest = hashlib.blake2b(json.dumps(asdict(config), sort_keys=True).encode(), digest_size=16)
@@ -322,6 +320,23 @@ def _load_folder(folder: Path) -> Checkpoint:
     model = config.build()
     _load_strict(model, state, weights, config)
     return Checkpoint(model=model.eval(), config=config, metadata=_extra_metadata(meta), file_digest=digest, **checked)
+
+
+def _read_safetensors(weights: Path) -> dict:
+    """The tensors of a safetensors file, as numpy arrays when numpy has their dtype: reading them
+    needs no torch, which a CPU run from the network cache then never imports (~2.5 s)."""
+    try:
+        from safetensors.numpy import load_file
+
+        return load_file(str(weights))
+    except Exception:  # noqa: BLE001 (bfloat16 has no numpy dtype; a broken file fails below too)
+        pass
+    try:
+        from safetensors.torch import load_file
+
+        return load_file(str(weights))
+    except Exception as error:  # noqa: BLE001 (safetensors raises its own error types for truncated files)
+        raise ModelError(f"{weights}: corrupt or truncated weights ({describe(error)})") from None
 
 
 def _check_declared_architecture(config: ModelConfig, state: dict, path: Path) -> None:
@@ -370,6 +385,8 @@ def _default_outputs(classes: int) -> tuple[str, ...]:
 
 
 def _load_strict(model: torch.nn.Module, state: dict, path: Path, config: ModelConfig) -> None:
+    import torch
+
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -381,10 +398,12 @@ def _load_strict(model: torch.nn.Module, state: dict, path: Path, config: ModelC
             if keys
         )
         raise ModelError(f"{path}: weights do not match smp.Unet(encoder={config.encoder_name!r}, classes={len(config.outputs)}): {detail}")
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+    model.load_state_dict({k: torch.as_tensor(v).to(expected[k].dtype) for k, v in state.items()})
 
 
 def _load_state_dict_file(path: Path, encoder: str | None) -> Checkpoint:
+    import torch
+
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 (pickle/zip errors for truncated or non-weights files)
@@ -457,6 +476,8 @@ def _encoder_matches(config: ModelConfig, state: dict) -> bool:
 
 def available_devices() -> list[str]:
     """Device names a user can pick on this machine, ``auto`` first."""
+    import torch
+
     names = ["auto", "cpu"]
     names += [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -464,8 +485,27 @@ def available_devices() -> list[str]:
     return names
 
 
+def _gpu_possible() -> bool:
+    """Whether torch could find a GPU here. False only when none can exist (Linux without a GPU
+    driver), so that a CPU run need not import torch (~2.5 s) just to be told so."""
+    if "torch" in sys.modules:  # already loaded: asking it costs nothing
+        return True
+    if sys.platform.startswith("linux"):
+        return any(os.path.exists(p) for p in ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/kfd", "/dev/dxg"))
+    return sys.platform != "darwin" or platform.machine() == "arm64"  # Apple silicon has MPS
+
+
+def device_name(device: str | torch.device = "auto") -> str:
+    """:func:`resolve_device` as a name ("cpu", "cuda", "cuda:1", "mps"); torch is imported only when a GPU may exist."""
+    if str(device) == "cpu" or (str(device) == "auto" and not _gpu_possible()):
+        return "cpu"
+    return str(resolve_device(device))
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``auto`` picks cuda, then mps, then cpu; a named device is checked to exist."""
+    import torch
+
     name = str(device)
     if name == "auto":
         if torch.cuda.is_available():

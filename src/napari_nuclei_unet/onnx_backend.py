@@ -25,15 +25,20 @@ import io
 import logging
 import os
 import tempfile
+import sys
 import threading
 import warnings
 import weakref
+from importlib import metadata, util
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from .errors import ModelError
+
+if TYPE_CHECKING:
+    import torch
 
 BACKENDS = ("auto", "torch", "onnx")
 PRECISIONS = ("int8", "float32")
@@ -48,7 +53,7 @@ _QUANTISED_KEPT = 4
 
 
 class OnnxNetwork:
-    """An ONNX Runtime session that is called like the torch model: ``(N, C, H, W)`` tensor in, logits out."""
+    """An ONNX Runtime session: ``(N, C, H, W)`` float32 array in, logits array out."""
 
     def __init__(self, session, out_channels: int, precision: str = "float32", serialized: bytes = b""):
         self.session = session
@@ -57,20 +62,35 @@ class OnnxNetwork:
         self.serialized = serialized  # the ONNX graph the session runs
         self._input = session.get_inputs()[0].name
 
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        array = np.ascontiguousarray(batch.detach().cpu().numpy(), dtype=np.float32)
-        return torch.from_numpy(self.session.run(None, {self._input: array})[0])
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self._input: np.ascontiguousarray(batch, dtype=np.float32)})[0]
 
 
 @functools.cache
 def available() -> bool:
-    """Whether ONNX Runtime and the exporter's ``onnx`` package can be imported."""
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether ONNX Runtime and the exporter's ``onnx`` package are installed.
+
+    Looked up, not imported: importing ``onnx`` costs ~1 s, and a network from the disk cache
+    does not need it. A broken install fails at the export, which falls back to PyTorch.
+    """
+    return all(util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
+
+
+def cpu_threads() -> int:
+    """Threads for CPU inference: torch's setting once torch is loaded (``--threads`` and dask
+    workers set it there), else what torch would take: ``OMP_NUM_THREADS`` or the usable cores."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return torch.get_num_threads()
+    configured = os.environ.get("OMP_NUM_THREADS", "")
+    if configured.isdigit() and int(configured) > 0:
+        return int(configured)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _torch_version() -> str:
+    """From the package metadata: the disk cache's key must not need torch imported."""
+    return metadata.version("torch")
 
 
 def cpu_network(model: torch.nn.Module, in_channels: int, backend: str = "auto", precision: str = "int8"):
@@ -92,7 +112,7 @@ def cpu_network(model: torch.nn.Module, in_channels: int, backend: str = "auto",
         if backend == "onnx":
             raise ModelError("backend 'onnx' needs the onnxruntime and onnx packages: pip install onnxruntime onnx")
         return model
-    key = (_weights_version(model), in_channels, torch.get_num_threads())
+    key = (_weights_version(model), in_channels, cpu_threads())
     with _LOCK:  # one export per model, weights and precision, also when several threads segment at once
         networks = _CACHE.setdefault(model, {})
         cached = networks.get(precision)
@@ -123,7 +143,7 @@ def checkpoint_network(checkpoint, backend: str = "auto", precision: str = "int8
     digest = checkpoint.file_digest
     if digest is None or backend == "torch" or not available():
         return cpu_network(checkpoint.model, checkpoint.config.in_channels, backend, precision)
-    threads = torch.get_num_threads()
+    threads = cpu_threads()
     path = _file_cache_path(digest, checkpoint.config.in_channels, precision)
     networks = checkpoint.cpu_networks
     with _LOCK:
@@ -152,7 +172,7 @@ def is_cached(file_digest: str) -> bool:
 def _file_cache_path(file_digest: str, in_channels: int, precision: str) -> Path:
     import onnxruntime
 
-    versions = f"{_EXPORT_FORMAT}|{_OPSET}|{torch.__version__}|{onnxruntime.__version__}|{in_channels}|{precision}"
+    versions = f"{_EXPORT_FORMAT}|{_OPSET}|{_torch_version()}|{onnxruntime.__version__}|{in_channels}|{precision}"
     return cache_folder() / f"{file_digest}-{hashlib.blake2b(versions.encode(), digest_size=8).hexdigest()}.onnx"
 
 
@@ -184,7 +204,7 @@ def weights_digest(model: torch.nn.Module, in_channels: int, precision: str) -> 
     import onnxruntime
 
     digest = hashlib.blake2b(digest_size=16)
-    digest.update(f"{_EXPORT_FORMAT}|{_OPSET}|{torch.__version__}|{onnxruntime.__version__}|{in_channels}|{precision}|{model!r}".encode())
+    digest.update(f"{_EXPORT_FORMAT}|{_OPSET}|{_torch_version()}|{onnxruntime.__version__}|{in_channels}|{precision}|{model!r}".encode())
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
         digest.update(str((tuple(tensor.shape), tensor.dtype)).encode())
@@ -264,6 +284,8 @@ def _session(exported: bytes, out_channels: int, quantised: bool, threads: int) 
 
 def to_onnx(model: torch.nn.Module, in_channels: int) -> tuple[bytes, int]:
     """The model in eval mode as a float32 ONNX graph with free batch, height and width, and its output channels."""
+    import torch
+
     was_training = model.training
     model.eval()
     try:
@@ -365,8 +387,7 @@ def calibration_images(in_channels: int, count: int = 12, side: int = 256) -> li
 
 def describe_device(device: torch.device | str, backend: str = "auto", precision: str = "int8") -> str:
     """What users see: the device, and on the CPU which engine runs the network (and in what precision)."""
-    device = torch.device(device)
-    if device.type != "cpu":
+    if str(device).split(":")[0] != "cpu":
         return str(device)
     if backend == "torch" or (backend == "auto" and not available()):
         return "cpu (PyTorch)"

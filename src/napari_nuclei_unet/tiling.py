@@ -11,12 +11,12 @@ fastest and identical to untiled inference.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from .errors import Cancelled
 from .io import Normalizer
@@ -94,15 +94,18 @@ def _batches(tiles: list[Tile], size: int) -> Iterator[list[Tile]]:
         yield tiles[start:start + size]
 
 
-def _tta_forward(model: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor, tta: bool) -> torch.Tensor:
-    """Logits of the batch, averaged over the four flips when ``tta`` is on."""
+Forward = Callable[[np.ndarray], np.ndarray]  # (N, C, H, W) float32 batch -> (N, K, H, W) probabilities
+
+
+def _tta_forward(network, batch, tta: bool, flip):
+    """Logits of the batch, averaged over the four flips when ``tta`` is on (numpy arrays or tensors)."""
     if not tta:
-        return model(batch)
+        return network(batch)
     total = None
     for dims in ((), (-1,), (-2,), (-2, -1)):
-        flipped = batch.flip(dims) if dims else batch
-        logits = model(flipped)
-        logits = logits.flip(dims) if dims else logits
+        flipped = flip(batch, dims) if dims else batch
+        logits = network(flipped)
+        logits = flip(logits, dims) if dims else logits
         total = logits if total is None else total + logits
     return total / 4
 
@@ -118,94 +121,109 @@ def predict(
 ) -> np.ndarray:
     """Per-pixel probabilities ``(C, Y, X)`` float32 of one 2D plane (grey or ``(Y, X, C)``).
 
-    ``model`` is a torch module or a :class:`~.model.Checkpoint` (whose CPU network may then
-    come from the disk cache without building the torch model).
+    ``model`` is a torch module or a :class:`~.model.Checkpoint`, whose CPU network may then
+    come from the disk cache: such a run never imports torch.
     ``plane`` may be numpy, dask or zarr: only one batch of tiles is read at a time.
     ``progress(done, total)`` is called after each batch; ``cancel()`` is checked before
     each batch and raises :class:`Cancelled`.
     """
-    from .model import Checkpoint, resolve_device
+    from .model import Checkpoint, device_name
 
     params = params or TilingParams()
-    device = resolve_device(params.device)
-    height, width = plane.shape[:2]
-    tile_shape, tiles = plan_tiles((height, width), params.tile_size, params.overlap)
+    tile_shape, tiles = plan_tiles(plane.shape[:2], params.tile_size, params.overlap)
+    forward = None
     if isinstance(model, Checkpoint):
-        if device.type == "cpu" and model.config.in_channels == normalizer.channels:
+        if model.config.in_channels == normalizer.channels and device_name(params.device) == "cpu":
             from .onnx_backend import OnnxNetwork, checkpoint_network
 
             network = checkpoint_network(model, params.backend, params.precision)
             if isinstance(network, OnnxNetwork):
-                return _run_tiles(network, plane, normalizer, params, tile_shape, tiles, device, False, progress, cancel, out)
-        model = model.model
+                forward = _onnx_forward(network, params.tta), network.out_channels
+        if forward is None:
+            model = model.model
+    if forward is None:
+        forward = _torch_forward(model, normalizer.channels, params)
+    return _run_tiles(*forward, plane, normalizer, params.batch_size, tile_shape, tiles, progress, cancel, out)
+
+
+def _onnx_forward(network, tta: bool) -> Forward:
+    from scipy.special import expit
+
+    def forward(batch: np.ndarray) -> np.ndarray:
+        logits = np.ascontiguousarray(_tta_forward(network, batch, tta, np.flip), dtype=np.float32)
+        return expit(logits, out=logits)
+
+    return forward
+
+
+def _torch_forward(model, in_channels: int, params: TilingParams) -> tuple[Forward, int]:
+    """The torch module on its device (or its ONNX Runtime export on the CPU) as a :data:`Forward`, and its output channels."""
+    import torch
+
+    from .model import resolve_device
+
+    device = resolve_device(params.device)
     if next(model.parameters()).device != device:  # .to() and .eval() walk every module: skip when
         model = model.to(device)  # there is nothing to do (they cost ~5 ms per call)
     if model.training:
         model.eval()
-    cpu = device.type == "cpu"
-    network = model
-    if cpu:
-        from .onnx_backend import cpu_network
+    if device.type == "cpu":
+        from .onnx_backend import OnnxNetwork, cpu_network
 
-        network = cpu_network(model, normalizer.channels, params.backend, params.precision)
-    channels_last = cpu and network is model  # PyTorch on the CPU
-    if channels_last and not next(model.parameters()).is_contiguous(memory_format=torch.channels_last):
-        model.to(memory_format=torch.channels_last)  # once: converting walks every module
-    return _run_tiles(network, plane, normalizer, params, tile_shape, tiles, device, channels_last, progress, cancel, out)
+        network = cpu_network(model, in_channels, params.backend, params.precision)
+        if isinstance(network, OnnxNetwork):
+            return _onnx_forward(network, params.tta), network.out_channels
+        if not next(model.parameters()).is_contiguous(memory_format=torch.channels_last):
+            model.to(memory_format=torch.channels_last)  # once: converting walks every module
+    autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" and params.amp else contextlib.nullcontext()
+
+    def forward(batch: np.ndarray) -> np.ndarray:
+        tensor = torch.from_numpy(batch)
+        if device.type == "cuda":
+            tensor = tensor.pin_memory().to(device, non_blocking=True)
+        elif device.type == "cpu":
+            tensor = tensor.contiguous(memory_format=torch.channels_last)
+        else:
+            tensor = tensor.to(device)
+        with torch.inference_mode(), autocast:
+            logits = _tta_forward(model, tensor, params.tta, lambda x, dims: x.flip(dims))
+            return torch.sigmoid_(logits.float()).cpu().numpy()  # in place: no second copy of the batch
+
+    return forward, _output_channels(model, in_channels, device)
 
 
-def _run_tiles(network, plane, normalizer, params, tile_shape, tiles, device, channels_last, progress, cancel, out) -> np.ndarray:
+def _run_tiles(forward: Forward, classes: int, plane, normalizer, batch_size, tile_shape, tiles, progress, cancel, out) -> np.ndarray:
     height, width = plane.shape[:2]
-    cpu = device.type == "cpu"
-    with torch.inference_mode():
-        classes = _output_channels(network, normalizer.channels, device)
-        if out is None:
-            out = np.zeros((classes, height, width), np.float32)
-        autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" and params.amp else _no_autocast()
-        done = 0
-        for batch_tiles in _batches(tiles, max(1, params.batch_size)):
-            if cancel is not None and cancel():
-                raise Cancelled("segmentation cancelled")
-            batch = np.zeros((len(batch_tiles), normalizer.channels, *tile_shape), np.float32)
-            for slot, tile in enumerate(batch_tiles):
-                crop = normalizer(plane[tile.y:tile.y + tile.height, tile.x:tile.x + tile.width])
-                batch[slot] = _pad_reflect(crop, tile_shape)
-            tensor = torch.from_numpy(batch)
-            if device.type == "cuda":
-                tensor = tensor.pin_memory().to(device, non_blocking=True)
-            elif channels_last:
-                tensor = tensor.contiguous(memory_format=torch.channels_last)
-            elif not cpu:
-                tensor = tensor.to(device)
-            with autocast:
-                logits = _tta_forward(network, tensor, params.tta)
-            probs = torch.sigmoid_(logits.float()).cpu().numpy()  # in place: no second copy of the batch
-            for slot, tile in enumerate(batch_tiles):
-                weight = tile.weight_y[:, None] * tile.weight_x[None, :]
-                region = (slice(None), slice(tile.y, tile.y + tile.height), slice(tile.x, tile.x + tile.width))
-                out[region] += probs[slot, :, : tile.height, : tile.width] * weight
-            done += len(batch_tiles)
-            if progress is not None:
-                progress(done, len(tiles))
+    if out is None:
+        out = np.zeros((classes, height, width), np.float32)
+    done = 0
+    for batch_tiles in _batches(tiles, max(1, batch_size)):
+        if cancel is not None and cancel():
+            raise Cancelled("segmentation cancelled")
+        batch = np.zeros((len(batch_tiles), normalizer.channels, *tile_shape), np.float32)
+        for slot, tile in enumerate(batch_tiles):
+            crop = normalizer(plane[tile.y:tile.y + tile.height, tile.x:tile.x + tile.width])
+            batch[slot] = _pad_reflect(crop, tile_shape)
+        probs = forward(batch)
+        for slot, tile in enumerate(batch_tiles):
+            weight = tile.weight_y[:, None] * tile.weight_x[None, :]
+            region = (slice(None), slice(tile.y, tile.y + tile.height), slice(tile.x, tile.x + tile.width))
+            out[region] += probs[slot, :, : tile.height, : tile.width] * weight
+        done += len(batch_tiles)
+        if progress is not None:
+            progress(done, len(tiles))
     return out
 
 
-class _no_autocast:
-    def __enter__(self):
-        return self
+def _output_channels(model, in_channels: int, device) -> int:
+    import torch
 
-    def __exit__(self, *exc):
-        return False
-
-
-def _output_channels(model, in_channels: int, device: torch.device) -> int:
-    if getattr(model, "out_channels", None):  # an OnnxNetwork
-        return int(model.out_channels)
     head = getattr(model, "segmentation_head", None)
     conv = head[0] if head is not None else None
     if isinstance(conv, torch.nn.Conv2d):
         return conv.out_channels
-    return int(model(torch.zeros(1, in_channels, _ALIGN * 2, _ALIGN * 2, device=device)).shape[1])
+    with torch.inference_mode():
+        return int(model(torch.zeros(1, in_channels, _ALIGN * 2, _ALIGN * 2, device=device)).shape[1])
 
 
 def _pad_reflect(crop: np.ndarray, tile_shape: tuple[int, int]) -> np.ndarray:
