@@ -1,7 +1,14 @@
 """Accuracy on the DSB2018 `val` split: bundled model vs. the classical baseline (and other models).
 
+    python benchmarks/accuracy.py --versions [--json out.json]
     python benchmarks/accuracy.py [--data ../shared/data/dsb2018] [--model PATH ...] [--tta]
                                   [--scales 1,0.5,2,4] [--json out.json]
+
+``--versions``: the bundled model v1 (from git history) and v2 side by side with the
+classical baseline, on every set of ``generalisation.py`` (test-only and choosing) and on
+each image type of DSB2018 val, with the defaults. v1 runs twice: with the stain it had as
+default ("none") and with today's "auto", which reads tissue through the hematoxylin channel
+for a model that records no stain choice, as v1 (and other images as they are). One table, "DSB score / AP@0.5" per cell.
 
 Prints one table for all val images and the same table per image type (fluorescence vs
 brightfield/tissue). Megapixels/s is end to end per image (network + post-processing),
@@ -74,6 +81,19 @@ def rescaled(sample: LabelledImage, scale: float, shrink: str = "registered") ->
     return LabelledImage(sample.name, np.round(zoomed).astype(image.dtype) if image.dtype.kind in "ui" else zoomed.astype(image.dtype), labels)
 
 
+def compare_versions(json_path: str | None) -> None:
+    """v1 and v2 of the bundled model and the classical baseline, on every set: ``generalisation.run``."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from generalisation import V1_REVISION, run
+
+    v1 = f"git:{V1_REVISION}"
+    args = argparse.Namespace(model=[v1, "default"], sets="cpm15,gbm40,ctc_fluo,val,monuseg_val", stains="auto", scales="1", no_classical=False, json=json_path)
+    labels = {f"{v1} none": "v1, defaults (stain none)", f"{v1} auto": "v1, tissue as hematoxylin", "default auto": "v2, defaults"}
+    run(args, labels=labels, stains={v1: ["none", "auto"]})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "dsb2018"))
@@ -83,7 +103,11 @@ def main() -> None:
     parser.add_argument("--shrink", default="registered", choices=("registered", "skimage"), help="how shrunk copies are made (see rescaled)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N val images (quick checks)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--versions", action="store_true", help="v1 and v2 of the bundled model on every set (see above)")
     args = parser.parse_args()
+    if args.versions:
+        compare_versions(args.json)
+        return
 
     data = Path(args.data)
     split = read_split(data / "split.csv")

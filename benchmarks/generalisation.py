@@ -74,6 +74,37 @@ def magnified(sample: LabelledImage, scale: float) -> LabelledImage:
     raise ValueError(f"scale must be 0.5, 1 or 2, got {scale}")
 
 
+# The last commit whose bundled model is v1 (the one before v2 was bundled).
+V1_REVISION = "e54a6ac~1"
+_BUNDLED = "src/napari_nuclei_unet/models/default"
+
+
+def model_folder(spec: str) -> Path:
+    """A model folder: ``git:REV`` is the bundled model at that commit (written to a temporary folder), anything else a path or 'default'."""
+    if not spec.startswith("git:"):
+        return resolve_model_path(spec)
+    import subprocess
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="bundled-"))
+    for name in ("config.json", "model.safetensors", "nuclei_unet.json"):
+        blob = subprocess.run(["git", "-C", str(REPO), "show", f"{spec[4:]}:{_BUNDLED}/{name}"], capture_output=True, check=True).stdout
+        (folder / name).write_bytes(blob)
+    return folder
+
+
+def side_by_side(results: list[dict]) -> str:
+    """One table: a row per set (and magnification), a column per method, "DSB score / AP@0.5" in each cell."""
+    methods = list(dict.fromkeys(r["method"] for r in results))
+    rows = list(dict.fromkeys((r["set"], r["scale"], r["images"]) for r in results))
+    cells = {(r["set"], r["scale"], r["method"]): f"{r['kaggle_score']:.3f} / {r['ap50']:.3f}" for r in results}
+    lines = ["| set | images | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
+    for name, scale, images in rows:
+        label = name + ("" if scale == 1.0 else f" x{scale:g}") + (" (test only)" if name in TEST_ONLY else "")
+        lines.append(f"| {label} | {images} | " + " | ".join(cells.get((name, scale, m), "") for m in methods) + " |")
+    return "\n".join(lines)
+
+
 def score(predict, samples: list[LabelledImage]) -> dict:
     counts, started, records = [], time.perf_counter(), []
     for sample in samples:
@@ -89,30 +120,36 @@ def score(predict, samples: list[LabelledImage]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", action="append", default=None, help="model folder(s); default: the bundled model")
+    parser.add_argument("--model", action="append", default=None, help="model folder(s), 'default', or git:REV (the bundled model at a commit); default: the bundled model")
     parser.add_argument("--sets", default="cpm15,gbm40,ctc_fluo,val,monuseg_val")
     parser.add_argument("--stains", default="auto", help="stain settings to run, e.g. auto,none,hematoxylin")
     parser.add_argument("--scales", default="1", help="magnifications, from 0.5, 1, 2 (x0.5 and x2 only for gbm40, ctc_fluo)")
     parser.add_argument("--no-classical", action="store_true")
     parser.add_argument("--json", default=None)
-    args = parser.parse_args()
+    run(parser.parse_args())
 
+
+def run(args: argparse.Namespace, labels: dict[str, str] | None = None, stains: dict[str, list[str]] | None = None) -> list[dict]:
+    """Score every model (and stain) on every set; print a line per result as it comes, then one table.
+    ``labels`` names methods in the table (by ``"<model spec> <stain>"``); ``stains`` gives a
+    model spec its own stain settings instead of ``--stains``."""
+    labels, stains = labels or {}, stains or {}
     sets = {name: load_set(name) for name in args.sets.split(",")}
     if "val" in sets:  # DSB2018 val per image type, as the model card reports it
         for kind in ("fluorescence", "brightfield", "tissue"):
             sets[f"val_{kind}"] = [s for s in sets["val"] if image_type(s.image) == kind]
     scales = [float(v) for v in args.scales.split(",")]
     methods = {}
-    for path in args.model or ["default"]:
-        checkpoint = Checkpoint.load(resolve_model_path(path))
-        for stain in args.stains.split(","):
+    for spec in args.model or ["default"]:
+        checkpoint = Checkpoint.load(model_folder(spec))
+        for stain in stains.get(spec, args.stains.split(",")):
             params = replace(SegmentParams(), stain=stain)
 
             def predict(image, checkpoint=checkpoint, params=params):
                 result = segment(checkpoint, image, params)
                 return result.labels, result.record()
 
-            methods[f"{checkpoint.name} (stain {stain})"] = predict
+            methods[labels.get(f"{spec} {stain}", f"{checkpoint.name} (stain {stain})")] = predict
     if not args.no_classical:
         methods["classical"] = lambda image: (classical_segment(image), {})
     results = []
@@ -126,8 +163,10 @@ def main() -> None:
                 results.append(row)
                 print(f"{name:18s} x{scale:<4g} {method:44s} DSB {row['kaggle_score']:.3f}  AP@0.5 {row['ap50']:.3f}  "
                       f"{row['found']}/{row['nuclei']} nuclei  {row['seconds']:.0f} s  {','.join(row['image_types'])} {','.join(row['stains'])}", flush=True)  # fmt: skip
+    print("\nKaggle DSB2018 score / AP@0.5\n" + side_by_side(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
+    return results
 
 
 if __name__ == "__main__":

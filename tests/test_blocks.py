@@ -88,7 +88,7 @@ def test_small_nuclei_are_separated_on_the_zoomed_grid_block_by_block(bundled):
     assert abs(blocked_score - whole_score) < 0.03, (blocked_score, whole_score)
     prediction = whole.planes[None].prediction  # labelled on the image grid instead: clearly worse
     image_grid_params = with_threshold(replace(whole.params.postprocess, threshold="auto"), prediction.probabilities[0])
-    on_image_grid = instances(prediction.probabilities, bundled.outputs, image_grid_params, scale=1.0 / prediction.factor)[1]
+    on_image_grid = instances(prediction.probabilities, bundled.outputs, image_grid_params, network_zoom=prediction.factor)[1]
     assert blocked_score > evaluate([(truth, on_image_grid)]).kaggle_score + 0.05
     assert len(_crossing(truth, 128)) >= 10  # many nuclei cross the borders of the 128 px blocks (both passes)
 

@@ -145,11 +145,11 @@ def segment_large(
             grown = _grow(core, halo, height, width)
             if fine:  # on the finer grid, then each image pixel takes the label at its centre
                 region = (_span(grown[0], scale[0]), _span(grown[1], scale[1]))
-                _mask, found = instances(np.asarray(store[(slice(None), *region)]), outputs, postprocess)
+                _mask, found = instances(np.asarray(store[(slice(None), *region)]), outputs, postprocess, grid_zoom=factor, network_zoom=factor)
                 rows, cols = (np.clip(c[g] - r.start, 0, r.stop - r.start - 1) for c, g, r in zip(centres, grown, region))
                 labels = found[np.ix_(rows, cols)]
             else:
-                _mask, labels = instances(np.asarray(store[(slice(None), *grown)]), outputs, postprocess, scale=1.0 / factor)
+                _mask, labels = instances(np.asarray(store[(slice(None), *grown)]), outputs, postprocess, network_zoom=factor)
             count = _write_owned(labels, core, grown, labels_out, count)
         step(total)
     finally:

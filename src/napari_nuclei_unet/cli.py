@@ -316,24 +316,50 @@ def _used_summary(results) -> str:
 
 
 def _segment_serial(checkpoint, files, out, params, out_format):
-    from tqdm import tqdm
-
     from .batch import segment_file
 
     results = []
-    with tqdm(files, unit="image", desc="segment", file=sys.stderr) as bar:
-        for path in bar:
-            steps = tqdm(unit="step", leave=False, file=sys.stderr)
-
-            def progress(done: int, total: int, steps=steps) -> None:
-                steps.total, steps.n = total, done
-                steps.refresh()
-
-            with steps:
-                result = segment_file(checkpoint, path, out, params, out_format, progress=progress)
+    with _ImageProgress(len(files)) as progress:
+        for path in files:
+            result = segment_file(checkpoint, path, out, params, out_format, progress=progress.steps(path))
             results.append(result)
-            bar.set_postfix(nuclei=result.nuclei, diameter=_format_diameter(result))
+            progress.image_done(path, result)
     return results
+
+
+class _ImageProgress:
+    """One bar over the images on a terminal, with the current image's steps in it; a plain
+    line per image when stderr is a log or a pipe (a redrawn bar is noise there)."""
+
+    def __init__(self, total: int):
+        from tqdm import tqdm
+
+        self.total, self.done = total, 0
+        self.bar = tqdm(total=total, unit="image", desc="segment", file=sys.stderr) if sys.stderr.isatty() else None
+
+    def __enter__(self) -> "_ImageProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def steps(self, path: Path):
+        def progress(done: int, total: int) -> None:
+            if self.bar is not None:
+                self.bar.set_postfix_str(f"{Path(path).name[:40]}: step {done}/{total}")
+
+        return progress
+
+    def image_done(self, path: Path, result) -> None:
+        from .errors import nuclei_text
+
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update()
+            self.bar.set_postfix(nuclei=result.nuclei, diameter=_format_diameter(result))
+        else:
+            print(f"[{self.done}/{self.total}] {Path(path).name}: {nuclei_text(result.nuclei)}, diameter {_format_diameter(result)}", file=sys.stderr, flush=True)
 
 
 def _segment_distributed(args, files, params, out: Path):
@@ -341,7 +367,6 @@ def _segment_distributed(args, files, params, out: Path):
     import os
 
     from dask.distributed import Client, LocalCluster, as_completed
-    from tqdm import tqdm
 
     from .batch import segment_file_task
 
@@ -361,12 +386,11 @@ def _segment_distributed(args, files, params, out: Path):
         ]
         order = {future.key: index for index, future in enumerate(futures)}
         results = [None] * len(futures)
-        with tqdm(total=len(futures), unit="image", desc="segment", file=sys.stderr) as bar:
+        with _ImageProgress(len(futures)) as progress:
             for future in as_completed(futures):
                 result = future.result()  # re-raises a worker's error (e.g. a bad file) here
                 results[order[future.key]] = result
-                bar.update()
-                bar.set_postfix(nuclei=result.nuclei, diameter=_format_diameter(result))
+                progress.image_done(files[order[future.key]], result)
         return results
     finally:
         client.close()
@@ -448,7 +472,8 @@ def cmd_train(args) -> int:
         threads=args.threads, precision=args.precision, calibrate=not args.no_calibrate, hed_jitter=args.hed_jitter, blur_noise=args.blur_noise,
         invert_grey=args.invert_grey, balance_image_types=not args.no_balance_types,
     )
-    bar = tqdm(total=config.epochs * config.iterations_per_epoch, unit="it", desc="train", file=sys.stderr)
+    # The bar only on a terminal; the epoch lines below are written either way.
+    bar = tqdm(total=config.epochs * config.iterations_per_epoch, unit="it", desc="train", file=sys.stderr, disable=not sys.stderr.isatty())
 
     def progress(event) -> None:
         bar.n = event.iteration

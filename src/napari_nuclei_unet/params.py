@@ -52,7 +52,7 @@ class PostprocessParams:
     hole_size: int = field(default=64, metadata={"help": "fill holes up to this many image pixels"})
     markers: str = field(default="distance", metadata={"help": "watershed markers: distance-transform peaks, or the model's predicted interiors", "choices": ("distance", "boundary")})
     marker_threshold: float = 0.5  # interior probability (foreground - boundary) for a marker
-    h: float = field(default=0.5, metadata={"help": "h-maxima height for distance markers, pixels (higher splits fewer nuclei)"})
+    h: float = field(default=0.5, metadata={"help": "h-maxima height for distance markers, in pixels at the scale the network runs at (higher splits fewer nuclei)"})
     min_confidence: Confidence = field(
         default="auto",
         metadata={"help": "drop objects whose mean foreground probability is below this (folds, debris); auto: the level calibrated for the model, 0: keep all"},

@@ -154,12 +154,12 @@ def label_plane(prediction: PlanePrediction, outputs: tuple[str, ...], postproce
     """
     if prediction.network is None:
         params = with_threshold(postprocess, prediction.probabilities[outputs.index("foreground")])
-        mask, labels = instances(prediction.probabilities, outputs, params, scale=1.0 / prediction.factor)
+        mask, labels = instances(prediction.probabilities, outputs, params, network_zoom=prediction.factor)
         return LabelledPlane(mask, labels, float(params.threshold))
     from skimage.segmentation import relabel_sequential
 
     params = with_threshold(postprocess, prediction.network[outputs.index("foreground")])
-    _mask, fine = instances(prediction.network, outputs, params)
+    _mask, fine = instances(prediction.network, outputs, params, grid_zoom=prediction.factor, network_zoom=prediction.factor)
     rows, cols = (pixel_centres(f, c) for f, c in zip(fine.shape, prediction.probabilities.shape[1:]))
     labels = relabel_sequential(fine[np.ix_(rows, cols)])[0]  # a nucleus smaller than a pixel can fall between centres
     return LabelledPlane(labels > 0, labels, float(params.threshold))

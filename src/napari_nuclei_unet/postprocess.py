@@ -76,23 +76,26 @@ def instances(
     probabilities: np.ndarray,
     outputs: tuple[str, ...] = ("foreground",),
     params: PostprocessParams | None = None,
-    scale: float = 1.0,
+    grid_zoom: float = 1.0,
+    network_zoom: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(mask, labels)``: semantic mask (bool) and instance labels numbered 1..N (int32).
 
-    ``probabilities`` is ``(C, Y, X)`` with channel meanings in ``outputs``. ``scale`` is
-    image pixels per network pixel when the image was rescaled for the network: sizes
-    (``min_size``, ``hole_size``, the splitting height ``h``) are meant at the network's
-    scale, so they grow and shrink with the nuclei.
+    ``probabilities`` is ``(C, Y, X)`` with channel meanings in ``outputs``, on a grid of
+    ``grid_zoom`` pixels per image pixel (more than 1: the network's finer grid of a zoomed-in
+    image). ``min_size`` and ``hole_size`` are areas in image pixels, what the user sees. The
+    splitting height ``h`` is a depth of the distance transform at the scale the network ran at
+    (``network_zoom``), so it follows the nuclei when the image is rescaled for the network.
     """
     from skimage.segmentation import relabel_sequential, watershed
 
     if params is None:
         raise ValueError("instances needs resolved PostprocessParams (numbers, no 'auto')")
     check_resolved(params)
-    if scale != 1.0:
-        area = scale * scale
+    if grid_zoom != 1.0:
+        area = grid_zoom * grid_zoom
         params = replace(params, min_size=int(round(params.min_size * area)), hole_size=int(round(params.hole_size * area)))
+    scale = grid_zoom / network_zoom  # grid pixels per network pixel
     foreground = probabilities[outputs.index("foreground")]
     mask = semantic_mask(foreground, params.threshold, params.min_size, params.hole_size)
     if not mask.any():
