@@ -263,3 +263,128 @@ def test_probability_layer_and_rescaling(viewer_and_widget, qtbot):
     # How many of these generated discs model v2 finds is test_diameter's expected failure
     # (test_auto_rescales_large_nuclei_and_maps_labels_back); here: the run used the given size.
     assert viewer.layers["big nuclei nuclei"].metadata["nuclei_unet"]["used"]["diameter"] == 40
+
+DSB_NAME = "0a7d30b252359a10fd298b638b90cb9ada3acced4e0c0e5a3692013f432ee4e9"  # 64 characters, as DSB2018's
+
+
+def test_long_names_are_elided_and_the_dock_keeps_the_canvas_wide(viewer_and_widget, qtbot):
+    """Item 1: a 64-character name widened the dock until the canvas was a sliver."""
+    viewer, widget = viewer_and_widget
+    viewer.window._qt_window.resize(1600, 1000)
+    viewer.window._qt_window.show()
+    image, _ = nuclei_field((96, 128), count=6, diameter=16, seed=2)
+    viewer.add_image(image, name=DSB_NAME)
+    viewer.add_labels(np.zeros((96, 128), np.int32), name=f"{DSB_NAME} nuclei (edited)")
+    widget.reset_choices()
+    shown = widget.image_layer.native.currentText()
+    assert len(shown) <= 36 and shown.startswith(DSB_NAME[:10]) and shown.endswith(DSB_NAME[-10:])
+    assert widget.image_layer.value is viewer.layers[DSB_NAME]  # the value is still the layer
+    _dock, finetune = viewer.window.add_plugin_dock_widget(PLUGIN, "Fine-tune")
+    finetune.reset_choices()
+    names = [finetune.labels_layer.native.itemText(i) for i in range(finetune.labels_layer.native.count())]
+    assert any(name.endswith("nuclei (edited)") for name in names), names  # the end that tells the layers apart
+    qtbot.wait(200)
+    canvas = viewer.window._qt_viewer.canvas.native.width()
+    assert widget.native.width() <= 440 and finetune.native.width() <= 440
+    assert canvas >= 1600 - 2 * 440 - 120, canvas
+
+
+def test_start_is_visible_at_1280x800_with_advanced_settings_collapsed(viewer_and_widget, qtbot):
+    """Item 2: two docked widgets were 1631-1813 px tall, with Start off-screen."""
+    viewer, widget = viewer_and_widget
+    assert widget.tile_size.native.isHidden() and widget.split_h.native.isHidden()
+    content = widget.native.widget() if hasattr(widget.native, "widget") else widget.native  # the scroll area's content
+    run_bottom = widget.run_button.native.mapTo(content, widget.run_button.native.rect().bottomLeft()).y()
+    assert run_bottom < 620, run_bottom  # under a 1280 x 800 screen's title bars and menus
+    widget.advanced.value = True
+    assert not widget.tile_size.native.isHidden() and not widget.split_h.native.isHidden()
+
+
+def test_min_size_is_in_image_pixels_when_the_image_is_rescaled(viewer_and_widget, qtbot):
+    """Item 5: min size was applied on the rescaled grid (x2.1 left objects of 43 image pixels under 60)."""
+    viewer, widget = viewer_and_widget
+    image, _ = nuclei_field((256, 256), count=60, diameter=10, seed=4)  # small nuclei: zoomed x2 for the network
+    viewer.add_image(image, name="small nuclei")
+    widget.image_layer.value = viewer.layers["small nuclei"]
+    widget.auto_diameter.value = False
+    widget.diameter.value = 10.0
+    widget.min_size.value = 60
+    run_and_wait(widget, qtbot)
+    labels = viewer.layers["small nuclei nuclei"].data
+    assert widget._cache.planes[None].factor > 1.5
+    areas = np.bincount(labels.ravel())[1:]
+    assert areas.size > 10 and areas.min() >= 60, (areas.size, areas.min())
+
+
+def test_diameter_in_micrometres_uses_the_layer_scale(viewer_and_widget):
+    viewer, widget = viewer_and_widget
+    image, _ = nuclei_field((96, 128), count=6, diameter=16, seed=2)
+    viewer.add_image(image, name="scaled", scale=(0.25, 0.25))
+    widget.image_layer.value = viewer.layers["scaled"]
+    assert widget.diameter_unit.enabled
+    widget.auto_diameter.value = False
+    widget.diameter_unit.value = "µm"
+    widget.diameter.value = 4.0  # 4 µm at 0.25 µm per pixel
+    assert widget.request().params.diameter == pytest.approx(16.0)
+    viewer.add_image(image, name="unscaled")
+    widget.image_layer.value = viewer.layers["unscaled"]
+    assert not widget.diameter_unit.enabled and widget.diameter_unit.value == "px"
+
+
+def test_a_run_whose_image_layer_is_closed_lands_nowhere(viewer_and_widget, qtbot):
+    """Item 9: the result of a run whose layer went away became orphan layers, reported as success."""
+    viewer, widget = viewer_and_widget
+    image, _ = nuclei_field((512, 512), count=120, diameter=20, seed=1)
+    viewer.add_image(image, name="first")
+    viewer.add_image(image.copy(), name="second")
+    widget.image_layer.value = viewer.layers["first"]
+    widget.tile_size.value = 256
+    removed = []
+
+    def remove_first(_message):
+        if not removed:
+            removed.append(1)
+            viewer.layers.remove("first")
+
+    widget._relay.message.connect(remove_first)
+    run_and_wait(widget, qtbot)
+    assert [layer.name for layer in viewer.layers] == ["second"]
+    assert "discarded" in widget.status.value and "closed" in widget.status.value
+
+
+def test_a_control_changed_during_a_run_is_applied_when_it_finishes(viewer_and_widget, qtbot):
+    """Item 10: the metadata said 15 while the widget showed 40."""
+    viewer, widget = viewer_and_widget
+    viewer.open_sample(PLUGIN, "synthetic_nuclei")
+    widget.image_layer.value = viewer.layers["synthetic nuclei"]
+    changed = []
+
+    def change_min_size(_message):
+        if not changed:
+            changed.append(1)
+            widget.min_size.value = 40
+
+    widget._relay.message.connect(change_min_size)
+    widget.run()
+    qtbot.waitUntil(lambda: widget._worker is None and widget._relabel_worker is None and widget.hub.idle, timeout=TIMEOUT_MS)
+    nuclei = viewer.layers["synthetic nuclei nuclei"]
+    qtbot.waitUntil(lambda: nuclei.metadata["nuclei_unet"]["postprocess"]["min_size"] == 40, timeout=10_000)
+    assert np.bincount(nuclei.data.ravel())[1:].min() >= 40
+
+
+def test_sliders_do_not_overwrite_edited_labels_and_say_so(viewer_and_widget, qtbot):
+    """Item 7: touching a slider after editing split the layer into '… (edited)' plus a new one, silently."""
+    viewer, widget = viewer_and_widget
+    viewer.open_sample(PLUGIN, "synthetic_nuclei")
+    widget.image_layer.value = viewer.layers["synthetic nuclei"]
+    run_and_wait(widget, qtbot)
+    nuclei = viewer.layers["synthetic nuclei nuclei"]
+    nuclei.paint((10, 10), 99)  # an edit, as with the brush
+    edited = nuclei.data.copy()
+    widget.min_size.value = 300
+    qtbot.wait(widget._relabel_timer.interval() + 300)
+    qtbot.waitUntil(lambda: widget._relabel_worker is None, timeout=10_000)
+    assert np.array_equal(nuclei.data, edited) and "(edited)" not in " ".join(layer.name for layer in viewer.layers)
+    assert "your edits" in widget.status.value and "Segment" in widget.status.value
+    run_and_wait(widget, qtbot)  # pressing Segment applies the settings and keeps the edits aside
+    assert np.array_equal(viewer.layers["synthetic nuclei nuclei (edited)"].data, edited)

@@ -32,7 +32,7 @@ from .io import sample_step
 from .model import Checkpoint
 from .params import SegmentParams
 from .plane import pixel_centres, plane_normalizer, predict_plane
-from .postprocess import instances, resolve_threshold
+from .postprocess import drop_small_labels, instances, resolve_threshold
 from .scale import DiameterEstimate, rescale_factor
 from .tiling import CancelCheck, ProgressCallback
 
@@ -147,7 +147,7 @@ def segment_large(
                 region = (_span(grown[0], scale[0]), _span(grown[1], scale[1]))
                 _mask, found = instances(np.asarray(store[(slice(None), *region)]), outputs, postprocess, grid_zoom=factor, network_zoom=factor)
                 rows, cols = (np.clip(c[g] - r.start, 0, r.stop - r.start - 1) for c, g, r in zip(centres, grown, region))
-                labels = found[np.ix_(rows, cols)]
+                labels = drop_small_labels(found[np.ix_(rows, cols)], postprocess.min_size)
             else:
                 _mask, labels = instances(np.asarray(store[(slice(None), *grown)]), outputs, postprocess, network_zoom=factor)
             count = _write_owned(labels, core, grown, labels_out, count)

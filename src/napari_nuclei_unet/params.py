@@ -49,7 +49,7 @@ class PostprocessParams:
 
     threshold: Threshold = field(default="auto", metadata={"help": "foreground probability threshold in (0, 1), or auto (Otsu's, kept within [0.3, 0.7])"})
     min_size: int = field(default=15, metadata={"help": "remove nuclei smaller than this many image pixels"})
-    hole_size: int = field(default=64, metadata={"help": "fill holes up to this many image pixels"})
+    hole_size: int = field(default=64, metadata={"help": "fill holes up to this many pixels, at the scale the network runs at (they follow the nuclei when the image is rescaled)"})
     markers: str = field(default="distance", metadata={"help": "watershed markers: distance-transform peaks, or the model's predicted interiors", "choices": ("distance", "boundary")})
     marker_threshold: float = 0.5  # interior probability (foreground - boundary) for a marker
     h: float = field(default=0.5, metadata={"help": "h-maxima height for distance markers, in pixels at the scale the network runs at (higher splits fewer nuclei)"})

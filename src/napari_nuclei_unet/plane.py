@@ -17,7 +17,7 @@ from .errors import InputError
 from .io import Normalizer, hematoxylin, sample_step
 from .model import Checkpoint
 from .params import AUTO, STAINS, PostprocessParams, SegmentParams
-from .postprocess import instances, with_threshold
+from .postprocess import drop_small_labels, instances, with_threshold
 from .scale import (
     NETWORK_GRID_MAX_PIXELS,
     RESCALE_TOLERANCE,
@@ -161,7 +161,8 @@ def label_plane(prediction: PlanePrediction, outputs: tuple[str, ...], postproce
     params = with_threshold(postprocess, prediction.network[outputs.index("foreground")])
     _mask, fine = instances(prediction.network, outputs, params, grid_zoom=prediction.factor, network_zoom=prediction.factor)
     rows, cols = (pixel_centres(f, c) for f, c in zip(fine.shape, prediction.probabilities.shape[1:]))
-    labels = relabel_sequential(fine[np.ix_(rows, cols)])[0]  # a nucleus smaller than a pixel can fall between centres
+    labels = drop_small_labels(fine[np.ix_(rows, cols)], postprocess.min_size)  # min size in image pixels, as sampled
+    labels = relabel_sequential(labels)[0]  # a nucleus smaller than a pixel can fall between centres
     return LabelledPlane(labels > 0, labels, float(params.threshold))
 
 

@@ -83,19 +83,19 @@ def instances(
 
     ``probabilities`` is ``(C, Y, X)`` with channel meanings in ``outputs``, on a grid of
     ``grid_zoom`` pixels per image pixel (more than 1: the network's finer grid of a zoomed-in
-    image). ``min_size`` and ``hole_size`` are areas in image pixels, what the user sees. The
-    splitting height ``h`` is a depth of the distance transform at the scale the network ran at
-    (``network_zoom``), so it follows the nuclei when the image is rescaled for the network.
+    image). ``min_size`` is an area in image pixels, what the user sees and sets. The hole size
+    and the splitting height ``h`` describe a nucleus's shape: they are meant at the scale the
+    network ran at (``network_zoom``), so they follow the nuclei when the image is rescaled for
+    the network (large nuclei shrunk for the network keep their holes filled).
     """
     from skimage.segmentation import relabel_sequential, watershed
 
     if params is None:
         raise ValueError("instances needs resolved PostprocessParams (numbers, no 'auto')")
     check_resolved(params)
-    if grid_zoom != 1.0:
-        area = grid_zoom * grid_zoom
-        params = replace(params, min_size=int(round(params.min_size * area)), hole_size=int(round(params.hole_size * area)))
     scale = grid_zoom / network_zoom  # grid pixels per network pixel
+    if grid_zoom != 1.0 or scale != 1.0:
+        params = replace(params, min_size=int(round(params.min_size * grid_zoom**2)), hole_size=int(round(params.hole_size * scale**2)))
     foreground = probabilities[outputs.index("foreground")]
     mask = semantic_mask(foreground, params.threshold, params.min_size, params.hole_size)
     if not mask.any():
@@ -128,6 +128,18 @@ def instances(
     labels[drop[labels]] = 0
     labels, _, _ = relabel_sequential(labels.astype(np.int32, copy=False))
     return labels > 0, labels
+
+
+def drop_small_labels(labels: np.ndarray, min_size: int) -> np.ndarray:
+    """``labels`` with the objects under ``min_size`` pixels set to 0 (in place; not renumbered).
+
+    For labels sampled from a finer grid onto image pixels, where an object can come out a
+    few pixels smaller than it was on the grid it was measured on."""
+    if min_size > 0 and labels.size:
+        small = np.bincount(labels.ravel()) < min_size
+        small[0] = False
+        labels[small[labels]] = 0
+    return labels
 
 
 def resolve_min_confidence(value: Confidence, model_level: float) -> float:

@@ -18,6 +18,25 @@ from ..model import Checkpoint, available_devices, resolve_model_path
 
 BUNDLED = "bundled default"
 FROM_FILE = "from file…"
+# The docked widgets never grow wider than this (px): a 64-character DSB2018 image name would
+# otherwise widen the dock until the canvas is a sliver.
+DOCK_MAX_WIDTH = 440
+# Layer names longer than this are shown elided in the middle, so that both the start of the
+# name and its end ("… nuclei" vs "… nuclei (edited)") stay readable.
+SHOWN_NAME_LENGTH = 36
+
+
+def elide_middle(name: str, length: int = SHOWN_NAME_LENGTH) -> str:
+    """``name`` cut to ``length`` characters with an ellipsis in the middle."""
+    if len(name) <= length:
+        return name
+    tail = (length - 1) // 2
+    return f"{name[: length - 1 - tail]}…{name[len(name) - tail:]}"
+
+
+def layer_choices(layers) -> list[tuple[str, object]]:
+    """Combo-box choices for layers: the shown name elided, the layer itself as the value."""
+    return [(elide_middle(layer.name), layer) for layer in layers]
 
 
 def avoid_triton_llvm_clash() -> None:

@@ -27,7 +27,7 @@ from ..data import LabelledImage
 from ..errors import NucleiUnetError, describe
 from ..model import BUNDLED_MODEL_DIR
 from ..training import FINETUNE_DEFAULTS, TrainConfig, TrainEvent, finetune_config, fit
-from ._common import FROM_FILE, ModelPicker, Relay, _unless_closed, hub_of
+from ._common import DOCK_MAX_WIDTH, FROM_FILE, ModelPicker, Relay, _unless_closed, hub_of, layer_choices
 
 if TYPE_CHECKING:
     import napari
@@ -158,12 +158,13 @@ class FineTuneWidget(Container):
     """Fine-tune a model on (image, corrected labels) pairs from the viewer."""
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer"):
-        super().__init__(labels=True)
+        super().__init__(labels=True, scrollable=True)
+        self.native.setMaximumWidth(DOCK_MAX_WIDTH)
         self.viewer = napari_viewer
         self.hub = hub_of(napari_viewer)
-        self.image_layer = ComboBox(label="image", choices=lambda _w: self._layers(Image))
-        self.labels_layer = ComboBox(label="corrected labels", choices=lambda _w: self._layers(Labels))
-        self.roi_layer = ComboBox(label="checked region", choices=lambda _w: [None, *self._layers(Shapes)], value=None,
+        self.image_layer = ComboBox(label="image", choices=lambda _w: layer_choices(self._layers(Image)))
+        self.labels_layer = ComboBox(label="corrected labels", choices=lambda _w: layer_choices(self._layers(Labels)))
+        self.roi_layer = ComboBox(label="checked region", choices=lambda _w: [("none", None), *layer_choices(self._layers(Shapes))], value=None,
                                   tooltip="optional Shapes layer: only pixels inside its shapes count; elsewhere the labels are not trusted")  # fmt: skip
         self.add_pair_button = PushButton(text="Add pair")
         self.clear_pairs_button = PushButton(text="Clear pairs")

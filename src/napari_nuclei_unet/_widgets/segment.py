@@ -25,7 +25,7 @@ from ..params import AUTO, IMAGE_TYPES, STAINS, PostprocessParams, SegmentParams
 from ..plane import PlanePrediction, label_plane
 from ..postprocess import resolve_min_confidence
 from ..segment import Segmentation, recorded_thresholds, segment_planes
-from ._common import ModelPicker, Relay, _unless_closed, hub_of, image_id, result_metadata
+from ._common import DOCK_MAX_WIDTH, ModelPicker, Relay, _unless_closed, elide_middle, hub_of, image_id, layer_choices, result_metadata
 
 if TYPE_CHECKING:
     import napari
@@ -72,7 +72,8 @@ class SegmentWidget(Container):
     """Segment the nuclei of an image layer into instance and mask Labels layers."""
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer"):
-        super().__init__(labels=True)
+        super().__init__(labels=True, scrollable=True)  # scrolls on a short screen; Segment stays reachable
+        self.native.setMaximumWidth(DOCK_MAX_WIDTH)
         self.viewer = napari_viewer
         self.hub = hub_of(napari_viewer)
         self.image_layer = ComboBox(label="image", choices=self._image_layers, tooltip="2D grey/RGB image or a T/Z stack")
@@ -88,6 +89,10 @@ class SegmentWidget(Container):
         self.diameter = FloatSpinBox(
             label="nucleus diameter (px)", value=0.0, min=0.0, max=1000.0, step=1.0, enabled=False,
             tooltip="shows the estimate; untick 'estimate' to type your own. 0 = use the image at its own scale",
+        )
+        self.diameter_unit = ComboBox(
+            label="diameter in", choices=["px", "µm"], value="px", enabled=False,
+            tooltip="µm: the image layer's scale converts it to pixels (only for layers with a scale)",
         )
         self.image_type = ComboBox(label="image type", choices=IMAGE_TYPES, value=_DEFAULTS.image_type, tooltip=_help(SegmentParams, "image_type"))
         self.stain = ComboBox(label="stain", choices=STAINS, value=_DEFAULTS.stain, tooltip=_help(SegmentParams, "stain"))
@@ -105,8 +110,9 @@ class SegmentWidget(Container):
             tooltip="watershed markers: peaks of the distance transform, or the model's predicted nucleus interiors",
         )
         self.split_h = FloatSpinBox(
-            label="split height (px)", value=post.h, min=0.0, max=20.0, step=0.1,
-            tooltip="h-maxima height of the distance transform: lower splits touching nuclei more eagerly",
+            label="split height", value=post.h, min=0.0, max=20.0, step=0.1,
+            tooltip="h-maxima height of the distance transform, in pixels at the scale the network runs at "
+            "(it follows the nuclei when the image is rescaled): lower splits touching nuclei more eagerly",
         )
         self.auto_confidence = CheckBox(
             text="model's min confidence", value=post.min_confidence == AUTO,
@@ -117,14 +123,16 @@ class SegmentWidget(Container):
             tooltip="objects whose mean foreground probability is below this are dropped; 0 keeps every object",
         )
         self.show_probability = CheckBox(text="add probability layer", value=False)
+        self.advanced = CheckBox(text="show advanced settings", value=False)
+        self._advanced_widgets = [self.tile_size, self.overlap, self.tta, self.int8, self.markers, self.split_h, self.show_probability]
         self.run_button = PushButton(text="Segment")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.status = Label(value="")
         self.status.native.setWordWrap(True)
         self.extend([
-            self.image_layer, self.scope, *self.model.widgets, self.tile_size, self.overlap, self.auto_diameter, self.diameter, self.image_type, self.stain, self.tta,
-            self.int8, self.auto_threshold, self.threshold, self.min_size, self.markers, self.split_h, self.auto_confidence,
-            self.min_confidence, self.show_probability, self.run_button, self.cancel_button, self.status,
+            self.image_layer, self.scope, *self.model.widgets, self.auto_diameter, self.diameter, self.diameter_unit, self.image_type, self.stain,
+            self.auto_threshold, self.threshold, self.min_size, self.auto_confidence, self.min_confidence,
+            self.run_button, self.cancel_button, self.status, self.advanced, *self._advanced_widgets,
         ])  # fmt: skip
 
         self._cache: _Cache | None = None
@@ -143,6 +151,8 @@ class SegmentWidget(Container):
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)
         self.image_layer.changed.connect(self._update_scope)
+        self.image_layer.changed.connect(self._forget_estimate)
+        self.advanced.changed.connect(self._show_advanced)
         self.auto_threshold.changed.connect(lambda value: setattr(self.threshold, "enabled", not value))
         self.auto_diameter.changed.connect(lambda value: setattr(self.diameter, "enabled", not value))
         self.auto_confidence.changed.connect(lambda value: setattr(self.min_confidence, "enabled", not value))
@@ -155,6 +165,7 @@ class SegmentWidget(Container):
         self.model.on_choice = self._share_model
         self.reset_choices()
         self._update_scope()
+        self._show_advanced(False)
         self.model.load_async()
 
     # ------------------------------------------------------------------ inputs
@@ -162,13 +173,31 @@ class SegmentWidget(Container):
         """Tell the hub which model is in use, so a fine-tune starts from it."""
         self.hub.segment_model = path
 
-    def _image_layers(self, _widget=None) -> list[Image]:
-        return [layer for layer in self.viewer.layers if isinstance(layer, Image)]
+    def _image_layers(self, _widget=None) -> list[tuple[str, Image]]:
+        return layer_choices(layer for layer in self.viewer.layers if isinstance(layer, Image))
+
+    def _show_advanced(self, value: bool) -> None:
+        for widget in self._advanced_widgets:
+            widget.visible = bool(value)
 
     def _update_scope(self, *_):
         layer = self.image_layer.value
         self.scope.enabled = layer is not None and not _is_2d(layer)
         self.stain.enabled = layer is not None and layer.rgb
+        self.diameter_unit.enabled = layer is not None and _pixel_size(layer) != 1.0
+        if not self.diameter_unit.enabled:
+            self.diameter_unit.value = "px"
+
+    def _forget_estimate(self, *_) -> None:
+        """Another image: the diameter shown was the previous image's estimate."""
+        if self.auto_diameter.value:
+            self.diameter.value = 0.0
+
+    def _diameter_in_pixels(self, layer: Image) -> float | None:
+        value = float(self.diameter.value)
+        if not value:
+            return None
+        return value / _pixel_size(layer) if self.diameter_unit.value == "µm" else value
 
     def postprocess_params(self) -> PostprocessParams:
         return PostprocessParams(
@@ -196,7 +225,7 @@ class SegmentWidget(Container):
                 tta=bool(self.tta.value), precision="int8" if self.int8.value else "float32",
             ),
             postprocess=self.postprocess_params(),
-            diameter=AUTO if self.auto_diameter.value else (float(self.diameter.value) or None),
+            diameter=AUTO if self.auto_diameter.value else self._diameter_in_pixels(layer),
             image_type=self.image_type.value,
             stain=self.stain.value if layer.rgb else "none",
         )
@@ -267,6 +296,12 @@ class SegmentWidget(Container):
 
     def _on_segmented(self, layer: Image, request: SegmentRequest, outcome: tuple) -> None:
         checkpoint, result, device = outcome
+        current = layer.data[0] if layer.multiscale else layer.data
+        if layer not in self.viewer.layers or current is not request.image:
+            what = "closed" if layer not in self.viewer.layers else "given new data"
+            self.status.value = f"result discarded: the image layer '{elide_middle(layer.name)}' was {what} during the run"
+            show_warning(f"Segment nuclei: {self.status.value}")
+            return
         used = result.record()
         if not self._cache_matches(layer, request):
             self._cache = _Cache(layer, request.image, request.network_key(), checkpoint.outputs, checkpoint.name, checkpoint.min_confidence)
@@ -277,28 +312,41 @@ class SegmentWidget(Container):
             with self.min_confidence.changed.blocked():  # shown (untick to override); the labels already use it
                 self.min_confidence.value = result.min_confidence
         diameter, factor, seconds = result.diameter, result.factor, result.seconds
-        if request.params.diameter == AUTO and diameter is not None:
-            self.diameter.value = round(diameter, 1)  # shown; untick 'estimate' to override
+        if request.params.diameter == AUTO and diameter is not None:  # shown; untick 'estimate' to override
+            self.diameter.value = round(diameter * (_pixel_size(layer) if self.diameter_unit.value == "µm" else 1.0), 2)
         size = "" if diameter is None else f"; nuclei ~{diameter:.0f} px{' (estimated)' if request.params.diameter == AUTO else ''}"
         detected = " (detected)" if request.params.image_type == AUTO else ""
         size += f"; {used['image_type']}{detected}" + (f", {used['stain']} channel" if used["stain"] != "none" else "")
-        speed = f" ({result.megapixels / max(seconds, 1e-9):.2f} MP/s)" if result.megapixels else " (from cached probabilities)"
+        speed = f" ({result.megapixels / max(seconds, 1e-9):.3g} MP/s)" if result.megapixels else " (from cached probabilities)"
         self.status.value = (
             f"{nuclei_text(written)} in {seconds:.1f} s{speed} on {device}{size}" + (f", rescaled x{factor:.2f}" if factor != 1.0 else "")
         )
+        if self.postprocess_params() != request.params.postprocess:  # a control changed during the run
+            self.relabel()
 
     # ------------------------------------------------------------- re-labelling
     def _schedule_relabel(self, *_) -> None:
+        if self._worker is not None:
+            self.status.value = "segmenting…; the changed settings are applied when the run finishes"
+            return
         self._relabel_timer.start()
 
     def relabel(self, *_) -> None:
-        """Re-run post-processing on the cached probabilities (no network)."""
+        """Re-run post-processing on the cached probabilities (no network), in a worker; the newest settings win."""
         cache = self._cache
         if cache is None or cache.layer not in self.viewer.layers or not cache.planes:
             return
         if self._relabel_worker is not None:
             self._relabel_again = True
             return
+        nuclei = f"{cache.layer.name} nuclei"
+        if nuclei in self.viewer.layers and self.viewer.layers[nuclei].metadata.get("nuclei_unet", {}).get("edited"):
+            self.status.value = (
+                f"not re-labelled: '{elide_middle(nuclei)}' has your edits. Press Segment to apply these settings "
+                f"(fast, from cached probabilities); your edited layer is then kept as '… nuclei (edited)'"
+            )
+            return
+        self.status.value = "re-labelling from cached probabilities…"
         params = self.postprocess_params()
         params = replace(params, min_confidence=resolve_min_confidence(params.min_confidence, cache.min_confidence))
         worker = _relabel_worker(dict(cache.planes), cache.outputs, params)
@@ -404,3 +452,8 @@ def _segment_worker(request: SegmentRequest, model: ModelPicker, cached: dict, c
 @thread_worker(ignore_errors=True)  # errors are shown as notifications by the widget
 def _relabel_worker(planes: dict, outputs: tuple[str, ...], params: PostprocessParams) -> dict:
     return {index: label_plane(p, outputs, params) for index, p in planes.items()}
+
+
+def _pixel_size(layer: Image) -> float:
+    """The layer's pixel size along x, in its world unit (µm for microscopy images with a scale)."""
+    return float(layer.scale[-1])
