@@ -61,7 +61,8 @@ def test_finetune_trains_saves_and_hands_the_model_to_segment(setup, qtbot):
     training = loaded.metadata["training"]
     assert training["images"] == 1 and training["nuclei"] == 14 and "tiny" in training["base_model"]
     assert training["iterations"] == 20 and "date" in training
-    assert len(widget.plot.losses) == 4 and widget.plot.losses[-1] < widget.plot.losses[0]
+    assert [e for e, _ in widget.plot.losses] == [1, 2, 3, 4] and widget.plot.losses[-1][1] < widget.plot.losses[0][1]
+    assert not widget.plot.scores and "no validation score" in widget.plot.note  # one image: nothing held out, said plainly
     assert "done" in widget.status.value and "on cpu" in widget.status.value
     assert segment.model.path() == str(out / "model.safetensors")
     assert widget.model.path() == str(out / "model.safetensors")  # the next round starts from the new model
@@ -74,21 +75,28 @@ def test_finetune_trains_saves_and_hands_the_model_to_segment(setup, qtbot):
     assert viewer.layers["cells nuclei"].metadata["nuclei_unet"]["model"] == "mine"
 
 
-def test_cancel_keeps_the_best_model_so_far(setup, qtbot):
-    _viewer, _segment, widget, messages, tmp_path = setup
+def test_cancel_saves_only_what_was_validated_better_or_what_the_user_asked_for(setup, qtbot):
+    """Item 13: an early cancel saved a model, switched Segment to it, with the base model's calibration record."""
+    _viewer, segment, widget, messages, tmp_path = setup
     widget.epochs.value, widget.iterations.value = 50, 5
+    tiny = segment.model.path()
 
     def cancel_after_second_epoch(event):
         if event.kind == "epoch" and event.epoch == 2:
             widget.cancel()
 
     widget._relay.message.connect(cancel_after_second_epoch)
-    widget.start()
+    widget.start()  # one image: nothing is validated, so nothing is kept
     wait(widget, qtbot)
     assert not messages, messages
-    assert "cancelled" in widget.status.value
-    loaded = Checkpoint.load(tmp_path / "models" / "mine")
-    assert loaded.metadata["training"]["iterations"] < 50 * 5
+    assert "nothing was validated" in widget.status.value and "nothing was saved" in widget.status.value
+    assert not (tmp_path / "models" / "mine").exists() and segment.model.path() == tiny
+    widget.keep_on_cancel.value = True  # the user asks for it
+    widget.start()
+    wait(widget, qtbot)
+    loaded = Checkpoint.load(tmp_path / "models" / widget.request().out_dir.name.replace("-2", ""))
+    assert loaded.metadata["training"]["iterations"] < 50 * 5 and loaded.metadata["training"]["cancelled"]
+    assert "not calibrated" in widget.status.value and segment.model.path() == tiny  # kept on disk, not put to use
 
 
 def test_start_cancel_in_the_first_epoch_start_again_finish(setup, qtbot, monkeypatch):

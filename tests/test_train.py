@@ -79,7 +79,8 @@ def test_training_without_calibration_keeps_the_starting_min_confidence(tmp_path
 def test_cancel_keeps_a_usable_model_and_resume_continues(tmp_path, tiny_checkpoint, samples):
     config = TrainConfig(epochs=4, iterations_per_epoch=3, patch_size=64, batch_size=2, device="cpu")
     seen = []
-    result = fit(tiny_checkpoint, samples[:2], tmp_path / "m", val=samples[2:], config=config, progress=seen.append, cancel=lambda: len([e for e in seen if e.kind == "epoch"]) >= 1)
+    result = fit(tiny_checkpoint, samples[:2], tmp_path / "m", val=samples[2:], config=config, progress=seen.append,
+                 cancel=lambda: len([e for e in seen if e.kind == "epoch"]) >= 1, keep_on_cancel=True)  # fmt: skip
     assert result.cancelled and result.epoch == 1  # stopped right after the first epoch's report
     assert Checkpoint.load(tmp_path / "m").metadata["training"]["epochs"] == 1
     resumed = list(train_steps(tiny_checkpoint, samples[:2], tmp_path / "m", val=samples[2:], config=config))
@@ -325,7 +326,7 @@ def test_the_saved_and_validated_model_mixes_the_starting_weights_back_in(tmp_pa
         mixed = validated[-1] if val else Checkpoint.load(tmp_path / out).model.state_dict()  # the last epoch's weights, in both
         for name in floating:
             assert torch.allclose(mixed[name], 0.75 * trained[name] + 0.25 * start[name], atol=1e-6)
-    assert len(validated) == 2
+    assert len(validated) == 3  # the starting model (what a cancelled run must beat), then each epoch
     assert all(torch.equal(v, tuned.model.state_dict()[k]) for k, v in Checkpoint.load(tmp_path / "validated").model.state_dict().items())  # fit leaves what it saved
     assert Checkpoint.load(tmp_path / "saved").metadata["training"]["config"]["start_weight_share"] == 0.25
 
@@ -447,6 +448,7 @@ def test_training_keeps_the_epoch_with_the_best_per_type_mean(tmp_path, tiny_che
         return Scores(value, value, 1, 1, 1, 1, 1, 1, 1, 1)
 
     rounds = iter([
+        {"all": scores(0.0), "fluorescence": scores(0.0), "tissue": scores(0.0)},  # the starting model
         {"all": scores(0.6), "fluorescence": scores(0.7), "tissue": scores(0.1)},
         {"all": scores(0.5), "fluorescence": scores(0.5), "tissue": scores(0.5)},
     ])  # fmt: skip
@@ -454,3 +456,50 @@ def test_training_keeps_the_epoch_with_the_best_per_type_mean(tmp_path, tiny_che
     config = TrainConfig(epochs=2, iterations_per_epoch=1, patch_size=64, batch_size=2, warmup_iterations=1, calibrate=False, balance_image_types=balance)
     fit(tiny_checkpoint, samples[:2], tmp_path / "run", val=samples[2:], config=config)
     assert Checkpoint.load(tmp_path / "run").metadata["training"]["epochs"] == kept_epoch
+
+
+def _scripted_validation(monkeypatch, scores: list[float]) -> None:
+    """validate_by_type returns these DSB scores in turn (the starting model's first)."""
+    import dataclasses
+
+    from napari_nuclei_unet.metrics import Scores
+    from napari_nuclei_unet.training import loop
+
+    queue = list(scores)
+
+    def validate(*_args, **_kwargs):
+        value = queue.pop(0) if queue else scores[-1]
+        result = Scores(**{f.name: 0 for f in dataclasses.fields(Scores)})
+        result.kaggle_score = value
+        return {"all": result, "fluorescence": result}
+
+    monkeypatch.setattr(loop, "validate_by_type", validate)
+
+
+@pytest.mark.parametrize(("scores", "kept"), [([0.5, 0.4], False), ([0.3, 0.4], True)])
+def test_a_cancelled_run_is_saved_only_with_a_validated_improvement(tmp_path, tiny_checkpoint, samples, monkeypatch, scores, kept):
+    _scripted_validation(monkeypatch, scores)
+    tiny_checkpoint.metadata["postprocess"] = {"min_confidence": 0.85, "calibrated_on": "the base model's images"}
+    config = TrainConfig(epochs=4, iterations_per_epoch=2, patch_size=64, batch_size=2, device="cpu", calibrate=False)
+    seen = []
+    result = fit(tiny_checkpoint, samples[:2], tmp_path / "m", val=samples[2:], config=config, progress=seen.append,
+                 cancel=lambda: any(e.kind == "epoch" for e in seen))  # fmt: skip
+    assert seen[0].kind == "start" and seen[0].start_score == scores[0]
+    assert result.cancelled and result.start_score == scores[0] and result.best_score == scores[1]
+    assert result.saved is kept and (tmp_path / "m" / "model.safetensors").exists() is kept
+    if kept:  # its record is true: trained from the base, cancelled, min confidence not calibrated for it
+        metadata = Checkpoint.load(tmp_path / "m").metadata
+        assert metadata["training"]["cancelled"] and metadata["training"]["start_score"] == scores[0]
+        assert metadata["postprocess"]["min_confidence"] == 0.85 and metadata["postprocess"]["calibrated_on"].startswith("not calibrated")
+    else:
+        assert not (tmp_path / "m").exists()
+
+
+def test_a_cancelled_run_without_validation_keeps_nothing_unless_asked(tmp_path, tiny_checkpoint, samples):
+    config = TrainConfig(epochs=4, iterations_per_epoch=2, patch_size=64, batch_size=2, device="cpu", calibrate=False)
+    for keep in (False, True):
+        seen = []
+        result = fit(tiny_checkpoint, samples, tmp_path / f"m{keep}", val=[], config=config, progress=seen.append,
+                     cancel=lambda seen=seen: any(e.kind == "epoch" for e in seen), keep_on_cancel=keep)  # fmt: skip
+        assert result.cancelled and result.start_score is None and result.saved is keep
+        assert (tmp_path / f"m{keep}" / "model.safetensors").exists() is keep

@@ -7,6 +7,7 @@ samples and calls :func:`napari_nuclei_unet.train.fit` (the same function as
 
 from __future__ import annotations
 
+import itertools
 import threading
 from dataclasses import dataclass
 from datetime import datetime
@@ -46,6 +47,7 @@ class FineTuneRequest:
     out_dir: Path
     config: TrainConfig
     description: str = ""
+    keep_on_cancel: bool = False  # keep a cancelled run's model even without a validated improvement
 
 
 def samples_from_layers(image: Image, labels: Labels, roi: Shapes | None = None) -> list[LabelledImage]:
@@ -104,20 +106,25 @@ def next_free_name(folder: Path, name: str) -> str:
 
 
 class CurvePlot(QWidget):
-    """Training loss and validation score per epoch, drawn with QPainter (no plotting dependency)."""
+    """Training loss and validation score per epoch, with their values on the axes (QPainter; no plotting dependency).
+
+    Epoch 0 is the starting model's validation score: what training has to beat.
+    """
 
     def __init__(self):
         super().__init__()
-        self.setMinimumHeight(140)
-        self.losses: list[float] = []
+        self.setMinimumHeight(160)
+        self.losses: list[tuple[int, float]] = []
         self.scores: list[tuple[int, float]] = []
+        self.note = ""  # shown when there is nothing to plot a score for
 
-    def clear(self) -> None:
-        self.losses, self.scores = [], []
+    def clear(self, note: str = "") -> None:
+        self.losses, self.scores, self.note = [], [], note
         self.update()
 
-    def add(self, epoch: int, loss: float, score: float | None) -> None:
-        self.losses.append(loss)
+    def add(self, epoch: int, loss: float | None, score: float | None) -> None:
+        if loss is not None and np.isfinite(loss):
+            self.losses.append((epoch, loss))
         if score is not None:
             self.scores.append((epoch, score))
         self.update()
@@ -125,32 +132,44 @@ class CurvePlot(QWidget):
     def paintEvent(self, _event) -> None:  # noqa: N802 (Qt API)
         painter = QPainter(self)
         painter.setRenderHint(QPainter.RenderHint.Antialiasing)
-        width, height, margin = self.width(), self.height(), 24
+        left, right, top, bottom = 44, 40, 8, 22
+        width, height = self.width() - left - right, self.height() - top - bottom
         painter.setPen(QPen(QColor("#888888"), 1))
-        painter.drawRect(margin, 6, width - margin - 6, height - margin - 6)
-        painter.drawText(4, height - 6, "epoch")
-        n = max(len(self.losses), 2)
+        painter.drawRect(left, top, width, height)
+        epochs = [e for e, _ in self.losses] + [e for e, _ in self.scores]
+        first, last = (min(epochs), max(epochs)) if epochs else (0, 1)
+        last = max(last, first + 1)
+        painter.drawText(left - 4, top + height + 16, str(first))
+        painter.drawText(left + width - 8, top + height + 16, str(last))
+        painter.drawText(left + width // 2 - 16, top + height + 16, "epoch")
 
-        def point(index: int, value: float, low: float, high: float) -> QPointF:
-            x = margin + (width - margin - 6) * (index - 1) / (n - 1)
-            y = 6 + (height - margin - 6) * (1.0 - (value - low) / max(high - low, 1e-9))
+        def point(epoch: int, value: float, low: float, high: float) -> QPointF:
+            x = left + width * (epoch - first) / (last - first)
+            y = top + height * (1.0 - (value - low) / max(high - low, 1e-9))
             return QPointF(x, y)
 
-        if self.losses:
-            low, high = min(self.losses), max(self.losses)
-            painter.setPen(QPen(QColor("#f0a030"), 2))
-            points = [point(i + 1, v, low, high) for i, v in enumerate(self.losses)]
-            for a, b in zip(points, points[1:]):
-                painter.drawLine(a, b)
-            painter.drawText(margin + 4, 20, f"loss {self.losses[-1]:.3f}")
-        if self.scores:
-            painter.setPen(QPen(QColor("#40b0ff"), 2))
-            points = [point(epoch, score, 0.0, 1.0) for epoch, score in self.scores]
-            for a, b in zip(points, points[1:]):
+        def curve(points: list[QPointF]) -> None:
+            for a, b in itertools.pairwise(points):
                 painter.drawLine(a, b)
             for p in points:
-                painter.drawEllipse(p, 3, 3)
-            painter.drawText(margin + 4, 36, f"val DSB score {self.scores[-1][1]:.3f}")
+                painter.drawEllipse(p, 2.5, 2.5)
+
+        if self.losses:
+            low, high = min(v for _, v in self.losses), max(v for _, v in self.losses)
+            painter.setPen(QPen(QColor("#f0a030"), 2))
+            curve([point(e, v, low, high) for e, v in self.losses])
+            painter.drawText(2, top + 10, f"{high:.3f}")
+            painter.drawText(2, top + height, f"{low:.3f}")
+            painter.drawText(left + 4, top + 14, f"loss {self.losses[-1][1]:.3f}")
+        if self.scores:
+            painter.setPen(QPen(QColor("#40b0ff"), 2))
+            curve([point(e, v, 0.0, 1.0) for e, v in self.scores])
+            painter.drawText(left + width + 4, top + 10, "1.0")
+            painter.drawText(left + width + 4, top + height, "0.0")
+            painter.drawText(left + 4, top + 30, f"val DSB score {self.scores[-1][1]:.3f} (start {self.scores[0][1]:.3f})")
+        elif self.note:
+            painter.setPen(QPen(QColor("#cccccc"), 1))
+            painter.drawText(left + 4, top + 30, self.note)
         painter.end()
 
 
@@ -184,6 +203,8 @@ class FineTuneWidget(Container):
                                                 "keeps what it knew and less of the corrected images' quirks; 0: the trained weights alone")  # fmt: skip
         self.val_fraction = FloatSpinBox(label="validation fraction", value=0.25, min=0.0, max=0.9, step=0.05,
                                          tooltip="share of the planes held out to pick the best epoch (needs 2+ planes)")  # fmt: skip
+        self.keep_on_cancel = CheckBox(text="keep a cancelled run's model even if not validated better", value=False,
+                                       tooltip="by default Cancel saves the model only when the held-out images show it beats the starting model")  # fmt: skip
         self.output_folder = FileEdit(label="save in", mode="d", value=str(DEFAULT_MODELS_DIR))
         self.model_name = LineEdit(label="model name", value=f"finetuned-{datetime.now():%Y%m%d-%H%M}")
         self.advanced = CheckBox(text="show advanced settings", value=False)
@@ -193,7 +214,7 @@ class FineTuneWidget(Container):
         self.status = Label(value="")
         self.status.native.setWordWrap(True)
         self.plot = CurvePlot()
-        self._advanced_widgets = [self.learning_rate, self.patch_size, self.batch_size, self.augment, self.keep_other_types, self.start_share, self.val_fraction]
+        self._advanced_widgets = [self.learning_rate, self.patch_size, self.batch_size, self.augment, self.keep_other_types, self.start_share, self.val_fraction, self.keep_on_cancel]
         self.extend([
             self.image_layer, self.labels_layer, self.roi_layer, self.add_pair_button, self.clear_pairs_button, self.pairs_label,
             *self.model.widgets, self.epochs, self.iterations, self.advanced, *self._advanced_widgets,
@@ -288,7 +309,7 @@ class FineTuneWidget(Container):
         val = None if len(samples) > 1 and config.val_fraction > 0 else []
         nuclei = sum(int(len(np.unique(s.labels)) - 1) for s in samples)
         description = f"{len(samples)} corrected image(s) from napari ({nuclei} nuclei): " + ", ".join(s.name for s in samples[:5])
-        return FineTuneRequest(samples, val, self.model.path(), out_dir, config, description)
+        return FineTuneRequest(samples, val, self.model.path(), out_dir, config, description, bool(self.keep_on_cancel.value))
 
     # ---------------------------------------------------------------- running
     def start(self, *_) -> None:
@@ -303,10 +324,13 @@ class FineTuneWidget(Container):
         if not self.hub.start_or_wait(FINETUNE_JOB, self.start, lambda text: setattr(self.status, "value", text)):
             return
         self._cancel.clear()
-        self.plot.clear()
+        validated = request.val is None
+        self.plot.clear("" if validated else "no validation score: one image, nothing is held out")
         self.start_button.enabled = False
         self.cancel_button.enabled = True
-        self.status.value = f"fine-tuning on {len(request.train)} image(s)…"
+        self.status.value = f"fine-tuning on {len(request.train)} image(s)…" + (
+            "" if validated else " Nothing is held out, so the new model is not validated: check it on another image"
+        )
         total = request.config.epochs * request.config.iterations_per_epoch
         self._progress = cancelable_progress(total=total, desc="Fine-tuning", cancel_callback=self.cancel)
         worker = _finetune_worker(request, self.model, self._cancel.is_set, self._relay.message.emit)
@@ -323,6 +347,9 @@ class FineTuneWidget(Container):
     def _on_event(self, event: TrainEvent) -> None:
         if self._progress is not None:
             self._progress.update(event.iteration - self._progress.n)
+        if event.kind == "start":
+            self.plot.add(0, None, event.scores.kaggle_score)
+            self.status.value = f"the starting model scores {event.scores.kaggle_score:.3f} (val DSB) on the held-out images; training…"
         if event.kind == "calibrating":
             self.status.value = f"calibrating the new model's min confidence on the corrected images… ({event.device})"
         if event.kind == "epoch":
@@ -336,11 +363,17 @@ class FineTuneWidget(Container):
         best = f", best val DSB score {event.best_score:.3f}" if event.best_score is not None else ""
         took = f"{event.iteration} iterations in {event.elapsed:.0f} s on {event.device}{best}"
         if event.cancelled and not event.saved:
-            self.status.value = f"cancelled before the first epoch ended ({took}); nothing was saved"
-            show_info("Fine-tune cancelled; nothing was saved")
+            if event.start_score is None:
+                why = "nothing was validated"
+            elif event.best_score is None:
+                why = "no epoch was validated yet"
+            else:
+                why = f"its best validation score {event.best_score:.3f} did not beat the starting model's {event.start_score:.3f}"
+            self.status.value = f"cancelled ({took}): {why}, so nothing was saved (advanced: 'keep a cancelled run's model')"
+            show_info(f"Fine-tune cancelled: {why}; nothing was saved")
             return
         if event.cancelled:
-            self.status.value = f"cancelled ({took}); the best model so far is saved in {request.out_dir}, not put to use"
+            self.status.value = f"cancelled ({took}); the best model so far is saved in {request.out_dir}, not calibrated and not put to use"
             show_info(f"Fine-tune cancelled: the best model so far is in {request.out_dir} (choose it under 'model' to use it)")
             return
         self.status.value = f"done: {took}. Saved to {request.out_dir}"
@@ -382,7 +415,7 @@ def _finetune_worker(request: FineTuneRequest, model: ModelPicker, cancel, repor
         checkpoint.metadata.pop("metrics", None)
         return fit(
             checkpoint, request.train, request.out_dir, request.val, request.config, progress=report, cancel=cancel,
-            resume=False, base_model=request.base_model, data_description=request.description,
+            keep_on_cancel=request.keep_on_cancel, resume=False, base_model=request.base_model, data_description=request.description,
         )  # fmt: skip
     except NucleiUnetError:
         raise

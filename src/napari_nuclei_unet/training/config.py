@@ -12,7 +12,8 @@ __all__ = ["FINETUNE_DEFAULTS", "TrainConfig", "TrainEvent", "finetune_config"]
 
 @dataclass
 class TrainEvent:
-    """Progress report: ``kind`` is 'iteration', 'epoch' (with validation), 'calibrating' (after the last epoch) or 'done'."""
+    """Progress report: ``kind`` is 'start' (the starting model validated, before training), 'iteration',
+    'epoch' (with validation), 'calibrating' (after the last epoch) or 'done'."""
 
     kind: str
     epoch: int
@@ -25,5 +26,7 @@ class TrainEvent:
     best_score: float | None = None
     improved: bool = False
     cancelled: bool = False
-    saved: bool = True  # False: cancelled before the first epoch ended, so no model was saved
+    saved: bool = True  # False: cancelled with nothing worth keeping, so no model was saved
+    # The starting model's selection score on the validation images (None: nothing validated).
+    start_score: float | None = None
     history: list[dict] = field(default_factory=list)

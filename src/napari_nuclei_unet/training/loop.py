@@ -145,6 +145,12 @@ def train_steps(
     epoch = start_epoch
     running = float("nan")
     finished = False
+    start_score = None
+    if val and start_epoch == 0:  # what training has to beat: a cancelled run is kept only if it did
+        by_type = validate_by_type(checkpoint, val, str(device))
+        start_score = balanced_score(by_type) if config.balance_image_types else by_type["all"].kaggle_score
+        record["start_score"] = round(start_score, 5)
+        yield TrainEvent("start", 0, 0, total, float("nan"), time.perf_counter() - started, shown_device, by_type["all"], start_score=start_score)
     try:
         for epoch in range(start_epoch + 1, config.epochs + 1):
             losses = []
@@ -316,30 +322,50 @@ def fit(
     config: TrainConfig | None = None,
     progress: Callable[[TrainEvent], None] | None = None,
     cancel: Callable[[], bool] | None = None,
+    keep_on_cancel: bool = False,
     **kwargs,
 ) -> TrainEvent:
-    """Run :func:`train_steps` to the end; ``cancel()`` is checked after every iteration."""
+    """Run :func:`train_steps` to the end; ``cancel()`` is checked after every iteration.
+
+    A cancelled run keeps its best model only when validation showed it beats the starting
+    model, or with ``keep_on_cancel``; the kept model is not calibrated, and its record says so.
+    """
     steps = train_steps(checkpoint, train, out_dir, val, config, **kwargs)
-    last = None
+    last, start_score = None, None
     for event in steps:
         last = event
+        start_score = event.start_score if event.kind == "start" else start_score
         if progress is not None:
             progress(event)
         if event.kind == "done":
             return event
         if cancel is not None and cancel():
             steps.close()
-            last.kind, last.cancelled = "done", True
-            saved = Path(out_dir) / "model.safetensors"
-            if saved.exists():  # the best model so far
+            last.kind, last.cancelled, last.start_score = "done", True, start_score
+            out_dir = Path(out_dir)
+            improved = start_score is not None and last.best_score is not None and last.best_score > start_score
+            if (out_dir / "model.safetensors").exists() and (improved or keep_on_cancel):
                 best = Checkpoint.load(out_dir)
+                inherited = best.metadata.get("postprocess") or {}
+                if inherited:  # the starting model's level, not calibrated for this one
+                    best.metadata["postprocess"] = {**inherited, "calibrated_on": f"not calibrated (run cancelled); level of {best.metadata['training']['base_model']}"}
+                best.metadata["training"]["cancelled"] = True
+                best.save(out_dir, overwrite=True)
                 checkpoint.model.load_state_dict(best.model.state_dict())
                 checkpoint.metadata, checkpoint.source = best.metadata, str(out_dir)
             else:
                 last.saved = False
-                _remove_if_empty(Path(out_dir))
+                _remove_run_files(out_dir)
             return last
     return last
+
+
+def _remove_run_files(out_dir: Path) -> None:
+    """Remove what a run wrote into its output folder (model, log, resume state), and the folder if that empties it."""
+    for name in ("model.safetensors", "config.json", "nuclei_unet.json", "README.md", LOG_FILE, STATE_FILE):  # README: smp's model card
+        with contextlib.suppress(OSError):
+            (out_dir / name).unlink()
+    _remove_if_empty(out_dir)
 
 
 def _remove_if_empty(folder: Path) -> None:
