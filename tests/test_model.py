@@ -130,3 +130,11 @@ def test_a_copy_of_a_checkpoint_that_ran_on_the_cpu_can_be_trained(tmp_path, tin
     with torch.no_grad():
         next(copied.model.parameters()).add_(1.0)
     assert not torch.equal(next(copied.model.parameters()), next(loaded.model.parameters()))
+
+
+def test_the_summary_says_what_its_score_was_measured_on():
+    """Item 4 of the napari issue: "val DSB score 0.553" read as the README's val score."""
+    from napari_nuclei_unet.model import Checkpoint, bundled_model_path
+
+    summary = Checkpoint.load(bundled_model_path()).summary()
+    assert "val DSB score" not in summary and "validation images" in summary

@@ -388,3 +388,61 @@ def test_sliders_do_not_overwrite_edited_labels_and_say_so(viewer_and_widget, qt
     assert "your edits" in widget.status.value and "Segment" in widget.status.value
     run_and_wait(widget, qtbot)  # pressing Segment applies the settings and keeps the edits aside
     assert np.array_equal(viewer.layers["synthetic nuclei nuclei (edited)"].data, edited)
+
+
+def _two_channel_image(seed=3):
+    """Nuclei in one channel, a smooth cytoplasm-like stain covering most of the field in the other."""
+    from scipy import ndimage as ndi
+
+    nuclei, truth = nuclei_field((192, 224), count=25, diameter=18, seed=seed)
+    cytoplasm = ndi.grey_dilation(truth > 0, size=(25, 25)).astype(np.float32)
+    cytoplasm = (ndi.gaussian_filter(cytoplasm, 6) * 3000 + np.random.default_rng(seed).normal(400, 50, truth.shape)).clip(0, None)
+    return nuclei.astype(np.uint16), cytoplasm.astype(np.uint16), truth
+
+
+def test_a_channel_first_image_is_segmented_on_its_guessed_nuclear_channel(viewer_and_widget, qtbot):
+    """Item 8: a (C, Y, X) image was taken for a Z stack, and 'whole stack' segmented the cytoplasm too."""
+    viewer, widget = viewer_and_widget
+    nuclei, cytoplasm, truth = _two_channel_image()
+    viewer.add_image(np.stack([cytoplasm, nuclei]), name="two channels")
+    widget.image_layer.value = viewer.layers["two channels"]
+    assert widget.channel.value == 1 and not widget.scope.enabled
+    widget.scope.value = WHOLE_STACK  # ignored: one channel is one plane
+    run_and_wait(widget, qtbot)
+    labels = viewer.layers["two channels nuclei"]
+    assert labels.data.shape == truth.shape
+    assert 0.7 * truth.max() <= labels.data.max() <= 1.2 * truth.max()
+    assert labels.metadata["nuclei_unet"]["used"]["channel"] == 1
+    widget.channel.value = segment_module.ALL_CHANNELS  # the user says it is a stack after all
+    assert widget.scope.enabled and widget.request().channel is None and widget.request().image.ndim == 3
+
+
+def test_a_16_bit_colour_image_offers_its_channels(viewer_and_widget, qtbot):
+    """Item 8: a (Y, X, 3) uint16 image was taken for an RGB photograph."""
+    viewer, widget = viewer_and_widget
+    nuclei, cytoplasm, truth = _two_channel_image(seed=5)
+    viewer.add_image(np.stack([cytoplasm, np.zeros_like(nuclei), nuclei], axis=-1), name="composite", rgb=True)
+    widget.image_layer.value = viewer.layers["composite"]
+    assert widget.channel.value == 2 and not widget.stain.enabled
+    request = widget.request()
+    assert request.image.shape == truth.shape and request.params.stain == "none"
+    viewer.open_sample(PLUGIN, "synthetic_nuclei")  # a grey image has no channel choice
+    widget.image_layer.value = viewer.layers["synthetic nuclei"]
+    assert widget.request().channel is None
+
+
+def test_guess_nuclear_channel_prefers_compact_bright_objects():
+    from napari_nuclei_unet.io import guess_nuclear_channel
+
+    nuclei, cytoplasm, _ = _two_channel_image(seed=9)
+    assert guess_nuclear_channel([cytoplasm, nuclei]) == 1
+    assert guess_nuclear_channel([nuclei, cytoplasm]) == 0
+    assert guess_nuclear_channel([np.zeros_like(nuclei), nuclei, cytoplasm]) == 1
+
+
+def test_planes_of_one_stain_are_a_stack_and_different_stains_are_channels():
+    from napari_nuclei_unet.io import planes_look_alike
+
+    nuclei, cytoplasm, _ = _two_channel_image(seed=11)
+    assert planes_look_alike([nuclei, np.roll(nuclei, 40, axis=1), nuclei // 2])
+    assert not planes_look_alike([cytoplasm, nuclei])

@@ -122,6 +122,47 @@ def hematoxylin(plane) -> np.ndarray:
     return rgb2hed(np.asarray(plane)[..., :3])[..., 0].astype(np.float32)
 
 
+def guess_nuclear_channel(channels) -> int:
+    """Index of the channel that most looks like a nuclear stain (DAPI, Hoechst), from a list of 2D planes.
+
+    Nuclei are compact bright objects on a dark background that cover a minority of the
+    field; cytoplasm or membrane stains cover more of it, and with less contrast. Each
+    channel is split by Otsu's threshold on a strided sample; channels whose bright part
+    covers at most 60% of the field compete on the contrast between the two parts (in units
+    of the channel's spread). Ties go to the last channel (blue, where RGB composites put DAPI).
+    """
+    best, best_score = len(channels) - 1, -np.inf
+    for index, channel in enumerate(channels):
+        split = _otsu_split(channel)
+        if split is None:
+            continue
+        values, bright = split
+        if not 0.0 < bright.mean() <= 0.6:
+            continue
+        score = float((values[bright].mean() - values[~bright].mean()) / (values.std() + 1e-6))
+        if score >= best_score:
+            best, best_score = index, score
+    return best
+
+
+def planes_look_alike(planes) -> bool:
+    """Whether a few planes look like one stain (the planes of a Z/T stack) rather than
+    different channels: their bright parts (Otsu) cover about the same share of the field."""
+    fractions = [float(split[1].mean()) for split in map(_otsu_split, planes) if split is not None]
+    return len(fractions) < 2 or max(fractions) - min(fractions) < 0.15
+
+
+def _otsu_split(plane) -> tuple[np.ndarray, np.ndarray] | None:
+    """A strided sample of the plane and its pixels above Otsu's threshold; None for a flat plane."""
+    from skimage.filters import threshold_otsu
+
+    step = sample_step(*plane.shape[:2])
+    values = np.asarray(plane[::step, ::step], dtype=np.float32).ravel()
+    if values.size < 16 or values.max() == values.min():
+        return None
+    return values, values > threshold_otsu(values)
+
+
 def sample_step(height: int, width: int) -> int:
     """Stride that leaves at most ~``_PERCENTILE_SAMPLE`` pixels of a plane: enough for its statistics."""
     return max(1, int(np.ceil(np.sqrt(height * width / _PERCENTILE_SAMPLE))))

@@ -167,8 +167,9 @@ class Checkpoint:
         if training.get("data"):
             parts.append(f"trained on {training['data']}")
         metrics = self.metadata.get("metrics", {})
-        if "kaggle_score" in metrics:
-            parts.append(f"val DSB score {metrics['kaggle_score']:.3f}")
+        if "kaggle_score" in metrics:  # said with what it was measured on: a bare "val score" read as the README's
+            images = f" on its {metrics['n_images']} validation images" if metrics.get("n_images") else " on its validation images"
+            parts.append(f"DSB score {metrics['kaggle_score']:.3f}{images}")
         if self.nucleus_diameter:
             parts.append(f"nuclei ~{self.nucleus_diameter:.0f} px")
         return ", ".join(parts)

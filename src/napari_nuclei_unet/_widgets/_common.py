@@ -275,7 +275,7 @@ def result_metadata(model_name: str, network_key: tuple, postprocess, used: dict
     """What produced a result layer, stored in ``layer.metadata['nuclei_unet']``: the settings
     as asked (``"auto"`` included), under ``used`` the numbers every "auto" became, and the
     ``image_id`` that RLE rows and file names take (the image's file stem, as the CLI writes)."""
-    model_path, tiling, diameter, image_type, stain = network_key
+    model_path, tiling, diameter, image_type, stain = network_key[:5]  # then the segment widget's channel
     return {
         "image_id": image_id,
         "model": model_name,

@@ -32,6 +32,12 @@ if TYPE_CHECKING:
 
 CURRENT_PLANE = "current plane"
 WHOLE_STACK = "whole stack"
+COLOUR_IMAGE = "all (colour image)"
+NO_CHANNEL = "none (Z/T stack)"
+# A (C, Y, X) layer with at most this many planes may hold channels rather than a Z/T stack.
+MAX_CHANNELS = 6
+_RGB_NAMES = ("red", "green", "blue", "alpha")
+ALL_CHANNELS = -1  # the channel choice for "all": a colour image, or a stack (not None: magicgui emits no change for None)
 # Debounce for live re-labelling while a slider is dragged, in ms.
 RELABEL_DELAY_MS = 150
 
@@ -44,14 +50,16 @@ _DEFAULTS = SegmentParams()  # the controls start at the parameter dataclasses' 
 class SegmentRequest:
     """What one run segments and how; everything the worker needs, no Qt."""
 
-    image: Any  # the layer's 2D plane or stack (numpy, dask, zarr)
+    image: Any  # the layer's 2D plane or stack (numpy, dask, zarr), its nuclear channel when one is picked
     plane: int | None  # index in the stack, or None for a 2D image / the whole stack
     params: SegmentParams
     model_path: str
+    source: Any = None  # the layer's data the run was started on
+    channel: int | None = None  # the nuclear channel of a multichannel layer; None: all / not multichannel
 
     def network_key(self) -> tuple:
         """Runs with equal keys share cached probabilities."""
-        return (self.model_path, *self.params.network_key())
+        return (self.model_path, *self.params.network_key(), self.channel)
 
 
 @dataclass
@@ -64,6 +72,7 @@ class _Cache:
     outputs: tuple[str, ...]
     model_name: str
     min_confidence: float  # the model's own (calibrated) value, for "auto"
+    channel: int | None = None
     used: dict = field(default_factory=dict)  # what "auto" became in the run (Segmentation.record)
     planes: dict[int | None, PlanePrediction] = field(default_factory=dict)
 
@@ -78,6 +87,10 @@ class SegmentWidget(Container):
         self.hub = hub_of(napari_viewer)
         self.image_layer = ComboBox(label="image", choices=self._image_layers, tooltip="2D grey/RGB image or a T/Z stack")
         self.scope = ComboBox(label="stack", choices=[CURRENT_PLANE, WHOLE_STACK], value=CURRENT_PLANE)
+        self.channel = ComboBox(
+            label="nuclear channel", choices=self._channel_choices,
+            tooltip="for multichannel images: the channel with the nuclear stain (DAPI, Hoechst), guessed when the image is picked",
+        )
         self.model = ModelPicker(self.hub)
         tiling, post = _DEFAULTS.tiling, _DEFAULTS.postprocess
         self.tile_size = SpinBox(label="tile size", value=tiling.tile_size, min=128, max=8192, step=32, tooltip=_help(TilingParams, "tile_size"))
@@ -130,7 +143,7 @@ class SegmentWidget(Container):
         self.status = Label(value="")
         self.status.native.setWordWrap(True)
         self.extend([
-            self.image_layer, self.scope, *self.model.widgets, self.auto_diameter, self.diameter, self.diameter_unit, self.image_type, self.stain,
+            self.image_layer, self.channel, self.scope, *self.model.widgets, self.auto_diameter, self.diameter, self.diameter_unit, self.image_type, self.stain,
             self.auto_threshold, self.threshold, self.min_size, self.auto_confidence, self.min_confidence,
             self.run_button, self.cancel_button, self.status, self.advanced, *self._advanced_widgets,
         ])  # fmt: skip
@@ -150,7 +163,9 @@ class SegmentWidget(Container):
 
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)
+        self.image_layer.changed.connect(self._guess_channel)
         self.image_layer.changed.connect(self._update_scope)
+        self.channel.changed.connect(self._update_scope)
         self.image_layer.changed.connect(self._forget_estimate)
         self.advanced.changed.connect(self._show_advanced)
         self.auto_threshold.changed.connect(lambda value: setattr(self.threshold, "enabled", not value))
@@ -164,6 +179,7 @@ class SegmentWidget(Container):
         self.hub.segment_requested.connect(self.run)
         self.model.on_choice = self._share_model
         self.reset_choices()
+        self._guess_channel()
         self._update_scope()
         self._show_advanced(False)
         self.model.load_async()
@@ -180,10 +196,50 @@ class SegmentWidget(Container):
         for widget in self._advanced_widgets:
             widget.visible = bool(value)
 
+    def _channel_choices(self, _widget=None) -> list[tuple[str, int]]:
+        layer = self.image_layer.value
+        axis = None if layer is None else _channel_axis(layer)
+        if axis is None:
+            return [(NO_CHANNEL, ALL_CHANNELS)]
+        count = _layer_data(layer).shape[axis]
+        if axis == -1:
+            return [(COLOUR_IMAGE, ALL_CHANNELS), *((f"channel {i} ({_RGB_NAMES[i]})", i) for i in range(count))]
+        return [(NO_CHANNEL, ALL_CHANNELS), *((f"channel {i}", i) for i in range(count))]
+
+    def _picked_channel(self, layer: Image) -> int | None:
+        return self.channel.value if _channel_axis(layer) is not None and self.channel.value != ALL_CHANNELS else None
+
+    def _guess_channel(self, *_) -> None:
+        """A new image: offer its channels, and pick the one that looks like a nuclear stain.
+
+        RGB 8-bit images (H&E, brightfield) are segmented in colour; other RGB images, and
+        (C, Y, X) layers whose first axis is labelled as channels or whose few (up to 4) planes
+        look like different stains (``io.planes_look_alike``), get their nuclear channel guessed
+        (``io.guess_nuclear_channel``); the rest are Z/T stacks.
+        """
+        from ..io import guess_nuclear_channel, planes_look_alike
+
+        layer = self.image_layer.value
+        self.channel.reset_choices()
+        axis = None if layer is None else _channel_axis(layer)
+        self.channel.visible = axis is not None
+        if axis is None:
+            return
+        data = _layer_data(layer)
+        planes = [data[..., i] for i in range(data.shape[-1])] if axis == -1 else [data[i] for i in range(data.shape[0])]
+        label = str(getattr(layer, "axis_labels", ("",) * data.ndim)[0]).lower()
+        named_channels = label in ("c", "ch", "channel", "channels")
+        stack = axis == 0 and not named_channels and (label in ("z", "t", "time") or data.shape[0] > 4 or planes_look_alike(planes))
+        if (axis == -1 and data.dtype == np.uint8) or stack:
+            self.channel.value = ALL_CHANNELS
+            return
+        self.channel.value = guess_nuclear_channel(planes)
+
     def _update_scope(self, *_):
         layer = self.image_layer.value
-        self.scope.enabled = layer is not None and not _is_2d(layer)
-        self.stain.enabled = layer is not None and layer.rgb
+        one_channel = layer is not None and self._picked_channel(layer) is not None
+        self.scope.enabled = layer is not None and not _is_2d(layer) and not (one_channel and not layer.rgb)
+        self.stain.enabled = layer is not None and layer.rgb and not one_channel
         self.diameter_unit.enabled = layer is not None and _pixel_size(layer) != 1.0
         if not self.diameter_unit.enabled:
             self.diameter_unit.value = "px"
@@ -213,11 +269,15 @@ class SegmentWidget(Container):
         layer = self.image_layer.value
         if layer is None:
             raise ValueError("open an image first (File > Open, or File > Open Sample)")
-        data = layer.data[0] if layer.multiscale else layer.data
-        if data.ndim - (1 if layer.rgb else 0) > 3:
+        source = data = _layer_data(layer)
+        channel = self._picked_channel(layer)
+        if channel is not None:
+            data = data[..., channel] if layer.rgb else data[channel]
+        colour = layer.rgb and channel is None
+        if data.ndim - (1 if colour else 0) > 3:
             raise ValueError(f"{layer.name}: {data.ndim}D data; choose a 2D image or a single T/Z stack")
         plane = None
-        if not _is_2d(layer) and self.scope.value == CURRENT_PLANE:
+        if data.ndim - (1 if colour else 0) == 3 and self.scope.value == CURRENT_PLANE:
             plane = self._current_plane(layer, data.shape[0])
         params = SegmentParams(
             tiling=TilingParams(
@@ -227,9 +287,9 @@ class SegmentWidget(Container):
             postprocess=self.postprocess_params(),
             diameter=AUTO if self.auto_diameter.value else self._diameter_in_pixels(layer),
             image_type=self.image_type.value,
-            stain=self.stain.value if layer.rgb else "none",
+            stain=self.stain.value if colour else "none",
         )
-        return SegmentRequest(image=data, plane=plane, params=params, model_path=self.model.path())
+        return SegmentRequest(image=data, plane=plane, params=params, model_path=self.model.path(), source=source, channel=channel)
 
     def _current_plane(self, layer: Image, count: int) -> int:
         position = layer.world_to_data(self.viewer.dims.point)
@@ -292,19 +352,18 @@ class SegmentWidget(Container):
 
     def _cache_matches(self, layer: Image, request: SegmentRequest) -> bool:
         cache = self._cache
-        return cache is not None and cache.layer is layer and cache.data is request.image and cache.key == request.network_key()
+        return cache is not None and cache.layer is layer and cache.data is request.source and cache.key == request.network_key()
 
     def _on_segmented(self, layer: Image, request: SegmentRequest, outcome: tuple) -> None:
         checkpoint, result, device = outcome
-        current = layer.data[0] if layer.multiscale else layer.data
-        if layer not in self.viewer.layers or current is not request.image:
+        if layer not in self.viewer.layers or _layer_data(layer) is not request.source:
             what = "closed" if layer not in self.viewer.layers else "given new data"
             self.status.value = f"result discarded: the image layer '{elide_middle(layer.name)}' was {what} during the run"
             show_warning(f"Segment nuclei: {self.status.value}")
             return
-        used = result.record()
+        used = {**result.record(), "channel": request.channel}
         if not self._cache_matches(layer, request):
-            self._cache = _Cache(layer, request.image, request.network_key(), checkpoint.outputs, checkpoint.name, checkpoint.min_confidence)
+            self._cache = _Cache(layer, request.source, request.network_key(), checkpoint.outputs, checkpoint.name, checkpoint.min_confidence, request.channel)
         self._cache.used = used
         self._cache.planes.update({i: p.prediction for i, p in result.planes.items() if p.prediction is not None})
         written = self._write_layers({i: (p.mask, p.labels) for i, p in result.planes.items()}, request.params.postprocess, used)
@@ -373,7 +432,7 @@ class SegmentWidget(Container):
         """Write planes ``{index: (mask, labels)}`` into the result layers; returns the nucleus count."""
         cache = self._cache
         source = cache.layer
-        shape = _spatial_shape(source)
+        shape = _spatial_shape(source, cache.channel)
         metadata = result_metadata(cache.model_name, cache.key, params, used, image_id(source))
         layers = {}
         for suffix, position, dtype in (("nuclei", 1, np.int32), ("mask", 0, np.uint8)):
@@ -427,9 +486,24 @@ def _is_2d(layer: Image) -> bool:
     return layer.ndim == 2
 
 
-def _spatial_shape(layer: Image) -> tuple[int, ...]:
-    data = layer.data[0] if layer.multiscale else layer.data
-    return tuple(data.shape[:-1]) if layer.rgb else tuple(data.shape)
+def _layer_data(layer: Image):
+    return layer.data[0] if layer.multiscale else layer.data
+
+
+def _channel_axis(layer: Image) -> int | None:
+    """Where a layer's channels may be: -1 for RGB(A), 0 for a (C, Y, X) layer of a few planes; None: none."""
+    if layer.rgb:
+        return -1
+    data = _layer_data(layer)
+    return 0 if data.ndim == 3 and data.shape[0] <= MAX_CHANNELS else None
+
+
+def _spatial_shape(layer: Image, channel: int | None = None) -> tuple[int, ...]:
+    """Shape of the result layers: the layer's, less its colour axis or its channel axis when one channel was segmented."""
+    data = _layer_data(layer)
+    if layer.rgb:
+        return tuple(data.shape[:-1])
+    return tuple(data.shape[1:]) if channel is not None else tuple(data.shape)
 
 
 def _help(owner: type, name: str) -> str:
