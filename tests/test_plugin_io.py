@@ -117,3 +117,35 @@ def test_rle_rows_of_segmented_layers_are_named_after_the_image(tmp_path):
     hand_made = {"name": "my labels", "metadata": {}}
     write_rle_csv(str(tmp_path / "out.csv"), [(labels, segmented, "labels"), (labels, hand_made, "labels")])
     assert set(read_csv(tmp_path / "out.csv")) == {"0a7d30", "my labels"}
+
+
+def test_a_csv_of_many_images_opens_as_one_stack_per_shape_and_saves_back_under_its_ids(make_napari_viewer, tmp_path):
+    """Item 18: 576 DSB2018 images opened as 576 layers in 256 s."""
+    import time
+
+    from napari_nuclei_unet._reader import MANY_IMAGES
+    from napari_nuclei_unet.rle import decode_csv
+
+    rng = np.random.default_rng(0)
+    items = []
+    for index in range(3 * MANY_IMAGES):
+        shape = (64, 80) if index % 3 else (48, 48)
+        labels = np.zeros(shape, np.int32)
+        y, x = rng.integers(8, 40, size=2)
+        labels[y:y + 6, x:x + 7] = 1
+        items.append((f"{index:064x}", labels))  # 64-character ids, as DSB2018's
+    path = write_csv(tmp_path / "many.csv", items)
+    viewer = make_napari_viewer()
+    started = time.perf_counter()
+    viewer.open(str(path), plugin=PLUGIN)
+    took = time.perf_counter() - started
+    assert [layer.name for layer in viewer.layers] == [f"many 64x80 ({2 * MANY_IMAGES} images)", f"many 48x48 ({MANY_IMAGES} images)"]
+    big = viewer.layers[0]
+    assert big.data.shape == (2 * MANY_IMAGES, 64, 80) and len(big.metadata["image_ids"]) == 2 * MANY_IMAGES
+    expected = dict(items)
+    for plane, image_id in zip(big.data, big.metadata["image_ids"]):
+        assert np.array_equal(plane, expected[image_id])
+    assert took < 10, took
+    viewer.layers.save(str(tmp_path / "again.csv"), plugin=PLUGIN)
+    again = decode_csv(tmp_path / "again.csv")
+    assert set(again) == set(expected) and all(np.array_equal(again[k], expected[k]) for k in expected)

@@ -14,17 +14,22 @@ import numpy as np
 def write_rle_csv(path: str, layer_data: list[tuple[Any, dict, str]]) -> list[str]:
     """One row per label, with Height/Width. ImageId: the segmented image's file stem for layers
     the Segment widget made (as ``nuclei-unet segment`` and Kaggle name them), else the layer
-    name; ``<id>_<plane>`` for stacks."""
+    name; for stacks, the plane's id when the reader stacked an RLE CSV (``image_ids``), else
+    ``<id>_<plane>``."""
     from .rle import write_csv
 
     rows = []
     for data, meta, _kind in layer_data:
         labels = np.asarray(data)
-        name = ((meta.get("metadata") or {}).get("nuclei_unet") or {}).get("image_id") or meta.get("name", "labels")
+        metadata = meta.get("metadata") or {}
+        name = (metadata.get("nuclei_unet") or {}).get("image_id") or meta.get("name", "labels")
         if labels.ndim == 2:
             rows.append((name, labels))
-        else:
-            rows.extend((f"{name}_{index}", plane) for index, plane in enumerate(labels.reshape(-1, *labels.shape[-2:])))
+            continue
+        planes = labels.reshape(-1, *labels.shape[-2:])
+        ids = metadata.get("image_ids")
+        ids = ids if isinstance(ids, list) and len(ids) == len(planes) else [f"{name}_{index}" for index in range(len(planes))]
+        rows.extend(zip(ids, planes))
     return [str(write_csv(path, rows))]
 
 
