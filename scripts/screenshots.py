@@ -3,7 +3,10 @@
     xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python scripts/screenshots.py [--out docs/images]
 
 Each picture is the whole window (``viewer.screenshot(canvas_only=False)``) after driving
-the widgets the way a user would.
+the widgets the way a user would, in a 1600 x 1000 window. The last ones open real DSB2018
+images by file (64-character names, as DSB2018's are), an H&E-stained one and a fluorescence
+one, segment them with the defaults with both widgets docked, at 1280 x 800 and 1600 x 1000
+(they need ``../shared/data/dsb2018``; skipped without it).
 """
 
 from __future__ import annotations
@@ -18,6 +21,11 @@ import numpy as np
 from qtpy.QtWidgets import QApplication
 
 PLUGIN = "napari-nuclei-unet"
+DSB2018 = Path(__file__).resolve().parents[2] / "shared" / "data" / "dsb2018" / "images"
+# DSB2018 val images: stained tissue (H&E-like) and fluorescence.
+DSB_TISSUE = "4193474b2f1c72f735b13633b219d9cabdd43c21d9c2bb4dfc4809f104ba4c06"
+DSB_FLUORESCENCE = "0a7d30b252359a10fd298b638b90cb9ada3acced4e0c0e5a3692013f432ee4e9"
+WINDOW_SIZES = ((1280, 800), (1600, 1000))
 warnings.filterwarnings("ignore", message=".*PyQt5.*")  # keep napari's deprecation toast out of the pictures
 
 
@@ -40,6 +48,10 @@ def segment(widget) -> None:
 
 
 def save(viewer, path: Path) -> None:
+    from qtpy.QtWidgets import QScrollArea
+
+    for dock in viewer.window._qt_window.findChildren(QScrollArea):  # the docked widgets, scrolled to their top
+        dock.verticalScrollBar().setValue(0)
     for _ in range(10):
         QApplication.processEvents()
     viewer.screenshot(str(path), canvas_only=False)
@@ -53,7 +65,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     viewer = napari.Viewer(title="napari-nuclei-unet")
-    viewer.window._qt_window.resize(1500, 950)
+    viewer.window._qt_window.resize(1600, 1000)
     _dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment nuclei")
     wait_for(widget, lambda: "runs on" in widget.model.summary.value or "could not" in widget.model.summary.value)
 
@@ -139,6 +151,31 @@ def main() -> None:
     viewer.reset_view()
     save(viewer, out / "08-before-after.png")
     print(f"fine-tune: {tune.status.value}")
+    viewer.close()
+    if DSB2018.is_dir():
+        for size in WINDOW_SIZES:
+            dsb_views(out, size)
+
+
+def dsb_views(out: Path, size: tuple[int, int]) -> None:
+    """A real H&E-stained DSB2018 image and a fluorescence one, opened by file and segmented with the
+    defaults, both widgets docked, in a window of ``size``."""
+    viewer = napari.Viewer(title="napari-nuclei-unet")
+    viewer.window._qt_window.resize(*size)
+    _dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment nuclei")
+    _dock, tune = viewer.window.add_plugin_dock_widget(PLUGIN, "Fine-tune")
+    wait_for(widget, lambda: "runs on" in widget.model.summary.value and "runs on" in tune.model.summary.value)
+    for kind, name in (("tissue", DSB_TISSUE), ("fluorescence", DSB_FLUORESCENCE)):
+        for layer in list(viewer.layers):
+            viewer.layers.remove(layer)
+        viewer.open(str(DSB2018 / f"{name}.png"))
+        widget.image_layer.value = viewer.layers[name]
+        segment(widget)
+        tune.reset_choices()
+        viewer.layers.selection.active = viewer.layers[f"{name} nuclei"]
+        viewer.reset_view()
+        save(viewer, out / f"09-dsb-{kind}-{size[0]}x{size[1]}.png")
+        print(f"{kind} {size}: {widget.status.value}; canvas {viewer.window._qt_viewer.canvas.native.width()} px wide")
     viewer.close()
 
 

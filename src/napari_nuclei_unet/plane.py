@@ -49,6 +49,7 @@ class LabelledPlane(NamedTuple):
     mask: np.ndarray  # bool
     labels: np.ndarray  # int32, 1..N
     threshold: float
+    unsure: int = 0  # objects dropped by the min confidence alone
 
 
 def apply_stain(plane, stain: str):
@@ -154,16 +155,18 @@ def label_plane(prediction: PlanePrediction, outputs: tuple[str, ...], postproce
     """
     if prediction.network is None:
         params = with_threshold(postprocess, prediction.probabilities[outputs.index("foreground")])
-        mask, labels = instances(prediction.probabilities, outputs, params, network_zoom=prediction.factor)
-        return LabelledPlane(mask, labels, float(params.threshold))
+        report: dict = {}
+        mask, labels = instances(prediction.probabilities, outputs, params, network_zoom=prediction.factor, report=report)
+        return LabelledPlane(mask, labels, float(params.threshold), report["unsure"])
     from skimage.segmentation import relabel_sequential
 
     params = with_threshold(postprocess, prediction.network[outputs.index("foreground")])
-    _mask, fine = instances(prediction.network, outputs, params, grid_zoom=prediction.factor, network_zoom=prediction.factor)
+    report = {}
+    _mask, fine = instances(prediction.network, outputs, params, grid_zoom=prediction.factor, network_zoom=prediction.factor, report=report)
     rows, cols = (pixel_centres(f, c) for f, c in zip(fine.shape, prediction.probabilities.shape[1:]))
     labels = drop_small_labels(fine[np.ix_(rows, cols)], postprocess.min_size)  # min size in image pixels, as sampled
     labels = relabel_sequential(labels)[0]  # a nucleus smaller than a pixel can fall between centres
-    return LabelledPlane(labels > 0, labels, float(params.threshold))
+    return LabelledPlane(labels > 0, labels, float(params.threshold), report["unsure"])
 
 
 def pixel_centres(fine: int, coarse: int) -> np.ndarray:

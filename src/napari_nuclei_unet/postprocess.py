@@ -78,6 +78,7 @@ def instances(
     params: PostprocessParams | None = None,
     grid_zoom: float = 1.0,
     network_zoom: float = 1.0,
+    report: dict | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(mask, labels)``: semantic mask (bool) and instance labels numbered 1..N (int32).
 
@@ -87,6 +88,8 @@ def instances(
     and the splitting height ``h`` describe a nucleus's shape: they are meant at the scale the
     network ran at (``network_zoom``), so they follow the nuclei when the image is rescaled for
     the network (large nuclei shrunk for the network keep their holes filled).
+    ``report``, when given, receives ``"unsure"``: the objects dropped by the min confidence
+    alone (many of them say the image is unlike what the model knows).
     """
     from skimage.segmentation import relabel_sequential, watershed
 
@@ -122,9 +125,14 @@ def instances(
     sizes = np.bincount(labels.ravel())
     drop = sizes < params.min_size
     min_confidence = float(params.min_confidence)
+    unsure = np.zeros_like(drop)
     if min_confidence > 0:  # mean foreground probability of each object
-        drop |= np.bincount(labels.ravel(), weights=foreground.ravel(), minlength=sizes.size) < min_confidence * sizes
+        unsure = np.bincount(labels.ravel(), weights=foreground.ravel(), minlength=sizes.size) < min_confidence * sizes
+        unsure &= ~drop
+        drop |= unsure
     drop[0] = False
+    if report is not None:
+        report["unsure"] = int(unsure[1:].sum())
     labels[drop[labels]] = 0
     labels, _, _ = relabel_sequential(labels.astype(np.int32, copy=False))
     return labels > 0, labels

@@ -42,6 +42,7 @@ class PlaneResult:
     threshold: float  # the foreground threshold used (Otsu's when "auto")
     count: int
     prediction: PlanePrediction | None  # the network output, for re-labelling; None block by block
+    unsure: int = 0  # objects dropped by the min confidence alone (not counted block by block)
 
 
 @dataclass
@@ -60,6 +61,11 @@ class Segmentation:
     def count(self) -> int:
         """Number of nuclei, summed over planes."""
         return sum(plane.count for plane in self.planes.values())
+
+    @property
+    def unsure(self) -> int:
+        """Objects dropped because the network was unsure of them (min confidence), summed over planes."""
+        return sum(plane.unsure for plane in self.planes.values())
 
     @property
     def max_label(self) -> int:
@@ -272,7 +278,7 @@ def segment_planes(
 def _labelled(prediction: PlanePrediction, labelled: LabelledPlane, target) -> PlaneResult:
     if target is not None:
         target[(slice(None), slice(None))] = labelled.labels
-    return PlaneResult(labelled.labels, labelled.mask, labelled.threshold, int(labelled.labels.max()), prediction)
+    return PlaneResult(labelled.labels, labelled.mask, labelled.threshold, int(labelled.labels.max()), prediction, labelled.unsure)
 
 
 def segment(

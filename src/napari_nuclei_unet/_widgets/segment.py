@@ -379,7 +379,7 @@ class SegmentWidget(Container):
         speed = f" ({result.megapixels / max(seconds, 1e-9):.3g} MP/s)" if result.megapixels else " (from cached probabilities)"
         self.status.value = (
             f"{nuclei_text(written)} in {seconds:.1f} s{speed} on {device}{size}" + (f", rescaled x{factor:.2f}" if factor != 1.0 else "")
-        )
+        ) + _unsure_warning(written, result.unsure, result.min_confidence)
         if self.postprocess_params() != request.params.postprocess:  # a control changed during the run
             self.relabel()
 
@@ -419,7 +419,8 @@ class SegmentWidget(Container):
         thresholds = recorded_thresholds(plane.threshold for plane in labelled.values())
         used = {**self._cache.used, "threshold": thresholds, "min_confidence": float(params.min_confidence)}
         count = self._write_layers({i: (p.mask, p.labels) for i, p in labelled.items()}, params, used)
-        self.status.value = f"{nuclei_text(count)} (re-labelled from cached probabilities)"
+        unsure = sum(p.unsure for p in labelled.values())
+        self.status.value = f"{nuclei_text(count)} (re-labelled from cached probabilities)" + _unsure_warning(count, unsure, float(params.min_confidence))
 
     def _on_relabel_finished(self) -> None:
         self._relabel_worker = None
@@ -531,3 +532,14 @@ def _relabel_worker(planes: dict, outputs: tuple[str, ...], params: PostprocessP
 def _pixel_size(layer: Image) -> float:
     """The layer's pixel size along x, in its world unit (µm for microscopy images with a scale)."""
     return float(layer.scale[-1])
+
+
+def _unsure_warning(kept: int, unsure: int, level: float) -> str:
+    """A sentence for the status line when the min confidence dropped more objects than it kept:
+    the image is unlike what the model knows (an unfamiliar stain such as H-DAB, or modality)."""
+    if unsure <= kept:
+        return ""
+    return (
+        f". Warning: {unsure} more objects were dropped because the model is unsure of them (below its min confidence {level:g}):"
+        " this image is unlike what it knows. Untick \"model's min confidence\" to see them, or correct a few and fine-tune"
+    )
