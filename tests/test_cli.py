@@ -40,8 +40,13 @@ def test_segment_folder_writes_labels_and_rle(tmp_path, model_dir, image_folder,
     decoded = decode_csv(csv_path)
     assert set(decoded) == {"bright8", "fluo16", "stack_0", "stack_1"}
     assert np.array_equal(decoded["fluo16"] > 0, labels > 0)
-    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    captured = capsys.readouterr()
+    summary = captured.out.strip().splitlines()[-1]
     assert summary.startswith("segmented 3 image(s):") and "MP/s on cpu" in summary
+    # stderr is not a terminal here (a log or a pipe): one plain line per image, no redrawn bars
+    lines = [line for line in captured.err.splitlines() if line.startswith("[")]
+    assert [line.split("]")[0] for line in lines] == ["[1/3", "[2/3", "[3/3"], captured.err
+    assert "\r" not in captured.err and "\x1b[A" not in captured.err and "step/s" not in captured.err
 
 
 def test_min_confidence_defaults_to_the_models_calibrated_level(tmp_path, image_folder, capsys):

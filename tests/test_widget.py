@@ -464,3 +464,17 @@ def test_an_image_the_model_is_unsure_of_says_so(viewer_and_widget, qtbot):
     widget.min_confidence.value = 0.0
     qtbot.waitUntil(lambda: int(viewer.layers["immunohistochemistry nuclei"].data.max()) > 2 * kept, timeout=10_000)
     assert "Warning" not in widget.status.value
+
+
+def test_what_auto_chose_is_shown_and_forgotten_for_another_image(viewer_and_widget, qtbot):
+    """Items 4 and 6: show the Otsu threshold and diameter used; the next image does not inherit the diameter."""
+    viewer, widget = viewer_and_widget
+    viewer.open_sample(PLUGIN, "synthetic_nuclei")
+    widget.image_layer.value = viewer.layers["synthetic nuclei"]
+    run_and_wait(widget, qtbot)
+    used = viewer.layers["synthetic nuclei nuclei"].metadata["nuclei_unet"]["used"]
+    assert widget.threshold.value == pytest.approx(used["threshold"], abs=0.006)
+    assert widget.diameter.value == pytest.approx(used["diameter"], abs=0.01) and widget.diameter.value > 0
+    viewer.add_image(viewer.layers["synthetic nuclei"].data.copy(), name="another")
+    widget.image_layer.value = viewer.layers["another"]
+    assert widget.diameter.value == 0.0

@@ -244,6 +244,12 @@ class SegmentWidget(Container):
         if not self.diameter_unit.enabled:
             self.diameter_unit.value = "px"
 
+    def _show_threshold(self, used) -> None:
+        """Otsu's threshold, on the slider (one plane; a stack's planes each have their own, in the metadata)."""
+        if self.auto_threshold.value and isinstance(used, float):
+            with self.threshold.changed.blocked():
+                self.threshold.value = used
+
     def _forget_estimate(self, *_) -> None:
         """Another image: the diameter shown was the previous image's estimate."""
         if self.auto_diameter.value:
@@ -370,6 +376,7 @@ class SegmentWidget(Container):
         if self.auto_confidence.value:
             with self.min_confidence.changed.blocked():  # shown (untick to override); the labels already use it
                 self.min_confidence.value = result.min_confidence
+        self._show_threshold(used["threshold"])
         diameter, factor, seconds = result.diameter, result.factor, result.seconds
         if request.params.diameter == AUTO and diameter is not None:  # shown; untick 'estimate' to override
             self.diameter.value = round(diameter * (_pixel_size(layer) if self.diameter_unit.value == "µm" else 1.0), 2)
@@ -420,6 +427,7 @@ class SegmentWidget(Container):
         used = {**self._cache.used, "threshold": thresholds, "min_confidence": float(params.min_confidence)}
         count = self._write_layers({i: (p.mask, p.labels) for i, p in labelled.items()}, params, used)
         unsure = sum(p.unsure for p in labelled.values())
+        self._show_threshold(thresholds)
         self.status.value = f"{nuclei_text(count)} (re-labelled from cached probabilities)" + _unsure_warning(count, unsure, float(params.min_confidence))
 
     def _on_relabel_finished(self) -> None:
