@@ -11,7 +11,8 @@ from pathlib import Path
 from magicgui.widgets import ComboBox, FileEdit, Label
 from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error, show_warning
-from qtpy.QtCore import QCoreApplication, QObject, Qt, Signal
+from qtpy.QtCore import QCoreApplication, QObject, Qt, QTimer, Signal
+from qtpy.QtWidgets import QDockWidget, QFrame, QMainWindow, QScrollArea, QWidget
 
 from ..errors import ModelError, describe
 from ..model import Checkpoint, available_devices, resolve_model_path
@@ -24,6 +25,42 @@ DOCK_MAX_WIDTH = 440
 # Layer names longer than this are shown elided in the middle, so that both the start of the
 # name and its end ("… nuclei" vs "… nuclei (edited)") stay readable.
 SHOWN_NAME_LENGTH = 36
+
+
+_SCROLL_NAME = "napari-nuclei-unet scroll area"
+
+
+def scroll_when_docked(native: QWidget) -> None:
+    """Put a scroll area between napari's dock and ``native`` once the widget is docked.
+
+    napari docks a magicgui widget's inner QWidget (``widget.native``), so magicgui's own
+    ``scrollable`` area is left out, and a dock is then as tall as all its controls: two of
+    ours needed 1,490 px and pushed Segment off a 1000 px screen. Called right after the
+    widget is made; the wrapping happens on the next turn of the event loop, after napari
+    has docked it. A widget that is not in a dock (tests, scripts) is left as it is. The
+    plugin's second dock is tabbed with the first, so each gets the window's height.
+    """
+
+    def wrap() -> None:
+        dock = native.parentWidget()
+        if not isinstance(dock, QDockWidget) or dock.widget() is not native:
+            return
+        scroll = QScrollArea()
+        scroll.setObjectName(_SCROLL_NAME)
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QFrame.Shape.NoFrame)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        scroll.setMaximumWidth(DOCK_MAX_WIDTH)
+        dock.setWidget(scroll)
+        scroll.setWidget(native)
+        window = dock.parentWidget()
+        if isinstance(window, QMainWindow):
+            ours = [d for d in window.findChildren(QDockWidget) if d is not dock and d.isVisible() and getattr(d.widget(), "objectName", str)() == _SCROLL_NAME]
+            if ours and window.dockWidgetArea(ours[0]) == window.dockWidgetArea(dock):
+                window.tabifyDockWidget(ours[0], dock)
+                QTimer.singleShot(0, dock.raise_)
+
+    QTimer.singleShot(0, wrap)
 
 
 def elide_middle(name: str, length: int = SHOWN_NAME_LENGTH) -> str:

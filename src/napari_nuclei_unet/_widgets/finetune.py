@@ -28,7 +28,7 @@ from ..data import LabelledImage
 from ..errors import NucleiUnetError, describe
 from ..model import BUNDLED_MODEL_DIR
 from ..training import FINETUNE_DEFAULTS, TrainConfig, TrainEvent, finetune_config, fit
-from ._common import DOCK_MAX_WIDTH, FROM_FILE, ModelPicker, Relay, _unless_closed, hub_of, layer_choices
+from ._common import DOCK_MAX_WIDTH, FROM_FILE, ModelPicker, Relay, _unless_closed, hub_of, layer_choices, scroll_when_docked
 
 if TYPE_CHECKING:
     import napari
@@ -177,8 +177,9 @@ class FineTuneWidget(Container):
     """Fine-tune a model on (image, corrected labels) pairs from the viewer."""
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer"):
-        super().__init__(labels=True, scrollable=True)
+        super().__init__(labels=True)
         self.native.setMaximumWidth(DOCK_MAX_WIDTH)
+        scroll_when_docked(self.native)  # scrolls on a short screen: Start stays reachable
         self.viewer = napari_viewer
         self.hub = hub_of(napari_viewer)
         self.image_layer = ComboBox(label="image", choices=lambda _w: layer_choices(self._layers(Image)))

@@ -25,7 +25,18 @@ from ..params import AUTO, IMAGE_TYPES, STAINS, PostprocessParams, SegmentParams
 from ..plane import PlanePrediction, label_plane
 from ..postprocess import resolve_min_confidence
 from ..segment import Segmentation, recorded_thresholds, segment_planes
-from ._common import DOCK_MAX_WIDTH, ModelPicker, Relay, _unless_closed, elide_middle, hub_of, image_id, layer_choices, result_metadata
+from ._common import (
+    DOCK_MAX_WIDTH,
+    ModelPicker,
+    Relay,
+    _unless_closed,
+    elide_middle,
+    hub_of,
+    image_id,
+    layer_choices,
+    result_metadata,
+    scroll_when_docked,
+)
 
 if TYPE_CHECKING:
     import napari
@@ -81,8 +92,9 @@ class SegmentWidget(Container):
     """Segment the nuclei of an image layer into instance and mask Labels layers."""
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer"):
-        super().__init__(labels=True, scrollable=True)  # scrolls on a short screen; Segment stays reachable
+        super().__init__(labels=True)
         self.native.setMaximumWidth(DOCK_MAX_WIDTH)
+        scroll_when_docked(self.native)  # scrolls on a short screen: Start stays reachable
         self.viewer = napari_viewer
         self.hub = hub_of(napari_viewer)
         self.image_layer = ComboBox(label="image", choices=self._image_layers, tooltip="2D grey/RGB image or a T/Z stack")
