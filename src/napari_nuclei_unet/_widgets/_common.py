@@ -12,7 +12,7 @@ from magicgui.widgets import ComboBox, FileEdit, Label
 from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error, show_warning
 from qtpy.QtCore import QCoreApplication, QObject, Qt, QTimer, Signal
-from qtpy.QtWidgets import QDockWidget, QFrame, QMainWindow, QScrollArea, QWidget
+from qtpy.QtWidgets import QComboBox, QDockWidget, QFrame, QLabel, QMainWindow, QScrollArea, QSizePolicy, QWidget
 
 from ..errors import ModelError, describe
 from ..model import Checkpoint, available_devices, resolve_model_path
@@ -45,12 +45,22 @@ def scroll_when_docked(native: QWidget) -> None:
         dock = native.parentWidget()
         if not isinstance(dock, QDockWidget) or dock.widget() is not native:
             return
+        for combo in native.findChildren(QComboBox):  # sized for a few words, not the longest layer name
+            combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+            combo.setMinimumContentsLength(12)
+        for label in native.findChildren(QLabel):  # wrapped text (summaries, status) takes the width it is given
+            if label.wordWrap():
+                label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+                label.setMinimumWidth(120)
         scroll = QScrollArea()
         scroll.setObjectName(_SCROLL_NAME)
         scroll.setWidgetResizable(True)
         scroll.setFrameShape(QFrame.Shape.NoFrame)
         scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        bar = scroll.verticalScrollBar().sizeHint().width()
+        scroll.setMinimumWidth(min(native.minimumSizeHint().width() + bar, DOCK_MAX_WIDTH))  # no control cut off
         scroll.setMaximumWidth(DOCK_MAX_WIDTH)
+        native.setMaximumWidth(DOCK_MAX_WIDTH - bar)
         dock.setWidget(scroll)
         scroll.setWidget(native)
         window = dock.parentWidget()
