@@ -150,7 +150,8 @@ def main() -> None:
     viewer.grid.enabled, viewer.grid.stride = True, 2
     viewer.reset_view()
     save(viewer, out / "08-before-after.png")
-    print(f"fine-tune: {tune.status.value}")
+    print(f"fine-tune: {tune.status.value}; objects before {int(before.data.max())}, after {int(after.data.max())}; "
+          f"the new model's min confidence {widget.min_confidence.value:g}")
     viewer.close()
     if DSB2018.is_dir():
         for size in WINDOW_SIZES:

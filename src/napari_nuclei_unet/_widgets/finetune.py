@@ -210,7 +210,8 @@ class FineTuneWidget(Container):
         self.model_name = LineEdit(label="model name", value=f"finetuned-{datetime.now():%Y%m%d-%H%M}")
         self.advanced = CheckBox(text="show advanced settings", value=False)
         self.start_button = PushButton(text="Start fine-tuning")
-        self.cancel_button = PushButton(text="Cancel (keep best so far)", enabled=False)
+        self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.cancel_button.tooltip = "stop after this step; the best model so far is kept only if the held-out images show it beats the starting model"
         self.resegment_button = PushButton(text="Segment again with the new model", enabled=False)
         self.status = Label(value="")
         self.status.native.setWordWrap(True)
@@ -343,7 +344,7 @@ class FineTuneWidget(Container):
 
     def cancel(self, *_) -> None:
         self._cancel.set()
-        self.status.value = "cancelling after this step; the best model so far is kept…"
+        self.status.value = "cancelling after this step…"
 
     def _on_event(self, event: TrainEvent) -> None:
         if self._progress is not None:
