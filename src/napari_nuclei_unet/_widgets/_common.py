@@ -42,7 +42,10 @@ def scroll_when_docked(native: QWidget) -> None:
     """
 
     def wrap() -> None:
-        dock = native.parentWidget()
+        try:
+            dock = native.parentWidget()
+        except RuntimeError:  # closed before the event loop came round
+            return
         if not isinstance(dock, QDockWidget) or dock.widget() is not native:
             return
         for combo in native.findChildren(QComboBox):  # sized for a few words, not the longest layer name
