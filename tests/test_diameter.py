@@ -59,7 +59,7 @@ def test_small_nuclei_are_separated_on_the_zoomed_grid_and_sampled_back(bundled)
     prediction, used = result.planes[None].prediction, result.params.postprocess
     assert prediction.factor > 1.5 and prediction.network is not None  # zoomed in to the training size
     assert prediction.network.shape[1:] == tuple(round(side * prediction.factor) for side in image.shape)
-    mask, labels, threshold = label_plane(prediction, bundled.outputs, used)
+    mask, labels, threshold, _unsure = label_plane(prediction, bundled.outputs, used)
     assert labels.shape == mask.shape == image.shape and np.array_equal(mask, labels > 0)
     assert np.array_equal(np.unique(labels), np.arange(labels.max() + 1))  # numbered 1..N after sampling
     image_grid_params = with_threshold(replace(used, threshold="auto"), prediction.probabilities[0])

@@ -74,6 +74,13 @@ def test_objects_the_network_is_unsure_of_are_dropped():
     assert labels.max() == 2 and labels[15, 50] == 0 and not mask[15, 50]  # mask and labels agree
     assert labels[15, 15] == 1 and labels[45, 50] == 2  # numbered 1..N again
     assert instances(probability[None], ("foreground",), PostprocessParams(threshold=0.5, min_confidence=0.9))[1].max() == 1
+    report = {}  # how many went for being unsure alone: what the widget warns about
+    instances(probability[None], ("foreground",), PostprocessParams(threshold=0.5, min_confidence=0.9), report=report)
+    assert report == {"unsure": 2}  # the 0.6 and the 0.88 objects
+    instances(probability[None], ("foreground",), PostprocessParams(threshold=0.5, min_confidence=0.9, min_size=401), report=report)
+    assert report == {"unsure": 0}  # all three (400 px) too small: none went for being unsure alone
+    instances(np.zeros((1, 10, 10), np.float32), ("foreground",), PostprocessParams(threshold=0.5, min_confidence=0.9), report=report)
+    assert report == {"unsure": 0}
     with pytest.raises(ValueError, match="min_confidence"):
         instances(probability[None], ("foreground",), PostprocessParams(threshold=0.5, min_confidence=1.0))
     with pytest.raises(ValueError, match="min_confidence"):

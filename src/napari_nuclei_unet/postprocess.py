@@ -96,6 +96,8 @@ def instances(
     if params is None:
         raise ValueError("instances needs resolved PostprocessParams (numbers, no 'auto')")
     check_resolved(params)
+    if report is not None:
+        report["unsure"] = 0
     scale = grid_zoom / network_zoom  # grid pixels per network pixel
     if grid_zoom != 1.0 or scale != 1.0:
         params = replace(params, min_size=int(round(params.min_size * grid_zoom**2)), hole_size=int(round(params.hole_size * scale**2)))
