@@ -173,3 +173,20 @@ def test_train_fine_tunes_with_the_widget_settings(tmp_path, tiny_checkpoint, ca
     config = training["config"]
     assert config["zoom_to_reference"] and config["anchor_weight"] == 0.01 and config["distill_weight"] == 1.0 and config["scale_range"] == [0.8, 1.25]
     assert config["precision"] == "bfloat16" and training["precision"] == "bfloat16" and config["start_weight_share"] == 0.25
+
+
+def test_measurements_are_written_beside_each_label_image(tmp_path, model_dir, image_folder):
+    import csv
+
+    out = tmp_path / "out"
+    assert main(["segment", str(image_folder), "--out", str(out), "--model", str(model_dir), "--measurements", "--tile-size", "64", "--overlap", "16"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["bright8.tif", "bright8_nuclei.csv", "fluo16.tif", "fluo16_nuclei.csv", "stack.tif", "stack_nuclei.csv"]
+    labels = read_image(out / "fluo16.tif")
+    rows = list(csv.DictReader(open(out / "fluo16_nuclei.csv")))
+    assert rows, "no nuclei to measure"
+    assert [int(r["label"]) for r in rows] == sorted(set(np.unique(labels).tolist()) - {0})
+    for row in rows:
+        assert int(float(row["area"])) == int((labels == int(row["label"])).sum())
+    stack = read_image(out / "stack.tif")
+    planes = [int(r["plane"]) for r in csv.DictReader(open(out / "stack_nuclei.csv"))]
+    assert planes.count(0) == len(np.unique(stack[0])) - 1 and planes.count(1) == len(np.unique(stack[1])) - 1

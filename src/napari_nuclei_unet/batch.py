@@ -42,6 +42,7 @@ class FileResult:
     factor: float
     seconds: float
     record: dict = field(default_factory=dict)  # the values every "auto" became (Segmentation.record)
+    extra_outputs: list[str] = field(default_factory=list)  # files written beside the labels (measurements)
 
 
 def open_image(path: str | os.PathLike, blocks: BlockParams | None = None):
@@ -110,6 +111,7 @@ def segment_file(
     out_format: str = "tif",
     progress: ProgressCallback | None = None,
     cancel: CancelCheck | None = None,
+    measurements: bool = False,
 ) -> FileResult:
     """Segment one file into ``<out_dir>/<stem>.<out_format>``; the output appears only when complete.
 
@@ -117,7 +119,7 @@ def segment_file(
     one :class:`InputError` naming it.
     """
     try:
-        return _segment_file(checkpoint, Path(source), out_dir, params or SegmentParams(), out_format, progress, cancel)
+        return _segment_file(checkpoint, Path(source), out_dir, params or SegmentParams(), out_format, progress, cancel, measurements)
     except (Cancelled, KeyboardInterrupt):
         raise
     except NucleiUnetError as error:
@@ -133,7 +135,7 @@ def segment_file(
         raise InputError(f"{source}: cannot segment ({describe(error)})") from None
 
 
-def _segment_file(checkpoint, source: Path, out_dir, params: SegmentParams, out_format, progress, cancel) -> FileResult:
+def _segment_file(checkpoint, source: Path, out_dir, params: SegmentParams, out_format, progress, cancel, measurements=False) -> FileResult:
     started = time.perf_counter()
     image = open_image(source, params.blocks)
     target = output_path(out_dir, source, out_format)
@@ -149,6 +151,7 @@ def _segment_file(checkpoint, source: Path, out_dir, params: SegmentParams, out_
         labels_out = zarr.open_array(str(partial), mode="w", shape=shape, chunks=(1,) * (len(shape) - 2) + (1024, 1024), dtype="int32")
         try:
             result = segment_planes(checkpoint, image, params, labels_out=labels_out, progress=progress, cancel=cancel)
+            extra = _write_measurements(image, labels_out, out_dir, source) if measurements else []
             shutil.rmtree(target, ignore_errors=True)
             os.replace(partial, target)
         finally:
@@ -161,12 +164,37 @@ def _segment_file(checkpoint, source: Path, out_dir, params: SegmentParams, out_
             labels_out = zarr.open_array(str(Path(scratch) / "labels.zarr"), mode="w", shape=shape, chunks=chunks, dtype="int32")
             result = segment_planes(checkpoint, image, params, labels_out=labels_out, progress=progress, cancel=cancel)
             write_labels(target, labels_out, max_label=result.max_label)
+            extra = _write_measurements(image, labels_out, out_dir, source) if measurements else []
     else:
         result = segment_planes(checkpoint, image, params, progress=progress, cancel=cancel)
         write_labels(target, np.asarray(result.labels), max_label=result.max_label)
+        extra = _write_measurements(image, np.asarray(result.labels), out_dir, source) if measurements else []
     return FileResult(
-        str(source), str(target), result.count, int(np.prod(shape)), result.diameter, result.factor, time.perf_counter() - started, result.record()
+        str(source), str(target), result.count, int(np.prod(shape)), result.diameter, result.factor, time.perf_counter() - started, result.record(),
+        extra,
     )
+
+
+def measurements_path(out_dir: str | os.PathLike, source: str | os.PathLike) -> Path:
+    return Path(out_dir) / f"{Path(source).stem}_nuclei.csv"
+
+
+def _write_measurements(image, labels, out_dir, source: Path) -> list[str]:
+    """``<stem>_nuclei.csv`` beside the labels: one row per nucleus (``measure.measure``); a
+    stack's rows carry their plane. Images are measured in their own pixels (files carry no
+    pixel size we read)."""
+    from .measure import measure, write_measurements_csv
+
+    if is_single_plane(image):
+        table = measure(labels, image)
+    else:
+        parts = [{"plane": None, **measure(labels[i], image[i])} for i in range(labels.shape[0])]
+        for index, part in enumerate(parts):
+            part["plane"] = np.full(part["label"].shape, index)
+        table = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+    path = measurements_path(out_dir, source)
+    write_measurements_csv(path, table)
+    return [str(path)]
 
 
 @functools.lru_cache(maxsize=4)
@@ -178,11 +206,13 @@ def cached_checkpoint(model: str, encoder: str | None = None) -> Checkpoint:
     return Checkpoint.load(resolve_model_path(model), encoder=encoder)
 
 
-def segment_file_task(model: str, encoder: str | None, source: str, out_dir: str, params: SegmentParams, out_format: str, threads: int | None) -> FileResult:
+def segment_file_task(
+    model: str, encoder: str | None, source: str, out_dir: str, params: SegmentParams, out_format: str, threads: int | None, measurements: bool = False
+) -> FileResult:
     """:func:`segment_file` as a dask task: plain arguments, the model cached in the worker."""
     if threads:
         import torch
 
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
-    return segment_file(cached_checkpoint(model, encoder), source, out_dir, params, out_format)
+    return segment_file(cached_checkpoint(model, encoder), source, out_dir, params, out_format, measurements=measurements)

@@ -134,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--out", required=True, help="output folder for <stem>.tif (or .zarr) label images")
     seg.add_argument("--rle-csv", default=None, help="also write one RLE CSV for all inputs (ImageId = file stem)")
     seg.add_argument("--out-format", default="tif", choices=["tif", "zarr"], help="label images as TIFF, or zarr stores (written block by block, for images larger than memory)")
+    seg.add_argument("--measurements", action="store_true", help="also write <stem>_nuclei.csv beside each label image: one row per nucleus (centroid, area, perimeter, shape, intensities)")
     seg.add_argument("--workers", type=int, default=None, help="run on a dask LocalCluster of this many worker processes")
     seg.add_argument("--dask-scheduler", default=None, help="run on an existing dask.distributed cluster, e.g. tcp://HOST:8786 (the --out folder must be shared with the workers)")
     _add_model_args(seg)
@@ -281,7 +282,7 @@ def cmd_segment(args) -> int:
         if distributed:
             results = _segment_distributed(args, files, params, staging)
         else:
-            results = _segment_serial(checkpoint, files, staging, params, args.out_format)
+            results = _segment_serial(checkpoint, files, staging, params, args.out_format, args.measurements)
         if args.rle_csv:  # from the written files: one codec, and flat memory for thousands of images
             write_csv(args.rle_csv, _rle_items(results))
         for result in results:
@@ -290,6 +291,8 @@ def cmd_segment(args) -> int:
                 shutil.rmtree(final)
             os.replace(result.output, final)
             result.output = str(final)
+            for extra in result.extra_outputs:
+                os.replace(extra, out / Path(extra).name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     seconds = time.perf_counter() - started
@@ -315,13 +318,13 @@ def _used_summary(results) -> str:
     return ", ".join(part for part in (kinds, threshold, level) if part)
 
 
-def _segment_serial(checkpoint, files, out, params, out_format):
+def _segment_serial(checkpoint, files, out, params, out_format, measurements=False):
     from .batch import segment_file
 
     results = []
     with _ImageProgress(len(files)) as progress:
         for path in files:
-            result = segment_file(checkpoint, path, out, params, out_format, progress=progress.steps(path))
+            result = segment_file(checkpoint, path, out, params, out_format, progress=progress.steps(path), measurements=measurements)
             results.append(result)
             progress.image_done(path, result)
     return results
@@ -381,7 +384,7 @@ def _segment_distributed(args, files, params, out: Path):
     try:
         print(f"dask: {len(client.scheduler_info()['workers'])} worker(s) at {client.scheduler.address}", file=sys.stderr)
         futures = [
-            client.submit(segment_file_task, args.model, args.encoder, str(path), str(out.resolve()), params, args.out_format, threads, pure=False)
+            client.submit(segment_file_task, args.model, args.encoder, str(path), str(out.resolve()), params, args.out_format, threads, args.measurements, pure=False)
             for path in files
         ]
         order = {future.key: index for index, future in enumerate(futures)}
