@@ -495,3 +495,23 @@ def test_what_auto_chose_is_shown_and_forgotten_for_another_image(viewer_and_wid
     viewer.add_image(viewer.layers["synthetic nuclei"].data.copy(), name="another")
     widget.image_layer.value = viewer.layers["another"]
     assert widget.diameter.value == 0.0
+
+
+def test_the_nuclei_layer_carries_a_measurements_table(viewer_and_widget, qtbot):
+    """Issue #24, part 3: after Segment (and after re-labelling), one row per nucleus, in µm too when the layer has a scale."""
+    viewer, widget = viewer_and_widget
+    viewer.open_sample(PLUGIN, "synthetic_nuclei")
+    image = viewer.layers["synthetic nuclei"]
+    image.scale = (0.5, 0.5)
+    widget.image_layer.value = image
+    run_and_wait(widget, qtbot)
+    nuclei = viewer.layers["synthetic nuclei nuclei"]
+    features = nuclei.features
+    count = int(nuclei.data.max())
+    assert len(features) == count and features["index"].tolist() == list(range(1, count + 1))
+    areas = np.bincount(nuclei.data.ravel())[1:]
+    assert features["area"].tolist() == areas.tolist() and np.allclose(features["area_um2"], areas * 0.25)
+    assert np.allclose(features["integrated_intensity"], features["mean_intensity"] * features["area"])
+    widget.min_size.value = 400
+    qtbot.waitUntil(lambda: len(nuclei.features) == int(nuclei.data.max()) < count, timeout=10_000)
+    assert (nuclei.features["area"] >= 400).all()

@@ -67,6 +67,7 @@ class SegmentRequest:
     model_path: str
     source: Any = None  # the layer's data the run was started on
     channel: int | None = None  # the nuclear channel of a multichannel layer; None: all / not multichannel
+    pixel_size: float | None = None  # µm per pixel when the layer has a scale, for the measurements
 
     def network_key(self) -> tuple:
         """Runs with equal keys share cached probabilities."""
@@ -84,6 +85,8 @@ class _Cache:
     model_name: str
     min_confidence: float  # the model's own (calibrated) value, for "auto"
     channel: int | None = None
+    image: Any = None  # what was segmented (the channel, for a multichannel layer): measured for the features table
+    pixel_size: float | None = None
     used: dict = field(default_factory=dict)  # what "auto" became in the run (Segmentation.record)
     planes: dict[int | None, PlanePrediction] = field(default_factory=dict)
 
@@ -307,7 +310,8 @@ class SegmentWidget(Container):
             image_type=self.image_type.value,
             stain=self.stain.value if colour else "none",
         )
-        return SegmentRequest(image=data, plane=plane, params=params, model_path=self.model.path(), source=source, channel=channel)
+        pixel_size = _pixel_size(layer) if _pixel_size(layer) != 1.0 else None
+        return SegmentRequest(data, plane, params, self.model.path(), source, channel, pixel_size)
 
     def _current_plane(self, layer: Image, count: int) -> int:
         position = layer.world_to_data(self.viewer.dims.point)
@@ -373,7 +377,7 @@ class SegmentWidget(Container):
         return cache is not None and cache.layer is layer and cache.data is request.source and cache.key == request.network_key()
 
     def _on_segmented(self, layer: Image, request: SegmentRequest, outcome: tuple) -> None:
-        checkpoint, result, device = outcome
+        checkpoint, result, device, features = outcome
         if layer not in self.viewer.layers or _layer_data(layer) is not request.source:
             what = "closed" if layer not in self.viewer.layers else "given new data"
             self.status.value = f"result discarded: the image layer '{elide_middle(layer.name)}' was {what} during the run"
@@ -381,10 +385,13 @@ class SegmentWidget(Container):
             return
         used = {**result.record(), "channel": request.channel}
         if not self._cache_matches(layer, request):
-            self._cache = _Cache(layer, request.source, request.network_key(), checkpoint.outputs, checkpoint.name, checkpoint.min_confidence, request.channel)
+            self._cache = _Cache(
+                layer, request.source, request.network_key(), checkpoint.outputs, checkpoint.name, checkpoint.min_confidence, request.channel,
+                request.image, request.pixel_size,
+            )  # fmt: skip
         self._cache.used = used
         self._cache.planes.update({i: p.prediction for i, p in result.planes.items() if p.prediction is not None})
-        written = self._write_layers({i: (p.mask, p.labels) for i, p in result.planes.items()}, request.params.postprocess, used)
+        written = self._write_layers({i: (p.mask, p.labels) for i, p in result.planes.items()}, request.params.postprocess, used, features)
         if self.auto_confidence.value:
             with self.min_confidence.changed.blocked():  # shown (untick to override); the labels already use it
                 self.min_confidence.value = result.min_confidence
@@ -427,17 +434,17 @@ class SegmentWidget(Container):
         self.status.value = "re-labelling from cached probabilities…"
         params = self.postprocess_params()
         params = replace(params, min_confidence=resolve_min_confidence(params.min_confidence, cache.min_confidence))
-        worker = _relabel_worker(dict(cache.planes), cache.outputs, params)
-        worker.returned.connect(lambda labelled: self._on_relabelled(labelled, params))
+        worker = _relabel_worker(dict(cache.planes), cache.outputs, params, cache.image, cache.pixel_size)
+        worker.returned.connect(lambda outcome: self._on_relabelled(*outcome, params))
         worker.errored.connect(self._on_error)
         worker.finished.connect(self._on_relabel_finished)
         self._relabel_worker = worker
         worker.start()
 
-    def _on_relabelled(self, labelled: dict, params: PostprocessParams) -> None:
+    def _on_relabelled(self, labelled: dict, features: dict | None, params: PostprocessParams) -> None:
         thresholds = recorded_thresholds(plane.threshold for plane in labelled.values())
         used = {**self._cache.used, "threshold": thresholds, "min_confidence": float(params.min_confidence)}
-        count = self._write_layers({i: (p.mask, p.labels) for i, p in labelled.items()}, params, used)
+        count = self._write_layers({i: (p.mask, p.labels) for i, p in labelled.items()}, params, used, features)
         unsure = sum(p.unsure for p in labelled.values())
         self._show_threshold(thresholds)
         self.status.value = f"{nuclei_text(count)} (re-labelled from cached probabilities)" + _unsure_warning(count, unsure, float(params.min_confidence))
@@ -449,8 +456,9 @@ class SegmentWidget(Container):
             self.relabel()
 
     # ------------------------------------------------------------------ output
-    def _write_layers(self, labelled: dict, params: PostprocessParams, used: dict) -> int:
-        """Write planes ``{index: (mask, labels)}`` into the result layers; returns the nucleus count."""
+    def _write_layers(self, labelled: dict, params: PostprocessParams, used: dict, features: dict | None = None) -> int:
+        """Write planes ``{index: (mask, labels)}`` into the result layers, and the measurements of a
+        2D image's nuclei into the nuclei layer's ``features``; returns the nucleus count."""
         cache = self._cache
         source = cache.layer
         shape = _spatial_shape(source, cache.channel)
@@ -474,6 +482,8 @@ class SegmentWidget(Container):
                     target[...] = cache.planes[index].probabilities[cache.outputs.index("foreground")]
             layer.metadata["nuclei_unet"] = metadata
             layer.refresh()
+        if features is not None:
+            layers["nuclei"].features = features
         self.viewer.layers.selection.active = layers["nuclei"]  # what a user paints next (the mask layer is hidden)
         return count
 
@@ -532,7 +542,7 @@ def _help(owner: type, name: str) -> str:
 
 
 @thread_worker(ignore_errors=True)  # errors are shown as notifications by the widget
-def _segment_worker(request: SegmentRequest, model: ModelPicker, cached: dict, cancel, progress) -> tuple[object, Segmentation, str]:
+def _segment_worker(request: SegmentRequest, model: ModelPicker, cached: dict, cancel, progress) -> tuple[object, Segmentation, str, dict | None]:
     """The core's dispatcher on the requested planes, reusing cached predictions."""
     from ..model import resolve_device
     from ..onnx_backend import describe_device
@@ -541,12 +551,25 @@ def _segment_worker(request: SegmentRequest, model: ModelPicker, cached: dict, c
     planes = None if request.plane is None else [request.plane]
     result = segment_planes(checkpoint, request.image, request.params, planes_to_do=planes, cached=cached, progress=progress, cancel=cancel)
     tiling = request.params.tiling
-    return checkpoint, result, describe_device(resolve_device(tiling.device), tiling.backend, tiling.precision)
+    features = _nuclei_features(result.planes, request.image, request.pixel_size)
+    return checkpoint, result, describe_device(resolve_device(tiling.device), tiling.backend, tiling.precision), features
 
 
 @thread_worker(ignore_errors=True)  # errors are shown as notifications by the widget
-def _relabel_worker(planes: dict, outputs: tuple[str, ...], params: PostprocessParams) -> dict:
-    return {index: label_plane(p, outputs, params) for index, p in planes.items()}
+def _relabel_worker(planes: dict, outputs: tuple[str, ...], params: PostprocessParams, image, pixel_size: float | None) -> tuple[dict, dict | None]:
+    labelled = {index: label_plane(p, outputs, params) for index, p in planes.items()}
+    return labelled, _nuclei_features(labelled, image, pixel_size)
+
+
+def _nuclei_features(planes: dict, image, pixel_size: float | None) -> dict | None:
+    """The measurements of a 2D image's nuclei (``measure.measure``), as a napari features table
+    (``index``: the label); None for stacks, whose planes number their nuclei each from 1."""
+    from ..measure import measure
+
+    if list(planes) != [None]:
+        return None
+    table = measure(planes[None].labels, image, pixel_size)
+    return {"index": table["label"], **table}
 
 
 def _pixel_size(layer: Image) -> float:
