@@ -177,6 +177,9 @@ def dsb_views(out: Path, size: tuple[int, int]) -> None:
         viewer.reset_view()
         save(viewer, out / f"09-dsb-{kind}-{size[0]}x{size[1]}.png")
         print(f"{kind} {size}: {widget.status.value}; canvas {viewer.window._qt_viewer.canvas.native.width()} px wide")
+        if kind == "fluorescence" and size == WINDOW_SIZES[-1]:  # the measurements, in napari's own features table
+            _dock, _table = viewer.window.add_plugin_dock_widget("napari", "Features table widget")
+            save(viewer, out / "10-features-table.png")
     viewer.close()
 
 
