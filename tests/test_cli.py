@@ -190,3 +190,21 @@ def test_measurements_are_written_beside_each_label_image(tmp_path, model_dir, i
     stack = read_image(out / "stack.tif")
     planes = [int(r["plane"]) for r in csv.DictReader(open(out / "stack_nuclei.csv"))]
     assert planes.count(0) == len(np.unique(stack[0])) - 1 and planes.count(1) == len(np.unique(stack[1])) - 1
+
+
+def test_geojson_polygons_beside_the_labels_carry_the_measurements(tmp_path, model_dir, image_folder):
+    from napari_nuclei_unet.geojson import read_geojson
+
+    out = tmp_path / "out"
+    arguments = ["segment", str(image_folder), "--out", str(out), "--model", str(model_dir), "--out-format", "geojson", "--measurements"]
+    assert main([*arguments, "--tile-size", "64", "--overlap", "16"]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert {"fluo16.tif", "fluo16.geojson", "fluo16_nuclei.csv", "stack.tif", "stack_0.geojson", "stack_1.geojson"} <= set(names), names
+    labels = read_image(out / "fluo16.tif")
+    assert labels.max() > 0 and np.array_equal(read_geojson(out / "fluo16.geojson", labels.shape), labels)
+    import json
+
+    first = json.loads((out / "fluo16.geojson").read_text())["features"][0]["properties"]["measurements"]
+    assert first["label"] == 1 and first["area"] == float((labels == 1).sum())
+    stack = read_image(out / "stack.tif")
+    assert np.array_equal(read_geojson(out / "stack_1.geojson", stack.shape[1:]), stack[1])

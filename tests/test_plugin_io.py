@@ -149,3 +149,20 @@ def test_a_csv_of_many_images_opens_as_one_stack_per_shape_and_saves_back_under_
     viewer.layers.save(str(tmp_path / "again.csv"), plugin=PLUGIN)
     again = decode_csv(tmp_path / "again.csv")
     assert set(again) == set(expected) and all(np.array_equal(again[k], expected[k]) for k in expected)
+
+
+def test_labels_save_as_geojson_with_their_measurements_and_open_again(make_napari_viewer, tmp_path):
+    import json
+
+    labels = disks()
+    viewer = make_napari_viewer()
+    layer = viewer.add_labels(labels, name="cells nuclei", features={"index": [1, 2], "label": [1, 2], "area": [1.0, 2.0]})
+    written = layer.save(str(tmp_path / "cells.geojson"), plugin=PLUGIN)
+    assert written == [str(tmp_path / "cells.geojson")]
+    collection = json.loads((tmp_path / "cells.geojson").read_text())
+    assert [f["properties"]["measurements"] for f in collection["features"]] == [{"label": 1, "area": 1.0}, {"label": 2, "area": 2.0}]
+    viewer.layers.clear()
+    viewer.open(str(tmp_path / "cells.geojson"), plugin=PLUGIN)
+    opened = viewer.layers["cells"].data  # no image beside the file: as large as the polygons reach
+    height, width = opened.shape
+    assert np.array_equal(opened, labels[:height, :width]) and labels[height:].max() == labels[:, width:].max() == 0

@@ -57,3 +57,21 @@ def read_rle_csv(path) -> list[tuple]:
         name = f"{path.stem} {shape[0]}x{shape[1]} ({len(ids)} images)"
         layers.append((stack, {"name": name, "metadata": {"source": str(path), "image_ids": ids}}, "labels"))
     return layers
+
+
+def get_geojson_reader(path):
+    """A reader for a ``.geojson`` file of polygons (QuPath's export, or ours), or None."""
+    if isinstance(path, list) or not str(path).lower().endswith(".geojson"):
+        return None
+    return read_geojson_labels
+
+
+def read_geojson_labels(path) -> list[tuple]:
+    """One Labels layer of the polygons; its size from an image beside the file named like it, else the polygons' extent."""
+    from .geojson import read_geojson
+    from .io import image_shape_lookup
+
+    path = Path(path)
+    shape = image_shape_lookup(path.parent)(path.stem)
+    labels = read_geojson(path, shape)
+    return [(labels, {"name": path.stem, "metadata": {"source": str(path), "image_id": path.stem}}, "labels")]

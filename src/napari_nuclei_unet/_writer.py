@@ -38,3 +38,19 @@ def write_labels_image(path: str, data: Any, meta: dict) -> list[str]:
     from .io import write_labels
 
     return [str(write_labels(path, np.asarray(data)))]
+
+
+def write_geojson_polygons(path: str, data: Any, meta: dict) -> list[str]:
+    """One GeoJSON Feature per nucleus (QuPath detections), with the layer's features table as measurements."""
+    from .geojson import write_geojson
+
+    labels = np.asarray(data)
+    if labels.ndim != 2:
+        from .errors import InputError
+
+        raise InputError(f"{path}: GeoJSON holds one 2D plane; this layer is {labels.ndim}D")
+    features = meta.get("features")
+    table = None
+    if features is not None and len(features) and "label" in features:
+        table = {str(column): np.asarray(features[column]) for column in features.columns if column != "index"}
+    return [str(write_geojson(path, labels, table))]

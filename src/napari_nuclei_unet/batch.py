@@ -26,7 +26,8 @@ from .params import BlockParams, SegmentParams
 from .segment import segment_planes
 from .tiling import CancelCheck, ProgressCallback
 
-OUT_FORMATS = ("tif", "zarr")
+# "geojson": the TIFF labels and, beside them, the nuclei as GeoJSON polygons (QuPath).
+OUT_FORMATS = ("tif", "zarr", "geojson")
 log = logging.getLogger(__name__)
 
 
@@ -100,7 +101,7 @@ def _lazy_tiff_plane(path: Path, blocks: BlockParams):
 def output_path(out_dir: str | os.PathLike, source: str | os.PathLike, out_format: str) -> Path:
     if out_format not in OUT_FORMATS:
         raise InputError(f"output format must be one of {', '.join(OUT_FORMATS)}, got {out_format!r}")
-    return Path(out_dir) / f"{Path(source).stem}.{out_format}"
+    return Path(out_dir) / f"{Path(source).stem}.{'tif' if out_format == 'geojson' else out_format}"
 
 
 def segment_file(
@@ -169,10 +170,35 @@ def _segment_file(checkpoint, source: Path, out_dir, params: SegmentParams, out_
         result = segment_planes(checkpoint, image, params, progress=progress, cancel=cancel)
         write_labels(target, np.asarray(result.labels), max_label=result.max_label)
         extra = _write_measurements(image, np.asarray(result.labels), out_dir, source) if measurements else []
+    if out_format == "geojson":
+        extra += _write_polygons(target, out_dir, source, extra)
     return FileResult(
         str(source), str(target), result.count, int(np.prod(shape)), result.diameter, result.factor, time.perf_counter() - started, result.record(),
         extra,
     )
+
+
+def _write_polygons(labels_file: Path, out_dir, source: Path, extra: list[str]) -> list[str]:
+    """``<stem>.geojson`` beside the labels (``<stem>_<plane>.geojson`` for a stack's planes), with the
+    measurements when they were written."""
+    from .geojson import write_geojson
+    from .io import read_image
+
+    labels = read_image(labels_file)
+    table = None
+    if extra:
+        import csv
+
+        with open(extra[0], newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+        table = {key: np.array([float(r[key]) for r in rows]) for key in (rows[0] if rows else {})}
+    if labels.ndim == 2:
+        return [str(write_geojson(Path(out_dir) / f"{source.stem}.geojson", labels, table))]
+    written = []
+    for index, plane in enumerate(labels):
+        part = None if table is None else {k: v[table["plane"] == index] for k, v in table.items() if k != "plane"}
+        written.append(str(write_geojson(Path(out_dir) / f"{source.stem}_{index}.geojson", plane, part)))
+    return written
 
 
 def measurements_path(out_dir: str | os.PathLike, source: str | os.PathLike) -> Path:

@@ -133,7 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("inputs", nargs="+", help="image files, .zarr stores, folders or glob patterns")
     seg.add_argument("--out", required=True, help="output folder for <stem>.tif (or .zarr) label images")
     seg.add_argument("--rle-csv", default=None, help="also write one RLE CSV for all inputs (ImageId = file stem)")
-    seg.add_argument("--out-format", default="tif", choices=["tif", "zarr"], help="label images as TIFF, or zarr stores (written block by block, for images larger than memory)")
+    seg.add_argument(
+        "--out-format", default="tif", choices=["tif", "zarr", "geojson"],
+        help="label images as TIFF; zarr stores (written block by block, for images larger than memory); or geojson: the TIFF and, beside it, <stem>.geojson polygons for QuPath",
+    )
     seg.add_argument("--measurements", action="store_true", help="also write <stem>_nuclei.csv beside each label image: one row per nucleus (centroid, area, perimeter, shape, intensities)")
     seg.add_argument("--workers", type=int, default=None, help="run on a dask LocalCluster of this many worker processes")
     seg.add_argument("--dask-scheduler", default=None, help="run on an existing dask.distributed cluster, e.g. tcp://HOST:8786 (the --out folder must be shared with the workers)")
