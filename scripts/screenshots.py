@@ -135,8 +135,8 @@ def main() -> None:
     wait_for(tune, lambda: len(tune.plot.losses) >= 4)
     save(viewer, out / "07-fine-tune-running.png")
     wait_for(tune, lambda: tune._worker is None)
-    tune.resegment()
-    wait_for(widget, lambda: widget._worker is None)
+    tune.resegment()  # waits for Segment to load the new model, then segments with it
+    wait_for(widget, lambda: viewer.layers["synthetic nuclei nuclei"].metadata.get("nuclei_unet", {}).get("model") == "my-nuclei" and widget.hub.idle)
     # Side by side: the image with the labels before (left) and after (right) fine-tuning.
     image = viewer.layers["synthetic nuclei"]
     before, after = viewer.layers["before fine-tune"], viewer.layers["synthetic nuclei nuclei"]

@@ -515,3 +515,22 @@ def test_the_nuclei_layer_carries_a_measurements_table(viewer_and_widget, qtbot)
     widget.min_size.value = 400
     qtbot.waitUntil(lambda: len(nuclei.features) == int(nuclei.data.max()) < count, timeout=10_000)
     assert (nuclei.features["area"] >= 400).all()
+
+
+def test_closing_the_window_during_a_run_is_safe(qtbot):
+    """The run's result arrived after its widgets were deleted, and the process aborted."""
+    viewer = napari.Viewer(show=False)  # closed by the test itself, not by a fixture
+    _dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment nuclei")
+    qtbot.waitUntil(lambda: "Unet/" in widget.model.summary.value, timeout=TIMEOUT_MS)
+    image, _ = nuclei_field((768, 768), count=200, diameter=20, seed=1)
+    viewer.add_image(image, name="big")
+    widget.image_layer.value = viewer.layers["big"]
+    widget.tile_size.value = 256
+    seen = []
+    widget._relay.message.connect(seen.append)
+    widget.run()
+    qtbot.waitUntil(lambda: bool(seen), timeout=TIMEOUT_MS)
+    worker = widget._worker
+    viewer.window._qt_window.close()
+    qtbot.waitUntil(lambda: not worker.is_running, timeout=TIMEOUT_MS)
+    qtbot.wait(300)  # the finished and returned signals are handled without an error

@@ -231,6 +231,7 @@ class FineTuneWidget(Container):
         self._progress = None
         self._relay = Relay()
         self._relay.message.connect(self._on_event)
+        self.native.destroyed.connect(self._cancel.set)  # the window closed: stop training after this step
         self.add_pair_button.changed.connect(self._add_pair)
         self.clear_pairs_button.changed.connect(self._clear_pairs)
         self.start_button.changed.connect(self.start)
@@ -336,9 +337,9 @@ class FineTuneWidget(Container):
         total = request.config.epochs * request.config.iterations_per_epoch
         self._progress = cancelable_progress(total=total, desc="Fine-tuning", cancel_callback=self.cancel)
         worker = _finetune_worker(request, self.model, self._cancel.is_set, self._relay.message.emit)
-        worker.returned.connect(lambda event: self._on_done(request, event))
-        worker.errored.connect(self._on_error)
-        worker.finished.connect(self._on_finished)
+        worker.returned.connect(lambda event: _unless_closed(self._on_done, request, event))  # the window may be closed by then
+        worker.errored.connect(lambda error: _unless_closed(self._on_error, error))
+        worker.finished.connect(lambda: _unless_closed(self._on_finished))
         self._worker = worker
         worker.start()
 

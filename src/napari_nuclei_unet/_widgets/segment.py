@@ -175,6 +175,7 @@ class SegmentWidget(Container):
         self._relabel_timer.setSingleShot(True)
         self._relabel_timer.setInterval(RELABEL_DELAY_MS)
         self._relabel_timer.timeout.connect(self.relabel)
+        self.native.destroyed.connect(self._cancel_event.set)  # the window closed: stop a run between tiles
 
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)
@@ -337,9 +338,9 @@ class SegmentWidget(Container):
         self._progress = cancelable_progress(total=0, desc=f"Segmenting {layer.name}", cancel_callback=self.cancel)
         cache = self._cache if self._cache_matches(layer, request) else None
         worker = _segment_worker(request, self.model, cache.planes if cache else {}, self._cancel_event.is_set, lambda done, total: self._relay.message.emit((done, total)))
-        worker.returned.connect(lambda result: self._on_segmented(layer, request, result))
-        worker.errored.connect(self._on_error)
-        worker.finished.connect(self._on_finished)
+        worker.returned.connect(lambda result: _unless_closed(self._on_segmented, layer, request, result))  # the window may be closed by then
+        worker.errored.connect(lambda error: _unless_closed(self._on_error, error))
+        worker.finished.connect(lambda: _unless_closed(self._on_finished))
         self._worker = worker
         worker.start()
 
@@ -435,9 +436,9 @@ class SegmentWidget(Container):
         params = self.postprocess_params()
         params = replace(params, min_confidence=resolve_min_confidence(params.min_confidence, cache.min_confidence))
         worker = _relabel_worker(dict(cache.planes), cache.outputs, params, cache.image, cache.pixel_size)
-        worker.returned.connect(lambda outcome: self._on_relabelled(*outcome, params))
-        worker.errored.connect(self._on_error)
-        worker.finished.connect(self._on_relabel_finished)
+        worker.returned.connect(lambda outcome: _unless_closed(self._on_relabelled, *outcome, params))
+        worker.errored.connect(lambda error: _unless_closed(self._on_error, error))
+        worker.finished.connect(lambda: _unless_closed(self._on_relabel_finished))
         self._relabel_worker = worker
         worker.start()
 
