@@ -61,8 +61,14 @@ def save(viewer, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "images"))
-    out = Path(parser.parse_args().out)
+    parser.add_argument("--dsb-only", action="store_true", help="only the DSB2018 views at both window sizes")
+    args = parser.parse_args()
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.dsb_only:
+        for size in WINDOW_SIZES:
+            dsb_views(out, size)
+        return
 
     viewer = napari.Viewer(title="napari-nuclei-unet")
     viewer.window._qt_window.resize(1600, 1000)
@@ -175,6 +181,7 @@ def dsb_views(out: Path, size: tuple[int, int]) -> None:
         tune.reset_choices()
         viewer.layers.selection.active = viewer.layers[f"{name} nuclei"]
         viewer.reset_view()
+        widget.native.parentWidget().parentWidget().parentWidget().raise_()  # the Segment tab: its status line
         save(viewer, out / f"09-dsb-{kind}-{size[0]}x{size[1]}.png")
         print(f"{kind} {size}: {widget.status.value}; canvas {viewer.window._qt_viewer.canvas.native.width()} px wide")
         if kind == "fluorescence" and size == WINDOW_SIZES[-1]:  # the measurements, in napari's own features table
