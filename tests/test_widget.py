@@ -14,7 +14,6 @@ from napari.layers import Image, Labels  # noqa: E402
 from napari_nuclei_unet import segment as core_segment  # noqa: E402
 from napari_nuclei_unet._widgets import segment as segment_module  # noqa: E402
 from napari_nuclei_unet._widgets.segment import WHOLE_STACK, SegmentWidget  # noqa: E402
-from napari_nuclei_unet.data import median_diameter  # noqa: E402
 from napari_nuclei_unet.synthetic import nuclei_field  # noqa: E402
 
 PLUGIN = "napari-nuclei-unet"
