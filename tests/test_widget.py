@@ -37,6 +37,7 @@ def test_widget_opens_through_the_manifest_with_the_bundled_model(viewer_and_wid
     _viewer, widget = viewer_and_widget
     assert isinstance(widget, SegmentWidget)
     assert "nuclei-unet-default" in widget.model.summary.value
+    assert widget.min_confidence.value == pytest.approx(0.85)  # the level "auto" will use, shown before any run
     assert "runs on cpu" in widget.model.summary.value or "runs on cuda" in widget.model.summary.value
     if "runs on cpu" in widget.model.summary.value:  # the network was prepared with the model, not on the first Segment
         from napari_nuclei_unet import onnx_backend

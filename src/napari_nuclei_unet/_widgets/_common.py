@@ -210,6 +210,7 @@ class ModelPicker:
         self._lock = threading.Lock()
         self._hub = hub
         self.on_choice = None  # called with the chosen path whenever a model is chosen (the Segment widget shares it)
+        self.on_loaded = None  # called with the checkpoint once it is loaded and shown
         self.source.changed.connect(self._on_source)
         self.file.changed.connect(lambda *_: self.load_async())
         self.device.changed.connect(lambda *_: self._show_summary())
@@ -300,6 +301,8 @@ class ModelPicker:
         except ModelError as error:  # a device that vanished (e.g. eGPU unplugged)
             device = f"unavailable ({error})"
         self.summary.value = f"{checkpoint.summary()} | runs on {device}"
+        if self.on_loaded is not None:
+            self.on_loaded(checkpoint)
 
     def _on_error(self, error: Exception) -> None:
         self.summary.value = f"could not load: {error}"

@@ -194,6 +194,7 @@ class SegmentWidget(Container):
         self.hub.model_saved.connect(self.model.use_checkpoint_folder)
         self.hub.segment_requested.connect(self.run)
         self.model.on_choice = self._share_model
+        self.model.on_loaded = self._show_model_level
         self.reset_choices()
         self._guess_channel()
         self._update_scope()
@@ -201,6 +202,12 @@ class SegmentWidget(Container):
         self.model.load_async()
 
     # ------------------------------------------------------------------ inputs
+    def _show_model_level(self, checkpoint) -> None:
+        """The loaded model's calibrated min confidence, on the slider before the first run (what "auto" will use)."""
+        if self.auto_confidence.value:
+            with self.min_confidence.changed.blocked():
+                self.min_confidence.value = checkpoint.min_confidence
+
     def _share_model(self, path: str) -> None:
         """Tell the hub which model is in use, so a fine-tune starts from it."""
         self.hub.segment_model = path
