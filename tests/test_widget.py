@@ -531,6 +531,6 @@ def test_closing_the_window_during_a_run_is_safe(qtbot):
     widget.run()
     qtbot.waitUntil(lambda: bool(seen), timeout=TIMEOUT_MS)
     worker = widget._worker
-    viewer.window._qt_window.close()
+    viewer.close()  # as napari closes a window: its widgets are deleted while the run goes on
     qtbot.waitUntil(lambda: not worker.is_running, timeout=TIMEOUT_MS)
     qtbot.wait(300)  # the finished and returned signals are handled without an error
