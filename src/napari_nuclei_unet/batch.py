@@ -152,7 +152,7 @@ def _segment_file(checkpoint, source: Path, out_dir, params: SegmentParams, out_
         labels_out = zarr.open_array(str(partial), mode="w", shape=shape, chunks=(1,) * (len(shape) - 2) + (1024, 1024), dtype="int32")
         try:
             result = segment_planes(checkpoint, image, params, labels_out=labels_out, progress=progress, cancel=cancel)
-            extra = _write_measurements(image, labels_out, out_dir, source) if measurements else []
+            extra = _write_extra_outputs(image, labels_out, out_dir, source, measurements, out_format == "geojson")
             shutil.rmtree(target, ignore_errors=True)
             os.replace(partial, target)
         finally:
@@ -165,62 +165,54 @@ def _segment_file(checkpoint, source: Path, out_dir, params: SegmentParams, out_
             labels_out = zarr.open_array(str(Path(scratch) / "labels.zarr"), mode="w", shape=shape, chunks=chunks, dtype="int32")
             result = segment_planes(checkpoint, image, params, labels_out=labels_out, progress=progress, cancel=cancel)
             write_labels(target, labels_out, max_label=result.max_label)
-            extra = _write_measurements(image, labels_out, out_dir, source) if measurements else []
+            extra = _write_extra_outputs(image, labels_out, out_dir, source, measurements, out_format == "geojson")
     else:
         result = segment_planes(checkpoint, image, params, progress=progress, cancel=cancel)
         write_labels(target, np.asarray(result.labels), max_label=result.max_label)
-        extra = _write_measurements(image, np.asarray(result.labels), out_dir, source) if measurements else []
-    if out_format == "geojson":
-        extra += _write_polygons(target, out_dir, source, extra)
+        extra = _write_extra_outputs(image, np.asarray(result.labels), out_dir, source, measurements, out_format == "geojson")
     return FileResult(
         str(source), str(target), result.count, int(np.prod(shape)), result.diameter, result.factor, time.perf_counter() - started, result.record(),
         extra,
     )
 
 
-def _write_polygons(labels_file: Path, out_dir, source: Path, extra: list[str]) -> list[str]:
-    """``<stem>.geojson`` beside the labels (``<stem>_<plane>.geojson`` for a stack's planes), with the
-    measurements when they were written."""
-    from .geojson import write_geojson
-    from .io import read_image
-
-    labels = read_image(labels_file)
-    table = None
-    if extra:
-        import csv
-
-        with open(extra[0], newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
-        table = {key: np.array([float(r[key]) for r in rows]) for key in (rows[0] if rows else {})}
-    if labels.ndim == 2:
-        return [str(write_geojson(Path(out_dir) / f"{source.stem}.geojson", labels, table))]
-    written = []
-    for index, plane in enumerate(labels):
-        part = None if table is None else {k: v[table["plane"] == index] for k, v in table.items() if k != "plane"}
-        written.append(str(write_geojson(Path(out_dir) / f"{source.stem}_{index}.geojson", plane, part)))
-    return written
-
-
 def measurements_path(out_dir: str | os.PathLike, source: str | os.PathLike) -> Path:
     return Path(out_dir) / f"{Path(source).stem}_nuclei.csv"
 
 
-def _write_measurements(image, labels, out_dir, source: Path) -> list[str]:
-    """``<stem>_nuclei.csv`` beside the labels: one row per nucleus (``measure.measure``); a
-    stack's rows carry their plane. Images are measured in their own pixels (files carry no
-    pixel size we read)."""
+def _write_extra_outputs(image, labels, out_dir, source: Path, measurements: bool, polygons: bool) -> list[str]:
+    """What is written beside the labels, from the labels in hand (measured once):
+
+    * ``measurements``: ``<stem>_nuclei.csv``, one row per nucleus (``measure.measure``; a
+      stack's rows carry their plane). Images are measured in their own pixels (files carry no
+      pixel size we read);
+    * ``polygons``: ``<stem>.geojson`` (``<stem>_<plane>.geojson`` for a stack's planes), with
+      the measurements when they were asked for.
+    """
+    from .geojson import write_geojson
     from .measure import measure, write_measurements_csv
 
-    if is_single_plane(image):
-        table = measure(labels, image)
-    else:
-        parts = [{"plane": None, **measure(labels[i], image[i])} for i in range(labels.shape[0])]
-        for index, part in enumerate(parts):
-            part["plane"] = np.full(part["label"].shape, index)
-        table = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
-    path = measurements_path(out_dir, source)
-    write_measurements_csv(path, table)
-    return [str(path)]
+    if not (measurements or polygons):
+        return []
+    single = is_single_plane(image)
+    plane_labels = [labels] if single else [labels[i] for i in range(labels.shape[0])]
+    plane_images = [image] if single else [image[i] for i in range(labels.shape[0])]
+    tables = [measure(plane, picture) for plane, picture in zip(plane_labels, plane_images)] if measurements else [None] * len(plane_labels)
+    written = []
+    if measurements:
+        if single:
+            table = tables[0]
+        else:
+            table = {"plane": np.concatenate([np.full(t["label"].shape, i) for i, t in enumerate(tables)])}
+            table.update({key: np.concatenate([t[key] for t in tables]) for key in tables[0]})
+        path = measurements_path(out_dir, source)
+        write_measurements_csv(path, table)
+        written.append(str(path))
+    if polygons:
+        for index, (plane, table) in enumerate(zip(plane_labels, tables)):
+            name = f"{source.stem}.geojson" if single else f"{source.stem}_{index}.geojson"
+            written.append(str(write_geojson(Path(out_dir) / name, np.asarray(plane), table)))
+    return written
 
 
 @functools.lru_cache(maxsize=4)

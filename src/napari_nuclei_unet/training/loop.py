@@ -36,7 +36,7 @@ import torch
 
 from ..data import LabelledImage, median_diameter
 from ..errors import InputError, ModelError
-from ..model import Checkpoint, resolve_device
+from ..model import METADATA_FILE, SMP_CONFIG_FILE, WEIGHTS_FILE, Checkpoint, resolve_device
 from .calibrate import CALIBRATION_MIN_IMAGES, balanced_score, calibrate, validate_by_type
 from .config import TrainConfig, TrainEvent
 from .sampler import PatchSampler, reference_nuclei, reference_zooms
@@ -344,7 +344,7 @@ def fit(
             last.kind, last.cancelled, last.start_score = "done", True, start_score
             out_dir = Path(out_dir)
             improved = start_score is not None and last.best_score is not None and last.best_score > start_score
-            if (out_dir / "model.safetensors").exists() and (improved or keep_on_cancel):
+            if (out_dir / WEIGHTS_FILE).exists() and (improved or keep_on_cancel):
                 best = Checkpoint.load(out_dir)
                 inherited = best.metadata.get("postprocess") or {}
                 if inherited:  # the starting model's level, not calibrated for this one
@@ -362,7 +362,7 @@ def fit(
 
 def _remove_run_files(out_dir: Path) -> None:
     """Remove what a run wrote into its output folder (model, log, resume state), and the folder if that empties it."""
-    for name in ("model.safetensors", "config.json", "nuclei_unet.json", "README.md", LOG_FILE, STATE_FILE):  # README: smp's model card
+    for name in (WEIGHTS_FILE, SMP_CONFIG_FILE, METADATA_FILE, "README.md", LOG_FILE, STATE_FILE):  # README: smp's model card
         with contextlib.suppress(OSError):
             (out_dir / name).unlink()
     _remove_if_empty(out_dir)
