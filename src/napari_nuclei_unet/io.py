@@ -202,24 +202,29 @@ class Normalizer:
 
     def __call__(self, plane) -> np.ndarray:
         """Normalise a (crop of a) plane to float32 ``(C, Y, X)``."""
-        array = np.asarray(plane)
-        if array.ndim == 3:
-            array = array[..., :3]
-            array = np.moveaxis(array, -1, 0)
-        else:
-            array = array[None]
-        out = array.astype(np.float32, copy=True)
+        out = channels_first(plane)
         out -= np.float32(self.low)
         out *= np.float32(1.0 / (self.high - self.low))
         np.clip(out, 0.0, 1.0, out=out)  # the same range in training (colour/gamma augmentation) and inference
-        if out.shape[0] != self.channels:
-            if self.channels == 1:
-                out = out.mean(axis=0, keepdims=True)
-            elif out.shape[0] == 1:
-                out = np.repeat(out, self.channels, axis=0)
-            else:
-                raise InputError(f"cannot map a {out.shape[0]}-channel image to a {self.channels}-channel model")
-        return out
+        return to_model_channels(out, self.channels)
+
+
+def channels_first(plane) -> np.ndarray:
+    """A grey or ``(Y, X, C)`` plane as float32 ``(C, Y, X)``, alpha dropped (a new array)."""
+    array = np.asarray(plane)
+    array = np.moveaxis(array[..., :3], -1, 0) if array.ndim == 3 else array[None]
+    return array.astype(np.float32, copy=True)
+
+
+def to_model_channels(array: np.ndarray, channels: int) -> np.ndarray:
+    """``(C, Y, X)`` as the model's channels: colour averaged for a single-channel model, grey repeated for colour ones."""
+    if array.shape[0] == channels:
+        return array
+    if channels == 1:
+        return array.mean(axis=0, keepdims=True)
+    if array.shape[0] == 1:
+        return np.repeat(array, channels, axis=0)
+    raise InputError(f"cannot map a {array.shape[0]}-channel image to a {channels}-channel model")
 
 
 def label_dtype(max_label: int) -> np.dtype:

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import ModelError, describe
-from .io import default_mode
+from .io import Normalizer, default_mode
+from .tiling import InputSizes
 
 if TYPE_CHECKING:
     import torch
@@ -45,6 +46,7 @@ BUNDLED_MODEL_DIR = Path(__file__).parent / "models" / "default"
 # models whose ``nuclei_unet.json`` records no ``stain_by_image_type`` (v1 was trained on
 # DSB2018 alone: it segments H&E far better from the hematoxylin channel).
 DEFAULT_STAIN_BY_IMAGE_TYPE = {"fluorescence": "none", "brightfield": "none", "tissue": "hematoxylin"}
+CANNOT_FINETUNE = "a bioimage.io package whose network is not an smp.Unet can segment, but cannot be fine-tuned here"
 
 
 @dataclass
@@ -111,11 +113,18 @@ class Checkpoint:
     # Exported CPU networks of these file weights, by (cache file, threads): runtime state
     # that lives and dies with the checkpoint (``onnx_backend.checkpoint_network``).
     cpu_networks: dict = field(default_factory=dict, repr=False, compare=False)
+    # A bioimage.io package's network that is not one of ours (``model_zoo.PackageNetwork``): it
+    # runs through the package's own TorchScript or ONNX weights and preprocessing; ``model``
+    # is then its TorchScript module, loaded when asked for.
+    package: Any = field(default=None, repr=False, compare=False)
 
     def __getattribute__(self, name: str):
         if name == "model":
             if object.__getattribute__(self, "deferred") is not None:
                 self._build_deferred()
+            package = object.__getattribute__(self, "package")
+            if package is not None and object.__getattribute__(self, "model") is None:
+                object.__setattr__(self, "model", package.torch_module())
             object.__setattr__(self, "file_digest", None)  # may be changed from now on
         return object.__getattribute__(self, name)
 
@@ -130,6 +139,8 @@ class Checkpoint:
         """A copy to train: with its own built model; the runtime caches (exported networks) stay behind."""
         import copy
 
+        if self.package is not None:
+            raise ModelError(f"{self.name}: {CANNOT_FINETUNE}")
         return Checkpoint(
             model=copy.deepcopy(self.model, memo), config=copy.deepcopy(self.config, memo), percentiles=self.percentiles,
             nucleus_diameter=self.nucleus_diameter, metadata=copy.deepcopy(self.metadata, memo), source=self.source,
@@ -144,6 +155,22 @@ class Checkpoint:
     @property
     def outputs(self) -> tuple[str, ...]:
         return self.config.outputs
+
+    @property
+    def can_finetune(self) -> bool:
+        """Only our own smp.Unet can be trained; a foreign package's network is run as it is."""
+        return self.package is None
+
+    @property
+    def input_sizes(self) -> InputSizes:
+        """Tile sizes the network accepts (any multiple of 32 for ours; a package declares its own)."""
+        return self.package.input_sizes if self.package is not None else InputSizes()
+
+    def normalizer(self, sample) -> Normalizer:
+        """How this network wants a plane normalised, with the statistics taken from ``sample`` (a strided view of it)."""
+        if self.package is not None:
+            return self.package.normalizer(sample)
+        return Normalizer.from_image(sample, self.config.in_channels, self.percentiles)
 
     @property
     def min_confidence(self) -> float:
@@ -162,6 +189,8 @@ class Checkpoint:
 
     def summary(self) -> str:
         """One line for the user: name, architecture, training data and headline metric."""
+        if self.package is not None:
+            return f"{self.name}, {self.package.describe()}, {'+'.join(self.outputs)}, cannot be fine-tuned"
         parts = [self.name, f"Unet/{self.config.encoder_name}", "+".join(self.outputs)]
         training = self.metadata.get("training", {})
         if training.get("data"):
@@ -181,6 +210,8 @@ class Checkpoint:
         ``half`` stores fp16 weights (half the size); they load back as float32.
         """
         folder = Path(folder)
+        if self.package is not None:
+            raise ModelError(f"{self.name}: a bioimage.io package that is not an smp.Unet; it cannot be saved as a checkpoint folder")
         if folder.exists() and not overwrite:
             raise ModelError(f"{folder}: already exists; choose another folder or allow overwriting")
         if folder.resolve() == BUNDLED_MODEL_DIR.resolve() and not os.environ.get("NUCLEI_UNET_WRITE_BUNDLED"):
@@ -238,10 +269,15 @@ class Checkpoint:
     # --------------------------------------------------------------- loading
     @classmethod
     def load(cls, path: str | os.PathLike, encoder: str | None = None, device: str | torch.device = "cpu") -> "Checkpoint":
-        """Load a checkpoint folder or a plain ``state_dict`` file; ``encoder`` names the architecture of the latter."""
+        """Load a checkpoint folder, a plain ``state_dict`` file (``encoder`` names its architecture) or a
+        bioimage.io model package (a ``.zip``, or a folder or its ``bioimageio.yaml``/``rdf.yaml``)."""
         path = Path(path)
         if not path.exists():
             raise ModelError(f"{path}: no such model file or folder")
+        from . import model_zoo
+
+        if model_zoo.is_package(path):
+            return model_zoo.load_package(path, device)
         if path.is_dir():
             checkpoint = _load_folder(path)
         elif path.suffix.lower() in (".pth", ".pt", ".ckpt", ".bin"):

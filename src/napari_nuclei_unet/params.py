@@ -185,6 +185,19 @@ FINETUNE_DEFAULTS = dict(
 )  # fmt: skip
 
 
+@dataclass
+class ExportParams:
+    """What goes into an exported bioimage.io package beyond the model itself."""
+
+    authors: tuple[str, ...] = field(
+        default=(), metadata={"help": "package author as 'Name;Affiliation;ORCID' (affiliation and ORCID optional); repeat for several (default: the model's authors, else your login name)"}
+    )
+    cite: tuple[str, ...] = field(default=(), metadata={"help": "extra citation as 'text;DOI or URL'; repeat for several (U-Net, DSB2018 and smp are always cited)"})
+    license: str = field(default="BSD-3-Clause", metadata={"help": "SPDX licence of the weights (mind the training data's licences: see the model card)"})
+    test_image: str | None = field(default=None, metadata={"help": "image the test tensors and cover are made from (a 256x256 crop; default: scikit-image's immunohistochemistry sample)"})
+    run_test: bool = field(default=True, metadata={"help": "run bioimageio.core's model test on the package before writing it"})
+
+
 def finetune_config(**overrides) -> TrainConfig:
     """A :class:`TrainConfig` with the fine-tuning defaults, ``overrides`` applied."""
     return TrainConfig(**{**FINETUNE_DEFAULTS, **overrides})

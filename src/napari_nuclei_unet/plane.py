@@ -82,7 +82,7 @@ def plane_normalizer(checkpoint: Checkpoint, plane, stain: str = "none") -> Norm
     """
     step = sample_step(*plane.shape[:2])
     sample = apply_stain(np.asarray(plane[::step, ::step]), stain)
-    return Normalizer.from_image(sample, checkpoint.config.in_channels, checkpoint.percentiles)
+    return checkpoint.normalizer(sample)
 
 
 def estimate_diameter(

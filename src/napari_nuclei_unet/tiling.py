@@ -27,22 +27,36 @@ CancelCheck = Callable[[], bool]
 _ALIGN = 32  # U-Net with 5 poolings needs sizes divisible by 32
 
 
-def _ceil_to(value: int, multiple: int) -> int:
-    return int(math.ceil(value / multiple) * multiple)
+@dataclass(frozen=True)
+class InputSizes:
+    """The spatial input sizes a network accepts: ``minimum + n * step`` for any n >= 0, or
+    only ``minimum`` when ``fixed`` (bioimage.io's parameterized and fixed sizes). ``halo``:
+    output pixels at each border the network declares unreliable; tiles overlap by twice that."""
+
+    minimum: int = _ALIGN
+    step: int = _ALIGN
+    fixed: bool = False
+    halo: int = 0
+
+    def fit(self, length: int) -> int:
+        """The smallest accepted size that holds ``length`` pixels (for a fixed size: that size)."""
+        if self.fixed or length <= self.minimum:
+            return self.minimum
+        return self.minimum + int(math.ceil((length - self.minimum) / self.step)) * self.step
 
 
-def axis_tiles(length: int, tile: int, overlap: int) -> tuple[int, list[int]]:
+def axis_tiles(length: int, tile: int, overlap: int, sizes: InputSizes = InputSizes()) -> tuple[int, list[int]]:
     """The tile length and start positions along one axis.
 
     One padded tile when the axis fits; otherwise the fewest tiles with at least
     ``overlap`` shared pixels, shrunk evenly so no tile is mostly padding.
     """
-    tile = max(_ALIGN, _ceil_to(tile, _ALIGN))
+    tile = sizes.fit(tile)
     if length <= tile:
-        return _ceil_to(length, _ALIGN), [0]
+        return sizes.fit(length), [0]
     overlap = min(overlap, tile // 2)
     count = math.ceil((length - overlap) / (tile - overlap))
-    tile = min(tile, _ceil_to(math.ceil((length + (count - 1) * overlap) / count), _ALIGN))
+    tile = min(tile, sizes.fit(math.ceil((length + (count - 1) * overlap) / count)))
     starts = np.linspace(0, length - tile, count).round().astype(int).tolist()
     return tile, starts
 
@@ -75,10 +89,11 @@ class Tile:
     weight_x: np.ndarray
 
 
-def plan_tiles(shape: tuple[int, int], tile_size: int, overlap: int) -> tuple[tuple[int, int], list[Tile]]:
+def plan_tiles(shape: tuple[int, int], tile_size: int, overlap: int, sizes: InputSizes = InputSizes()) -> tuple[tuple[int, int], list[Tile]]:
     """The network input shape and the tiles covering a ``(height, width)`` image."""
-    tile_h, starts_y = axis_tiles(shape[0], tile_size, overlap)
-    tile_w, starts_x = axis_tiles(shape[1], tile_size, overlap)
+    overlap = max(overlap, 2 * sizes.halo)
+    tile_h, starts_y = axis_tiles(shape[0], tile_size, overlap, sizes)
+    tile_w, starts_x = axis_tiles(shape[1], tile_size, overlap, sizes)
     weights_y = _axis_weights(shape[0], tile_h, starts_y)
     weights_x = _axis_weights(shape[1], tile_w, starts_x)
     tiles = [
@@ -130,9 +145,12 @@ def predict(
     from .model import Checkpoint, device_name
 
     params = params or TilingParams()
-    tile_shape, tiles = plan_tiles(plane.shape[:2], params.tile_size, params.overlap)
+    sizes = model.input_sizes if isinstance(model, Checkpoint) else InputSizes()
+    tile_shape, tiles = plan_tiles(plane.shape[:2], params.tile_size, params.overlap, sizes)
     forward = None
-    if isinstance(model, Checkpoint):
+    if isinstance(model, Checkpoint) and model.package is not None:  # a bioimage.io package's own weights
+        forward = model.package.forward(params)
+    elif isinstance(model, Checkpoint):
         if model.config.in_channels == normalizer.channels and device_name(params.device) == "cpu":
             from .onnx_backend import OnnxNetwork, checkpoint_network
 
