@@ -20,7 +20,7 @@ import numpy as np
 
 from . import __version__
 from .errors import Cancelled, InputError, NucleiUnetError, describe, nuclei_text
-from .params import BlockParams, PostprocessParams, SegmentParams, TilingParams, TrainConfig, field_default, field_metadata
+from .params import BlockParams, ExportParams, PostprocessParams, SegmentParams, TilingParams, TrainConfig, field_default, field_metadata
 
 
 def _auto_or_fraction(zero_allowed: bool):
@@ -63,7 +63,7 @@ def _option(parser: argparse.ArgumentParser, flag: str, owner: type, name: str, 
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="default", help="checkpoint folder or .pth state_dict (default: the bundled model)")
+    parser.add_argument("--model", default="default", help="checkpoint folder, .pth state_dict, or bioimage.io package (.zip, or a folder with bioimageio.yaml/rdf.yaml) (default: the bundled model)")
     parser.add_argument("--encoder", default=None, help="encoder of a plain .pth state_dict when it can't be inferred (e.g. efficientnet-b3)")
     _option(parser, "--device", TilingParams, "device")
 
@@ -198,13 +198,22 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("labels", nargs="+", help="label image files, folders or globs")
     enc.add_argument("--out", required=True)
     enc.add_argument("--no-shape", action="store_true", help="omit the Height/Width columns")
+
+    export = commands.add_parser("export-bioimageio", help="write a model as a bioimage.io Model Zoo package (validated and tested)", **defaults)
+    export.add_argument("model", help="'default' (bundled) or a checkpoint folder")
+    export.add_argument("--out", required=True, help="package to write: NAME.zip, or a new folder")
+    export.add_argument("--author", dest="authors", action="append", default=None, help=field_metadata(ExportParams, "authors")["help"])
+    export.add_argument("--cite", action="append", default=None, help=field_metadata(ExportParams, "cite")["help"])
+    _option(export, "--license", ExportParams, "license")
+    _option(export, "--test-image", ExportParams, "test_image")
+    export.add_argument("--no-test", dest="run_test", action="store_false", help="skip bioimageio.core's model test (the format is still validated) [default: the test runs]")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        handler = {"segment": cmd_segment, "train": cmd_train, "evaluate": cmd_evaluate, "rle": cmd_rle}[args.command]
+        handler = {"segment": cmd_segment, "train": cmd_train, "evaluate": cmd_evaluate, "rle": cmd_rle, "export-bioimageio": cmd_export_bioimageio}[args.command]
         return handler(args) or 0
     except Cancelled as error:
         print(f"nuclei-unet: {error}", file=sys.stderr)
@@ -590,3 +599,19 @@ def cmd_rle(args) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def cmd_export_bioimageio(args) -> int:
+    from .model import Checkpoint, resolve_model_path
+    from .model_zoo import export_package
+
+    out = writable_file(args.out)
+    checkpoint = Checkpoint.load(resolve_model_path(args.model))
+    params = ExportParams(
+        authors=tuple(args.authors or ()), cite=tuple(args.cite or ()), license=args.license, test_image=args.test_image, run_test=args.run_test
+    )
+    started = time.perf_counter()
+    written = export_package(checkpoint, out, params, progress=lambda message: print(f"{message}…", file=sys.stderr, flush=True))
+    checks = "format validated, model test passed" if args.run_test else "format validated (model test skipped)"
+    print(f"wrote {written} ({checks}; {time.perf_counter() - started:.0f} s)")
+    return 0

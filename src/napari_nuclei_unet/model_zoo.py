@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 import os
 import tempfile
 import threading
@@ -43,7 +42,6 @@ from .tiling import InputSizes
 if TYPE_CHECKING:
     from .model import Checkpoint
 
-log = logging.getLogger(__name__)
 
 PACKAGE_FILES = ("bioimageio.yaml", "rdf.yaml")
 # Our metadata (nuclei_unet.json) inside the package's ``config``.
@@ -113,6 +111,11 @@ def _description(path: Path, files: _PackageFiles):
 
 
 def _first_line(error: Exception) -> str:
+    if callable(getattr(error, "errors", None)):  # pydantic's ValidationError: its first error, with where it is
+        with contextlib.suppress(Exception):
+            first = error.errors()[0]
+            where = ".".join(str(part) for part in first.get("loc", ()))
+            return f"{where + ': ' if where else ''}{first['msg']}"[:300]
     lines = [line.strip() for line in str(error).splitlines() if line.strip() and not line.strip().startswith("Invalid ")]
     return (lines[0] if lines else describe(error))[:300]
 
@@ -617,12 +620,13 @@ def export_package(checkpoint: Checkpoint, out: str | os.PathLike, params=None, 
         raise ModelError(f"{checkpoint.name}: already a foreign bioimage.io package; export only models of ours")
     if out.exists() and (out.is_file() or any(out.iterdir())):
         raise ModelError(f"{out}: already exists; choose another name")
+    people = _people(checkpoint, params)  # the user's fields are checked before minutes of work
     image = _test_image(params.test_image)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".bioimageio-", dir=out.parent) as work:
         work = Path(work)
         say("writing the weights (state_dict, TorchScript, ONNX)")
-        descr = _build_description(checkpoint, image, work, params, say)
+        descr = _build_description(checkpoint, image, work, people, say)
         staged = work / ("package.zip" if out.suffix.lower() == ".zip" else "package")
         say("packaging")
         from bioimageio.spec import save_bioimageio_package, save_bioimageio_package_as_folder
@@ -698,11 +702,29 @@ def _test_image(path: str | None) -> np.ndarray:
     return image[top:top + side, left:left + side, ..., :3] if image.ndim == 3 else image[top:top + side, left:left + side]
 
 
-def _build_description(checkpoint: Checkpoint, image: np.ndarray, work: Path, params, say):
+def _people(checkpoint: Checkpoint, params) -> dict:
+    """The package's authors, citations and licence as ``ModelDescr`` fields, checked (a bad one is a one-line InputError)."""
+    from bioimageio.spec.model.v0_5 import Author, CiteEntry, ModelDescr
+    from pydantic import TypeAdapter
+
+    try:
+        cite = [CiteEntry(text=text, **_doi_or_url(ref)) for text, ref in _citations(checkpoint, params.cite)]
+    except InputError:
+        raise
+    except Exception as error:  # noqa: BLE001 (pydantic's ValidationError)
+        raise InputError(f"citation: {_first_line(error)}") from None
+    try:
+        license_id = TypeAdapter(ModelDescr.model_fields["license"].annotation).validate_python(params.license)
+    except Exception:  # noqa: BLE001 (pydantic's ValidationError)
+        raise InputError(f"licence {params.license!r}: not an SPDX licence identifier (e.g. MIT, BSD-3-Clause, CC-BY-4.0)") from None
+    return {"authors": _authors(checkpoint, params.authors, Author), "cite": cite, "license": license_id}
+
+
+def _build_description(checkpoint: Checkpoint, image: np.ndarray, work: Path, people: dict, say):
     """The package's files in ``work`` and its ``bioimageio.spec`` model description (validated as it is built)."""
     import torch
     from bioimageio.spec.model.v0_5 import (
-        ArchitectureFromLibraryDescr, Author, BatchAxis, ChannelAxis, CiteEntry, ClipDescr, ClipKwargs, EnsureDtypeDescr, EnsureDtypeKwargs,
+        ArchitectureFromLibraryDescr, BatchAxis, ChannelAxis, ClipDescr, ClipKwargs, EnsureDtypeDescr, EnsureDtypeKwargs,
         FileDescr, InputTensorDescr, IntervalOrRatioDataDescr, ModelDescr, OnnxWeightsDescr, OutputTensorDescr, ParameterizedSize,
         PytorchStateDictWeightsDescr, ScaleRangeDescr, ScaleRangeKwargs, SigmoidDescr, SizeReference, SpaceInputAxis,
         SpaceOutputAxisWithHalo, TorchscriptWeightsDescr, WeightsDescr,
@@ -746,9 +768,7 @@ def _build_description(checkpoint: Checkpoint, image: np.ndarray, work: Path, pa
         return ModelDescr(
             name=_package_name(checkpoint.name),
             description=str(checkpoint.metadata.get("description") or f"Nuclei U-Net ({config.encoder_name} encoder) from napari-nuclei-unet.")[:1000],
-            authors=_authors(checkpoint, params.authors, Author),
-            cite=[CiteEntry(text=text, **_doi_or_url(ref)) for text, ref in _citations(checkpoint, params.cite)],
-            license=params.license,
+            **people,
             covers=[FileDescr(source=work / "cover.png")],
             documentation=FileDescr(source=work / "README.md"),
             tags=["nuclei", "nucleus-segmentation", "instance-segmentation", "unet", "2d", "fluorescence", "brightfield", "histology", "pytorch", "onnx", "napari-nuclei-unet"],
