@@ -433,7 +433,7 @@ class PackageNetwork:
             if data is not None:
                 weights[kind] = data
         if not weights:
-            present = ", ".join(k for k, v in descr.weights.model_dump().items() if v) or "none"
+            present = ", ".join(k for k in type(descr.weights).model_fields if getattr(descr.weights, k, None) is not None) or "none"
             raise ModelError(f"{path}: no ONNX or TorchScript weights file in the package (its weights: {present}); nothing is downloaded")
         return cls(
             name=descr.name, source=str(path), weights=weights, input_axes="".join(input_axes), output_axes="".join(output_axes),
@@ -666,16 +666,19 @@ def validate_package(path: Path, run_test: bool = True) -> list[str]:
 
 
 def _summary_errors(summary) -> list[str]:
-    if summary.status != "failed":
-        return []
+    """Every failed check of a validation summary, one line each. (A failed model test leaves the
+    summary's overall status at "valid-format", so the details are what count.)"""
     found = []
     for detail in summary.details:
-        for error in detail.errors:
-            where = ".".join(str(part) for part in error.loc) if error.loc else ""
-            found.append(f"{detail.name}: {where + ': ' if where else ''}{error.msg}".replace("\n", " ")[:400])
-        if detail.status == "failed" and not detail.errors:
-            found.append(f"{detail.name} failed")
-    return found or ["failed"]
+        if detail.status != "failed":
+            continue
+        for error in detail.errors or [None]:
+            message = (str(error.msg).strip().splitlines() or [""])[0] if error is not None else "failed"
+            where = ".".join(str(part) for part in error.loc) if error is not None and error.loc else ""
+            found.append(f"{detail.name}: {where + ': ' if where else ''}{message}"[:400])
+    if not found and summary.status == "failed":
+        found.append("failed")
+    return found
 
 
 def _test_image(path: str | None) -> np.ndarray:
