@@ -232,3 +232,50 @@ def test_widget_is_declared_in_the_manifest(make_napari_viewer):
     viewer = make_napari_viewer()
     _dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Fine-tune")
     assert isinstance(widget, FineTuneWidget)
+
+
+def test_export_writes_a_checked_package_of_the_chosen_model_cut_from_the_image_layer(setup, qtbot, monkeypatch):
+    import zipfile
+
+    viewer, _segment, widget, messages, tmp_path = setup
+    assert widget.export_button.enabled
+    out = tmp_path / "exported" / "tiny-for-zoo"
+    monkeypatch.setattr(FineTuneWidget, "ask_export_path", lambda self: str(out))
+    widget.export()
+    assert not widget.export_button.enabled and not widget.start_button.enabled  # one job at a time
+    qtbot.waitUntil(lambda: widget._export_worker is None and widget.hub.idle, timeout=TIMEOUT_MS)
+    assert not messages, messages
+    written = out.with_suffix(".zip")
+    assert "model test passed" in widget.status.value and str(written) in widget.status.value
+    with zipfile.ZipFile(written) as archive:
+        test_input = np.load(archive.open("test_input.npy"))
+    image = viewer.layers["cells"].data  # 128 x 160: its centre 128 x 128 square, repeated into the model's 3 channels
+    np.testing.assert_array_equal(test_input[0, 0], image[:, 16:144].astype(np.float32))
+    assert widget.export_button.enabled and widget.start_button.enabled
+
+
+def test_a_foreign_bioimageio_package_segments_but_cannot_be_fine_tuned(setup, qtbot, tmp_path):
+    import zipfile
+
+    import yaml
+
+    from napari_nuclei_unet.model_zoo import export_package
+    from napari_nuclei_unet.params import ExportParams
+
+    _viewer, _segment, widget, messages, _ = setup
+    folder = tmp_path / "foreign"
+    with zipfile.ZipFile(export_package(widget.model.checkpoint(widget.model.path()), tmp_path / "p.zip", ExportParams(run_test=False))) as archive:
+        archive.extractall(folder)
+    description = yaml.safe_load((folder / "rdf.yaml").read_text())
+    del description["weights"]["pytorch_state_dict"], description["config"]  # as another tool would write it
+    for entry in description["weights"].values():
+        entry.pop("parent", None)
+    (folder / "rdf.yaml").write_text(yaml.safe_dump(description))
+    widget.model.file.value = str(folder / "rdf.yaml")
+    qtbot.waitUntil(lambda: "bioimage.io package" in widget.model.summary.value and widget.hub.idle, timeout=TIMEOUT_MS)
+    assert not widget.start_button.enabled and not widget.export_button.enabled
+    assert "cannot be fine-tuned" in widget.status.value
+    widget.model.source.value = "bundled default"
+    qtbot.waitUntil(lambda: "Unet/" in widget.model.summary.value and widget.hub.idle, timeout=TIMEOUT_MS)
+    assert widget.start_button.enabled and widget.export_button.enabled and not widget.status.value
+    assert not messages, messages

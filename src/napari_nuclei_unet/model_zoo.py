@@ -603,13 +603,18 @@ _CITATIONS = (
 _MONUSEG_CITATION = ("Kumar N et al. A dataset and a technique for generalized nuclear segmentation for computational pathology. IEEE TMI 36, 1550-1560 (2017).", "10.1109/TMI.2017.2677499")
 
 
-def export_package(checkpoint: Checkpoint, out: str | os.PathLike, params=None, progress=None) -> Path:
+def export_package(
+    checkpoint: Checkpoint, out: str | os.PathLike, params=None, progress=None, image: np.ndarray | None = None, overwrite: bool = False
+) -> Path:
     """Write ``checkpoint`` as a bioimage.io model package: ``out`` ending in ``.zip`` is a zip, anything else a folder.
 
+    The test tensors and cover come from ``image`` (a grey or RGB plane, e.g. the image the
+    model was fine-tuned on) when given, else from ``params.test_image``.
     The package is built and checked in a temporary place (``bioimageio.spec`` validation with
     file checks, then ``bioimageio.core``'s model test unless ``params.run_test`` is off) and
     moved to ``out`` only when it passes, so a failed export leaves nothing behind.
-    ``progress(message)`` is told each stage.
+    ``progress(message)`` is told each stage. ``overwrite`` replaces an existing ``out`` file
+    (atomically, once the new package has passed).
     """
     from .params import ExportParams
 
@@ -618,10 +623,12 @@ def export_package(checkpoint: Checkpoint, out: str | os.PathLike, params=None, 
     out = Path(out)
     if checkpoint.package is not None:
         raise ModelError(f"{checkpoint.name}: already a foreign bioimage.io package; export only models of ours")
-    if out.exists() and (out.is_file() or any(out.iterdir())):
+    if out.is_dir() and any(out.iterdir()):
+        raise ModelError(f"{out}: a folder that is not empty; choose another name")
+    if out.is_file() and not overwrite:
         raise ModelError(f"{out}: already exists; choose another name")
     people = _people(checkpoint, params)  # the user's fields are checked before minutes of work
-    image = _test_image(params.test_image)
+    image = _test_crop(image, "the test image") if image is not None else _test_image(params.test_image)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".bioimageio-", dir=out.parent) as work:
         work = Path(work)
@@ -682,27 +689,28 @@ def _summary_errors(summary) -> list[str]:
 
 
 def _test_image(path: str | None) -> np.ndarray:
-    """A ``TEST_SIDE`` square crop of a real image: the user's, or scikit-image's immunohistochemistry sample."""
-    if path:
-        from .io import read_image
-
-        image = np.asarray(read_image(path))
-        if image.ndim == 3 and image.shape[-1] not in (1, 3, 4):
-            raise InputError(f"{path}: a test image must be a single 2D plane, grey or RGB; got shape {image.shape}")
-        if image.ndim not in (2, 3):
-            raise InputError(f"{path}: a test image must be a single 2D plane, grey or RGB; got shape {image.shape}")
-    else:
+    """A crop of a real image for the test tensors: the user's, or scikit-image's immunohistochemistry sample."""
+    if not path:
         from skimage import data
 
-        image = data.immunohistochemistry()
-    if image.ndim == 3 and image.shape[-1] == 1:
-        image = image[..., 0]
-    height, width = image.shape[:2]
+        return _test_crop(data.immunohistochemistry(), "scikit-image's immunohistochemistry sample")
+    from .io import read_image
+
+    return _test_crop(np.asarray(read_image(path)), str(path))
+
+
+def _test_crop(image: np.ndarray, name: str) -> np.ndarray:
+    """The centre ``TEST_SIDE`` square (or the largest multiple of 32 that fits) of a grey or RGB plane."""
+    shape = tuple(image.shape)  # numpy, dask or zarr: only the crop is read
+    if len(shape) not in (2, 3) or (len(shape) == 3 and shape[-1] not in (1, 3, 4)):
+        raise InputError(f"{name}: a test image must be one 2D plane, grey or RGB; got shape {shape}")
+    height, width = shape[:2]
     side = min(TEST_SIDE, height // 32 * 32, width // 32 * 32)
     if side < 64:
-        raise InputError(f"{path}: a test image must be at least 64 x 64 pixels, got {height} x {width}")
+        raise InputError(f"{name}: a test image must be at least 64 x 64 pixels, got {height} x {width}")
     top, left = (height - side) // 2, (width - side) // 2
-    return image[top:top + side, left:left + side, ..., :3] if image.ndim == 3 else image[top:top + side, left:left + side]
+    crop = np.asarray(image[top:top + side, left:left + side])
+    return crop[..., 0] if crop.ndim == 3 and crop.shape[-1] == 1 else crop[..., :3] if crop.ndim == 3 else crop
 
 
 def _people(checkpoint: Checkpoint, params) -> dict:
@@ -737,7 +745,9 @@ def _build_description(checkpoint: Checkpoint, image: np.ndarray, work: Path, pe
     from .io import Normalizer
     from .onnx_backend import _OPSET, to_onnx
 
-    model = checkpoint.model.float().eval().cpu()
+    import copy
+
+    model = copy.deepcopy(checkpoint.model).float().eval().cpu()  # the caller's model may be on a GPU, or in use
     config = checkpoint.config
     channels = config.in_channels
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, work / "weights.pt")
@@ -826,9 +836,9 @@ def json_safe(value):
 
 
 def _package_name(name: str) -> str:
-    """bioimage.io names: letters, digits, spaces and ``_-()`` only, up to 128 characters."""
-    cleaned = "".join(c if c.isalnum() or c in " _-()" else " " for c in name).strip()
-    return " ".join(cleaned.split())[:128] or "nuclei U-Net"
+    """bioimage.io names: 5 to 128 letters, digits, spaces and ``_-()``."""
+    cleaned = " ".join("".join(c if c.isalnum() or c in " _-()" else " " for c in name).split())[:110]
+    return cleaned if len(cleaned) >= 5 else f"{cleaned} (nuclei U-Net)".strip()
 
 
 def _authors(checkpoint: Checkpoint, given: tuple[str, ...], author_class) -> list:

@@ -16,6 +16,7 @@ from qtpy.QtWidgets import QComboBox, QDockWidget, QFrame, QLabel, QMainWindow, 
 
 from ..errors import ModelError, describe
 from ..model import Checkpoint, available_devices, resolve_model_path
+from ..params import TilingParams
 
 BUNDLED = "bundled default"
 FROM_FILE = "from file…"
@@ -201,7 +202,8 @@ class ModelPicker:
         import segmentation_models_pytorch  # noqa: F401  (once, here, rather than racing in workers)
 
         self.source = ComboBox(label="model", choices=[BUNDLED, FROM_FILE], value=BUNDLED)
-        self.file = FileEdit(label="model file", mode="r", filter="*.safetensors *.json *.pth *.pt *.ckpt *.bin", visible=False)
+        self.file = FileEdit(label="model file", mode="r", filter="*.safetensors *.json *.pth *.pt *.ckpt *.bin *.zip *.yaml", visible=False,
+                              tooltip="a checkpoint's model.safetensors or config.json, a .pth state_dict, or a bioimage.io package (.zip, or its bioimageio.yaml / rdf.yaml)")
         self.summary = Label(label="", value="loading model…")
         self.summary.native.setWordWrap(True)
         self.device = ComboBox(label="device", choices=available_devices(), value="auto", tooltip="auto: CUDA, then Apple MPS, then CPU")
@@ -221,7 +223,7 @@ class ModelPicker:
             return "default"
         chosen = str(self.file.value or "")
         if chosen in ("", "."):
-            raise ValueError("choose a model file (a checkpoint's model.safetensors / config.json, or a .pth state_dict)")
+            raise ValueError("choose a model file (a checkpoint's model.safetensors / config.json, a .pth state_dict, or a bioimage.io package .zip / rdf.yaml)")
         return chosen
 
     def checkpoint(self, path: str) -> Checkpoint:
@@ -278,8 +280,10 @@ class ModelPicker:
         except ModelError as error:  # a device that vanished: the summary says so
             logging.getLogger(__name__).info("device %s: %s", device, describe(error))
             on_cpu = False
-        if on_cpu:
+        if on_cpu and checkpoint.package is None:
             checkpoint_network(checkpoint)
+        elif on_cpu:
+            checkpoint.package.forward(TilingParams(device="cpu"))  # opens its ONNX Runtime session (or loads its TorchScript)
         return checkpoint
 
     def _on_source(self, value: str) -> None:

@@ -26,7 +26,7 @@ from qtpy.QtWidgets import QWidget
 
 from ..data import LabelledImage
 from ..errors import NucleiUnetError, describe
-from ..model import BUNDLED_MODEL_DIR
+from ..model import BUNDLED_MODEL_DIR, CANNOT_FINETUNE
 from ..training import FINETUNE_DEFAULTS, TrainConfig, TrainEvent, finetune_config, fit
 from ._common import DOCK_MAX_WIDTH, FROM_FILE, ModelPicker, Relay, _unless_closed, hub_of, layer_choices, scroll_when_docked
 
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 DEFAULT_MODELS_DIR = Path.home() / "nuclei-unet-models"
 FINETUNE_JOB = "fine-tuning"
+EXPORT_JOB = "bioimage.io export"
 
 
 @dataclass
@@ -213,6 +214,9 @@ class FineTuneWidget(Container):
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.cancel_button.tooltip = "stop after this step; the best model so far is kept only if the held-out images show it beats the starting model"
         self.resegment_button = PushButton(text="Segment again with the new model", enabled=False)
+        self.export_button = PushButton(text="Export for bioimage.io…", enabled=False)
+        self.export_button.tooltip = ("write the chosen model as a bioimage.io Model Zoo package (.zip) for deepImageJ, ilastik, QuPath, Fiji "
+                                      "or BiaPy, checked with bioimageio.spec and bioimageio.core (~30 s); its test image is a crop of the image above")  # fmt: skip
         self.status = Label(value="")
         self.status.native.setWordWrap(True)
         self.plot = CurvePlot()
@@ -224,6 +228,7 @@ class FineTuneWidget(Container):
         ])  # fmt: skip
         self.native.layout().addWidget(self.plot)
         self.append(self.resegment_button)
+        self.append(self.export_button)
 
         self._pairs: list[tuple[Image, Labels, Shapes | None]] = []
         self._cancel = threading.Event()
@@ -231,12 +236,18 @@ class FineTuneWidget(Container):
         self._progress = None
         self._relay = Relay()
         self._relay.message.connect(self._on_event)
+        self._export_relay = Relay()  # export stages, from the export worker
+        self._export_relay.message.connect(lambda text: _unless_closed(setattr, self.status, "value", f"exporting for bioimage.io: {text}…"))
+        self._export_worker = None
+        self._finetunable = True  # the chosen model is one of ours (a foreign bioimage.io package is not)
         self.native.destroyed.connect(self._cancel.set)  # the window closed: stop training after this step
         self.add_pair_button.changed.connect(self._add_pair)
         self.clear_pairs_button.changed.connect(self._clear_pairs)
         self.start_button.changed.connect(self.start)
         self.cancel_button.changed.connect(self.cancel)
         self.resegment_button.changed.connect(self.resegment)
+        self.export_button.changed.connect(self.export)
+        self.model.on_loaded = self._on_model_loaded
         self.advanced.changed.connect(self._show_advanced)
         self.viewer.layers.events.inserted.connect(self.reset_choices)
         self.viewer.layers.events.removed.connect(self.reset_choices)
@@ -396,9 +407,74 @@ class FineTuneWidget(Container):
         folder = Path(str(self.output_folder.value)).expanduser()
         self.model_name.value = next_free_name(folder, str(self.model_name.value).strip())  # Start again does not hit "already exists"
         self._worker = None
-        self.start_button.enabled = True
+        self.start_button.enabled = self._finetunable
         self.cancel_button.enabled = False
         _unless_closed(self.hub.finish, FINETUNE_JOB)
+
+    def _on_model_loaded(self, checkpoint) -> None:
+        """Only our own U-Nets can be fine-tuned and exported; a foreign bioimage.io package only segments."""
+        self._finetunable = checkpoint.can_finetune
+        running = self._worker is not None or self._export_worker is not None
+        self.start_button.enabled = self._finetunable and not running
+        self.export_button.enabled = self._finetunable and not running
+        if not self._finetunable:
+            self.status.value = f"{checkpoint.name}: {CANNOT_FINETUNE}. Choose the bundled model or one of ours to fine-tune."
+        elif CANNOT_FINETUNE in str(self.status.value):
+            self.status.value = ""
+
+    # ---------------------------------------------------------------- export
+    def ask_export_path(self) -> str:
+        """The package file to write, from a save dialog ('' when cancelled)."""
+        from qtpy.QtWidgets import QFileDialog
+
+        start = Path(str(self.output_folder.value)).expanduser() / f"{self.model_name.value}.zip"
+        chosen, _ = QFileDialog.getSaveFileName(self.native, "Export for bioimage.io", str(start), "bioimage.io package (*.zip)")
+        return chosen
+
+    def _export_image(self):
+        """The plane the package's test tensors and cover are cut from: the (first pair's) image layer's middle plane."""
+        layer = self._pairs[0][0] if self._pairs else self.image_layer.value
+        if layer is None:
+            return None
+        data = layer.data[0] if layer.multiscale else layer.data
+        while data.ndim > (3 if layer.rgb else 2):
+            data = data[data.shape[0] // 2]
+        return data
+
+    def export(self, *_) -> None:
+        """Export the chosen model as a bioimage.io package in a worker (a job of its own: nothing else runs meanwhile)."""
+        chosen = self.ask_export_path()
+        if not chosen:
+            return
+        out = Path(chosen if chosen.lower().endswith(".zip") else f"{chosen}.zip")
+        try:
+            model_path = self.model.path()
+        except ValueError as error:
+            show_error(f"Export: {error}")
+            return
+        if not self.hub.try_start(EXPORT_JOB):
+            return
+        self.export_button.enabled = self.start_button.enabled = False
+        self.status.value = "exporting for bioimage.io…"
+        self._progress = cancelable_progress(total=0, desc="Exporting for bioimage.io")
+        worker = _export_worker(self.model, model_path, out, self._export_image(), self._export_relay.message.emit)
+        worker.returned.connect(lambda written: _unless_closed(self._on_exported, written))
+        worker.errored.connect(lambda error: _unless_closed(self._on_error, error))
+        worker.finished.connect(lambda: _unless_closed(self._on_export_finished))
+        self._export_worker = worker
+        worker.start()
+
+    def _on_exported(self, written: Path) -> None:
+        self.status.value = f"exported {written}: bioimage.io format validated and model test passed"
+        show_info(f"Exported for bioimage.io: {written}")
+
+    def _on_export_finished(self) -> None:
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+        self._export_worker = None
+        self.export_button.enabled = self.start_button.enabled = self._finetunable
+        _unless_closed(self.hub.finish, EXPORT_JOB)
 
     def resegment(self, *_) -> None:
         """Run the Segment widget with the new model; the corrected layer stays for comparison."""
@@ -406,6 +482,14 @@ class FineTuneWidget(Container):
             show_error("Fine-tune: open the Segment nuclei widget to re-segment")
             return
         self.hub.segment_requested.emit()
+
+
+@thread_worker(ignore_errors=True)  # errors are shown as notifications by the widget
+def _export_worker(model: ModelPicker, model_path: str, out: Path, image, report) -> Path:
+    from ..model_zoo import export_package
+
+    # The save dialog has asked before replacing a file; the old one stays until the new one passes the checks.
+    return export_package(model.checkpoint(model_path), out, progress=report, image=image, overwrite=True)
 
 
 @thread_worker(ignore_errors=True)  # errors are shown as notifications by the widget
