@@ -26,6 +26,8 @@ DSB2018 = Path(__file__).resolve().parents[2] / "shared" / "data" / "dsb2018" / 
 DSB_TISSUE = "4193474b2f1c72f735b13633b219d9cabdd43c21d9c2bb4dfc4809f104ba4c06"
 DSB_FLUORESCENCE = "0a7d30b252359a10fd298b638b90cb9ada3acced4e0c0e5a3692013f432ee4e9"
 WINDOW_SIZES = ((1280, 800), (1600, 1000))
+# The bioimage.io Model Zoo's "UNet 2D Nuclei Broad" package (a foreign model: it segments, but cannot be fine-tuned).
+ZOO_PACKAGE = Path(__file__).resolve().parents[2] / "shared" / "models" / "unet2d_nuclei_broad"
 warnings.filterwarnings("ignore", message=".*PyQt5.*")  # keep napari's deprecation toast out of the pictures
 
 
@@ -62,12 +64,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "images"))
     parser.add_argument("--dsb-only", action="store_true", help="only the DSB2018 views at both window sizes")
+    parser.add_argument("--zoo-only", action="store_true", help="only the Model Zoo package views at both window sizes")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.dsb_only:
+    if args.dsb_only or args.zoo_only:
         for size in WINDOW_SIZES:
-            dsb_views(out, size)
+            (dsb_views if args.dsb_only else zoo_views)(out, size)
         return
 
     viewer = napari.Viewer(title="napari-nuclei-unet")
@@ -162,6 +165,8 @@ def main() -> None:
     if DSB2018.is_dir():
         for size in WINDOW_SIZES:
             dsb_views(out, size)
+            if ZOO_PACKAGE.is_dir():
+                zoo_views(out, size)
 
 
 def dsb_views(out: Path, size: tuple[int, int]) -> None:
@@ -187,6 +192,44 @@ def dsb_views(out: Path, size: tuple[int, int]) -> None:
         if kind == "fluorescence" and size == WINDOW_SIZES[-1]:  # the measurements, in napari's own features table
             _dock, _table = viewer.window.add_plugin_dock_widget("napari", "Features table widget")
             save(viewer, out / "10-features-table.png")
+    viewer.close()
+
+
+def choose_model(picker, path: Path) -> None:
+    """Pick a model file in a widget's model picker, as a user does with 'from file…'."""
+    from napari_nuclei_unet._widgets._common import FROM_FILE
+
+    with picker.source.changed.blocked(), picker.file.changed.blocked():
+        picker.source.value = FROM_FILE
+        picker.file.value = str(path)
+    picker.file.visible = True
+    picker.load_async()
+
+
+def zoo_views(out: Path, size: tuple[int, int]) -> None:
+    """The Model Zoo package chosen in both widgets, segmenting the DSB2018 fluorescence image; the
+    Fine-tune tab says why it cannot train this model (at the larger size)."""
+    viewer = napari.Viewer(title="napari-nuclei-unet")
+    viewer.window._qt_window.resize(*size)
+    _dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment nuclei")
+    _dock, tune = viewer.window.add_plugin_dock_widget(PLUGIN, "Fine-tune")
+    wait_for(widget, lambda: "runs on" in widget.model.summary.value and "runs on" in tune.model.summary.value)
+    for picker in (widget.model, tune.model):
+        choose_model(picker, ZOO_PACKAGE / "bioimageio.yaml")
+        wait_for(widget, lambda p=picker: "bioimage.io package" in p.summary.value and widget.hub.idle)
+    viewer.open(str(DSB2018 / f"{DSB_FLUORESCENCE}.png"))
+    widget.image_layer.value = viewer.layers[DSB_FLUORESCENCE]
+    segment(widget)
+    tune.reset_choices()
+    viewer.layers.selection.active = viewer.layers[f"{DSB_FLUORESCENCE} nuclei"]
+    viewer.reset_view()
+    widget.native.parentWidget().parentWidget().parentWidget().raise_()
+    save(viewer, out / f"11-zoo-package-{size[0]}x{size[1]}.png")
+    print(f"zoo {size}: {widget.model.summary.value}; {widget.status.value}")
+    if size == WINDOW_SIZES[-1]:
+        tune.native.parentWidget().parentWidget().parentWidget().raise_()
+        save(viewer, out / "12-zoo-package-fine-tune.png")
+        print(f"fine-tune tab: {tune.status.value}")
     viewer.close()
 
 

@@ -259,7 +259,7 @@ def test_a_foreign_bioimageio_package_segments_but_cannot_be_fine_tuned(setup, q
 
     import yaml
 
-    from napari_nuclei_unet.model_zoo import export_package
+    from napari_nuclei_unet.bioimageio_export import export_package
     from napari_nuclei_unet.params import ExportParams
 
     _viewer, _segment, widget, messages, _ = setup

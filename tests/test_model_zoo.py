@@ -12,7 +12,7 @@ import yaml
 from napari_nuclei_unet.cli import main
 from napari_nuclei_unet.errors import ModelError
 from napari_nuclei_unet.model import Checkpoint, resolve_model_path
-from napari_nuclei_unet.model_zoo import export_package, validate_package
+from napari_nuclei_unet.bioimageio_export import export_package, validate_package
 from napari_nuclei_unet.params import ExportParams, PostprocessParams, SegmentParams, TilingParams
 from napari_nuclei_unet.segment import segment
 from napari_nuclei_unet.synthetic import sample_field
@@ -178,9 +178,9 @@ def test_cli_export_writes_a_package_with_the_users_fields_and_leaves_nothing_wh
     assert main(["export-bioimageio", "default", "--out", str(out), "--no-test"]) == 2
     assert "already exists" in capsys.readouterr().err and out.read_bytes() == before
 
-    import napari_nuclei_unet.model_zoo as model_zoo
+    import napari_nuclei_unet.bioimageio_export as bioimageio_export
 
-    monkeypatch.setattr(model_zoo, "validate_package", lambda path, run_test=True: ["test outputs differ"])
+    monkeypatch.setattr(bioimageio_export, "validate_package", lambda path, run_test=True: ["test outputs differ"])
     failed = tmp_path / "failed.zip"
     assert main(["export-bioimageio", "default", "--out", str(failed), "--no-test"]) == 2
     assert "test outputs differ" in capsys.readouterr().err

@@ -603,7 +603,7 @@ if __name__ == "__main__":
 
 def cmd_export_bioimageio(args) -> int:
     from .model import Checkpoint, resolve_model_path
-    from .model_zoo import export_package
+    from .bioimageio_export import export_package
 
     out = writable_file(args.out)
     checkpoint = Checkpoint.load(resolve_model_path(args.model))

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import ModelError, describe
 from .io import Normalizer, default_mode
-from .tiling import InputSizes
+from .params import InputSizes
 
 if TYPE_CHECKING:
     import torch
@@ -274,10 +274,10 @@ class Checkpoint:
         path = Path(path)
         if not path.exists():
             raise ModelError(f"{path}: no such model file or folder")
-        from . import model_zoo
+        from .model_zoo import is_package
 
-        if model_zoo.is_package(path):
-            return model_zoo.load_package(path, device)
+        if is_package(path):
+            return _load_package(path, device)
         if path.is_dir():
             checkpoint = _load_folder(path)
         elif path.suffix.lower() in (".pth", ".pt", ".ckpt", ".bin"):
@@ -291,6 +291,56 @@ class Checkpoint:
         # A file picked inside a checkpoint folder stands for the folder.
         checkpoint.source = str(path.parent if path.is_file() and path.suffix.lower() in (".safetensors", ".json") else path)
         return checkpoint
+
+
+def _load_package(path: Path, device) -> Checkpoint:
+    """A bioimage.io package: one of our checkpoints when it holds an smp.Unet state_dict, else a foreign network."""
+    from .model_zoo import SmpPackage, read_package
+
+    package = read_package(path)
+    source = str(path if path.suffix.lower() == ".zip" or path.is_dir() else path.parent)
+    if isinstance(package, SmpPackage):
+        checkpoint = _checkpoint_from_state(path, package)
+        checkpoint.model.to(resolve_device(device)).eval()
+    else:
+        config = ModelConfig(encoder_name="bioimage.io package", in_channels=package.in_channels, outputs=package.outputs)
+        metadata = {"name": package.name, "imported_from": source, "stain_by_image_type": dict.fromkeys(DEFAULT_STAIN_BY_IMAGE_TYPE, "none")}
+        checkpoint = Checkpoint(model=None, config=config, metadata=metadata, package=package)
+        if device_name(device) != "cpu":
+            checkpoint.model.to(resolve_device(device)).eval()
+    checkpoint.source = source
+    return checkpoint
+
+
+def _checkpoint_from_state(path: Path, package) -> Checkpoint:
+    import io
+
+    import torch
+
+    try:
+        state = torch.load(io.BytesIO(package.state), map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 (pickle/zip errors of a truncated file)
+        raise ModelError(f"{path}: {package.state_file}: corrupt or not a weights-only state_dict ({describe(error)})") from None
+    if not isinstance(state, dict):
+        raise ModelError(f"{path}: {package.state_file}: not a state_dict")
+    kwargs = package.kwargs
+    try:
+        config = ModelConfig(
+            encoder_name=str(kwargs.get("encoder_name", "resnet34")),
+            encoder_depth=int(kwargs.get("encoder_depth", 5)),
+            decoder_channels=tuple(kwargs.get("decoder_channels", (256, 128, 64, 32, 16))),
+            in_channels=int(kwargs.get("in_channels", 3)),
+            outputs=package.outputs,
+            decoder_attention_type=kwargs.get("decoder_attention_type"),
+        )
+    except (TypeError, ValueError) as error:
+        raise ModelError(f"{path}: invalid smp.Unet arguments in its pytorch_state_dict entry ({describe(error)})") from None
+    _check_declared_architecture(config, state, path)
+    model = config.build()
+    _load_strict(model, state, path, config)
+    metadata = _extra_metadata(package.metadata)
+    metadata.setdefault("name", package.name)
+    return Checkpoint(model=model.eval(), config=config, metadata=metadata, **_checked_metadata(path, package.metadata))
 
 
 def bundled_model_path() -> Path | None:

@@ -1,7 +1,8 @@
-"""bioimage.io Model Zoo packages: read them as models, and write ours as one.
+"""Read bioimage.io Model Zoo packages as models (writing them: :mod:`.bioimageio_export`).
 
-Reading (:func:`load_package`): a ``.zip``, or a folder with ``bioimageio.yaml``/``rdf.yaml``,
-is parsed with ``bioimageio.spec`` (format 0.4 packages are converted to 0.5 by it).
+:func:`read_package` takes a ``.zip``, or a folder with ``bioimageio.yaml``/``rdf.yaml``, parsed
+with ``bioimageio.spec`` (format 0.4 packages are converted to 0.5 by it); ``Checkpoint.load``
+turns the result into a checkpoint.
 
 * A package whose ``pytorch_state_dict`` entry builds ``segmentation_models_pytorch.Unet``
   and carries our metadata (``config["napari-nuclei-unet"]``), or declares our percentile
@@ -12,35 +13,25 @@ is parsed with ``bioimageio.spec`` (format 0.4 packages are converted to 0.5 by 
   preprocessing, inside our tiling and post-processing (:class:`PackageNetwork`). It cannot be
   fine-tuned. Files a package names but does not hold (Zoo packages often point at remote
   weights) are treated as absent: nothing is downloaded.
-
-Writing (:func:`export_package`): ONNX, TorchScript and ``pytorch_state_dict`` weights, our
-percentile normalisation as ``scale_range`` + ``clip``, sigmoid outputs, test tensors from a
-real image, a cover, and a README that says how our post-processing turns the probabilities
-into nuclei. The description is built with ``bioimageio.spec``'s classes (it validates as it is
-built), and :func:`test_package` runs ``bioimageio.core``'s model test on the result.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import os
-import tempfile
 import threading
 import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from .errors import InputError, ModelError, describe
 from .io import channels_first, to_model_channels
-from .tiling import InputSizes
+from .params import InputSizes
 
-if TYPE_CHECKING:
-    from .model import Checkpoint
 
 
 PACKAGE_FILES = ("bioimageio.yaml", "rdf.yaml")
@@ -104,13 +95,14 @@ def _description(path: Path, files: _PackageFiles):
 
     source = files.zip if files.zip is not None else Path(files.description)
     try:
-        with _quiet_spec_logging():
+        with quiet_spec_logging():
             return load_model_description(source, format_version="latest", perform_io_checks=False)
     except Exception as error:  # noqa: BLE001 (pydantic validation errors, YAML errors, unsupported types)
-        raise ModelError(f"{path}: not a valid bioimage.io model description ({_first_line(error)})") from None
+        raise ModelError(f"{path}: not a valid bioimage.io model description ({first_line(error)})") from None
 
 
-def _first_line(error: Exception) -> str:
+def first_line(error: Exception) -> str:
+    """One line for the user from a library's (often multi-line) error."""
     if callable(getattr(error, "errors", None)):  # pydantic's ValidationError: its first error, with where it is
         with contextlib.suppress(Exception):
             first = error.errors()[0]
@@ -121,7 +113,7 @@ def _first_line(error: Exception) -> str:
 
 
 @contextlib.contextmanager
-def _quiet_spec_logging():
+def quiet_spec_logging():
     """bioimageio.spec logs through loguru at INFO (format conversions, hints); keep our output to errors."""
     try:
         from loguru import logger
@@ -135,37 +127,33 @@ def _quiet_spec_logging():
         logger.enable("bioimageio")
 
 
-def load_package(path: Path, device="cpu") -> Checkpoint:
-    """A bioimage.io package as a checkpoint: one of ours, or a foreign network (module docstring)."""
+@dataclass
+class SmpPackage:
+    """A package of an ``smp.Unet`` state_dict that loads as one of our checkpoints (``model.Checkpoint.load``)."""
+
+    name: str
+    kwargs: dict  # smp.Unet's arguments
+    state: bytes  # the torch.save'd state_dict file
+    state_file: str
+    outputs: tuple[str, ...]
+    metadata: dict  # ours (nuclei_unet.json) when the package carries it, else what the package says
+
+
+def read_package(path: Path) -> SmpPackage | PackageNetwork:
+    """What a bioimage.io package holds, as one of ours (:class:`SmpPackage`) or a foreign network (module docstring)."""
     path = Path(path)
     files = _PackageFiles(path)
     descr = _description(path, files)
-    source = str(path if path.suffix.lower() == ".zip" or path.is_dir() else path.parent)
     state_entry = descr.weights.pytorch_state_dict
     ours = _our_metadata(descr)
-    if state_entry is not None and _builds_smp_unet(state_entry) and (ours or _percentiles(descr) is not None):
+    percentiles = _percentiles(descr)
+    if state_entry is not None and _builds_smp_unet(state_entry) and (ours or percentiles is not None):
         data = files.read(state_entry.source)
         if data is not None:
-            checkpoint = _smp_checkpoint(path, descr, state_entry, data, ours)
-            checkpoint.model.to(_device(device)).eval()
-            checkpoint.source = source
-            return checkpoint
-    network = PackageNetwork.from_description(path, descr, files)
-    from .model import Checkpoint, ModelConfig
-
-    config = ModelConfig(encoder_name="bioimage.io package", in_channels=network.in_channels, outputs=network.outputs)
-    metadata = {"name": descr.name, "description": descr.description, "license": str(descr.license or ""), "imported_from": source}
-    metadata["stain_by_image_type"] = {"fluorescence": "none", "brightfield": "none", "tissue": "none"}
-    checkpoint = Checkpoint(model=None, config=config, metadata=metadata, source=source, package=network)
-    if str(device) not in ("cpu", "auto"):
-        checkpoint.model.to(_device(device)).eval()
-    return checkpoint
-
-
-def _device(device):
-    from .model import resolve_device
-
-    return resolve_device(device)
+            metadata = ours or {"name": descr.name, "description": descr.description, "normalization": {"percentiles": list(percentiles)}}
+            outputs = tuple((ours.get("config") or {}).get("outputs") or _output_names(descr.outputs[0]))
+            return SmpPackage(descr.name, dict(state_entry.architecture.kwargs), data, str(state_entry.source), outputs, metadata)
+    return PackageNetwork.from_description(path, descr, files)
 
 
 def _our_metadata(descr) -> dict:
@@ -186,41 +174,6 @@ def _percentiles(descr) -> tuple[float, float] | None:
         return None
     kwargs = steps[0].kwargs
     return float(kwargs.min_percentile), float(kwargs.max_percentile)
-
-
-def _smp_checkpoint(path: Path, descr, entry, data: bytes, ours: dict) -> Checkpoint:
-    """One of our checkpoints from a package's smp.Unet state_dict and our metadata."""
-    import torch
-
-    from .model import Checkpoint, ModelConfig, _checked_metadata, _extra_metadata, _load_strict
-
-    try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 (pickle/zip errors of a truncated file)
-        raise ModelError(f"{path}: {entry.source}: corrupt or not a weights-only state_dict ({describe(error)})") from None
-    kwargs = dict(entry.architecture.kwargs)
-    names = _output_names(descr.outputs[0])
-    try:
-        config = ModelConfig(
-            encoder_name=str(kwargs.get("encoder_name", "resnet34")),
-            encoder_depth=int(kwargs.get("encoder_depth", 5)),
-            decoder_channels=tuple(kwargs.get("decoder_channels", (256, 128, 64, 32, 16))),
-            in_channels=int(kwargs.get("in_channels", 3)),
-            outputs=tuple((ours.get("config") or {}).get("outputs") or names),
-            decoder_attention_type=kwargs.get("decoder_attention_type"),
-        )
-    except (TypeError, ValueError) as error:
-        raise ModelError(f"{path}: invalid smp.Unet arguments in its pytorch_state_dict entry ({describe(error)})") from None
-    if not isinstance(state, dict):
-        raise ModelError(f"{path}: {entry.source}: not a state_dict")
-    model = config.build()
-    _load_strict(model, state, path, config)
-    if not ours:
-        ours = {"name": descr.name, "normalization": {"percentiles": list(_percentiles(descr))}}
-    checked = _checked_metadata(path, ours)
-    metadata = _extra_metadata(ours)
-    metadata.setdefault("name", descr.name)
-    return Checkpoint(model=model.eval(), config=config, metadata=metadata, **checked)
 
 
 def _output_names(tensor) -> tuple[str, ...]:
@@ -449,24 +402,8 @@ class PackageNetwork:
         return PackageNormalizer.from_image(sample, self.in_channels, self.steps)
 
     # ------------------------------------------------------------------- running
-    def forward(self, params):
-        """``(forward, channels)`` for :func:`tiling.predict`: ONNX Runtime on the CPU when the
-        package has ONNX weights, else its TorchScript module on the device."""
-        from dataclasses import replace
-
-        from .model import device_name
-        from .onnx_backend import available, cpu_threads
-        from .tiling import _onnx_forward, _torch_forward
-
-        on_cpu = device_name(params.device) == "cpu"
-        if on_cpu and "onnx" in self.weights and params.backend != "torch" and available():
-            return _onnx_forward(self._onnx_logits(cpu_threads()), params.tta), len(self.keep)
-        if "torchscript" not in self.weights:
-            why = "choose device cpu" if not on_cpu else "install onnxruntime, or use backend auto"
-            raise ModelError(f"{self.source}: the package has only ONNX weights, which run here with ONNX Runtime on the CPU; {why}")
-        return _torch_forward(self.torch_module(), self.in_channels, replace(params, backend="torch"))
-
-    def _onnx_logits(self, threads: int):
+    def onnx_logits(self, threads: int):
+        """The ONNX weights under ONNX Runtime as a numpy forward pass: ``(N, C, H, W)`` in, logits of the kept channels out."""
         with self._lock:
             session = self._sessions.get(threads)
             if session is None:
@@ -478,7 +415,7 @@ class PackageNetwork:
                 try:
                     session = onnxruntime.InferenceSession(self.weights["onnx"], options, providers=["CPUExecutionProvider"])
                 except Exception as error:  # noqa: BLE001 (ONNX Runtime's own error types)
-                    raise ModelError(f"{self.source}: ONNX Runtime cannot load its ONNX weights ({_first_line(error)})") from None
+                    raise ModelError(f"{self.source}: ONNX Runtime cannot load its ONNX weights ({first_line(error)})") from None
                 self._sessions[threads] = session
         name = session.get_inputs()[0].name
 
@@ -557,7 +494,7 @@ def _torch_logits_module(network: PackageNetwork):
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice: the format is the Zoo's
             scripted = torch.jit.load(io.BytesIO(network.weights["torchscript"]), map_location="cpu")
     except Exception as error:  # noqa: BLE001 (TorchScript's own errors for corrupt archives)
-        raise ModelError(f"{network.source}: cannot load its TorchScript weights ({_first_line(error)})") from None
+        raise ModelError(f"{network.source}: cannot load its TorchScript weights ({first_line(error)})") from None
 
     class PackageLogits(torch.nn.Module):
         """(N, C, H, W) in; logits of the kept channels out, as :meth:`PackageNetwork._logits`."""
@@ -591,359 +528,3 @@ def _torch_logits_module(network: PackageNetwork):
     return PackageLogits().eval()
 
 
-# ------------------------------------------------------------------------------------ writing
-TEST_SIDE = 256  # px: the test tensors' crop (a multiple of 32, quick for every consumer's test)
-_INPUT_ID, _OUTPUT_ID = "image", "probabilities"
-_OUTPUT_HALO = 16  # px: the U-Net's border pixels see reflected padding; consumers that tile should crop them
-_CITATIONS = (
-    ("Ronneberger O, Fischer P, Brox T. U-Net: convolutional networks for biomedical image segmentation. MICCAI 2015.", "10.1007/978-3-319-24574-4_28"),
-    ("Caicedo JC et al. Nucleus segmentation across imaging experiments: the 2018 Data Science Bowl. Nature Methods 16, 1247-1253 (2019).", "10.1038/s41592-019-0612-7"),
-    ("Iakubovskii P. Segmentation Models Pytorch (2019).", "https://github.com/qubvel-org/segmentation_models.pytorch"),
-)
-_MONUSEG_CITATION = ("Kumar N et al. A dataset and a technique for generalized nuclear segmentation for computational pathology. IEEE TMI 36, 1550-1560 (2017).", "10.1109/TMI.2017.2677499")
-
-
-def export_package(
-    checkpoint: Checkpoint, out: str | os.PathLike, params=None, progress=None, image: np.ndarray | None = None, overwrite: bool = False
-) -> Path:
-    """Write ``checkpoint`` as a bioimage.io model package: ``out`` ending in ``.zip`` is a zip, anything else a folder.
-
-    The test tensors and cover come from ``image`` (a grey or RGB plane, e.g. the image the
-    model was fine-tuned on) when given, else from ``params.test_image``.
-    The package is built and checked in a temporary place (``bioimageio.spec`` validation with
-    file checks, then ``bioimageio.core``'s model test unless ``params.run_test`` is off) and
-    moved to ``out`` only when it passes, so a failed export leaves nothing behind.
-    ``progress(message)`` is told each stage. ``overwrite`` replaces an existing ``out`` file
-    (atomically, once the new package has passed).
-    """
-    from .params import ExportParams
-
-    params = params or ExportParams()
-    say = progress or (lambda message: None)
-    out = Path(out)
-    if checkpoint.package is not None:
-        raise ModelError(f"{checkpoint.name}: already a foreign bioimage.io package; export only models of ours")
-    if out.is_dir() and any(out.iterdir()):
-        raise ModelError(f"{out}: a folder that is not empty; choose another name")
-    if out.is_file() and not overwrite:
-        raise ModelError(f"{out}: already exists; choose another name")
-    people = _people(checkpoint, params)  # the user's fields are checked before minutes of work
-    image = _test_crop(image, "the test image") if image is not None else _test_image(params.test_image)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".bioimageio-", dir=out.parent) as work:
-        work = Path(work)
-        say("writing the weights (state_dict, TorchScript, ONNX)")
-        descr = _build_description(checkpoint, image, work, people, say)
-        staged = work / ("package.zip" if out.suffix.lower() == ".zip" else "package")
-        say("packaging")
-        from bioimageio.spec import save_bioimageio_package, save_bioimageio_package_as_folder
-
-        with _quiet_spec_logging():
-            if out.suffix.lower() == ".zip":
-                save_bioimageio_package(descr, output_path=staged)
-            else:
-                save_bioimageio_package_as_folder(descr, output_path=staged)
-        say("validating the package")
-        problems = validate_package(staged, run_test=params.run_test)
-        if problems:
-            raise ModelError(f"{out}: the exported package does not pass bioimage.io's checks: {problems[0]}")
-        if out.is_dir():
-            out.rmdir()  # empty (checked above)
-        os.replace(staged, out)
-    return out
-
-
-def validate_package(path: Path, run_test: bool = True) -> list[str]:
-    """Problems found by ``bioimageio.spec`` (format and files) and, with ``run_test``, by
-    ``bioimageio.core``'s model test (each weight format reproduces the test output); [] when it passes."""
-    from bioimageio.spec import load_description
-
-    source = path if path.suffix.lower() == ".zip" else next(path / n for n in PACKAGE_FILES if (path / n).is_file())
-    with _quiet_spec_logging():
-        descr = load_description(source, perform_io_checks=True)
-        summary = descr.validation_summary
-        if summary.status == "failed" or not run_test:
-            return _summary_errors(summary)
-        from bioimageio.core import test_model
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
-            tested = test_model(source)
-    return _summary_errors(tested)
-
-
-def _summary_errors(summary) -> list[str]:
-    """Every failed check of a validation summary, one line each. (A failed model test leaves the
-    summary's overall status at "valid-format", so the details are what count.)"""
-    found = []
-    for detail in summary.details:
-        if detail.status != "failed":
-            continue
-        for error in detail.errors or [None]:
-            message = (str(error.msg).strip().splitlines() or [""])[0] if error is not None else "failed"
-            where = ".".join(str(part) for part in error.loc) if error is not None and error.loc else ""
-            found.append(f"{detail.name}: {where + ': ' if where else ''}{message}"[:400])
-    if not found and summary.status == "failed":
-        found.append("failed")
-    return found
-
-
-def _test_image(path: str | None) -> np.ndarray:
-    """A crop of a real image for the test tensors: the user's, or scikit-image's immunohistochemistry sample."""
-    if not path:
-        from skimage import data
-
-        return _test_crop(data.immunohistochemistry(), "scikit-image's immunohistochemistry sample")
-    from .io import read_image
-
-    return _test_crop(np.asarray(read_image(path)), str(path))
-
-
-def _test_crop(image: np.ndarray, name: str) -> np.ndarray:
-    """The centre ``TEST_SIDE`` square (or the largest multiple of 32 that fits) of a grey or RGB plane."""
-    shape = tuple(image.shape)  # numpy, dask or zarr: only the crop is read
-    if len(shape) not in (2, 3) or (len(shape) == 3 and shape[-1] not in (1, 3, 4)):
-        raise InputError(f"{name}: a test image must be one 2D plane, grey or RGB; got shape {shape}")
-    height, width = shape[:2]
-    side = min(TEST_SIDE, height // 32 * 32, width // 32 * 32)
-    if side < 64:
-        raise InputError(f"{name}: a test image must be at least 64 x 64 pixels, got {height} x {width}")
-    top, left = (height - side) // 2, (width - side) // 2
-    crop = np.asarray(image[top:top + side, left:left + side])
-    return crop[..., 0] if crop.ndim == 3 and crop.shape[-1] == 1 else crop[..., :3] if crop.ndim == 3 else crop
-
-
-def _people(checkpoint: Checkpoint, params) -> dict:
-    """The package's authors, citations and licence as ``ModelDescr`` fields, checked (a bad one is a one-line InputError)."""
-    from bioimageio.spec.model.v0_5 import Author, CiteEntry, ModelDescr
-    from pydantic import TypeAdapter
-
-    try:
-        cite = [CiteEntry(text=text, **_doi_or_url(ref)) for text, ref in _citations(checkpoint, params.cite)]
-    except InputError:
-        raise
-    except Exception as error:  # noqa: BLE001 (pydantic's ValidationError)
-        raise InputError(f"citation: {_first_line(error)}") from None
-    try:
-        license_id = TypeAdapter(ModelDescr.model_fields["license"].annotation).validate_python(params.license)
-    except Exception:  # noqa: BLE001 (pydantic's ValidationError)
-        raise InputError(f"licence {params.license!r}: not an SPDX licence identifier (e.g. MIT, BSD-3-Clause, CC-BY-4.0)") from None
-    return {"authors": _authors(checkpoint, params.authors, Author), "cite": cite, "license": license_id}
-
-
-def _build_description(checkpoint: Checkpoint, image: np.ndarray, work: Path, people: dict, say):
-    """The package's files in ``work`` and its ``bioimageio.spec`` model description (validated as it is built)."""
-    import torch
-    from bioimageio.spec.model.v0_5 import (
-        ArchitectureFromLibraryDescr, BatchAxis, ChannelAxis, ClipDescr, ClipKwargs, EnsureDtypeDescr, EnsureDtypeKwargs,
-        FileDescr, InputTensorDescr, IntervalOrRatioDataDescr, ModelDescr, OnnxWeightsDescr, OutputTensorDescr, ParameterizedSize,
-        PytorchStateDictWeightsDescr, ScaleRangeDescr, ScaleRangeKwargs, SigmoidDescr, SizeReference, SpaceInputAxis,
-        SpaceOutputAxisWithHalo, TorchscriptWeightsDescr, WeightsDescr,
-    )  # fmt: skip
-    from pydantic import ValidationError
-
-    from .io import Normalizer
-    from .onnx_backend import _OPSET, to_onnx
-
-    import copy
-
-    model = copy.deepcopy(checkpoint.model).float().eval().cpu()  # the caller's model may be on a GPU, or in use
-    config = checkpoint.config
-    channels = config.in_channels
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, work / "weights.pt")
-    raw = to_model_channels(channels_first(image), channels)[None]  # (1, C, Y, X): what a consumer feeds, before preprocessing
-    normalizer = Normalizer.from_image(image, channels, checkpoint.percentiles)
-    with torch.inference_mode():
-        logits = model(torch.from_numpy(normalizer(image)[None]))
-    expected = torch.sigmoid(logits).numpy().astype(np.float32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer notices about shape-dependent branches in timm/smp
-        traced = torch.jit.trace(model, torch.from_numpy(normalizer(image)[None]), check_trace=False)
-    traced.save(str(work / "weights.torchscript.pt"))
-    (work / "weights.onnx").write_bytes(to_onnx(model, channels)[0])
-    np.save(work / "test_input.npy", raw.astype(np.float32))
-    np.save(work / "test_output.npy", expected)
-    say("drawing the cover")
-    _write_cover(checkpoint, image, work / "cover.png")
-    (work / "README.md").write_text(_readme(checkpoint), encoding="utf-8")
-
-    channel_names = ["intensity"] if channels == 1 else ["red", "green", "blue"][:channels] + [f"channel{i}" for i in range(3, channels)]
-    size = ParameterizedSize(min=64, step=32)
-    low, high = checkpoint.percentiles
-    smp_kwargs = {
-        "encoder_name": config.encoder_name, "encoder_depth": config.encoder_depth, "encoder_weights": None,
-        "decoder_channels": list(config.decoder_channels), "decoder_attention_type": config.decoder_attention_type,
-        "in_channels": channels, "classes": len(config.outputs),
-    }  # fmt: skip
-    torch_version = torch.__version__.split("+")[0]
-    metadata = json_safe(checkpoint._metadata_json())
-    try:
-        return ModelDescr(
-            name=_package_name(checkpoint.name),
-            description=str(checkpoint.metadata.get("description") or f"Nuclei U-Net ({config.encoder_name} encoder) from napari-nuclei-unet.")[:1000],
-            **people,
-            covers=[FileDescr(source=work / "cover.png")],
-            documentation=FileDescr(source=work / "README.md"),
-            tags=["nuclei", "nucleus-segmentation", "instance-segmentation", "unet", "2d", "fluorescence", "brightfield", "histology", "pytorch", "onnx", "napari-nuclei-unet"],
-            inputs=[InputTensorDescr(
-                id=_INPUT_ID,
-                description="2D image: grey images are repeated into each channel, colour ones as RGB",
-                axes=[BatchAxis(), ChannelAxis(channel_names=channel_names), SpaceInputAxis(id="y", size=size), SpaceInputAxis(id="x", size=size)],
-                test_tensor=FileDescr(source=work / "test_input.npy"),
-                preprocessing=[
-                    EnsureDtypeDescr(kwargs=EnsureDtypeKwargs(dtype="float32")),
-                    ScaleRangeDescr(kwargs=ScaleRangeKwargs(axes=["channel", "y", "x"], min_percentile=low, max_percentile=high)),
-                    ClipDescr(kwargs=ClipKwargs(min=0.0, max=1.0)),
-                ],
-            )],
-            outputs=[OutputTensorDescr(
-                id=_OUTPUT_ID,
-                description="per-pixel probabilities: " + ", ".join(config.outputs) + " (see README for turning them into nuclei)",
-                axes=[
-                    BatchAxis(), ChannelAxis(channel_names=list(config.outputs)),
-                    SpaceOutputAxisWithHalo(id="y", size=SizeReference(tensor_id=_INPUT_ID, axis_id="y"), halo=_OUTPUT_HALO),
-                    SpaceOutputAxisWithHalo(id="x", size=SizeReference(tensor_id=_INPUT_ID, axis_id="x"), halo=_OUTPUT_HALO),
-                ],
-                test_tensor=FileDescr(source=work / "test_output.npy"),
-                data=IntervalOrRatioDataDescr(type="float32", range=(0.0, 1.0)),
-                postprocessing=[SigmoidDescr()],
-            )],
-            weights=WeightsDescr(
-                pytorch_state_dict=PytorchStateDictWeightsDescr(
-                    source=work / "weights.pt", pytorch_version=torch_version,
-                    architecture=ArchitectureFromLibraryDescr(callable="Unet", import_from=SMP_LIBRARY, kwargs=smp_kwargs),
-                ),
-                torchscript=TorchscriptWeightsDescr(source=work / "weights.torchscript.pt", pytorch_version=torch_version, parent="pytorch_state_dict"),
-                onnx=OnnxWeightsDescr(source=work / "weights.onnx", opset_version=_OPSET, parent="pytorch_state_dict"),
-            ),
-            config={CONFIG_KEY: metadata},
-        )  # fmt: skip
-    except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        raise ModelError(f"cannot describe {checkpoint.name} as a bioimage.io model: {where}: {first['msg']}") from None
-
-
-def json_safe(value):
-    """``value`` with tuples as lists and numpy scalars as Python numbers (what YAML can hold)."""
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
-def _package_name(name: str) -> str:
-    """bioimage.io names: 5 to 128 letters, digits, spaces and ``_-()``."""
-    cleaned = " ".join("".join(c if c.isalnum() or c in " _-()" else " " for c in name).split())[:110]
-    return cleaned if len(cleaned) >= 5 else f"{cleaned} (nuclei U-Net)".strip()
-
-
-def _authors(checkpoint: Checkpoint, given: tuple[str, ...], author_class) -> list:
-    entries = list(given) or [str(a) for a in checkpoint.metadata.get("authors") or []]
-    if not entries:
-        entries = ["napari-nuclei-unet developers"] if checkpoint.metadata.get("name") == "nuclei-unet-default" else [_login_name()]
-    authors = []
-    for entry in entries:
-        name, affiliation, orcid = (list(part.strip() for part in entry.split(";")) + ["", ""])[:3]
-        if not name:
-            raise InputError(f"author {entry!r}: give a name first, as 'Name;Affiliation;ORCID'")
-        fields = {"name": name, **({"affiliation": affiliation} if affiliation else {}), **({"orcid": orcid} if orcid else {})}
-        try:
-            authors.append(author_class(**fields))
-        except Exception as error:  # noqa: BLE001 (pydantic's ValidationError: a malformed ORCID)
-            raise InputError(f"author {entry!r}: {_first_line(error)}") from None
-    return authors
-
-
-def _login_name() -> str:
-    import getpass
-
-    try:
-        return getpass.getuser()
-    except Exception:  # noqa: BLE001 (no login name in some containers)
-        return "napari-nuclei-unet user"
-
-
-def _citations(checkpoint: Checkpoint, extra: tuple[str, ...]) -> list[tuple[str, str]]:
-    found = list(_CITATIONS)
-    if "monuseg" in str((checkpoint.metadata.get("training") or {}).get("data", "")).lower():
-        found.append(_MONUSEG_CITATION)
-    for entry in extra:
-        text, _, ref = entry.rpartition(";")
-        if not text.strip() or not ref.strip():
-            raise InputError(f"citation {entry!r}: give it as 'text;DOI or URL'")
-        found.append((text.strip(), ref.strip()))
-    return found
-
-
-def _doi_or_url(ref: str) -> dict:
-    return {"url": ref} if "://" in ref else {"doi": ref.removeprefix("doi:").removeprefix("https://doi.org/")}
-
-
-def _write_cover(checkpoint: Checkpoint, image: np.ndarray, path: Path) -> None:
-    """The test image beside the model's view of it (2:1, as the Zoo's gallery shows covers): the
-    foreground probability in magenta and the nuclei kept by the default post-processing outlined."""
-    from PIL import Image
-    from skimage.segmentation import find_boundaries
-
-    from .segment import segment
-
-    result = segment(checkpoint, image)
-    grey = image.astype(np.float32)
-    low, high = np.percentile(grey, (0.5, 99.5))
-    scaled = np.clip((grey - low) / max(high - low, 1e-6), 0, 1)
-    rgb = np.repeat(scaled[..., None], 3, axis=-1) if scaled.ndim == 2 else scaled[..., :3]
-    alpha = 0.6 * result.probabilities[checkpoint.outputs.index("foreground")][..., None]
-    seen = rgb * (1 - alpha) + np.array([1.0, 0.0, 1.0]) * alpha
-    seen[find_boundaries(result.labels, mode="inner")] = (1.0, 0.86, 0.0)
-    Image.fromarray((np.concatenate([rgb, seen], axis=1) * 255).round().astype(np.uint8)).save(path)
-
-
-def _readme(checkpoint: Checkpoint) -> str:
-    """The package's documentation: what the model is, what it was trained on, and how our post-processing makes nuclei."""
-    from .params import PostprocessParams
-
-    metrics = checkpoint.metadata.get("metrics") or {}
-    training = checkpoint.metadata.get("training") or {}
-    level = checkpoint.min_confidence
-    post = PostprocessParams()
-    lines = [
-        f"# {checkpoint.name}",
-        "",
-        str(checkpoint.metadata.get("description") or "A nuclei U-Net from napari-nuclei-unet."),
-        "",
-        f"Architecture: `segmentation_models_pytorch.Unet` ({checkpoint.config.encoder_name} encoder), outputs "
-        + ", ".join(f"`{o}`" for o in checkpoint.outputs) + " (sigmoid probabilities).",
-        "",
-        "## Input",
-        f"Any 2D image, grey or RGB, of any size of at least 64 px (multiples of 32 run without padding). Normalised per image: "
-        f"its {checkpoint.percentiles[0]:g} and {checkpoint.percentiles[1]:g} percentiles, pooled over the colour channels, map to 0 and 1, then clipped. "
-        "Grey images are repeated into the three channels." if checkpoint.config.in_channels == 3 else "",
-    ]
-    if checkpoint.nucleus_diameter:
-        lines += ["", f"Nuclei of about {checkpoint.nucleus_diameter:.0f} px diameter segment best (0.7-1.6x that without rescaling). "
-                  "napari-nuclei-unet measures the nuclei and zooms the image to this size automatically."]  # fmt: skip
-    lines += [
-        "",
-        "## From probabilities to nuclei (napari-nuclei-unet's post-processing)",
-        f"1. Foreground: `foreground > t`, with `t` Otsu's threshold of the image's foreground probabilities (or a fixed value); "
-        f"holes up to {post.hole_size} px are filled.",
-        "2. Touching nuclei are split by a watershed of the distance transform of the foreground, from its h-maxima "
-        f"(h = {post.h:g} px). With `--markers boundary` the seeds are the predicted interiors, `foreground - boundary`, instead.",
-        f"3. Objects whose mean foreground probability is below the model's calibrated minimum confidence ({level:g}) are dropped, "
-        f"as are objects smaller than {post.min_size} image pixels.",
-        "",
-        "The same steps run with `nuclei-unet segment IMAGE --model THIS.zip` (pip install napari-nuclei-unet), which also accepts "
-        "the napari plugin's model picker.",
-    ]
-    if training:
-        lines += ["", "## Training", f"Data: {training.get('data', 'not recorded')}.", f"Licences: {checkpoint.metadata.get('license', 'not recorded')}"]
-    if metrics:
-        lines += ["", "## Validation", f"Measured on {metrics.get('measured_on', 'validation images')} ({metrics.get('n_images', '?')} images):", "",
-                  "| metric | value |", "|---|---|"]  # fmt: skip
-        names = {"kaggle_score": "DSB2018 score (mean AP over IoU 0.5-0.95)", "ap50": "AP@0.5", "f1_50": "F1@0.5", "dice": "Dice (pixels)"}
-        lines += [f"| {label} | {metrics[key]:.3f} |" for key, label in names.items() if isinstance(metrics.get(key), (int, float))]
-    return "\n".join(lines) + "\n"

@@ -7,10 +7,30 @@ construction stay instant.
 
 from __future__ import annotations
 
+import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
 Threshold = float | str  # a value in (0, 1) or "auto"
 Confidence = float | str  # a value in [0, 1), or "auto": the model's calibrated value
+
+
+@dataclass(frozen=True)
+class InputSizes:
+    """The spatial input sizes a network accepts: ``minimum + n * step`` for any n >= 0, or
+    only ``minimum`` when ``fixed`` (bioimage.io's parameterized and fixed sizes; ours: any
+    multiple of 32). ``halo``: output pixels at each border the network declares unreliable;
+    tiles then overlap by at least twice that."""
+
+    minimum: int = 32
+    step: int = 32
+    fixed: bool = False
+    halo: int = 0
+
+    def fit(self, length: int) -> int:
+        """The smallest accepted size that holds ``length`` pixels (for a fixed size: that size)."""
+        if self.fixed or length <= self.minimum:
+            return self.minimum
+        return self.minimum + int(math.ceil((length - self.minimum) / self.step)) * self.step
 
 
 @dataclass

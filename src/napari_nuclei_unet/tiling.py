@@ -20,29 +20,11 @@ import numpy as np
 
 from .errors import Cancelled
 from .io import Normalizer
-from .params import TilingParams
+from .params import InputSizes, TilingParams
 
 ProgressCallback = Callable[[int, int], None]
 CancelCheck = Callable[[], bool]
 _ALIGN = 32  # U-Net with 5 poolings needs sizes divisible by 32
-
-
-@dataclass(frozen=True)
-class InputSizes:
-    """The spatial input sizes a network accepts: ``minimum + n * step`` for any n >= 0, or
-    only ``minimum`` when ``fixed`` (bioimage.io's parameterized and fixed sizes). ``halo``:
-    output pixels at each border the network declares unreliable; tiles overlap by twice that."""
-
-    minimum: int = _ALIGN
-    step: int = _ALIGN
-    fixed: bool = False
-    halo: int = 0
-
-    def fit(self, length: int) -> int:
-        """The smallest accepted size that holds ``length`` pixels (for a fixed size: that size)."""
-        if self.fixed or length <= self.minimum:
-            return self.minimum
-        return self.minimum + int(math.ceil((length - self.minimum) / self.step)) * self.step
 
 
 def axis_tiles(length: int, tile: int, overlap: int, sizes: InputSizes = InputSizes()) -> tuple[int, list[int]]:
@@ -149,7 +131,7 @@ def predict(
     tile_shape, tiles = plan_tiles(plane.shape[:2], params.tile_size, params.overlap, sizes)
     forward = None
     if isinstance(model, Checkpoint) and model.package is not None:  # a bioimage.io package's own weights
-        forward = model.package.forward(params)
+        forward = package_forward(model.package, params)
     elif isinstance(model, Checkpoint):
         if model.config.in_channels == normalizer.channels and device_name(params.device) == "cpu":
             from .onnx_backend import OnnxNetwork, checkpoint_network
@@ -162,6 +144,25 @@ def predict(
     if forward is None:
         forward = _torch_forward(model, normalizer.channels, params)
     return _run_tiles(*forward, plane, normalizer, params.batch_size, tile_shape, tiles, progress, cancel, out)
+
+
+def package_forward(package, params: TilingParams) -> tuple[Forward, int]:
+    """A foreign bioimage.io network (``model_zoo.PackageNetwork``) as a :data:`Forward`: its ONNX
+    weights under ONNX Runtime on the CPU, else its TorchScript module on the device (never
+    re-exported or quantised: it runs as published)."""
+    from dataclasses import replace
+
+    from .errors import ModelError
+    from .model import device_name
+    from .onnx_backend import available, cpu_threads
+
+    on_cpu = device_name(params.device) == "cpu"
+    if on_cpu and "onnx" in package.weights and params.backend != "torch" and available():
+        return _onnx_forward(package.onnx_logits(cpu_threads()), params.tta), len(package.keep)
+    if "torchscript" not in package.weights:
+        why = "choose device cpu" if not on_cpu else "install onnxruntime, or use backend auto"
+        raise ModelError(f"{package.source}: the package has only ONNX weights, which run here with ONNX Runtime on the CPU; {why}")
+    return _torch_forward(package.torch_module(), package.in_channels, replace(params, backend="torch"))
 
 
 def _onnx_forward(network, tta: bool) -> Forward:

@@ -17,6 +17,7 @@ from qtpy.QtWidgets import QComboBox, QDockWidget, QFrame, QLabel, QMainWindow, 
 from ..errors import ModelError, describe
 from ..model import Checkpoint, available_devices, resolve_model_path
 from ..params import TilingParams
+from ..tiling import package_forward
 
 BUNDLED = "bundled default"
 FROM_FILE = "from file…"
@@ -283,7 +284,7 @@ class ModelPicker:
         if on_cpu and checkpoint.package is None:
             checkpoint_network(checkpoint)
         elif on_cpu:
-            checkpoint.package.forward(TilingParams(device="cpu"))  # opens its ONNX Runtime session (or loads its TorchScript)
+            package_forward(checkpoint.package, TilingParams(device="cpu"))  # opens its ONNX Runtime session (or loads its TorchScript)
         return checkpoint
 
     def _on_source(self, value: str) -> None:

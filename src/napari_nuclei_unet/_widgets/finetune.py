@@ -486,7 +486,7 @@ class FineTuneWidget(Container):
 
 @thread_worker(ignore_errors=True)  # errors are shown as notifications by the widget
 def _export_worker(model: ModelPicker, model_path: str, out: Path, image, report) -> Path:
-    from ..model_zoo import export_package
+    from ..bioimageio_export import export_package
 
     # The save dialog has asked before replacing a file; the old one stays until the new one passes the checks.
     return export_package(model.checkpoint(model_path), out, progress=report, image=image, overwrite=True)
