@@ -180,19 +180,24 @@ def dsb_views(out: Path, size: tuple[int, int]) -> None:
     for kind, name in (("tissue", DSB_TISSUE), ("fluorescence", DSB_FLUORESCENCE)):
         for layer in list(viewer.layers):
             viewer.layers.remove(layer)
-        viewer.open(str(DSB2018 / f"{name}.png"))
-        widget.image_layer.value = viewer.layers[name]
-        segment(widget)
-        tune.reset_choices()
-        viewer.layers.selection.active = viewer.layers[f"{name} nuclei"]
-        viewer.reset_view()
-        widget.native.parentWidget().parentWidget().parentWidget().raise_()  # the Segment tab: its status line
+        open_and_segment(viewer, widget, tune, name)
         save(viewer, out / f"09-dsb-{kind}-{size[0]}x{size[1]}.png")
         print(f"{kind} {size}: {widget.status.value}; canvas {viewer.window._qt_viewer.canvas.native.width()} px wide")
         if kind == "fluorescence" and size == WINDOW_SIZES[-1]:  # the measurements, in napari's own features table
             _dock, _table = viewer.window.add_plugin_dock_widget("napari", "Features table widget")
             save(viewer, out / "10-features-table.png")
     viewer.close()
+
+
+def open_and_segment(viewer, widget, tune, name: str) -> None:
+    """Open a DSB2018 image by file, segment it with the Segment widget, show its nuclei and the Segment tab."""
+    viewer.open(str(DSB2018 / f"{name}.png"))
+    widget.image_layer.value = viewer.layers[name]
+    segment(widget)
+    tune.reset_choices()
+    viewer.layers.selection.active = viewer.layers[f"{name} nuclei"]
+    viewer.reset_view()
+    widget.native.parentWidget().parentWidget().parentWidget().raise_()  # the Segment tab: its status line
 
 
 def choose_model(picker, path: Path) -> None:
@@ -217,13 +222,7 @@ def zoo_views(out: Path, size: tuple[int, int]) -> None:
     for picker in (widget.model, tune.model):
         choose_model(picker, ZOO_PACKAGE / "bioimageio.yaml")
         wait_for(widget, lambda p=picker: "bioimage.io package" in p.summary.value and widget.hub.idle)
-    viewer.open(str(DSB2018 / f"{DSB_FLUORESCENCE}.png"))
-    widget.image_layer.value = viewer.layers[DSB_FLUORESCENCE]
-    segment(widget)
-    tune.reset_choices()
-    viewer.layers.selection.active = viewer.layers[f"{DSB_FLUORESCENCE} nuclei"]
-    viewer.reset_view()
-    widget.native.parentWidget().parentWidget().parentWidget().raise_()
+    open_and_segment(viewer, widget, tune, DSB_FLUORESCENCE)
     save(viewer, out / f"11-zoo-package-{size[0]}x{size[1]}.png")
     print(f"zoo {size}: {widget.model.summary.value}; {widget.status.value}")
     if size == WINDOW_SIZES[-1]:
