@@ -215,7 +215,7 @@ def test_the_zoo_package_reproduces_its_own_test_output_in_our_tiling(zoo_packag
     np.testing.assert_allclose(probabilities, expected, atol=1e-4)
 
 
-def test_the_zoo_package_segments_a_dsb2018_image_from_the_cli_without_the_network(zoo_package, dsb2018, tmp_path, monkeypatch):
+def test_the_zoo_package_segments_a_dsb2018_image_from_the_cli_without_the_network(zoo_package, dsb2018, tmp_path, monkeypatch, capsys):
     import csv
     import socket
 
@@ -232,3 +232,5 @@ def test_the_zoo_package_segments_a_dsb2018_image_from_the_cli_without_the_netwo
 
     labels = read_image(out / f"{image_id}.tif")
     assert labels.max() >= 5
+    err = capsys.readouterr().err
+    assert "UNet 2D Nuclei Broad, bioimage.io package" in err and "cpu (ONNX Runtime, the package's weights)" in err  # not "8-bit": run as published

@@ -534,3 +534,29 @@ def test_closing_the_window_during_a_run_is_safe(qtbot):
     viewer.close()  # as napari closes a window: its widgets are deleted while the run goes on
     qtbot.waitUntil(lambda: not worker.is_running, timeout=TIMEOUT_MS)
     qtbot.wait(300)  # the finished and returned signals are handled without an error
+
+
+def test_a_model_zoo_package_picked_from_file_segments_at_the_images_own_scale(viewer_and_widget, qtbot):
+    from pathlib import Path
+
+    from napari_nuclei_unet._widgets._common import FROM_FILE
+
+    package = Path(__file__).resolve().parents[2] / "shared" / "models" / "unet2d_nuclei_broad" / "bioimageio.yaml"
+    if not package.is_file():
+        pytest.skip("../shared/models/unet2d_nuclei_broad is not available")
+    viewer, widget = viewer_and_widget
+    widget.model.source.value = FROM_FILE
+    widget.model.file.value = str(package)
+    qtbot.waitUntil(lambda: "UNet 2D Nuclei Broad" in widget.model.summary.value and widget.hub.idle, timeout=TIMEOUT_MS)
+    assert "the package's weights" in widget.model.summary.value
+    assert not widget.auto_diameter.enabled and not widget.diameter.enabled  # no training nucleus size to rescale to
+    assert widget.min_confidence.value == 0.0  # never calibrated: every object is kept
+    viewer.open_sample(PLUGIN, "synthetic_nuclei")
+    widget.image_layer.value = viewer.layers["synthetic nuclei"]
+    run_and_wait(widget, qtbot)
+    nuclei = viewer.layers["synthetic nuclei nuclei"]
+    assert nuclei.metadata["nuclei_unet"]["model"] == "UNet 2D Nuclei Broad"
+    assert int(nuclei.data.max()) >= 0.5 * int(viewer.layers["synthetic nuclei ground truth"].data.max())
+    widget.model.source.value = "bundled default"
+    qtbot.waitUntil(lambda: "nuclei-unet-default" in widget.model.summary.value and widget.hub.idle, timeout=TIMEOUT_MS)
+    assert widget.auto_diameter.enabled

@@ -285,7 +285,7 @@ def cmd_segment(args) -> int:
     device = device_name("cpu" if distributed and args.device == "auto" else args.device)
     checkpoint = _load_checkpoint(args)  # fails early, here, on bad weights
     params = segment_params(args, device)
-    print(f"model: {checkpoint.summary()} | device: {describe_device(device, args.backend, args.precision)}", file=sys.stderr)
+    print(f"model: {checkpoint.summary()} | device: {describe_device(device, args.backend, args.precision, checkpoint.package)}", file=sys.stderr)
     started = time.perf_counter()
     # Every output is written into a staging folder inside --out and moved into place only when
     # all inputs succeeded: a bad input leaves no partial output and overwrites nothing.

@@ -385,10 +385,14 @@ def calibration_images(in_channels: int, count: int = 12, side: int = 256) -> li
     return images
 
 
-def describe_device(device: torch.device | str, backend: str = "auto", precision: str = "int8") -> str:
-    """What users see: the device, and on the CPU which engine runs the network (and in what precision)."""
+def describe_device(device: torch.device | str, backend: str = "auto", precision: str = "int8", package=None) -> str:
+    """What users see: the device, and on the CPU which engine runs the network (and in what precision).
+    ``package``: a foreign bioimage.io network, which runs its own weights as published (``tiling.package_forward``)."""
     if str(device).split(":")[0] != "cpu":
         return str(device)
+    if package is not None:
+        own_onnx = backend != "torch" and available() and "onnx" in package.weights
+        return "cpu (ONNX Runtime, the package's weights)" if own_onnx else "cpu (the package's TorchScript)"
     if backend == "torch" or (backend == "auto" and not available()):
         return "cpu (PyTorch)"
     return "cpu (ONNX Runtime, 8-bit)" if precision == "int8" else "cpu (ONNX Runtime)"

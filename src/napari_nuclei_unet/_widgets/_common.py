@@ -302,7 +302,7 @@ class ModelPicker:
         if checkpoint is None:
             return
         try:
-            device = describe_device(resolve_device(self.device.value))
+            device = describe_device(resolve_device(self.device.value), package=checkpoint.package)
         except ModelError as error:  # a device that vanished (e.g. eGPU unplugged)
             device = f"unavailable ({error})"
         self.summary.value = f"{checkpoint.summary()} | runs on {device}"

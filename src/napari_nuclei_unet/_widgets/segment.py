@@ -203,10 +203,18 @@ class SegmentWidget(Container):
 
     # ------------------------------------------------------------------ inputs
     def _show_model_level(self, checkpoint) -> None:
-        """The loaded model's calibrated min confidence, on the slider before the first run (what "auto" will use)."""
+        """The loaded model's calibrated min confidence, on the slider before the first run (what "auto" will use);
+        the diameter controls only for a model that records its training nucleus size (others run images at their own scale)."""
         if self.auto_confidence.value:
             with self.min_confidence.changed.blocked():
                 self.min_confidence.value = checkpoint.min_confidence
+        sized = bool(checkpoint.nucleus_diameter)
+        self.auto_diameter.enabled = sized
+        self.diameter.enabled = sized and not self.auto_diameter.value
+        self.auto_diameter.tooltip = (
+            "measure the nuclei first and rescale the image so they match the model's training size" if sized
+            else f"{checkpoint.name} records no training nucleus size: images are segmented at their own scale"
+        )
 
     def _share_model(self, path: str) -> None:
         """Tell the hub which model is in use, so a fine-tune starts from it."""
@@ -560,7 +568,7 @@ def _segment_worker(request: SegmentRequest, model: ModelPicker, cached: dict, c
     result = segment_planes(checkpoint, request.image, request.params, planes_to_do=planes, cached=cached, progress=progress, cancel=cancel)
     tiling = request.params.tiling
     features = _nuclei_features(result.planes, request.image, request.pixel_size)
-    return checkpoint, result, describe_device(resolve_device(tiling.device), tiling.backend, tiling.precision), features
+    return checkpoint, result, describe_device(resolve_device(tiling.device), tiling.backend, tiling.precision, checkpoint.package), features
 
 
 @thread_worker(ignore_errors=True)  # errors are shown as notifications by the widget
