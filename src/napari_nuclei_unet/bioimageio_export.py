@@ -25,7 +25,10 @@ from .io import channels_first, to_model_channels
 from .model_zoo import CONFIG_KEY, PACKAGE_FILES, SMP_LIBRARY, first_line, quiet_spec_logging
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .model import Checkpoint
+    from .params import ExportParams
 
 TEST_SIDE = 256  # px: the test tensors' crop (a multiple of 32, quick for every consumer's test)
 _INPUT_ID, _OUTPUT_ID = "image", "probabilities"
@@ -39,13 +42,17 @@ _MONUSEG_CITATION = ("Kumar N et al. A dataset and a technique for generalized n
 
 
 def export_package(
-    checkpoint: Checkpoint, out: str | os.PathLike, params=None, progress=None, image: np.ndarray | None = None, overwrite: bool = False
+    checkpoint: Checkpoint,
+    out: str | os.PathLike,
+    params: ExportParams | None = None,
+    progress: Callable[[str], None] | None = None,
+    image: np.ndarray | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write ``checkpoint`` as a bioimage.io model package: ``out`` ending in ``.zip`` is a zip, anything else a folder.
 
     The test tensors and cover come from ``image`` (a grey or RGB plane, e.g. the image the
-    model was fine-tuned on) when given, else from ``params.test_image``.
-    The package is built and checked in a temporary place (``bioimageio.spec`` validation with
+    model was fine-tuned on) when given, else from ``params.test_image``. The package is built and checked in a temporary place (``bioimageio.spec`` validation with
     file checks, then ``bioimageio.core``'s model test unless ``params.run_test`` is off) and
     moved to ``out`` only when it passes, so a failed export leaves nothing behind.
     ``progress(message)`` is told each stage. ``overwrite`` replaces an existing ``out`` file

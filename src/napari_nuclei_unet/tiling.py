@@ -237,6 +237,9 @@ def _run_tiles(forward: Forward, classes: int, plane, normalizer, batch_size, ti
 def _output_channels(model, in_channels: int, device) -> int:
     import torch
 
+    declared = getattr(model, "output_channels", None)  # a package's module says it (it may take one input size only)
+    if isinstance(declared, int):
+        return declared
     head = getattr(model, "segmentation_head", None)
     conv = head[0] if head is not None else None
     if isinstance(conv, torch.nn.Conv2d):
