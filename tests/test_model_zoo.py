@@ -89,6 +89,7 @@ def test_the_package_describes_our_preprocessing_outputs_and_metadata(exported, 
     assert data["outputs"][0]["axes"][1]["channel_names"] == list(bundled.outputs)
     assert data["weights"]["pytorch_state_dict"]["architecture"]["import_from"] == "segmentation_models_pytorch"
     assert data["config"]["napari-nuclei-unet"]["postprocess"]["min_confidence"] == bundled.min_confidence
+    assert "monuseg" in data["training_data"]["description"].lower() and "NON-COMMERCIAL" in data["training_data"]["description"]
     assert f"({bundled.min_confidence:g})" in readme and "watershed" in readme
 
 

@@ -258,12 +258,27 @@ def _build_description(checkpoint: Checkpoint, image: np.ndarray, work: Path, pe
                 torchscript=TorchscriptWeightsDescr(source=work / "weights.torchscript.pt", pytorch_version=torch_version, parent="pytorch_state_dict"),
                 onnx=OnnxWeightsDescr(source=work / "weights.onnx", opset_version=_OPSET, parent="pytorch_state_dict"),
             ),
+            training_data=_training_data(checkpoint),
             config={CONFIG_KEY: metadata},
         )  # fmt: skip
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
         raise ModelError(f"cannot describe {checkpoint.name} as a bioimage.io model: {where}: {first['msg']}") from None
+
+
+def _training_data(checkpoint: Checkpoint):
+    """What the model was trained on, as the spec's inline dataset description (None when unrecorded)."""
+    from bioimageio.spec.dataset.v0_3 import CiteEntry, DatasetDescr
+
+    data = str((checkpoint.metadata.get("training") or {}).get("data") or "")
+    if not data:
+        return None
+    licence = str(checkpoint.metadata.get("license") or "")
+    lowered = data.lower()
+    cite = [CiteEntry(text=text, doi=doi) for key, (text, doi) in (("dsb2018", _CITATIONS[1]), ("monuseg", _MONUSEG_CITATION)) if key in lowered]
+    source = "https://bbbc.broadinstitute.org/BBBC038" if "dsb2018" in lowered else None
+    return DatasetDescr(name=f"Training data of {_package_name(checkpoint.name)}", description=f"{data}. {licence}".strip()[:1000], cite=cite, source=source)
 
 
 def json_safe(value):
