@@ -1,4 +1,4 @@
-"""GeoJSON polygons: exact round trips, QuPath's fields, rings that follow RFC 7946's rules."""
+"""GeoJSON polygons: exact round trips, QuPath's fields, files that validate against the GeoJSON schema (geojson-pydantic) and RFC 7946's ring rules."""
 
 import json
 
@@ -40,6 +40,10 @@ def test_labels_round_trip_exactly_through_geojson(tmp_path):
     assert np.array_equal(features_to_labels(features, labels.shape), labels)
     path = write_geojson(tmp_path / "cells.geojson", labels)
     assert json.loads(path.read_text())["type"] == "FeatureCollection"
+    from geojson_pydantic import FeatureCollection  # the GeoJSON schema (RFC 7946) as pydantic models
+
+    collection = FeatureCollection.model_validate_json(path.read_text())
+    assert len(collection.features) == len(features) and {f.geometry.type for f in collection.features} == {"Polygon"}
     assert np.array_equal(read_geojson(path, labels.shape), labels)
     assert read_geojson(path).shape == (158, 200)  # without a shape: just large enough for every polygon
 
@@ -50,6 +54,9 @@ def test_diagonal_pixels_become_a_multipolygon_and_round_trip():
     (feature,) = labels_to_features(labels)
     assert feature["geometry"]["type"] == "MultiPolygon" and len(feature["geometry"]["coordinates"]) == 2
     _check_rfc7946(feature)
+    from geojson_pydantic import Feature
+
+    assert Feature.model_validate(feature).geometry.type == "MultiPolygon"
     assert np.array_equal(features_to_labels([feature], labels.shape), labels)
 
 

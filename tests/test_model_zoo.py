@@ -97,10 +97,12 @@ def test_our_package_loads_back_and_segments_the_sample_identically(exported, bu
     loaded = Checkpoint.load(exported)
     assert loaded.can_finetune and loaded.package is None
     assert (loaded.outputs, loaded.percentiles, loaded.nucleus_diameter, loaded.min_confidence) == (bundled.outputs, bundled.percentiles, bundled.nucleus_diameter, bundled.min_confidence)
-    image, _ = sample_field()
-    native, imported = segment(bundled, image), segment(loaded, image)
-    assert native.count > 20
-    np.testing.assert_array_equal(imported.labels, native.labels)
+    from skimage import data
+
+    for image, least in ((sample_field()[0], 40), (data.immunohistochemistry(), 5)):  # the plugin's two samples
+        native, imported = segment(bundled, image), segment(loaded, image)
+        assert native.count >= least
+        np.testing.assert_array_equal(imported.labels, native.labels)
 
 
 def test_a_foreign_package_runs_through_its_own_onnx_and_torchscript_weights(unpacked, bundled):
