@@ -18,7 +18,7 @@ import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, Label, LineEdit, PushButton, SpinBox
 from napari.layers import Image, Labels, Shapes
 from napari.qt.threading import thread_worker
-from napari.utils import cancelable_progress
+from napari.utils import cancelable_progress, progress
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QPointF
 from qtpy.QtGui import QColor, QPainter, QPen
@@ -456,7 +456,7 @@ class FineTuneWidget(Container):
             return
         self.export_button.enabled = self.start_button.enabled = False
         self.status.value = "exporting for bioimage.io…"
-        self._progress = cancelable_progress(total=0, desc="Exporting for bioimage.io")
+        self._progress = progress(total=0, desc="Exporting for bioimage.io")  # stages in the status line; no Cancel (library calls)
         worker = _export_worker(self.model, model_path, out, self._export_image(), self._export_relay.message.emit)
         worker.returned.connect(lambda written: _unless_closed(self._on_exported, written))
         worker.errored.connect(lambda error: _unless_closed(self._on_error, error))
