@@ -144,6 +144,31 @@ def test_a_package_we_cannot_interpret_is_a_one_line_error_naming_it(unpacked, c
     assert str(caught.value).startswith(str(folder)) and "\n" not in str(caught.value)
 
 
+def test_an_smp_unet_package_loads_as_ours_only_with_our_normalisation(unpacked, tiny_config):
+    """Without our metadata, a state_dict package is ours when its percentiles are pooled over the colour channels, as ours are."""
+
+    def without_our_metadata(data):
+        data.pop("config")
+
+    assert Checkpoint.load(_edit(unpacked, without_our_metadata)).can_finetune
+
+    def per_channel(data):
+        next(s for s in data["inputs"][0]["preprocessing"] if s["id"] == "scale_range")["kwargs"]["axes"] = ["y", "x"]
+
+    foreign = Checkpoint.load(_edit(unpacked, per_channel))
+    assert not foreign.can_finetune and foreign.package is not None
+
+
+def test_the_readme_says_how_inputs_are_normalised_for_grey_and_colour_models(tiny_config):
+    from dataclasses import replace
+
+    from napari_nuclei_unet.bioimageio_export import _readme
+
+    for channels, wording in ((3, "repeated into the three channels"), (1, "averaged to grey")):
+        readme = _readme(Checkpoint.create(replace(tiny_config, in_channels=channels)))
+        assert "percentiles, pooled over the colour channels" in readme and wording in readme
+
+
 def test_a_package_without_runnable_weights_files_says_so_and_downloads_nothing(unpacked):
     folder = _edit(unpacked, _as_foreign)
     (folder / "weights.onnx").unlink()
@@ -166,7 +191,7 @@ def test_broken_package_files_are_one_line_cli_errors(tmp_path, exported, capsys
         assert main(["segment", str(image), "--out", str(tmp_path / "out"), "--model", str(model)]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and str(model) in err and "\n" not in err
-    assert not list((tmp_path / "out").glob("*.tif")) if (tmp_path / "out").exists() else True
+    assert not list((tmp_path / "out").glob("*.tif"))  # the model is checked before any image is written
 
 
 def test_cli_export_writes_a_package_with_the_users_fields_and_leaves_nothing_when_it_fails(tmp_path, monkeypatch, capsys):
@@ -216,6 +241,15 @@ def test_the_zoo_package_reproduces_its_own_test_output_in_our_tiling(zoo_packag
     expected = np.load(zoo_package / "test_output.npy")[0]
     probabilities = predict(loaded, plane, loaded.normalizer(plane), TilingParams(device="cpu", backend=backend))
     np.testing.assert_allclose(probabilities, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_a_zoo_package_whose_batch_is_one_runs_batches_image_by_image(zoo_package, backend):
+    loaded = Checkpoint.load(zoo_package)
+    assert loaded.package.one_at_a_time  # its batch axis is fixed at 1: ONNX Runtime refuses 4 tiles at once
+    plane = np.random.default_rng(0).random((700, 900)).astype(np.float32) * 4000
+    single, batched = (predict(loaded, plane, loaded.normalizer(plane), TilingParams(device="cpu", backend=backend, batch_size=n)) for n in (1, 4))
+    np.testing.assert_allclose(batched, single, atol=1e-5)
 
 
 def test_the_zoo_package_segments_a_dsb2018_image_from_the_cli_without_the_network(zoo_package, dsb2018, tmp_path, monkeypatch, capsys):

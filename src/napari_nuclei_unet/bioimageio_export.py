@@ -160,10 +160,9 @@ def _people(checkpoint: Checkpoint, params) -> dict:
     from bioimageio.spec.model.v0_5 import Author, CiteEntry, ModelDescr
     from pydantic import TypeAdapter
 
+    citations = _citations(checkpoint, params.cite)
     try:
-        cite = [CiteEntry(text=text, **_doi_or_url(ref)) for text, ref in _citations(checkpoint, params.cite)]
-    except InputError:
-        raise
+        cite = [CiteEntry(text=text, **_doi_or_url(ref)) for text, ref in citations]
     except Exception as error:  # noqa: BLE001 (pydantic's ValidationError)
         raise InputError(f"citation: {first_line(error)}") from None
     try:
@@ -184,23 +183,22 @@ def _build_description(checkpoint: Checkpoint, image: np.ndarray, work: Path, pe
     )  # fmt: skip
     from pydantic import ValidationError
 
+    import copy
+
     from .io import Normalizer
     from .onnx_backend import _OPSET, to_onnx
-
-    import copy
 
     model = copy.deepcopy(checkpoint.model).float().eval().cpu()  # the caller's model may be on a GPU, or in use
     config = checkpoint.config
     channels = config.in_channels
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, work / "weights.pt")
     raw = to_model_channels(channels_first(image), channels)[None]  # (1, C, Y, X): what a consumer feeds, before preprocessing
-    normalizer = Normalizer.from_image(image, channels, checkpoint.percentiles)
+    normalized = torch.from_numpy(Normalizer.from_image(image, channels, checkpoint.percentiles)(image)[None])
     with torch.inference_mode():
-        logits = model(torch.from_numpy(normalizer(image)[None]))
-    expected = torch.sigmoid(logits).numpy().astype(np.float32)
+        expected = torch.sigmoid(model(normalized)).numpy().astype(np.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer notices about shape-dependent branches in timm/smp
-        traced = torch.jit.trace(model, torch.from_numpy(normalizer(image)[None]), check_trace=False)
+        traced = torch.jit.trace(model, normalized, check_trace=False)
     traced.save(str(work / "weights.torchscript.pt"))
     (work / "weights.onnx").write_bytes(to_onnx(model, channels)[0])
     np.save(work / "test_input.npy", raw.astype(np.float32))
@@ -262,9 +260,7 @@ def _build_description(checkpoint: Checkpoint, image: np.ndarray, work: Path, pe
             config={CONFIG_KEY: metadata},
         )  # fmt: skip
     except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        raise ModelError(f"cannot describe {checkpoint.name} as a bioimage.io model: {where}: {first['msg']}") from None
+        raise ModelError(f"cannot describe {checkpoint.name} as a bioimage.io model: {first_line(error)}") from None
 
 
 def _training_data(checkpoint: Checkpoint):
@@ -378,7 +374,7 @@ def _readme(checkpoint: Checkpoint) -> str:
         "## Input",
         f"Any 2D image, grey or RGB, of any size of at least 64 px (multiples of 32 run without padding). Normalised per image: "
         f"its {checkpoint.percentiles[0]:g} and {checkpoint.percentiles[1]:g} percentiles, pooled over the colour channels, map to 0 and 1, then clipped. "
-        "Grey images are repeated into the three channels." if checkpoint.config.in_channels == 3 else "",
+        + ("Grey images are repeated into the three channels." if checkpoint.config.in_channels == 3 else "Colour images are averaged to grey."),
     ]
     if checkpoint.nucleus_diameter:
         lines += ["", f"Nuclei of about {checkpoint.nucleus_diameter:.0f} px diameter segment best (0.7-1.6x that without rescaling). "

@@ -57,7 +57,6 @@ class _PackageFiles:
     """The files of a package folder or zip, read by the relative names its description uses."""
 
     def __init__(self, path: Path):
-        self.path = path
         self.zip: zipfile.ZipFile | None = None
         if path.is_file() and path.suffix.lower() == ".zip":
             try:
@@ -87,6 +86,10 @@ class _PackageFiles:
             return (Path(self.root) / name).read_bytes()
         except (KeyError, OSError):
             return None
+
+    def close(self) -> None:
+        if self.zip is not None:
+            self.zip.close()
 
 
 def _description(path: Path, files: _PackageFiles):
@@ -143,6 +146,13 @@ def read_package(path: Path) -> SmpPackage | PackageNetwork:
     """What a bioimage.io package holds, as one of ours (:class:`SmpPackage`) or a foreign network (module docstring)."""
     path = Path(path)
     files = _PackageFiles(path)
+    try:
+        return _read(path, files)
+    finally:
+        files.close()  # every file needed has been read into memory
+
+
+def _read(path: Path, files: _PackageFiles) -> SmpPackage | PackageNetwork:
     descr = _description(path, files)
     state_entry = descr.weights.pytorch_state_dict
     ours = _our_metadata(descr)
@@ -170,9 +180,11 @@ def _builds_smp_unet(entry) -> bool:
 def _percentiles(descr) -> tuple[float, float] | None:
     """Our normalisation, if that is what the package's input preprocessing is (scale_range pooled over channels, then clip)."""
     steps = [s for s in descr.inputs[0].preprocessing if s.id != "ensure_dtype"]
-    if not steps or steps[0].id != "scale_range" or any(s.id not in ("clip",) for s in steps[1:]):
+    if not steps or steps[0].id != "scale_range" or any(s.id != "clip" for s in steps[1:]):
         return None
     kwargs = steps[0].kwargs
+    if kwargs.axes is not None and "channel" not in [str(a) for a in kwargs.axes]:
+        return None  # per-channel percentiles: not ours (we pool the colour channels)
     return float(kwargs.min_percentile), float(kwargs.max_percentile)
 
 
@@ -311,7 +323,7 @@ def _spatial_axes(path: Path, tensor, what: str) -> list[str]:
             letters.append(str(axis.id))
         else:
             raise ModelError(f"{path}: its {what} has a {axis.type} axis {str(axis.id)!r}; only 2D (y, x) models run here")
-    if sorted(letters).count("y") != 1 or letters.count("x") != 1:
+    if letters.count("y") != 1 or letters.count("x") != 1:
         raise ModelError(f"{path}: its {what} does not have one y and one x axis")
     return letters
 
@@ -353,6 +365,7 @@ class PackageNetwork:
     steps: list[_Step]
     input_sizes: InputSizes
     output_index: int = 0  # which of the model's outputs
+    one_at_a_time: bool = False  # the input has no batch axis, or one fixed at 1: batches are run image by image
     _sessions: dict = field(default_factory=dict, repr=False)
     _module: Any = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -365,6 +378,8 @@ class PackageNetwork:
         input_axes = _spatial_axes(path, tensor, "input")
         channel = next((a for a in tensor.axes if a.type == "channel"), None)
         in_channels = len(channel.channel_names) if channel is not None else 1
+        batch = next((a for a in tensor.axes if a.type == "batch"), None)
+        one_at_a_time = batch is None or getattr(batch, "size", None) == 1
         steps = _parse_preprocessing(path, tensor)
         index, output = _choose_output(path, descr.outputs)
         output_axes = _spatial_axes(path, output, "output")
@@ -391,7 +406,7 @@ class PackageNetwork:
         return cls(
             name=descr.name, source=str(path), weights=weights, input_axes="".join(input_axes), output_axes="".join(output_axes),
             in_channels=in_channels, outputs=tuple(meanings[i] for i in keep), keep=keep, activation=activation, steps=steps,
-            input_sizes=_input_sizes(path, tensor, halo), output_index=index,
+            input_sizes=_input_sizes(path, tensor, halo), output_index=index, one_at_a_time=one_at_a_time,
         )  # fmt: skip
 
     def describe(self) -> str:
@@ -420,6 +435,8 @@ class PackageNetwork:
         name = session.get_inputs()[0].name
 
         def logits(batch: np.ndarray) -> np.ndarray:
+            if self.one_at_a_time and len(batch) > 1:
+                return np.concatenate([logits(batch[i:i + 1]) for i in range(len(batch))])
             raw = session.run(None, {name: _to_axes(batch, "bcyx", self.input_axes)})[self.output_index]
             return self._logits(_from_axes(np.asarray(raw, np.float32), self.output_axes))
 
@@ -505,6 +522,8 @@ def _torch_logits_module(network: PackageNetwork):
             self.output_channels = len(network.keep)
 
         def forward(self, batch):
+            if network.one_at_a_time and batch.shape[0] > 1:
+                return torch.cat([self(batch[i:i + 1]) for i in range(batch.shape[0])])
             array = batch
             have = "bcyx"
             for letter in "bc":
