@@ -10,10 +10,15 @@ import pytest
 from napari_nuclei_unet.blocks import block_grid
 from napari_nuclei_unet.metrics import evaluate
 from napari_nuclei_unet.model import Checkpoint, bundled_model_path
-from napari_nuclei_unet.params import BlockParams
+from napari_nuclei_unet.params import BlockParams, TilingParams
 from napari_nuclei_unet.postprocess import instances, with_threshold
 from napari_nuclei_unet.segment import SegmentParams, segment, segment_planes
 from napari_nuclei_unet.synthetic import nuclei_field
+
+
+# The float32 network: the 8-bit one's output depends on the CPU's integer kernels (VNNI or not),
+# and these tests compare two paths pixel for pixel.
+EXACT = SegmentParams(tiling=TilingParams(precision="float32"))
 
 
 def segment_large(checkpoint, image, params, block_size, labels_out=None):
@@ -42,13 +47,15 @@ def _crossing(truth: np.ndarray, size: int) -> list[int]:
     return ids
 
 
-@pytest.mark.xfail(strict=True, reason="open with model v2: one nucleus at a 128 px block border comes out merged with a neighbour (272 px for a 185 px nucleus) where the whole plane does not; v1 passed")
 def test_nuclei_across_block_borders_stay_whole_and_labels_are_unique(bundled, field):
+    """With too little context around a block (96 px), a nucleus at a 128 px block border came
+    out merged with its neighbour (272 px for 185 px): the block's probabilities differed from the
+    whole plane's by up to 0.37 there."""
     image, truth = field
     size = 128
     crossing = _crossing(truth, size)
     assert len(crossing) >= 10  # the test means something: many nuclei cross the 12 blocks' borders
-    params = SegmentParams(diameter=None)
+    params = replace(EXACT, diameter=None)
     blocked = segment_large(bundled, image, params, block_size=size)
     labels = blocked.labels
     assert labels.shape == truth.shape and labels.dtype == np.int32
@@ -76,7 +83,7 @@ def test_nuclei_across_block_borders_stay_whole_and_labels_are_unique(bundled, f
 def test_small_nuclei_are_separated_on_the_zoomed_grid_block_by_block(bundled):
     """8 px nuclei are zoomed up ~2.5x; block by block they come out as the whole plane labels them."""
     image, truth = nuclei_field((256, 320), count=200, diameter=8, seed=22)
-    params = SegmentParams(diameter=8.0)
+    params = replace(EXACT, diameter=8.0)
     whole = segment(bundled, image, params)
     blocked = segment_large(bundled, image, params, block_size=256)  # 128 px blocks, ~320 px on the finer grid
     assert blocked.factor == whole.factor > 2.0
@@ -114,7 +121,7 @@ def test_block_grid_covers_the_plane_once():
 
 
 def test_blocked_equals_whole_at_the_default_settings(bundled):
-    """Block by block and whole, with every default (diameter, threshold and min confidence "auto").
+    """Block by block and whole, with every default but the precision (diameter, threshold and min confidence "auto").
 
     The block path once skipped the model's min confidence (0.85 for the bundled model) and
     kept every unsure object the whole-plane path drops; this fails then (blocked > whole).
@@ -124,11 +131,11 @@ def test_blocked_equals_whole_at_the_default_settings(bundled):
     low, high = np.percentile(image, (1, 99.8))
     for cy, cx in ((40, 60), (200, 300), (330, 450), (100, 400), (300, 100)):  # faint blobs the network is unsure of
         image[(rows - cy) ** 2 + (cols - cx) ** 2 < 64] = low + 0.09 * (high - low)
-    whole = segment(bundled, image)
-    blocked = segment_large(bundled, image, SegmentParams(), block_size=128)
+    whole = segment(bundled, image, EXACT)
+    blocked = segment_large(bundled, image, EXACT, block_size=128)
     assert whole.min_confidence == blocked.min_confidence == bundled.min_confidence == 0.85
     assert blocked.probabilities is None and whole.probabilities is not None  # the block path was taken
-    unsure = segment(bundled, image, SegmentParams(postprocess=replace(SegmentParams().postprocess, min_confidence=0.0))).count
+    unsure = segment(bundled, image, replace(EXACT, postprocess=replace(EXACT.postprocess, min_confidence=0.0))).count
     assert unsure > whole.count  # the faint blobs are found, and dropped at 0.85
     assert abs(blocked.count - whole.count) <= 1, (blocked.count, whole.count, unsure)
     agreement = np.mean((blocked.labels > 0) == (whole.labels > 0))

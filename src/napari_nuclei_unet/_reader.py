@@ -17,6 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from .rle import looks_like_rle_csv
+from ._triton_guard import install as _install_triton_guard
+
+_install_triton_guard()  # before anything here can import torch (see _triton_guard)
 
 
 def get_reader(path):

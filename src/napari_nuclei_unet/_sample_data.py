@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from ._triton_guard import install as _install_triton_guard
+
+_install_triton_guard()  # before anything here can import torch (see _triton_guard)
+
 
 def immunohistochemistry() -> list[tuple]:
     """A real brightfield tissue image (hematoxylin-stained nuclei), shipped inside scikit-image's wheel."""

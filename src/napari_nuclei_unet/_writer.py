@@ -9,6 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from ._triton_guard import install as _install_triton_guard
+
+_install_triton_guard()  # before anything here can import torch (see _triton_guard)
 
 
 def write_rle_csv(path: str, layer_data: list[tuple[Any, dict, str]]) -> list[str]:

@@ -38,6 +38,10 @@ from .tiling import CancelCheck, ProgressCallback
 
 # Probability stores larger than this many pixels are kept on disk.
 _IN_MEMORY_PIXELS = 16 * 2**20
+# Network pixels of context around a block beyond the tile overlap: with less, the network's wide
+# field of view makes probabilities near a block border differ from the whole plane's enough
+# to merge a nucleus with its neighbour there (docs/scale.md).
+_EXTRA_CONTEXT = 96
 
 
 @dataclass
@@ -111,8 +115,9 @@ def segment_large(
         if progress is not None:
             progress(done, total)
 
-    # Pass 1: probabilities, each block with context beyond the tile overlap (in image pixels).
-    context = int(math.ceil((params.tiling.overlap + 32) / factor))
+    # Pass 1: probabilities, each block with context beyond the tile overlap (in image pixels),
+    # as much as the network's field of view needs for its core to match the whole plane.
+    context = int(math.ceil((params.tiling.overlap + _EXTRA_CONTEXT) / factor))
     store, folder = _probability_store((len(outputs), *grid), workdir)
     try:
         for index, core in enumerate(cores):

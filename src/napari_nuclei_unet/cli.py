@@ -597,10 +597,6 @@ def cmd_rle(args) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def cmd_export_bioimageio(args) -> int:
     from .model import Checkpoint, resolve_model_path
     from .bioimageio_export import export_package
@@ -615,3 +611,7 @@ def cmd_export_bioimageio(args) -> int:
     checks = "format validated, model test passed" if args.run_test else "format validated (model test skipped)"
     print(f"wrote {written} ({checks}; {time.perf_counter() - started:.0f} s)")
     return 0
+
+
+if __name__ == "__main__":  # python -m napari_nuclei_unet.cli: last, once every command is defined
+    sys.exit(main())

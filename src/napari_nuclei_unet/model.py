@@ -563,6 +563,8 @@ def _encoder_matches(config: ModelConfig, state: dict) -> bool:
 
 def available_devices() -> list[str]:
     """Device names a user can pick on this machine, ``auto`` first."""
+    if not _gpu_possible():
+        return ["auto", "cpu"]
     import torch
 
     names = ["auto", "cpu"]

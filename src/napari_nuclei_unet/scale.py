@@ -116,11 +116,12 @@ def estimate_on_plane(
         zoom /= 2
     if best is not None and native is not None and best.zoom < 1.0 and native.diameter < SIZE_BAND[0] * checkpoint.nucleus_diameter:
         # Nuclei too small for the model can merge into larger blobs at a coarser zoom that
-        # look more confident. Real nuclei measure the same in image pixels at zoom 2 as at
-        # zoom 1; fragments of large nuclei measure smaller, so zoom 2 tells the two apart.
+        # look more confident; zoom 2 is then one more candidate. The small size wins only if
+        # zoom 2 sees the same nuclei (real ones measure the same in image pixels) and is more
+        # confident than the coarse zoom: fragments of large nuclei can measure the same too.
         crop, _ = _centre_crop(plane, int(np.sqrt(_ESTIMATE_PIXELS) / 2))
         finer = measure_nuclei(predict_zoomed(checkpoint, crop, normalizer, tiling, 2.0, progress, cancel), checkpoint.outputs)
-        if finer is not None and abs(finer[0] / 2.0 / native.diameter - 1.0) < _SAME_SIZE:
+        if finer is not None and abs(finer[0] / 2.0 / native.diameter - 1.0) < _SAME_SIZE and finer[1] > best_confidence:
             best = native
     return best or first or DiameterEstimate(None)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 from dataclasses import asdict
 from pathlib import Path
@@ -89,26 +88,6 @@ def elide_middle(name: str, length: int = SHOWN_NAME_LENGTH) -> str:
 def layer_choices(layers) -> list[tuple[str, object]]:
     """Combo-box choices for layers: the shown name elided, the layer itself as the value."""
     return [(elide_middle(layer.name), layer) for layer in layers]
-
-
-def avoid_triton_llvm_clash() -> None:
-    """Keep torch from importing triton into a process that already renders with Mesa's LLVM.
-
-    torchvision (under segmentation-models-pytorch) imports ``torch._dynamo``, which imports
-    triton; loading triton's bundled LLVM next to the ``libLLVM`` that Mesa's llvmpipe
-    has mapped for napari's canvas crashes the process (segfault, seen with Mesa 22 and
-    triton 3). triton only serves ``torch.compile``, which the plugin does not use, so in
-    that case torch is told it is absent. Processes without Mesa's LLVM keep triton.
-    """
-    if "triton" in sys.modules or not sys.platform.startswith("linux"):
-        return
-    try:
-        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
-            mesa_llvm = any("libLLVM" in line for line in maps)
-    except OSError:
-        return
-    if mesa_llvm:
-        sys.modules["triton"] = None  # type: ignore[assignment]  # import triton -> ImportError
 
 
 _HUB_NAME = "napari-nuclei-unet jobs"
@@ -199,15 +178,13 @@ class ModelPicker:
     """
 
     def __init__(self, hub: JobHub):
-        avoid_triton_llvm_clash()
-        import segmentation_models_pytorch  # noqa: F401  (once, here, rather than racing in workers)
-
         self.source = ComboBox(label="model", choices=[BUNDLED, FROM_FILE], value=BUNDLED)
         self.file = FileEdit(label="model file", mode="r", filter="*.safetensors *.json *.pth *.pt *.ckpt *.bin *.zip *.yaml", visible=False,
                               tooltip="a checkpoint's model.safetensors or config.json, a .pth state_dict, or a bioimage.io package (.zip, or its bioimageio.yaml / rdf.yaml)")
         self.summary = Label(label="", value="loading model…")
         self.summary.native.setWordWrap(True)
-        self.device = ComboBox(label="device", choices=available_devices(), value="auto", tooltip="auto: CUDA, then Apple MPS, then CPU")
+        # GPUs are listed once the model has loaded: asking torch here would freeze the window for seconds.
+        self.device = ComboBox(label="device", choices=["auto", "cpu"], value="auto", tooltip="auto: CUDA, then Apple MPS, then CPU")
         self.widgets = [self.source, self.file, self.summary, self.device]
         self._loaded: dict[str, Checkpoint] = {}  # the chosen model only (older ones are dropped)
         self._lock = threading.Lock()
@@ -263,15 +240,16 @@ class ModelPicker:
         if not self._hub.try_start(job):
             return
         worker = thread_worker(self._load_and_prepare, ignore_errors=True)(path, self.device.value)
-        worker.returned.connect(lambda _: _unless_closed(self._show_summary))
+        worker.returned.connect(lambda devices: _unless_closed(self._show_loaded, devices))
         worker.errored.connect(lambda error: _unless_closed(self._on_error, error))
         worker.finished.connect(lambda: _unless_closed(self._hub.finish, job))
         worker.start()
         self._load_worker = worker  # keep a reference while it runs
 
-    def _load_and_prepare(self, path: str, device: str) -> Checkpoint:
+    def _load_and_prepare(self, path: str, device: str) -> list[str]:
         """Load the model and, on the CPU, export (and quantise) its network now, so the first
-        Segment does not spend ~3 s on it. An export problem is reported when segmenting."""
+        Segment does not wait for it; return the devices to offer. An export problem is reported
+        when segmenting."""
         from ..model import resolve_device
         from ..onnx_backend import checkpoint_network
 
@@ -285,7 +263,15 @@ class ModelPicker:
             checkpoint_network(checkpoint)
         elif on_cpu:
             package_forward(checkpoint.package, TilingParams(device="cpu"))  # opens its ONNX Runtime session (or loads its TorchScript)
-        return checkpoint
+        return available_devices()
+
+    def _show_loaded(self, devices: list[str]) -> None:
+        if list(self.device.choices) != devices:
+            with self.device.changed.blocked():
+                chosen = self.device.value
+                self.device.choices = devices
+                self.device.value = chosen if chosen in devices else "auto"
+        self._show_summary()
 
     def _on_source(self, value: str) -> None:
         self.file.visible = value == FROM_FILE

@@ -27,7 +27,7 @@ from qtpy.QtWidgets import QWidget
 from ..data import LabelledImage
 from ..errors import NucleiUnetError, describe
 from ..model import BUNDLED_MODEL_DIR, CANNOT_FINETUNE
-from ..training import FINETUNE_DEFAULTS, TrainConfig, TrainEvent, finetune_config, fit
+from ..training import FINETUNE_DEFAULTS, TrainConfig, TrainEvent, finetune_config
 from ._common import DOCK_MAX_WIDTH, FROM_FILE, ModelPicker, Relay, _unless_closed, hub_of, layer_choices, scroll_when_docked
 
 if TYPE_CHECKING:
@@ -495,6 +495,8 @@ def _export_worker(model: ModelPicker, model_path: str, out: Path, image, report
 @thread_worker(ignore_errors=True)  # errors are shown as notifications by the widget
 def _finetune_worker(request: FineTuneRequest, model: ModelPicker, cancel, report) -> Any:
     from copy import deepcopy
+
+    from ..training import fit  # torch: in the worker, never on import
 
     try:
         checkpoint = deepcopy(model.checkpoint(request.base_model))  # the loaded base model stays as it was

@@ -3,15 +3,35 @@
 ``config`` (what a run is told), ``targets`` (labels -> targets, loss), ``augment``
 (joint augmentation, image-type looks), ``sampler`` (patches), ``calibrate`` (validation
 and the min confidence), ``loop`` (``train_steps``/``fit``: the run itself).
+
+Names are loaded from their module on first use, so that ``from ..training import TrainEvent``
+(the Fine-tune widget) does not import torch: the widget's module is imported on napari's
+GUI thread, before the heavy imports may safely run (see ``_triton_guard``).
 """
 
-from .calibrate import CALIBRATION_MIN_IMAGES, CONFIDENCE_CANDIDATES, calibrate, calibrate_min_confidence, validate
-from .config import FINETUNE_DEFAULTS, TrainConfig, TrainEvent, finetune_config
-from .loop import LOG_FILE, STATE_FILE, fit, mixed_with_start, pooled_diameter, split_validation, train_steps, training_precision
-from .targets import IGNORE, loss_targets, make_loss, make_targets
+from __future__ import annotations
 
-__all__ = [
-    "CALIBRATION_MIN_IMAGES", "CONFIDENCE_CANDIDATES", "FINETUNE_DEFAULTS", "IGNORE", "LOG_FILE", "STATE_FILE", "TrainConfig", "TrainEvent",
-    "calibrate", "calibrate_min_confidence", "finetune_config", "fit", "loss_targets", "make_loss", "make_targets", "mixed_with_start",
-    "pooled_diameter", "split_validation", "train_steps", "training_precision", "validate",
-]  # fmt: skip
+import importlib
+
+_MODULE_OF = {
+    "CALIBRATION_MIN_IMAGES": "calibrate", "CONFIDENCE_CANDIDATES": "calibrate", "calibrate": "calibrate",
+    "calibrate_min_confidence": "calibrate", "validate": "calibrate",
+    "FINETUNE_DEFAULTS": "config", "TrainConfig": "config", "TrainEvent": "config", "finetune_config": "config",
+    "LOG_FILE": "loop", "STATE_FILE": "loop", "fit": "loop", "mixed_with_start": "loop", "pooled_diameter": "loop",
+    "split_validation": "loop", "train_steps": "loop", "training_precision": "loop",
+    "IGNORE": "targets", "loss_targets": "targets", "make_loss": "targets", "make_targets": "targets",
+}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
+    globals()[name] = value  # found directly next time
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_MODULE_OF))
