@@ -8,7 +8,7 @@ SYSTEM_PACKAGES := xvfb xauth libgl1 libegl1 libglx-mesa0 libgl1-mesa-dri libdbu
 	libxkbcommon0 libxkbcommon-x11-0 libxcb-icccm4 libxcb-image0 libxcb-keysyms1 libxcb-randr0 \
 	libxcb-render-util0 libxcb-xinerama0 libxcb-xfixes0 libxcb-shape0 libxcb-cursor0 libxcb-xkb1
 
-.PHONY: run test venv system-deps clean
+.PHONY: run test lint venv system-deps clean
 
 venv: $(VENV)/.installed
 
@@ -31,7 +31,12 @@ run: venv
 		$(VENV)/bin/nuclei-unet evaluate --truth sample_data/synthetic_nuclei_labels.csv --pred results/nuclei.csv; \
 	fi
 
-test: system-deps venv
+# The project's ruff config (pyproject.toml): lint, then the formatter's check; both before the tests.
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: system-deps venv lint
 	xvfb-run -a -s "-screen 0 1280x1024x24" $(PY) -m pytest
 
 clean:

@@ -8,7 +8,8 @@
 classical baseline, on every set of ``generalisation.py`` (test-only and choosing) and on
 each image type of DSB2018 val, with the defaults. v1 runs twice: with the stain it had as
 default ("none") and with today's "auto", which reads tissue through the hematoxylin channel
-for a model that records no stain choice, as v1 (and other images as they are). One table, "DSB score / AP@0.5" per cell.
+for a model that records no stain choice, as v1 (and other images as they are). One table, "DSB score / AP@0.5" per
+cell.
 
 Prints one table for all val images and the same table per image type (fluorescence vs
 brightfield/tissue). Megapixels/s is end to end per image (network + post-processing),
@@ -76,9 +77,22 @@ def rescaled(sample: LabelledImage, scale: float, shrink: str = "registered") ->
         smooth = ndi.gaussian_filter(image.astype(np.float32), sigma)[::step, ::step]
         small = np.round(smooth).astype(image.dtype) if image.dtype.kind in "ui" else smooth.astype(image.dtype)
         return LabelledImage(sample.name, small, sample.labels[::step, ::step].copy())
-    zoomed = rescale(image, scale, order=1, preserve_range=True, anti_aliasing=scale < 1, channel_axis=-1 if image.ndim == 3 else None)
-    labels = rescale(sample.labels, scale, order=0, preserve_range=True, anti_aliasing=False).astype(sample.labels.dtype)
-    return LabelledImage(sample.name, np.round(zoomed).astype(image.dtype) if image.dtype.kind in "ui" else zoomed.astype(image.dtype), labels)
+    zoomed = rescale(
+        image,
+        scale,
+        order=1,
+        preserve_range=True,
+        anti_aliasing=scale < 1,
+        channel_axis=-1 if image.ndim == 3 else None,
+    )
+    labels = rescale(sample.labels, scale, order=0, preserve_range=True, anti_aliasing=False).astype(
+        sample.labels.dtype
+    )
+    return LabelledImage(
+        sample.name,
+        np.round(zoomed).astype(image.dtype) if image.dtype.kind in "ui" else zoomed.astype(image.dtype),
+        labels,
+    )
 
 
 def compare_versions(json_path: str | None) -> None:
@@ -89,8 +103,19 @@ def compare_versions(json_path: str | None) -> None:
     from generalisation import V1_REVISION, run
 
     v1 = f"git:{V1_REVISION}"
-    args = argparse.Namespace(model=[v1, "default"], sets="cpm15,gbm40,ctc_fluo,val,monuseg_val", stains="auto", scales="1", no_classical=False, json=json_path)
-    labels = {f"{v1} none": "v1, defaults (stain none)", f"{v1} auto": "v1, tissue as hematoxylin", "default auto": "v2, defaults"}
+    args = argparse.Namespace(
+        model=[v1, "default"],
+        sets="cpm15,gbm40,ctc_fluo,val,monuseg_val",
+        stains="auto",
+        scales="1",
+        no_classical=False,
+        json=json_path,
+    )
+    labels = {
+        f"{v1} none": "v1, defaults (stain none)",
+        f"{v1} auto": "v1, tissue as hematoxylin",
+        "default auto": "v2, defaults",
+    }
     run(args, labels=labels, stains={v1: ["none", "auto"]})
 
 
@@ -100,10 +125,17 @@ def main() -> None:
     parser.add_argument("--model", action="append", default=None, help="model folder(s); default: the bundled model")
     parser.add_argument("--tta", action="store_true")
     parser.add_argument("--scales", default="1", help="comma-separated magnification factors, e.g. 1,0.5,2,4")
-    parser.add_argument("--shrink", default="registered", choices=("registered", "skimage"), help="how shrunk copies are made (see rescaled)")
+    parser.add_argument(
+        "--shrink",
+        default="registered",
+        choices=("registered", "skimage"),
+        help="how shrunk copies are made (see rescaled)",
+    )
     parser.add_argument("--limit", type=int, default=None, help="only the first N val images (quick checks)")
     parser.add_argument("--json", default=None)
-    parser.add_argument("--versions", action="store_true", help="v1 and v2 of the bundled model on every set (see above)")
+    parser.add_argument(
+        "--versions", action="store_true", help="v1 and v2 of the bundled model on every set (see above)"
+    )
     args = parser.parse_args()
     if args.versions:
         compare_versions(args.json)
@@ -114,7 +146,10 @@ def main() -> None:
     names = sorted(k for k, v in split.items() if v == "val")[: args.limit]
     samples = load_pairs(data / "images", data / "train_labels.csv", set(names))
     kinds = [image_kind(s.image) for s in samples]
-    print(f"{len(samples)} val images: {kinds.count('fluorescence')} fluorescence, {kinds.count('brightfield')} brightfield/tissue")
+    print(
+        f"{len(samples)} val images: {kinds.count('fluorescence')} fluorescence, {kinds.count('brightfield')} "
+        "brightfield/tissue"
+    )
 
     methods = {"classical (Gaussian+Otsu+watershed)": classical_segment}
     for model_path in args.model or ["default"]:
@@ -141,7 +176,9 @@ def main() -> None:
                     extra[name] = {"MP/s": f"{speed[name]:.2f}"} if group == "all" else {}
             print(f"\n## x{scale:g}, {group} ({rows[next(iter(rows))].n_images} images)", flush=True)
             print(format_table(rows, extra), flush=True)
-            report.setdefault(f"x{scale:g}", {})[group] = {name: {**scores.as_dict(), "mp_per_s": speed[name]} for name, scores in rows.items()}
+            report.setdefault(f"x{scale:g}", {})[group] = {
+                name: {**scores.as_dict(), "mp_per_s": speed[name]} for name, scores in rows.items()
+            }
             if group == "all":
                 by_scale[scale] = {name: scores.kaggle_score for name, scores in rows.items()}
     if len(scales) > 1:
@@ -154,7 +191,10 @@ def scale_table(by_scale: dict[float, dict[str, float]]) -> str:
     """Kaggle DSB2018 score per magnification, with the change from x1 for each method."""
     names = list(next(iter(by_scale.values())))
     native = by_scale.get(1.0)
-    lines = ["\n## Kaggle DSB2018 score by magnification (change from x1)", "method | " + " | ".join(f"x{s:g}" for s in by_scale)]
+    lines = [
+        "\n## Kaggle DSB2018 score by magnification (change from x1)",
+        "method | " + " | ".join(f"x{s:g}" for s in by_scale),
+    ]
     for name in names:
         cells = []
         for values in by_scale.values():

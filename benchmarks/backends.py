@@ -32,7 +32,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--side", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (it takes ~40 s to compile on 2 cores)")
+    parser.add_argument(
+        "--no-compile", action="store_true", help="skip torch.compile (it takes ~40 s to compile on 2 cores)"
+    )
     args = parser.parse_args()
     threads = torch.get_num_threads()
     model = Checkpoint.load(bundled_model_path()).model.eval()
@@ -62,7 +64,11 @@ def main() -> None:
             compiled = torch.compile(last)
             compiled(tile.contiguous(memory_format=torch.channels_last))
             print(f"torch.compile: {time.perf_counter() - started:.0f} s to compile", flush=True)
-            measure(f"torch.compile, channels_last, {threads} threads", compiled, tile.contiguous(memory_format=torch.channels_last))
+            measure(
+                f"torch.compile, channels_last, {threads} threads",
+                compiled,
+                tile.contiguous(memory_format=torch.channels_last),
+            )
         model = model.to(memory_format=torch.contiguous_format)
         for precision in ("float32", "int8"):
             for count in sorted({1, threads}):

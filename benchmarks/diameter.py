@@ -42,7 +42,10 @@ def main() -> None:
     args = parser.parse_args()
     checkpoint = Checkpoint.load(resolve_model_path(args.model))
     params = SegmentParams(tiling=TilingParams(precision=args.precision))
-    print(f"model {checkpoint.name}, {args.precision}; bars: estimate within {ESTIMATE_BAR:.0%}, AP@0.5 >= {AP50_BAR} (40 and 60 px)")
+    print(
+        f"model {checkpoint.name}, {args.precision}; bars: estimate within {ESTIMATE_BAR:.0%}, AP@0.5 >= {AP50_BAR} "
+        "(40 and 60 px)"
+    )
     print(f"{'field':<18} {'true px':>8} {'estimate':>9} {'error':>7} {'AP@0.5':>7} {'Dice':>6}  verdict")
     for name, shape, count, diameter, seed, ap_bar in FIELDS:
         image, truth = nuclei_field(shape, count=count, diameter=diameter, seed=seed)
@@ -50,7 +53,14 @@ def main() -> None:
         result = segment(checkpoint, image, params)
         scores = evaluate([(truth, result.labels)])
         error = abs(result.diameter / true - 1.0) if result.diameter else float("inf")
-        misses = [what for what, missed in (("estimate", error > ESTIMATE_BAR), ("AP@0.5", ap_bar is not None and scores.ap50 < ap_bar)) if missed]
+        misses = [
+            what
+            for what, missed in (
+                ("estimate", error > ESTIMATE_BAR),
+                ("AP@0.5", ap_bar is not None and scores.ap50 < ap_bar),
+            )
+            if missed
+        ]
         estimate = f"{result.diameter:.1f}" if result.diameter else "none"
         verdict = "MISS " + ", ".join(misses) if misses else "ok"
         print(f"{name:<18} {true:>8.1f} {estimate:>9} {error:>7.0%} {scores.ap50:>7.3f} {scores.dice:>6.3f}  {verdict}")

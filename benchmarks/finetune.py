@@ -54,13 +54,36 @@ def predictions(checkpoint, samples):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "dsb2018"))
-    parser.add_argument("--type", default="auto", choices=("auto", *TYPES), help="image type to fine-tune on; auto: the weakest")
-    parser.add_argument("--images", type=int, default=3, help="corrected images to fine-tune on per run (fewer when the type has few)")
-    parser.add_argument("--runs", type=int, default=4, help="fine-tuning runs; the corrected images rotate between runs, so with 4 images of a type each is held out once")
-    parser.add_argument("--minutes", type=float, default=2.0, help="training budget, wall clock; with 2 threads, training and calibration stay under 5 CPU minutes")
-    parser.add_argument("--iterations", type=int, default=None, help="stop after this many iterations instead (for quick checks)")
+    parser.add_argument(
+        "--type", default="auto", choices=("auto", *TYPES), help="image type to fine-tune on; auto: the weakest"
+    )
+    parser.add_argument(
+        "--images", type=int, default=3, help="corrected images to fine-tune on per run (fewer when the type has few)"
+    )
+    parser.add_argument(
+        "--runs",
+        type=int,
+        default=4,
+        help="fine-tuning runs; the corrected images rotate between runs, so with 4 images of a type each is held out "
+        "once",
+    )
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        default=2.0,
+        help="training budget, wall clock; with 2 threads, training and calibration stay under 5 CPU minutes",
+    )
+    parser.add_argument(
+        "--iterations", type=int, default=None, help="stop after this many iterations instead (for quick checks)"
+    )
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a fine-tuning setting (TrainConfig field), e.g. learning_rate=3e-4")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a fine-tuning setting (TrainConfig field), e.g. learning_rate=3e-4",
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     overrides = {field: json.loads(value) for field, value in (item.split("=", 1) for item in args.set)}
@@ -82,7 +105,10 @@ def main() -> None:
     config = finetune_config(**{"max_minutes": args.minutes, "threads": args.threads, **overrides})
     if args.iterations:
         config.max_minutes, config.epochs, config.iterations_per_epoch = None, 1, args.iterations
-    print(f"\n{runs} runs: each fine-tunes on {count} {kind} images and scores the other {len(weak) - count} {kind} images and every other type")
+    print(
+        f"\n{runs} runs: each fine-tunes on {count} {kind} images and scores the other {len(weak) - count} {kind} "
+        "images and every other type"
+    )
     pairs = {"before": [], "after": []}  # held-out (truth, prediction) pairs over all runs
     changes_by_run, results = [], []
     for run in range(runs):
@@ -94,32 +120,76 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as out:
             event = fit(tuned, corrected, out, val=[], config=config, resume=False, base_model="default")
         cpu_minutes = (time.process_time() - started_cpu) / 60
-        held = {"before": [pair for s, pair in zip(weak, base_pairs[kind]) if s in held_out], "after": predictions(tuned, held_out)}
+        held = {
+            "before": [pair for s, pair in zip(weak, base_pairs[kind]) if s in held_out],
+            "after": predictions(tuned, held_out),
+        }
         for key in pairs:
             pairs[key] += held[key]
         changes = {kind: evaluate(held["after"]).kaggle_score - evaluate(held["before"]).kaggle_score}
-        changes |= {other: evaluate(predictions(tuned, by_type[other])).kaggle_score - before[other].kaggle_score for other in before if other != kind}
+        changes |= {
+            other: evaluate(predictions(tuned, by_type[other])).kaggle_score - before[other].kaggle_score
+            for other in before
+            if other != kind
+        }
         changes_by_run.append(changes)
-        print(f"run {run + 1}: fine-tuned on {', '.join(s.name[:8] for s in corrected)} ({sum(int(s.labels.max()) for s in corrected)} nuclei): "
-              f"{event.iteration} iterations, {(time.perf_counter() - started) / 60:.1f} min wall clock, {cpu_minutes:.1f} min CPU time over "
-              f"{args.threads} threads; calibrated min confidence {tuned.min_confidence:g}; DSB2018 score change: " + ", ".join(f"{k} {v:+.3f}" for k, v in changes.items()), flush=True)  # fmt: skip
-        results.append({"corrected": [s.name for s in corrected], "held_out": [s.name for s in held_out], "iterations": event.iteration, "cpu_minutes": cpu_minutes, "min_confidence": tuned.min_confidence, "changes": changes})
+        print(
+            f"run {run + 1}: fine-tuned on {', '.join(s.name[:8] for s in corrected)} "
+            f"({sum(int(s.labels.max()) for s in corrected)} nuclei): "
+            f"{event.iteration} iterations, {(time.perf_counter() - started) / 60:.1f} min wall clock, "
+            f"{cpu_minutes:.1f} min CPU time over "
+            f"{args.threads} threads; calibrated min confidence {tuned.min_confidence:g}; DSB2018 score change: "
+            + ", ".join(f"{k} {v:+.3f}" for k, v in changes.items()),
+            flush=True,
+        )
+        results.append(
+            {
+                "corrected": [s.name for s in corrected],
+                "held_out": [s.name for s in held_out],
+                "iterations": event.iteration,
+                "cpu_minutes": cpu_minutes,
+                "min_confidence": tuned.min_confidence,
+                "changes": changes,
+            }
+        )
 
     held_before, held_after = evaluate(pairs["before"]), evaluate(pairs["after"])
     mean = {k: float(np.mean([c[k] for c in changes_by_run])) for k in changes_by_run[0]}
     worst = {k: float(np.min([c[k] for c in changes_by_run])) for k in changes_by_run[0]}
-    print(format_table({f"{kind} held out ({len(pairs['before'])} over {runs} runs), before": held_before, f"{kind} held out, after": held_after}))
+    print(
+        format_table(
+            {
+                f"{kind} held out ({len(pairs['before'])} over {runs} runs), before": held_before,
+                f"{kind} held out, after": held_after,
+            }
+        )
+    )
     gain = held_after.kaggle_score - held_before.kaggle_score
     met = gain >= 0.05 and all(mean[other] >= -0.02 for other in mean if other != kind)
-    print(f"\nDSB2018 score change: {kind} held out {gain:+.3f} (bar >= +0.05; by run "
-          + ", ".join(f"{c[kind]:+.3f}" for c in changes_by_run) + "); "
-          + ", ".join(f"{other} {mean[other]:+.3f} (bar >= -0.02; worst run {worst[other]:+.3f})" for other in mean if other != kind)
-          + f"; bars {'met' if met else 'missed'}")  # fmt: skip
+    print(
+        f"\nDSB2018 score change: {kind} held out {gain:+.3f} (bar >= +0.05; by run "
+        + ", ".join(f"{c[kind]:+.3f}" for c in changes_by_run)
+        + "); "
+        + ", ".join(
+            f"{other} {mean[other]:+.3f} (bar >= -0.02; worst run {worst[other]:+.3f})"
+            for other in mean
+            if other != kind
+        )
+        + f"; bars {'met' if met else 'missed'}"
+    )
     if args.json:
         result = {
-            "type": kind, "settings": overrides, "images": count, "runs": results, "held_out_change": gain, "mean_changes": mean,
-            "worst_changes": worst, "bars_met": met, "held_out_before": held_before.as_dict(), "held_out_after": held_after.as_dict(),
-        }  # fmt: skip
+            "type": kind,
+            "settings": overrides,
+            "images": count,
+            "runs": results,
+            "held_out_change": gain,
+            "mean_changes": mean,
+            "worst_changes": worst,
+            "bars_met": met,
+            "held_out_before": held_before.as_dict(),
+            "held_out_after": held_after.as_dict(),
+        }
         Path(args.json).write_text(json.dumps(result, indent=2))
 
 

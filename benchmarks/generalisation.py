@@ -44,15 +44,24 @@ def load_set(name: str) -> list[LabelledImage]:
     """The labelled images of one set, by the name used in the tables."""
     if name == "val":
         split = read_split(DATA / "dsb2018" / "split.csv")
-        return load_pairs(DATA / "dsb2018" / "images", DATA / "dsb2018" / "train_labels.csv", {k for k, v in split.items() if v == "val"})
+        return load_pairs(
+            DATA / "dsb2018" / "images",
+            DATA / "dsb2018" / "train_labels.csv",
+            {k for k, v in split.items() if v == "val"},
+        )
     if name == "monuseg_val":
         split = read_split(REPO / "docs" / "data" / "monuseg_train_split.csv")
-        return load_pairs(DATA / "monuseg_train" / "images", DATA / "monuseg_train" / "labels", {k for k, v in split.items() if v == "val"})
+        return load_pairs(
+            DATA / "monuseg_train" / "images",
+            DATA / "monuseg_train" / "labels",
+            {k for k, v in split.items() if v == "val"},
+        )
     return load_pairs(DATA / name / "images", DATA / name / "labels")
 
 
 def magnified(sample: LabelledImage, scale: float) -> LabelledImage:
-    """x0.5: 2 x 2 block mean of the image, majority label of each block (ties: the top-left one); x2: bilinear image, repeated labels."""
+    """x0.5: 2 x 2 block mean of the image, majority label of each block (ties: the top-left one); x2: bilinear image,
+    repeated labels."""
     if scale == 1.0:
         return sample
     image, labels = sample.image, sample.labels
@@ -80,7 +89,8 @@ _BUNDLED = "src/napari_nuclei_unet/models/default"
 
 
 def model_folder(spec: str) -> Path:
-    """A model folder: ``git:REV`` is the bundled model at that commit (written to a temporary folder), anything else a path or 'default'."""
+    """A model folder: ``git:REV`` is the bundled model at that commit (written to a temporary folder), anything else a
+    path or 'default'."""
     if not spec.startswith("git:"):
         return resolve_model_path(spec)
     import subprocess
@@ -88,7 +98,9 @@ def model_folder(spec: str) -> Path:
 
     folder = Path(tempfile.mkdtemp(prefix="bundled-"))
     for name in ("config.json", "model.safetensors", "nuclei_unet.json"):
-        blob = subprocess.run(["git", "-C", str(REPO), "show", f"{spec[4:]}:{_BUNDLED}/{name}"], capture_output=True, check=True).stdout
+        blob = subprocess.run(
+            ["git", "-C", str(REPO), "show", f"{spec[4:]}:{_BUNDLED}/{name}"], capture_output=True, check=True
+        ).stdout
         (folder / name).write_bytes(blob)
     return folder
 
@@ -114,22 +126,40 @@ def score(predict, samples: list[LabelledImage]) -> dict:
     scores = summarize(counts)
     kinds = sorted({r.get("image_type") for r in records if r.get("image_type")})
     stains = sorted({r.get("stain") for r in records if r.get("stain")})
-    return {"kaggle_score": scores.kaggle_score, "ap50": scores.ap50, "images": len(samples), "nuclei": scores.n_true, "found": scores.n_pred,
-            "seconds": time.perf_counter() - started, "image_types": kinds, "stains": stains, "per_image": [c.kaggle_score for c in counts]}  # fmt: skip
+    return {
+        "kaggle_score": scores.kaggle_score,
+        "ap50": scores.ap50,
+        "images": len(samples),
+        "nuclei": scores.n_true,
+        "found": scores.n_pred,
+        "seconds": time.perf_counter() - started,
+        "image_types": kinds,
+        "stains": stains,
+        "per_image": [c.kaggle_score for c in counts],
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", action="append", default=None, help="model folder(s), 'default', or git:REV (the bundled model at a commit); default: the bundled model")
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        help="model folder(s), 'default', or git:REV (the bundled model at a commit); default: the bundled model",
+    )
     parser.add_argument("--sets", default="cpm15,gbm40,ctc_fluo,val,monuseg_val")
     parser.add_argument("--stains", default="auto", help="stain settings to run, e.g. auto,none,hematoxylin")
-    parser.add_argument("--scales", default="1", help="magnifications, from 0.5, 1, 2 (x0.5 and x2 only for gbm40, ctc_fluo)")
+    parser.add_argument(
+        "--scales", default="1", help="magnifications, from 0.5, 1, 2 (x0.5 and x2 only for gbm40, ctc_fluo)"
+    )
     parser.add_argument("--no-classical", action="store_true")
     parser.add_argument("--json", default=None)
     run(parser.parse_args())
 
 
-def run(args: argparse.Namespace, labels: dict[str, str] | None = None, stains: dict[str, list[str]] | None = None) -> list[dict]:
+def run(
+    args: argparse.Namespace, labels: dict[str, str] | None = None, stains: dict[str, list[str]] | None = None
+) -> list[dict]:
     """Score every model (and stain) on every set; print a line per result as it comes, then one table.
     ``labels`` names methods in the table (by ``"<model spec> <stain>"``); ``stains`` gives a
     model spec its own stain settings instead of ``--stains``."""
@@ -161,8 +191,12 @@ def run(args: argparse.Namespace, labels: dict[str, str] | None = None, stains: 
             for method, predict in methods.items():
                 row = {"set": name, "scale": scale, "method": method, **score(predict, copies)}
                 results.append(row)
-                print(f"{name:18s} x{scale:<4g} {method:44s} DSB {row['kaggle_score']:.3f}  AP@0.5 {row['ap50']:.3f}  "
-                      f"{row['found']}/{row['nuclei']} nuclei  {row['seconds']:.0f} s  {','.join(row['image_types'])} {','.join(row['stains'])}", flush=True)  # fmt: skip
+                print(
+                    f"{name:18s} x{scale:<4g} {method:44s} DSB {row['kaggle_score']:.3f}  AP@0.5 {row['ap50']:.3f}  "
+                    f"{row['found']}/{row['nuclei']} nuclei  {row['seconds']:.0f} s  {','.join(row['image_types'])} "
+                    f"{','.join(row['stains'])}",
+                    flush=True,
+                )
     print("\nKaggle DSB2018 score / AP@0.5\n" + side_by_side(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

@@ -69,7 +69,9 @@ def child(method: str, inputs: list[str], out: str, threads: int) -> dict:
     # Warm-up (first call at a tile shape is slow), outside the timing.
     import numpy as np
 
-    segment_module.segment(checkpoint, np.random.default_rng(0).integers(0, 255, (256, 256), dtype=np.uint8), SegmentParams(diameter=None))
+    segment_module.segment(
+        checkpoint, np.random.default_rng(0).integers(0, 255, (256, 256), dtype=np.uint8), SegmentParams(diameter=None)
+    )
     network[0] = 0.0
     pixels = 0
     started = time.perf_counter()
@@ -138,7 +140,10 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         cases = [(f"DSB2018 val ({len(val)} images)", val, 0.0)]
-        cases += [(f"synthetic {mp} MP", [synthetic_field(mp, Path(folder))], float(mp)) for mp in (int(s) for s in args.sizes.split(","))]
+        cases += [
+            (f"synthetic {mp} MP", [synthetic_field(mp, Path(folder))], float(mp))
+            for mp in (int(s) for s in args.sizes.split(","))
+        ]
         for name, inputs, megapixels in cases:
             for method in args.methods.split(","):
                 if method == "naive" and megapixels > NAIVE_LIMIT_MP and len(inputs) == 1:
@@ -154,10 +159,12 @@ def main() -> None:
 
 def _format(row: dict) -> str:
     return f"{row['input']:<26} {row['method']:<10} " + (
-        row["note"] if "note" in row else
-        f"{row['megapixels'] / row['seconds']:6.2f} MP/s  {row['seconds']:7.1f} s  network {row['network']:7.1f} s  "
-        f"other {row['seconds'] - row['network']:6.1f} s  peak RSS {row['peak_rss_mb'] / 1024:5.2f} GB"
-    )  # fmt: skip
+        row["note"]
+        if "note" in row
+        else f"{row['megapixels'] / row['seconds']:6.2f} MP/s  {row['seconds']:7.1f} s  "
+        f"network {row['network']:7.1f} s  other {row['seconds'] - row['network']:6.1f} s  "
+        f"peak RSS {row['peak_rss_mb'] / 1024:5.2f} GB"
+    )
 
 
 def table(rows: list[dict]) -> str:

@@ -33,7 +33,12 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--package", default=str(PACKAGE))
-    parser.add_argument("--weights", default="onnx", choices=["onnx", "torchscript"], help="the package's ONNX (no torch imported) or TorchScript weights")
+    parser.add_argument(
+        "--weights",
+        default="onnx",
+        choices=["onnx", "torchscript"],
+        help="the package's ONNX (no torch imported) or TorchScript weights",
+    )
     args = parser.parse_args()
 
     import onnxruntime
@@ -47,7 +52,9 @@ def main() -> None:
     if args.weights == "onnx":
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = args.threads
-        session = onnxruntime.InferenceSession(any_size(Path(args.package) / "weights.onnx"), options, providers=["CPUExecutionProvider"])
+        session = onnxruntime.InferenceSession(
+            any_size(Path(args.package) / "weights.onnx"), options, providers=["CPUExecutionProvider"]
+        )
         name = session.get_inputs()[0].name
 
         def network(grey: np.ndarray) -> np.ndarray:
@@ -64,8 +71,15 @@ def main() -> None:
             height, width = grey.shape
             padded = np.pad(grey, ((0, -height % 16), (0, -width % 16)), mode="reflect")
             with torch.inference_mode():
-                return scripted(torch.from_numpy(np.ascontiguousarray(padded))[None, None]).numpy()[0, 0, :height, :width]
-    files = [Path(f) for item in args.inputs for f in (sorted(glob.glob(str(Path(item) / "*.png"))) if Path(item).is_dir() else [item])]
+                return scripted(torch.from_numpy(np.ascontiguousarray(padded))[None, None]).numpy()[
+                    0, 0, :height, :width
+                ]
+
+    files = [
+        Path(f)
+        for item in args.inputs
+        for f in (sorted(glob.glob(str(Path(item) / "*.png"))) if Path(item).is_dir() else [item])
+    ]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pixels = nuclei = 0
@@ -85,7 +99,10 @@ def main() -> None:
         pixels += height * width
         nuclei += len(peaks)
     seconds = time.perf_counter() - started
-    print(f"{len(files)} images, {pixels / 1e6:.1f} MP, {nuclei} nuclei in {seconds:.1f} s after imports ({pixels / 1e6 / seconds:.2f} MP/s)")
+    print(
+        f"{len(files)} images, {pixels / 1e6:.1f} MP, {nuclei} nuclei in {seconds:.1f} s after imports "
+        f"({pixels / 1e6 / seconds:.2f} MP/s)"
+    )
 
 
 def any_size(path: Path) -> bytes:

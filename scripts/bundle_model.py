@@ -29,14 +29,20 @@ LICENSE = (
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("source", help="trained checkpoint folder")
-    parser.add_argument("--tissue-stain", required=True, choices=["none", "hematoxylin"], help="what 'auto' reads RGB stained tissue in")
+    parser.add_argument(
+        "--tissue-stain", required=True, choices=["none", "hematoxylin"], help="what 'auto' reads RGB stained tissue in"
+    )
     args = parser.parse_args()
     source = Path(args.source)
     checkpoint = Checkpoint.load(source)
     checkpoint.metadata["name"] = "nuclei-unet-default"
     checkpoint.metadata["description"] = DESCRIPTION
     checkpoint.metadata["license"] = LICENSE
-    checkpoint.metadata["stain_by_image_type"] = {"fluorescence": "none", "brightfield": "none", "tissue": args.tissue_stain}
+    checkpoint.metadata["stain_by_image_type"] = {
+        "fluorescence": "none",
+        "brightfield": "none",
+        "tissue": args.tissue_stain,
+    }
     os.environ["NUCLEI_UNET_WRITE_BUNDLED"] = "1"
     shutil.rmtree(BUNDLED_MODEL_DIR, ignore_errors=True)
     checkpoint.save(BUNDLED_MODEL_DIR, half=True)

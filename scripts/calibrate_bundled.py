@@ -1,4 +1,5 @@
-"""Calibrate the bundled model's min_confidence on DSB2018 train-split images (not val: val is what the model card reports).
+"""Calibrate the bundled model's min_confidence on DSB2018 train-split images (not val: val is what the model card
+reports).
 
     python scripts/calibrate_bundled.py [--data ../shared/data/dsb2018] [--images 128]
 

@@ -145,7 +145,13 @@ def main() -> None:
     save(viewer, out / "07-fine-tune-running.png")
     wait_for(tune, lambda: tune._worker is None)
     tune.resegment()  # waits for Segment to load the new model, then segments with it
-    wait_for(widget, lambda: viewer.layers["synthetic nuclei nuclei"].metadata.get("nuclei_unet", {}).get("model") == "my-nuclei" and widget.hub.idle)
+    wait_for(
+        widget,
+        lambda: (
+            viewer.layers["synthetic nuclei nuclei"].metadata.get("nuclei_unet", {}).get("model") == "my-nuclei"
+            and widget.hub.idle
+        ),
+    )
     # Side by side: the image with the labels before (left) and after (right) fine-tuning.
     image = viewer.layers["synthetic nuclei"]
     before, after = viewer.layers["before fine-tune"], viewer.layers["synthetic nuclei nuclei"]
@@ -159,8 +165,10 @@ def main() -> None:
     viewer.grid.enabled, viewer.grid.stride = True, 2
     viewer.reset_view()
     save(viewer, out / "08-before-after.png")
-    print(f"fine-tune: {tune.status.value}; objects before {int(before.data.max())}, after {int(after.data.max())}; "
-          f"the new model's min confidence {widget.min_confidence.value:g}")
+    print(
+        f"fine-tune: {tune.status.value}; objects before {int(before.data.max())}, after {int(after.data.max())}; "
+        f"the new model's min confidence {widget.min_confidence.value:g}"
+    )
     viewer.close()
     if DSB2018.is_dir():
         for size in WINDOW_SIZES:

@@ -37,7 +37,9 @@ def tiny_config():
     from napari_nuclei_unet.model import ModelConfig
 
     # The smallest smp.Unet that still has the real structure: fast enough for unit tests.
-    return ModelConfig(encoder_name="resnet18", encoder_depth=3, decoder_channels=(32, 16, 8), outputs=("foreground", "boundary"))
+    return ModelConfig(
+        encoder_name="resnet18", encoder_depth=3, decoder_channels=(32, 16, 8), outputs=("foreground", "boundary")
+    )
 
 
 @pytest.fixture

@@ -36,7 +36,9 @@ def _png_declaring(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     header = struct.pack(">IIBBBBB", width, height, 16, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def _run(argv, capsys) -> tuple[int, str]:
@@ -46,7 +48,20 @@ def _run(argv, capsys) -> tuple[int, str]:
 
 
 def _segment_argv(source, out, model_dir):
-    return ["segment", str(source), "--out", str(out), "--model", str(model_dir), "--tile-size", "64", "--overlap", "16", "--diameter", "none"]
+    return [
+        "segment",
+        str(source),
+        "--out",
+        str(out),
+        "--model",
+        str(model_dir),
+        "--tile-size",
+        "64",
+        "--overlap",
+        "16",
+        "--diameter",
+        "none",
+    ]
 
 
 def _images(tmp_path) -> dict:
@@ -72,7 +87,17 @@ def _images(tmp_path) -> dict:
 
 
 @pytest.mark.parametrize(
-    "name", ["all_nan.tif", "partly_inf.tif", "five_d.tif", "complex.tif", "empty.tif", "truncated.tif", "bomb.png", "random.png"]
+    "name",
+    [
+        "all_nan.tif",
+        "partly_inf.tif",
+        "five_d.tif",
+        "complex.tif",
+        "empty.tif",
+        "truncated.tif",
+        "bomb.png",
+        "random.png",
+    ],
 )
 def test_broken_and_hostile_images(tmp_path, model_dir, capsys, name):
     source = _images(tmp_path)[name]
@@ -94,7 +119,10 @@ def test_a_bad_image_among_good_ones_writes_nothing_and_overwrites_nothing(tmp_p
     (out / "a_good.tif").write_bytes(b"an earlier result")
     code, line = _run(_segment_argv(folder, out, model_dir), capsys)
     assert code == 2 and "b_nan.tif" in line and "NaN" in line
-    assert sorted(p.name for p in out.iterdir()) == ["a_good.tif"] and (out / "a_good.tif").read_bytes() == b"an earlier result"
+    assert (
+        sorted(p.name for p in out.iterdir()) == ["a_good.tif"]
+        and (out / "a_good.tif").read_bytes() == b"an earlier result"
+    )
 
 
 def test_boolean_image_is_a_valid_mask(tmp_path, model_dir, capsys):
@@ -150,7 +178,19 @@ def test_hostile_rle_rows(tmp_path, capsys, body, message):
 
 
 @pytest.mark.parametrize(
-    "fault", ["zero_byte_pth", "text_pth", "tensor_list_pth", "odd_keys_pth", "config_not_object", "huge_declared_decoder", "bad_percentiles", "bad_min_confidence", "bad_stain_by_type", "no_weights"]
+    "fault",
+    [
+        "zero_byte_pth",
+        "text_pth",
+        "tensor_list_pth",
+        "odd_keys_pth",
+        "config_not_object",
+        "huge_declared_decoder",
+        "bad_percentiles",
+        "bad_min_confidence",
+        "bad_stain_by_type",
+        "no_weights",
+    ],
 )
 def test_broken_and_hostile_models(tmp_path, tiny_checkpoint, capsys, fault):
     import torch
@@ -165,10 +205,16 @@ def test_broken_and_hostile_models(tmp_path, tiny_checkpoint, capsys, fault):
     elif fault == "tensor_list_pth":
         torch.save([torch.zeros(3)], model)
     elif fault == "odd_keys_pth":
-        torch.save({"segmentation_head.0.weight": torch.zeros(2, 8, 3, 3), "decoder.blocks.x.conv1.0.weight": torch.zeros(1)}, model)
+        torch.save(
+            {"segmentation_head.0.weight": torch.zeros(2, 8, 3, 3), "decoder.blocks.x.conv1.0.weight": torch.zeros(1)},
+            model,
+        )
     else:
         model = tiny_checkpoint.save(tmp_path / "folder")
-        config, meta = json.loads((model / "config.json").read_text()), json.loads((model / "nuclei_unet.json").read_text())
+        config, meta = (
+            json.loads((model / "config.json").read_text()),
+            json.loads((model / "nuclei_unet.json").read_text()),
+        )
         if fault == "config_not_object":
             (model / "config.json").write_text("[1, 2]")
         elif fault == "huge_declared_decoder":
@@ -223,7 +269,11 @@ _cell = st.one_of(
 
 
 @_FUZZ
-@given(st.lists(st.tuples(st.sampled_from(["A", "B", ""]), st.lists(_cell, max_size=6).map(" ".join), _cell, _cell), max_size=5))
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["A", "B", ""]), st.lists(_cell, max_size=6).map(" ".join), _cell, _cell), max_size=5
+    )
+)
 def test_rle_reader_raises_only_input_errors_on_near_valid_rows(tmp_path, rows):
     path = tmp_path / "rows.csv"
     lines = ["ImageId,EncodedPixels,Height,Width"] + [",".join(row) for row in rows]

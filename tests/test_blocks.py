@@ -15,7 +15,6 @@ from napari_nuclei_unet.postprocess import instances, with_threshold
 from napari_nuclei_unet.segment import SegmentParams, segment, segment_planes
 from napari_nuclei_unet.synthetic import nuclei_field
 
-
 # The float32 network: the 8-bit one's output depends on the CPU's integer kernels (VNNI or not),
 # and these tests compare two paths pixel for pixel.
 EXACT = SegmentParams(tiling=TilingParams(precision="float32"))
@@ -95,7 +94,9 @@ def test_small_nuclei_are_separated_on_the_zoomed_grid_block_by_block(bundled):
     assert abs(blocked_score - whole_score) < 0.03, (blocked_score, whole_score)
     prediction = whole.planes[None].prediction  # labelled on the image grid instead: clearly worse
     image_grid_params = with_threshold(replace(whole.params.postprocess, threshold="auto"), prediction.probabilities[0])
-    on_image_grid = instances(prediction.probabilities, bundled.outputs, image_grid_params, network_zoom=prediction.factor)[1]
+    on_image_grid = instances(
+        prediction.probabilities, bundled.outputs, image_grid_params, network_zoom=prediction.factor
+    )[1]
     assert blocked_score > evaluate([(truth, on_image_grid)]).kaggle_score + 0.05
     assert len(_crossing(truth, 128)) >= 10  # many nuclei cross the borders of the 128 px blocks (both passes)
 

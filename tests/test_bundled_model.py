@@ -18,7 +18,9 @@ def test_bundled_model_is_small_and_complete():
     assert checkpoint.outputs == ("foreground", "boundary") and checkpoint.nucleus_diameter
     assert "kaggle_score" in checkpoint.metadata["metrics"]
     # Its min confidence was calibrated on the choosing (validation) images, never on the test-only sets.
-    assert checkpoint.min_confidence == 0.85 and "validation images" in checkpoint.metadata["postprocess"]["calibrated_on"]
+    assert (
+        checkpoint.min_confidence == 0.85 and "validation images" in checkpoint.metadata["postprocess"]["calibrated_on"]
+    )
     # H&E is read as RGB (what v2 was trained on); the licence names MoNuSeg's non-commercial term.
     assert checkpoint.stain_for("tissue") == "none" and "NON-COMMERCIAL" in checkpoint.metadata["license"]
 

@@ -31,7 +31,22 @@ def image_folder(tmp_path):
 def test_segment_folder_writes_labels_and_rle(tmp_path, model_dir, image_folder, capsys):
     out = tmp_path / "out"
     csv_path = tmp_path / "pred.csv"
-    code = main(["segment", str(image_folder), "--out", str(out), "--model", str(model_dir), "--rle-csv", str(csv_path), "--tile-size", "64", "--overlap", "16"])
+    code = main(
+        [
+            "segment",
+            str(image_folder),
+            "--out",
+            str(out),
+            "--model",
+            str(model_dir),
+            "--rle-csv",
+            str(csv_path),
+            "--tile-size",
+            "64",
+            "--overlap",
+            "16",
+        ]
+    )
     assert code == 0
     assert sorted(p.name for p in out.iterdir()) == ["bright8.tif", "fluo16.tif", "stack.tif"]
     labels = read_image(out / "fluo16.tif")
@@ -52,7 +67,9 @@ def test_segment_folder_writes_labels_and_rle(tmp_path, model_dir, image_folder,
 def test_min_confidence_defaults_to_the_models_calibrated_level(tmp_path, image_folder, capsys):
     image = tifffile.imread(image_folder / "fluo16.tif")
     rows, cols = np.mgrid[: image.shape[0], : image.shape[1]]
-    image[(rows - 15) ** 2 + (cols - 110) ** 2 < 64] = 550  # a faint blob: found, but less surely than the calibrated level
+    image[(rows - 15) ** 2 + (cols - 110) ** 2 < 64] = (
+        550  # a faint blob: found, but less surely than the calibrated level
+    )
     tifffile.imwrite(tmp_path / "faint.tif", image)
     counts = {}
     for value in ("0", "auto", "0.85", "0.95"):  # the bundled model's calibrated level is 0.85
@@ -140,9 +157,27 @@ def test_evaluate_says_what_is_missing_and_refuses_disjoint_sets(tmp_path, capsy
     tifffile.imwrite(pred / "a.tif", labels.astype(np.uint16))
     assert main(["evaluate", "--truth", str(truth), "--pred", str(pred), "--json", str(tmp_path / "all.json")]) == 0
     err = capsys.readouterr().err
-    assert "3 of 4 ground-truth images have no prediction" in err and "--only-predicted" in err and len(err.strip().splitlines()) == 1
+    assert (
+        "3 of 4 ground-truth images have no prediction" in err
+        and "--only-predicted" in err
+        and len(err.strip().splitlines()) == 1
+    )
     assert json.loads((tmp_path / "all.json").read_text())["kaggle_score"] == pytest.approx(0.25)  # 3 all-missed
-    assert main(["evaluate", "--truth", str(truth), "--pred", str(pred), "--only-predicted", "--json", str(tmp_path / "one.json")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--truth",
+                str(truth),
+                "--pred",
+                str(pred),
+                "--only-predicted",
+                "--json",
+                str(tmp_path / "one.json"),
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "one.json").read_text())["kaggle_score"] == 1.0
     tifffile.imwrite(other / "a nuclei.tif", labels.astype(np.uint16))  # named after a napari layer, not the image
     assert main(["evaluate", "--truth", str(truth), "--pred", str(other)]) == 2
@@ -163,24 +198,89 @@ def test_train_fine_tunes_with_the_widget_settings(tmp_path, tiny_checkpoint, ca
         tifffile.imwrite(images / f"field{seed}.tif", image)
         write_labels(labels / f"field{seed}.tif", truth)
     out = tmp_path / "tuned"
-    argv = ["train", "--images", str(images), "--labels", str(labels), "--out", str(out), "--model", str(model_dir),
-            "--epochs", "1", "--iterations", "2", "--patch-size", "64", "--batch-size", "2", "--val-fraction", "0",
-            "--freeze-batchnorm", "--zoom-to-reference", "--anchor-weight", "0.01", "--distill-weight", "1", "--scale-range", "0.8,1.25",
-            "--precision", "bfloat16", "--start-weight-share", "0.25"]  # fmt: skip
+    argv = [
+        "train",
+        "--images",
+        str(images),
+        "--labels",
+        str(labels),
+        "--out",
+        str(out),
+        "--model",
+        str(model_dir),
+        "--epochs",
+        "1",
+        "--iterations",
+        "2",
+        "--patch-size",
+        "64",
+        "--batch-size",
+        "2",
+        "--val-fraction",
+        "0",
+        "--freeze-batchnorm",
+        "--zoom-to-reference",
+        "--anchor-weight",
+        "0.01",
+        "--distill-weight",
+        "1",
+        "--scale-range",
+        "0.8,1.25",
+        "--precision",
+        "bfloat16",
+        "--start-weight-share",
+        "0.25",
+    ]
     assert main(argv) == 0
-    assert "min confidence" in capsys.readouterr().out and Checkpoint.load(out).metadata["postprocess"]["calibrated_on"] == "2 training images"
+    assert (
+        "min confidence" in capsys.readouterr().out
+        and Checkpoint.load(out).metadata["postprocess"]["calibrated_on"] == "2 training images"
+    )
     training = Checkpoint.load(out).metadata["training"]
     config = training["config"]
-    assert config["zoom_to_reference"] and config["anchor_weight"] == 0.01 and config["distill_weight"] == 1.0 and config["scale_range"] == [0.8, 1.25]
-    assert config["precision"] == "bfloat16" and training["precision"] == "bfloat16" and config["start_weight_share"] == 0.25
+    assert (
+        config["zoom_to_reference"]
+        and config["anchor_weight"] == 0.01
+        and config["distill_weight"] == 1.0
+        and config["scale_range"] == [0.8, 1.25]
+    )
+    assert (
+        config["precision"] == "bfloat16"
+        and training["precision"] == "bfloat16"
+        and config["start_weight_share"] == 0.25
+    )
 
 
 def test_measurements_are_written_beside_each_label_image(tmp_path, model_dir, image_folder):
     import csv
 
     out = tmp_path / "out"
-    assert main(["segment", str(image_folder), "--out", str(out), "--model", str(model_dir), "--measurements", "--tile-size", "64", "--overlap", "16"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["bright8.tif", "bright8_nuclei.csv", "fluo16.tif", "fluo16_nuclei.csv", "stack.tif", "stack_nuclei.csv"]
+    assert (
+        main(
+            [
+                "segment",
+                str(image_folder),
+                "--out",
+                str(out),
+                "--model",
+                str(model_dir),
+                "--measurements",
+                "--tile-size",
+                "64",
+                "--overlap",
+                "16",
+            ]
+        )
+        == 0
+    )
+    assert sorted(p.name for p in out.iterdir()) == [
+        "bright8.tif",
+        "bright8_nuclei.csv",
+        "fluo16.tif",
+        "fluo16_nuclei.csv",
+        "stack.tif",
+        "stack_nuclei.csv",
+    ]
     labels = read_image(out / "fluo16.tif")
     rows = list(csv.DictReader(open(out / "fluo16_nuclei.csv")))
     assert rows, "no nuclei to measure"
@@ -196,10 +296,27 @@ def test_geojson_polygons_beside_the_labels_carry_the_measurements(tmp_path, mod
     from napari_nuclei_unet.geojson import read_geojson
 
     out = tmp_path / "out"
-    arguments = ["segment", str(image_folder), "--out", str(out), "--model", str(model_dir), "--out-format", "geojson", "--measurements"]
+    arguments = [
+        "segment",
+        str(image_folder),
+        "--out",
+        str(out),
+        "--model",
+        str(model_dir),
+        "--out-format",
+        "geojson",
+        "--measurements",
+    ]
     assert main([*arguments, "--tile-size", "64", "--overlap", "16"]) == 0
     names = sorted(p.name for p in out.iterdir())
-    assert {"fluo16.tif", "fluo16.geojson", "fluo16_nuclei.csv", "stack.tif", "stack_0.geojson", "stack_1.geojson"} <= set(names), names
+    assert {
+        "fluo16.tif",
+        "fluo16.geojson",
+        "fluo16_nuclei.csv",
+        "stack.tif",
+        "stack_0.geojson",
+        "stack_1.geojson",
+    } <= set(names), names
     labels = read_image(out / "fluo16.tif")
     assert labels.max() > 0 and np.array_equal(read_geojson(out / "fluo16.geojson", labels.shape), labels)
     import json

@@ -14,10 +14,9 @@ from napari_nuclei_unet.data import median_diameter
 from napari_nuclei_unet.io import write_labels
 from napari_nuclei_unet.metrics import evaluate
 from napari_nuclei_unet.model import Checkpoint, bundled_model_path
-from napari_nuclei_unet.postprocess import instances
 from napari_nuclei_unet.params import SegmentParams, TilingParams
 from napari_nuclei_unet.plane import estimate_diameter, label_plane
-from napari_nuclei_unet.postprocess import with_threshold
+from napari_nuclei_unet.postprocess import instances, with_threshold
 from napari_nuclei_unet.scale import SIZE_BAND, measure_nuclei, rescale_factor
 from napari_nuclei_unet.segment import segment, segment_planes
 from napari_nuclei_unet.synthetic import nuclei_field
@@ -68,7 +67,9 @@ def test_small_nuclei_are_separated_on_the_zoomed_grid_and_sampled_back(bundled)
     assert labels.shape == mask.shape == image.shape and np.array_equal(mask, labels > 0)
     assert np.array_equal(np.unique(labels), np.arange(labels.max() + 1))  # numbered 1..N after sampling
     image_grid_params = with_threshold(replace(used, threshold="auto"), prediction.probabilities[0])
-    on_image_grid = instances(prediction.probabilities, bundled.outputs, image_grid_params, network_zoom=prediction.factor)[1]
+    on_image_grid = instances(
+        prediction.probabilities, bundled.outputs, image_grid_params, network_zoom=prediction.factor
+    )[1]
     # 8 px nuclei: the zoomed grid keeps the detail that separates them (0.79 vs 0.64 when written)
     assert evaluate([(truth, labels)]).ap50 > max(0.75, evaluate([(truth, on_image_grid)]).ap50 + 0.05)
     assert np.array_equal(segment(bundled, image).labels, labels)  # the pipeline labels the same way
@@ -174,7 +175,9 @@ def test_small_nuclei_merged_at_a_coarser_zoom_are_checked_at_zoom_2(bundled, mo
         return np.full((2, 8, 8), zoom, np.float32)
 
     monkeypatch.setattr(scale_module, "predict_zoomed", fake_predict)
-    monkeypatch.setattr(scale_module, "measure_nuclei", lambda probabilities, outputs: measured[float(probabilities[0, 0, 0])])
+    monkeypatch.setattr(
+        scale_module, "measure_nuclei", lambda probabilities, outputs: measured[float(probabilities[0, 0, 0])]
+    )
     estimate = estimate_diameter(bundled, np.zeros((512, 512), np.uint8))
     assert zooms == [1.0, 0.5, 0.25, 2.0]
     assert estimate.diameter == pytest.approx(expected)

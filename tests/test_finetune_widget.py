@@ -52,7 +52,10 @@ def wait(widget, qtbot) -> None:
 
 def test_finetune_trains_saves_and_hands_the_model_to_segment(setup, qtbot):
     viewer, segment, widget, messages, tmp_path = setup
-    assert widget.image_layer.value is viewer.layers["cells"] and widget.labels_layer.value is viewer.layers["cells nuclei"]
+    assert (
+        widget.image_layer.value is viewer.layers["cells"]
+        and widget.labels_layer.value is viewer.layers["cells nuclei"]
+    )
     widget.start()
     wait(widget, qtbot)
     assert not messages, messages
@@ -62,7 +65,9 @@ def test_finetune_trains_saves_and_hands_the_model_to_segment(setup, qtbot):
     assert training["images"] == 1 and training["nuclei"] == 14 and "tiny" in training["base_model"]
     assert training["iterations"] == 20 and "date" in training
     assert [e for e, _ in widget.plot.losses] == [1, 2, 3, 4] and widget.plot.losses[-1][1] < widget.plot.losses[0][1]
-    assert not widget.plot.scores and "no validation score" in widget.plot.note  # one image: nothing held out, said plainly
+    assert (
+        not widget.plot.scores and "no validation score" in widget.plot.note
+    )  # one image: nothing held out, said plainly
     assert "done" in widget.status.value and "on cpu" in widget.status.value
     assert segment.model.path() == str(out / "model.safetensors")
     assert widget.model.path() == str(out / "model.safetensors")  # the next round starts from the new model
@@ -71,7 +76,9 @@ def test_finetune_trains_saves_and_hands_the_model_to_segment(setup, qtbot):
     assert Checkpoint.load(tmp_path / "tiny").metadata.get("training") is None
     assert widget.resegment_button.enabled
     widget.resegment()  # waits for the new model to load, then segments
-    qtbot.waitUntil(lambda: "nuclei_unet" in viewer.layers["cells nuclei"].metadata and widget.hub.idle, timeout=TIMEOUT_MS)
+    qtbot.waitUntil(
+        lambda: "nuclei_unet" in viewer.layers["cells nuclei"].metadata and widget.hub.idle, timeout=TIMEOUT_MS
+    )
     assert viewer.layers["cells nuclei"].metadata["nuclei_unet"]["model"] == "mine"
 
 
@@ -131,15 +138,22 @@ def test_start_cancel_in_the_first_epoch_start_again_finish(setup, qtbot, monkey
     widget.start()  # start again, and let it finish
     wait(widget, qtbot)
     assert not messages, messages
-    assert "done" in widget.status.value and Checkpoint.load(tmp_path / "models" / "mine").metadata["training"]["iterations"] == 15
-    qtbot.waitUntil(lambda: "mine" in segment.model.summary.value, timeout=TIMEOUT_MS)  # the new model, loaded after the run
+    assert (
+        "done" in widget.status.value
+        and Checkpoint.load(tmp_path / "models" / "mine").metadata["training"]["iterations"] == 15
+    )
+    qtbot.waitUntil(
+        lambda: "mine" in segment.model.summary.value, timeout=TIMEOUT_MS
+    )  # the new model, loaded after the run
     assert segment.model.path() == str(tmp_path / "models" / "mine" / "model.safetensors")
     # never two at once; the new model is then loaded by Segment and by Fine-tune itself (the next round starts from it)
     assert jobs == ["fine-tuning", "", "fine-tuning", "", "loading the model", "", "loading the model", ""], jobs
     qtbot.waitUntil(lambda: widget.hub.idle, timeout=TIMEOUT_MS)
     segment.run()  # and the viewer is free again
     qtbot.waitUntil(lambda: segment._worker is None and widget.hub.idle, timeout=TIMEOUT_MS)
-    assert "nuclei in" in segment.status.value and viewer.layers["cells nuclei"].metadata["nuclei_unet"]["model"] == "mine"
+    assert (
+        "nuclei in" in segment.status.value and viewer.layers["cells nuclei"].metadata["nuclei_unet"]["model"] == "mine"
+    )
 
 
 def test_keeping_the_other_image_types_can_be_switched_off(setup):
@@ -264,7 +278,9 @@ def test_a_foreign_bioimageio_package_segments_but_cannot_be_fine_tuned(setup, q
 
     _viewer, _segment, widget, messages, _ = setup
     folder = tmp_path / "foreign"
-    with zipfile.ZipFile(export_package(widget.model.checkpoint(widget.model.path()), tmp_path / "p.zip", ExportParams(run_test=False))) as archive:
+    with zipfile.ZipFile(
+        export_package(widget.model.checkpoint(widget.model.path()), tmp_path / "p.zip", ExportParams(run_test=False))
+    ) as archive:
         archive.extractall(folder)
     description = yaml.safe_load((folder / "rdf.yaml").read_text())
     del description["weights"]["pytorch_state_dict"], description["config"]  # as another tool would write it

@@ -31,7 +31,7 @@ from qtpy.QtCore import QThreadPool
 from qtpy.QtWidgets import QApplication
 
 kind, name, path = sys.argv[1:4]
-HEAVY = %r
+HEAVY = HEAVY_MODULES
 first_torch_import = []  # the thread that imported torch first
 
 class Witness:
@@ -73,9 +73,11 @@ if kind == "widget":  # its model load (a worker) imports torch: wait for it
         pump(0.1)
 else:  # whatever comes next in this session imports torch
     import segmentation_models_pytorch
-print(json.dumps({"mesa": mesa, "loaded_by_it": loaded_by_it, "torch_on_gui_thread": first_torch_import[:1] == [True], "triton": sys.modules.get("triton") is not None, "layers": len(viewer.layers)}))
+report = {"mesa": mesa, "loaded_by_it": loaded_by_it, "torch_on_gui_thread": first_torch_import[:1] == [True]}
+report.update(triton=sys.modules.get("triton") is not None, layers=len(viewer.layers))
+print(json.dumps(report))
 viewer.close()
-""" % (HEAVY,)
+""".replace("HEAVY_MODULES", repr(HEAVY))
 
 
 def _write_inputs(folder: Path) -> dict[str, str]:
@@ -96,18 +98,29 @@ def _write_inputs(folder: Path) -> dict[str, str]:
 def _contributions() -> list[tuple[str, str, str]]:
     """(kind, name, command) for every widget, reader, writer and sample of the manifest."""
     found = [("widget", w["display_name"], w["command"]) for w in MANIFEST["contributions"]["widgets"]]
-    found += [(kind, "", item["command"]) for kind in ("reader", "writer") for item in MANIFEST["contributions"][kind + "s"]]
+    found += [
+        (kind, "", item["command"]) for kind in ("reader", "writer") for item in MANIFEST["contributions"][kind + "s"]
+    ]
     found += [("sample", s["key"], s["command"]) for s in MANIFEST["contributions"]["sample_data"]]
     return found
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("DISPLAY"), reason="needs a display (the README's test command runs under xvfb-run)")
+@pytest.mark.skipif(
+    not os.environ.get("DISPLAY"), reason="needs a display (the README's test command runs under xvfb-run)"
+)
 @pytest.mark.parametrize("kind,name,command", _contributions(), ids=[c[2].split(".")[-1] for c in _contributions()])
 def test_each_contribution_opened_first_survives(tmp_path, kind, name, command):
     path = _write_inputs(tmp_path).get(command.split(".")[-1], "")
     env = {**os.environ, "NUCLEI_UNET_CACHE": str(tmp_path / "cache")}
-    result = subprocess.run([sys.executable, "-c", SCRIPT, kind, name, path], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT, kind, name, path],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, f"exit {result.returncode}: {result.stderr[-2000:]}"
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["mesa"], "the window did not render with Mesa's LLVM: this test would prove nothing here"
@@ -121,8 +134,12 @@ def test_each_contribution_opened_first_survives(tmp_path, kind, name, command):
         assert Path(path).is_file()
 
 
-@pytest.mark.parametrize("module", sorted({c["python_name"].split(":")[0] for c in MANIFEST["contributions"]["commands"]}))
+@pytest.mark.parametrize(
+    "module", sorted({c["python_name"].split(":")[0] for c in MANIFEST["contributions"]["commands"]})
+)
 def test_contribution_modules_import_without_torch(module):
     script = f"import sys, {module}\nprint(' '.join(m for m in {HEAVY!r} if sys.modules.get(m) is not None))"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "", f"{module} imports {result.stdout.strip()} (heavy imports belong in the workers)"
+    assert result.stdout.strip() == "", (
+        f"{module} imports {result.stdout.strip()} (heavy imports belong in the workers)"
+    )

@@ -1,4 +1,5 @@
-"""GeoJSON polygons: exact round trips, QuPath's fields, files that validate against the GeoJSON schema (geojson-pydantic) and RFC 7946's ring rules."""
+"""GeoJSON polygons: exact round trips, QuPath's fields, files that validate against the GeoJSON schema
+(geojson-pydantic) and RFC 7946's ring rules."""
 
 import json
 
@@ -31,12 +32,20 @@ def test_labels_round_trip_exactly_through_geojson(tmp_path):
     assert len(features) == len(np.unique(labels)) - 1
     for feature in features:
         _check_rfc7946(feature)
-        assert feature["properties"]["objectType"] == "detection" and feature["properties"]["classification"]["name"] == "Nucleus"
+        assert (
+            feature["properties"]["objectType"] == "detection"
+            and feature["properties"]["classification"]["name"] == "Nucleus"
+        )
     holed = next(f for f in features if f["properties"]["measurements"]["label"] == 900)
     assert holed["geometry"]["type"] == "Polygon" and len(holed["geometry"]["coordinates"]) == 2  # exterior + hole
     assert holed["properties"]["measurements"]["area"] == 60.0
     exterior = np.array(holed["geometry"]["coordinates"][0])
-    assert exterior[:, 0].min() == 5 and exterior[:, 0].max() == 13 and exterior[:, 1].min() == 150 and exterior[:, 1].max() == 158  # pixel edges
+    assert (
+        exterior[:, 0].min() == 5
+        and exterior[:, 0].max() == 13
+        and exterior[:, 1].min() == 150
+        and exterior[:, 1].max() == 158
+    )  # pixel edges
     assert np.array_equal(features_to_labels(features, labels.shape), labels)
     path = write_geojson(tmp_path / "cells.geojson", labels)
     assert json.loads(path.read_text())["type"] == "FeatureCollection"
@@ -61,8 +70,11 @@ def test_diagonal_pixels_become_a_multipolygon_and_round_trip():
 
 
 def test_qupath_lists_and_bad_files(tmp_path):
-    square = {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[1, 1], [4, 1], [4, 3], [1, 3], [1, 1]]]},
-              "properties": {"objectType": "annotation"}}  # fmt: skip
+    square = {
+        "type": "Feature",
+        "geometry": {"type": "Polygon", "coordinates": [[[1, 1], [4, 1], [4, 3], [1, 3], [1, 1]]]},
+        "properties": {"objectType": "annotation"},
+    }
     point = {"type": "Feature", "geometry": {"type": "Point", "coordinates": [2, 2]}, "properties": {}}
     path = tmp_path / "qupath.geojson"
     path.write_text(json.dumps([square, point]))  # QuPath may export a bare list of features

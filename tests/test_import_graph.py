@@ -41,7 +41,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
         state[node] = "open"
         for nxt in sorted(graph[node]):
             if state.get(nxt) == "open":
-                found.append(stack[stack.index(nxt):] + [nxt])
+                found.append(stack[stack.index(nxt) :] + [nxt])
             elif nxt not in state:
                 visit(nxt, stack + [nxt])
         state[node] = "done"
@@ -54,7 +54,10 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_package_has_no_import_cycle():
     graph = import_graph()
-    assert graph["napari_nuclei_unet.segment"] >= {"napari_nuclei_unet.blocks", "napari_nuclei_unet.plane"}  # the graph is read
+    assert graph["napari_nuclei_unet.segment"] >= {
+        "napari_nuclei_unet.blocks",
+        "napari_nuclei_unet.plane",
+    }  # the graph is read
     package_cycles = [c for c in cycles(graph) if c[0] != "napari_nuclei_unet" and "napari_nuclei_unet" not in c]
     assert package_cycles == []
 

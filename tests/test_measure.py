@@ -26,9 +26,14 @@ def test_hand_checked_values_and_regionprops_agree():
     assert table["label"].tolist() == [1, 3]
     assert table["area"].tolist() == [20, 3]
     assert table["centroid_y"].tolist() == [3.5, 8.0] and table["centroid_x"].tolist() == [5.0, 1.0]
-    assert table["mean_intensity"].tolist() == pytest.approx([2.4, 2.0]) and table["max_intensity"].tolist() == [10.0, 3.0]
+    assert table["mean_intensity"].tolist() == pytest.approx([2.4, 2.0]) and table["max_intensity"].tolist() == [
+        10.0,
+        3.0,
+    ]
     assert table["integrated_intensity"].tolist() == pytest.approx([48.0, 6.0])
-    assert table["area_um2"].tolist() == pytest.approx([5.0, 0.75]) and table["centroid_x_um"].tolist() == pytest.approx([2.5, 0.5])
+    assert table["area_um2"].tolist() == pytest.approx([5.0, 0.75]) and table[
+        "centroid_x_um"
+    ].tolist() == pytest.approx([2.5, 0.5])
     for row, region in enumerate(regionprops(labels, intensity_image=image)):
         assert table["perimeter"][row] == pytest.approx(region.perimeter)
         assert table["equivalent_diameter"][row] == pytest.approx(region.equivalent_diameter_area)
@@ -62,6 +67,10 @@ def test_bad_input_and_the_csv(tmp_path):
     path = tmp_path / "cells_nuclei.csv"
     write_measurements_csv(path, measure(labels, image))
     lines = path.read_text().splitlines()
-    assert lines[0].startswith("label,centroid_y,centroid_x,area,") and len(lines) == 3 and lines[1].startswith("1,3.5,5,20,")
+    assert (
+        lines[0].startswith("label,centroid_y,centroid_x,area,")
+        and len(lines) == 3
+        and lines[1].startswith("1,3.5,5,20,")
+    )
     empty = measure(np.zeros((8, 8), np.int32))
     assert empty["label"].size == 0

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from napari_nuclei_unet import ModelError
-from napari_nuclei_unet.model import Checkpoint, ModelConfig, resolve_device
+from napari_nuclei_unet.devices import resolve_device
+from napari_nuclei_unet.model import Checkpoint, ModelConfig
 
 
 def test_save_load_round_trip(tmp_path, tiny_checkpoint):
@@ -54,7 +55,11 @@ def test_named_encoder_that_does_not_match(tmp_path, tiny_checkpoint):
     with pytest.raises(ModelError) as info:
         Checkpoint.load(path, encoder="resnet34")
     message = str(info.value)
-    assert message.startswith(str(path)) and "weights do not match smp.Unet(encoder='resnet34'" in message and "\n" not in message
+    assert (
+        message.startswith(str(path))
+        and "weights do not match smp.Unet(encoder='resnet34'" in message
+        and "\n" not in message
+    )
 
 
 def test_weights_that_do_not_match_the_config(tmp_path, tiny_checkpoint):
@@ -121,7 +126,9 @@ def test_a_copy_of_a_checkpoint_that_ran_on_the_cpu_can_be_trained(tmp_path, tin
     monkeypatch.setenv("NUCLEI_UNET_CACHE", str(tmp_path / "cache"))
     tiny_checkpoint.save(tmp_path / "m")
     image = np.random.default_rng(0).random((64, 64)).astype(np.float32)
-    predict(Checkpoint.load(tmp_path / "m"), image, Normalizer.from_image(image, 3), TilingParams(device="cpu"))  # exports to the disk cache
+    predict(
+        Checkpoint.load(tmp_path / "m"), image, Normalizer.from_image(image, 3), TilingParams(device="cpu")
+    )  # exports to the disk cache
     loaded = Checkpoint.load(tmp_path / "m")
     assert loaded.deferred is not None
     predict(loaded, image, Normalizer.from_image(image, 3), TilingParams(device="cpu"))  # its network is kept with it

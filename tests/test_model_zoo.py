@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import yaml
 
+from napari_nuclei_unet.bioimageio_export import export_package, validate_package
 from napari_nuclei_unet.cli import main
 from napari_nuclei_unet.errors import ModelError
 from napari_nuclei_unet.model import Checkpoint, resolve_model_path
-from napari_nuclei_unet.bioimageio_export import export_package, validate_package
 from napari_nuclei_unet.params import ExportParams, PostprocessParams, SegmentParams, TilingParams
 from napari_nuclei_unet.segment import segment
 from napari_nuclei_unet.synthetic import sample_field
@@ -65,7 +65,9 @@ def test_the_exported_bundled_model_passes_bioimageio_cores_model_test(exported)
     summary = test_model(exported)
     assert summary.status == "passed", [e.msg for d in summary.details for e in d.errors][:3]
     reproduced = {d.name for d in summary.details if d.name.startswith("Reproduce test outputs")}
-    assert reproduced == {f"Reproduce test outputs from test inputs ({w})" for w in ("onnx", "pytorch_state_dict", "torchscript")}
+    assert reproduced == {
+        f"Reproduce test outputs from test inputs ({w})" for w in ("onnx", "pytorch_state_dict", "torchscript")
+    }
     assert validate_package(exported, run_test=False) == []
 
 
@@ -82,21 +84,37 @@ def test_the_package_describes_our_preprocessing_outputs_and_metadata(exported, 
         data = yaml.safe_load(archive.read("rdf.yaml"))
         names = set(archive.namelist())
         readme = archive.read("README.md").decode()
-    assert {"weights.onnx", "weights.pt", "weights.torchscript.pt", "test_input.npy", "test_output.npy", "cover.png", "README.md"} <= names
+    assert {
+        "weights.onnx",
+        "weights.pt",
+        "weights.torchscript.pt",
+        "test_input.npy",
+        "test_output.npy",
+        "cover.png",
+        "README.md",
+    } <= names
     steps = [step["id"] for step in data["inputs"][0]["preprocessing"] if step["id"] != "ensure_dtype"]
     assert steps == ["scale_range", "clip"]
     assert data["inputs"][0]["preprocessing"][1]["kwargs"]["max_percentile"] == bundled.percentiles[1]
     assert data["outputs"][0]["axes"][1]["channel_names"] == list(bundled.outputs)
     assert data["weights"]["pytorch_state_dict"]["architecture"]["import_from"] == "segmentation_models_pytorch"
     assert data["config"]["napari-nuclei-unet"]["postprocess"]["min_confidence"] == bundled.min_confidence
-    assert "monuseg" in data["training_data"]["description"].lower() and "NON-COMMERCIAL" in data["training_data"]["description"]
+    assert (
+        "monuseg" in data["training_data"]["description"].lower()
+        and "NON-COMMERCIAL" in data["training_data"]["description"]
+    )
     assert f"({bundled.min_confidence:g})" in readme and "watershed" in readme
 
 
 def test_our_package_loads_back_and_segments_the_sample_identically(exported, bundled):
     loaded = Checkpoint.load(exported)
     assert loaded.can_finetune and loaded.package is None
-    assert (loaded.outputs, loaded.percentiles, loaded.nucleus_diameter, loaded.min_confidence) == (bundled.outputs, bundled.percentiles, bundled.nucleus_diameter, bundled.min_confidence)
+    assert (loaded.outputs, loaded.percentiles, loaded.nucleus_diameter, loaded.min_confidence) == (
+        bundled.outputs,
+        bundled.percentiles,
+        bundled.nucleus_diameter,
+        bundled.min_confidence,
+    )
     from skimage import data
 
     for image, least in ((sample_field()[0], 40), (data.immunohistochemistry(), 5)):  # the plugin's two samples
@@ -118,7 +136,9 @@ def test_a_foreign_package_runs_through_its_own_onnx_and_torchscript_weights(unp
     np.testing.assert_allclose(through_onnx, reference, atol=1e-3)
     np.testing.assert_allclose(through_torchscript, through_onnx, atol=1e-4)
     # Without our metadata the package has no calibrated min confidence and no training nucleus size.
-    same = SegmentParams(tiling=TilingParams(precision="float32"), postprocess=PostprocessParams(min_confidence=0.0), diameter=None)
+    same = SegmentParams(
+        tiling=TilingParams(precision="float32"), postprocess=PostprocessParams(min_confidence=0.0), diameter=None
+    )
     labels = segment(loaded, image, same).labels
     assert np.mean((labels > 0) == (segment(bundled, image, same).labels > 0)) > 0.999
     with pytest.raises(ModelError, match="cannot be fine-tuned"):
@@ -132,9 +152,18 @@ def test_a_foreign_package_runs_through_its_own_onnx_and_torchscript_weights(unp
     [
         (lambda d: d.pop("inputs"), "not a valid bioimage.io model description"),
         (lambda d: d["inputs"][0]["axes"].insert(2, {"type": "space", "id": "z", "size": 8}), "only 2D"),
-        (lambda d: d["outputs"][0]["axes"][1].update(channel_names=["alpha", "beta"]), "which output channel is the nuclei foreground"),
-        (lambda d: d["inputs"][0]["preprocessing"].append({"id": "binarize", "kwargs": {"threshold": 0.5}}), "'binarize' is not supported"),
-        (lambda d: d["outputs"][0].update(postprocessing=[{"id": "binarize", "kwargs": {"threshold": 0.5}}]), "binarize is not supported"),
+        (
+            lambda d: d["outputs"][0]["axes"][1].update(channel_names=["alpha", "beta"]),
+            "which output channel is the nuclei foreground",
+        ),
+        (
+            lambda d: d["inputs"][0]["preprocessing"].append({"id": "binarize", "kwargs": {"threshold": 0.5}}),
+            "'binarize' is not supported",
+        ),
+        (
+            lambda d: d["outputs"][0].update(postprocessing=[{"id": "binarize", "kwargs": {"threshold": 0.5}}]),
+            "binarize is not supported",
+        ),
     ],
 )
 def test_a_package_we_cannot_interpret_is_a_one_line_error_naming_it(unpacked, change, message):
@@ -145,7 +174,8 @@ def test_a_package_we_cannot_interpret_is_a_one_line_error_naming_it(unpacked, c
 
 
 def test_an_smp_unet_package_loads_as_ours_only_with_our_normalisation(unpacked, tiny_config):
-    """Without our metadata, a state_dict package is ours when its percentiles are pooled over the colour channels, as ours are."""
+    """Without our metadata, a state_dict package is ours when its percentiles are pooled over the colour channels, as
+    ours are."""
 
     def without_our_metadata(data):
         data.pop("config")
@@ -194,9 +224,23 @@ def test_broken_package_files_are_one_line_cli_errors(tmp_path, exported, capsys
     assert not list((tmp_path / "out").glob("*.tif"))  # the model is checked before any image is written
 
 
-def test_cli_export_writes_a_package_with_the_users_fields_and_leaves_nothing_when_it_fails(tmp_path, monkeypatch, capsys):
+def test_cli_export_writes_a_package_with_the_users_fields_and_leaves_nothing_when_it_fails(
+    tmp_path, monkeypatch, capsys
+):
     out = tmp_path / "mine.zip"
-    code = main(["export-bioimageio", "default", "--out", str(out), "--no-test", "--author", "Jane Doe;Nuclei Lab;0000-0002-1825-0097", "--cite", "Our paper;10.1000/xyz123"])
+    code = main(
+        [
+            "export-bioimageio",
+            "default",
+            "--out",
+            str(out),
+            "--no-test",
+            "--author",
+            "Jane Doe;Nuclei Lab;0000-0002-1825-0097",
+            "--cite",
+            "Our paper;10.1000/xyz123",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     with zipfile.ZipFile(out) as archive:
         data = yaml.safe_load(archive.read("rdf.yaml"))
@@ -219,7 +263,12 @@ def test_fixed_and_parameterized_input_sizes_shape_the_tiles():
     fixed = InputSizes(minimum=512, step=512, fixed=True)
     assert axis_tiles(100, 1024, 64, fixed) == (512, [0])
     tile, starts = axis_tiles(1300, 1024, 64, fixed)
-    assert tile == 512 and starts[0] == 0 and starts[-1] == 1300 - 512 and all(b - a <= 512 - 64 for a, b in zip(starts, starts[1:]))
+    assert (
+        tile == 512
+        and starts[0] == 0
+        and starts[-1] == 1300 - 512
+        and all(b - a <= 512 - 64 for a, b in zip(starts, starts[1:]))
+    )
     stepped = InputSizes(minimum=64, step=16)
     assert [stepped.fit(n) for n in (10, 64, 65, 80, 81)] == [64, 64, 80, 80, 96]
     assert axis_tiles(70, 1024, 64, stepped) == (80, [0])
@@ -248,26 +297,38 @@ def test_a_zoo_package_whose_batch_is_one_runs_batches_image_by_image(zoo_packag
     loaded = Checkpoint.load(zoo_package)
     assert loaded.package.one_at_a_time  # its batch axis is fixed at 1: ONNX Runtime refuses 4 tiles at once
     plane = np.random.default_rng(0).random((700, 900)).astype(np.float32) * 4000
-    single, batched = (predict(loaded, plane, loaded.normalizer(plane), TilingParams(device="cpu", backend=backend, batch_size=n)) for n in (1, 4))
+    single, batched = (
+        predict(loaded, plane, loaded.normalizer(plane), TilingParams(device="cpu", backend=backend, batch_size=n))
+        for n in (1, 4)
+    )
     np.testing.assert_allclose(batched, single, atol=1e-5)
 
 
-def test_the_zoo_package_segments_a_dsb2018_image_from_the_cli_without_the_network(zoo_package, dsb2018, tmp_path, monkeypatch, capsys):
+def test_the_zoo_package_segments_a_dsb2018_image_from_the_cli_without_the_network(
+    zoo_package, dsb2018, tmp_path, monkeypatch, capsys
+):
     import csv
     import socket
 
     def no_network(*args, **kwargs):
         raise AssertionError("tried to download")
 
-    monkeypatch.setattr(socket.socket, "connect", no_network)  # its pytorch_state_dict is remote: it must not be fetched
+    monkeypatch.setattr(
+        socket.socket, "connect", no_network
+    )  # its pytorch_state_dict is remote: it must not be fetched
 
     with open(dsb2018 / "split.csv") as handle:
         image_id = next(row[0] for row in csv.reader(handle) if row[1:] == ["val"])
     out = tmp_path / "out"
-    assert main(["segment", str(dsb2018 / "images" / f"{image_id}.png"), "--out", str(out), "--model", str(zoo_package)]) == 0
+    assert (
+        main(["segment", str(dsb2018 / "images" / f"{image_id}.png"), "--out", str(out), "--model", str(zoo_package)])
+        == 0
+    )
     from napari_nuclei_unet.io import read_image
 
     labels = read_image(out / f"{image_id}.tif")
     assert labels.max() >= 5
     err = capsys.readouterr().err
-    assert "UNet 2D Nuclei Broad, bioimage.io package" in err and "cpu (ONNX Runtime, the package's weights)" in err  # not "8-bit": run as published
+    assert (
+        "UNet 2D Nuclei Broad, bioimage.io package" in err and "cpu (ONNX Runtime, the package's weights)" in err
+    )  # not "8-bit": run as published

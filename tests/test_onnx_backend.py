@@ -1,4 +1,5 @@
-"""The ONNX Runtime CPU backend gives PyTorch's probabilities (float32) or nearly them (int8), and follows the weights it was exported from."""
+"""The ONNX Runtime CPU backend gives PyTorch's probabilities (float32) or nearly them (int8), and follows the weights
+it was exported from."""
 
 import collections
 
@@ -34,11 +35,15 @@ def _both(model, image, monkeypatch, **tiling):
     """Probabilities with each backend, checking that ONNX Runtime ran only when asked for."""
     calls = []
     original = onnx_backend.OnnxNetwork.__call__
-    monkeypatch.setattr(onnx_backend.OnnxNetwork, "__call__", lambda self, batch: calls.append(1) or original(self, batch))
+    monkeypatch.setattr(
+        onnx_backend.OnnxNetwork, "__call__", lambda self, batch: calls.append(1) or original(self, batch)
+    )
     normalizer = Normalizer.from_image(image, 3)
     with_torch = predict(model, image, normalizer, TilingParams(device="cpu", backend="torch", **tiling))
     assert not calls
-    with_onnx = predict(model, image, normalizer, TilingParams(device="cpu", backend="onnx", precision="float32", **tiling))
+    with_onnx = predict(
+        model, image, normalizer, TilingParams(device="cpu", backend="onnx", precision="float32", **tiling)
+    )
     assert calls
     return with_torch, with_onnx
 
@@ -103,9 +108,39 @@ def test_cli_names_the_engine(tmp_path, capsys):
     from napari_nuclei_unet.cli import main
 
     tifffile.imwrite(tmp_path / "a.tif", _image((96, 96)))
-    assert main(["segment", str(tmp_path / "a.tif"), "--out", str(tmp_path / "out"), "--diameter", "none", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "segment",
+                str(tmp_path / "a.tif"),
+                "--out",
+                str(tmp_path / "out"),
+                "--diameter",
+                "none",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert "device: cpu (ONNX Runtime, 8-bit)" in capsys.readouterr().err
-    assert main(["segment", str(tmp_path / "a.tif"), "--out", str(tmp_path / "out32"), "--diameter", "none", "--device", "cpu", "--precision", "float32"]) == 0
+    assert (
+        main(
+            [
+                "segment",
+                str(tmp_path / "a.tif"),
+                "--out",
+                str(tmp_path / "out32"),
+                "--diameter",
+                "none",
+                "--device",
+                "cpu",
+                "--precision",
+                "float32",
+            ]
+        )
+        == 0
+    )
     assert "device: cpu (ONNX Runtime)\n" in capsys.readouterr().err
 
 
@@ -122,7 +157,9 @@ def test_int8_network_is_quantised_and_stays_close_to_float32(tiny_checkpoint):
     assert not any(quantised_weights[:1] + quantised_weights[-3:]) and all(quantised_weights[1:-3])
 
     normalizer = Normalizer.from_image(_image(), 3)
-    int8, float32 = (predict(model, _image(), normalizer, TilingParams(device="cpu", precision=p)) for p in ("int8", "float32"))
+    int8, float32 = (
+        predict(model, _image(), normalizer, TilingParams(device="cpu", precision=p)) for p in ("int8", "float32")
+    )
     assert int8.shape == float32.shape == (2, 200, 330)
     assert np.abs(int8 - float32).mean() < 0.02
 
@@ -136,7 +173,10 @@ def test_int8_segments_the_sample_as_float32_does():
 
     checkpoint = Checkpoint.load(bundled_model_path())
     image, truth = sample_field()
-    int8, float32 = (segment(checkpoint, image, SegmentParams(tiling=TilingParams(device="cpu", precision=p))) for p in ("int8", "float32"))
+    int8, float32 = (
+        segment(checkpoint, image, SegmentParams(tiling=TilingParams(device="cpu", precision=p)))
+        for p in ("int8", "float32")
+    )
     assert onnx_backend.cpu_network(checkpoint.model, 3, precision="int8").precision == "int8"  # it really ran 8-bit
     assert np.abs(int8.probabilities - float32.probabilities).mean() < 0.01
     assert np.mean((int8.labels > 0) == (float32.labels > 0)) > 0.99
@@ -150,7 +190,9 @@ def test_failed_quantisation_runs_float32_with_a_warning(tiny_checkpoint, monkey
         raise ValueError("no 8-bit kernel for this operator")
 
     monkeypatch.setattr(onnx_backend, "quantize", broken)
-    monkeypatch.setattr(onnx_backend, "_QUANTISED", collections.OrderedDict())  # nothing quantised earlier in this process
+    monkeypatch.setattr(
+        onnx_backend, "_QUANTISED", collections.OrderedDict()
+    )  # nothing quantised earlier in this process
     with pytest.warns(RuntimeWarning, match="8-bit quantisation failed, running float32 .no 8-bit kernel"):
         network = onnx_backend.cpu_network(tiny_checkpoint.model.eval(), 3, precision="int8")
     assert isinstance(network, onnx_backend.OnnxNetwork) and network.precision == "float32"
@@ -163,7 +205,9 @@ def test_the_same_weights_are_quantised_once(tiny_config, monkeypatch):
     calls = []
     original = onnx_backend.quantize
     monkeypatch.setattr(onnx_backend, "quantize", lambda *args: calls.append(1) or original(*args))
-    monkeypatch.setattr(onnx_backend, "_QUANTISED", collections.OrderedDict())  # nothing quantised earlier in this process
+    monkeypatch.setattr(
+        onnx_backend, "_QUANTISED", collections.OrderedDict()
+    )  # nothing quantised earlier in this process
     first = Checkpoint.create(tiny_config)
     copy = Checkpoint.create(tiny_config)
     copy.model.load_state_dict(first.model.state_dict())
@@ -220,12 +264,18 @@ def test_other_weights_are_another_file_and_a_damaged_file_is_exported_again(tmp
     expected = predict(checkpoint.model, image, normalizer, TilingParams(device="cpu", backend="torch"))
     other = Checkpoint.load(tmp_path / "b")
     assert other.deferred is None  # different weights: nothing of theirs is cached
-    assert np.abs(predict(other, image, normalizer, TilingParams(device="cpu", precision="float32")) - expected).max() < TOLERANCE
+    assert (
+        np.abs(predict(other, image, normalizer, TilingParams(device="cpu", precision="float32")) - expected).max()
+        < TOLERANCE
+    )
     for path in (tmp_path / "cache").glob("*.onnx"):
         path.write_bytes(b"\x02\x00not an onnx graph")
     damaged = Checkpoint.load(tmp_path / "b")
     assert damaged.deferred is not None
-    assert np.abs(predict(damaged, image, normalizer, TilingParams(device="cpu", precision="float32")) - expected).max() < TOLERANCE
+    assert (
+        np.abs(predict(damaged, image, normalizer, TilingParams(device="cpu", precision="float32")) - expected).max()
+        < TOLERANCE
+    )
 
 
 def test_an_unwritable_cache_folder_costs_only_the_export(tmp_path, tiny_checkpoint, monkeypatch):
@@ -233,7 +283,9 @@ def test_an_unwritable_cache_folder_costs_only_the_export(tmp_path, tiny_checkpo
     blocker.write_text("")
     monkeypatch.setenv("NUCLEI_UNET_CACHE", str(blocker / "cache"))  # a folder that cannot be made
     image = _image()
-    out = predict(tiny_checkpoint, image, Normalizer.from_image(image, 3), TilingParams(device="cpu", precision="float32"))
+    out = predict(
+        tiny_checkpoint, image, Normalizer.from_image(image, 3), TilingParams(device="cpu", precision="float32")
+    )
     assert out.shape == (2, *image.shape)
 
 
@@ -251,15 +303,30 @@ def test_a_cli_run_from_the_disk_cache_imports_neither_torch_nor_onnx(tmp_path, 
     tiny_checkpoint.nucleus_diameter = 10.0
     tiny_checkpoint.save(tmp_path / "model")
     tifffile.imwrite(tmp_path / "cells.tif", _image((120, 150)))
-    arguments = ["segment", str(tmp_path / "cells.tif"), "--model", str(tmp_path / "model"), "--diameter", "5", "--device", "auto"]
+    arguments = [
+        "segment",
+        str(tmp_path / "cells.tif"),
+        "--model",
+        str(tmp_path / "model"),
+        "--diameter",
+        "5",
+        "--device",
+        "auto",
+    ]
     # In this process: export and cache the network.
-    predict(Checkpoint.load(tmp_path / "model"), _image((8, 8)), Normalizer.from_image(_image((8, 8)), 3), TilingParams(device="cpu"))
+    predict(
+        Checkpoint.load(tmp_path / "model"),
+        _image((8, 8)),
+        Normalizer.from_image(_image((8, 8)), 3),
+        TilingParams(device="cpu"),
+    )
     script = (
         "import json, sys\n"
-        "from napari_nuclei_unet import cli, model\n"
-        "gpu = model._gpu_possible()\n"
+        "from napari_nuclei_unet import cli, devices\n"
+        "gpu = devices._gpu_possible()\n"
         f"code = cli.main({arguments + ['--out', str(tmp_path / 'second')]!r})\n"
-        "print(json.dumps({'code': code, 'gpu': gpu, 'torch': 'torch' in sys.modules, 'onnx': 'onnx' in sys.modules}))\n"
+        "print(json.dumps({'code': code, 'gpu': gpu, 'torch': 'torch' in sys.modules, 'onnx': 'onnx' in "
+        "sys.modules}))\n"
     )
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -271,4 +338,6 @@ def test_a_cli_run_from_the_disk_cache_imports_neither_torch_nor_onnx(tmp_path, 
     from napari_nuclei_unet import cli
 
     assert cli.main([*arguments, "--out", str(tmp_path / "first")]) == 0  # the same run with torch loaded
-    assert np.array_equal(tifffile.imread(tmp_path / "second" / "cells.tif"), tifffile.imread(tmp_path / "first" / "cells.tif"))
+    assert np.array_equal(
+        tifffile.imread(tmp_path / "second" / "cells.tif"), tifffile.imread(tmp_path / "first" / "cells.tif")
+    )

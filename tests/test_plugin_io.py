@@ -8,7 +8,6 @@ import pytest
 napari = pytest.importorskip("napari")
 
 from conftest import disks  # noqa: E402
-
 from napari_nuclei_unet._reader import get_reader  # noqa: E402
 from napari_nuclei_unet.rle import write_csv  # noqa: E402
 
@@ -43,8 +42,8 @@ def test_single_labels_layer_saves_as_rle_and_as_label_images(make_napari_viewer
         assert path.is_file()
     viewer.open(str(tmp_path / "cells.csv"), plugin=PLUGIN)
     assert np.array_equal(viewer.layers[-1].data, labels)
-    import tifffile
     import imageio.v3 as iio
+    import tifffile
 
     assert tifffile.imread(tmp_path / "cells.tif").dtype == np.uint16
     assert np.array_equal(tifffile.imread(tmp_path / "cells.tif"), labels)
@@ -97,9 +96,10 @@ def test_samples_load_without_network(make_napari_viewer):
     assert names == ["synthetic nuclei", "synthetic nuclei ground truth", "immunohistochemistry"]
     assert viewer.layers["synthetic nuclei ground truth"].data.max() == 60
     assert viewer.layers["immunohistochemistry"].rgb
-    from napari_nuclei_unet.synthetic import sample_field
     import tifffile
+
     from conftest import REPO
+    from napari_nuclei_unet.synthetic import sample_field
 
     image, labels = sample_field()  # the files in sample_data/ are this generator's output
     assert np.array_equal(tifffile.imread(REPO / "sample_data" / "synthetic_nuclei.tif"), image)
@@ -132,14 +132,17 @@ def test_a_csv_of_many_images_opens_as_one_stack_per_shape_and_saves_back_under_
         shape = (64, 80) if index % 3 else (48, 48)
         labels = np.zeros(shape, np.int32)
         y, x = rng.integers(8, 40, size=2)
-        labels[y:y + 6, x:x + 7] = 1
+        labels[y : y + 6, x : x + 7] = 1
         items.append((f"{index:064x}", labels))  # 64-character ids, as DSB2018's
     path = write_csv(tmp_path / "many.csv", items)
     viewer = make_napari_viewer()
     started = time.perf_counter()
     viewer.open(str(path), plugin=PLUGIN)
     took = time.perf_counter() - started
-    assert [layer.name for layer in viewer.layers] == [f"many 64x80 ({2 * MANY_IMAGES} images)", f"many 48x48 ({MANY_IMAGES} images)"]
+    assert [layer.name for layer in viewer.layers] == [
+        f"many 64x80 ({2 * MANY_IMAGES} images)",
+        f"many 48x48 ({MANY_IMAGES} images)",
+    ]
     big = viewer.layers[0]
     assert big.data.shape == (2 * MANY_IMAGES, 64, 80) and len(big.metadata["image_ids"]) == 2 * MANY_IMAGES
     expected = dict(items)
@@ -156,11 +159,16 @@ def test_labels_save_as_geojson_with_their_measurements_and_open_again(make_napa
 
     labels = disks()
     viewer = make_napari_viewer()
-    layer = viewer.add_labels(labels, name="cells nuclei", features={"index": [1, 2], "label": [1, 2], "area": [1.0, 2.0]})
+    layer = viewer.add_labels(
+        labels, name="cells nuclei", features={"index": [1, 2], "label": [1, 2], "area": [1.0, 2.0]}
+    )
     written = layer.save(str(tmp_path / "cells.geojson"), plugin=PLUGIN)
     assert written == [str(tmp_path / "cells.geojson")]
     collection = json.loads((tmp_path / "cells.geojson").read_text())
-    assert [f["properties"]["measurements"] for f in collection["features"]] == [{"label": 1, "area": 1.0}, {"label": 2, "area": 2.0}]
+    assert [f["properties"]["measurements"] for f in collection["features"]] == [
+        {"label": 1, "area": 1.0},
+        {"label": 2, "area": 2.0},
+    ]
     viewer.layers.clear()
     viewer.open(str(tmp_path / "cells.geojson"), plugin=PLUGIN)
     opened = viewer.layers["cells"].data  # no image beside the file: as large as the polygons reach

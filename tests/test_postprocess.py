@@ -33,7 +33,11 @@ def test_min_size_holes_and_sequential_labels():
     probability[12:15, 12:15] = 0.1  # a 9-pixel hole
     probability[40:42, 40:42] = 0.9  # a 4-pixel speck
     probability[30:50, 5:20] = 0.9
-    mask, labels = instances(probability[None], ("foreground",), PostprocessParams(threshold=0.5, min_size=10, hole_size=20, min_confidence=0.0))
+    mask, labels = instances(
+        probability[None],
+        ("foreground",),
+        PostprocessParams(threshold=0.5, min_size=10, hole_size=20, min_confidence=0.0),
+    )
     assert mask[13, 13]  # hole filled
     assert labels[41, 41] == 0  # speck removed
     assert sorted(np.unique(labels).tolist()) == [0, 1, 2]
@@ -73,13 +77,26 @@ def test_objects_the_network_is_unsure_of_are_dropped():
     mask, labels = instances(probability[None], ("foreground",), PostprocessParams(threshold=0.5, min_confidence=0.85))
     assert labels.max() == 2 and labels[15, 50] == 0 and not mask[15, 50]  # mask and labels agree
     assert labels[15, 15] == 1 and labels[45, 50] == 2  # numbered 1..N again
-    assert instances(probability[None], ("foreground",), PostprocessParams(threshold=0.5, min_confidence=0.9))[1].max() == 1
+    assert (
+        instances(probability[None], ("foreground",), PostprocessParams(threshold=0.5, min_confidence=0.9))[1].max()
+        == 1
+    )
     report = {}  # how many went for being unsure alone: what the widget warns about
     instances(probability[None], ("foreground",), PostprocessParams(threshold=0.5, min_confidence=0.9), report=report)
     assert report == {"unsure": 2}  # the 0.6 and the 0.88 objects
-    instances(probability[None], ("foreground",), PostprocessParams(threshold=0.5, min_confidence=0.9, min_size=401), report=report)
+    instances(
+        probability[None],
+        ("foreground",),
+        PostprocessParams(threshold=0.5, min_confidence=0.9, min_size=401),
+        report=report,
+    )
     assert report == {"unsure": 0}  # all three (400 px) too small: none went for being unsure alone
-    instances(np.zeros((1, 10, 10), np.float32), ("foreground",), PostprocessParams(threshold=0.5, min_confidence=0.9), report=report)
+    instances(
+        np.zeros((1, 10, 10), np.float32),
+        ("foreground",),
+        PostprocessParams(threshold=0.5, min_confidence=0.9),
+        report=report,
+    )
     assert report == {"unsure": 0}
     with pytest.raises(ValueError, match="min_confidence"):
         instances(probability[None], ("foreground",), PostprocessParams(threshold=0.5, min_confidence=1.0))

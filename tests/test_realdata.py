@@ -25,7 +25,20 @@ def test_decoded_object_counts_match_csv(dsb2018):
 @pytest.mark.slow
 def test_rle_cli_round_trips_the_real_csv(dsb2018, tmp_path):
     decoded = tmp_path / "labels"
-    assert main(["rle", "decode", str(dsb2018 / "train_labels.csv"), "--images", str(dsb2018 / "images"), "--out", str(decoded)]) == 0
+    assert (
+        main(
+            [
+                "rle",
+                "decode",
+                str(dsb2018 / "train_labels.csv"),
+                "--images",
+                str(dsb2018 / "images"),
+                "--out",
+                str(decoded),
+            ]
+        )
+        == 0
+    )
     assert main(["rle", "encode", str(decoded), "--out", str(tmp_path / "again.csv"), "--no-shape"]) == 0
 
     def rows_by_image(path):
@@ -49,7 +62,8 @@ def test_rle_cli_round_trips_the_real_csv(dsb2018, tmp_path):
 
 
 def test_image_types_of_the_val_split(dsb2018):
-    """The three DSB2018 image types, checked by looking at them: 53 fluorescence, 4 grey brightfield, 10 stained tissue."""
+    """The three DSB2018 image types, checked by looking at them: 53 fluorescence, 4 grey brightfield, 10 stained
+    tissue."""
     from napari_nuclei_unet.data import image_kind, image_type, load_pairs, read_split
 
     split = read_split(dsb2018 / "split.csv")

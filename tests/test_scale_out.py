@@ -19,10 +19,31 @@ def test_zarr_in_zarr_out(tmp_path, capsys, monkeypatch):
     import zarr
 
     image, truth = nuclei_field((320, 400), count=40, diameter=20, seed=31)
-    store = zarr.open_array(str(tmp_path / "field.zarr"), mode="w", shape=image.shape, chunks=(128, 128), dtype=image.dtype)
+    store = zarr.open_array(
+        str(tmp_path / "field.zarr"), mode="w", shape=image.shape, chunks=(128, 128), dtype=image.dtype
+    )
     store[...] = image
-    assert main(["segment", str(tmp_path / "field.zarr"), "--out", str(tmp_path / "out"), "--out-format", "zarr", "--diameter", "none",
-                 "--rle-csv", str(tmp_path / "out.csv"), "--large-plane", str(200 * 200), "--block-size", "160"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "segment",
+                str(tmp_path / "field.zarr"),
+                "--out",
+                str(tmp_path / "out"),
+                "--out-format",
+                "zarr",
+                "--diameter",
+                "none",
+                "--rle-csv",
+                str(tmp_path / "out.csv"),
+                "--large-plane",
+                str(200 * 200),
+                "--block-size",
+                "160",
+            ]
+        )
+        == 0
+    )
     labels = np.asarray(zarr.open_array(str(tmp_path / "out" / "field.zarr"), mode="r")[...])
     assert labels.shape == image.shape and evaluate([(truth, labels)]).ap50 > 0.8
     assert not any(p.name.endswith(".part") for p in (tmp_path / "out").iterdir())

@@ -38,7 +38,9 @@ def test_diameter_runs_the_network_on_a_rescaled_image_and_maps_back(tiny_checkp
         return original_forward(batch)
 
     model.forward = spy
-    params = SegmentParams(tiling=TilingParams(tile_size=4096, backend="torch"), diameter=40.0)  # the spy sees torch's calls
+    params = SegmentParams(
+        tiling=TilingParams(tile_size=4096, backend="torch"), diameter=40.0
+    )  # the spy sees torch's calls
     probabilities = _probabilities(tiny_checkpoint, image, params)
     assert probabilities.shape == (2, 150, 110)
     assert seen and seen[0][0] < 150  # the network saw the half-size image (padded to a multiple of 32)
@@ -105,5 +107,7 @@ def test_auto_stain_reads_the_channel_it_chose(tiny_checkpoint):
     """The network sees the hematoxylin channel exactly when "auto" chose it."""
     tissue = _purple_tissue()
     auto = _probabilities(tiny_checkpoint, tissue, SegmentParams(diameter=None))
-    assert np.array_equal(auto, _probabilities(tiny_checkpoint, tissue, SegmentParams(diameter=None, stain="hematoxylin")))
+    assert np.array_equal(
+        auto, _probabilities(tiny_checkpoint, tissue, SegmentParams(diameter=None, stain="hematoxylin"))
+    )
     assert not np.array_equal(auto, _probabilities(tiny_checkpoint, tissue, SegmentParams(diameter=None, stain="none")))

@@ -21,7 +21,9 @@ def test_blend_weights_sum_to_one():
     _, tiles = plan_tiles(shape, 256, 48)
     total = np.zeros(shape)
     for tile in tiles:
-        total[tile.y:tile.y + tile.height, tile.x:tile.x + tile.width] += tile.weight_y[:, None] * tile.weight_x[None, :]
+        total[tile.y : tile.y + tile.height, tile.x : tile.x + tile.width] += (
+            tile.weight_y[:, None] * tile.weight_x[None, :]
+        )
     assert np.allclose(total, 1.0, atol=1e-5)
 
 
@@ -42,13 +44,17 @@ def test_tiled_matches_untiled(tiny_checkpoint):
     image = _smooth_image((320, 448))
     normalizer = Normalizer.from_image(image, 3)
     whole = predict(tiny_checkpoint.model, image, normalizer, TilingParams(tile_size=1024, device="cpu"))
-    tiled = predict(tiny_checkpoint.model, image, normalizer, TilingParams(tile_size=128, overlap=48, batch_size=3, device="cpu"))
+    tiled = predict(
+        tiny_checkpoint.model, image, normalizer, TilingParams(tile_size=128, overlap=48, batch_size=3, device="cpu")
+    )
     assert whole.shape == tiled.shape == (2, 320, 448)
     difference = np.abs(whole - tiled)
     assert difference.mean() < 0.002, difference.mean()
     assert difference.max() < 0.02, difference.max()
     # More overlap, less disagreement: the blend is doing the work.
-    less_overlap = predict(tiny_checkpoint.model, image, normalizer, TilingParams(tile_size=128, overlap=16, device="cpu"))
+    less_overlap = predict(
+        tiny_checkpoint.model, image, normalizer, TilingParams(tile_size=128, overlap=16, device="cpu")
+    )
     assert np.abs(whole - less_overlap).mean() > difference.mean()
 
 
@@ -56,12 +62,25 @@ def test_progress_and_cancel(tiny_checkpoint):
     image = _smooth_image((200, 200))
     normalizer = Normalizer.from_image(image, 3)
     calls = []
-    predict(tiny_checkpoint.model, image, normalizer, TilingParams(tile_size=64, overlap=16, batch_size=2, device="cpu"), progress=lambda d, t: calls.append((d, t)))
+    predict(
+        tiny_checkpoint.model,
+        image,
+        normalizer,
+        TilingParams(tile_size=64, overlap=16, batch_size=2, device="cpu"),
+        progress=lambda d, t: calls.append((d, t)),
+    )
     total = calls[-1][1]
     assert total > 4 and calls[-1][0] == total and [c[0] for c in calls] == sorted(c[0] for c in calls)
     seen = []
     with pytest.raises(Cancelled):
-        predict(tiny_checkpoint.model, image, normalizer, TilingParams(tile_size=64, overlap=16, device="cpu"), progress=lambda d, t: seen.append(d), cancel=lambda: len(seen) >= 2)
+        predict(
+            tiny_checkpoint.model,
+            image,
+            normalizer,
+            TilingParams(tile_size=64, overlap=16, device="cpu"),
+            progress=lambda d, t: seen.append(d),
+            cancel=lambda: len(seen) >= 2,
+        )
     assert len(seen) == 2  # stopped between tiles, right after the cancel request
 
 

@@ -9,7 +9,15 @@ from napari_nuclei_unet import InputError
 from napari_nuclei_unet.data import LabelledImage
 from napari_nuclei_unet.model import Checkpoint
 from napari_nuclei_unet.synthetic import nuclei_field
-from napari_nuclei_unet.training import IGNORE, TrainConfig, calibrate_min_confidence, fit, make_loss, make_targets, train_steps
+from napari_nuclei_unet.training import (
+    IGNORE,
+    TrainConfig,
+    calibrate_min_confidence,
+    fit,
+    make_loss,
+    make_targets,
+    train_steps,
+)
 
 
 @pytest.fixture
@@ -37,9 +45,20 @@ def test_loss_ignores_pixels_outside_roi():
 
 
 def test_fit_decreases_loss_and_writes_loadable_checkpoint(tmp_path, tiny_checkpoint, samples):
-    config = TrainConfig(epochs=3, iterations_per_epoch=6, patch_size=64, batch_size=4, learning_rate=3e-3, warmup_iterations=2, device="cpu", precision="float32")
+    config = TrainConfig(
+        epochs=3,
+        iterations_per_epoch=6,
+        patch_size=64,
+        batch_size=4,
+        learning_rate=3e-3,
+        warmup_iterations=2,
+        device="cpu",
+        precision="float32",
+    )
     events = []
-    result = fit(tiny_checkpoint, samples[:2], tmp_path / "model", val=samples[2:], config=config, progress=events.append)
+    result = fit(
+        tiny_checkpoint, samples[:2], tmp_path / "model", val=samples[2:], config=config, progress=events.append
+    )
     losses = [e.loss for e in events if e.kind == "epoch"]
     assert result.kind == "done" and not result.cancelled and result.device == "cpu"
     assert losses[-1] < losses[0]
@@ -47,9 +66,13 @@ def test_fit_decreases_loss_and_writes_loadable_checkpoint(tmp_path, tiny_checkp
     assert loaded.metadata["training"]["images"] == 2 and "kaggle_score" in loaded.metadata["metrics"]
     assert loaded.nucleus_diameter and 12 < loaded.nucleus_diameter < 24
     assert (tmp_path / "model" / "training_log.csv").read_text().count("\n") == 4
-    # The model's min confidence was calibrated (one validation image is too few: the training images count too), saved and loaded back.
+    # The model's min confidence was calibrated (one validation image is too few: the training
+    # images count too), saved and loaded back.
     calibration = loaded.metadata["postprocess"]
-    assert calibration["calibrated_on"] == "3 training and validation images" and [e.kind for e in events][-2:] == ["calibrating", "done"]
+    assert calibration["calibrated_on"] == "3 training and validation images" and [e.kind for e in events][-2:] == [
+        "calibrating",
+        "done",
+    ]
     scores = {float(k): v for k, v in calibration["kaggle_score_by_min_confidence"].items()}
     assert loaded.min_confidence == tiny_checkpoint.min_confidence == max(scores, key=lambda c: (scores[c], -c))
 
@@ -63,7 +86,9 @@ def test_calibration_picks_the_lowest_min_confidence_that_drops_the_unsure_objec
     probability[0][truth > 0] = 0.97
     probability[0, 4:20, 40:56] = 0.72  # a fold the network is unsure of
     monkeypatch.setattr(segment, "predict_plane", lambda *args, **kwargs: segment.PlanePrediction(probability, None))
-    value, scores = calibrate_min_confidence(tiny_checkpoint, [LabelledImage("folds", np.zeros((64, 64), np.uint8), truth)])
+    value, scores = calibrate_min_confidence(
+        tiny_checkpoint, [LabelledImage("folds", np.zeros((64, 64), np.uint8), truth)]
+    )
     assert scores[0.0] < scores[0.75] == scores[0.95] == 1.0
     assert value == 0.75  # ties go to the lowest value: drop no more than needed
 
@@ -79,8 +104,16 @@ def test_training_without_calibration_keeps_the_starting_min_confidence(tmp_path
 def test_cancel_keeps_a_usable_model_and_resume_continues(tmp_path, tiny_checkpoint, samples):
     config = TrainConfig(epochs=4, iterations_per_epoch=3, patch_size=64, batch_size=2, device="cpu")
     seen = []
-    result = fit(tiny_checkpoint, samples[:2], tmp_path / "m", val=samples[2:], config=config, progress=seen.append,
-                 cancel=lambda: len([e for e in seen if e.kind == "epoch"]) >= 1, keep_on_cancel=True)  # fmt: skip
+    result = fit(
+        tiny_checkpoint,
+        samples[:2],
+        tmp_path / "m",
+        val=samples[2:],
+        config=config,
+        progress=seen.append,
+        cancel=lambda: len([e for e in seen if e.kind == "epoch"]) >= 1,
+        keep_on_cancel=True,
+    )
     assert result.cancelled and result.epoch == 1  # stopped right after the first epoch's report
     assert Checkpoint.load(tmp_path / "m").metadata["training"]["epochs"] == 1
     resumed = list(train_steps(tiny_checkpoint, samples[:2], tmp_path / "m", val=samples[2:], config=config))
@@ -112,7 +145,13 @@ def test_freeze_batchnorm_keeps_the_starting_statistics(tmp_path, tiny_checkpoin
     config = TrainConfig(epochs=1, iterations_per_epoch=3, patch_size=64, batch_size=2, warmup_iterations=1)
     frozen = Checkpoint.create(tiny_checkpoint.config)
     start = running_means(frozen)
-    fit(frozen, samples, tmp_path / "frozen", val=[], config=TrainConfig(**{**config.__dict__, "freeze_batchnorm": True}))
+    fit(
+        frozen,
+        samples,
+        tmp_path / "frozen",
+        val=[],
+        config=TrainConfig(**{**config.__dict__, "freeze_batchnorm": True}),
+    )
     assert all(torch.equal(a, b) for a, b in zip(start, running_means(frozen)))
     fit(tiny_checkpoint, samples, tmp_path / "free", val=[], config=config)
     assert not all(torch.equal(a, b) for a, b in zip(start, running_means(tiny_checkpoint)))
@@ -128,6 +167,7 @@ def test_low_resolution_augmentation_blurs_the_image_only():
     mask = tv_tensors.Mask(torch.from_numpy((rng.random((3, 64, 80)) > 0.5).astype(np.uint8)))
     blurred, same_mask = RandomLowResolution((2.0, 2.0))(image, mask)
     assert blurred.shape == image.shape and torch.equal(same_mask, mask)
+
     # Detail is gone: neighbouring pixels of white noise become strongly correlated.
     def neighbour_difference(x):
         return float((x[..., 1:] - x[..., :-1]).abs().mean())
@@ -137,13 +177,16 @@ def test_low_resolution_augmentation_blurs_the_image_only():
 
 
 def _distance_from(checkpoint, start):
-    """Squared distance of the weights from ``start``; BatchNorm's running statistics are not weights the anchor pulls."""
+    """Squared distance of the weights from ``start``; BatchNorm's running statistics are not weights the anchor
+    pulls."""
     return float(sum(((p.detach() - start[name]) ** 2).sum() for name, p in checkpoint.model.named_parameters()))
 
 
 def test_anchor_keeps_fine_tuned_weights_near_the_start(tmp_path, tiny_checkpoint, samples):
     base = {k: v.clone() for k, v in tiny_checkpoint.model.state_dict().items()}
-    config = dict(epochs=1, iterations_per_epoch=4, patch_size=64, batch_size=2, warmup_iterations=1, learning_rate=3e-3)
+    config = dict(
+        epochs=1, iterations_per_epoch=4, patch_size=64, batch_size=2, warmup_iterations=1, learning_rate=3e-3
+    )
     free, anchored = Checkpoint.create(tiny_checkpoint.config), Checkpoint.create(tiny_checkpoint.config)
     for checkpoint in (free, anchored):
         checkpoint.model.load_state_dict(base)
@@ -154,7 +197,15 @@ def test_anchor_keeps_fine_tuned_weights_near_the_start(tmp_path, tiny_checkpoin
 
 def test_freeze_encoder_trains_only_the_decoder(tmp_path, tiny_checkpoint, samples):
     start = {k: v.clone() for k, v in tiny_checkpoint.model.state_dict().items()}
-    config = TrainConfig(epochs=1, iterations_per_epoch=2, patch_size=64, batch_size=2, warmup_iterations=1, freeze_encoder=True, freeze_batchnorm=True)
+    config = TrainConfig(
+        epochs=1,
+        iterations_per_epoch=2,
+        patch_size=64,
+        batch_size=2,
+        warmup_iterations=1,
+        freeze_encoder=True,
+        freeze_batchnorm=True,
+    )
     fit(tiny_checkpoint, samples, tmp_path / "out", val=[], config=config)
     after = tiny_checkpoint.model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in start.items() if k.startswith("encoder."))
@@ -176,7 +227,7 @@ def test_fine_tuning_pools_the_reference_size_with_the_base_model():
     assert pooled_diameter(20.0, 0, 12.0, 50) == 12.0  # base of unknown provenance: as before
     assert pooled_diameter(20.0, 1000, None, 0) == 20.0  # no nuclei measured: unchanged
     # 100 new nuclei against 900 the base learnt from: a tenth of the way (log scale).
-    assert pooled_diameter(20.0, 900, 40.0, 100) == pytest.approx(20.0 * 2.0 ** 0.1)
+    assert pooled_diameter(20.0, 900, 40.0, 100) == pytest.approx(20.0 * 2.0**0.1)
 
 
 def test_fit_records_the_data_median_and_the_pooled_reference(tmp_path, tiny_checkpoint, samples):
@@ -194,20 +245,26 @@ def test_fit_records_the_data_median_and_the_pooled_reference(tmp_path, tiny_che
 def test_zoom_to_reference_shows_nuclei_at_the_zoom_segmentation_uses(tiny_checkpoint):
     from napari_nuclei_unet.data import median_diameter
     from napari_nuclei_unet.segment import rescale_factor
-    from napari_nuclei_unet.training.sampler import PatchSampler, reference_zooms as _reference_zooms
+    from napari_nuclei_unet.training.sampler import PatchSampler
+    from napari_nuclei_unet.training.sampler import reference_zooms as _reference_zooms
 
     tiny_checkpoint.nucleus_diameter = 20.0
     large = LabelledImage("large", *nuclei_field((256, 256), count=6, diameter=48, seed=1))  # zoomed to 1.6 x 20 px
     typical = LabelledImage("typical", *nuclei_field((256, 256), count=20, diameter=20, seed=2))  # in the band: as is
     zooms = _reference_zooms(tiny_checkpoint, [large, typical])
-    assert zooms[0] == pytest.approx(rescale_factor(tiny_checkpoint, median_diameter([large.labels]))) and zooms[0] < 0.8
+    assert (
+        zooms[0] == pytest.approx(rescale_factor(tiny_checkpoint, median_diameter([large.labels]))) and zooms[0] < 0.8
+    )
     assert zooms[1] == 1.0
     config = TrainConfig(patch_size=128, batch_size=1, augment=False, zoom_to_reference=True)
     sampler = PatchSampler([large], config, 1, tiny_checkpoint.percentiles, np.random.default_rng(0), zooms[:1])
     # Without augmentation a patch is patch_size / zoom image pixels shrunk to patch_size: its
     # nuclei have the size segmentation will show the network (nuclei cut by the edge aside).
     shown = [ndi.label(sampler.patch()[1][0].numpy() == 1)[0] for _ in range(10)]
-    whole = [np.where(np.isin(objects, np.unique(np.r_[objects[0], objects[-1], objects[:, 0], objects[:, -1]])), 0, objects) for objects in shown]
+    whole = [
+        np.where(np.isin(objects, np.unique(np.r_[objects[0], objects[-1], objects[:, 0], objects[:, -1]])), 0, objects)
+        for objects in shown
+    ]
     assert median_diameter(whole) == pytest.approx(median_diameter([large.labels]) * zooms[0], rel=0.15)
     tiny_checkpoint.nucleus_diameter = None
     assert _reference_zooms(tiny_checkpoint, [large]) == [1.0]  # no reference: as before
@@ -219,7 +276,13 @@ def test_restyle_redraws_patches_as_the_other_image_types():
 
     image, labels = nuclei_field((128, 128), count=12, seed=3)
     brightfield = LabelledImage("bf", (image.max() - image).astype(np.uint16), labels)
-    sampler = PatchSampler([brightfield], TrainConfig(patch_size=128, batch_size=24, augment=False, distill_weight=1.0), 3, (1.0, 99.8), np.random.default_rng(0))
+    sampler = PatchSampler(
+        [brightfield],
+        TrainConfig(patch_size=128, batch_size=24, augment=False, distill_weight=1.0),
+        3,
+        (1.0, 99.8),
+        np.random.default_rng(0),
+    )
     assert sampler.types == ["brightfield"]
     patches, targets, indices = sampler.batch()
     restyled = sampler.restyle(patches, indices)
@@ -238,7 +301,9 @@ def test_restyle_redraws_patches_as_the_other_image_types():
 
 def test_distillation_holds_the_other_image_types_to_the_starting_model(tmp_path, tiny_config, samples):
     brightfield = [LabelledImage(s.name, (s.image.max() - s.image).astype(np.uint16), s.labels) for s in samples]
-    fluorescence = torch.from_numpy(np.stack([s.image.astype(np.float32) / s.image.max() for s in samples])[:, None].repeat(3, axis=1))
+    fluorescence = torch.from_numpy(
+        np.stack([s.image.astype(np.float32) / s.image.max() for s in samples])[:, None].repeat(3, axis=1)
+    )
     # A fixed starting model, float32, 30 steps and a seeded run, so the ratio below is the same
     # every time (0.17; without distillation it would be 1). A fresh random model each run gave
     # 0.04-1.1; over six fixed starting models this setup gives 0.14-0.57.
@@ -246,12 +311,27 @@ def test_distillation_holds_the_other_image_types_to_the_starting_model(tmp_path
     starting = Checkpoint.create(tiny_config).model
     base = {k: v.clone() for k, v in starting.state_dict().items()}
     start = starting.eval()(fluorescence).sigmoid().detach()
-    config = dict(epochs=1, iterations_per_epoch=30, patch_size=64, batch_size=2, warmup_iterations=1, learning_rate=3e-3, freeze_batchnorm=True, precision="float32")
+    config = dict(
+        epochs=1,
+        iterations_per_epoch=30,
+        patch_size=64,
+        batch_size=2,
+        warmup_iterations=1,
+        learning_rate=3e-3,
+        freeze_batchnorm=True,
+        precision="float32",
+    )
     changes = []
     for weight in (0.0, 5.0):
         checkpoint = Checkpoint.create(tiny_config)
         checkpoint.model.load_state_dict(base)
-        fit(checkpoint, brightfield, tmp_path / f"w{weight}", val=[], config=TrainConfig(**config, distill_weight=weight))
+        fit(
+            checkpoint,
+            brightfield,
+            tmp_path / f"w{weight}",
+            val=[],
+            config=TrainConfig(**config, distill_weight=weight),
+        )
         changes.append(float((checkpoint.model.eval()(fluorescence).sigmoid().detach() - start).abs().mean()))
         assert Checkpoint.load(tmp_path / f"w{weight}").model.state_dict()["segmentation_head.0.weight"].is_contiguous()
     assert changes[1] < 0.5 * changes[0]
@@ -269,9 +349,20 @@ def test_training_precision_follows_the_setting_and_the_cpu(monkeypatch):
 
 
 def test_bfloat16_training_keeps_float32_weights_and_learns(tmp_path, tiny_checkpoint, samples):
-    config = TrainConfig(epochs=3, iterations_per_epoch=6, patch_size=64, batch_size=4, learning_rate=3e-3, warmup_iterations=2, device="cpu", precision="bfloat16")
+    config = TrainConfig(
+        epochs=3,
+        iterations_per_epoch=6,
+        patch_size=64,
+        batch_size=4,
+        learning_rate=3e-3,
+        warmup_iterations=2,
+        device="cpu",
+        precision="bfloat16",
+    )
     events, computed_in = [], set()
-    hook = tiny_checkpoint.model.segmentation_head.register_forward_hook(lambda _module, _inputs, output: computed_in.add(output.dtype))
+    hook = tiny_checkpoint.model.segmentation_head.register_forward_hook(
+        lambda _module, _inputs, output: computed_in.add(output.dtype)
+    )
     fit(tiny_checkpoint, samples, tmp_path / "bf16", val=[], config=config, progress=events.append)
     hook.remove()
     assert computed_in == {torch.bfloat16}  # every training forward pass ran in bfloat16
@@ -303,7 +394,9 @@ def test_mixed_with_start_holds_the_blend_only_inside_the_block(tiny_checkpoint)
         assert all(torch.equal(v, trained[k]) for k, v in model.state_dict().items())
 
 
-def test_the_saved_and_validated_model_mixes_the_starting_weights_back_in(tmp_path, tiny_checkpoint, samples, monkeypatch):
+def test_the_saved_and_validated_model_mixes_the_starting_weights_back_in(
+    tmp_path, tiny_checkpoint, samples, monkeypatch
+):
     from napari_nuclei_unet.training import loop as train
 
     validated = []
@@ -315,26 +408,49 @@ def test_the_saved_and_validated_model_mixes_the_starting_weights_back_in(tmp_pa
     real_validate = train.validate_by_type
     monkeypatch.setattr(train, "validate_by_type", recording_validate)
     start = {k: v.clone() for k, v in tiny_checkpoint.model.state_dict().items()}
-    config = TrainConfig(epochs=2, iterations_per_epoch=3, patch_size=64, batch_size=2, warmup_iterations=1, learning_rate=3e-3, start_weight_share=0.25)
+    config = TrainConfig(
+        epochs=2,
+        iterations_per_epoch=3,
+        patch_size=64,
+        batch_size=2,
+        warmup_iterations=1,
+        learning_rate=3e-3,
+        start_weight_share=0.25,
+    )
     for val, out in (([], "saved"), (samples[2:], "validated")):
         tuned = Checkpoint.create(tiny_checkpoint.config)
         tuned.model.load_state_dict(start)
         fit(tuned, samples[:2], tmp_path / out, val=val, config=config)
-        trained = torch.load(tmp_path / out / "training_state.pt", weights_only=True)["model"]  # kept unmixed, for resuming
+        trained = torch.load(tmp_path / out / "training_state.pt", weights_only=True)[
+            "model"
+        ]  # kept unmixed, for resuming
         floating = [k for k, v in start.items() if v.is_floating_point()]
         assert any(not torch.allclose(trained[k], start[k]) for k in floating)
-        mixed = validated[-1] if val else Checkpoint.load(tmp_path / out).model.state_dict()  # the last epoch's weights, in both
+        mixed = (
+            validated[-1] if val else Checkpoint.load(tmp_path / out).model.state_dict()
+        )  # the last epoch's weights, in both
         for name in floating:
             assert torch.allclose(mixed[name], 0.75 * trained[name] + 0.25 * start[name], atol=1e-6)
     assert len(validated) == 3  # the starting model (what a cancelled run must beat), then each epoch
-    assert all(torch.equal(v, tuned.model.state_dict()[k]) for k, v in Checkpoint.load(tmp_path / "validated").model.state_dict().items())  # fit leaves what it saved
+    assert all(
+        torch.equal(v, tuned.model.state_dict()[k])
+        for k, v in Checkpoint.load(tmp_path / "validated").model.state_dict().items()
+    )  # fit leaves what it saved
     assert Checkpoint.load(tmp_path / "saved").metadata["training"]["config"]["start_weight_share"] == 0.25
 
 
 def test_training_with_the_same_seed_is_repeatable(tmp_path, tiny_config, samples):
     torch.manual_seed(1)
     base = {k: v.clone() for k, v in Checkpoint.create(tiny_config).model.state_dict().items()}
-    config = TrainConfig(epochs=1, iterations_per_epoch=4, patch_size=64, batch_size=2, warmup_iterations=1, precision="float32", low_resolution=1.0)
+    config = TrainConfig(
+        epochs=1,
+        iterations_per_epoch=4,
+        patch_size=64,
+        batch_size=2,
+        warmup_iterations=1,
+        precision="float32",
+        low_resolution=1.0,
+    )
     weights = []
     for run in range(2):
         np.random.seed(run)  # numpy's global generator must not matter (the gamma augmentation drew from it)
@@ -424,13 +540,21 @@ def test_validate_by_type_scores_each_image_type_apart(tiny_checkpoint, monkeypa
 
     samples = [LabelledImage(f"s{i}", *nuclei_field((64, 64), count=4, seed=i)) for i in range(3)]
     tissue = samples[2]
-    samples[2] = LabelledImage("rgb", np.stack([tissue.image, tissue.image // 3, tissue.image], -1), tissue.labels)  # purple-ish: stained tissue
+    samples[2] = LabelledImage(
+        "rgb", np.stack([tissue.image, tissue.image // 3, tissue.image], -1), tissue.labels
+    )  # purple-ish: stained tissue
 
     class Perfect:  # labels exactly the truth for the grey images, nothing for the coloured one
         def __init__(self, image):
-            self.labels = next(s.labels for s in samples if s.image is image) if image.ndim == 2 else np.zeros(image.shape[:2], np.int32)
+            self.labels = (
+                next(s.labels for s in samples if s.image is image)
+                if image.ndim == 2
+                else np.zeros(image.shape[:2], np.int32)
+            )
 
-    monkeypatch.setattr("napari_nuclei_unet.segment.segment", lambda checkpoint, image, params, cancel=None: Perfect(image))
+    monkeypatch.setattr(
+        "napari_nuclei_unet.segment.segment", lambda checkpoint, image, params, cancel=None: Perfect(image)
+    )
     found = validate_by_type(tiny_checkpoint, samples, "cpu")
     assert set(found) == {"all", "fluorescence", "tissue"}
     assert found["fluorescence"].kaggle_score == 1.0 and found["tissue"].kaggle_score == 0.0
@@ -439,7 +563,9 @@ def test_validate_by_type_scores_each_image_type_apart(tiny_checkpoint, monkeypa
 
 
 @pytest.mark.parametrize(("balance", "kept_epoch"), [(True, 2), (False, 1)])
-def test_training_keeps_the_epoch_with_the_best_per_type_mean(tmp_path, tiny_checkpoint, samples, monkeypatch, balance, kept_epoch):
+def test_training_keeps_the_epoch_with_the_best_per_type_mean(
+    tmp_path, tiny_checkpoint, samples, monkeypatch, balance, kept_epoch
+):
     """Epoch 1: 0.6 over all images but 0.1 on tissue; epoch 2: 0.5 everywhere. Balanced, epoch 2 wins."""
     from napari_nuclei_unet.metrics import Scores
     from napari_nuclei_unet.training import loop
@@ -447,13 +573,23 @@ def test_training_keeps_the_epoch_with_the_best_per_type_mean(tmp_path, tiny_che
     def scores(value):
         return Scores(value, value, 1, 1, 1, 1, 1, 1, 1, 1)
 
-    rounds = iter([
-        {"all": scores(0.0), "fluorescence": scores(0.0), "tissue": scores(0.0)},  # the starting model
-        {"all": scores(0.6), "fluorescence": scores(0.7), "tissue": scores(0.1)},
-        {"all": scores(0.5), "fluorescence": scores(0.5), "tissue": scores(0.5)},
-    ])  # fmt: skip
+    rounds = iter(
+        [
+            {"all": scores(0.0), "fluorescence": scores(0.0), "tissue": scores(0.0)},  # the starting model
+            {"all": scores(0.6), "fluorescence": scores(0.7), "tissue": scores(0.1)},
+            {"all": scores(0.5), "fluorescence": scores(0.5), "tissue": scores(0.5)},
+        ]
+    )
     monkeypatch.setattr(loop, "validate_by_type", lambda *args, **kwargs: next(rounds))
-    config = TrainConfig(epochs=2, iterations_per_epoch=1, patch_size=64, batch_size=2, warmup_iterations=1, calibrate=False, balance_image_types=balance)
+    config = TrainConfig(
+        epochs=2,
+        iterations_per_epoch=1,
+        patch_size=64,
+        batch_size=2,
+        warmup_iterations=1,
+        calibrate=False,
+        balance_image_types=balance,
+    )
     fit(tiny_checkpoint, samples[:2], tmp_path / "run", val=samples[2:], config=config)
     assert Checkpoint.load(tmp_path / "run").metadata["training"]["epochs"] == kept_epoch
 
@@ -477,20 +613,31 @@ def _scripted_validation(monkeypatch, scores: list[float]) -> None:
 
 
 @pytest.mark.parametrize(("scores", "kept"), [([0.5, 0.4], False), ([0.3, 0.4], True)])
-def test_a_cancelled_run_is_saved_only_with_a_validated_improvement(tmp_path, tiny_checkpoint, samples, monkeypatch, scores, kept):
+def test_a_cancelled_run_is_saved_only_with_a_validated_improvement(
+    tmp_path, tiny_checkpoint, samples, monkeypatch, scores, kept
+):
     _scripted_validation(monkeypatch, scores)
     tiny_checkpoint.metadata["postprocess"] = {"min_confidence": 0.85, "calibrated_on": "the base model's images"}
     config = TrainConfig(epochs=4, iterations_per_epoch=2, patch_size=64, batch_size=2, device="cpu", calibrate=False)
     seen = []
-    result = fit(tiny_checkpoint, samples[:2], tmp_path / "m", val=samples[2:], config=config, progress=seen.append,
-                 cancel=lambda: any(e.kind == "epoch" for e in seen))  # fmt: skip
+    result = fit(
+        tiny_checkpoint,
+        samples[:2],
+        tmp_path / "m",
+        val=samples[2:],
+        config=config,
+        progress=seen.append,
+        cancel=lambda: any(e.kind == "epoch" for e in seen),
+    )
     assert seen[0].kind == "start" and seen[0].start_score == scores[0]
     assert result.cancelled and result.start_score == scores[0] and result.best_score == scores[1]
     assert result.saved is kept and (tmp_path / "m" / "model.safetensors").exists() is kept
     if kept:  # its record is true: trained from the base, cancelled, min confidence not calibrated for it
         metadata = Checkpoint.load(tmp_path / "m").metadata
         assert metadata["training"]["cancelled"] and metadata["training"]["start_score"] == scores[0]
-        assert metadata["postprocess"]["min_confidence"] == 0.85 and metadata["postprocess"]["calibrated_on"].startswith("not calibrated")
+        assert metadata["postprocess"]["min_confidence"] == 0.85 and metadata["postprocess"][
+            "calibrated_on"
+        ].startswith("not calibrated")
     else:
         assert not (tmp_path / "m").exists()
 
@@ -499,7 +646,15 @@ def test_a_cancelled_run_without_validation_keeps_nothing_unless_asked(tmp_path,
     config = TrainConfig(epochs=4, iterations_per_epoch=2, patch_size=64, batch_size=2, device="cpu", calibrate=False)
     for keep in (False, True):
         seen = []
-        result = fit(tiny_checkpoint, samples, tmp_path / f"m{keep}", val=[], config=config, progress=seen.append,
-                     cancel=lambda seen=seen: any(e.kind == "epoch" for e in seen), keep_on_cancel=keep)  # fmt: skip
+        result = fit(
+            tiny_checkpoint,
+            samples,
+            tmp_path / f"m{keep}",
+            val=[],
+            config=config,
+            progress=seen.append,
+            cancel=lambda seen=seen: any(e.kind == "epoch" for e in seen),
+            keep_on_cancel=keep,
+        )
         assert result.cancelled and result.start_score is None and result.saved is keep
         assert (tmp_path / f"m{keep}" / "model.safetensors").exists() is keep

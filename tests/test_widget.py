@@ -24,7 +24,9 @@ TIMEOUT_MS = 120_000
 def viewer_and_widget(make_napari_viewer, qtbot):
     viewer = make_napari_viewer()
     _dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment nuclei")
-    qtbot.waitUntil(lambda: "Unet/" in widget.model.summary.value or "could not" in widget.model.summary.value, timeout=TIMEOUT_MS)
+    qtbot.waitUntil(
+        lambda: "Unet/" in widget.model.summary.value or "could not" in widget.model.summary.value, timeout=TIMEOUT_MS
+    )
     return viewer, widget
 
 
@@ -118,11 +120,15 @@ def test_relabels_from_cached_probabilities_without_the_network(viewer_and_widge
     assert widget.min_confidence.enabled
     widget.min_confidence.value = 0.0
     qtbot.waitUntil(lambda: nuclei.metadata["nuclei_unet"]["postprocess"]["min_confidence"] == 0.0, timeout=5000)
-    expected = segment_module.label_plane(widget._cache.planes[None], widget._cache.outputs, widget.postprocess_params())[1]
+    expected = segment_module.label_plane(
+        widget._cache.planes[None], widget._cache.outputs, widget.postprocess_params()
+    )[1]
     assert np.array_equal(nuclei.data, expected) and nuclei.data.max() >= before
     widget.min_confidence.value = 0.95  # the slider's top: labels equal label_plane at that level, recorded as used
     qtbot.waitUntil(lambda: nuclei.metadata["nuclei_unet"]["postprocess"]["min_confidence"] == 0.95, timeout=5000)
-    expected = segment_module.label_plane(widget._cache.planes[None], widget._cache.outputs, widget.postprocess_params())[1]
+    expected = segment_module.label_plane(
+        widget._cache.planes[None], widget._cache.outputs, widget.postprocess_params()
+    )[1]
     assert np.array_equal(nuclei.data, expected) and nuclei.metadata["nuclei_unet"]["used"]["min_confidence"] == 0.95
 
 
@@ -241,13 +247,17 @@ def test_probability_layer_and_rescaling(viewer_and_widget, qtbot):
     viewer.add_image(image, name="big nuclei", scale=(0.5, 0.25), translate=(10.0, -4.0))
     widget.image_layer.value = viewer.layers["big nuclei"]
     widget.show_probability.value = True
-    widget.int8.value = False  # float32: on some CPUs the 8-bit network's estimate for these 12 nuclei overshoots (67 px, 45 in float32)
+    # float32: on some CPUs the 8-bit network's estimate for these 12 nuclei overshoots (67 px, 45 in float32)
+    widget.int8.value = False
     assert widget.auto_diameter.value and not widget.diameter.enabled  # estimated by default
     run_and_wait(widget, qtbot)
     # The estimate is shown. (Its accuracy on these generated 40 px nuclei is test_diameter's
     # test_cli_diameter_auto_number_and_none, an expected failure with model v2: 28.8 px.)
     recorded = viewer.layers["big nuclei nuclei"].metadata["nuclei_unet"]["used"]["diameter"]
-    assert widget.diameter.value == pytest.approx(recorded, abs=0.06) and f"nuclei ~{recorded:.0f} px (estimated)" in widget.status.value
+    assert (
+        widget.diameter.value == pytest.approx(recorded, abs=0.06)
+        and f"nuclei ~{recorded:.0f} px (estimated)" in widget.status.value
+    )
     nuclei = viewer.layers["big nuclei nuclei"]
     assert nuclei.data.shape == image.shape  # back on the image's own grid and place
     assert tuple(nuclei.scale) == (0.5, 0.25) and tuple(nuclei.translate) == (10.0, -4.0)
@@ -264,6 +274,7 @@ def test_probability_layer_and_rescaling(viewer_and_widget, qtbot):
     # How many of these generated discs model v2 finds is test_diameter's expected failure
     # (test_auto_rescales_large_nuclei_and_maps_labels_back); here: the run used the given size.
     assert viewer.layers["big nuclei nuclei"].metadata["nuclei_unet"]["used"]["diameter"] == 40
+
 
 DSB_NAME = "0a7d30b252359a10fd298b638b90cb9ada3acced4e0c0e5a3692013f432ee4e9"  # 64 characters, as DSB2018's
 
@@ -301,7 +312,11 @@ def test_start_is_visible_at_1280x800_with_advanced_settings_collapsed(viewer_an
 
     def scroll_area(container):
         viewport = container.native.parentWidget()
-        return viewport.parentWidget() if viewport is not None and isinstance(viewport.parentWidget(), QScrollArea) else None
+        return (
+            viewport.parentWidget()
+            if viewport is not None and isinstance(viewport.parentWidget(), QScrollArea)
+            else None
+        )
 
     qtbot.waitUntil(lambda: scroll_area(finetune) is not None and scroll_area(widget) is not None, timeout=5000)
     qtbot.wait(300)
@@ -384,7 +399,9 @@ def test_a_control_changed_during_a_run_is_applied_when_it_finishes(viewer_and_w
 
     widget._relay.message.connect(change_min_size)
     widget.run()
-    qtbot.waitUntil(lambda: widget._worker is None and widget._relabel_worker is None and widget.hub.idle, timeout=TIMEOUT_MS)
+    qtbot.waitUntil(
+        lambda: widget._worker is None and widget._relabel_worker is None and widget.hub.idle, timeout=TIMEOUT_MS
+    )
     nuclei = viewer.layers["synthetic nuclei nuclei"]
     qtbot.waitUntil(lambda: nuclei.metadata["nuclei_unet"]["postprocess"]["min_size"] == 40, timeout=10_000)
     assert np.bincount(nuclei.data.ravel())[1:].min() >= 40
@@ -414,7 +431,9 @@ def _two_channel_image(seed=3):
 
     nuclei, truth = nuclei_field((192, 224), count=25, diameter=18, seed=seed)
     cytoplasm = ndi.grey_dilation(truth > 0, size=(25, 25)).astype(np.float32)
-    cytoplasm = (ndi.gaussian_filter(cytoplasm, 6) * 3000 + np.random.default_rng(seed).normal(400, 50, truth.shape)).clip(0, None)
+    cytoplasm = (
+        ndi.gaussian_filter(cytoplasm, 6) * 3000 + np.random.default_rng(seed).normal(400, 50, truth.shape)
+    ).clip(0, None)
     return nuclei.astype(np.uint16), cytoplasm.astype(np.uint16), truth
 
 
@@ -467,7 +486,8 @@ def test_planes_of_one_stain_are_a_stack_and_different_stains_are_channels():
 
 
 def test_an_image_the_model_is_unsure_of_says_so(viewer_and_widget, qtbot):
-    """The bundled immunohistochemistry (H-DAB) sample: the calibrated min confidence kept 7 of ~190 objects, silently."""
+    """The bundled immunohistochemistry (H-DAB) sample: the calibrated min confidence kept 7 of ~190 objects,
+    silently."""
     viewer, widget = viewer_and_widget
     viewer.open_sample(PLUGIN, "immunohistochemistry")
     widget.image_layer.value = viewer.layers["immunohistochemistry"]
@@ -499,7 +519,8 @@ def test_what_auto_chose_is_shown_and_forgotten_for_another_image(viewer_and_wid
 
 
 def test_the_nuclei_layer_carries_a_measurements_table(viewer_and_widget, qtbot):
-    """Issue #24, part 3: after Segment (and after re-labelling), one row per nucleus, in µm too when the layer has a scale."""
+    """Issue #24, part 3: after Segment (and after re-labelling), one row per nucleus, in µm too when the layer has a
+    scale."""
     viewer, widget = viewer_and_widget
     viewer.open_sample(PLUGIN, "synthetic_nuclei")
     image = viewer.layers["synthetic nuclei"]
@@ -548,7 +569,9 @@ def test_a_model_zoo_package_picked_from_file_segments_at_the_images_own_scale(v
     viewer, widget = viewer_and_widget
     widget.model.source.value = FROM_FILE
     widget.model.file.value = str(package)
-    qtbot.waitUntil(lambda: "UNet 2D Nuclei Broad" in widget.model.summary.value and widget.hub.idle, timeout=TIMEOUT_MS)
+    qtbot.waitUntil(
+        lambda: "UNet 2D Nuclei Broad" in widget.model.summary.value and widget.hub.idle, timeout=TIMEOUT_MS
+    )
     assert "the package's weights" in widget.model.summary.value
     assert not widget.auto_diameter.enabled and not widget.diameter.enabled  # no training nucleus size to rescale to
     assert widget.min_confidence.value == 0.0  # never calibrated: every object is kept

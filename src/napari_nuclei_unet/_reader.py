@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .rle import looks_like_rle_csv
 from ._triton_guard import install as _install_triton_guard
+from .rle import looks_like_rle_csv
 
 _install_triton_guard()  # before anything here can import torch (see _triton_guard)
 
@@ -45,7 +45,9 @@ def read_rle_csv(path) -> list[tuple]:
         layers = []
         for image_id, entry in entries.items():
             labels = entry.to_labels(entry.shape or lookup(image_id), source=str(path))
-            layers.append((labels, {"name": image_id, "metadata": {"source": str(path), "image_id": image_id}}, "labels"))
+            layers.append(
+                (labels, {"name": image_id, "metadata": {"source": str(path), "image_id": image_id}}, "labels")
+            )
         return layers
     by_shape: dict[tuple[int, int], list[str]] = {}
     for image_id, entry in entries.items():
@@ -70,7 +72,8 @@ def get_geojson_reader(path):
 
 
 def read_geojson_labels(path) -> list[tuple]:
-    """One Labels layer of the polygons; its size from an image beside the file named like it, else the polygons' extent."""
+    """One Labels layer of the polygons; its size from an image beside the file named like it, else the polygons'
+    extent."""
     from .geojson import read_geojson
     from .io import image_shape_lookup
 

@@ -38,7 +38,9 @@ class TritonAfterMesaFinder(importlib.abc.MetaPathFinder):
         if name.partition(".")[0] != _GUARDED or not mesa_llvm_mapped():
             return None
         sys.modules[_GUARDED] = None  # type: ignore[assignment]  # later imports and find_spec: absent
-        raise ModuleNotFoundError(f"{_GUARDED} is not loaded beside Mesa's LLVM (it would crash this process)", name=name)
+        raise ModuleNotFoundError(
+            f"{_GUARDED} is not loaded beside Mesa's LLVM (it would crash this process)", name=name
+        )
 
 
 def install() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+
 from ._triton_guard import install as _install_triton_guard
 
 _install_triton_guard()  # before anything here can import torch (see _triton_guard)
@@ -31,7 +32,11 @@ def write_rle_csv(path: str, layer_data: list[tuple[Any, dict, str]]) -> list[st
             continue
         planes = labels.reshape(-1, *labels.shape[-2:])
         ids = metadata.get("image_ids")
-        ids = ids if isinstance(ids, list) and len(ids) == len(planes) else [f"{name}_{index}" for index in range(len(planes))]
+        ids = (
+            ids
+            if isinstance(ids, list) and len(ids) == len(planes)
+            else [f"{name}_{index}" for index in range(len(planes))]
+        )
         rows.extend(zip(ids, planes))
     return [str(write_csv(path, rows))]
 

@@ -24,4 +24,8 @@ def classical_segment(image: np.ndarray, sigma: float = 1.0, min_size: int = 15)
     if float(smooth.max() - smooth.min()) < 1e-6:
         return np.zeros(grey.shape, np.int32)
     mask = (smooth > threshold_otsu(smooth)).astype(np.float32)
-    return instances(mask[None], ("foreground",), PostprocessParams(threshold=0.5, min_size=min_size, markers="distance", min_confidence=0.0))[1]
+    return instances(
+        mask[None],
+        ("foreground",),
+        PostprocessParams(threshold=0.5, min_size=min_size, markers="distance", min_confidence=0.0),
+    )[1]

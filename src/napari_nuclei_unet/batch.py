@@ -120,7 +120,9 @@ def segment_file(
     one :class:`InputError` naming it.
     """
     try:
-        return _segment_file(checkpoint, Path(source), out_dir, params or SegmentParams(), out_format, progress, cancel, measurements)
+        return _segment_file(
+            checkpoint, Path(source), out_dir, params or SegmentParams(), out_format, progress, cancel, measurements
+        )
     except (Cancelled, KeyboardInterrupt):
         raise
     except NucleiUnetError as error:
@@ -136,7 +138,9 @@ def segment_file(
         raise InputError(f"{source}: cannot segment ({describe(error)})") from None
 
 
-def _segment_file(checkpoint, source: Path, out_dir, params: SegmentParams, out_format, progress, cancel, measurements=False) -> FileResult:
+def _segment_file(
+    checkpoint, source: Path, out_dir, params: SegmentParams, out_format, progress, cancel, measurements=False
+) -> FileResult:
     started = time.perf_counter()
     image = open_image(source, params.blocks)
     target = output_path(out_dir, source, out_format)
@@ -149,7 +153,9 @@ def _segment_file(checkpoint, source: Path, out_dir, params: SegmentParams, out_
 
         partial = target.with_name(f".{target.name}.part")
         shutil.rmtree(partial, ignore_errors=True)
-        labels_out = zarr.open_array(str(partial), mode="w", shape=shape, chunks=(1,) * (len(shape) - 2) + (1024, 1024), dtype="int32")
+        labels_out = zarr.open_array(
+            str(partial), mode="w", shape=shape, chunks=(1,) * (len(shape) - 2) + (1024, 1024), dtype="int32"
+        )
         try:
             result = segment_planes(checkpoint, image, params, labels_out=labels_out, progress=progress, cancel=cancel)
             extra = _write_extra_outputs(image, labels_out, out_dir, source, measurements, out_format == "geojson")
@@ -162,16 +168,27 @@ def _segment_file(checkpoint, source: Path, out_dir, params: SegmentParams, out_
 
         with tempfile.TemporaryDirectory(prefix=f".{target.name}.", dir=target.parent) as scratch:
             chunks = (1,) * (len(shape) - 2) + (1024, 1024)
-            labels_out = zarr.open_array(str(Path(scratch) / "labels.zarr"), mode="w", shape=shape, chunks=chunks, dtype="int32")
+            labels_out = zarr.open_array(
+                str(Path(scratch) / "labels.zarr"), mode="w", shape=shape, chunks=chunks, dtype="int32"
+            )
             result = segment_planes(checkpoint, image, params, labels_out=labels_out, progress=progress, cancel=cancel)
             write_labels(target, labels_out, max_label=result.max_label)
             extra = _write_extra_outputs(image, labels_out, out_dir, source, measurements, out_format == "geojson")
     else:
         result = segment_planes(checkpoint, image, params, progress=progress, cancel=cancel)
         write_labels(target, np.asarray(result.labels), max_label=result.max_label)
-        extra = _write_extra_outputs(image, np.asarray(result.labels), out_dir, source, measurements, out_format == "geojson")
+        extra = _write_extra_outputs(
+            image, np.asarray(result.labels), out_dir, source, measurements, out_format == "geojson"
+        )
     return FileResult(
-        str(source), str(target), result.count, int(np.prod(shape)), result.diameter, result.factor, time.perf_counter() - started, result.record(),
+        str(source),
+        str(target),
+        result.count,
+        int(np.prod(shape)),
+        result.diameter,
+        result.factor,
+        time.perf_counter() - started,
+        result.record(),
         extra,
     )
 
@@ -197,7 +214,11 @@ def _write_extra_outputs(image, labels, out_dir, source: Path, measurements: boo
     single = is_single_plane(image)
     plane_labels = [labels] if single else [labels[i] for i in range(labels.shape[0])]
     plane_images = [image] if single else [image[i] for i in range(labels.shape[0])]
-    tables = [measure(plane, picture) for plane, picture in zip(plane_labels, plane_images)] if measurements else [None] * len(plane_labels)
+    tables = (
+        [measure(plane, picture) for plane, picture in zip(plane_labels, plane_images)]
+        if measurements
+        else [None] * len(plane_labels)
+    )
     written = []
     if measurements:
         if single:
@@ -225,7 +246,14 @@ def cached_checkpoint(model: str, encoder: str | None = None) -> Checkpoint:
 
 
 def segment_file_task(
-    model: str, encoder: str | None, source: str, out_dir: str, params: SegmentParams, out_format: str, threads: int | None, measurements: bool = False
+    model: str,
+    encoder: str | None,
+    source: str,
+    out_dir: str,
+    params: SegmentParams,
+    out_format: str,
+    threads: int | None,
+    measurements: bool = False,
 ) -> FileResult:
     """:func:`segment_file` as a dask task: plain arguments, the model cached in the worker."""
     if threads:
@@ -233,4 +261,6 @@ def segment_file_task(
 
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
-    return segment_file(cached_checkpoint(model, encoder), source, out_dir, params, out_format, measurements=measurements)
+    return segment_file(
+        cached_checkpoint(model, encoder), source, out_dir, params, out_format, measurements=measurements
+    )

@@ -34,11 +34,23 @@ TEST_SIDE = 256  # px: the test tensors' crop (a multiple of 32, quick for every
 _INPUT_ID, _OUTPUT_ID = "image", "probabilities"
 _OUTPUT_HALO = 16  # px: the U-Net's border pixels see reflected padding; consumers that tile should crop them
 _CITATIONS = (
-    ("Ronneberger O, Fischer P, Brox T. U-Net: convolutional networks for biomedical image segmentation. MICCAI 2015.", "10.1007/978-3-319-24574-4_28"),
-    ("Caicedo JC et al. Nucleus segmentation across imaging experiments: the 2018 Data Science Bowl. Nature Methods 16, 1247-1253 (2019).", "10.1038/s41592-019-0612-7"),
+    (
+        "Ronneberger O, Fischer P, Brox T. U-Net: convolutional networks for biomedical image segmentation. MICCAI "
+        "2015.",
+        "10.1007/978-3-319-24574-4_28",
+    ),
+    (
+        "Caicedo JC et al. Nucleus segmentation across imaging experiments: the 2018 Data Science Bowl. Nature "
+        "Methods 16, 1247-1253 (2019).",
+        "10.1038/s41592-019-0612-7",
+    ),
     ("Iakubovskii P. Segmentation Models Pytorch (2019).", "https://github.com/qubvel-org/segmentation_models.pytorch"),
 )
-_MONUSEG_CITATION = ("Kumar N et al. A dataset and a technique for generalized nuclear segmentation for computational pathology. IEEE TMI 36, 1550-1560 (2017).", "10.1109/TMI.2017.2677499")
+_MONUSEG_CITATION = (
+    "Kumar N et al. A dataset and a technique for generalized nuclear segmentation for computational pathology. IEEE "
+    "TMI 36, 1550-1560 (2017).",
+    "10.1109/TMI.2017.2677499",
+)
 
 
 def export_package(
@@ -52,7 +64,8 @@ def export_package(
     """Write ``checkpoint`` as a bioimage.io model package: ``out`` ending in ``.zip`` is a zip, anything else a folder.
 
     The test tensors and cover come from ``image`` (a grey or RGB plane, e.g. the image the
-    model was fine-tuned on) when given, else from ``params.test_image``. The package is built and checked in a temporary place (``bioimageio.spec`` validation with
+    model was fine-tuned on) when given, else from ``params.test_image``. The package is built and checked in a
+    temporary place (``bioimageio.spec`` validation with
     file checks, then ``bioimageio.core``'s model test unless ``params.run_test`` is off) and
     moved to ``out`` only when it passes, so a failed export leaves nothing behind.
     ``progress(message)`` is told each stage. ``overwrite`` replaces an existing ``out`` file
@@ -151,12 +164,13 @@ def _test_crop(image: np.ndarray, name: str) -> np.ndarray:
     if side < 64:
         raise InputError(f"{name}: a test image must be at least 64 x 64 pixels, got {height} x {width}")
     top, left = (height - side) // 2, (width - side) // 2
-    crop = np.asarray(image[top:top + side, left:left + side])
+    crop = np.asarray(image[top : top + side, left : left + side])
     return crop[..., 0] if crop.ndim == 3 and crop.shape[-1] == 1 else crop[..., :3] if crop.ndim == 3 else crop
 
 
 def _people(checkpoint: Checkpoint, params) -> dict:
-    """The package's authors, citations and licence as ``ModelDescr`` fields, checked (a bad one is a one-line InputError)."""
+    """The package's authors, citations and licence as ``ModelDescr`` fields, checked (a bad one is a one-line
+    InputError)."""
     from bioimageio.spec.model.v0_5 import Author, CiteEntry, ModelDescr
     from pydantic import TypeAdapter
 
@@ -168,22 +182,43 @@ def _people(checkpoint: Checkpoint, params) -> dict:
     try:
         license_id = TypeAdapter(ModelDescr.model_fields["license"].annotation).validate_python(params.license)
     except Exception:  # noqa: BLE001 (pydantic's ValidationError)
-        raise InputError(f"licence {params.license!r}: not an SPDX licence identifier (e.g. MIT, BSD-3-Clause, CC-BY-4.0)") from None
+        raise InputError(
+            f"licence {params.license!r}: not an SPDX licence identifier (e.g. MIT, BSD-3-Clause, CC-BY-4.0)"
+        ) from None
     return {"authors": _authors(checkpoint, params.authors, Author), "cite": cite, "license": license_id}
 
 
 def _build_description(checkpoint: Checkpoint, image: np.ndarray, work: Path, people: dict, say):
     """The package's files in ``work`` and its ``bioimageio.spec`` model description (validated as it is built)."""
+    import copy
+
     import torch
     from bioimageio.spec.model.v0_5 import (
-        ArchitectureFromLibraryDescr, BatchAxis, ChannelAxis, ClipDescr, ClipKwargs, EnsureDtypeDescr, EnsureDtypeKwargs,
-        FileDescr, InputTensorDescr, IntervalOrRatioDataDescr, ModelDescr, OnnxWeightsDescr, OutputTensorDescr, ParameterizedSize,
-        PytorchStateDictWeightsDescr, ScaleRangeDescr, ScaleRangeKwargs, SigmoidDescr, SizeReference, SpaceInputAxis,
-        SpaceOutputAxisWithHalo, TorchscriptWeightsDescr, WeightsDescr,
-    )  # fmt: skip
+        ArchitectureFromLibraryDescr,
+        BatchAxis,
+        ChannelAxis,
+        ClipDescr,
+        ClipKwargs,
+        EnsureDtypeDescr,
+        EnsureDtypeKwargs,
+        FileDescr,
+        InputTensorDescr,
+        IntervalOrRatioDataDescr,
+        ModelDescr,
+        OnnxWeightsDescr,
+        OutputTensorDescr,
+        ParameterizedSize,
+        PytorchStateDictWeightsDescr,
+        ScaleRangeDescr,
+        ScaleRangeKwargs,
+        SigmoidDescr,
+        SizeReference,
+        SpaceInputAxis,
+        SpaceOutputAxisWithHalo,
+        TorchscriptWeightsDescr,
+        WeightsDescr,
+    )
     from pydantic import ValidationError
-
-    import copy
 
     from .io import Normalizer
     from .onnx_backend import _OPSET, to_onnx
@@ -192,7 +227,9 @@ def _build_description(checkpoint: Checkpoint, image: np.ndarray, work: Path, pe
     config = checkpoint.config
     channels = config.in_channels
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, work / "weights.pt")
-    raw = to_model_channels(channels_first(image), channels)[None]  # (1, C, Y, X): what a consumer feeds, before preprocessing
+    raw = to_model_channels(channels_first(image), channels)[
+        None
+    ]  # (1, C, Y, X): what a consumer feeds, before preprocessing
     normalized = torch.from_numpy(Normalizer.from_image(image, channels, checkpoint.percentiles)(image)[None])
     with torch.inference_mode():
         expected = torch.sigmoid(model(normalized)).numpy().astype(np.float32)
@@ -207,58 +244,104 @@ def _build_description(checkpoint: Checkpoint, image: np.ndarray, work: Path, pe
     _write_cover(checkpoint, image, work / "cover.png")
     (work / "README.md").write_text(_readme(checkpoint), encoding="utf-8")
 
-    channel_names = ["intensity"] if channels == 1 else ["red", "green", "blue"][:channels] + [f"channel{i}" for i in range(3, channels)]
+    channel_names = (
+        ["intensity"]
+        if channels == 1
+        else ["red", "green", "blue"][:channels] + [f"channel{i}" for i in range(3, channels)]
+    )
     size = ParameterizedSize(min=64, step=32)
     low, high = checkpoint.percentiles
     smp_kwargs = {
-        "encoder_name": config.encoder_name, "encoder_depth": config.encoder_depth, "encoder_weights": None,
-        "decoder_channels": list(config.decoder_channels), "decoder_attention_type": config.decoder_attention_type,
-        "in_channels": channels, "classes": len(config.outputs),
-    }  # fmt: skip
+        "encoder_name": config.encoder_name,
+        "encoder_depth": config.encoder_depth,
+        "encoder_weights": None,
+        "decoder_channels": list(config.decoder_channels),
+        "decoder_attention_type": config.decoder_attention_type,
+        "in_channels": channels,
+        "classes": len(config.outputs),
+    }
     torch_version = torch.__version__.split("+")[0]
     metadata = json_safe(checkpoint._metadata_json())
     try:
         return ModelDescr(
             name=_package_name(checkpoint.name),
-            description=str(checkpoint.metadata.get("description") or f"Nuclei U-Net ({config.encoder_name} encoder) from napari-nuclei-unet.")[:1000],
+            description=str(
+                checkpoint.metadata.get("description")
+                or f"Nuclei U-Net ({config.encoder_name} encoder) from napari-nuclei-unet."
+            )[:1000],
             **people,
             covers=[FileDescr(source=work / "cover.png")],
             documentation=FileDescr(source=work / "README.md"),
-            tags=["nuclei", "nucleus-segmentation", "instance-segmentation", "unet", "2d", "fluorescence", "brightfield", "histology", "pytorch", "onnx", "napari-nuclei-unet"],
-            inputs=[InputTensorDescr(
-                id=_INPUT_ID,
-                description="2D image: grey images are repeated into each channel, colour ones as RGB",
-                axes=[BatchAxis(), ChannelAxis(channel_names=channel_names), SpaceInputAxis(id="y", size=size), SpaceInputAxis(id="x", size=size)],
-                test_tensor=FileDescr(source=work / "test_input.npy"),
-                preprocessing=[
-                    EnsureDtypeDescr(kwargs=EnsureDtypeKwargs(dtype="float32")),
-                    ScaleRangeDescr(kwargs=ScaleRangeKwargs(axes=["channel", "y", "x"], min_percentile=low, max_percentile=high)),
-                    ClipDescr(kwargs=ClipKwargs(min=0.0, max=1.0)),
-                ],
-            )],
-            outputs=[OutputTensorDescr(
-                id=_OUTPUT_ID,
-                description="per-pixel probabilities: " + ", ".join(config.outputs) + " (see README for turning them into nuclei)",
-                axes=[
-                    BatchAxis(), ChannelAxis(channel_names=list(config.outputs)),
-                    SpaceOutputAxisWithHalo(id="y", size=SizeReference(tensor_id=_INPUT_ID, axis_id="y"), halo=_OUTPUT_HALO),
-                    SpaceOutputAxisWithHalo(id="x", size=SizeReference(tensor_id=_INPUT_ID, axis_id="x"), halo=_OUTPUT_HALO),
-                ],
-                test_tensor=FileDescr(source=work / "test_output.npy"),
-                data=IntervalOrRatioDataDescr(type="float32", range=(0.0, 1.0)),
-                postprocessing=[SigmoidDescr()],
-            )],
+            tags=[
+                "nuclei",
+                "nucleus-segmentation",
+                "instance-segmentation",
+                "unet",
+                "2d",
+                "fluorescence",
+                "brightfield",
+                "histology",
+                "pytorch",
+                "onnx",
+                "napari-nuclei-unet",
+            ],
+            inputs=[
+                InputTensorDescr(
+                    id=_INPUT_ID,
+                    description="2D image: grey images are repeated into each channel, colour ones as RGB",
+                    axes=[
+                        BatchAxis(),
+                        ChannelAxis(channel_names=channel_names),
+                        SpaceInputAxis(id="y", size=size),
+                        SpaceInputAxis(id="x", size=size),
+                    ],
+                    test_tensor=FileDescr(source=work / "test_input.npy"),
+                    preprocessing=[
+                        EnsureDtypeDescr(kwargs=EnsureDtypeKwargs(dtype="float32")),
+                        ScaleRangeDescr(
+                            kwargs=ScaleRangeKwargs(axes=["channel", "y", "x"], min_percentile=low, max_percentile=high)
+                        ),
+                        ClipDescr(kwargs=ClipKwargs(min=0.0, max=1.0)),
+                    ],
+                )
+            ],
+            outputs=[
+                OutputTensorDescr(
+                    id=_OUTPUT_ID,
+                    description="per-pixel probabilities: "
+                    + ", ".join(config.outputs)
+                    + " (see README for turning them into nuclei)",
+                    axes=[
+                        BatchAxis(),
+                        ChannelAxis(channel_names=list(config.outputs)),
+                        SpaceOutputAxisWithHalo(
+                            id="y", size=SizeReference(tensor_id=_INPUT_ID, axis_id="y"), halo=_OUTPUT_HALO
+                        ),
+                        SpaceOutputAxisWithHalo(
+                            id="x", size=SizeReference(tensor_id=_INPUT_ID, axis_id="x"), halo=_OUTPUT_HALO
+                        ),
+                    ],
+                    test_tensor=FileDescr(source=work / "test_output.npy"),
+                    data=IntervalOrRatioDataDescr(type="float32", range=(0.0, 1.0)),
+                    postprocessing=[SigmoidDescr()],
+                )
+            ],
             weights=WeightsDescr(
                 pytorch_state_dict=PytorchStateDictWeightsDescr(
-                    source=work / "weights.pt", pytorch_version=torch_version,
-                    architecture=ArchitectureFromLibraryDescr(callable="Unet", import_from=SMP_LIBRARY, kwargs=smp_kwargs),
+                    source=work / "weights.pt",
+                    pytorch_version=torch_version,
+                    architecture=ArchitectureFromLibraryDescr(
+                        callable="Unet", import_from=SMP_LIBRARY, kwargs=smp_kwargs
+                    ),
                 ),
-                torchscript=TorchscriptWeightsDescr(source=work / "weights.torchscript.pt", pytorch_version=torch_version, parent="pytorch_state_dict"),
+                torchscript=TorchscriptWeightsDescr(
+                    source=work / "weights.torchscript.pt", pytorch_version=torch_version, parent="pytorch_state_dict"
+                ),
                 onnx=OnnxWeightsDescr(source=work / "weights.onnx", opset_version=_OPSET, parent="pytorch_state_dict"),
             ),
             training_data=_training_data(checkpoint),
             config={CONFIG_KEY: metadata},
-        )  # fmt: skip
+        )
     except ValidationError as error:
         raise ModelError(f"cannot describe {checkpoint.name} as a bioimage.io model: {first_line(error)}") from None
 
@@ -272,9 +355,18 @@ def _training_data(checkpoint: Checkpoint):
         return None
     licence = str(checkpoint.metadata.get("license") or "")
     lowered = data.lower()
-    cite = [CiteEntry(text=text, doi=doi) for key, (text, doi) in (("dsb2018", _CITATIONS[1]), ("monuseg", _MONUSEG_CITATION)) if key in lowered]
+    cite = [
+        CiteEntry(text=text, doi=doi)
+        for key, (text, doi) in (("dsb2018", _CITATIONS[1]), ("monuseg", _MONUSEG_CITATION))
+        if key in lowered
+    ]
     source = "https://bbbc.broadinstitute.org/BBBC038" if "dsb2018" in lowered else None
-    return DatasetDescr(name=f"Training data of {_package_name(checkpoint.name)}", description=f"{data}. {licence}".strip()[:1000], cite=cite, source=source)
+    return DatasetDescr(
+        name=f"Training data of {_package_name(checkpoint.name)}",
+        description=f"{data}. {licence}".strip()[:1000],
+        cite=cite,
+        source=source,
+    )
 
 
 def json_safe(value):
@@ -297,13 +389,21 @@ def _package_name(name: str) -> str:
 def _authors(checkpoint: Checkpoint, given: tuple[str, ...], author_class) -> list:
     entries = list(given) or [str(a) for a in checkpoint.metadata.get("authors") or []]
     if not entries:
-        entries = ["napari-nuclei-unet developers"] if checkpoint.metadata.get("name") == "nuclei-unet-default" else [_login_name()]
+        entries = (
+            ["napari-nuclei-unet developers"]
+            if checkpoint.metadata.get("name") == "nuclei-unet-default"
+            else [_login_name()]
+        )
     authors = []
     for entry in entries:
         name, affiliation, orcid = (list(part.strip() for part in entry.split(";")) + ["", ""])[:3]
         if not name:
             raise InputError(f"author {entry!r}: give a name first, as 'Name;Affiliation;ORCID'")
-        fields = {"name": name, **({"affiliation": affiliation} if affiliation else {}), **({"orcid": orcid} if orcid else {})}
+        fields = {
+            "name": name,
+            **({"affiliation": affiliation} if affiliation else {}),
+            **({"orcid": orcid} if orcid else {}),
+        }
         try:
             authors.append(author_class(**fields))
         except Exception as error:  # noqa: BLE001 (pydantic's ValidationError: a malformed ORCID)
@@ -356,7 +456,8 @@ def _write_cover(checkpoint: Checkpoint, image: np.ndarray, path: Path) -> None:
 
 
 def _readme(checkpoint: Checkpoint) -> str:
-    """The package's documentation: what the model is, what it was trained on, and how our post-processing makes nuclei."""
+    """The package's documentation: what the model is, what it was trained on, and how our post-processing makes
+    nuclei."""
     from .params import PostprocessParams
 
     metrics = checkpoint.metadata.get("metrics") or {}
@@ -369,34 +470,69 @@ def _readme(checkpoint: Checkpoint) -> str:
         str(checkpoint.metadata.get("description") or "A nuclei U-Net from napari-nuclei-unet."),
         "",
         f"Architecture: `segmentation_models_pytorch.Unet` ({checkpoint.config.encoder_name} encoder), outputs "
-        + ", ".join(f"`{o}`" for o in checkpoint.outputs) + " (sigmoid probabilities).",
+        + ", ".join(f"`{o}`" for o in checkpoint.outputs)
+        + " (sigmoid probabilities).",
         "",
         "## Input",
-        f"Any 2D image, grey or RGB, of any size of at least 64 px (multiples of 32 run without padding). Normalised per image: "
-        f"its {checkpoint.percentiles[0]:g} and {checkpoint.percentiles[1]:g} percentiles, pooled over the colour channels, map to 0 and 1, then clipped. "
-        + ("Grey images are repeated into the three channels." if checkpoint.config.in_channels == 3 else "Colour images are averaged to grey."),
+        "Any 2D image, grey or RGB, of any size of at least 64 px (multiples of 32 run without padding). Normalised "
+        "per image: "
+        f"its {checkpoint.percentiles[0]:g} and {checkpoint.percentiles[1]:g} percentiles, pooled over the colour "
+        "channels, map to 0 and 1, then clipped. "
+        + (
+            "Grey images are repeated into the three channels."
+            if checkpoint.config.in_channels == 3
+            else "Colour images are averaged to grey."
+        ),
     ]
     if checkpoint.nucleus_diameter:
-        lines += ["", f"Nuclei of about {checkpoint.nucleus_diameter:.0f} px diameter segment best (0.7-1.6x that without rescaling). "
-                  "napari-nuclei-unet measures the nuclei and zooms the image to this size automatically."]  # fmt: skip
+        lines += [
+            "",
+            f"Nuclei of about {checkpoint.nucleus_diameter:.0f} px diameter segment best (0.7-1.6x that without "
+            "rescaling). "
+            "napari-nuclei-unet measures the nuclei and zooms the image to this size automatically.",
+        ]
     lines += [
         "",
         "## From probabilities to nuclei (napari-nuclei-unet's post-processing)",
-        f"1. Foreground: `foreground > t`, with `t` Otsu's threshold of the image's foreground probabilities (or a fixed value); "
+        "1. Foreground: `foreground > t`, with `t` Otsu's threshold of the image's foreground probabilities (or a "
+        "fixed value); "
         f"holes up to {post.hole_size} px are filled.",
         "2. Touching nuclei are split by a watershed of the distance transform of the foreground, from its h-maxima "
-        f"(h = {post.h:g} px). With `--markers boundary` the seeds are the predicted interiors, `foreground - boundary`, instead.",
-        f"3. Objects whose mean foreground probability is below the model's calibrated minimum confidence ({level:g}) are dropped, "
+        f"(h = {post.h:g} px). With `--markers boundary` the seeds are the predicted interiors, `foreground - "
+        "boundary`, instead.",
+        f"3. Objects whose mean foreground probability is below the model's calibrated minimum confidence ({level:g}) "
+        "are dropped, "
         f"as are objects smaller than {post.min_size} image pixels.",
         "",
-        "The same steps run with `nuclei-unet segment IMAGE --model THIS.zip` (pip install napari-nuclei-unet), which also accepts "
+        "The same steps run with `nuclei-unet segment IMAGE --model THIS.zip` (pip install napari-nuclei-unet), which "
+        "also accepts "
         "the napari plugin's model picker.",
     ]
     if training:
-        lines += ["", "## Training", f"Data: {training.get('data', 'not recorded')}.", f"Licences: {checkpoint.metadata.get('license', 'not recorded')}"]
+        lines += [
+            "",
+            "## Training",
+            f"Data: {training.get('data', 'not recorded')}.",
+            f"Licences: {checkpoint.metadata.get('license', 'not recorded')}",
+        ]
     if metrics:
-        lines += ["", "## Validation", f"Measured on {metrics.get('measured_on', 'validation images')} ({metrics.get('n_images', '?')} images):", "",
-                  "| metric | value |", "|---|---|"]  # fmt: skip
-        names = {"kaggle_score": "DSB2018 score (mean AP over IoU 0.5-0.95)", "ap50": "AP@0.5", "f1_50": "F1@0.5", "dice": "Dice (pixels)"}
-        lines += [f"| {label} | {metrics[key]:.3f} |" for key, label in names.items() if isinstance(metrics.get(key), (int, float))]
+        lines += [
+            "",
+            "## Validation",
+            f"Measured on {metrics.get('measured_on', 'validation images')} ({metrics.get('n_images', '?')} images):",
+            "",
+            "| metric | value |",
+            "|---|---|",
+        ]
+        names = {
+            "kaggle_score": "DSB2018 score (mean AP over IoU 0.5-0.95)",
+            "ap50": "AP@0.5",
+            "f1_50": "F1@0.5",
+            "dice": "Dice (pixels)",
+        }
+        lines += [
+            f"| {label} | {metrics[key]:.3f} |"
+            for key, label in names.items()
+            if isinstance(metrics.get(key), (int, float))
+        ]
     return "\n".join(lines) + "\n"

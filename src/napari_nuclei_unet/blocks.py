@@ -64,7 +64,10 @@ def block_grid(height: int, width: int, size: int) -> list[tuple[slice, slice]]:
 
 def _grow(core: tuple[slice, slice], margin: int, height: int, width: int) -> tuple[slice, slice]:
     rows, cols = core
-    return (slice(max(0, rows.start - margin), min(height, rows.stop + margin)), slice(max(0, cols.start - margin), min(width, cols.stop + margin)))
+    return (
+        slice(max(0, rows.start - margin), min(height, rows.stop + margin)),
+        slice(max(0, cols.start - margin), min(width, cols.stop + margin)),
+    )
 
 
 def _probability_store(shape: tuple[int, int, int], workdir: str | None):
@@ -73,7 +76,9 @@ def _probability_store(shape: tuple[int, int, int], workdir: str | None):
     import zarr
 
     folder = tempfile.TemporaryDirectory(prefix="nuclei-unet-", dir=workdir)
-    store = zarr.open_array(f"{folder.name}/probabilities.zarr", mode="w", shape=shape, chunks=(shape[0], 1024, 1024), dtype="float32")
+    store = zarr.open_array(
+        f"{folder.name}/probabilities.zarr", mode="w", shape=shape, chunks=(shape[0], 1024, 1024), dtype="float32"
+    )
     return store, folder
 
 
@@ -103,7 +108,10 @@ def segment_large(
     scale = (grid[0] / height, grid[1] / width)  # grid pixels per image pixel
     if fine:
         block_size = max(128, int(block_size / factor))
-        centres = (pixel_centres(grid[0], height), pixel_centres(grid[1], width))  # grid index at each image pixel's centre
+        centres = (
+            pixel_centres(grid[0], height),
+            pixel_centres(grid[1], width),
+        )  # grid index at each image pixel's centre
     normalizer = plane_normalizer(checkpoint, plane, params.stain)
     cores = block_grid(height, width, block_size)
     total = 2 * len(cores)
@@ -150,11 +158,21 @@ def segment_large(
             grown = _grow(core, halo, height, width)
             if fine:  # on the finer grid, then each image pixel takes the label at its centre
                 region = (_span(grown[0], scale[0]), _span(grown[1], scale[1]))
-                _mask, found = instances(np.asarray(store[(slice(None), *region)]), outputs, postprocess, grid_zoom=factor, network_zoom=factor)
-                rows, cols = (np.clip(c[g] - r.start, 0, r.stop - r.start - 1) for c, g, r in zip(centres, grown, region))
+                _mask, found = instances(
+                    np.asarray(store[(slice(None), *region)]),
+                    outputs,
+                    postprocess,
+                    grid_zoom=factor,
+                    network_zoom=factor,
+                )
+                rows, cols = (
+                    np.clip(c[g] - r.start, 0, r.stop - r.start - 1) for c, g, r in zip(centres, grown, region)
+                )
                 labels = drop_small_labels(found[np.ix_(rows, cols)], postprocess.min_size)
             else:
-                _mask, labels = instances(np.asarray(store[(slice(None), *grown)]), outputs, postprocess, network_zoom=factor)
+                _mask, labels = instances(
+                    np.asarray(store[(slice(None), *grown)]), outputs, postprocess, network_zoom=factor
+                )
             count = _write_owned(labels, core, grown, labels_out, count)
         step(total)
     finally:
@@ -175,7 +193,9 @@ def _on_block(grid_span: slice, scale: float, block: slice, block_length: int) -
     The block was zoomed to a whole number of rows, so its scale can differ slightly from
     the plane's ``scale``.
     """
-    centres = (np.arange(grid_span.start, grid_span.stop) + 0.5) / scale - block.start  # image pixels from the block start
+    centres = (
+        np.arange(grid_span.start, grid_span.stop) + 0.5
+    ) / scale - block.start  # image pixels from the block start
     block_scale = block_length / (block.stop - block.start)
     return np.clip((centres * block_scale).astype(np.int64), 0, block_length - 1)
 
@@ -190,7 +210,13 @@ def _write_owned(labels: np.ndarray, core, grown, labels_out, count: int) -> int
     rows, cols = np.indices(labels.shape, dtype=np.float32)
     centre_y = np.bincount(flat, weights=rows.ravel(), minlength=objects + 1) / np.maximum(sizes, 1) + grown[0].start
     centre_x = np.bincount(flat, weights=cols.ravel(), minlength=objects + 1) / np.maximum(sizes, 1) + grown[1].start
-    owned = (sizes > 0) & (centre_y >= core[0].start) & (centre_y < core[0].stop) & (centre_x >= core[1].start) & (centre_x < core[1].stop)
+    owned = (
+        (sizes > 0)
+        & (centre_y >= core[0].start)
+        & (centre_y < core[0].stop)
+        & (centre_x >= core[1].start)
+        & (centre_x < core[1].stop)
+    )
     owned[0] = False
     lookup = np.zeros(objects + 1, np.int32)
     lookup[owned] = count + np.arange(1, int(owned.sum()) + 1, dtype=np.int32)

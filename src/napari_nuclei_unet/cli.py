@@ -20,7 +20,16 @@ import numpy as np
 
 from . import __version__
 from .errors import Cancelled, InputError, NucleiUnetError, describe, nuclei_text
-from .params import BlockParams, ExportParams, PostprocessParams, SegmentParams, TilingParams, TrainConfig, field_default, field_metadata
+from .params import (
+    BlockParams,
+    ExportParams,
+    PostprocessParams,
+    SegmentParams,
+    TilingParams,
+    TrainConfig,
+    field_default,
+    field_metadata,
+)
 
 
 def _auto_or_fraction(zero_allowed: bool):
@@ -63,8 +72,17 @@ def _option(parser: argparse.ArgumentParser, flag: str, owner: type, name: str, 
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="default", help="checkpoint folder, .pth state_dict, or bioimage.io package (.zip, or a folder with bioimageio.yaml/rdf.yaml) (default: the bundled model)")
-    parser.add_argument("--encoder", default=None, help="encoder of a plain .pth state_dict when it can't be inferred (e.g. efficientnet-b3)")
+    parser.add_argument(
+        "--model",
+        default="default",
+        help="checkpoint folder, .pth state_dict, or bioimage.io package (.zip, or a folder with "
+        "bioimageio.yaml/rdf.yaml) (default: the bundled model)",
+    )
+    parser.add_argument(
+        "--encoder",
+        default=None,
+        help="encoder of a plain .pth state_dict when it can't be inferred (e.g. efficientnet-b3)",
+    )
     _option(parser, "--device", TilingParams, "device")
 
 
@@ -73,8 +91,16 @@ _POSTPROCESS_OPTIONS = ("threshold", "min_size", "hole_size", "markers", "h", "m
 
 
 def _add_segment_args(parser: argparse.ArgumentParser) -> None:
-    types = {"tile_size": _positive_int, "overlap": _non_negative_int, "batch_size": _positive_int, "min_size": _non_negative_int, "hole_size": _non_negative_int, "h": _non_negative_float,
-             "threshold": _auto_or_fraction(zero_allowed=False), "min_confidence": _auto_or_fraction(zero_allowed=True)}  # fmt: skip
+    types = {
+        "tile_size": _positive_int,
+        "overlap": _non_negative_int,
+        "batch_size": _positive_int,
+        "min_size": _non_negative_int,
+        "hole_size": _non_negative_int,
+        "h": _non_negative_float,
+        "threshold": _auto_or_fraction(zero_allowed=False),
+        "min_confidence": _auto_or_fraction(zero_allowed=True),
+    }
     for name in _TILING_OPTIONS:
         if name == "tta":
             _option(parser, "--tta", TilingParams, name, action="store_true")
@@ -124,7 +150,9 @@ def _train_default(name: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nuclei-unet", description="Nuclei segmentation with a tiled U-Net and watershed.")
+    parser = argparse.ArgumentParser(
+        prog="nuclei-unet", description="Nuclei segmentation with a tiled U-Net and watershed."
+    )
     defaults = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -134,58 +162,173 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--out", required=True, help="output folder for <stem>.tif (or .zarr) label images")
     seg.add_argument("--rle-csv", default=None, help="also write one RLE CSV for all inputs (ImageId = file stem)")
     seg.add_argument(
-        "--out-format", default="tif", choices=["tif", "zarr", "geojson"],
-        help="label images as TIFF; zarr stores (written block by block, for images larger than memory); or geojson: the TIFF and, beside it, <stem>.geojson polygons for QuPath",
+        "--out-format",
+        default="tif",
+        choices=["tif", "zarr", "geojson"],
+        help="label images as TIFF; zarr stores (written block by block, for images larger than memory); or geojson: "
+        "the TIFF and, beside it, <stem>.geojson polygons for QuPath",
     )
-    seg.add_argument("--measurements", action="store_true", help="also write <stem>_nuclei.csv beside each label image: one row per nucleus (centroid, area, perimeter, shape, intensities)")
-    seg.add_argument("--workers", type=int, default=None, help="run on a dask LocalCluster of this many worker processes")
-    seg.add_argument("--dask-scheduler", default=None, help="run on an existing dask.distributed cluster, e.g. tcp://HOST:8786 (the --out folder must be shared with the workers)")
+    seg.add_argument(
+        "--measurements",
+        action="store_true",
+        help="also write <stem>_nuclei.csv beside each label image: one row per nucleus (centroid, area, perimeter, "
+        "shape, intensities)",
+    )
+    seg.add_argument(
+        "--workers", type=int, default=None, help="run on a dask LocalCluster of this many worker processes"
+    )
+    seg.add_argument(
+        "--dask-scheduler",
+        default=None,
+        help="run on an existing dask.distributed cluster, e.g. tcp://HOST:8786 (the --out folder must be shared with "
+        "the workers)",
+    )
     _add_model_args(seg)
     _add_segment_args(seg)
 
     train = commands.add_parser("train", help="train or fine-tune a model", **defaults)
-    train.add_argument("--images", required=True, action="append", help="folder of images; repeat --images/--labels (and --split) to train on several data sets")
-    train.add_argument("--labels", required=True, action="append", help="folder of label images, an RLE CSV, or a Kaggle DSB folder (one per --images)")
+    train.add_argument(
+        "--images",
+        required=True,
+        action="append",
+        help="folder of images; repeat --images/--labels (and --split) to train on several data sets",
+    )
+    train.add_argument(
+        "--labels",
+        required=True,
+        action="append",
+        help="folder of label images, an RLE CSV, or a Kaggle DSB folder (one per --images)",
+    )
     train.add_argument("--out", required=True, help="output model folder (resumes if it holds a training state)")
-    train.add_argument("--model", default=None, help="starting weights: 'default' (bundled), a checkpoint, or none for a fresh U-Net")
+    train.add_argument(
+        "--model", default=None, help="starting weights: 'default' (bundled), a checkpoint, or none for a fresh U-Net"
+    )
     train.add_argument("--encoder", default="mobilenet_v2", help="encoder of a fresh U-Net")
     train.add_argument("--decoder-channels", default="128,64,32,16,16", help="decoder widths of a fresh U-Net")
-    train.add_argument("--encoder-weights", default=None, choices=[None, "imagenet"], help="pretrained encoder for a fresh U-Net (needs internet)")
-    train.add_argument("--split", default=None, action="append", help="CSV ImageId,split: train on 'train', validate on 'val' (one per --images, or none: --val-fraction)")
-    train.add_argument("--val-fraction", type=float, default=_train_default("val_fraction"), help="images held out for validation when --split is not given")
+    train.add_argument(
+        "--encoder-weights",
+        default=None,
+        choices=[None, "imagenet"],
+        help="pretrained encoder for a fresh U-Net (needs internet)",
+    )
+    train.add_argument(
+        "--split",
+        default=None,
+        action="append",
+        help="CSV ImageId,split: train on 'train', validate on 'val' (one per --images, or none: --val-fraction)",
+    )
+    train.add_argument(
+        "--val-fraction",
+        type=float,
+        default=_train_default("val_fraction"),
+        help="images held out for validation when --split is not given",
+    )
     train.add_argument("--epochs", type=int, default=_train_default("epochs"))
-    train.add_argument("--iterations", type=int, default=_train_default("iterations_per_epoch"), help="iterations per epoch")
-    train.add_argument("--max-minutes", type=float, default=_train_default("max_minutes"), help="stop after this much wall-clock time (validates and saves)")
+    train.add_argument(
+        "--iterations", type=int, default=_train_default("iterations_per_epoch"), help="iterations per epoch"
+    )
+    train.add_argument(
+        "--max-minutes",
+        type=float,
+        default=_train_default("max_minutes"),
+        help="stop after this much wall-clock time (validates and saves)",
+    )
     train.add_argument("--patch-size", type=int, default=_train_default("patch_size"))
     train.add_argument("--batch-size", type=int, default=_train_default("batch_size"))
     train.add_argument("--lr", type=float, default=_train_default("learning_rate"))
     train.add_argument("--val-every", type=int, default=_train_default("val_every"), help="validate every N epochs")
-    train.add_argument("--scale-range", default=",".join(map(str, _train_default("scale_range"))), help="zoom range of the scale augmentation")
-    train.add_argument("--low-resolution", type=float, default=_train_default("low_resolution"), help="share of patches blurred as if taken at up to 2.5x lower magnification (experimental; see the model card)")
-    train.add_argument("--hed-jitter", type=float, default=_train_default("hed_jitter"), help="stain colour augmentation of RGB tissue: HED concentrations scaled by up to +-this (0: off)")
-    train.add_argument("--blur-noise", type=float, default=_train_default("blur_noise"), help="share of patches blurred, and of patches with added noise")
-    train.add_argument("--invert-grey", type=float, default=_train_default("invert_grey"), help="share of grey patches shown inverted (fluorescence as brightfield and back)")
-    train.add_argument("--no-balance-types", action="store_true", help="draw patches by image area only, and pick the best epoch by the plain mean score, instead of giving every image type an equal share")
+    train.add_argument(
+        "--scale-range",
+        default=",".join(map(str, _train_default("scale_range"))),
+        help="zoom range of the scale augmentation",
+    )
+    train.add_argument(
+        "--low-resolution",
+        type=float,
+        default=_train_default("low_resolution"),
+        help="share of patches blurred as if taken at up to 2.5x lower magnification (experimental; model card)",
+    )
+    train.add_argument(
+        "--hed-jitter",
+        type=float,
+        default=_train_default("hed_jitter"),
+        help="stain colour augmentation of RGB tissue: HED concentrations scaled by up to +-this (0: off)",
+    )
+    train.add_argument(
+        "--blur-noise",
+        type=float,
+        default=_train_default("blur_noise"),
+        help="share of patches blurred, and of patches with added noise",
+    )
+    train.add_argument(
+        "--invert-grey",
+        type=float,
+        default=_train_default("invert_grey"),
+        help="share of grey patches shown inverted (fluorescence as brightfield and back)",
+    )
+    train.add_argument(
+        "--no-balance-types",
+        action="store_true",
+        help="draw patches by image area only, and pick the best epoch by the plain mean score, instead of giving "
+        "every image type an equal share",
+    )
     train.add_argument("--no-augment", action="store_true")
-    train.add_argument("--freeze-batchnorm", action="store_true", help="keep the starting model's BatchNorm statistics (fine-tuning on a few images)")
-    train.add_argument("--zoom-to-reference", action="store_true", help="show each image's nuclei at the zoom segmentation will use (fine-tuning)")
-    train.add_argument("--anchor-weight", type=float, default=_train_default("anchor_weight"), help="L2-SP pull towards the starting weights (fine-tuning)")
-    train.add_argument("--distill-weight", type=float, default=_train_default("distill_weight"), help="hold the other image types to the starting model's output, seen on restyled patches (fine-tuning; the widget uses 1)")
-    train.add_argument("--start-weight-share", type=float, default=_train_default("start_weight_share"), help="share of the starting weights mixed into the saved model, WiSE-FT (fine-tuning; the widget uses 0.25)")
+    train.add_argument(
+        "--freeze-batchnorm",
+        action="store_true",
+        help="keep the starting model's BatchNorm statistics (fine-tuning on a few images)",
+    )
+    train.add_argument(
+        "--zoom-to-reference",
+        action="store_true",
+        help="show each image's nuclei at the zoom segmentation will use (fine-tuning)",
+    )
+    train.add_argument(
+        "--anchor-weight",
+        type=float,
+        default=_train_default("anchor_weight"),
+        help="L2-SP pull towards the starting weights (fine-tuning)",
+    )
+    train.add_argument(
+        "--distill-weight",
+        type=float,
+        default=_train_default("distill_weight"),
+        help="hold the other image types to the starting model's output, seen on restyled patches (fine-tuning; the "
+        "widget uses 1)",
+    )
+    train.add_argument(
+        "--start-weight-share",
+        type=float,
+        default=_train_default("start_weight_share"),
+        help="share of the starting weights mixed into the saved model, WiSE-FT (fine-tuning; the widget uses 0.25)",
+    )
     train.add_argument("--no-resume", action="store_true", help="start over even if --out holds a training state")
     train.add_argument("--overwrite", action="store_true", help="allow writing into an existing model folder")
     train.add_argument("--device", default=_train_default("device"))
     train.add_argument("--threads", type=int, default=_train_default("threads"), help="CPU threads for torch")
-    train.add_argument("--precision", default=_train_default("precision"), choices=["auto", "float32", "bfloat16"], help="training arithmetic: auto = bfloat16 autocast on CPUs with native bfloat16 (~1.5x faster steps), float32 elsewhere")
+    train.add_argument(
+        "--precision",
+        default=_train_default("precision"),
+        choices=["auto", "float32", "bfloat16"],
+        help="training arithmetic: auto = bfloat16 autocast on CPUs with native bfloat16 (~1.5x faster steps), float32 "
+        "elsewhere",
+    )
     train.add_argument("--seed", type=int, default=_train_default("seed"))
-    train.add_argument("--no-calibrate", action="store_true", help="skip calibrating the model's min confidence on the validation images (with the training images when there are few) after training")
+    train.add_argument(
+        "--no-calibrate",
+        action="store_true",
+        help="skip calibrating the model's min confidence on the validation images (with the training images when "
+        "there are few) after training",
+    )
 
     ev = commands.add_parser("evaluate", help="score predictions against ground truth")
     ev.add_argument("--truth", required=True, help="folder of label images or an RLE CSV")
     ev.add_argument("--pred", required=True, help="folder of label images or an RLE CSV")
     ev.add_argument("--images", default=None, help="image folder giving shapes for RLE CSVs without Height/Width")
     ev.add_argument("--json", default=None, help="also write the metrics as JSON")
-    ev.add_argument("--only-predicted", action="store_true", help="score only the ground-truth images that have a prediction")
+    ev.add_argument(
+        "--only-predicted", action="store_true", help="score only the ground-truth images that have a prediction"
+    )
 
     rle = commands.add_parser("rle", help="convert between RLE CSV and label images")
     rle_commands = rle.add_subparsers(dest="rle_command", required=True)
@@ -199,21 +342,36 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--out", required=True)
     enc.add_argument("--no-shape", action="store_true", help="omit the Height/Width columns")
 
-    export = commands.add_parser("export-bioimageio", help="write a model as a bioimage.io Model Zoo package (validated and tested)", **defaults)
+    export = commands.add_parser(
+        "export-bioimageio", help="write a model as a bioimage.io Model Zoo package (validated and tested)", **defaults
+    )
     export.add_argument("model", help="'default' (bundled) or a checkpoint folder")
     export.add_argument("--out", required=True, help="package to write: NAME.zip, or a new folder")
-    export.add_argument("--author", dest="authors", action="append", default=None, help=field_metadata(ExportParams, "authors")["help"])
+    export.add_argument(
+        "--author", dest="authors", action="append", default=None, help=field_metadata(ExportParams, "authors")["help"]
+    )
     export.add_argument("--cite", action="append", default=None, help=field_metadata(ExportParams, "cite")["help"])
     _option(export, "--license", ExportParams, "license")
     _option(export, "--test-image", ExportParams, "test_image")
-    export.add_argument("--no-test", dest="run_test", action="store_false", help="skip bioimageio.core's model test (the format is still validated) [default: the test runs]")
+    export.add_argument(
+        "--no-test",
+        dest="run_test",
+        action="store_false",
+        help="skip bioimageio.core's model test (the format is still validated) [default: the test runs]",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        handler = {"segment": cmd_segment, "train": cmd_train, "evaluate": cmd_evaluate, "rle": cmd_rle, "export-bioimageio": cmd_export_bioimageio}[args.command]
+        handler = {
+            "segment": cmd_segment,
+            "train": cmd_train,
+            "evaluate": cmd_evaluate,
+            "rle": cmd_rle,
+            "export-bioimageio": cmd_export_bioimageio,
+        }[args.command]
         return handler(args) or 0
     except Cancelled as error:
         print(f"nuclei-unet: {error}", file=sys.stderr)
@@ -265,8 +423,8 @@ def _load_checkpoint(args):
 
 def cmd_segment(args) -> int:
     from .batch import output_path
+    from .devices import device_name
     from .io import find_images
-    from .model import device_name
     from .onnx_backend import describe_device
     from .rle import write_csv
 
@@ -275,7 +433,9 @@ def cmd_segment(args) -> int:
     targets = [output_path(out, path, args.out_format) for path in files]
     clashes = sorted({t.name for t in targets if targets.count(t) > 1})
     if clashes:
-        raise InputError(f"{out}: several inputs would write {', '.join(clashes[:3])}; segment them into separate --out folders")
+        raise InputError(
+            f"{out}: several inputs would write {', '.join(clashes[:3])}; segment them into separate --out folders"
+        )
     if args.workers is not None and args.workers < 1:
         raise InputError(f"--workers must be at least 1, got {args.workers}")
     writable_folder(out)  # outputs are checked before any work, so a fault there costs nothing
@@ -285,7 +445,11 @@ def cmd_segment(args) -> int:
     device = device_name("cpu" if distributed and args.device == "auto" else args.device)
     checkpoint = _load_checkpoint(args)  # fails early, here, on bad weights
     params = segment_params(args, device)
-    print(f"model: {checkpoint.summary()} | device: {describe_device(device, args.backend, args.precision, checkpoint.package)}", file=sys.stderr)
+    print(
+        f"model: {checkpoint.summary()} | device: "
+        f"{describe_device(device, args.backend, args.precision, checkpoint.package)}",
+        file=sys.stderr,
+    )
     started = time.perf_counter()
     # Every output is written into a staging folder inside --out and moved into place only when
     # all inputs succeeded: a bad input leaves no partial output and overwrites nothing.
@@ -312,20 +476,31 @@ def cmd_segment(args) -> int:
     print(
         f"segmented {len(results)} image(s): {nuclei_text(sum(r.nuclei for r in results))} in {seconds:.1f} s, "
         f"{pixels / 1e6 / max(seconds, 1e-9):.2f} MP/s on {device}; "
-        f"{_diameter_summary(args.diameter, [r.diameter for r in results if r.diameter is not None])}; {_used_summary(results)} -> {out}"
+        f"{_diameter_summary(args.diameter, [r.diameter for r in results if r.diameter is not None])}; "
+        f"{_used_summary(results)} -> {out}"
     )
     return 0
 
 
 def _used_summary(results) -> str:
-    """The image types, stains, threshold and min confidence actually used (what "auto" became), for reproducing a run."""
+    """The image types, stains, threshold and min confidence actually used (what "auto" became), for reproducing a
+    run."""
     seen = collections.Counter((r.record["image_type"], r.record["stain"]) for r in results if "image_type" in r.record)
-    kinds = ", ".join(f"{count} {kind}" + (f" (stain {stain})" if stain != "none" else "") for (kind, stain), count in sorted(seen.items()))
+    kinds = ", ".join(
+        f"{count} {kind}" + (f" (stain {stain})" if stain != "none" else "")
+        for (kind, stain), count in sorted(seen.items())
+    )
     thresholds = [t for r in results for t in np.atleast_1d(r.record.get("threshold", []))]
     levels = sorted({r.record.get("min_confidence") for r in results if "min_confidence" in r.record})
-    threshold = "" if not thresholds else (
-        f"threshold {thresholds[0]:.3f}" if len(set(thresholds)) == 1 else f"threshold {min(thresholds):.3f}-{max(thresholds):.3f}"
-    )  # fmt: skip
+    threshold = (
+        ""
+        if not thresholds
+        else (
+            f"threshold {thresholds[0]:.3f}"
+            if len(set(thresholds)) == 1
+            else f"threshold {min(thresholds):.3f}-{max(thresholds):.3f}"
+        )
+    )
     level = "" if not levels else f"min confidence {', '.join(f'{v:g}' for v in levels)}"
     return ", ".join(part for part in (kinds, threshold, level) if part)
 
@@ -336,7 +511,9 @@ def _segment_serial(checkpoint, files, out, params, out_format, measurements=Fal
     results = []
     with _ImageProgress(len(files)) as progress:
         for path in files:
-            result = segment_file(checkpoint, path, out, params, out_format, progress=progress.steps(path), measurements=measurements)
+            result = segment_file(
+                checkpoint, path, out, params, out_format, progress=progress.steps(path), measurements=measurements
+            )
             results.append(result)
             progress.image_done(path, result)
     return results
@@ -352,7 +529,7 @@ class _ImageProgress:
         self.total, self.done = total, 0
         self.bar = tqdm(total=total, unit="image", desc="segment", file=sys.stderr) if sys.stderr.isatty() else None
 
-    def __enter__(self) -> "_ImageProgress":
+    def __enter__(self) -> _ImageProgress:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -374,7 +551,12 @@ class _ImageProgress:
             self.bar.update()
             self.bar.set_postfix(nuclei=result.nuclei, diameter=_format_diameter(result))
         else:
-            print(f"[{self.done}/{self.total}] {Path(path).name}: {nuclei_text(result.nuclei)}, diameter {_format_diameter(result)}", file=sys.stderr, flush=True)
+            print(
+                f"[{self.done}/{self.total}] {Path(path).name}: {nuclei_text(result.nuclei)}, diameter "
+                f"{_format_diameter(result)}",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 def _segment_distributed(args, files, params, out: Path):
@@ -394,9 +576,22 @@ def _segment_distributed(args, files, params, out: Path):
         cluster = LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=None)
         client = Client(cluster)
     try:
-        print(f"dask: {len(client.scheduler_info()['workers'])} worker(s) at {client.scheduler.address}", file=sys.stderr)
+        print(
+            f"dask: {len(client.scheduler_info()['workers'])} worker(s) at {client.scheduler.address}", file=sys.stderr
+        )
         futures = [
-            client.submit(segment_file_task, args.model, args.encoder, str(path), str(out.resolve()), params, args.out_format, threads, args.measurements, pure=False)
+            client.submit(
+                segment_file_task,
+                args.model,
+                args.encoder,
+                str(path),
+                str(out.resolve()),
+                params,
+                args.out_format,
+                threads,
+                args.measurements,
+                pure=False,
+            )
             for path in files
         ]
         order = {future.key: index for index, future in enumerate(futures)}
@@ -480,15 +675,40 @@ def cmd_train(args) -> int:
         checkpoint = Checkpoint.create(config, encoder_weights=args.encoder_weights)
     scale = tuple(float(v) for v in args.scale_range.split(","))
     config = TrainConfig(
-        epochs=args.epochs, iterations_per_epoch=args.iterations, max_minutes=args.max_minutes, patch_size=args.patch_size,
-        batch_size=args.batch_size, learning_rate=args.lr, augment=not args.no_augment, scale_range=scale, freeze_batchnorm=args.freeze_batchnorm,
-        low_resolution=args.low_resolution, zoom_to_reference=args.zoom_to_reference, anchor_weight=args.anchor_weight, distill_weight=args.distill_weight,
-        start_weight_share=args.start_weight_share, val_every=args.val_every, val_fraction=args.val_fraction, device=args.device, seed=args.seed,
-        threads=args.threads, precision=args.precision, calibrate=not args.no_calibrate, hed_jitter=args.hed_jitter, blur_noise=args.blur_noise,
-        invert_grey=args.invert_grey, balance_image_types=not args.no_balance_types,
+        epochs=args.epochs,
+        iterations_per_epoch=args.iterations,
+        max_minutes=args.max_minutes,
+        patch_size=args.patch_size,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        augment=not args.no_augment,
+        scale_range=scale,
+        freeze_batchnorm=args.freeze_batchnorm,
+        low_resolution=args.low_resolution,
+        zoom_to_reference=args.zoom_to_reference,
+        anchor_weight=args.anchor_weight,
+        distill_weight=args.distill_weight,
+        start_weight_share=args.start_weight_share,
+        val_every=args.val_every,
+        val_fraction=args.val_fraction,
+        device=args.device,
+        seed=args.seed,
+        threads=args.threads,
+        precision=args.precision,
+        calibrate=not args.no_calibrate,
+        hed_jitter=args.hed_jitter,
+        blur_noise=args.blur_noise,
+        invert_grey=args.invert_grey,
+        balance_image_types=not args.no_balance_types,
     )
     # The bar only on a terminal; the epoch lines below are written either way.
-    bar = tqdm(total=config.epochs * config.iterations_per_epoch, unit="it", desc="train", file=sys.stderr, disable=not sys.stderr.isatty())
+    bar = tqdm(
+        total=config.epochs * config.iterations_per_epoch,
+        unit="it",
+        desc="train",
+        file=sys.stderr,
+        disable=not sys.stderr.isatty(),
+    )
 
     def progress(event) -> None:
         bar.n = event.iteration
@@ -506,13 +726,22 @@ def cmd_train(args) -> int:
         result = fit(checkpoint, train, out, val, config, progress=progress, data_description=_describe(args, train))
     best = f"{result.best_score:.4f}" if result.best_score is not None else "n/a"
     calibration = checkpoint.metadata.get("postprocess", {}) if config.calibrate and not result.cancelled else {}
-    calibrated = f"; min confidence {calibration['min_confidence']:g} (calibrated on {calibration['calibrated_on']})" if calibration else ""
-    print(f"trained {result.iteration} iterations in {result.elapsed / 60:.1f} min on {result.device}; best val DSB score {best}{calibrated} -> {out}")
+    calibrated = (
+        f"; min confidence {calibration['min_confidence']:g} (calibrated on {calibration['calibrated_on']})"
+        if calibration
+        else ""
+    )
+    print(
+        f"trained {result.iteration} iterations in {result.elapsed / 60:.1f} min on {result.device}; best val DSB "
+        f"score {best}{calibrated} -> {out}"
+    )
     return 0
 
 
 def _describe(args, train) -> str:
-    return f"{len(train)} images from " + " and ".join(f"{Path(images).resolve().parent.name}/{Path(images).name}" for images in args.images)
+    return f"{len(train)} images from " + " and ".join(
+        f"{Path(images).resolve().parent.name}/{Path(images).name}" for images in args.images
+    )
 
 
 def _read_label_source(path: str, images: str | None) -> dict[str, np.ndarray]:
@@ -541,7 +770,10 @@ def cmd_evaluate(args) -> int:
     pred = _read_label_source(args.pred, args.images)
     if not set(truth) & set(pred):
         example = next(iter(pred), "none")
-        raise InputError(f"{args.pred}: no image in common with {args.truth} (e.g. prediction {example!r} has no ground truth); ImageIds must be the image file stems")
+        raise InputError(
+            f"{args.pred}: no image in common with {args.truth} (e.g. prediction {example!r} has no ground truth); "
+            "ImageIds must be the image file stems"
+        )
     if args.only_predicted:
         truth = {key: labels for key, labels in truth.items() if key in pred}
     missing = sorted(set(truth) - set(pred))
@@ -558,7 +790,9 @@ def cmd_evaluate(args) -> int:
     for key, labels in truth.items():
         predicted = pred.get(key, np.zeros_like(labels))
         if predicted.shape != labels.shape:
-            raise InputError(f"{args.pred}: {key}: shape {predicted.shape} differs from the ground truth {labels.shape}")
+            raise InputError(
+                f"{args.pred}: {key}: shape {predicted.shape} differs from the ground truth {labels.shape}"
+            )
         pairs.append((labels, predicted))
     scores = evaluate(pairs)
     print(format_table({Path(args.pred).name: scores}))
@@ -577,13 +811,18 @@ def cmd_rle(args) -> int:
         shape_of = _shape_lookup(args.images)
         decoded, overlaps = {}, 0
         for image_id, entry in entries.items():  # decode all first: a bad row writes nothing
-            decoded[image_id] = entry.to_labels(entry.shape or (shape_of(image_id) if shape_of else None), source=args.csv)
+            decoded[image_id] = entry.to_labels(
+                entry.shape or (shape_of(image_id) if shape_of else None), source=args.csv
+            )
             overlaps += entry.overlap_pixels
         for image_id, labels in decoded.items():
             write_labels(Path(args.out) / f"{image_id}.{args.format}", labels)
         print(f"decoded {len(decoded)} image(s), {sum(len(e.rles) for e in entries.values())} nuclei -> {args.out}")
         if overlaps:
-            print(f"note: {overlaps} pixel(s) were claimed by two nuclei; each went to the nucleus listed first", file=sys.stderr)
+            print(
+                f"note: {overlaps} pixel(s) were claimed by two nuclei; each went to the nucleus listed first",
+                file=sys.stderr,
+            )
     else:
         files = find_images(args.labels)
         items = []
@@ -593,21 +832,28 @@ def cmd_rle(args) -> int:
                 raise InputError(f"{path}: not a 2D integer label image (shape {labels.shape}, {labels.dtype})")
             items.append((path.stem, labels))
         write_csv(args.out, items, with_shape=not args.no_shape)
-        print(f"encoded {len(items)} label image(s), {sum(int(len(np.unique(l)) - (0 in l)) for _, l in items)} nuclei -> {args.out}")
+        nuclei = sum(int(len(np.unique(labels)) - (0 in labels)) for _, labels in items)
+        print(f"encoded {len(items)} label image(s), {nuclei} nuclei -> {args.out}")
     return 0
 
 
 def cmd_export_bioimageio(args) -> int:
-    from .model import Checkpoint, resolve_model_path
     from .bioimageio_export import export_package
+    from .model import Checkpoint, resolve_model_path
 
     out = writable_file(args.out)
     checkpoint = Checkpoint.load(resolve_model_path(args.model))
     params = ExportParams(
-        authors=tuple(args.authors or ()), cite=tuple(args.cite or ()), license=args.license, test_image=args.test_image, run_test=args.run_test
+        authors=tuple(args.authors or ()),
+        cite=tuple(args.cite or ()),
+        license=args.license,
+        test_image=args.test_image,
+        run_test=args.run_test,
     )
     started = time.perf_counter()
-    written = export_package(checkpoint, out, params, progress=lambda message: print(f"{message}…", file=sys.stderr, flush=True))
+    written = export_package(
+        checkpoint, out, params, progress=lambda message: print(f"{message}…", file=sys.stderr, flush=True)
+    )
     checks = "format validated, model test passed" if args.run_test else "format validated (model test skipped)"
     print(f"wrote {written} ({checks}; {time.perf_counter() - started:.0f} s)")
     return 0

@@ -27,7 +27,9 @@ class LabelledImage:
         if self.labels.shape != spatial:
             raise InputError(f"{self.name}: labels shape {self.labels.shape} does not match image shape {spatial}")
         if self.roi is not None and self.roi.shape != spatial:
-            raise InputError(f"{self.name}: region-of-interest shape {self.roi.shape} does not match image shape {spatial}")
+            raise InputError(
+                f"{self.name}: region-of-interest shape {self.roi.shape} does not match image shape {spatial}"
+            )
 
 
 def image_type(image: np.ndarray) -> str:
@@ -61,7 +63,9 @@ def read_split(path: str | os.PathLike) -> dict[str, str]:
         return {row["ImageId"]: row["split"] for row in reader}
 
 
-def load_pairs(images: str | os.PathLike, labels: str | os.PathLike, names: set[str] | None = None) -> list[LabelledImage]:
+def load_pairs(
+    images: str | os.PathLike, labels: str | os.PathLike, names: set[str] | None = None
+) -> list[LabelledImage]:
     """Pair images with labels by file stem.
 
     ``labels`` is a folder of label images, an RLE CSV (shapes from the images), or a
@@ -87,7 +91,9 @@ def load_pairs(images: str | os.PathLike, labels: str | os.PathLike, names: set[
         label_files = {p.stem: p for p in sorted(labels.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
         for stem, path in sorted(image_files.items()):
             if stem in label_files:
-                pairs.append(LabelledImage(stem, read_image(path), np.asarray(read_image(label_files[stem])).astype(np.int32)))
+                pairs.append(
+                    LabelledImage(stem, read_image(path), np.asarray(read_image(label_files[stem])).astype(np.int32))
+                )
     else:
         raise InputError(f"{labels}: labels must be a folder of label images, an RLE CSV or a Kaggle DSB folder")
     if not pairs:
@@ -115,6 +121,6 @@ def _load_kaggle_layout(folder: Path, names: set[str] | None) -> list[LabelledIm
 
 def median_diameter(label_images: list[np.ndarray]) -> float | None:
     """Median equivalent diameter (px) of all nuclei: the model's reference scale."""
-    areas = np.concatenate([np.bincount(np.asarray(l).ravel())[1:] for l in label_images] or [np.zeros(0)])
+    areas = np.concatenate([np.bincount(np.asarray(lab).ravel())[1:] for lab in label_images] or [np.zeros(0)])
     areas = areas[areas > 0]
     return float(np.median(2.0 * np.sqrt(areas / np.pi))) if areas.size else None

@@ -61,7 +61,10 @@ def check_allocation(nbytes: float, what: str, source: object) -> None:
     """Raise :class:`InputError` before allocating ``nbytes`` that a file declares but memory can't hold."""
     available = available_memory()
     if nbytes > available:
-        raise InputError(f"{source}: {what} would need {nbytes / 2**30:.3g} GiB, more than the {available / 2**30:.3g} GiB of memory available")
+        raise InputError(
+            f"{source}: {what} would need {nbytes / 2**30:.3g} GiB, more than the {available / 2**30:.3g} GiB of "
+            "memory available"
+        )
 
 
 def nuclei_text(count: int) -> str:

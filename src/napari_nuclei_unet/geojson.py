@@ -40,8 +40,16 @@ def labels_to_features(labels: np.ndarray, measurements: dict[str, np.ndarray] |
         if box is None:
             continue
         polygons = _polygons(labels[box] == value, box[0].start, box[1].start)
-        geometry = {"type": "Polygon", "coordinates": polygons[0]} if len(polygons) == 1 else {"type": "MultiPolygon", "coordinates": polygons}
-        properties = {"objectType": "detection", "classification": dict(CLASSIFICATION), "measurements": {"label": value, **rows.get(value, {})}}
+        geometry = (
+            {"type": "Polygon", "coordinates": polygons[0]}
+            if len(polygons) == 1
+            else {"type": "MultiPolygon", "coordinates": polygons}
+        )
+        properties = {
+            "objectType": "detection",
+            "classification": dict(CLASSIFICATION),
+            "measurements": {"label": value, **rows.get(value, {})},
+        }
         features.append({"type": "Feature", "id": f"nucleus-{value}", "geometry": geometry, "properties": properties})
     return features
 
@@ -98,7 +106,11 @@ def features_to_labels(features: list[dict], shape: tuple[int, int], source: str
         if kind not in ("Polygon", "MultiPolygon") or not coordinates:
             continue  # points, lines and empty geometries are not nuclei
         measurements = ((feature.get("properties") or {}).get("measurements")) or {}
-        value = int(measurements["label"]) if isinstance(measurements, dict) and isinstance(measurements.get("label"), int | float) else index
+        value = (
+            int(measurements["label"])
+            if isinstance(measurements, dict) and isinstance(measurements.get("label"), int | float)
+            else index
+        )
         try:
             for polygon in [coordinates] if kind == "Polygon" else coordinates:
                 inside = np.zeros(shape, bool)
@@ -112,7 +124,9 @@ def features_to_labels(features: list[dict], shape: tuple[int, int], source: str
     return labels
 
 
-def write_geojson(path: str | os.PathLike, labels: np.ndarray, measurements: dict[str, np.ndarray] | None = None) -> Path:
+def write_geojson(
+    path: str | os.PathLike, labels: np.ndarray, measurements: dict[str, np.ndarray] | None = None
+) -> Path:
     """A FeatureCollection of the nuclei, written atomically."""
     from .io import atomic_write
 
@@ -147,7 +161,11 @@ def read_geojson(path: str | os.PathLike, shape: tuple[int, int] | None = None) 
 
 def _points(coordinates):
     """Every ``[x, y]`` of nested GeoJSON coordinates."""
-    if isinstance(coordinates, list) and len(coordinates) >= 2 and all(isinstance(v, int | float) for v in coordinates[:2]):
+    if (
+        isinstance(coordinates, list)
+        and len(coordinates) >= 2
+        and all(isinstance(v, int | float) for v in coordinates[:2])
+    ):
         yield float(coordinates[0]), float(coordinates[1])
     elif isinstance(coordinates, list):
         for item in coordinates:

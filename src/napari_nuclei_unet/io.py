@@ -36,7 +36,9 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise InputError(f"{path}: no such file")
     suffix = path.suffix.lower()
     if suffix not in IMAGE_SUFFIXES:
-        raise InputError(f"{path}: unsupported image type {suffix or '(no suffix)'!r}; use one of {', '.join(IMAGE_SUFFIXES)}")
+        raise InputError(
+            f"{path}: unsupported image type {suffix or '(no suffix)'!r}; use one of {', '.join(IMAGE_SUFFIXES)}"
+        )
     check_allocation(_declared_bytes(path), "the image it declares", path)
     try:
         if suffix in _TIFF_SUFFIXES:
@@ -182,9 +184,7 @@ class Normalizer:
     channels: int = 3
 
     @classmethod
-    def from_image(
-        cls, plane, channels: int = 3, percentiles: tuple[float, float] = (1.0, 99.8)
-    ) -> "Normalizer":
+    def from_image(cls, plane, channels: int = 3, percentiles: tuple[float, float] = (1.0, 99.8)) -> Normalizer:
         """Estimate the percentiles of a 2D plane (numpy, dask or zarr), subsampling big ones."""
         step = sample_step(*plane.shape[:2])
         sample = np.asarray(plane[::step, ::step])
@@ -217,7 +217,8 @@ def channels_first(plane) -> np.ndarray:
 
 
 def to_model_channels(array: np.ndarray, channels: int) -> np.ndarray:
-    """``(C, Y, X)`` as the model's channels: colour averaged for a single-channel model, grey repeated for colour ones."""
+    """``(C, Y, X)`` as the model's channels: colour averaged for a single-channel model, grey repeated for colour
+    ones."""
     if array.shape[0] == channels:
         return array
     if channels == 1:
@@ -290,7 +291,9 @@ def write_labels(path: str | os.PathLike, labels, max_label: int | None = None) 
         with atomic_path(path) as tmp:
             if lazy:
                 tiles = (tile for band in _bands(labels) for tile in _split_columns(band.astype(dtype, copy=False)))
-                tifffile.imwrite(tmp, tiles, shape=labels.shape, dtype=dtype, tile=(_TIFF_TILE, _TIFF_TILE), compression="zlib")
+                tifffile.imwrite(
+                    tmp, tiles, shape=labels.shape, dtype=dtype, tile=(_TIFF_TILE, _TIFF_TILE), compression="zlib"
+                )
             else:
                 tifffile.imwrite(tmp, labels.astype(dtype, copy=False), compression="zlib")
     elif suffix == ".png":
@@ -311,12 +314,12 @@ _TIFF_TILE = 512  # px: tile edge of label TIFFs written from zarr/dask
 def _bands(labels) -> Iterator[np.ndarray]:
     """Rows of tiles of a 2D zarr or dask array, read one at a time as numpy."""
     for top in range(0, labels.shape[0], _TIFF_TILE):
-        yield np.asarray(labels[top:top + _TIFF_TILE])
+        yield np.asarray(labels[top : top + _TIFF_TILE])
 
 
 def _split_columns(band: np.ndarray) -> Iterator[np.ndarray]:
     for left in range(0, band.shape[1], _TIFF_TILE):
-        yield band[:, left:left + _TIFF_TILE]
+        yield band[:, left : left + _TIFF_TILE]
 
 
 def find_images(inputs: list[str]) -> list[Path]:
@@ -340,7 +343,9 @@ def find_images(inputs: list[str]) -> list[Path]:
             found.extend(Path(m) for m in matches if is_image(Path(m)))
     unique = list(dict.fromkeys(p.resolve() for p in found))
     if not unique:
-        raise InputError(f"{', '.join(inputs)}: no images found (looked for {', '.join(IMAGE_SUFFIXES)} and .zarr stores)")
+        raise InputError(
+            f"{', '.join(inputs)}: no images found (looked for {', '.join(IMAGE_SUFFIXES)} and .zarr stores)"
+        )
     return unique
 
 

@@ -38,8 +38,15 @@ def measure(labels, image=None, pixel_size: float | None = None, block_rows: int
     if pixel_size is not None and not pixel_size > 0:
         raise InputError(f"pixel size must be a positive number of µm, got {pixel_size}")
     rows = labels.shape[0]
-    tables = [_measure_strip(labels, image, start, min(rows, start + block_rows)) for start in range(0, rows, max(1, block_rows))]
-    table = {key: np.concatenate([t[key] for t in tables]) for key in tables[0]} if tables else _measure_rows(np.zeros((1, 1), np.int32), None)
+    tables = [
+        _measure_strip(labels, image, start, min(rows, start + block_rows))
+        for start in range(0, rows, max(1, block_rows))
+    ]
+    table = (
+        {key: np.concatenate([t[key] for t in tables]) for key in tables[0]}
+        if tables
+        else _measure_rows(np.zeros((1, 1), np.int32), None)
+    )
     order = np.argsort(table["label"], kind="stable")
     table = {key: values[order] for key, values in table.items()}
     if pixel_size is not None:
@@ -76,7 +83,9 @@ def _measure_rows(labels: np.ndarray, image: np.ndarray | None) -> dict[str, np.
 
     properties = list(_PROPERTIES) + (["intensity_mean", "intensity_max"] if image is not None else [])
     raw = regionprops_table(labels.astype(np.int64, copy=False), intensity_image=image, properties=properties)
-    table = {_RENAMED.get(key, key): np.asarray(values) for key, values in raw.items() if not key.startswith("intensity_")}
+    table = {
+        _RENAMED.get(key, key): np.asarray(values) for key, values in raw.items() if not key.startswith("intensity_")
+    }
     if image is not None:
         channels = sorted({key.split("-")[1] for key in raw if key.startswith("intensity_mean-")})
         suffixes = [("", "")] if not channels else [(f"-{c}", f"_{c}") for c in channels]

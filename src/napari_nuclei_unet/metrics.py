@@ -149,7 +149,12 @@ def format_table(rows: dict[str, Scores], extra: dict[str, dict[str, str]] | Non
     body = []
     for name, scores in rows.items():
         body.append(
-            [name, *[f"{getattr(scores, c):.3f}" for c in columns], str(scores.n_images), f"{scores.n_true}/{scores.n_pred}"]
+            [
+                name,
+                *[f"{getattr(scores, c):.3f}" for c in columns],
+                str(scores.n_images),
+                f"{scores.n_true}/{scores.n_pred}",
+            ]
             + [(extra or {}).get(name, {}).get(c, "") for c in extra_columns]
         )
     widths = [max(len(str(row[i])) for row in [header, *body]) for i in range(len(header))]

@@ -18,14 +18,13 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import shutil
-import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .devices import device_name, resolve_device
 from .errors import ModelError, describe
 from .io import Normalizer, default_mode
 from .params import InputSizes
@@ -66,7 +65,9 @@ class ModelConfig:
         if "foreground" not in self.outputs:
             raise ModelError(f"model outputs {self.outputs} must include 'foreground'")
         if len(self.decoder_channels) != self.encoder_depth:
-            raise ModelError(f"decoder_channels {self.decoder_channels} must have encoder_depth={self.encoder_depth} entries")
+            raise ModelError(
+                f"decoder_channels {self.decoder_channels} must have encoder_depth={self.encoder_depth} entries"
+            )
 
     def build(self, encoder_weights: str | None = None) -> torch.nn.Module:
         import segmentation_models_pytorch as smp
@@ -84,7 +85,10 @@ class ModelConfig:
         except (KeyError, ValueError, TypeError, AttributeError, AssertionError, RuntimeError) as error:
             raise ModelError(f"cannot build smp.Unet with encoder {self.encoder_name!r}: {describe(error)}") from None
         except OSError as error:  # weight download without internet
-            raise ModelError(f"cannot download {encoder_weights} weights for {self.encoder_name!r} ({error}); use encoder_weights=None offline") from None
+            raise ModelError(
+                f"cannot download {encoder_weights} weights for {self.encoder_name!r} ({error}); use "
+                "encoder_weights=None offline"
+            ) from None
 
 
 @dataclass
@@ -135,19 +139,23 @@ class Checkpoint:
         object.__setattr__(self, "model", model.eval())
         object.__setattr__(self, "deferred", None)
 
-    def __deepcopy__(self, memo: dict) -> "Checkpoint":
+    def __deepcopy__(self, memo: dict) -> Checkpoint:
         """A copy to train: with its own built model; the runtime caches (exported networks) stay behind."""
         import copy
 
         if self.package is not None:
             raise ModelError(f"{self.name}: {CANNOT_FINETUNE}")
         return Checkpoint(
-            model=copy.deepcopy(self.model, memo), config=copy.deepcopy(self.config, memo), percentiles=self.percentiles,
-            nucleus_diameter=self.nucleus_diameter, metadata=copy.deepcopy(self.metadata, memo), source=self.source,
-        )  # fmt: skip
+            model=copy.deepcopy(self.model, memo),
+            config=copy.deepcopy(self.config, memo),
+            percentiles=self.percentiles,
+            nucleus_diameter=self.nucleus_diameter,
+            metadata=copy.deepcopy(self.metadata, memo),
+            source=self.source,
+        )
 
     @classmethod
-    def create(cls, config: ModelConfig | None = None, encoder_weights: str | None = None, **kwargs) -> "Checkpoint":
+    def create(cls, config: ModelConfig | None = None, encoder_weights: str | None = None, **kwargs) -> Checkpoint:
         """A fresh, untrained checkpoint."""
         config = config or ModelConfig()
         return cls(model=config.build(encoder_weights), config=config, **kwargs)
@@ -167,7 +175,8 @@ class Checkpoint:
         return self.package.input_sizes if self.package is not None else InputSizes()
 
     def normalizer(self, sample) -> Normalizer:
-        """How this network wants a plane normalised, with the statistics taken from ``sample`` (a strided view of it)."""
+        """How this network wants a plane normalised, with the statistics taken from ``sample`` (a strided view of
+        it)."""
         if self.package is not None:
             return self.package.normalizer(sample)
         return Normalizer.from_image(sample, self.config.in_channels, self.percentiles)
@@ -197,7 +206,11 @@ class Checkpoint:
             parts.append(f"trained on {training['data']}")
         metrics = self.metadata.get("metrics", {})
         if "kaggle_score" in metrics:  # said with what it was measured on: a bare "val score" read as the README's
-            images = f" on its {metrics['n_images']} validation images" if metrics.get("n_images") else " on its validation images"
+            images = (
+                f" on its {metrics['n_images']} validation images"
+                if metrics.get("n_images")
+                else " on its validation images"
+            )
             parts.append(f"DSB score {metrics['kaggle_score']:.3f}{images}")
         if self.nucleus_diameter:
             parts.append(f"nuclei ~{self.nucleus_diameter:.0f} px")
@@ -211,7 +224,9 @@ class Checkpoint:
         """
         folder = Path(folder)
         if self.package is not None:
-            raise ModelError(f"{self.name}: a bioimage.io package that is not an smp.Unet; it cannot be saved as a checkpoint folder")
+            raise ModelError(
+                f"{self.name}: a bioimage.io package that is not an smp.Unet; it cannot be saved as a checkpoint folder"
+            )
         if folder.exists() and not overwrite:
             raise ModelError(f"{folder}: already exists; choose another folder or allow overwriting")
         if folder.resolve() == BUNDLED_MODEL_DIR.resolve() and not os.environ.get("NUCLEI_UNET_WRITE_BUNDLED"):
@@ -261,14 +276,20 @@ class Checkpoint:
             "format_version": FORMAT_VERSION,
             "architecture": "Unet",
             "config": config,
-            "normalization": {"method": "percentile", "percentiles": list(self.percentiles), "channels": self.config.in_channels},
+            "normalization": {
+                "method": "percentile",
+                "percentiles": list(self.percentiles),
+                "channels": self.config.in_channels,
+            },
             "nucleus_diameter": self.nucleus_diameter,
             **self.metadata,
         }
 
     # --------------------------------------------------------------- loading
     @classmethod
-    def load(cls, path: str | os.PathLike, encoder: str | None = None, device: str | torch.device = "cpu") -> "Checkpoint":
+    def load(
+        cls, path: str | os.PathLike, encoder: str | None = None, device: str | torch.device = "cpu"
+    ) -> Checkpoint:
         """Load a checkpoint folder, a plain ``state_dict`` file (``encoder`` names its architecture) or a
         bioimage.io model package (a ``.zip``, or a folder or its ``bioimageio.yaml``/``rdf.yaml``)."""
         path = Path(path)
@@ -289,7 +310,9 @@ class Checkpoint:
         if device_name(device) != "cpu" or checkpoint.file_digest is None:  # deferred models are built on the CPU
             checkpoint.model.to(device).eval()
         # A file picked inside a checkpoint folder stands for the folder.
-        checkpoint.source = str(path.parent if path.is_file() and path.suffix.lower() in (".safetensors", ".json") else path)
+        checkpoint.source = str(
+            path.parent if path.is_file() and path.suffix.lower() in (".safetensors", ".json") else path
+        )
         return checkpoint
 
 
@@ -303,8 +326,14 @@ def _load_package(path: Path, device) -> Checkpoint:
         checkpoint = _checkpoint_from_state(path, package)
         checkpoint.model.to(resolve_device(device)).eval()
     else:
-        config = ModelConfig(encoder_name="bioimage.io package", in_channels=package.in_channels, outputs=package.outputs)
-        metadata = {"name": package.name, "imported_from": source, "stain_by_image_type": dict.fromkeys(DEFAULT_STAIN_BY_IMAGE_TYPE, "none")}
+        config = ModelConfig(
+            encoder_name="bioimage.io package", in_channels=package.in_channels, outputs=package.outputs
+        )
+        metadata = {
+            "name": package.name,
+            "imported_from": source,
+            "stain_by_image_type": dict.fromkeys(DEFAULT_STAIN_BY_IMAGE_TYPE, "none"),
+        }
         checkpoint = Checkpoint(model=None, config=config, metadata=metadata, package=package)
         if device_name(device) != "cpu":
             checkpoint.model.to(resolve_device(device)).eval()
@@ -320,7 +349,9 @@ def _checkpoint_from_state(path: Path, package) -> Checkpoint:
     try:
         state = torch.load(io.BytesIO(package.state), map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 (pickle/zip errors of a truncated file)
-        raise ModelError(f"{path}: {package.state_file}: corrupt or not a weights-only state_dict ({describe(error)})") from None
+        raise ModelError(
+            f"{path}: {package.state_file}: corrupt or not a weights-only state_dict ({describe(error)})"
+        ) from None
     if not isinstance(state, dict):
         raise ModelError(f"{path}: {package.state_file}: not a state_dict")
     kwargs = package.kwargs
@@ -334,7 +365,9 @@ def _checkpoint_from_state(path: Path, package) -> Checkpoint:
             decoder_attention_type=kwargs.get("decoder_attention_type"),
         )
     except (TypeError, ValueError) as error:
-        raise ModelError(f"{path}: invalid smp.Unet arguments in its pytorch_state_dict entry ({describe(error)})") from None
+        raise ModelError(
+            f"{path}: invalid smp.Unet arguments in its pytorch_state_dict entry ({describe(error)})"
+        ) from None
     _check_declared_architecture(config, state, path)
     model = config.build()
     _load_strict(model, state, path, config)
@@ -379,7 +412,10 @@ def _load_folder(folder: Path) -> Checkpoint:
     if model_class != "Unet":
         raise ModelError(f"{folder}: a {model_class} checkpoint; only smp.Unet is supported")
     try:
-        outputs = tuple(str(o) for o in ((meta.get("config") or {}).get("outputs") or _default_outputs(int(smp_config.get("classes", 1)))))
+        outputs = tuple(
+            str(o)
+            for o in ((meta.get("config") or {}).get("outputs") or _default_outputs(int(smp_config.get("classes", 1))))
+        )
         config = ModelConfig(
             encoder_name=smp_config.get("encoder_name", "resnet34"),
             encoder_depth=int(smp_config.get("encoder_depth", 5)),
@@ -403,7 +439,14 @@ def _load_folder(folder: Path) -> Checkpoint:
     from .onnx_backend import is_cached
 
     if is_cached(digest):  # these weights built and exported before: the model is built only if asked for
-        return Checkpoint(model=None, config=config, metadata=_extra_metadata(meta), deferred=(state, weights), file_digest=digest, **checked)
+        return Checkpoint(
+            model=None,
+            config=config,
+            metadata=_extra_metadata(meta),
+            deferred=(state, weights),
+            file_digest=digest,
+            **checked,
+        )
     model = config.build()
     _load_strict(model, state, weights, config)
     return Checkpoint(model=model.eval(), config=config, metadata=_extra_metadata(meta), file_digest=digest, **checked)
@@ -432,12 +475,16 @@ def _check_declared_architecture(config: ModelConfig, state: dict, path: Path) -
     declared = {f"decoder.blocks.{i}.conv1.0.weight": width for i, width in enumerate(config.decoder_channels)}
     declared["segmentation_head.0.weight"] = len(config.outputs)
     if not 1 <= config.in_channels <= 16 or not 1 <= config.encoder_depth <= 5:
-        raise ModelError(f"{path}: in_channels {config.in_channels} / encoder_depth {config.encoder_depth} out of range (1-16 / 1-5)")
+        raise ModelError(
+            f"{path}: in_channels {config.in_channels} / encoder_depth {config.encoder_depth} out of range (1-16 / 1-5)"
+        )
     for key, width in declared.items():
         tensor = state.get(key)
         if tensor is None or tensor.ndim < 1 or int(tensor.shape[0]) != int(width):
             found = "absent" if tensor is None else tuple(tensor.shape)
-            raise ModelError(f"{path}: weights do not match the config ({key}: {width} channels declared, the weights have {found})")
+            raise ModelError(
+                f"{path}: weights do not match the config ({key}: {width} channels declared, the weights have {found})"
+            )
 
 
 def _checked_metadata(path: Path, meta: dict) -> dict:
@@ -447,11 +494,13 @@ def _checked_metadata(path: Path, meta: dict) -> dict:
         percentiles = tuple(float(p) for p in (normalization.get("percentiles") or (1.0, 99.8)))
         diameter = meta.get("nucleus_diameter")
         diameter = None if diameter is None else float(diameter)
-        level = float(((meta.get("postprocess") or {}).get("min_confidence", 0.0)))
+        level = float((meta.get("postprocess") or {}).get("min_confidence", 0.0))
     except (TypeError, ValueError, AttributeError) as error:
         raise ModelError(f"{path}: invalid value ({describe(error)})") from None
     if len(percentiles) != 2 or not 0 <= percentiles[0] < percentiles[1] <= 100:
-        raise ModelError(f"{path}: normalization percentiles must be two numbers 0 <= low < high <= 100, got {list(percentiles)}")
+        raise ModelError(
+            f"{path}: normalization percentiles must be two numbers 0 <= low < high <= 100, got {list(percentiles)}"
+        )
     if diameter is not None and not 0 < diameter < 1e4:
         raise ModelError(f"{path}: nucleus_diameter must be a positive number of pixels, got {diameter}")
     if not 0 <= level < 1:
@@ -463,12 +512,20 @@ def _checked_metadata(path: Path, meta: dict) -> dict:
 
 
 def _extra_metadata(meta: dict) -> dict:
-    return {k: v for k, v in meta.items() if k not in ("format", "format_version", "architecture", "config", "normalization", "nucleus_diameter")}
+    return {
+        k: v
+        for k, v in meta.items()
+        if k not in ("format", "format_version", "architecture", "config", "normalization", "nucleus_diameter")
+    }
 
 
 def _default_outputs(classes: int) -> tuple[str, ...]:
     # Without our metadata, channel 0 is taken as foreground (as in the DSB2018 notebooks).
-    return ("foreground", "boundary", *[f"channel{i}" for i in range(2, classes)])[:classes] if classes > 1 else ("foreground",)
+    return (
+        ("foreground", "boundary", *[f"channel{i}" for i in range(2, classes)])[:classes]
+        if classes > 1
+        else ("foreground",)
+    )
 
 
 def _load_strict(model: torch.nn.Module, state: dict, path: Path, config: ModelConfig) -> None:
@@ -484,7 +541,10 @@ def _load_strict(model: torch.nn.Module, state: dict, path: Path, config: ModelC
             for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched))
             if keys
         )
-        raise ModelError(f"{path}: weights do not match smp.Unet(encoder={config.encoder_name!r}, classes={len(config.outputs)}): {detail}")
+        raise ModelError(
+            f"{path}: weights do not match smp.Unet(encoder={config.encoder_name!r}, classes={len(config.outputs)}): "
+            f"{detail}"
+        )
     model.load_state_dict({k: torch.as_tensor(v).to(expected[k].dtype) for k, v in state.items()})
 
 
@@ -504,12 +564,16 @@ def _load_state_dict_file(path: Path, encoder: str | None) -> Checkpoint:
     if "segmentation_head.0.weight" not in state:
         raise ModelError(f"{path}: not the weights of an smp.Unet (no segmentation_head)")
     try:
-        blocks = sorted({int(k.split(".")[2]) for k in state if k.startswith("decoder.blocks.") and ".conv1.0.weight" in k})
+        blocks = sorted(
+            {int(k.split(".")[2]) for k in state if k.startswith("decoder.blocks.") and ".conv1.0.weight" in k}
+        )
         decoder_channels = tuple(int(state[f"decoder.blocks.{i}.conv1.0.weight"].shape[0]) for i in blocks)
         first_conv = next(v for k, v in state.items() if k.startswith("encoder.") and v.ndim == 4)
         classes = int(state["segmentation_head.0.weight"].shape[0])
     except (ValueError, IndexError, KeyError, StopIteration):
-        raise ModelError(f"{path}: not the weights of an smp.Unet (its decoder or encoder layers are not where smp puts them)") from None
+        raise ModelError(
+            f"{path}: not the weights of an smp.Unet (its decoder or encoder layers are not where smp puts them)"
+        ) from None
     if not decoder_channels or classes < 1:
         raise ModelError(f"{path}: not the weights of an smp.Unet (no decoder blocks)")
     attention = "scse" if any(".attention1.attention." in k for k in state) else None
@@ -522,7 +586,9 @@ def _load_state_dict_file(path: Path, encoder: str | None) -> Checkpoint:
     )
     candidates = [encoder] if encoder else _encoder_candidates(state)
     if not candidates:
-        raise ModelError(f"{path}: cannot tell the encoder from the weights; name it (CLI: --encoder, e.g. efficientnet-b3)")
+        raise ModelError(
+            f"{path}: cannot tell the encoder from the weights; name it (CLI: --encoder, e.g. efficientnet-b3)"
+        )
     for name in candidates:
         config = ModelConfig(encoder_name=name, **base)
         if encoder is None and not _encoder_matches(config, state):
@@ -530,7 +596,9 @@ def _load_state_dict_file(path: Path, encoder: str | None) -> Checkpoint:
         model = config.build()
         _load_strict(model, state, path, config)
         return Checkpoint(model=model, config=config, metadata={"name": path.stem, "imported_from": str(path)})
-    raise ModelError(f"{path}: cannot tell the encoder from the weights; name it (CLI: --encoder, e.g. efficientnet-b3)")
+    raise ModelError(
+        f"{path}: cannot tell the encoder from the weights; name it (CLI: --encoder, e.g. efficientnet-b3)"
+    )
 
 
 def _encoder_candidates(state: dict) -> list[str]:
@@ -541,7 +609,16 @@ def _encoder_candidates(state: dict) -> list[str]:
     if any(k.startswith("encoder.blocks.") for k in keys):
         return [f"timm-efficientnet-b{i}" for i in (3, 0, 1, 2, 4, 5, 6, 7)]
     if "encoder.layer1.0.conv1.weight" in keys:
-        return ["resnet34", "resnet18", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "se_resnext50_32x4d", "se_resnet50"]
+        return [
+            "resnet34",
+            "resnet18",
+            "resnet50",
+            "resnet101",
+            "resnet152",
+            "resnext50_32x4d",
+            "se_resnext50_32x4d",
+            "se_resnet50",
+        ]
     if any(k.startswith("encoder.features.") for k in keys):
         return ["mobilenet_v2", "vgg16_bn", "vgg16", "densenet121", "vgg11", "vgg13", "vgg19", "densenet169"]
     return []
@@ -552,61 +629,18 @@ def _encoder_matches(config: ModelConfig, state: dict) -> bool:
     from segmentation_models_pytorch.encoders import get_encoder
 
     try:
-        encoder = get_encoder(config.encoder_name, in_channels=config.in_channels, depth=config.encoder_depth, weights=None)
-    except (KeyError, ValueError, TypeError, RuntimeError, AssertionError) as error:  # this encoder can't take that depth or input
+        encoder = get_encoder(
+            config.encoder_name, in_channels=config.in_channels, depth=config.encoder_depth, weights=None
+        )
+    except (
+        KeyError,
+        ValueError,
+        TypeError,
+        RuntimeError,
+        AssertionError,
+    ) as error:  # this encoder can't take that depth or input
         log.info("encoder %s does not fit (%s)", config.encoder_name, describe(error))
         return False
     expected = {f"encoder.{k}": tuple(v.shape) for k, v in encoder.state_dict().items()}
     given = {k: tuple(v.shape) for k, v in state.items() if k.startswith("encoder.")}
     return expected == given
-
-
-def available_devices() -> list[str]:
-    """Device names a user can pick on this machine, ``auto`` first."""
-    if not _gpu_possible():
-        return ["auto", "cpu"]
-    import torch
-
-    names = ["auto", "cpu"]
-    names += [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        names.append("mps")
-    return names
-
-
-def _gpu_possible() -> bool:
-    """Whether torch could find a GPU here. False only when none can exist (Linux without a GPU
-    driver), so that a CPU run need not import torch (~2.5 s) just to be told so."""
-    if "torch" in sys.modules:  # already loaded: asking it costs nothing
-        return True
-    if sys.platform.startswith("linux"):
-        return any(os.path.exists(p) for p in ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/kfd", "/dev/dxg"))
-    return sys.platform != "darwin" or platform.machine() == "arm64"  # Apple silicon has MPS
-
-
-def device_name(device: str | torch.device = "auto") -> str:
-    """:func:`resolve_device` as a name ("cpu", "cuda", "cuda:1", "mps"); torch is imported only when a GPU may exist."""
-    if str(device) == "cpu" or (str(device) == "auto" and not _gpu_possible()):
-        return "cpu"
-    return str(resolve_device(device))
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` picks cuda, then mps, then cpu; a named device is checked to exist."""
-    import torch
-
-    name = str(device)
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelError(f"device {name!r} requested but CUDA is not available (use --device auto or cpu)")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ModelError("device 'mps' requested but Apple MPS is not available (use --device auto or cpu)")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ModelError(f"unknown device {name!r}; use auto, cpu, cuda or mps") from None

@@ -32,8 +32,6 @@ from .errors import InputError, ModelError, describe
 from .io import channels_first, to_model_channels
 from .params import InputSizes
 
-
-
 PACKAGE_FILES = ("bioimageio.yaml", "rdf.yaml")
 # Our metadata (nuclei_unet.json) inside the package's ``config``.
 CONFIG_KEY = "napari-nuclei-unet"
@@ -63,7 +61,11 @@ class _PackageFiles:
                 self.zip = zipfile.ZipFile(path)
             except (zipfile.BadZipFile, OSError) as error:
                 raise ModelError(f"{path}: not a readable zip file ({describe(error)})") from None
-            names = [n for n in self.zip.namelist() if PurePosixPath(n).name in PACKAGE_FILES or n.endswith(".bioimageio.yaml")]
+            names = [
+                n
+                for n in self.zip.namelist()
+                if PurePosixPath(n).name in PACKAGE_FILES or n.endswith(".bioimageio.yaml")
+            ]
             if not names:
                 raise ModelError(f"{path}: not a bioimage.io package (no bioimageio.yaml or rdf.yaml inside)")
             self.description = min(names, key=len)
@@ -111,7 +113,9 @@ def first_line(error: Exception) -> str:
             first = error.errors()[0]
             where = ".".join(str(part) for part in first.get("loc", ()))
             return f"{where + ': ' if where else ''}{first['msg']}"[:300]
-    lines = [line.strip() for line in str(error).splitlines() if line.strip() and not line.strip().startswith("Invalid ")]
+    lines = [
+        line.strip() for line in str(error).splitlines() if line.strip() and not line.strip().startswith("Invalid ")
+    ]
     return (lines[0] if lines else describe(error))[:300]
 
 
@@ -143,7 +147,8 @@ class SmpPackage:
 
 
 def read_package(path: Path) -> SmpPackage | PackageNetwork:
-    """What a bioimage.io package holds, as one of ours (:class:`SmpPackage`) or a foreign network (module docstring)."""
+    """What a bioimage.io package holds, as one of ours (:class:`SmpPackage`) or a foreign network (module
+    docstring)."""
     path = Path(path)
     files = _PackageFiles(path)
     try:
@@ -160,9 +165,15 @@ def _read(path: Path, files: _PackageFiles) -> SmpPackage | PackageNetwork:
     if state_entry is not None and _builds_smp_unet(state_entry) and (ours or percentiles is not None):
         data = files.read(state_entry.source)
         if data is not None:
-            metadata = ours or {"name": descr.name, "description": descr.description, "normalization": {"percentiles": list(percentiles)}}
+            metadata = ours or {
+                "name": descr.name,
+                "description": descr.description,
+                "normalization": {"percentiles": list(percentiles)},
+            }
             outputs = tuple((ours.get("config") or {}).get("outputs") or _output_names(descr.outputs[0]))
-            return SmpPackage(descr.name, dict(state_entry.architecture.kwargs), data, str(state_entry.source), outputs, metadata)
+            return SmpPackage(
+                descr.name, dict(state_entry.architecture.kwargs), data, str(state_entry.source), outputs, metadata
+            )
     return PackageNetwork.from_description(path, descr, files)
 
 
@@ -174,11 +185,14 @@ def _our_metadata(descr) -> dict:
 
 def _builds_smp_unet(entry) -> bool:
     architecture = entry.architecture
-    return getattr(architecture, "import_from", "").split(".")[0] == SMP_LIBRARY and str(architecture.callable) == "Unet"
+    return (
+        getattr(architecture, "import_from", "").split(".")[0] == SMP_LIBRARY and str(architecture.callable) == "Unet"
+    )
 
 
 def _percentiles(descr) -> tuple[float, float] | None:
-    """Our normalisation, if that is what the package's input preprocessing is (scale_range pooled over channels, then clip)."""
+    """Our normalisation, if that is what the package's input preprocessing is (scale_range pooled over channels, then
+    clip)."""
     steps = [s for s in descr.inputs[0].preprocessing if s.id != "ensure_dtype"]
     if not steps or steps[0].id != "scale_range" or any(s.id != "clip" for s in steps[1:]):
         return None
@@ -202,12 +216,18 @@ def _output_meanings(path: Path, names: tuple[str, ...]) -> tuple[str, ...]:
         lowered = name.lower()
         if any(word in lowered for word in _BOUNDARY_WORDS) and "boundary" not in meanings:
             meanings.append("boundary")
-        elif "background" not in lowered and any(word in lowered for word in _FOREGROUND_WORDS) and "foreground" not in meanings:
+        elif (
+            "background" not in lowered
+            and any(word in lowered for word in _FOREGROUND_WORDS)
+            and "foreground" not in meanings
+        ):
             meanings.append("foreground")
         else:
             meanings.append(f"unused:{name}")
     if "foreground" not in meanings:
-        raise ModelError(f"{path}: cannot tell which output channel is the nuclei foreground (channels: {', '.join(names)})")
+        raise ModelError(
+            f"{path}: cannot tell which output channel is the nuclei foreground (channels: {', '.join(names)})"
+        )
     return tuple(meanings)
 
 
@@ -231,13 +251,23 @@ def _parse_preprocessing(path: Path, tensor) -> list[_Step]:
         axes = [str(a) for a in (getattr(kwargs, "axes", None) or ["channel"])]
         if kind == "ensure_dtype":
             if str(kwargs.dtype) not in ("float32", "float64"):
-                raise ModelError(f"{path}: preprocessing ensure_dtype to {kwargs.dtype} is not supported (float32 only)")
+                raise ModelError(
+                    f"{path}: preprocessing ensure_dtype to {kwargs.dtype} is not supported (float32 only)"
+                )
         elif kind == "zero_mean_unit_variance":
             steps.append(_Step("zero_mean_unit_variance", pooled="channel" in axes, eps=float(kwargs.eps)))
         elif kind == "scale_range":
             if getattr(kwargs, "reference_tensor", None) not in (None, tensor.id):
                 raise ModelError(f"{path}: preprocessing scale_range with another tensor's statistics is not supported")
-            steps.append(_Step("scale_range", pooled="channel" in axes, low=float(kwargs.min_percentile), high=float(kwargs.max_percentile), eps=float(kwargs.eps)))
+            steps.append(
+                _Step(
+                    "scale_range",
+                    pooled="channel" in axes,
+                    low=float(kwargs.min_percentile),
+                    high=float(kwargs.max_percentile),
+                    eps=float(kwargs.eps),
+                )
+            )
         elif kind == "fixed_zero_mean_unit_variance":
             mean, std = np.asarray(kwargs.mean, np.float32), np.asarray(kwargs.std, np.float32)
             steps.append(_Step("affine", gain=1.0 / std, offset=-mean / std))
@@ -257,16 +287,19 @@ def _parse_preprocessing(path: Path, tensor) -> list[_Step]:
 
 @dataclass(frozen=True)
 class PackageNormalizer:
-    """A package's preprocessing with its statistics taken from one image: crop ``(Y, X[, C])`` -> ``(C, Y, X)`` float32."""
+    """A package's preprocessing with its statistics taken from one image: crop ``(Y, X[, C])`` -> ``(C, Y, X)``
+    float32."""
 
     channels: int
-    operations: tuple  # ("affine", gain, offset) with arrays broadcasting over (C, 1, 1), or ("clip", low, high), ("sigmoid",)
+    operations: (
+        tuple  # ("affine", gain, offset) with arrays broadcasting over (C, 1, 1), or ("clip", low, high), ("sigmoid",)
+    )
 
     def __call__(self, plane) -> np.ndarray:
         return _apply(self.operations, to_model_channels(channels_first(plane), self.channels))
 
     @classmethod
-    def from_image(cls, sample, channels: int, steps: list[_Step]) -> "PackageNormalizer":
+    def from_image(cls, sample, channels: int, steps: list[_Step]) -> PackageNormalizer:
         array = to_model_channels(channels_first(sample), channels)
         if not np.isfinite(array).all():
             raise InputError("image contains NaN or infinite values")
@@ -291,7 +324,11 @@ def _operation(step: _Step, array: np.ndarray) -> tuple:
         return ("affine", gain.astype(np.float32), (-low * gain).astype(np.float32))
     if step.kind == "affine":
         shape = (-1, 1, 1)
-        return ("affine", np.asarray(step.gain, np.float32).reshape(shape), np.asarray(step.offset, np.float32).reshape(shape))
+        return (
+            "affine",
+            np.asarray(step.gain, np.float32).reshape(shape),
+            np.asarray(step.offset, np.float32).reshape(shape),
+        )
     if step.kind == "clip":
         return ("clip", step.low, step.high)
     return ("sigmoid",)
@@ -322,7 +359,9 @@ def _spatial_axes(path: Path, tensor, what: str) -> list[str]:
         elif axis.type == "space" and str(axis.id) in ("y", "x"):
             letters.append(str(axis.id))
         else:
-            raise ModelError(f"{path}: its {what} has a {axis.type} axis {str(axis.id)!r}; only 2D (y, x) models run here")
+            raise ModelError(
+                f"{path}: its {what} has a {axis.type} axis {str(axis.id)!r}; only 2D (y, x) models run here"
+            )
     if letters.count("y") != 1 or letters.count("x") != 1:
         raise ModelError(f"{path}: its {what} does not have one y and one x axis")
     return letters
@@ -371,7 +410,7 @@ class PackageNetwork:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
-    def from_description(cls, path: Path, descr, files: _PackageFiles) -> "PackageNetwork":
+    def from_description(cls, path: Path, descr, files: _PackageFiles) -> PackageNetwork:
         if len(descr.inputs) != 1:
             raise ModelError(f"{path}: the model takes {len(descr.inputs)} inputs; only single-image models run here")
         tensor = descr.inputs[0]
@@ -388,8 +427,15 @@ class PackageNetwork:
             if axis.type != "space":
                 continue
             size = axis.size
-            if not (getattr(size, "tensor_id", None) == tensor.id and getattr(size, "axis_id", None) == axis.id and size.offset == 0 and axis.scale == 1.0):
-                raise ModelError(f"{path}: its output's {axis.id} axis is not the input's size and resolution; not supported")
+            if not (
+                getattr(size, "tensor_id", None) == tensor.id
+                and getattr(size, "axis_id", None) == axis.id
+                and size.offset == 0
+                and axis.scale == 1.0
+            ):
+                raise ModelError(
+                    f"{path}: its output's {axis.id} axis is not the input's size and resolution; not supported"
+                )
             halo = max(halo, int(getattr(axis, "halo", 0) or 0))
         meanings = _output_meanings(path, _output_names(output))
         keep = tuple(i for i, m in enumerate(meanings) if not m.startswith("unused:"))
@@ -401,13 +447,29 @@ class PackageNetwork:
             if data is not None:
                 weights[kind] = data
         if not weights:
-            present = ", ".join(k for k in type(descr.weights).model_fields if getattr(descr.weights, k, None) is not None) or "none"
-            raise ModelError(f"{path}: no ONNX or TorchScript weights file in the package (its weights: {present}); nothing is downloaded")
+            present = (
+                ", ".join(k for k in type(descr.weights).model_fields if getattr(descr.weights, k, None) is not None)
+                or "none"
+            )
+            raise ModelError(
+                f"{path}: no ONNX or TorchScript weights file in the package (its weights: {present}); nothing is "
+                "downloaded"
+            )
         return cls(
-            name=descr.name, source=str(path), weights=weights, input_axes="".join(input_axes), output_axes="".join(output_axes),
-            in_channels=in_channels, outputs=tuple(meanings[i] for i in keep), keep=keep, activation=activation, steps=steps,
-            input_sizes=_input_sizes(path, tensor, halo), output_index=index, one_at_a_time=one_at_a_time,
-        )  # fmt: skip
+            name=descr.name,
+            source=str(path),
+            weights=weights,
+            input_axes="".join(input_axes),
+            output_axes="".join(output_axes),
+            in_channels=in_channels,
+            outputs=tuple(meanings[i] for i in keep),
+            keep=keep,
+            activation=activation,
+            steps=steps,
+            input_sizes=_input_sizes(path, tensor, halo),
+            output_index=index,
+            one_at_a_time=one_at_a_time,
+        )
 
     def describe(self) -> str:
         formats = " and ".join({"onnx": "ONNX", "torchscript": "TorchScript"}[k] for k in self.weights)
@@ -418,7 +480,8 @@ class PackageNetwork:
 
     # ------------------------------------------------------------------- running
     def onnx_logits(self, threads: int):
-        """The ONNX weights under ONNX Runtime as a numpy forward pass: ``(N, C, H, W)`` in, logits of the kept channels out."""
+        """The ONNX weights under ONNX Runtime as a numpy forward pass: ``(N, C, H, W)`` in, logits of the kept channels
+        out."""
         with self._lock:
             session = self._sessions.get(threads)
             if session is None:
@@ -428,15 +491,19 @@ class PackageNetwork:
                 options.intra_op_num_threads = max(1, threads)
                 options.log_severity_level = 3
                 try:
-                    session = onnxruntime.InferenceSession(self.weights["onnx"], options, providers=["CPUExecutionProvider"])
+                    session = onnxruntime.InferenceSession(
+                        self.weights["onnx"], options, providers=["CPUExecutionProvider"]
+                    )
                 except Exception as error:  # noqa: BLE001 (ONNX Runtime's own error types)
-                    raise ModelError(f"{self.source}: ONNX Runtime cannot load its ONNX weights ({first_line(error)})") from None
+                    raise ModelError(
+                        f"{self.source}: ONNX Runtime cannot load its ONNX weights ({first_line(error)})"
+                    ) from None
                 self._sessions[threads] = session
         name = session.get_inputs()[0].name
 
         def logits(batch: np.ndarray) -> np.ndarray:
             if self.one_at_a_time and len(batch) > 1:
-                return np.concatenate([logits(batch[i:i + 1]) for i in range(len(batch))])
+                return np.concatenate([logits(batch[i : i + 1]) for i in range(len(batch))])
             raw = session.run(None, {name: _to_axes(batch, "bcyx", self.input_axes)})[self.output_index]
             return self._logits(_from_axes(np.asarray(raw, np.float32), self.output_axes))
 
@@ -458,7 +525,10 @@ class PackageNetwork:
         with self._lock:
             if self._module is None:
                 if "torchscript" not in self.weights:
-                    raise ModelError(f"{self.source}: the package has no TorchScript weights; it runs on the CPU with ONNX Runtime only")
+                    raise ModelError(
+                        f"{self.source}: the package has no TorchScript weights; it runs on the CPU with ONNX Runtime "
+                        "only"
+                    )
                 self._module = _torch_logits_module(self)
             return self._module
 
@@ -508,7 +578,9 @@ def _torch_logits_module(network: PackageNetwork):
 
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice: the format is the Zoo's
+            warnings.simplefilter(
+                "ignore", FutureWarning
+            )  # torch.jit.load's deprecation notice: the format is the Zoo's
             scripted = torch.jit.load(io.BytesIO(network.weights["torchscript"]), map_location="cpu")
     except Exception as error:  # noqa: BLE001 (TorchScript's own errors for corrupt archives)
         raise ModelError(f"{network.source}: cannot load its TorchScript weights ({first_line(error)})") from None
@@ -523,7 +595,7 @@ def _torch_logits_module(network: PackageNetwork):
 
         def forward(self, batch):
             if network.one_at_a_time and batch.shape[0] > 1:
-                return torch.cat([self(batch[i:i + 1]) for i in range(batch.shape[0])])
+                return torch.cat([self(batch[i : i + 1]) for i in range(batch.shape[0])])
             array = batch
             have = "bcyx"
             for letter in "bc":
@@ -545,5 +617,3 @@ def _torch_logits_module(network: PackageNetwork):
             return torch.logit(raw[:, list(network.keep)], eps=_PROBABILITY_EPS)
 
     return PackageLogits().eval()
-
-

@@ -24,8 +24,8 @@ import hashlib
 import io
 import logging
 import os
-import tempfile
 import sys
+import tempfile
 import threading
 import warnings
 import weakref
@@ -44,11 +44,13 @@ BACKENDS = ("auto", "torch", "onnx")
 PRECISIONS = ("int8", "float32")
 _OPSET = 17
 # Per model and precision: (weights version, the exported network or why the export failed).
-_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, tuple[tuple, OnnxNetwork | str]]]" = weakref.WeakKeyDictionary()
-_TENSORS: "weakref.WeakKeyDictionary[torch.nn.Module, list[torch.Tensor]]" = weakref.WeakKeyDictionary()
+_CACHE: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, tuple[tuple, OnnxNetwork | str]]] = (
+    weakref.WeakKeyDictionary()
+)
+_TENSORS: weakref.WeakKeyDictionary[torch.nn.Module, list[torch.Tensor]] = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 # Quantised networks by the digest of their float32 export (a few MB each).
-_QUANTISED: "collections.OrderedDict[bytes, bytes]" = collections.OrderedDict()
+_QUANTISED: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()
 _QUANTISED_KEPT = 4
 
 
@@ -122,7 +124,9 @@ def cpu_network(model: torch.nn.Module, in_channels: int, backend: str = "auto",
             except Exception as error:  # an encoder with an op the exporter lacks, etc.; not retried
                 cached = (key, str(error))
                 if backend == "auto":
-                    warnings.warn(f"ONNX export failed, using PyTorch on the CPU ({error})", RuntimeWarning, stacklevel=2)
+                    warnings.warn(
+                        f"ONNX export failed, using PyTorch on the CPU ({error})", RuntimeWarning, stacklevel=2
+                    )
             networks[precision] = cached
     network = cached[1]
     if isinstance(network, str):
@@ -200,11 +204,14 @@ def cache_folder() -> Path:
 
 
 def weights_digest(model: torch.nn.Module, in_channels: int, precision: str) -> str:
-    """Names one export: the architecture (the module tree), every weight and buffer, and the versions that shape the export."""
+    """Names one export: the architecture (the module tree), every weight and buffer, and the versions that shape the
+    export."""
     import onnxruntime
 
     digest = hashlib.blake2b(digest_size=16)
-    digest.update(f"{_EXPORT_FORMAT}|{_OPSET}|{_torch_version()}|{onnxruntime.__version__}|{in_channels}|{precision}|{model!r}".encode())
+    digest.update(
+        f"{_EXPORT_FORMAT}|{_OPSET}|{_torch_version()}|{onnxruntime.__version__}|{in_channels}|{precision}|{model!r}".encode()
+    )
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
         digest.update(str((tuple(tensor.shape), tensor.dtype)).encode())
@@ -296,10 +303,18 @@ def to_onnx(model: torch.nn.Module, in_channels: int) -> tuple[bytes, int]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
             torch.onnx.export(
-                model, (sample,), buffer, input_names=["image"], output_names=["logits"],
-                dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch", 2: "height", 3: "width"}},
-                opset_version=_OPSET, dynamo=False,
-            )  # fmt: skip
+                model,
+                (sample,),
+                buffer,
+                input_names=["image"],
+                output_names=["logits"],
+                dynamic_axes={
+                    "image": {0: "batch", 2: "height", 3: "width"},
+                    "logits": {0: "batch", 2: "height", 3: "width"},
+                },
+                opset_version=_OPSET,
+                dynamo=False,
+            )
     finally:
         model.train(was_training)
     return buffer.getvalue(), out_channels
@@ -346,9 +361,15 @@ def quantize(exported: bytes, in_channels: int) -> bytes:
         logging.getLogger().addFilter(advice)
         try:
             quantize_static(
-                source, target, Images(), quant_format=QuantFormat.QDQ, per_channel=True,
-                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=convolutions[:1] + convolutions[-3:],
-            )  # fmt: skip
+                source,
+                target,
+                Images(),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                nodes_to_exclude=convolutions[:1] + convolutions[-3:],
+            )
         finally:
             logging.getLogger().removeFilter(advice)
         return target.read_bytes()
@@ -376,7 +397,9 @@ def calibration_images(in_channels: int, count: int = 12, side: int = 256) -> li
     rng = np.random.default_rng(0)
     images = []
     for index in range(count):
-        field, _ = nuclei_field((side, side), count=int(rng.integers(5, 40)), diameter=float(rng.uniform(10, 35)), seed=index)
+        field, _ = nuclei_field(
+            (side, side), count=int(rng.integers(5, 40)), diameter=float(rng.uniform(10, 35)), seed=index
+        )
         grey = field.astype(np.float32)
         inverted = grey.max() - grey
         look = (grey, inverted, np.stack([inverted * 0.8, inverted * 0.6, inverted * 0.9 + 200], axis=-1))[index % 3]

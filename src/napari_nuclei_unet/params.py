@@ -46,13 +46,17 @@ class TilingParams:
     # GPUs always use torch.
     backend: str = field(
         default="auto",
-        metadata={"help": "CPU inference engine: auto = ONNX Runtime when installed (~2x faster than torch), else PyTorch", "choices": ("auto", "torch", "onnx")},
+        metadata={
+            "help": "CPU inference engine: auto = ONNX Runtime when installed (~2x faster than torch), else PyTorch",
+            "choices": ("auto", "torch", "onnx"),
+        },
     )
     # PyTorch and GPUs always use float32 (GPUs with fp16 autocast when ``amp``).
     precision: str = field(
         default="int8",
         metadata={
-            "help": "network precision with ONNX Runtime on the CPU: int8 (network ~1.7x faster, same val DSB2018 score within 0.001) or float32 (as trained)",
+            "help": "network precision with ONNX Runtime on the CPU: int8 (network ~1.7x faster, same val DSB2018 "
+            "score within 0.001) or float32 (as trained)",
             "choices": ("int8", "float32"),
         },
     )
@@ -67,15 +71,39 @@ class PostprocessParams:
     ``plane.label_plane`` the threshold of each plane (:func:`with_threshold`).
     """
 
-    threshold: Threshold = field(default="auto", metadata={"help": "foreground probability threshold in (0, 1), or auto (Otsu's, kept within [0.3, 0.7])"})
+    threshold: Threshold = field(
+        default="auto",
+        metadata={"help": "foreground probability threshold in (0, 1), or auto (Otsu's, kept within [0.3, 0.7])"},
+    )
     min_size: int = field(default=15, metadata={"help": "remove nuclei smaller than this many image pixels"})
-    hole_size: int = field(default=64, metadata={"help": "fill holes up to this many pixels, at the scale the network runs at (they follow the nuclei when the image is rescaled)"})
-    markers: str = field(default="distance", metadata={"help": "watershed markers: distance-transform peaks, or the model's predicted interiors", "choices": ("distance", "boundary")})
+    hole_size: int = field(
+        default=64,
+        metadata={
+            "help": "fill holes up to this many pixels, at the scale the network runs at (they follow the nuclei when "
+            "the image is rescaled)"
+        },
+    )
+    markers: str = field(
+        default="distance",
+        metadata={
+            "help": "watershed markers: distance-transform peaks, or the model's predicted interiors",
+            "choices": ("distance", "boundary"),
+        },
+    )
     marker_threshold: float = 0.5  # interior probability (foreground - boundary) for a marker
-    h: float = field(default=0.5, metadata={"help": "h-maxima height for distance markers, in pixels at the scale the network runs at (higher splits fewer nuclei)"})
+    h: float = field(
+        default=0.5,
+        metadata={
+            "help": "h-maxima height for distance markers, in pixels at the scale the network runs at (higher splits "
+            "fewer nuclei)"
+        },
+    )
     min_confidence: Confidence = field(
         default="auto",
-        metadata={"help": "drop objects whose mean foreground probability is below this (folds, debris); auto: the level calibrated for the model, 0: keep all"},
+        metadata={
+            "help": "drop objects whose mean foreground probability is below this (folds, debris); auto: the level "
+            "calibrated for the model, 0: keep all"
+        },
     )
 
 
@@ -88,9 +116,14 @@ IMAGE_TYPES = (AUTO, "fluorescence", "brightfield", "tissue")
 class BlockParams:
     """When and how a plane too large to hold whole is segmented block by block (``blocks``)."""
 
-    block_size: int = field(default=2048, metadata={"help": "core of a network block, pixels, for planes segmented block by block"})
+    block_size: int = field(
+        default=2048, metadata={"help": "core of a network block, pixels, for planes segmented block by block"}
+    )
     # Planes with more pixels than this go block by block (3 blocks of 2048 x 2048: 12.6 MP).
-    large_plane: int = field(default=3 * 2048 * 2048, metadata={"help": "planes with more pixels than this are segmented block by block (flat memory)"})
+    large_plane: int = field(
+        default=3 * 2048 * 2048,
+        metadata={"help": "planes with more pixels than this are segmented block by block (flat memory)"},
+    )
 
     def is_large(self, shape: tuple[int, ...]) -> bool:
         """Whether a plane of ``(height, width, ...)`` goes block by block."""
@@ -110,18 +143,26 @@ class SegmentParams:
     # given, None runs the network at the image's own scale.
     diameter: float | str | None = field(
         default=AUTO,
-        metadata={"help": "typical nucleus diameter in pixels: auto (estimated per image), a number, or none (no rescaling); images are rescaled so nuclei match the model's training size"},
+        metadata={
+            "help": "typical nucleus diameter in pixels: auto (estimated per image), a number, or none (no rescaling); "
+            "images are rescaled so nuclei match the model's training size"
+        },
     )
     # What the image shows: dark-field fluorescence, grey brightfield, or stained tissue (H&E,
     # IHC). "auto" detects it per image (data.image_type); it decides an "auto" stain.
     image_type: str = field(
         default=AUTO,
-        metadata={"help": "fluorescence, brightfield or tissue (stained: H&E, IHC); auto: detected per image. Decides what an auto stain uses", "choices": IMAGE_TYPES},
+        metadata={
+            "help": "fluorescence, brightfield or tissue (stained: H&E, IHC); auto: detected per image. Decides what "
+            "an auto stain uses",
+            "choices": IMAGE_TYPES,
+        },
     )
     stain: str = field(
         default=AUTO,
         metadata={
-            "help": "hematoxylin: segment the hematoxylin channel of RGB images (e.g. DAB immunohistochemistry); none: the image as is; auto: what the model does best on for the image type",
+            "help": "hematoxylin: segment the hematoxylin channel of RGB images (e.g. DAB immunohistochemistry); none: "
+            "the image as is; auto: what the model does best on for the image type",
             "choices": STAINS,
         },
     )
@@ -199,10 +240,20 @@ class TrainConfig:
 # Settings for fine-tuning a trained model on a few corrected images: the Fine-tune
 # widget's defaults, measured with benchmarks/finetune.py (docs/user-guide.md, section 8).
 FINETUNE_DEFAULTS = dict(
-    epochs=10, iterations_per_epoch=20, learning_rate=3e-4, batch_size=4, patch_size=256, warmup_iterations=20,
-    freeze_batchnorm=True, freeze_encoder=False, anchor_weight=0.0, distill_weight=1.0, zoom_to_reference=True, scale_range=(0.8, 1.25),
+    epochs=10,
+    iterations_per_epoch=20,
+    learning_rate=3e-4,
+    batch_size=4,
+    patch_size=256,
+    warmup_iterations=20,
+    freeze_batchnorm=True,
+    freeze_encoder=False,
+    anchor_weight=0.0,
+    distill_weight=1.0,
+    zoom_to_reference=True,
+    scale_range=(0.8, 1.25),
     start_weight_share=0.25,
-)  # fmt: skip
+)
 
 
 @dataclass
@@ -210,12 +261,32 @@ class ExportParams:
     """What goes into an exported bioimage.io package beyond the model itself."""
 
     authors: tuple[str, ...] = field(
-        default=(), metadata={"help": "package author as 'Name;Affiliation;ORCID' (affiliation and ORCID optional); repeat for several (default: the model's authors, else your login name)"}
+        default=(),
+        metadata={
+            "help": "package author as 'Name;Affiliation;ORCID' (affiliation and ORCID optional); repeat for several "
+            "(default: the model's authors, else your login name)"
+        },
     )
-    cite: tuple[str, ...] = field(default=(), metadata={"help": "extra citation as 'text;DOI or URL'; repeat for several (U-Net, DSB2018 and smp are always cited)"})
-    license: str = field(default="BSD-3-Clause", metadata={"help": "SPDX licence of the weights (mind the training data's licences: see the model card)"})
-    test_image: str | None = field(default=None, metadata={"help": "image the test tensors and cover are made from (a 256x256 crop; default: scikit-image's immunohistochemistry sample)"})
-    run_test: bool = field(default=True, metadata={"help": "run bioimageio.core's model test on the package before writing it"})
+    cite: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "extra citation as 'text;DOI or URL'; repeat for several (U-Net, DSB2018 and smp are always cited)"
+        },
+    )
+    license: str = field(
+        default="BSD-3-Clause",
+        metadata={"help": "SPDX licence of the weights (mind the training data's licences: see the model card)"},
+    )
+    test_image: str | None = field(
+        default=None,
+        metadata={
+            "help": "image the test tensors and cover are made from (a 256x256 crop; default: scikit-image's "
+            "immunohistochemistry sample)"
+        },
+    )
+    run_test: bool = field(
+        default=True, metadata={"help": "run bioimageio.core's model test on the package before writing it"}
+    )
 
 
 def finetune_config(**overrides) -> TrainConfig:

@@ -132,7 +132,9 @@ def predict_plane(
     plane = apply_stain(plane, params.stain)
     factor = rescale_factor(checkpoint, estimate.diameter)
     height, width = plane.shape[:2]
-    reusable = estimate.probabilities is not None and estimate.probabilities.shape[1:] == _zoomed_shape(plane.shape, estimate.zoom)
+    reusable = estimate.probabilities is not None and estimate.probabilities.shape[1:] == _zoomed_shape(
+        plane.shape, estimate.zoom
+    )
     if reusable and abs(estimate.zoom / factor - 1.0) < RESCALE_TOLERANCE:
         factor, small = estimate.zoom, estimate.probabilities  # the last estimation pass ran at this zoom
     else:
@@ -156,13 +158,17 @@ def label_plane(prediction: PlanePrediction, outputs: tuple[str, ...], postproce
     if prediction.network is None:
         params = with_threshold(postprocess, prediction.probabilities[outputs.index("foreground")])
         report: dict = {}
-        mask, labels = instances(prediction.probabilities, outputs, params, network_zoom=prediction.factor, report=report)
+        mask, labels = instances(
+            prediction.probabilities, outputs, params, network_zoom=prediction.factor, report=report
+        )
         return LabelledPlane(mask, labels, float(params.threshold), report["unsure"])
     from skimage.segmentation import relabel_sequential
 
     params = with_threshold(postprocess, prediction.network[outputs.index("foreground")])
     report = {}
-    _mask, fine = instances(prediction.network, outputs, params, grid_zoom=prediction.factor, network_zoom=prediction.factor, report=report)
+    _mask, fine = instances(
+        prediction.network, outputs, params, grid_zoom=prediction.factor, network_zoom=prediction.factor, report=report
+    )
     rows, cols = (pixel_centres(f, c) for f, c in zip(fine.shape, prediction.probabilities.shape[1:]))
     labels = drop_small_labels(fine[np.ix_(rows, cols)], postprocess.min_size)  # min size in image pixels, as sampled
     labels = relabel_sequential(labels)[0]  # a nucleus smaller than a pixel can fall between centres

@@ -55,7 +55,10 @@ def check_resolved(params: PostprocessParams) -> None:
     """ValueError unless the threshold and min confidence are numbers in range (no "auto" left)."""
     for name in ("threshold", "min_confidence"):
         if isinstance(getattr(params, name), str):
-            raise ValueError(f"{name} {getattr(params, name)!r} reached post-processing unresolved; resolve it first (segment.resolve, postprocess.with_threshold)")
+            raise ValueError(
+                f"{name} {getattr(params, name)!r} reached post-processing unresolved; resolve it first "
+                "(segment.resolve, postprocess.with_threshold)"
+            )
     resolve_threshold(params.threshold, np.zeros(0))
     resolve_min_confidence(params.min_confidence, 0.0)
 
@@ -100,7 +103,11 @@ def instances(
         report["unsure"] = 0
     scale = grid_zoom / network_zoom  # grid pixels per network pixel
     if grid_zoom != 1.0 or scale != 1.0:
-        params = replace(params, min_size=int(round(params.min_size * grid_zoom**2)), hole_size=int(round(params.hole_size * scale**2)))
+        params = replace(
+            params,
+            min_size=int(round(params.min_size * grid_zoom**2)),
+            hole_size=int(round(params.hole_size * scale**2)),
+        )
     foreground = probabilities[outputs.index("foreground")]
     mask = semantic_mask(foreground, params.threshold, params.min_size, params.hole_size)
     if not mask.any():

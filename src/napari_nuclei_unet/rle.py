@@ -152,9 +152,15 @@ class RLEImage:
         shape = tuple(shape or self.shape or ())
         where = f"{source}: " if source else ""
         if len(shape) != 2:
-            raise RLEError(f"{where}ImageId {self.image_id!r}: image shape unknown (no Height/Width columns and no image found)")
+            raise RLEError(
+                f"{where}ImageId {self.image_id!r}: image shape unknown (no Height/Width columns and no image found)"
+            )
         size = int(shape[0]) * int(shape[1])
-        check_allocation(size * label_dtype(len(self.rles)).itemsize, f"ImageId {self.image_id!r}'s {shape[0]}x{shape[1]} labels", source or "RLE CSV")
+        check_allocation(
+            size * label_dtype(len(self.rles)).itemsize,
+            f"ImageId {self.image_id!r}'s {shape[0]}x{shape[1]} labels",
+            source or "RLE CSV",
+        )
         parsed = []
         for rle, row in zip(self.rles, self.rows):
             try:
@@ -223,7 +229,9 @@ def read_csv(path: str | os.PathLike) -> dict[str, RLEImage]:
                 if not row or not any(cell.strip() for cell in row):
                     continue
                 if len(row) <= max(id_col, rle_col):
-                    raise RLEError(f"{path}: row {line}: expected at least {max(id_col, rle_col) + 1} columns, got {len(row)}")
+                    raise RLEError(
+                        f"{path}: row {line}: expected at least {max(id_col, rle_col) + 1} columns, got {len(row)}"
+                    )
                 image_id = row[id_col].strip()
                 if not image_id:
                     raise RLEError(f"{path}: row {line}: empty ImageId")
@@ -265,9 +273,7 @@ def decode_csv(
     return labels
 
 
-def write_csv(
-    path: str | os.PathLike, items: Iterable[tuple[str, np.ndarray]], with_shape: bool = True
-) -> Path:
+def write_csv(path: str | os.PathLike, items: Iterable[tuple[str, np.ndarray]], with_shape: bool = True) -> Path:
     """Write ``(image_id, label_image)`` pairs as one RLE CSV, atomically; empty images keep one row."""
     path = Path(path)
     with atomic_write(path, "w") as handle:

@@ -17,7 +17,6 @@ from .io import Normalizer
 from .model import Checkpoint
 from .tiling import CancelCheck, ProgressCallback, TilingParams, predict
 
-
 # Nuclei this many times the model's training size (min, max) are segmented without rescaling;
 # smaller ones are zoomed to the training size, larger ones to the band's top (model card).
 SIZE_BAND = (0.7, 1.6)
@@ -51,7 +50,9 @@ def rescale_factor(checkpoint: Checkpoint, diameter: float | None) -> float:
     if not diameter > 0:
         raise InputError(f"nucleus diameter must be a positive number of pixels, got {diameter}")
     if not checkpoint.nucleus_diameter:
-        raise InputError(f"model {checkpoint.name} does not record the nucleus size it was trained on; leave the diameter empty")
+        raise InputError(
+            f"model {checkpoint.name} does not record the nucleus size it was trained on; leave the diameter empty"
+        )
     ratio = float(diameter) / float(checkpoint.nucleus_diameter)
     low, high = SIZE_BAND
     if low <= ratio <= high:
@@ -96,7 +97,12 @@ class DiameterEstimate:
 
 
 def estimate_on_plane(
-    checkpoint: Checkpoint, plane, normalizer: Normalizer, tiling: TilingParams, progress: ProgressCallback | None = None, cancel: CancelCheck | None = None
+    checkpoint: Checkpoint,
+    plane,
+    normalizer: Normalizer,
+    tiling: TilingParams,
+    progress: ProgressCallback | None = None,
+    cancel: CancelCheck | None = None,
 ) -> DiameterEstimate:
     """The nucleus diameter of a plane (already stain-converted) in its own pixels: see ``plane.estimate_diameter``."""
     best, best_confidence, first, native = None, -1.0, None, None
@@ -114,14 +120,25 @@ def estimate_on_plane(
         elif best is not None:  # past the most confident zoom: coarser passes only merge nuclei
             break
         zoom /= 2
-    if best is not None and native is not None and best.zoom < 1.0 and native.diameter < SIZE_BAND[0] * checkpoint.nucleus_diameter:
+    if (
+        best is not None
+        and native is not None
+        and best.zoom < 1.0
+        and native.diameter < SIZE_BAND[0] * checkpoint.nucleus_diameter
+    ):
         # Nuclei too small for the model can merge into larger blobs at a coarser zoom that
         # look more confident; zoom 2 is then one more candidate. The small size wins only if
         # zoom 2 sees the same nuclei (real ones measure the same in image pixels) and is more
         # confident than the coarse zoom: fragments of large nuclei can measure the same too.
         crop, _ = _centre_crop(plane, int(np.sqrt(_ESTIMATE_PIXELS) / 2))
-        finer = measure_nuclei(predict_zoomed(checkpoint, crop, normalizer, tiling, 2.0, progress, cancel), checkpoint.outputs)
-        if finer is not None and abs(finer[0] / 2.0 / native.diameter - 1.0) < _SAME_SIZE and finer[1] > best_confidence:
+        finer = measure_nuclei(
+            predict_zoomed(checkpoint, crop, normalizer, tiling, 2.0, progress, cancel), checkpoint.outputs
+        )
+        if (
+            finer is not None
+            and abs(finer[0] / 2.0 / native.diameter - 1.0) < _SAME_SIZE
+            and finer[1] > best_confidence
+        ):
             best = native
     return best or first or DiameterEstimate(None)
 
@@ -132,11 +149,17 @@ def _centre_crop(plane, side: int):
     if height <= side and width <= side:
         return plane, True
     top, left = max(0, (height - side) // 2), max(0, (width - side) // 2)
-    return plane[top:top + side, left:left + side], False
+    return plane[top : top + side, left : left + side], False
 
 
 def predict_zoomed(
-    checkpoint: Checkpoint, plane, normalizer: Normalizer, tiling: TilingParams, zoom: float, progress: ProgressCallback | None = None, cancel: CancelCheck | None = None
+    checkpoint: Checkpoint,
+    plane,
+    normalizer: Normalizer,
+    tiling: TilingParams,
+    zoom: float,
+    progress: ProgressCallback | None = None,
+    cancel: CancelCheck | None = None,
 ) -> np.ndarray:
     """Probabilities of ``plane`` zoomed by ``zoom`` (on the zoomed grid)."""
     if zoom != 1.0:
@@ -170,5 +193,3 @@ def _resize(array: np.ndarray, shape: tuple[int, int], channel_axis: int | None)
 def resize_probabilities(probabilities: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """``(C, y, x)`` probabilities zoomed to ``shape``."""
     return _resize(probabilities, shape, channel_axis=0)
-
-

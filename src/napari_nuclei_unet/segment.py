@@ -160,7 +160,9 @@ def resolve(
     estimate = _resolve_diameter(checkpoint, image, params, plane_indices, progress, cancel)
     if not keep_pass:
         estimate = DiameterEstimate(estimate.diameter, estimate.zoom)
-    resolved = replace(params, diameter=estimate.diameter, postprocess=replace(params.postprocess, min_confidence=min_confidence))
+    resolved = replace(
+        params, diameter=estimate.diameter, postprocess=replace(params.postprocess, min_confidence=min_confidence)
+    )
     return resolved, estimate
 
 
@@ -233,7 +235,9 @@ def segment_planes(
     plane_shape = tuple(image.shape[:2] if single else image.shape[1:3])
     large = params.blocks.is_large(plane_shape)
     if todo:
-        resolved, estimate = resolve(checkpoint, image, params, todo, keep_pass=len(todo) == 1 and not large, progress=progress, cancel=cancel)
+        resolved, estimate = resolve(
+            checkpoint, image, params, todo, keep_pass=len(todo) == 1 and not large, progress=progress, cancel=cancel
+        )
     else:  # everything cached: the estimate was made when the network ran
         first = cached[indices[0]]
         resolved, _ = resolve(checkpoint, image, replace(params, diameter=first.diameter))
@@ -241,7 +245,7 @@ def segment_planes(
     outputs = checkpoint.outputs
     results: dict[PlaneIndex, PlaneResult] = {}
     megapixels = 0.0
-    for number, index in enumerate(indices):
+    for index in indices:
         plane = image if index is None else image[index]
         target = None if labels_out is None else (labels_out if index is None else _PlaneOf(labels_out, index))
 
@@ -272,13 +276,17 @@ def segment_planes(
     shown = next(iter(results.values())).prediction
     if shown is not None:
         factor = shown.factor  # an estimation pass reused at its own zoom
-    return Segmentation(results, resolved, estimate.diameter, factor, megapixels, time.perf_counter() - started, labels_out)
+    return Segmentation(
+        results, resolved, estimate.diameter, factor, megapixels, time.perf_counter() - started, labels_out
+    )
 
 
 def _labelled(prediction: PlanePrediction, labelled: LabelledPlane, target) -> PlaneResult:
     if target is not None:
         target[(slice(None), slice(None))] = labelled.labels
-    return PlaneResult(labelled.labels, labelled.mask, labelled.threshold, int(labelled.labels.max()), prediction, labelled.unsure)
+    return PlaneResult(
+        labelled.labels, labelled.mask, labelled.threshold, int(labelled.labels.max()), prediction, labelled.unsure
+    )
 
 
 def segment(
@@ -290,4 +298,3 @@ def segment(
 ) -> Segmentation:
     """Segment a 2D image or every plane of a stack, in memory (:func:`segment_planes`)."""
     return segment_planes(checkpoint, image, params, progress=progress, cancel=cancel)
-

@@ -25,9 +25,10 @@ from .params import InputSizes, TilingParams
 ProgressCallback = Callable[[int, int], None]
 CancelCheck = Callable[[], bool]
 _ALIGN = 32  # U-Net with 5 poolings needs sizes divisible by 32
+_ANY_SIZE = InputSizes()  # a network that takes any multiple of 32 (ours)
 
 
-def axis_tiles(length: int, tile: int, overlap: int, sizes: InputSizes = InputSizes()) -> tuple[int, list[int]]:
+def axis_tiles(length: int, tile: int, overlap: int, sizes: InputSizes = _ANY_SIZE) -> tuple[int, list[int]]:
     """The tile length and start positions along one axis.
 
     One padded tile when the axis fits; otherwise the fewest tiles with at least
@@ -53,12 +54,12 @@ def _axis_weights(length: int, tile: int, starts: list[int]) -> list[np.ndarray]
             weight[:shared] = np.sin(0.5 * np.pi * (np.arange(shared) + 0.5) / shared) ** 2
         if index < len(starts) - 1:
             shared = start + tile - starts[index + 1]
-            weight[tile - shared:] = np.cos(0.5 * np.pi * (np.arange(shared) + 0.5) / shared) ** 2
+            weight[tile - shared :] = np.cos(0.5 * np.pi * (np.arange(shared) + 0.5) / shared) ** 2
         ramps.append(weight)
     total = np.zeros(max(length, tile), np.float64)
     for start, weight in zip(starts, ramps):
-        total[start:start + tile] += weight
-    return [(weight / total[start:start + tile]).astype(np.float32) for start, weight in zip(starts, ramps)]
+        total[start : start + tile] += weight
+    return [(weight / total[start : start + tile]).astype(np.float32) for start, weight in zip(starts, ramps)]
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,9 @@ class Tile:
     weight_x: np.ndarray
 
 
-def plan_tiles(shape: tuple[int, int], tile_size: int, overlap: int, sizes: InputSizes = InputSizes()) -> tuple[tuple[int, int], list[Tile]]:
+def plan_tiles(
+    shape: tuple[int, int], tile_size: int, overlap: int, sizes: InputSizes = _ANY_SIZE
+) -> tuple[tuple[int, int], list[Tile]]:
     """The network input shape and the tiles covering a ``(height, width)`` image."""
     overlap = max(overlap, 2 * sizes.halo)
     tile_h, starts_y = axis_tiles(shape[0], tile_size, overlap, sizes)
@@ -88,7 +91,7 @@ def plan_tiles(shape: tuple[int, int], tile_size: int, overlap: int, sizes: Inpu
 
 def _batches(tiles: list[Tile], size: int) -> Iterator[list[Tile]]:
     for start in range(0, len(tiles), size):
-        yield tiles[start:start + size]
+        yield tiles[start : start + size]
 
 
 Forward = Callable[[np.ndarray], np.ndarray]  # (N, C, H, W) float32 batch -> (N, K, H, W) probabilities
@@ -124,7 +127,8 @@ def predict(
     ``progress(done, total)`` is called after each batch; ``cancel()`` is checked before
     each batch and raises :class:`Cancelled`.
     """
-    from .model import Checkpoint, device_name
+    from .devices import device_name
+    from .model import Checkpoint
 
     params = params or TilingParams()
     sizes = model.input_sizes if isinstance(model, Checkpoint) else InputSizes()
@@ -152,8 +156,8 @@ def package_forward(package, params: TilingParams) -> tuple[Forward, int]:
     re-exported or quantised: it runs as published)."""
     from dataclasses import replace
 
+    from .devices import device_name
     from .errors import ModelError
-    from .model import device_name
     from .onnx_backend import available, cpu_threads
 
     on_cpu = device_name(params.device) == "cpu"
@@ -161,7 +165,9 @@ def package_forward(package, params: TilingParams) -> tuple[Forward, int]:
         return _onnx_forward(package.onnx_logits(cpu_threads()), params.tta), len(package.keep)
     if "torchscript" not in package.weights:
         why = "choose device cpu" if not on_cpu else "install onnxruntime, or use backend auto"
-        raise ModelError(f"{package.source}: the package has only ONNX weights, which run here with ONNX Runtime on the CPU; {why}")
+        raise ModelError(
+            f"{package.source}: the package has only ONNX weights, which run here with ONNX Runtime on the CPU; {why}"
+        )
     return _torch_forward(package.torch_module(), package.in_channels, replace(params, backend="torch"))
 
 
@@ -176,10 +182,11 @@ def _onnx_forward(network, tta: bool) -> Forward:
 
 
 def _torch_forward(model, in_channels: int, params: TilingParams) -> tuple[Forward, int]:
-    """The torch module on its device (or its ONNX Runtime export on the CPU) as a :data:`Forward`, and its output channels."""
+    """The torch module on its device (or its ONNX Runtime export on the CPU) as a :data:`Forward`, and its output
+    channels."""
     import torch
 
-    from .model import resolve_device
+    from .devices import resolve_device
 
     device = resolve_device(params.device)
     if next(model.parameters()).device != device:  # .to() and .eval() walk every module: skip when
@@ -194,7 +201,11 @@ def _torch_forward(model, in_channels: int, params: TilingParams) -> tuple[Forwa
             return _onnx_forward(network, params.tta), network.out_channels
         if not next(model.parameters()).is_contiguous(memory_format=torch.channels_last):
             model.to(memory_format=torch.channels_last)  # once: converting walks every module
-    autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" and params.amp else contextlib.nullcontext()
+    autocast = (
+        torch.autocast("cuda", dtype=torch.float16)
+        if device.type == "cuda" and params.amp
+        else contextlib.nullcontext()
+    )
 
     def forward(batch: np.ndarray) -> np.ndarray:
         tensor = torch.from_numpy(batch)
@@ -211,7 +222,9 @@ def _torch_forward(model, in_channels: int, params: TilingParams) -> tuple[Forwa
     return forward, _output_channels(model, in_channels, device)
 
 
-def _run_tiles(forward: Forward, classes: int, plane, normalizer, batch_size, tile_shape, tiles, progress, cancel, out) -> np.ndarray:
+def _run_tiles(
+    forward: Forward, classes: int, plane, normalizer, batch_size, tile_shape, tiles, progress, cancel, out
+) -> np.ndarray:
     height, width = plane.shape[:2]
     if out is None:
         out = np.zeros((classes, height, width), np.float32)
@@ -221,7 +234,7 @@ def _run_tiles(forward: Forward, classes: int, plane, normalizer, batch_size, ti
             raise Cancelled("segmentation cancelled")
         batch = np.zeros((len(batch_tiles), normalizer.channels, *tile_shape), np.float32)
         for slot, tile in enumerate(batch_tiles):
-            crop = normalizer(plane[tile.y:tile.y + tile.height, tile.x:tile.x + tile.width])
+            crop = normalizer(plane[tile.y : tile.y + tile.height, tile.x : tile.x + tile.width])
             batch[slot] = _pad_reflect(crop, tile_shape)
         probs = forward(batch)
         for slot, tile in enumerate(batch_tiles):

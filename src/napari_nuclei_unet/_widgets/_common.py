@@ -13,8 +13,9 @@ from napari.utils.notifications import show_error, show_warning
 from qtpy.QtCore import QCoreApplication, QObject, Qt, QTimer, Signal
 from qtpy.QtWidgets import QComboBox, QDockWidget, QFrame, QLabel, QMainWindow, QScrollArea, QSizePolicy, QWidget
 
+from ..devices import available_devices
 from ..errors import ModelError, describe
-from ..model import Checkpoint, available_devices, resolve_model_path
+from ..model import Checkpoint, resolve_model_path
 from ..params import TilingParams
 from ..tiling import package_forward
 
@@ -69,7 +70,11 @@ def scroll_when_docked(native: QWidget) -> None:
         scroll.setWidget(native)
         window = dock.parentWidget()
         if isinstance(window, QMainWindow):
-            ours = [d for d in window.findChildren(QDockWidget) if d is not dock and d.isVisible() and getattr(d.widget(), "objectName", str)() == _SCROLL_NAME]
+            ours = [
+                d
+                for d in window.findChildren(QDockWidget)
+                if d is not dock and d.isVisible() and getattr(d.widget(), "objectName", str)() == _SCROLL_NAME
+            ]
             if ours and window.dockWidgetArea(ours[0]) == window.dockWidgetArea(dock):
                 window.tabifyDockWidget(ours[0], dock)
                 QTimer.singleShot(0, dock.raise_)
@@ -82,7 +87,7 @@ def elide_middle(name: str, length: int = SHOWN_NAME_LENGTH) -> str:
     if len(name) <= length:
         return name
     tail = (length - 1) // 2
-    return f"{name[: length - 1 - tail]}…{name[len(name) - tail:]}"
+    return f"{name[: length - 1 - tail]}…{name[len(name) - tail :]}"
 
 
 def layer_choices(layers) -> list[tuple[str, object]]:
@@ -179,12 +184,20 @@ class ModelPicker:
 
     def __init__(self, hub: JobHub):
         self.source = ComboBox(label="model", choices=[BUNDLED, FROM_FILE], value=BUNDLED)
-        self.file = FileEdit(label="model file", mode="r", filter="*.safetensors *.json *.pth *.pt *.ckpt *.bin *.zip *.yaml", visible=False,
-                              tooltip="a checkpoint's model.safetensors or config.json, a .pth state_dict, or a bioimage.io package (.zip, or its bioimageio.yaml / rdf.yaml)")
+        self.file = FileEdit(
+            label="model file",
+            mode="r",
+            filter="*.safetensors *.json *.pth *.pt *.ckpt *.bin *.zip *.yaml",
+            visible=False,
+            tooltip="a checkpoint's model.safetensors or config.json, a .pth state_dict, or a bioimage.io package "
+            "(.zip, or its bioimageio.yaml / rdf.yaml)",
+        )
         self.summary = Label(label="", value="loading model…")
         self.summary.native.setWordWrap(True)
         # GPUs are listed once the model has loaded: asking torch here would freeze the window for seconds.
-        self.device = ComboBox(label="device", choices=["auto", "cpu"], value="auto", tooltip="auto: CUDA, then Apple MPS, then CPU")
+        self.device = ComboBox(
+            label="device", choices=["auto", "cpu"], value="auto", tooltip="auto: CUDA, then Apple MPS, then CPU"
+        )
         self.widgets = [self.source, self.file, self.summary, self.device]
         self._loaded: dict[str, Checkpoint] = {}  # the chosen model only (older ones are dropped)
         self._lock = threading.Lock()
@@ -201,7 +214,10 @@ class ModelPicker:
             return "default"
         chosen = str(self.file.value or "")
         if chosen in ("", "."):
-            raise ValueError("choose a model file (a checkpoint's model.safetensors / config.json, a .pth state_dict, or a bioimage.io package .zip / rdf.yaml)")
+            raise ValueError(
+                "choose a model file (a checkpoint's model.safetensors / config.json, a .pth state_dict, or a "
+                "bioimage.io package .zip / rdf.yaml)"
+            )
         return chosen
 
     def checkpoint(self, path: str) -> Checkpoint:
@@ -224,7 +240,8 @@ class ModelPicker:
         self.load_async()
 
     def load_async(self) -> None:
-        """Load the chosen model in a worker, once no other job runs, and show its summary; errors become notifications."""
+        """Load the chosen model in a worker, once no other job runs, and show its summary; errors become
+        notifications."""
         try:
             path = self.path()
         except ValueError:
@@ -250,7 +267,7 @@ class ModelPicker:
         """Load the model and, on the CPU, export (and quantise) its network now, so the first
         Segment does not wait for it; return the devices to offer. An export problem is reported
         when segmenting."""
-        from ..model import resolve_device
+        from ..devices import resolve_device
         from ..onnx_backend import checkpoint_network
 
         checkpoint = self.checkpoint(path)
@@ -262,7 +279,9 @@ class ModelPicker:
         if on_cpu and checkpoint.package is None:
             checkpoint_network(checkpoint)
         elif on_cpu:
-            package_forward(checkpoint.package, TilingParams(device="cpu"))  # opens its ONNX Runtime session (or loads its TorchScript)
+            package_forward(
+                checkpoint.package, TilingParams(device="cpu")
+            )  # opens its ONNX Runtime session (or loads its TorchScript)
         return available_devices()
 
     def _show_loaded(self, devices: list[str]) -> None:
@@ -278,7 +297,7 @@ class ModelPicker:
         self.load_async()
 
     def _show_summary(self) -> None:
-        from ..model import resolve_device
+        from ..devices import resolve_device
         from ..onnx_backend import describe_device
 
         try:

@@ -28,7 +28,16 @@ from ..data import LabelledImage
 from ..errors import NucleiUnetError, describe
 from ..model import BUNDLED_MODEL_DIR, CANNOT_FINETUNE
 from ..training import FINETUNE_DEFAULTS, TrainConfig, TrainEvent, finetune_config
-from ._common import DOCK_MAX_WIDTH, FROM_FILE, ModelPicker, Relay, _unless_closed, hub_of, layer_choices, scroll_when_docked
+from ._common import (
+    DOCK_MAX_WIDTH,
+    FROM_FILE,
+    ModelPicker,
+    Relay,
+    _unless_closed,
+    hub_of,
+    layer_choices,
+    scroll_when_docked,
+)
 
 if TYPE_CHECKING:
     import napari
@@ -61,7 +70,9 @@ def samples_from_layers(image: Image, labels: Labels, roi: Shapes | None = None)
     spatial = tuple(pixels.shape[:-1]) if image.rgb else tuple(pixels.shape)
     label_data = labels.data[0] if labels.multiscale else labels.data
     if tuple(label_data.shape) != spatial:
-        raise ValueError(f"labels '{labels.name}' have shape {tuple(label_data.shape)}, image '{image.name}' has {spatial}")
+        raise ValueError(
+            f"labels '{labels.name}' have shape {tuple(label_data.shape)}, image '{image.name}' has {spatial}"
+        )
     label_array = np.asarray(label_data)
     if not label_array.any():
         raise ValueError(f"labels '{labels.name}' are empty: paint or segment some nuclei first")
@@ -72,11 +83,18 @@ def samples_from_layers(image: Image, labels: Labels, roi: Shapes | None = None)
             raise ValueError(f"region layer '{roi.name}' has no shapes")
         masks = roi.to_masks(mask_shape=spatial[-2:])
         region = np.any(masks, axis=0)
-    planes = [(None, np.asarray(pixels), label_array)] if len(spatial) == 2 else [
-        (i, np.asarray(pixels[i]), label_array[i]) for i in range(spatial[0]) if label_array[i].any()
-    ]  # fmt: skip
+    planes = (
+        [(None, np.asarray(pixels), label_array)]
+        if len(spatial) == 2
+        else [(i, np.asarray(pixels[i]), label_array[i]) for i in range(spatial[0]) if label_array[i].any()]
+    )
     return [
-        LabelledImage(name=image.name if index is None else f"{image.name}[{index}]", image=plane, labels=plane_labels.astype(np.int32), roi=region)
+        LabelledImage(
+            name=image.name if index is None else f"{image.name}[{index}]",
+            image=plane,
+            labels=plane_labels.astype(np.int32),
+            roi=region,
+        )
         for index, plane, plane_labels in planes
     ]
 
@@ -167,7 +185,9 @@ class CurvePlot(QWidget):
             curve([point(e, v, 0.0, 1.0) for e, v in self.scores])
             painter.drawText(left + width + 4, top + 10, "1.0")
             painter.drawText(left + width + 4, top + height, "0.0")
-            painter.drawText(left + 4, top + 30, f"val DSB score {self.scores[-1][1]:.3f} (start {self.scores[0][1]:.3f})")
+            painter.drawText(
+                left + 4, top + 30, f"val DSB score {self.scores[-1][1]:.3f} (start {self.scores[0][1]:.3f})"
+            )
         elif self.note:
             painter.setPen(QPen(QColor("#cccccc"), 1))
             painter.drawText(left + 4, top + 30, self.note)
@@ -177,7 +197,7 @@ class CurvePlot(QWidget):
 class FineTuneWidget(Container):
     """Fine-tune a model on (image, corrected labels) pairs from the viewer."""
 
-    def __init__(self, napari_viewer: "napari.viewer.Viewer"):
+    def __init__(self, napari_viewer: napari.viewer.Viewer):
         super().__init__(labels=True)
         self.native.setMaximumWidth(DOCK_MAX_WIDTH)
         scroll_when_docked(self.native)  # scrolls on a short screen: Start stays reachable
@@ -185,47 +205,103 @@ class FineTuneWidget(Container):
         self.hub = hub_of(napari_viewer)
         self.image_layer = ComboBox(label="image", choices=lambda _w: layer_choices(self._layers(Image)))
         self.labels_layer = ComboBox(label="corrected labels", choices=lambda _w: layer_choices(self._layers(Labels)))
-        self.roi_layer = ComboBox(label="checked region", choices=lambda _w: [("none", None), *layer_choices(self._layers(Shapes))], value=None,
-                                  tooltip="optional Shapes layer: only pixels inside its shapes count; elsewhere the labels are not trusted")  # fmt: skip
+        self.roi_layer = ComboBox(
+            label="checked region",
+            choices=lambda _w: [("none", None), *layer_choices(self._layers(Shapes))],
+            value=None,
+            tooltip="optional Shapes layer: only pixels inside its shapes count; elsewhere the labels are not trusted",
+        )
         self.add_pair_button = PushButton(text="Add pair")
         self.clear_pairs_button = PushButton(text="Clear pairs")
         self.pairs_label = Label(value="pairs: the image/labels above")
         self.model = ModelPicker(self.hub)
         self.epochs = SpinBox(label="epochs", value=FINETUNE_DEFAULTS["epochs"], min=1, max=1000)
-        self.iterations = SpinBox(label="iterations / epoch", value=FINETUNE_DEFAULTS["iterations_per_epoch"], min=1, max=10000)
-        self.learning_rate = FloatSpinBox(label="learning rate", value=FINETUNE_DEFAULTS["learning_rate"], min=1e-6, max=1e-1, step=1e-4)
+        self.iterations = SpinBox(
+            label="iterations / epoch", value=FINETUNE_DEFAULTS["iterations_per_epoch"], min=1, max=10000
+        )
+        self.learning_rate = FloatSpinBox(
+            label="learning rate", value=FINETUNE_DEFAULTS["learning_rate"], min=1e-6, max=1e-1, step=1e-4
+        )
         self.patch_size = SpinBox(label="patch size", value=FINETUNE_DEFAULTS["patch_size"], min=64, max=1024, step=32)
         self.batch_size = SpinBox(label="batch size", value=FINETUNE_DEFAULTS["batch_size"], min=1, max=64)
         self.augment = CheckBox(text="augmentation", value=True)
-        self.keep_other_types = CheckBox(text="keep the other image types (distillation, ~2x slower)", value=FINETUNE_DEFAULTS["distill_weight"] > 0,
-                                         tooltip="also shows each patch restyled as the other image types (fluorescence, brightfield, stained tissue) "
-                                                 "and holds the model to its starting output there, so it does not forget them")  # fmt: skip
-        self.start_share = FloatSpinBox(label="starting weights kept", value=FINETUNE_DEFAULTS["start_weight_share"], min=0.0, max=0.9, step=0.05,
-                                        tooltip="share of the starting model's weights mixed into the new model (WiSE-FT): "
-                                                "keeps what it knew and less of the corrected images' quirks; 0: the trained weights alone")  # fmt: skip
-        self.val_fraction = FloatSpinBox(label="validation fraction", value=0.25, min=0.0, max=0.9, step=0.05,
-                                         tooltip="share of the planes held out to pick the best epoch (needs 2+ planes)")  # fmt: skip
-        self.keep_on_cancel = CheckBox(text="keep a cancelled run's model even if not validated better", value=False,
-                                       tooltip="by default Cancel saves the model only when the held-out images show it beats the starting model")  # fmt: skip
+        self.keep_other_types = CheckBox(
+            text="keep the other image types (distillation, ~2x slower)",
+            value=FINETUNE_DEFAULTS["distill_weight"] > 0,
+            tooltip="also shows each patch restyled as the other image types (fluorescence, brightfield, stained "
+            "tissue) and holds the model to its starting output there, so it does not forget them",
+        )
+        self.start_share = FloatSpinBox(
+            label="starting weights kept",
+            value=FINETUNE_DEFAULTS["start_weight_share"],
+            min=0.0,
+            max=0.9,
+            step=0.05,
+            tooltip="share of the starting model's weights mixed into the new model (WiSE-FT): "
+            "keeps what it knew and less of the corrected images' quirks; 0: the trained weights alone",
+        )
+        self.val_fraction = FloatSpinBox(
+            label="validation fraction",
+            value=0.25,
+            min=0.0,
+            max=0.9,
+            step=0.05,
+            tooltip="share of the planes held out to pick the best epoch (needs 2+ planes)",
+        )
+        self.keep_on_cancel = CheckBox(
+            text="keep a cancelled run's model even if not validated better",
+            value=False,
+            tooltip="by default Cancel saves the model only when the held-out images show it beats the starting model",
+        )
         self.output_folder = FileEdit(label="save in", mode="d", value=str(DEFAULT_MODELS_DIR))
         self.model_name = LineEdit(label="model name", value=f"finetuned-{datetime.now():%Y%m%d-%H%M}")
         self.advanced = CheckBox(text="show advanced settings", value=False)
         self.start_button = PushButton(text="Start fine-tuning")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
-        self.cancel_button.tooltip = "stop after this step; the best model so far is kept only if the held-out images show it beats the starting model"
+        self.cancel_button.tooltip = (
+            "stop after this step; the best model so far is kept only if the held-out images show it beats the "
+            "starting model"
+        )
         self.resegment_button = PushButton(text="Segment again with the new model", enabled=False)
         self.export_button = PushButton(text="Export for bioimage.io…", enabled=False)
-        self.export_button.tooltip = ("write the chosen model as a bioimage.io Model Zoo package (.zip) for deepImageJ, ilastik, QuPath, Fiji "
-                                      "or BiaPy, checked with bioimageio.spec and bioimageio.core (~30 s); its test image is a crop of the image above")  # fmt: skip
+        self.export_button.tooltip = (
+            "write the chosen model as a bioimage.io Model Zoo package (.zip) for deepImageJ, ilastik, QuPath, Fiji "
+            "or BiaPy, checked with bioimageio.spec and bioimageio.core (~30 s); its test image is a crop of the image "
+            "above"
+        )
         self.status = Label(value="")
         self.status.native.setWordWrap(True)
         self.plot = CurvePlot()
-        self._advanced_widgets = [self.learning_rate, self.patch_size, self.batch_size, self.augment, self.keep_other_types, self.start_share, self.val_fraction, self.keep_on_cancel]
-        self.extend([
-            self.image_layer, self.labels_layer, self.roi_layer, self.add_pair_button, self.clear_pairs_button, self.pairs_label,
-            *self.model.widgets, self.epochs, self.iterations, self.advanced, *self._advanced_widgets,
-            self.output_folder, self.model_name, self.start_button, self.cancel_button, self.status,
-        ])  # fmt: skip
+        self._advanced_widgets = [
+            self.learning_rate,
+            self.patch_size,
+            self.batch_size,
+            self.augment,
+            self.keep_other_types,
+            self.start_share,
+            self.val_fraction,
+            self.keep_on_cancel,
+        ]
+        self.extend(
+            [
+                self.image_layer,
+                self.labels_layer,
+                self.roi_layer,
+                self.add_pair_button,
+                self.clear_pairs_button,
+                self.pairs_label,
+                *self.model.widgets,
+                self.epochs,
+                self.iterations,
+                self.advanced,
+                *self._advanced_widgets,
+                self.output_folder,
+                self.model_name,
+                self.start_button,
+                self.cancel_button,
+                self.status,
+            ]
+        )
         self.native.layout().addWidget(self.plot)
         self.append(self.resegment_button)
         self.append(self.export_button)
@@ -237,7 +313,9 @@ class FineTuneWidget(Container):
         self._relay = Relay()
         self._relay.message.connect(self._on_event)
         self._export_relay = Relay()  # export stages, from the export worker
-        self._export_relay.message.connect(lambda text: _unless_closed(setattr, self.status, "value", f"exporting for bioimage.io: {text}…"))
+        self._export_relay.message.connect(
+            lambda text: _unless_closed(setattr, self.status, "value", f"exporting for bioimage.io: {text}…")
+        )
         self._export_worker = None
         self._finetunable = True  # the chosen model is one of ours (a foreign bioimage.io package is not)
         self.native.destroyed.connect(self._cancel.set)  # the window closed: stop training after this step
@@ -297,7 +375,8 @@ class FineTuneWidget(Container):
             self.pairs_label.value = "pairs: the image/labels above"
             return
         self.pairs_label.value = "pairs: " + "; ".join(
-            f"{image.name} + {labels.name}" + (f" in {roi.name}" if roi is not None else "") for image, labels, roi in self._pairs
+            f"{image.name} + {labels.name}" + (f" in {roi.name}" if roi is not None else "")
+            for image, labels, roi in self._pairs
         )
 
     def request(self) -> FineTuneRequest:
@@ -305,7 +384,7 @@ class FineTuneWidget(Container):
         pairs = self._pairs or [(self.image_layer.value, self.labels_layer.value, self.roi_layer.value)]
         samples = [s for image, labels, roi in pairs for s in samples_from_layers(image, labels, roi)]
         name = str(self.model_name.value).strip()
-        if not name or any(c in name for c in '/\\:'):
+        if not name or any(c in name for c in "/\\:"):
             raise ValueError("give the new model a name without slashes or colons")
         out_dir = Path(str(self.output_folder.value)).expanduser() / name
         if out_dir.resolve().is_relative_to(BUNDLED_MODEL_DIR.resolve()):
@@ -313,17 +392,27 @@ class FineTuneWidget(Container):
         if out_dir.exists() and any(out_dir.iterdir()):
             raise ValueError(f"{out_dir} already exists and is not empty; choose another model name")
         config = finetune_config(
-            epochs=int(self.epochs.value), iterations_per_epoch=int(self.iterations.value), learning_rate=float(self.learning_rate.value),
-            patch_size=int(self.patch_size.value), batch_size=int(self.batch_size.value), augment=bool(self.augment.value),
-            val_fraction=float(self.val_fraction.value), device=self.model.device.value, val_every=1,
+            epochs=int(self.epochs.value),
+            iterations_per_epoch=int(self.iterations.value),
+            learning_rate=float(self.learning_rate.value),
+            patch_size=int(self.patch_size.value),
+            batch_size=int(self.batch_size.value),
+            augment=bool(self.augment.value),
+            val_fraction=float(self.val_fraction.value),
+            device=self.model.device.value,
+            val_every=1,
             distill_weight=FINETUNE_DEFAULTS["distill_weight"] if self.keep_other_types.value else 0.0,
             start_weight_share=float(self.start_share.value),
             warmup_iterations=min(FINETUNE_DEFAULTS["warmup_iterations"], int(self.iterations.value)),
-        )  # fmt: skip
+        )
         val = None if len(samples) > 1 and config.val_fraction > 0 else []
         nuclei = sum(int(len(np.unique(s.labels)) - 1) for s in samples)
-        description = f"{len(samples)} corrected image(s) from napari ({nuclei} nuclei): " + ", ".join(s.name for s in samples[:5])
-        return FineTuneRequest(samples, val, self.model.path(), out_dir, config, description, bool(self.keep_on_cancel.value))
+        description = f"{len(samples)} corrected image(s) from napari ({nuclei} nuclei): " + ", ".join(
+            s.name for s in samples[:5]
+        )
+        return FineTuneRequest(
+            samples, val, self.model.path(), out_dir, config, description, bool(self.keep_on_cancel.value)
+        )
 
     # ---------------------------------------------------------------- running
     def start(self, *_) -> None:
@@ -348,7 +437,9 @@ class FineTuneWidget(Container):
         total = request.config.epochs * request.config.iterations_per_epoch
         self._progress = cancelable_progress(total=total, desc="Fine-tuning", cancel_callback=self.cancel)
         worker = _finetune_worker(request, self.model, self._cancel.is_set, self._relay.message.emit)
-        worker.returned.connect(lambda event: _unless_closed(self._on_done, request, event))  # the window may be closed by then
+        worker.returned.connect(
+            lambda event: _unless_closed(self._on_done, request, event)
+        )  # the window may be closed by then
         worker.errored.connect(lambda error: _unless_closed(self._on_error, error))
         worker.finished.connect(lambda: _unless_closed(self._on_finished))
         self._worker = worker
@@ -363,13 +454,19 @@ class FineTuneWidget(Container):
             self._progress.update(event.iteration - self._progress.n)
         if event.kind == "start":
             self.plot.add(0, None, event.scores.kaggle_score)
-            self.status.value = f"the starting model scores {event.scores.kaggle_score:.3f} (val DSB) on the held-out images; training…"
+            self.status.value = (
+                f"the starting model scores {event.scores.kaggle_score:.3f} (val DSB) on the held-out images; training…"
+            )
         if event.kind == "calibrating":
             self.status.value = f"calibrating the new model's min confidence on the corrected images… ({event.device})"
         if event.kind == "epoch":
             score = event.scores.kaggle_score if event.scores is not None else None
             self.plot.add(event.epoch, event.loss, score)
-            self.status.value = f"epoch {event.epoch}: loss {event.loss:.3f}" + (f", val DSB score {score:.3f}" if score is not None else "") + f" on {event.device}"
+            self.status.value = (
+                f"epoch {event.epoch}: loss {event.loss:.3f}"
+                + (f", val DSB score {score:.3f}" if score is not None else "")
+                + f" on {event.device}"
+            )
 
     def _on_done(self, request: FineTuneRequest, event: TrainEvent) -> None:
         """Report the run. A finished run's model goes to the Segment widget; a cancelled one's is
@@ -382,13 +479,24 @@ class FineTuneWidget(Container):
             elif event.best_score is None:
                 why = "no epoch was validated yet"
             else:
-                why = f"its best validation score {event.best_score:.3f} did not beat the starting model's {event.start_score:.3f}"
-            self.status.value = f"cancelled ({took}): {why}, so nothing was saved (advanced: 'keep a cancelled run's model')"
+                why = (
+                    f"its best validation score {event.best_score:.3f} did not beat the starting model's "
+                    f"{event.start_score:.3f}"
+                )
+            self.status.value = (
+                f"cancelled ({took}): {why}, so nothing was saved (advanced: 'keep a cancelled run's model')"
+            )
             show_info(f"Fine-tune cancelled: {why}; nothing was saved")
             return
         if event.cancelled:
-            self.status.value = f"cancelled ({took}); the best model so far is saved in {request.out_dir}, not calibrated and not put to use"
-            show_info(f"Fine-tune cancelled: the best model so far is in {request.out_dir} (choose it under 'model' to use it)")
+            self.status.value = (
+                f"cancelled ({took}); the best model so far is saved in {request.out_dir}, not calibrated and not put "
+                "to use"
+            )
+            show_info(
+                f"Fine-tune cancelled: the best model so far is in {request.out_dir} (choose it under 'model' to use "
+                "it)"
+            )
             return
         self.status.value = f"done: {took}. Saved to {request.out_dir}"
         show_info(f"Fine-tune done: model saved to {request.out_dir}")
@@ -405,7 +513,9 @@ class FineTuneWidget(Container):
             self._progress.close()
             self._progress = None
         folder = Path(str(self.output_folder.value)).expanduser()
-        self.model_name.value = next_free_name(folder, str(self.model_name.value).strip())  # Start again does not hit "already exists"
+        self.model_name.value = next_free_name(
+            folder, str(self.model_name.value).strip()
+        )  # Start again does not hit "already exists"
         self._worker = None
         self.start_button.enabled = self._finetunable
         self.cancel_button.enabled = False
@@ -418,7 +528,9 @@ class FineTuneWidget(Container):
         self.start_button.enabled = self._finetunable and not running
         self.export_button.enabled = self._finetunable and not running
         if not self._finetunable:
-            self.status.value = f"{checkpoint.name}: {CANNOT_FINETUNE}. Choose the bundled model or one of ours to fine-tune."
+            self.status.value = (
+                f"{checkpoint.name}: {CANNOT_FINETUNE}. Choose the bundled model or one of ours to fine-tune."
+            )
         elif CANNOT_FINETUNE in str(self.status.value):
             self.status.value = ""
 
@@ -428,11 +540,14 @@ class FineTuneWidget(Container):
         from qtpy.QtWidgets import QFileDialog
 
         start = Path(str(self.output_folder.value)).expanduser() / f"{self.model_name.value}.zip"
-        chosen, _ = QFileDialog.getSaveFileName(self.native, "Export for bioimage.io", str(start), "bioimage.io package (*.zip)")
+        chosen, _ = QFileDialog.getSaveFileName(
+            self.native, "Export for bioimage.io", str(start), "bioimage.io package (*.zip)"
+        )
         return chosen
 
     def _export_image(self):
-        """The plane the package's test tensors and cover are cut from: the (first pair's) image layer's middle plane."""
+        """The plane the package's test tensors and cover are cut from: the (first pair's) image layer's middle
+        plane."""
         layer = self._pairs[0][0] if self._pairs else self.image_layer.value
         if layer is None:
             return None
@@ -442,7 +557,8 @@ class FineTuneWidget(Container):
         return data
 
     def export(self, *_) -> None:
-        """Export the chosen model as a bioimage.io package in a worker (a job of its own: nothing else runs meanwhile)."""
+        """Export the chosen model as a bioimage.io package in a worker (a job of its own: nothing else runs
+        meanwhile)."""
         chosen = self.ask_export_path()
         if not chosen:
             return
@@ -456,7 +572,9 @@ class FineTuneWidget(Container):
             return
         self.export_button.enabled = self.start_button.enabled = False
         self.status.value = "exporting for bioimage.io…"
-        self._progress = progress(total=0, desc="Exporting for bioimage.io")  # stages in the status line; no Cancel (library calls)
+        self._progress = progress(
+            total=0, desc="Exporting for bioimage.io"
+        )  # stages in the status line; no Cancel (library calls)
         worker = _export_worker(self.model, model_path, out, self._export_image(), self._export_relay.message.emit)
         worker.returned.connect(lambda written: _unless_closed(self._on_exported, written))
         worker.errored.connect(lambda error: _unless_closed(self._on_error, error))
@@ -503,9 +621,18 @@ def _finetune_worker(request: FineTuneRequest, model: ModelPicker, cancel, repor
         checkpoint.metadata = {**checkpoint.metadata, "name": request.out_dir.name}
         checkpoint.metadata.pop("metrics", None)
         return fit(
-            checkpoint, request.train, request.out_dir, request.val, request.config, progress=report, cancel=cancel,
-            keep_on_cancel=request.keep_on_cancel, resume=False, base_model=request.base_model, data_description=request.description,
-        )  # fmt: skip
+            checkpoint,
+            request.train,
+            request.out_dir,
+            request.val,
+            request.config,
+            progress=report,
+            cancel=cancel,
+            keep_on_cancel=request.keep_on_cancel,
+            resume=False,
+            base_model=request.base_model,
+            data_description=request.description,
+        )
     except NucleiUnetError:
         raise
     except RuntimeError as error:  # e.g. out of memory on a GPU

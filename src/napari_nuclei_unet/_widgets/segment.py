@@ -48,7 +48,9 @@ NO_CHANNEL = "none (Z/T stack)"
 # A (C, Y, X) layer with at most this many planes may hold channels rather than a Z/T stack.
 MAX_CHANNELS = 6
 _RGB_NAMES = ("red", "green", "blue", "alpha")
-ALL_CHANNELS = -1  # the channel choice for "all": a colour image, or a stack (not None: magicgui emits no change for None)
+ALL_CHANNELS = (
+    -1
+)  # the channel choice for "all": a colour image, or a stack (not None: magicgui emits no change for None)
 # Debounce for live re-labelling while a slider is dragged, in ms.
 RELABEL_DELAY_MS = 150
 
@@ -94,74 +96,153 @@ class _Cache:
 class SegmentWidget(Container):
     """Segment the nuclei of an image layer into instance and mask Labels layers."""
 
-    def __init__(self, napari_viewer: "napari.viewer.Viewer"):
+    def __init__(self, napari_viewer: napari.viewer.Viewer):
         super().__init__(labels=True)
         self.native.setMaximumWidth(DOCK_MAX_WIDTH)
         scroll_when_docked(self.native)  # scrolls on a short screen: Start stays reachable
         self.viewer = napari_viewer
         self.hub = hub_of(napari_viewer)
-        self.image_layer = ComboBox(label="image", choices=self._image_layers, tooltip="2D grey/RGB image or a T/Z stack")
+        self.image_layer = ComboBox(
+            label="image", choices=self._image_layers, tooltip="2D grey/RGB image or a T/Z stack"
+        )
         self.scope = ComboBox(label="stack", choices=[CURRENT_PLANE, WHOLE_STACK], value=CURRENT_PLANE)
         self.channel = ComboBox(
-            label="nuclear channel", choices=self._channel_choices,
-            tooltip="for multichannel images: the channel with the nuclear stain (DAPI, Hoechst), guessed when the image is picked",
+            label="nuclear channel",
+            choices=self._channel_choices,
+            tooltip="for multichannel images: the channel with the nuclear stain (DAPI, Hoechst), guessed when the "
+            "image is picked",
         )
         self.model = ModelPicker(self.hub)
         tiling, post = _DEFAULTS.tiling, _DEFAULTS.postprocess
-        self.tile_size = SpinBox(label="tile size", value=tiling.tile_size, min=128, max=8192, step=32, tooltip=_help(TilingParams, "tile_size"))
-        self.overlap = SpinBox(label="tile overlap", value=tiling.overlap, min=0, max=1024, step=16, tooltip=_help(TilingParams, "overlap"))
+        self.tile_size = SpinBox(
+            label="tile size",
+            value=tiling.tile_size,
+            min=128,
+            max=8192,
+            step=32,
+            tooltip=_help(TilingParams, "tile_size"),
+        )
+        self.overlap = SpinBox(
+            label="tile overlap", value=tiling.overlap, min=0, max=1024, step=16, tooltip=_help(TilingParams, "overlap")
+        )
         self.auto_diameter = CheckBox(
-            text="estimate nucleus diameter", value=True,
+            text="estimate nucleus diameter",
+            value=True,
             tooltip="measure the nuclei first and rescale the image so they match the model's training size",
         )
         self.diameter = FloatSpinBox(
-            label="nucleus diameter (px)", value=0.0, min=0.0, max=1000.0, step=1.0, enabled=False,
+            label="nucleus diameter (px)",
+            value=0.0,
+            min=0.0,
+            max=1000.0,
+            step=1.0,
+            enabled=False,
             tooltip="shows the estimate; untick 'estimate' to type your own. 0 = use the image at its own scale",
         )
         self.diameter_unit = ComboBox(
-            label="diameter in", choices=["px", "µm"], value="px", enabled=False,
+            label="diameter in",
+            choices=["px", "µm"],
+            value="px",
+            enabled=False,
             tooltip="µm: the image layer's scale converts it to pixels (only for layers with a scale)",
         )
-        self.image_type = ComboBox(label="image type", choices=IMAGE_TYPES, value=_DEFAULTS.image_type, tooltip=_help(SegmentParams, "image_type"))
-        self.stain = ComboBox(label="stain", choices=STAINS, value=_DEFAULTS.stain, tooltip=_help(SegmentParams, "stain"))
+        self.image_type = ComboBox(
+            label="image type",
+            choices=IMAGE_TYPES,
+            value=_DEFAULTS.image_type,
+            tooltip=_help(SegmentParams, "image_type"),
+        )
+        self.stain = ComboBox(
+            label="stain", choices=STAINS, value=_DEFAULTS.stain, tooltip=_help(SegmentParams, "stain")
+        )
         self.tta = CheckBox(text="test-time augmentation (4x slower)", value=tiling.tta)
         self.int8 = CheckBox(
-            text="8-bit network on the CPU (~1.7x faster)", value=tiling.precision == "int8",
+            text="8-bit network on the CPU (~1.7x faster)",
+            value=tiling.precision == "int8",
             tooltip="ONNX Runtime with 8-bit weights and activations; untick for float32, as the model was trained "
             "(the same val DSB2018 score within 0.001). GPUs always run float32",
         )
         self.auto_threshold = CheckBox(text="automatic threshold (Otsu)", value=post.threshold == AUTO)
-        self.threshold = FloatSlider(label="threshold", value=0.5, min=0.05, max=0.95, step=0.01, enabled=post.threshold != AUTO, tooltip=_help(PostprocessParams, "threshold"))
-        self.min_size = SpinBox(label="min size (px)", value=post.min_size, min=0, max=100000, tooltip=_help(PostprocessParams, "min_size"))
+        self.threshold = FloatSlider(
+            label="threshold",
+            value=0.5,
+            min=0.05,
+            max=0.95,
+            step=0.01,
+            enabled=post.threshold != AUTO,
+            tooltip=_help(PostprocessParams, "threshold"),
+        )
+        self.min_size = SpinBox(
+            label="min size (px)", value=post.min_size, min=0, max=100000, tooltip=_help(PostprocessParams, "min_size")
+        )
         self.markers = ComboBox(
-            label="split by", choices=["distance", "boundary"], value=post.markers,
+            label="split by",
+            choices=["distance", "boundary"],
+            value=post.markers,
             tooltip="watershed markers: peaks of the distance transform, or the model's predicted nucleus interiors",
         )
         self.split_h = FloatSpinBox(
-            label="split height", value=post.h, min=0.0, max=20.0, step=0.1,
+            label="split height",
+            value=post.h,
+            min=0.0,
+            max=20.0,
+            step=0.1,
             tooltip="h-maxima height of the distance transform, in pixels at the scale the network runs at "
             "(it follows the nuclei when the image is rescaled): lower splits touching nuclei more eagerly",
         )
         self.auto_confidence = CheckBox(
-            text="model's min confidence", value=post.min_confidence == AUTO,
-            tooltip="drop objects the network is unsure of (folds, debris) below the level calibrated for the model on its own data",
+            text="model's min confidence",
+            value=post.min_confidence == AUTO,
+            tooltip="drop objects the network is unsure of (folds, debris) below the level calibrated for the model on "
+            "its own data",
         )
         self.min_confidence = FloatSlider(
-            label="min confidence", value=0.0, min=0.0, max=0.95, step=0.01, enabled=False,
+            label="min confidence",
+            value=0.0,
+            min=0.0,
+            max=0.95,
+            step=0.01,
+            enabled=False,
             tooltip="objects whose mean foreground probability is below this are dropped; 0 keeps every object",
         )
         self.show_probability = CheckBox(text="add probability layer", value=False)
         self.advanced = CheckBox(text="show advanced settings", value=False)
-        self._advanced_widgets = [self.tile_size, self.overlap, self.tta, self.int8, self.markers, self.split_h, self.show_probability]
+        self._advanced_widgets = [
+            self.tile_size,
+            self.overlap,
+            self.tta,
+            self.int8,
+            self.markers,
+            self.split_h,
+            self.show_probability,
+        ]
         self.run_button = PushButton(text="Segment")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.status = Label(value="")
         self.status.native.setWordWrap(True)
-        self.extend([
-            self.image_layer, self.channel, self.scope, *self.model.widgets, self.auto_diameter, self.diameter, self.diameter_unit, self.image_type, self.stain,
-            self.auto_threshold, self.threshold, self.min_size, self.auto_confidence, self.min_confidence,
-            self.run_button, self.cancel_button, self.status, self.advanced, *self._advanced_widgets,
-        ])  # fmt: skip
+        self.extend(
+            [
+                self.image_layer,
+                self.channel,
+                self.scope,
+                *self.model.widgets,
+                self.auto_diameter,
+                self.diameter,
+                self.diameter_unit,
+                self.image_type,
+                self.stain,
+                self.auto_threshold,
+                self.threshold,
+                self.min_size,
+                self.auto_confidence,
+                self.min_confidence,
+                self.run_button,
+                self.cancel_button,
+                self.status,
+                self.advanced,
+                *self._advanced_widgets,
+            ]
+        )
 
         self._cache: _Cache | None = None
         self._cancel_event = threading.Event()
@@ -187,7 +268,15 @@ class SegmentWidget(Container):
         self.auto_threshold.changed.connect(lambda value: setattr(self.threshold, "enabled", not value))
         self.auto_diameter.changed.connect(lambda value: setattr(self.diameter, "enabled", not value))
         self.auto_confidence.changed.connect(lambda value: setattr(self.min_confidence, "enabled", not value))
-        for control in (self.auto_threshold, self.threshold, self.min_size, self.markers, self.split_h, self.auto_confidence, self.min_confidence):
+        for control in (
+            self.auto_threshold,
+            self.threshold,
+            self.min_size,
+            self.markers,
+            self.split_h,
+            self.auto_confidence,
+            self.min_confidence,
+        ):
             control.changed.connect(self._schedule_relabel)
         self.viewer.layers.events.inserted.connect(self.reset_choices)
         self.viewer.layers.events.removed.connect(self.reset_choices)
@@ -204,7 +293,8 @@ class SegmentWidget(Container):
     # ------------------------------------------------------------------ inputs
     def _show_model_level(self, checkpoint) -> None:
         """The loaded model's calibrated min confidence, on the slider before the first run (what "auto" will use);
-        the diameter controls only for a model that records its training nucleus size (others run images at their own scale)."""
+        the diameter controls only for a model that records its training nucleus size (others run images at their own
+        scale)."""
         if self.auto_confidence.value:
             with self.min_confidence.changed.blocked():
                 self.min_confidence.value = checkpoint.min_confidence
@@ -212,7 +302,8 @@ class SegmentWidget(Container):
         self.auto_diameter.enabled = sized
         self.diameter.enabled = sized and not self.auto_diameter.value
         self.auto_diameter.tooltip = (
-            "measure the nuclei first and rescale the image so they match the model's training size" if sized
+            "measure the nuclei first and rescale the image so they match the model's training size"
+            if sized
             else f"{checkpoint.name} records no training nucleus size: images are segmented at their own scale"
         )
 
@@ -257,10 +348,16 @@ class SegmentWidget(Container):
         if axis is None:
             return
         data = _layer_data(layer)
-        planes = [data[..., i] for i in range(data.shape[-1])] if axis == -1 else [data[i] for i in range(data.shape[0])]
+        planes = (
+            [data[..., i] for i in range(data.shape[-1])] if axis == -1 else [data[i] for i in range(data.shape[0])]
+        )
         label = str(getattr(layer, "axis_labels", ("",) * data.ndim)[0]).lower()
         named_channels = label in ("c", "ch", "channel", "channels")
-        stack = axis == 0 and not named_channels and (label in ("z", "t", "time") or data.shape[0] > 4 or planes_look_alike(planes))
+        stack = (
+            axis == 0
+            and not named_channels
+            and (label in ("z", "t", "time") or data.shape[0] > 4 or planes_look_alike(planes))
+        )
         if (axis == -1 and data.dtype == np.uint8) or stack:
             self.channel.value = ALL_CHANNELS
             return
@@ -318,8 +415,11 @@ class SegmentWidget(Container):
             plane = self._current_plane(layer, data.shape[0])
         params = SegmentParams(
             tiling=TilingParams(
-                tile_size=int(self.tile_size.value), overlap=int(self.overlap.value), device=self.model.device.value,
-                tta=bool(self.tta.value), precision="int8" if self.int8.value else "float32",
+                tile_size=int(self.tile_size.value),
+                overlap=int(self.overlap.value),
+                device=self.model.device.value,
+                tta=bool(self.tta.value),
+                precision="int8" if self.int8.value else "float32",
             ),
             postprocess=self.postprocess_params(),
             diameter=AUTO if self.auto_diameter.value else self._diameter_in_pixels(layer),
@@ -352,8 +452,16 @@ class SegmentWidget(Container):
         self.status.value = f"segmenting {layer.name}…"
         self._progress = cancelable_progress(total=0, desc=f"Segmenting {layer.name}", cancel_callback=self.cancel)
         cache = self._cache if self._cache_matches(layer, request) else None
-        worker = _segment_worker(request, self.model, cache.planes if cache else {}, self._cancel_event.is_set, lambda done, total: self._relay.message.emit((done, total)))
-        worker.returned.connect(lambda result: _unless_closed(self._on_segmented, layer, request, result))  # the window may be closed by then
+        worker = _segment_worker(
+            request,
+            self.model,
+            cache.planes if cache else {},
+            self._cancel_event.is_set,
+            lambda done, total: self._relay.message.emit((done, total)),
+        )
+        worker.returned.connect(
+            lambda result: _unless_closed(self._on_segmented, layer, request, result)
+        )  # the window may be closed by then
         worker.errored.connect(lambda error: _unless_closed(self._on_error, error))
         worker.finished.connect(lambda: _unless_closed(self._on_finished))
         self._worker = worker
@@ -390,24 +498,40 @@ class SegmentWidget(Container):
 
     def _cache_matches(self, layer: Image, request: SegmentRequest) -> bool:
         cache = self._cache
-        return cache is not None and cache.layer is layer and cache.data is request.source and cache.key == request.network_key()
+        return (
+            cache is not None
+            and cache.layer is layer
+            and cache.data is request.source
+            and cache.key == request.network_key()
+        )
 
     def _on_segmented(self, layer: Image, request: SegmentRequest, outcome: tuple) -> None:
         checkpoint, result, device, features = outcome
         if layer not in self.viewer.layers or _layer_data(layer) is not request.source:
             what = "closed" if layer not in self.viewer.layers else "given new data"
-            self.status.value = f"result discarded: the image layer '{elide_middle(layer.name)}' was {what} during the run"
+            self.status.value = (
+                f"result discarded: the image layer '{elide_middle(layer.name)}' was {what} during the run"
+            )
             show_warning(f"Segment nuclei: {self.status.value}")
             return
         used = {**result.record(), "channel": request.channel}
         if not self._cache_matches(layer, request):
             self._cache = _Cache(
-                layer, request.source, request.network_key(), checkpoint.outputs, checkpoint.name, checkpoint.min_confidence, request.channel,
-                request.image, request.pixel_size,
-            )  # fmt: skip
+                layer,
+                request.source,
+                request.network_key(),
+                checkpoint.outputs,
+                checkpoint.name,
+                checkpoint.min_confidence,
+                request.channel,
+                request.image,
+                request.pixel_size,
+            )
         self._cache.used = used
         self._cache.planes.update({i: p.prediction for i, p in result.planes.items() if p.prediction is not None})
-        written = self._write_layers({i: (p.mask, p.labels) for i, p in result.planes.items()}, request.params.postprocess, used, features)
+        written = self._write_layers(
+            {i: (p.mask, p.labels) for i, p in result.planes.items()}, request.params.postprocess, used, features
+        )
         if self.auto_confidence.value:
             with self.min_confidence.changed.blocked():  # shown (untick to override); the labels already use it
                 self.min_confidence.value = result.min_confidence
@@ -415,12 +539,21 @@ class SegmentWidget(Container):
         diameter, factor, seconds = result.diameter, result.factor, result.seconds
         if request.params.diameter == AUTO and diameter is not None:  # shown; untick 'estimate' to override
             self.diameter.value = round(diameter * (_pixel_size(layer) if self.diameter_unit.value == "µm" else 1.0), 2)
-        size = "" if diameter is None else f"; nuclei ~{diameter:.0f} px{' (estimated)' if request.params.diameter == AUTO else ''}"
+        size = (
+            ""
+            if diameter is None
+            else f"; nuclei ~{diameter:.0f} px{' (estimated)' if request.params.diameter == AUTO else ''}"
+        )
         detected = " (detected)" if request.params.image_type == AUTO else ""
         size += f"; {used['image_type']}{detected}" + (f", {used['stain']} channel" if used["stain"] != "none" else "")
-        speed = f" ({result.megapixels / max(seconds, 1e-9):.3g} MP/s)" if result.megapixels else " (from cached probabilities)"
+        speed = (
+            f" ({result.megapixels / max(seconds, 1e-9):.3g} MP/s)"
+            if result.megapixels
+            else " (from cached probabilities)"
+        )
         self.status.value = (
-            f"{nuclei_text(written)} in {seconds:.1f} s{speed} on {device}{size}" + (f", rescaled x{factor:.2f}" if factor != 1.0 else "")
+            f"{nuclei_text(written)} in {seconds:.1f} s{speed} on {device}{size}"
+            + (f", rescaled x{factor:.2f}" if factor != 1.0 else "")
         ) + _unsure_warning(written, result.unsure, result.min_confidence)
         if self.postprocess_params() != request.params.postprocess:  # a control changed during the run
             self.relabel()
@@ -463,7 +596,9 @@ class SegmentWidget(Container):
         count = self._write_layers({i: (p.mask, p.labels) for i, p in labelled.items()}, params, used, features)
         unsure = sum(p.unsure for p in labelled.values())
         self._show_threshold(thresholds)
-        self.status.value = f"{nuclei_text(count)} (re-labelled from cached probabilities)" + _unsure_warning(count, unsure, float(params.min_confidence))
+        self.status.value = f"{nuclei_text(count)} (re-labelled from cached probabilities)" + _unsure_warning(
+            count, unsure, float(params.min_confidence)
+        )
 
     def _on_relabel_finished(self) -> None:
         self._relabel_worker = None
@@ -507,7 +642,9 @@ class SegmentWidget(Container):
         """The layer ``"<image> <suffix>"``, reused when it fits; a hand-edited one is kept under a new name."""
         name = f"{source.name} {suffix}"
         existing = self.viewer.layers[name] if name in self.viewer.layers else None
-        if existing is not None and (not isinstance(existing, kind) or existing.data.shape != shape or existing.data.dtype != dtype):
+        if existing is not None and (
+            not isinstance(existing, kind) or existing.data.shape != shape or existing.data.dtype != dtype
+        ):
             existing.name = f"{name} (previous)"
             existing = None
         if existing is not None and existing.metadata.get("nuclei_unet", {}).get("edited"):
@@ -515,10 +652,10 @@ class SegmentWidget(Container):
             show_warning(f"Kept your edited layer as '{existing.name}'; new results are in '{name}'")
             existing = None
         if existing is not None:
-            existing.scale, existing.translate = source.scale[-len(shape):], source.translate[-len(shape):]
+            existing.scale, existing.translate = source.scale[-len(shape) :], source.translate[-len(shape) :]
             return existing
         data = np.zeros(shape, dtype)
-        common = dict(name=name, scale=source.scale[-len(shape):], translate=source.translate[-len(shape):])
+        common = dict(name=name, scale=source.scale[-len(shape) :], translate=source.translate[-len(shape) :])
         if kind is Image:
             return self.viewer.add_image(data, colormap="magma", blending="additive", contrast_limits=(0, 1), **common)
         layer = self.viewer.add_labels(data, opacity=0.5 if suffix == "mask" else 0.7, **common)
@@ -546,7 +683,8 @@ def _channel_axis(layer: Image) -> int | None:
 
 
 def _spatial_shape(layer: Image, channel: int | None = None) -> tuple[int, ...]:
-    """Shape of the result layers: the layer's, less its colour axis or its channel axis when one channel was segmented."""
+    """Shape of the result layers: the layer's, less its colour axis or its channel axis when one channel was
+    segmented."""
     data = _layer_data(layer)
     if layer.rgb:
         return tuple(data.shape[:-1])
@@ -558,21 +696,32 @@ def _help(owner: type, name: str) -> str:
 
 
 @thread_worker(ignore_errors=True)  # errors are shown as notifications by the widget
-def _segment_worker(request: SegmentRequest, model: ModelPicker, cached: dict, cancel, progress) -> tuple[object, Segmentation, str, dict | None]:
+def _segment_worker(
+    request: SegmentRequest, model: ModelPicker, cached: dict, cancel, progress
+) -> tuple[object, Segmentation, str, dict | None]:
     """The core's dispatcher on the requested planes, reusing cached predictions."""
-    from ..model import resolve_device
+    from ..devices import resolve_device
     from ..onnx_backend import describe_device
 
     checkpoint = model.checkpoint(request.model_path)
     planes = None if request.plane is None else [request.plane]
-    result = segment_planes(checkpoint, request.image, request.params, planes_to_do=planes, cached=cached, progress=progress, cancel=cancel)
+    result = segment_planes(
+        checkpoint, request.image, request.params, planes_to_do=planes, cached=cached, progress=progress, cancel=cancel
+    )
     tiling = request.params.tiling
     features = _nuclei_features(result.planes, request.image, request.pixel_size)
-    return checkpoint, result, describe_device(resolve_device(tiling.device), tiling.backend, tiling.precision, checkpoint.package), features
+    return (
+        checkpoint,
+        result,
+        describe_device(resolve_device(tiling.device), tiling.backend, tiling.precision, checkpoint.package),
+        features,
+    )
 
 
 @thread_worker(ignore_errors=True)  # errors are shown as notifications by the widget
-def _relabel_worker(planes: dict, outputs: tuple[str, ...], params: PostprocessParams, image, pixel_size: float | None) -> tuple[dict, dict | None]:
+def _relabel_worker(
+    planes: dict, outputs: tuple[str, ...], params: PostprocessParams, image, pixel_size: float | None
+) -> tuple[dict, dict | None]:
     labelled = {index: label_plane(p, outputs, params) for index, p in planes.items()}
     return labelled, _nuclei_features(labelled, image, pixel_size)
 
@@ -599,6 +748,8 @@ def _unsure_warning(kept: int, unsure: int, level: float) -> str:
     if unsure <= kept:
         return ""
     return (
-        f". Warning: {unsure} more objects were dropped because the model is unsure of them (below its min confidence {level:g}):"
-        " this image is unlike what it knows. Untick \"model's min confidence\" to see them, or correct a few and fine-tune"
+        f". Warning: {unsure} more objects were dropped because the model is unsure of them (below its min confidence "
+        f"{level:g}):"
+        ' this image is unlike what it knows. Untick "model\'s min confidence" to see them, or correct a few and '
+        "fine-tune"
     )

@@ -14,12 +14,27 @@ from __future__ import annotations
 import importlib
 
 _MODULE_OF = {
-    "CALIBRATION_MIN_IMAGES": "calibrate", "CONFIDENCE_CANDIDATES": "calibrate", "calibrate": "calibrate",
-    "calibrate_min_confidence": "calibrate", "validate": "calibrate",
-    "FINETUNE_DEFAULTS": "config", "TrainConfig": "config", "TrainEvent": "config", "finetune_config": "config",
-    "LOG_FILE": "loop", "STATE_FILE": "loop", "fit": "loop", "mixed_with_start": "loop", "pooled_diameter": "loop",
-    "split_validation": "loop", "train_steps": "loop", "training_precision": "loop",
-    "IGNORE": "targets", "loss_targets": "targets", "make_loss": "targets", "make_targets": "targets",
+    "CALIBRATION_MIN_IMAGES": "calibrate",
+    "CONFIDENCE_CANDIDATES": "calibrate",
+    "calibrate": "calibrate",
+    "calibrate_min_confidence": "calibrate",
+    "validate": "calibrate",
+    "FINETUNE_DEFAULTS": "config",
+    "TrainConfig": "config",
+    "TrainEvent": "config",
+    "finetune_config": "config",
+    "LOG_FILE": "loop",
+    "STATE_FILE": "loop",
+    "fit": "loop",
+    "mixed_with_start": "loop",
+    "pooled_diameter": "loop",
+    "split_validation": "loop",
+    "train_steps": "loop",
+    "training_precision": "loop",
+    "IGNORE": "targets",
+    "loss_targets": "targets",
+    "make_loss": "targets",
+    "make_targets": "targets",
 }
 
 __all__ = sorted(_MODULE_OF)

@@ -23,7 +23,8 @@ class RandomRot90(v2.Transform):
 
 
 def _uniform(low: float, high: float) -> float:
-    """A random number from torch's generator, like torchvision's own transforms: ``TrainConfig.seed`` makes it repeatable."""
+    """A random number from torch's generator, like torchvision's own transforms: ``TrainConfig.seed`` makes it
+    repeatable."""
     return float(torch.empty(()).uniform_(low, high))
 
 
@@ -138,7 +139,14 @@ def build_augmentation(config: TrainConfig) -> v2.Transform:
         v2.RandomGrayscale(p=0.1),
     ]
     invert = [v2.RandomApply([RandomInvertGrey()], p=config.invert_grey)] if config.invert_grey > 0 else []
-    degrade = [v2.RandomApply([v2.GaussianBlur(7, sigma=(0.3, 1.5))], p=config.blur_noise), v2.RandomApply([RandomNoise()], p=config.blur_noise)] if config.blur_noise > 0 else []
+    degrade = (
+        [
+            v2.RandomApply([v2.GaussianBlur(7, sigma=(0.3, 1.5))], p=config.blur_noise),
+            v2.RandomApply([RandomNoise()], p=config.blur_noise),
+        ]
+        if config.blur_noise > 0
+        else []
+    )
     return v2.Compose(geometric + resolution + stain + intensity + invert + degrade)
 
 

@@ -1,4 +1,5 @@
-"""Validation with the full segmentation pipeline, and the per-model calibration of the min confidence (like StarDist's optimize_thresholds)."""
+"""Validation with the full segmentation pipeline, and the per-model calibration of the min confidence (like StarDist's
+optimize_thresholds)."""
 
 from __future__ import annotations
 
@@ -19,16 +20,22 @@ def validate(checkpoint: Checkpoint, samples: list[LabelledImage], device: str =
     return validate_by_type(checkpoint, samples, device, cancel)["all"]
 
 
-def validate_by_type(checkpoint: Checkpoint, samples: list[LabelledImage], device: str = "auto", cancel=None) -> dict[str, Scores]:
+def validate_by_type(
+    checkpoint: Checkpoint, samples: list[LabelledImage], device: str = "auto", cancel=None
+) -> dict[str, Scores]:
     """:func:`validate`'s scores on all images (``"all"``) and on each image type (``data.image_type``)."""
     from ..data import image_type
     from ..segment import segment
 
     params = _evaluation_params(device)
     with _evaluation_mode(checkpoint.model):
-        pairs = [_within_roi(sample, segment(checkpoint, sample.image, params, cancel=cancel).labels) for sample in samples]
+        pairs = [
+            _within_roi(sample, segment(checkpoint, sample.image, params, cancel=cancel).labels) for sample in samples
+        ]
     types = [image_type(sample.image) for sample in samples]
-    by_type = {kind: evaluate([pair for pair, other in zip(pairs, types) if other == kind]) for kind in sorted(set(types))}
+    by_type = {
+        kind: evaluate([pair for pair, other in zip(pairs, types) if other == kind]) for kind in sorted(set(types))
+    }
     return {"all": evaluate(pairs), **by_type}
 
 
@@ -43,9 +50,14 @@ CALIBRATION_MIN_IMAGES = 5  # fewer validation images than this: calibrate on th
 
 
 def calibrate_min_confidence(
-    checkpoint: Checkpoint, samples: list[LabelledImage], device: str = "auto", candidates=CONFIDENCE_CANDIDATES, cancel=None
+    checkpoint: Checkpoint,
+    samples: list[LabelledImage],
+    device: str = "auto",
+    candidates=CONFIDENCE_CANDIDATES,
+    cancel=None,
 ) -> tuple[float, dict[float, float]]:
-    """The ``min_confidence`` giving ``samples`` the best Kaggle DSB2018 score with ``checkpoint``, and the score of every candidate.
+    """The ``min_confidence`` giving ``samples`` the best Kaggle DSB2018 score with ``checkpoint``, and the score of
+    every candidate.
 
     Like StarDist's ``optimize_thresholds``: a model's probabilities are its own (a model
     fine-tuned on a few images is surer of itself than the one it started from), so the level
@@ -61,7 +73,14 @@ def calibrate_min_confidence(
     scores = {}
     for value in candidates:
         pairs = [
-            _within_roi(sample, label_plane(result.planes[None].prediction, checkpoint.outputs, replace(result.params.postprocess, min_confidence=value)).labels)
+            _within_roi(
+                sample,
+                label_plane(
+                    result.planes[None].prediction,
+                    checkpoint.outputs,
+                    replace(result.params.postprocess, min_confidence=value),
+                ).labels,
+            )
             for sample, result in zip(samples, results)
         ]
         scores[value] = evaluate(pairs).kaggle_score
@@ -85,7 +104,9 @@ def _evaluation_params(device: str):
     # Training images are in memory already: segmented whole, so their predictions can be re-labelled.
     # The model as trained: float32 (not re-quantised every epoch), and the images as they are
     # (training reads no stain channel; "auto" would pick one for tissue from the model's metadata).
-    return SegmentParams(tiling=TilingParams(device=device, precision="float32"), stain="none", blocks=BlockParams(large_plane=1 << 62))
+    return SegmentParams(
+        tiling=TilingParams(device=device, precision="float32"), stain="none", blocks=BlockParams(large_plane=1 << 62)
+    )
 
 
 @contextlib.contextmanager

@@ -1,4 +1,5 @@
-"""What a training run is told: :class:`TrainConfig` (defaults for training from scratch), the fine-tuning defaults, and the progress events it reports."""
+"""What a training run is told: :class:`TrainConfig` (defaults for training from scratch), the fine-tuning defaults, and
+the progress events it reports."""
 
 from __future__ import annotations
 

@@ -35,8 +35,9 @@ import numpy as np
 import torch
 
 from ..data import LabelledImage, median_diameter
+from ..devices import resolve_device
 from ..errors import InputError, ModelError
-from ..model import METADATA_FILE, SMP_CONFIG_FILE, WEIGHTS_FILE, Checkpoint, resolve_device
+from ..model import METADATA_FILE, SMP_CONFIG_FILE, WEIGHTS_FILE, Checkpoint
 from .calibrate import CALIBRATION_MIN_IMAGES, balanced_score, calibrate, validate_by_type
 from .config import TrainConfig, TrainEvent
 from .sampler import PatchSampler, reference_nuclei, reference_zooms
@@ -46,7 +47,9 @@ STATE_FILE = "training_state.pt"
 LOG_FILE = "training_log.csv"
 
 
-def split_validation(samples: list[LabelledImage], fraction: float, seed: int) -> tuple[list[LabelledImage], list[LabelledImage]]:
+def split_validation(
+    samples: list[LabelledImage], fraction: float, seed: int
+) -> tuple[list[LabelledImage], list[LabelledImage]]:
     """Hold out whole images for validation (at least one when there are two or more)."""
     if len(samples) < 2 or fraction <= 0:
         return samples, []
@@ -92,7 +95,9 @@ def train_steps(
     device = resolve_device(config.device)
     precision = training_precision(config.precision, device)
     if not 0.0 <= config.start_weight_share < 1.0:
-        raise InputError(f"the share of the starting weights must be at least 0 and below 1, got {config.start_weight_share}")
+        raise InputError(
+            f"the share of the starting weights must be at least 0 and below 1, got {config.start_weight_share}"
+        )
     _check_writable(out_dir)  # after the settings are checked, so a bad one leaves no empty folder
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -108,7 +113,9 @@ def train_steps(
     anchor = [p.detach().clone() for p in trainable] if config.anchor_weight > 0 else None  # the starting weights
     teacher = _frozen_copy(model) if config.distill_weight > 0 else None  # the starting model, for distillation
     start = {k: v.detach().clone() for k, v in model.state_dict().items()} if config.start_weight_share > 0 else None
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0 if anchor else config.weight_decay)
+    optimizer = torch.optim.AdamW(
+        trainable, lr=config.learning_rate, weight_decay=0.0 if anchor else config.weight_decay
+    )
     total = config.epochs * config.iterations_per_epoch
     history: list[dict] = []
     start_epoch, iteration, best, spent = 0, 0, -1.0, 0.0
@@ -119,8 +126,15 @@ def train_steps(
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
         except Exception as error:
-            raise ModelError(f"{state_path}: cannot resume ({str(error).splitlines()[0][:200]}); delete it to start over") from None
-        start_epoch, iteration, best, spent = int(state["epoch"]), int(state["iteration"]), float(state["best"]), float(state["elapsed"])
+            raise ModelError(
+                f"{state_path}: cannot resume ({str(error).splitlines()[0][:200]}); delete it to start over"
+            ) from None
+        start_epoch, iteration, best, spent = (
+            int(state["epoch"]),
+            int(state["iteration"]),
+            float(state["best"]),
+            float(state["elapsed"]),
+        )
         history = _read_log(out_dir / LOG_FILE)
         rng = np.random.default_rng(config.seed + start_epoch)
     zooms = reference_zooms(checkpoint, train) if config.zoom_to_reference else None
@@ -150,7 +164,17 @@ def train_steps(
         by_type = validate_by_type(checkpoint, val, str(device))
         start_score = balanced_score(by_type) if config.balance_image_types else by_type["all"].kaggle_score
         record["start_score"] = round(start_score, 5)
-        yield TrainEvent("start", 0, 0, total, float("nan"), time.perf_counter() - started, shown_device, by_type["all"], start_score=start_score)
+        yield TrainEvent(
+            "start",
+            0,
+            0,
+            total,
+            float("nan"),
+            time.perf_counter() - started,
+            shown_device,
+            by_type["all"],
+            start_score=start_score,
+        )
     try:
         for epoch in range(start_epoch + 1, config.epochs + 1):
             losses = []
@@ -173,7 +197,9 @@ def train_steps(
                     with autocast:
                         logits, other_looks = model(torch.cat([images, restyled])).float().split(len(images))
                     data_loss = loss_fn(logits, targets)
-                    loss = data_loss + config.distill_weight * torch.nn.functional.binary_cross_entropy_with_logits(other_looks, kept)
+                    loss = data_loss + config.distill_weight * torch.nn.functional.binary_cross_entropy_with_logits(
+                        other_looks, kept
+                    )
                 if anchor is not None:
                     loss = loss + config.anchor_weight * sum(((p - p0) ** 2).sum() for p, p0 in zip(trainable, anchor))
                 optimizer.zero_grad(set_to_none=True)
@@ -183,7 +209,9 @@ def train_steps(
                 # Reported: how well the labels are fitted (BCE + Dice), without the anchor's penalty.
                 losses.append(float(data_loss.detach()))
                 running = float(np.mean(losses))
-                yield TrainEvent("iteration", epoch, iteration, total, losses[-1], time.perf_counter() - started, shown_device)
+                yield TrainEvent(
+                    "iteration", epoch, iteration, total, losses[-1], time.perf_counter() - started, shown_device
+                )
             elapsed = time.perf_counter() - started
             out_of_time = bool(config.max_minutes and elapsed >= 60.0 * config.max_minutes)
             scores, improved = None, False
@@ -198,15 +226,35 @@ def train_steps(
                 if improved:
                     best = selection if scores is not None else best
                     _save_best(checkpoint, out_dir, record, scores, epoch, iteration, elapsed, device, memory_format)
-            row = {"epoch": epoch, "iteration": iteration, "train_loss": running, "lr": lr, "seconds": round(elapsed, 1)}
+            row = {
+                "epoch": epoch,
+                "iteration": iteration,
+                "train_loss": running,
+                "lr": lr,
+                "seconds": round(elapsed, 1),
+            }
             if scores is not None:
                 row.update({k: round(v, 5) if isinstance(v, float) else v for k, v in scores.as_dict().items()})
-                row.update({f"kaggle_score_{kind}": round(s.kaggle_score, 5) for kind, s in by_type.items() if kind != "all"})
+                row.update(
+                    {f"kaggle_score_{kind}": round(s.kaggle_score, 5) for kind, s in by_type.items() if kind != "all"}
+                )
                 row["selection_score"] = round(selection, 5)
             history.append(row)
             _save_state(state_path, model, optimizer, epoch, iteration, best, elapsed)
             _write_log(out_dir / LOG_FILE, history)
-            yield TrainEvent("epoch", epoch, iteration, total, running, elapsed, shown_device, scores, best if best >= 0 else None, improved, history=list(history))
+            yield TrainEvent(
+                "epoch",
+                epoch,
+                iteration,
+                total,
+                running,
+                elapsed,
+                shown_device,
+                scores,
+                best if best >= 0 else None,
+                improved,
+                history=list(history),
+            )
             if out_of_time:
                 break
         finished = True
@@ -217,22 +265,51 @@ def train_steps(
         if not finished and history:
             if not (out_dir / "model.safetensors").exists():
                 with mixed_with_start(model, start, config.start_weight_share):
-                    _save_best(checkpoint, out_dir, record, None, epoch, iteration, time.perf_counter() - started, device)
+                    _save_best(
+                        checkpoint, out_dir, record, None, epoch, iteration, time.perf_counter() - started, device
+                    )
     best_checkpoint = Checkpoint.load(out_dir, device=device)
     if config.calibrate:
-        yield TrainEvent("calibrating", epoch, iteration, total, running, time.perf_counter() - started, shown_device, best_score=best if best >= 0 else None, history=list(history))
+        yield TrainEvent(
+            "calibrating",
+            epoch,
+            iteration,
+            total,
+            running,
+            time.perf_counter() - started,
+            shown_device,
+            best_score=best if best >= 0 else None,
+            history=list(history),
+        )
         # A few held-out images are too few to pick a level from: then the training images count too.
-        samples, kind = (val, "validation") if len(val) >= CALIBRATION_MIN_IMAGES else (train + val, "training and validation" if val else "training")
-        calibrate(best_checkpoint, samples, f"{len(samples)} {kind} image{'s' if len(samples) != 1 else ''}", str(device))
+        samples, kind = (
+            (val, "validation")
+            if len(val) >= CALIBRATION_MIN_IMAGES
+            else (train + val, "training and validation" if val else "training")
+        )
+        calibrate(
+            best_checkpoint, samples, f"{len(samples)} {kind} image{'s' if len(samples) != 1 else ''}", str(device)
+        )
         best_checkpoint.save(out_dir, overwrite=True)
     checkpoint.model.load_state_dict(best_checkpoint.model.state_dict())
     checkpoint.metadata, checkpoint.source = best_checkpoint.metadata, str(out_dir)
-    yield TrainEvent("done", epoch, iteration, total, running, time.perf_counter() - started, shown_device, best_score=best if best >= 0 else None, history=list(history))
+    yield TrainEvent(
+        "done",
+        epoch,
+        iteration,
+        total,
+        running,
+        time.perf_counter() - started,
+        shown_device,
+        best_score=best if best >= 0 else None,
+        history=list(history),
+    )
 
 
 @contextlib.contextmanager
 def mixed_with_start(model: torch.nn.Module, start: dict[str, torch.Tensor] | None, share: float) -> Iterator[None]:
-    """Within the block, ``model`` holds ``(1 - share) x`` its weights ``+ share x start`` (WiSE-FT); after it, its own again.
+    """Within the block, ``model`` holds ``(1 - share) x`` its weights ``+ share x start`` (WiSE-FT); after it, its own
+    again.
 
     Every floating-point entry of the state is mixed, BatchNorm statistics included; counters
     stay as trained. ``start`` None or ``share`` 0: the block sees the model as it is.
@@ -253,7 +330,8 @@ def mixed_with_start(model: torch.nn.Module, start: dict[str, torch.Tensor] | No
 
 
 def training_precision(setting: str, device: torch.device) -> str:
-    """"float32" or "bfloat16": what the forward and backward passes run in for :attr:`TrainConfig.precision` on ``device``."""
+    """ "float32" or "bfloat16": what the forward and backward passes run in for :attr:`TrainConfig.precision` on
+    ``device``."""
     if setting in ("float32", "bfloat16"):
         return setting
     if setting != "auto":
@@ -348,7 +426,11 @@ def fit(
                 best = Checkpoint.load(out_dir)
                 inherited = best.metadata.get("postprocess") or {}
                 if inherited:  # the starting model's level, not calibrated for this one
-                    best.metadata["postprocess"] = {**inherited, "calibrated_on": f"not calibrated (run cancelled); level of {best.metadata['training']['base_model']}"}
+                    base = best.metadata["training"]["base_model"]
+                    best.metadata["postprocess"] = {
+                        **inherited,
+                        "calibrated_on": f"not calibrated (run cancelled); level of {base}",
+                    }
                 best.metadata["training"]["cancelled"] = True
                 best.save(out_dir, overwrite=True)
                 checkpoint.model.load_state_dict(best.model.state_dict())
@@ -362,7 +444,14 @@ def fit(
 
 def _remove_run_files(out_dir: Path) -> None:
     """Remove what a run wrote into its output folder (model, log, resume state), and the folder if that empties it."""
-    for name in (WEIGHTS_FILE, SMP_CONFIG_FILE, METADATA_FILE, "README.md", LOG_FILE, STATE_FILE):  # README: smp's model card
+    for name in (
+        WEIGHTS_FILE,
+        SMP_CONFIG_FILE,
+        METADATA_FILE,
+        "README.md",
+        LOG_FILE,
+        STATE_FILE,
+    ):  # README: smp's model card
         with contextlib.suppress(OSError):
             (out_dir / name).unlink()
     _remove_if_empty(out_dir)
@@ -385,7 +474,9 @@ def _check_writable(out_dir: Path) -> None:
         raise InputError(f"{out_dir}: output folder is not writable ({error.strerror})") from None
 
 
-def _save_best(checkpoint, out_dir, record, scores, epoch, iteration, elapsed, device, memory_format=torch.contiguous_format) -> None:
+def _save_best(
+    checkpoint, out_dir, record, scores, epoch, iteration, elapsed, device, memory_format=torch.contiguous_format
+) -> None:
     checkpoint.metadata.setdefault("name", out_dir.name)
     checkpoint.metadata["training"] = {
         **record,
@@ -396,7 +487,9 @@ def _save_best(checkpoint, out_dir, record, scores, epoch, iteration, elapsed, d
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     if scores is not None:
-        checkpoint.metadata["metrics"] = {k: round(v, 5) if isinstance(v, float) else v for k, v in scores.as_dict().items()}
+        checkpoint.metadata["metrics"] = {
+            k: round(v, 5) if isinstance(v, float) else v for k, v in scores.as_dict().items()
+        }
         checkpoint.metadata["metrics"]["measured_on"] = "validation images"
     checkpoint.model.to(memory_format=torch.contiguous_format)  # safetensors stores contiguous tensors
     checkpoint.save(out_dir, overwrite=True)
@@ -405,7 +498,17 @@ def _save_best(checkpoint, out_dir, record, scores, epoch, iteration, elapsed, d
 
 def _save_state(path, model, optimizer, epoch, iteration, best, elapsed) -> None:
     tmp = path.with_suffix(".part")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "iteration": iteration, "best": best, "elapsed": elapsed}, tmp)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "epoch": epoch,
+            "iteration": iteration,
+            "best": best,
+            "elapsed": elapsed,
+        },
+        tmp,
+    )
     os.replace(tmp, path)
 
 

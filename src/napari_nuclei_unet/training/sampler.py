@@ -1,4 +1,5 @@
-"""Random training patches, zoomed so nuclei appear at the size segmentation will show them, and restyled as other image types."""
+"""Random training patches, zoomed so nuclei appear at the size segmentation will show them, and restyled as other image
+types."""
 
 from __future__ import annotations
 
@@ -19,19 +20,35 @@ class PatchSampler:
     """Random training patches with joint augmentation; in-process (no DataLoader workers to pickle)."""
 
     def __init__(
-        self, samples: list[LabelledImage], config: TrainConfig, in_channels: int, percentiles, rng: np.random.Generator,
+        self,
+        samples: list[LabelledImage],
+        config: TrainConfig,
+        in_channels: int,
+        percentiles,
+        rng: np.random.Generator,
         zooms: list[float] | None = None,
-    ):  # fmt: skip
+    ):
         self.config = config
         self.rng = rng
         self.zooms = zooms or [1.0] * len(samples)  # per image, before the scale augmentation
-        self.images = [torch.from_numpy(Normalizer.from_image(s.image, in_channels, percentiles)(s.image)) for s in samples]
+        self.images = [
+            torch.from_numpy(Normalizer.from_image(s.image, in_channels, percentiles)(s.image)) for s in samples
+        ]
         self.targets = [torch.from_numpy(make_targets(s.labels, s.roi)) for s in samples]
         self.types = [image_type(s.image) for s in samples]
-        self.weights = patch_weights([s.labels.size for s in samples], self.types if config.balance_image_types else None, config.patch_size)
+        self.weights = patch_weights(
+            [s.labels.size for s in samples], self.types if config.balance_image_types else None, config.patch_size
+        )
         self.augment = build_augmentation(config) if config.augment else None
         # For restyle (distillation only): each image's background/nucleus signal levels.
-        self.levels = [signal_levels(image, target[0] > 0, kind) for image, target, kind in zip(self.images, self.targets, self.types)] if config.distill_weight > 0 else []
+        self.levels = (
+            [
+                signal_levels(image, target[0] > 0, kind)
+                for image, target, kind in zip(self.images, self.targets, self.types)
+            ]
+            if config.distill_weight > 0
+            else []
+        )
 
     def patch(self, index: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if index is None:
@@ -46,12 +63,16 @@ class PatchSampler:
         height, width = image.shape[-2:]
         top = int(self.rng.integers(0, max(height - crop, 0) + 1))
         left = int(self.rng.integers(0, max(width - crop, 0) + 1))
-        image = tv_tensors.Image(image[:, top:top + crop, left:left + crop])
-        target = tv_tensors.Mask(target[:, top:top + crop, left:left + crop])
+        image = tv_tensors.Image(image[:, top : top + crop, left : left + crop])
+        target = tv_tensors.Mask(target[:, top : top + crop, left : left + crop])
         # Pad small images (padding is marked invalid in the target), then zoom to the patch size.
         pad_h, pad_w = max(0, crop - image.shape[-2]), max(0, crop - image.shape[-1])
         if pad_h or pad_w:
-            image = v2.functional.pad(image, [0, 0, pad_w, pad_h], padding_mode="reflect" if min(image.shape[-2:]) > max(pad_h, pad_w) else "constant")
+            image = v2.functional.pad(
+                image,
+                [0, 0, pad_w, pad_h],
+                padding_mode="reflect" if min(image.shape[-2:]) > max(pad_h, pad_w) else "constant",
+            )
             target = v2.functional.pad(target, [0, 0, pad_w, pad_h], fill=0)
         if crop != size:
             image = v2.functional.resize(image, [size, size], antialias=True)
