@@ -325,3 +325,16 @@ def test_geojson_polygons_beside_the_labels_carry_the_measurements(tmp_path, mod
     assert first["label"] == 1 and first["area"] == float((labels == 1).sum())
     stack = read_image(out / "stack.tif")
     assert np.array_equal(read_geojson(out / "stack_1.geojson", stack.shape[1:]), stack[1])
+
+
+def test_train_options_are_the_train_config_fields_with_their_defaults():
+    from napari_nuclei_unet.cli import build_parser, train_config
+    from napari_nuclei_unet.params import TrainConfig, cli_fields
+
+    args = build_parser().parse_args(["train", "--images", "i", "--labels", "l", "--out", "o"])
+    assert train_config(args) == TrainConfig()  # every default comes from the dataclass
+    assert len(cli_fields(TrainConfig)) >= 20
+    flags = ["--no-augment", "--lr", "3e-4", "--iterations", "7", "--scale-range", "0.8,1.25", "--no-calibrate"]
+    changed = train_config(build_parser().parse_args(["train", "--images", "i", "--labels", "l", "--out", "o", *flags]))
+    assert (changed.augment, changed.learning_rate, changed.iterations_per_epoch) == (False, 3e-4, 7)
+    assert changed.scale_range == (0.8, 1.25) and not changed.calibrate

@@ -159,14 +159,14 @@ def test_start_cancel_in_the_first_epoch_start_again_finish(setup, qtbot, monkey
 def test_keeping_the_other_image_types_can_be_switched_off(setup):
     _viewer, _segment, widget, _messages, _tmp_path = setup
     widget.keep_other_types.value = True
-    assert widget.request().config.distill_weight == FINETUNE_DEFAULTS["distill_weight"] > 0
+    assert widget.request().config.distill_weight == FINETUNE_DEFAULTS.distill_weight > 0
     widget.keep_other_types.value = False
     assert widget.request().config.distill_weight == 0.0
 
 
 def test_the_share_of_the_starting_weights_kept_reaches_the_training(setup):
     _viewer, _segment, widget, _messages, _tmp_path = setup
-    assert widget.request().config.start_weight_share == FINETUNE_DEFAULTS["start_weight_share"] > 0
+    assert widget.request().config.start_weight_share == FINETUNE_DEFAULTS.start_weight_share > 0
     widget.start_share.value = 0.0
     assert widget.request().config.start_weight_share == 0.0
 

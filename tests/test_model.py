@@ -130,10 +130,15 @@ def test_a_copy_of_a_checkpoint_that_ran_on_the_cpu_can_be_trained(tmp_path, tin
         Checkpoint.load(tmp_path / "m"), image, Normalizer.from_image(image, 3), TilingParams(device="cpu")
     )  # exports to the disk cache
     loaded = Checkpoint.load(tmp_path / "m")
-    assert loaded.deferred is not None
+    assert not loaded.network.built
     predict(loaded, image, Normalizer.from_image(image, 3), TilingParams(device="cpu"))  # its network is kept with it
     copied = copy.deepcopy(loaded)
-    assert copied.deferred is None and not copied.cpu_networks and loaded.cpu_networks and copied.file_digest is None
+    assert (
+        copied.network.built
+        and not copied.network.cpu_networks
+        and loaded.network.cpu_networks
+        and copied.network.file_digest is None
+    )
     with torch.no_grad():
         next(copied.model.parameters()).add_(1.0)
     assert not torch.equal(next(copied.model.parameters()), next(loaded.model.parameters()))

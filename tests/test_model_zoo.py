@@ -12,7 +12,8 @@ import yaml
 from napari_nuclei_unet.bioimageio_export import export_package, validate_package
 from napari_nuclei_unet.cli import main
 from napari_nuclei_unet.errors import ModelError
-from napari_nuclei_unet.model import Checkpoint, resolve_model_path
+from napari_nuclei_unet.model import Checkpoint, UnetNetwork, resolve_model_path
+from napari_nuclei_unet.model_zoo import PackageNetwork
 from napari_nuclei_unet.params import ExportParams, PostprocessParams, SegmentParams, TilingParams
 from napari_nuclei_unet.segment import segment
 from napari_nuclei_unet.synthetic import sample_field
@@ -108,7 +109,7 @@ def test_the_package_describes_our_preprocessing_outputs_and_metadata(exported, 
 
 def test_our_package_loads_back_and_segments_the_sample_identically(exported, bundled):
     loaded = Checkpoint.load(exported)
-    assert loaded.can_finetune and loaded.package is None
+    assert loaded.can_finetune and isinstance(loaded.network, UnetNetwork)
     assert (loaded.outputs, loaded.percentiles, loaded.nucleus_diameter, loaded.min_confidence) == (
         bundled.outputs,
         bundled.percentiles,
@@ -125,7 +126,7 @@ def test_our_package_loads_back_and_segments_the_sample_identically(exported, bu
 
 def test_a_foreign_package_runs_through_its_own_onnx_and_torchscript_weights(unpacked, bundled):
     loaded = Checkpoint.load(_edit(unpacked, _as_foreign))
-    assert loaded.package is not None and not loaded.can_finetune
+    assert isinstance(loaded.network, PackageNetwork) and not loaded.can_finetune
     assert loaded.outputs == bundled.outputs and loaded.input_sizes == InputSizes(64, 32, halo=16)
     image, _ = sample_field()
     reference = predict(bundled, image, bundled.normalizer(image), TilingParams(device="cpu", precision="float32"))
@@ -186,7 +187,7 @@ def test_an_smp_unet_package_loads_as_ours_only_with_our_normalisation(unpacked,
         next(s for s in data["inputs"][0]["preprocessing"] if s["id"] == "scale_range")["kwargs"]["axes"] = ["y", "x"]
 
     foreign = Checkpoint.load(_edit(unpacked, per_channel))
-    assert not foreign.can_finetune and foreign.package is not None
+    assert not foreign.can_finetune and isinstance(foreign.network, PackageNetwork)
 
 
 def test_the_readme_says_how_inputs_are_normalised_for_grey_and_colour_models(tiny_config):
@@ -284,7 +285,7 @@ def zoo_package() -> Path:
 @pytest.mark.parametrize("backend", ["auto", "torch"])
 def test_the_zoo_package_reproduces_its_own_test_output_in_our_tiling(zoo_package, backend):
     loaded = Checkpoint.load(zoo_package)
-    assert loaded.package is not None and loaded.outputs == ("foreground",)
+    assert isinstance(loaded.network, PackageNetwork) and loaded.outputs == ("foreground",)
     assert loaded.input_sizes == InputSizes(512, 512, fixed=True, halo=32)
     plane = np.load(zoo_package / "test_input.npy")[0, 0]
     expected = np.load(zoo_package / "test_output.npy")[0]
@@ -295,7 +296,7 @@ def test_the_zoo_package_reproduces_its_own_test_output_in_our_tiling(zoo_packag
 @pytest.mark.parametrize("backend", ["auto", "torch"])
 def test_a_zoo_package_whose_batch_is_one_runs_batches_image_by_image(zoo_package, backend):
     loaded = Checkpoint.load(zoo_package)
-    assert loaded.package.one_at_a_time  # its batch axis is fixed at 1: ONNX Runtime refuses 4 tiles at once
+    assert loaded.network.one_at_a_time  # its batch axis is fixed at 1: ONNX Runtime refuses 4 tiles at once
     plane = np.random.default_rng(0).random((700, 900)).astype(np.float32) * 4000
     single, batched = (
         predict(loaded, plane, loaded.normalizer(plane), TilingParams(device="cpu", backend=backend, batch_size=n))

@@ -228,7 +228,7 @@ def test_a_second_load_takes_the_network_from_disk_without_building_the_model(tm
     image = _image()
     normalizer = Normalizer.from_image(image, 3)
     first = Checkpoint.load(tmp_path / "model")
-    assert first.deferred is None  # nothing cached yet: built, checked and exported as before
+    assert first.network.built  # nothing cached yet: built, checked and exported as before
     expected = predict(first, image, normalizer, TilingParams(device="cpu"))
     assert list((tmp_path / "cache").glob("*.onnx")), "the export was not kept on disk"
 
@@ -237,13 +237,13 @@ def test_a_second_load_takes_the_network_from_disk_without_building_the_model(tm
 
     monkeypatch.setattr(ModelConfig, "build", no_build)
     second = Checkpoint.load(tmp_path / "model")
-    assert second.deferred is not None and second.file_digest
+    assert not second.network.built and second.network.file_digest
     again = predict(second, image, normalizer, TilingParams(device="cpu"))
     assert np.array_equal(again, expected)
-    assert second.deferred is not None  # still never built
+    assert not second.network.built  # still never built
     monkeypatch.undo()
-    assert isinstance(second.model, torch.nn.Module) and second.deferred is None  # asked for: built then
-    assert second.file_digest is None  # from now on the weights may change in memory
+    assert isinstance(second.model, torch.nn.Module) and second.network.built  # asked for: built then
+    assert second.network.file_digest is None  # from now on the weights may change in memory
     with torch.no_grad():
         for a, b in zip(second.model.state_dict().values(), tiny_checkpoint.model.state_dict().values()):
             assert torch.equal(a, b)
@@ -263,7 +263,7 @@ def test_other_weights_are_another_file_and_a_damaged_file_is_exported_again(tmp
     checkpoint.save(tmp_path / "b")
     expected = predict(checkpoint.model, image, normalizer, TilingParams(device="cpu", backend="torch"))
     other = Checkpoint.load(tmp_path / "b")
-    assert other.deferred is None  # different weights: nothing of theirs is cached
+    assert other.network.built  # different weights: nothing of theirs is cached
     assert (
         np.abs(predict(other, image, normalizer, TilingParams(device="cpu", precision="float32")) - expected).max()
         < TOLERANCE
@@ -271,7 +271,7 @@ def test_other_weights_are_another_file_and_a_damaged_file_is_exported_again(tmp
     for path in (tmp_path / "cache").glob("*.onnx"):
         path.write_bytes(b"\x02\x00not an onnx graph")
     damaged = Checkpoint.load(tmp_path / "b")
-    assert damaged.deferred is not None
+    assert not damaged.network.built
     assert (
         np.abs(predict(damaged, image, normalizer, TilingParams(device="cpu", precision="float32")) - expected).max()
         < TOLERANCE

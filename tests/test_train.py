@@ -217,7 +217,7 @@ def test_finetune_config_applies_overrides():
 
     config = finetune_config(learning_rate=5e-5)
     assert config.learning_rate == 5e-5 and config.freeze_batchnorm
-    assert config.batch_size == FINETUNE_DEFAULTS["batch_size"]
+    assert config.batch_size == FINETUNE_DEFAULTS.batch_size
 
 
 def test_fine_tuning_pools_the_reference_size_with_the_base_model():

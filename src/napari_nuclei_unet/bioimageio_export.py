@@ -76,7 +76,7 @@ def export_package(
     params = params or ExportParams()
     say = progress or (lambda message: None)
     out = Path(out)
-    if checkpoint.package is not None:
+    if not checkpoint.can_finetune:
         raise ModelError(f"{checkpoint.name}: already a foreign bioimage.io package; export only models of ours")
     if out.is_dir() and any(out.iterdir()):
         raise ModelError(f"{out}: a folder that is not empty; choose another name")

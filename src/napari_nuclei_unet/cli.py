@@ -27,6 +27,7 @@ from .params import (
     SegmentParams,
     TilingParams,
     TrainConfig,
+    cli_fields,
     field_default,
     field_metadata,
 )
@@ -145,8 +146,47 @@ _non_negative_int = _number(int, lambda n: n >= 0, "a whole number, 0 or more")
 _non_negative_float = _number(float, lambda n: n >= 0 and n < float("inf"), "a number, 0 or more")
 
 
-def _train_default(name: str):
-    return field_default(TrainConfig, name)
+def _train_flag(spec) -> str:
+    """``nuclei-unet train``'s option for a :class:`TrainConfig` field: its ``flag``, ``--no-name`` for one on
+    by default, else ``--name``."""
+    if spec.metadata.get("flag"):
+        return spec.metadata["flag"]
+    name = spec.name.replace("_", "-")
+    return f"--no-{name}" if spec.default is True else f"--{name}"
+
+
+def _add_train_config_args(parser: argparse.ArgumentParser) -> None:
+    """An option for every :class:`TrainConfig` field with a help text, its default and help from the field."""
+    for spec in cli_fields(TrainConfig):
+        meta, flag = spec.metadata, _train_flag(spec)
+        if isinstance(spec.default, bool):  # on/off switches: their help says what they do, no default shown
+            action, help = (
+                ("store_false", f"turn off: {meta['help']}") if spec.default else ("store_true", meta["help"])
+            )
+            parser.add_argument(flag, dest=spec.name, action=action, help=help, default=argparse.SUPPRESS)
+        elif isinstance(spec.default, tuple):
+            parser.add_argument(flag, dest=spec.name, type=_number_pair, default=spec.default, help=meta["help"])
+        else:
+            kind = meta.get("type") or type(spec.default)
+            choices = list(meta["choices"]) if "choices" in meta else None
+            parser.add_argument(
+                flag, dest=spec.name, type=kind, default=spec.default, choices=choices, help=meta["help"]
+            )
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The :class:`TrainConfig` filled from parsed ``train`` options."""
+    return TrainConfig(**{spec.name: getattr(args, spec.name, spec.default) for spec in cli_fields(TrainConfig)})
+
+
+def _number_pair(value: str) -> tuple[float, float]:
+    try:
+        low, high = (float(part) for part in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be two numbers, LOW,HIGH") from None
+    if not 0 < low <= high:
+        raise argparse.ArgumentTypeError("must be two numbers 0 < LOW <= HIGH")
+    return low, high
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -217,109 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         help="CSV ImageId,split: train on 'train', validate on 'val' (one per --images, or none: --val-fraction)",
     )
-    train.add_argument(
-        "--val-fraction",
-        type=float,
-        default=_train_default("val_fraction"),
-        help="images held out for validation when --split is not given",
-    )
-    train.add_argument("--epochs", type=int, default=_train_default("epochs"))
-    train.add_argument(
-        "--iterations", type=int, default=_train_default("iterations_per_epoch"), help="iterations per epoch"
-    )
-    train.add_argument(
-        "--max-minutes",
-        type=float,
-        default=_train_default("max_minutes"),
-        help="stop after this much wall-clock time (validates and saves)",
-    )
-    train.add_argument("--patch-size", type=int, default=_train_default("patch_size"))
-    train.add_argument("--batch-size", type=int, default=_train_default("batch_size"))
-    train.add_argument("--lr", type=float, default=_train_default("learning_rate"))
-    train.add_argument("--val-every", type=int, default=_train_default("val_every"), help="validate every N epochs")
-    train.add_argument(
-        "--scale-range",
-        default=",".join(map(str, _train_default("scale_range"))),
-        help="zoom range of the scale augmentation",
-    )
-    train.add_argument(
-        "--low-resolution",
-        type=float,
-        default=_train_default("low_resolution"),
-        help="share of patches blurred as if taken at up to 2.5x lower magnification (experimental; model card)",
-    )
-    train.add_argument(
-        "--hed-jitter",
-        type=float,
-        default=_train_default("hed_jitter"),
-        help="stain colour augmentation of RGB tissue: HED concentrations scaled by up to +-this (0: off)",
-    )
-    train.add_argument(
-        "--blur-noise",
-        type=float,
-        default=_train_default("blur_noise"),
-        help="share of patches blurred, and of patches with added noise",
-    )
-    train.add_argument(
-        "--invert-grey",
-        type=float,
-        default=_train_default("invert_grey"),
-        help="share of grey patches shown inverted (fluorescence as brightfield and back)",
-    )
-    train.add_argument(
-        "--no-balance-types",
-        action="store_true",
-        help="draw patches by image area only, and pick the best epoch by the plain mean score, instead of giving "
-        "every image type an equal share",
-    )
-    train.add_argument("--no-augment", action="store_true")
-    train.add_argument(
-        "--freeze-batchnorm",
-        action="store_true",
-        help="keep the starting model's BatchNorm statistics (fine-tuning on a few images)",
-    )
-    train.add_argument(
-        "--zoom-to-reference",
-        action="store_true",
-        help="show each image's nuclei at the zoom segmentation will use (fine-tuning)",
-    )
-    train.add_argument(
-        "--anchor-weight",
-        type=float,
-        default=_train_default("anchor_weight"),
-        help="L2-SP pull towards the starting weights (fine-tuning)",
-    )
-    train.add_argument(
-        "--distill-weight",
-        type=float,
-        default=_train_default("distill_weight"),
-        help="hold the other image types to the starting model's output, seen on restyled patches (fine-tuning; the "
-        "widget uses 1)",
-    )
-    train.add_argument(
-        "--start-weight-share",
-        type=float,
-        default=_train_default("start_weight_share"),
-        help="share of the starting weights mixed into the saved model, WiSE-FT (fine-tuning; the widget uses 0.25)",
-    )
     train.add_argument("--no-resume", action="store_true", help="start over even if --out holds a training state")
     train.add_argument("--overwrite", action="store_true", help="allow writing into an existing model folder")
-    train.add_argument("--device", default=_train_default("device"))
-    train.add_argument("--threads", type=int, default=_train_default("threads"), help="CPU threads for torch")
-    train.add_argument(
-        "--precision",
-        default=_train_default("precision"),
-        choices=["auto", "float32", "bfloat16"],
-        help="training arithmetic: auto = bfloat16 autocast on CPUs with native bfloat16 (~1.5x faster steps), float32 "
-        "elsewhere",
-    )
-    train.add_argument("--seed", type=int, default=_train_default("seed"))
-    train.add_argument(
-        "--no-calibrate",
-        action="store_true",
-        help="skip calibrating the model's min confidence on the validation images (with the training images when "
-        "there are few) after training",
-    )
+    _add_train_config_args(train)
 
     ev = commands.add_parser("evaluate", help="score predictions against ground truth")
     ev.add_argument("--truth", required=True, help="folder of label images or an RLE CSV")
@@ -425,7 +365,6 @@ def cmd_segment(args) -> int:
     from .batch import output_path
     from .devices import device_name
     from .io import find_images
-    from .onnx_backend import describe_device
     from .rle import write_csv
 
     files = find_images(args.inputs)
@@ -446,8 +385,7 @@ def cmd_segment(args) -> int:
     checkpoint = _load_checkpoint(args)  # fails early, here, on bad weights
     params = segment_params(args, device)
     print(
-        f"model: {checkpoint.summary()} | device: "
-        f"{describe_device(device, args.backend, args.precision, checkpoint.package)}",
+        f"model: {checkpoint.summary()} | device: {checkpoint.device_line(device, params.tiling)}",
         file=sys.stderr,
     )
     started = time.perf_counter()
@@ -650,7 +588,7 @@ def cmd_train(args) -> int:
 
     from .data import load_pairs, read_split
     from .model import Checkpoint, ModelConfig, resolve_model_path
-    from .training import STATE_FILE, TrainConfig, fit
+    from .training import STATE_FILE, fit
 
     out = Path(args.out)
     resuming = (out / STATE_FILE).exists() and not args.no_resume
@@ -673,34 +611,7 @@ def cmd_train(args) -> int:
         decoder = tuple(int(c) for c in args.decoder_channels.split(","))
         config = ModelConfig(encoder_name=args.encoder, encoder_depth=len(decoder), decoder_channels=decoder)
         checkpoint = Checkpoint.create(config, encoder_weights=args.encoder_weights)
-    scale = tuple(float(v) for v in args.scale_range.split(","))
-    config = TrainConfig(
-        epochs=args.epochs,
-        iterations_per_epoch=args.iterations,
-        max_minutes=args.max_minutes,
-        patch_size=args.patch_size,
-        batch_size=args.batch_size,
-        learning_rate=args.lr,
-        augment=not args.no_augment,
-        scale_range=scale,
-        freeze_batchnorm=args.freeze_batchnorm,
-        low_resolution=args.low_resolution,
-        zoom_to_reference=args.zoom_to_reference,
-        anchor_weight=args.anchor_weight,
-        distill_weight=args.distill_weight,
-        start_weight_share=args.start_weight_share,
-        val_every=args.val_every,
-        val_fraction=args.val_fraction,
-        device=args.device,
-        seed=args.seed,
-        threads=args.threads,
-        precision=args.precision,
-        calibrate=not args.no_calibrate,
-        hed_jitter=args.hed_jitter,
-        blur_noise=args.blur_noise,
-        invert_grey=args.invert_grey,
-        balance_image_types=not args.no_balance_types,
-    )
+    config = train_config(args)
     # The bar only on a terminal; the epoch lines below are written either way.
     bar = tqdm(
         total=config.epochs * config.iterations_per_epoch,

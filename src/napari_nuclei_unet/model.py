@@ -22,12 +22,13 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .devices import device_name, resolve_device
 from .errors import ModelError, describe
+from .forward import Forward, onnx_forward, torch_forward
 from .io import Normalizer, default_mode
-from .params import InputSizes
+from .params import InputSizes, TilingParams
 
 if TYPE_CHECKING:
     import torch
@@ -45,6 +46,13 @@ BUNDLED_MODEL_DIR = Path(__file__).parent / "models" / "default"
 # models whose ``nuclei_unet.json`` records no ``stain_by_image_type`` (v1 was trained on
 # DSB2018 alone: it segments H&E far better from the hematoxylin channel).
 DEFAULT_STAIN_BY_IMAGE_TYPE = {"fluorescence": "none", "brightfield": "none", "tissue": "hematoxylin"}
+# What smp.Unet takes when its arguments leave something out (a config.json or package written by others).
+SMP_UNET_DEFAULTS = {
+    "encoder_name": "resnet34",
+    "encoder_depth": 5,
+    "decoder_channels": (256, 128, 64, 32, 16),
+    "in_channels": 3,
+}
 CANNOT_FINETUNE = "a bioimage.io package whose network is not an smp.Unet can segment, but cannot be fine-tuned here"
 
 
@@ -69,6 +77,19 @@ class ModelConfig:
                 f"decoder_channels {self.decoder_channels} must have encoder_depth={self.encoder_depth} entries"
             )
 
+    @classmethod
+    def from_smp(cls, arguments: dict, outputs: tuple[str, ...]) -> ModelConfig:
+        """The config of an ``smp.Unet`` from its constructor arguments (a checkpoint's ``config.json``,
+        a package's ``kwargs``); what they leave out takes smp.Unet's own defaults."""
+        return cls(
+            encoder_name=str(arguments.get("encoder_name", SMP_UNET_DEFAULTS["encoder_name"])),
+            encoder_depth=int(arguments.get("encoder_depth", SMP_UNET_DEFAULTS["encoder_depth"])),
+            decoder_channels=tuple(arguments.get("decoder_channels", SMP_UNET_DEFAULTS["decoder_channels"])),
+            in_channels=int(arguments.get("in_channels", SMP_UNET_DEFAULTS["in_channels"])),
+            outputs=outputs,
+            decoder_attention_type=arguments.get("decoder_attention_type"),
+        )
+
     def build(self, encoder_weights: str | None = None) -> torch.nn.Module:
         import segmentation_models_pytorch as smp
 
@@ -91,63 +112,127 @@ class ModelConfig:
             ) from None
 
 
+class Network(Protocol):
+    """What segmenting needs of a network, whichever kind it is: our U-Net (:class:`UnetNetwork`) or a
+    foreign bioimage.io package's (``model_zoo.PackageNetwork``). The pipeline asks these, never which kind."""
+
+    outputs: tuple[str, ...]  # meaning of each output channel ("foreground", "boundary")
+    in_channels: int
+    input_sizes: InputSizes  # tile sizes it accepts
+    can_finetune: bool  # ours can be trained and saved; a package runs as published
+    config: ModelConfig | None  # the smp.Unet config (ours only)
+
+    @property
+    def module(self) -> torch.nn.Module: ...  # the torch module (built or loaded on first use)
+
+    def normalizer(self, sample, percentiles: tuple[float, float]) -> Normalizer: ...
+
+    def forward(self, params: TilingParams, channels: int) -> tuple[Forward, int]: ...
+
+    def prepare(self, params: TilingParams) -> None: ...  # export / open sessions before the first tile
+
+    def device_line(self, device, params: TilingParams) -> str: ...
+
+    def describe(self) -> str: ...
+
+
+class UnetNetwork:
+    """Our smp.Unet. Its torch module is built when first asked for (:attr:`module`): building imports
+    segmentation-models-pytorch (and timm and torchvision), which a CPU run whose export is cached on disk
+    does not need. Until then the weights wait in their file, which :attr:`file_digest` names."""
+
+    can_finetune = True
+
+    def __init__(self, config: ModelConfig, module=None, deferred: tuple[dict, Path] | None = None, file_digest=None):
+        self.config = config
+        self._module = module
+        self._deferred = deferred  # (state, weights file) not yet in a module
+        # The weights file's digest while the weights are as stored in it: until something other
+        # than the CPU network lookup (``onnx_backend.checkpoint_network``) takes the module.
+        self.file_digest: str | None = file_digest
+        # Exported CPU networks of these file weights, by (cache file, threads): runtime state.
+        self.cpu_networks: dict = {}
+
+    outputs = property(lambda self: self.config.outputs)
+    in_channels = property(lambda self: self.config.in_channels)
+    input_sizes = InputSizes()  # any multiple of 32
+
+    @property
+    def built(self) -> bool:
+        """Whether the torch module exists yet (a network whose export was on disk may never build it)."""
+        return self._module is not None
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The torch module, built from the weights file on first use. Whoever takes it may change its
+        weights, so from then on :attr:`file_digest` no longer names them."""
+        if self._module is None:
+            state, path = self._deferred
+            module = self.config.build()
+            _load_strict(module, state, path, self.config)
+            self._module, self._deferred = module.eval(), None
+        self.file_digest = None
+        return self._module
+
+    def copy(self, memo: dict | None = None) -> UnetNetwork:
+        """A copy with its own built module, to train; the exported CPU networks stay behind."""
+        import copy
+
+        return UnetNetwork(copy.deepcopy(self.config, memo), copy.deepcopy(self.module, memo))
+
+    def to(self, device) -> None:
+        """Move the module to ``device``; a CPU network whose weights are still those of their file stays unbuilt."""
+        if device_name(device) != "cpu" or self.file_digest is None:
+            self.module.to(device).eval()
+
+    def normalizer(self, sample, percentiles: tuple[float, float]) -> Normalizer:
+        return Normalizer.from_image(sample, self.in_channels, percentiles)
+
+    def forward(self, params: TilingParams, channels: int) -> tuple[Forward, int]:
+        """On the CPU its ONNX Runtime export (from the disk cache when there), else the torch module on the device."""
+        if self.in_channels == channels and device_name(params.device) == "cpu":
+            from .onnx_backend import OnnxNetwork, checkpoint_network
+
+            session = checkpoint_network(self, params.backend, params.precision)
+            if isinstance(session, OnnxNetwork):
+                return onnx_forward(session, params.tta), session.out_channels
+        return torch_forward(self.module, channels, params)
+
+    def prepare(self, params: TilingParams) -> None:
+        """Export (and quantise) the CPU network now, so that the first tile does not wait for it."""
+        if device_name(params.device) == "cpu":
+            from .onnx_backend import checkpoint_network
+
+            checkpoint_network(self, params.backend, params.precision)
+
+    def device_line(self, device, params: TilingParams) -> str:
+        from .onnx_backend import describe_device
+
+        return describe_device(device, params.backend, params.precision)
+
+    def describe(self) -> str:
+        return f"Unet/{self.config.encoder_name}"
+
+
 @dataclass
 class Checkpoint:
-    """A model plus everything needed to use it correctly: outputs, normalisation, provenance.
+    """A network plus everything needed to use it correctly: normalisation, nucleus size, provenance."""
 
-    A checkpoint loaded from a folder builds its torch model only when something asks for
-    :attr:`model`: building imports segmentation-models-pytorch (and timm and torchvision),
-    ~2.5 s of a process's start-up, which a CPU run whose exported network is cached on disk
-    does not need. Until then :attr:`file_digest` names its weights.
-    """
-
-    model: torch.nn.Module | None
-    config: ModelConfig
-    percentiles: tuple[float, float] = (1.0, 99.8)
+    network: Network
+    percentiles: tuple[float, float] = (1.0, 99.8)  # per-image normalisation of our U-Net's input
     # median equivalent diameter (px) of the nuclei it was trained on; None = unknown
     nucleus_diameter: float | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     source: str | None = None
-    # Weights read from a file and not yet in a model, with that file: built on first use of ``model``.
-    deferred: tuple[dict, Path] | None = field(default=None, repr=False, compare=False)
-    # The digest of the weights file while the weights are as stored in it: until something
-    # other than the CPU network lookup (``onnx_backend.checkpoint_network``) asks for
-    # ``model``, which may then change them. None for checkpoints not loaded from a folder.
-    file_digest: str | None = field(default=None, repr=False, compare=False)
-    # Exported CPU networks of these file weights, by (cache file, threads): runtime state
-    # that lives and dies with the checkpoint (``onnx_backend.checkpoint_network``).
-    cpu_networks: dict = field(default_factory=dict, repr=False, compare=False)
-    # A bioimage.io package's network that is not one of ours (``model_zoo.PackageNetwork``): it
-    # runs through the package's own TorchScript or ONNX weights and preprocessing; ``model``
-    # is then its TorchScript module, loaded when asked for.
-    package: Any = field(default=None, repr=False, compare=False)
-
-    def __getattribute__(self, name: str):
-        if name == "model":
-            if object.__getattribute__(self, "deferred") is not None:
-                self._build_deferred()
-            package = object.__getattribute__(self, "package")
-            if package is not None and object.__getattribute__(self, "model") is None:
-                object.__setattr__(self, "model", package.torch_module())
-            object.__setattr__(self, "file_digest", None)  # may be changed from now on
-        return object.__getattribute__(self, name)
-
-    def _build_deferred(self) -> None:
-        state, path = object.__getattribute__(self, "deferred")
-        model = self.config.build()
-        _load_strict(model, state, path, self.config)
-        object.__setattr__(self, "model", model.eval())
-        object.__setattr__(self, "deferred", None)
 
     def __deepcopy__(self, memo: dict) -> Checkpoint:
         """A copy to train: with its own built model; the runtime caches (exported networks) stay behind."""
         import copy
 
-        if self.package is not None:
+        if not self.can_finetune:
             raise ModelError(f"{self.name}: {CANNOT_FINETUNE}")
         return Checkpoint(
-            model=copy.deepcopy(self.model, memo),
-            config=copy.deepcopy(self.config, memo),
+            network=self.network.copy(memo),
             percentiles=self.percentiles,
             nucleus_diameter=self.nucleus_diameter,
             metadata=copy.deepcopy(self.metadata, memo),
@@ -158,28 +243,38 @@ class Checkpoint:
     def create(cls, config: ModelConfig | None = None, encoder_weights: str | None = None, **kwargs) -> Checkpoint:
         """A fresh, untrained checkpoint."""
         config = config or ModelConfig()
-        return cls(model=config.build(encoder_weights), config=config, **kwargs)
+        return cls(network=UnetNetwork(config, config.build(encoder_weights)), **kwargs)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The network's torch module (see :attr:`UnetNetwork.module`)."""
+        return self.network.module
+
+    @property
+    def config(self) -> ModelConfig | None:
+        return self.network.config
 
     @property
     def outputs(self) -> tuple[str, ...]:
-        return self.config.outputs
+        return self.network.outputs
 
     @property
     def can_finetune(self) -> bool:
         """Only our own smp.Unet can be trained; a foreign package's network is run as it is."""
-        return self.package is None
+        return self.network.can_finetune
 
     @property
     def input_sizes(self) -> InputSizes:
         """Tile sizes the network accepts (any multiple of 32 for ours; a package declares its own)."""
-        return self.package.input_sizes if self.package is not None else InputSizes()
+        return self.network.input_sizes
 
     def normalizer(self, sample) -> Normalizer:
-        """How this network wants a plane normalised, with the statistics taken from ``sample`` (a strided view of
-        it)."""
-        if self.package is not None:
-            return self.package.normalizer(sample)
-        return Normalizer.from_image(sample, self.config.in_channels, self.percentiles)
+        """How this network wants a plane normalised, with the statistics taken from ``sample`` (a strided view)."""
+        return self.network.normalizer(sample, self.percentiles)
+
+    def device_line(self, device, params: TilingParams) -> str:
+        """The device as users see it, with the engine that runs this network there."""
+        return self.network.device_line(device, params)
 
     @property
     def min_confidence(self) -> float:
@@ -198,9 +293,7 @@ class Checkpoint:
 
     def summary(self) -> str:
         """One line for the user: name, architecture, training data and headline metric."""
-        if self.package is not None:
-            return f"{self.name}, {self.package.describe()}, {'+'.join(self.outputs)}, cannot be fine-tuned"
-        parts = [self.name, f"Unet/{self.config.encoder_name}", "+".join(self.outputs)]
+        parts = [self.name, self.network.describe(), "+".join(self.outputs)]
         training = self.metadata.get("training", {})
         if training.get("data"):
             parts.append(f"trained on {training['data']}")
@@ -214,6 +307,8 @@ class Checkpoint:
             parts.append(f"DSB score {metrics['kaggle_score']:.3f}{images}")
         if self.nucleus_diameter:
             parts.append(f"nuclei ~{self.nucleus_diameter:.0f} px")
+        if not self.can_finetune:
+            parts.append("cannot be fine-tuned")
         return ", ".join(parts)
 
     # ---------------------------------------------------------------- saving
@@ -223,7 +318,7 @@ class Checkpoint:
         ``half`` stores fp16 weights (half the size); they load back as float32.
         """
         folder = Path(folder)
-        if self.package is not None:
+        if not self.can_finetune:
             raise ModelError(
                 f"{self.name}: a bioimage.io package that is not an smp.Unet; it cannot be saved as a checkpoint folder"
             )
@@ -307,8 +402,7 @@ class Checkpoint:
             checkpoint = _load_folder(path.parent)
         else:
             raise ModelError(f"{path}: not a model (expected a checkpoint folder or a .pth state_dict)")
-        if device_name(device) != "cpu" or checkpoint.file_digest is None:  # deferred models are built on the CPU
-            checkpoint.model.to(device).eval()
+        checkpoint.network.to(device)  # a CPU network still as in its file stays unbuilt
         # A file picked inside a checkpoint folder stands for the folder.
         checkpoint.source = str(
             path.parent if path.is_file() and path.suffix.lower() in (".safetensors", ".json") else path
@@ -326,15 +420,12 @@ def _load_package(path: Path, device) -> Checkpoint:
         checkpoint = _checkpoint_from_state(path, package)
         checkpoint.model.to(resolve_device(device)).eval()
     else:
-        config = ModelConfig(
-            encoder_name="bioimage.io package", in_channels=package.in_channels, outputs=package.outputs
-        )
         metadata = {
             "name": package.name,
             "imported_from": source,
             "stain_by_image_type": dict.fromkeys(DEFAULT_STAIN_BY_IMAGE_TYPE, "none"),
         }
-        checkpoint = Checkpoint(model=None, config=config, metadata=metadata, package=package)
+        checkpoint = Checkpoint(network=package, metadata=metadata)
         if device_name(device) != "cpu":
             checkpoint.model.to(resolve_device(device)).eval()
     checkpoint.source = source
@@ -356,15 +447,8 @@ def _checkpoint_from_state(path: Path, package) -> Checkpoint:
         raise ModelError(f"{path}: {package.state_file}: not a state_dict")
     kwargs = package.kwargs
     try:
-        config = ModelConfig(
-            encoder_name=str(kwargs.get("encoder_name", "resnet34")),
-            encoder_depth=int(kwargs.get("encoder_depth", 5)),
-            decoder_channels=tuple(kwargs.get("decoder_channels", (256, 128, 64, 32, 16))),
-            in_channels=int(kwargs.get("in_channels", 3)),
-            outputs=package.outputs,
-            decoder_attention_type=kwargs.get("decoder_attention_type"),
-        )
-    except (TypeError, ValueError) as error:
+        config = ModelConfig.from_smp(kwargs, package.outputs)
+    except (TypeError, ValueError, AttributeError) as error:
         raise ModelError(
             f"{path}: invalid smp.Unet arguments in its pytorch_state_dict entry ({describe(error)})"
         ) from None
@@ -373,7 +457,8 @@ def _checkpoint_from_state(path: Path, package) -> Checkpoint:
     _load_strict(model, state, path, config)
     metadata = _extra_metadata(package.metadata)
     metadata.setdefault("name", package.name)
-    return Checkpoint(model=model.eval(), config=config, metadata=metadata, **_checked_metadata(path, package.metadata))
+    network = UnetNetwork(config, model.eval())
+    return Checkpoint(network=network, metadata=metadata, **_checked_metadata(path, package.metadata))
 
 
 def bundled_model_path() -> Path | None:
@@ -412,18 +497,8 @@ def _load_folder(folder: Path) -> Checkpoint:
     if model_class != "Unet":
         raise ModelError(f"{folder}: a {model_class} checkpoint; only smp.Unet is supported")
     try:
-        outputs = tuple(
-            str(o)
-            for o in ((meta.get("config") or {}).get("outputs") or _default_outputs(int(smp_config.get("classes", 1))))
-        )
-        config = ModelConfig(
-            encoder_name=smp_config.get("encoder_name", "resnet34"),
-            encoder_depth=int(smp_config.get("encoder_depth", 5)),
-            decoder_channels=tuple(smp_config.get("decoder_channels", (256, 128, 64, 32, 16))),
-            in_channels=int(smp_config.get("in_channels", 3)),
-            outputs=outputs,
-            decoder_attention_type=smp_config.get("decoder_attention_type"),
-        )
+        outputs = (meta.get("config") or {}).get("outputs") or _default_outputs(int(smp_config.get("classes", 1)))
+        config = ModelConfig.from_smp(smp_config, tuple(str(o) for o in outputs))
     except (TypeError, ValueError, AttributeError) as error:
         raise ModelError(f"{folder / SMP_CONFIG_FILE}: invalid model config ({describe(error)})") from None
     weights = folder / WEIGHTS_FILE
@@ -439,17 +514,12 @@ def _load_folder(folder: Path) -> Checkpoint:
     from .onnx_backend import is_cached
 
     if is_cached(digest):  # these weights built and exported before: the model is built only if asked for
-        return Checkpoint(
-            model=None,
-            config=config,
-            metadata=_extra_metadata(meta),
-            deferred=(state, weights),
-            file_digest=digest,
-            **checked,
-        )
+        network = UnetNetwork(config, deferred=(state, weights), file_digest=digest)
+        return Checkpoint(network=network, metadata=_extra_metadata(meta), **checked)
     model = config.build()
     _load_strict(model, state, weights, config)
-    return Checkpoint(model=model.eval(), config=config, metadata=_extra_metadata(meta), file_digest=digest, **checked)
+    network = UnetNetwork(config, model.eval(), file_digest=digest)
+    return Checkpoint(network=network, metadata=_extra_metadata(meta), **checked)
 
 
 def _read_safetensors(weights: Path) -> dict:
@@ -595,7 +665,7 @@ def _load_state_dict_file(path: Path, encoder: str | None) -> Checkpoint:
             continue
         model = config.build()
         _load_strict(model, state, path, config)
-        return Checkpoint(model=model, config=config, metadata={"name": path.stem, "imported_from": str(path)})
+        return Checkpoint(network=UnetNetwork(config, model), metadata={"name": path.stem, "imported_from": str(path)})
     raise ModelError(
         f"{path}: cannot tell the encoder from the weights; name it (CLI: --encoder, e.g. efficientnet-b3)"
     )

@@ -22,15 +22,19 @@ import io
 import threading
 import warnings
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 
+from .devices import device_name
 from .errors import InputError, ModelError, describe
+from .forward import Forward, onnx_forward, torch_forward
 from .io import channels_first, to_model_channels
-from .params import InputSizes
+from .onnx_backend import available as onnx_available
+from .onnx_backend import cpu_threads
+from .params import InputSizes, TilingParams
 
 PACKAGE_FILES = ("bioimageio.yaml", "rdf.yaml")
 # Our metadata (nuclei_unet.json) inside the package's ``config``.
@@ -471,11 +475,49 @@ class PackageNetwork:
             one_at_a_time=one_at_a_time,
         )
 
+    # The network interface (``model.Network``), as our U-Net has it.
+    can_finetune = False  # run as published: not an smp.Unet we can train or save
+    config = None  # no smp.Unet config
+
     def describe(self) -> str:
         formats = " and ".join({"onnx": "ONNX", "torchscript": "TorchScript"}[k] for k in self.weights)
         return f"bioimage.io package ({formats} weights)"
 
-    def normalizer(self, sample) -> PackageNormalizer:
+    @property
+    def module(self):
+        """Its TorchScript weights as a torch module (:meth:`torch_module`)."""
+        return self.torch_module()
+
+    def forward(self, params: TilingParams, channels: int) -> tuple[Forward, int]:
+        """Its ONNX weights under ONNX Runtime on the CPU, else its TorchScript module on the device
+        (never re-exported or quantised: it runs as published)."""
+        on_cpu = device_name(params.device) == "cpu"
+        if on_cpu and self._runs_onnx(params.backend):
+            return onnx_forward(self.onnx_logits(cpu_threads()), params.tta), len(self.keep)
+        if "torchscript" not in self.weights:
+            why = "choose device cpu" if not on_cpu else "install onnxruntime, or use backend auto"
+            raise ModelError(
+                f"{self.source}: the package has only ONNX weights, which run here with ONNX Runtime on the CPU; {why}"
+            )
+        return torch_forward(self.torch_module(), self.in_channels, replace(params, backend="torch"))
+
+    def prepare(self, params: TilingParams) -> None:
+        """Open what :meth:`forward` will run (its ONNX Runtime session, or its TorchScript) before the first tile."""
+        self.forward(params, self.in_channels)
+
+    def device_line(self, device, params: TilingParams) -> str:
+        """What users see: the device, and on the CPU that the package's own weights run."""
+        if str(device).split(":")[0] != "cpu":
+            return str(device)
+        if self._runs_onnx(params.backend):
+            return "cpu (ONNX Runtime, the package's weights)"
+        return "cpu (the package's TorchScript)"
+
+    def _runs_onnx(self, backend: str) -> bool:
+        return "onnx" in self.weights and backend != "torch" and onnx_available()
+
+    def normalizer(self, sample, percentiles=None) -> PackageNormalizer:
+        """Its own preprocessing, with the statistics taken from ``sample`` (``percentiles``: ours, not used)."""
         return PackageNormalizer.from_image(sample, self.in_channels, self.steps)
 
     # ------------------------------------------------------------------- running

@@ -136,33 +136,33 @@ def cpu_network(model: torch.nn.Module, in_channels: int, backend: str = "auto",
     return network
 
 
-def checkpoint_network(checkpoint, backend: str = "auto", precision: str = "int8"):
-    """:func:`cpu_network` for a :class:`~.model.Checkpoint`, found on disk by its weights file when it can be.
+def checkpoint_network(network, backend: str = "auto", precision: str = "int8"):
+    """:func:`cpu_network` for our U-Net (``model.UnetNetwork``), found on disk by its weights file when it can be.
 
-    A checkpoint whose weights are as stored in their file (``file_digest``) is looked up in
-    the disk cache under that file's digest: a hit needs no torch model at all (the checkpoint
-    then never builds one). A miss builds the model, exports it, and stores the export under
-    the file's digest for the next process.
+    A network whose weights are as stored in their file (``file_digest``) is looked up in the
+    disk cache under that file's digest: a hit needs no torch module at all (the network then
+    never builds one). A miss builds the module, exports it, and stores the export under the
+    file's digest for the next process.
     """
-    digest = checkpoint.file_digest
+    digest = network.file_digest
     if digest is None or backend == "torch" or not available():
-        return cpu_network(checkpoint.model, checkpoint.config.in_channels, backend, precision)
+        return cpu_network(network.module, network.in_channels, backend, precision)
     threads = cpu_threads()
-    path = _file_cache_path(digest, checkpoint.config.in_channels, precision)
-    networks = checkpoint.cpu_networks
+    path = _file_cache_path(digest, network.in_channels, precision)
+    opened = network.cpu_networks
     with _LOCK:
-        network = networks.get((path, threads))
-        if network is None and (cached := _read_cached(path)) is not None:
+        session = opened.get((path, threads))
+        if session is None and (cached := _read_cached(path)) is not None:
             try:
-                network = networks[(path, threads)] = _session(*cached, threads)
+                session = opened[(path, threads)] = _session(*cached, threads)
             except Exception:  # damaged by something else than us: export again
                 path.unlink(missing_ok=True)
-    if network is not None:
-        return network
-    network = cpu_network(checkpoint.model, checkpoint.config.in_channels, backend, precision)
-    if isinstance(network, OnnxNetwork):
-        _write_cached(path, network.serialized, network.out_channels, network.precision == "int8")
-    return network
+    if session is not None:
+        return session
+    session = cpu_network(network.module, network.in_channels, backend, precision)
+    if isinstance(session, OnnxNetwork):
+        _write_cached(path, session.serialized, session.out_channels, session.precision == "int8")
+    return session
 
 
 def is_cached(file_digest: str) -> bool:
@@ -408,14 +408,10 @@ def calibration_images(in_channels: int, count: int = 12, side: int = 256) -> li
     return images
 
 
-def describe_device(device: torch.device | str, backend: str = "auto", precision: str = "int8", package=None) -> str:
-    """What users see: the device, and on the CPU which engine runs the network (and in what precision).
-    ``package``: a foreign bioimage.io network, which runs its own weights as published (``tiling.package_forward``)."""
+def describe_device(device: torch.device | str, backend: str = "auto", precision: str = "int8") -> str:
+    """What users see for our U-Net: the device, and on the CPU which engine runs it (and in what precision)."""
     if str(device).split(":")[0] != "cpu":
         return str(device)
-    if package is not None:
-        own_onnx = backend != "torch" and available() and "onnx" in package.weights
-        return "cpu (ONNX Runtime, the package's weights)" if own_onnx else "cpu (the package's TorchScript)"
     if backend == "torch" or (backend == "auto" and not available()):
         return "cpu (PyTorch)"
     return "cpu (ONNX Runtime, 8-bit)" if precision == "int8" else "cpu (ONNX Runtime)"

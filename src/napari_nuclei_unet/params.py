@@ -8,7 +8,7 @@ construction stay instant.
 from __future__ import annotations
 
 import math
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 
 Threshold = float | str  # a value in (0, 1) or "auto"
 Confidence = float | str  # a value in [0, 1), or "auto": the model's calibrated value
@@ -173,73 +173,95 @@ class SegmentParams:
         return (asdict(self.tiling), self.diameter, self.image_type, self.stain)
 
 
+def _train(default, help: str, flag: str | None = None, **metadata):
+    """A :class:`TrainConfig` field shown as a ``nuclei-unet train`` option (``flag``, else ``--name``; a
+    setting that is on by default gets ``--no-name``), with ``min``/``max``/``step`` for widget controls."""
+    return field(default=default, metadata={"help": help, "flag": flag, **metadata})
+
+
 @dataclass
 class TrainConfig:
-    """Training parameters; defaults suit fine-tuning on a CPU laptop."""
+    """Training parameters (training from scratch); :data:`FINETUNE_DEFAULTS` has those for fine-tuning."""
 
-    epochs: int = 20
-    iterations_per_epoch: int = 50
-    max_minutes: float | None = None
-    patch_size: int = 256
-    batch_size: int = 8
-    learning_rate: float = 1e-3
+    epochs: int = _train(20, "epochs", min=1, max=1000)
+    iterations_per_epoch: int = _train(50, "iterations per epoch", flag="--iterations", min=1, max=10000)
+    max_minutes: float | None = _train(None, "stop after this much wall-clock time (validates and saves)", type=float)
+    patch_size: int = _train(256, "training patch edge, pixels", min=64, max=1024, step=32)
+    batch_size: int = _train(8, "patches per step", min=1, max=64)
+    learning_rate: float = _train(1e-3, "peak learning rate (AdamW)", flag="--lr", min=1e-6, max=1e-1, step=1e-4)
     weight_decay: float = 1e-4
     warmup_iterations: int = 50
-    augment: bool = True
-    scale_range: tuple[float, float] = (0.5, 2.0)  # zoom factors of the scale augmentation
+    augment: bool = _train(True, "joint image/label augmentation (flips, rotations, scale, colour)")
+    scale_range: tuple[float, float] = _train((0.5, 2.0), "zoom range of the scale augmentation, as LOW,HIGH")
     # Show each image's nuclei at the zoom segmentation will run them at (their median size
     # against the model's reference, segment.rescale_factor); scale_range then jitters around it.
-    zoom_to_reference: bool = False
-    # Share of patches shown at up to 2.5x lower resolution, zoomed back up: what the network
-    # sees when an image taken at low magnification is zoomed up to its nuclei's training size.
-    # Off by default: 0.25 gained only 0.015 at x0.5 and made the size estimate overshoot (model card).
-    low_resolution: float = 0.0
+    zoom_to_reference: bool = _train(False, "show each image's nuclei at the zoom segmentation will use (fine-tuning)")
+    # What the network sees when an image taken at low magnification is zoomed up to its
+    # nuclei's training size. Off by default (model card: what it gained and cost).
+    low_resolution: float = _train(
+        0.0, "share of patches blurred as if taken at up to 2.5x lower magnification (experimental; model card)"
+    )
     # Stained-tissue colour variation between labs: each RGB patch's hematoxylin, eosin and DAB
-    # concentrations (HED space) are scaled by up to +-this and shifted a little (Tellez et al.,
-    # Medical Image Analysis 2019). 0: off.
-    hed_jitter: float = 0.25
-    # Share of patches blurred (Gaussian) and, independently, of patches with added noise.
-    blur_noise: float = 0.2
-    # Share of grey patches shown inverted: fluorescence as brightfield and back.
-    invert_grey: float = 0.15
-    # Draw patches so each image type (fluorescence, brightfield, stained tissue) gets an equal
-    # share, and choose the best epoch by the mean of the per-type validation scores; without
-    # it, 30 tissue tiles would be drowned by 500 fluorescence images.
-    balance_image_types: bool = True
-    val_every: int = 1
-    val_fraction: float = 0.15  # used when no validation images are given
-    device: str = "auto"
-    seed: int = 0
-    threads: int | None = None
-    # Keep BatchNorm statistics of the starting model. For fine-tuning on a few images of one
-    # kind: re-estimating them from those images alone breaks the model on every other kind.
-    freeze_batchnorm: bool = False
-    # Train only the decoder and head: the encoder's general features stay as they were.
-    freeze_encoder: bool = False
-    # L2-SP (Li et al., ICML 2018): pulls the weights towards the starting model's, so a few
-    # corrected images adapt it without making it forget the rest. 0: off.
-    anchor_weight: float = 0.0
-    # Learning without forgetting across image types: every patch is also shown restyled as
-    # the other types (fluorescence, brightfield, stained tissue), where the model is held to
-    # the starting model's output with this weight. 0: off.
-    distill_weight: float = 0.0
-    # Weight-space ensembling (WiSE-FT, Wortsman et al., CVPR 2022): the model validated and
-    # saved is (1 - share) x the trained weights + share x the starting weights. Fine-tuning
-    # fits a few images' outlines and also learns their quirks; mixing the start back in keeps
-    # more of the first and less of the second. 0: the trained weights as they are.
-    start_weight_share: float = 0.0
-    # "auto": bfloat16 autocast on CPUs with native bfloat16 (AVX512-BF16 or AMX; a step ~1.5x
-    # faster, measured in docs/performance.md), float32 elsewhere. "float32" | "bfloat16" force it.
-    # Weights and optimiser state stay float32 either way.
-    precision: str = "auto"
-    # After training, measure the model's min_confidence (calibrate_min_confidence) on the
-    # validation images (with the training images when there are few) and save it with the model.
-    calibrate: bool = True
+    # concentrations (HED space) are scaled and shifted a little (Tellez et al., MedIA 2019).
+    hed_jitter: float = _train(
+        0.25, "stain colour augmentation of RGB tissue: HED concentrations scaled by up to +-this (0: off)"
+    )
+    blur_noise: float = _train(0.2, "share of patches blurred, and of patches with added noise")
+    invert_grey: float = _train(0.15, "share of grey patches shown inverted (fluorescence as brightfield and back)")
+    # Without it, a few tissue tiles would be drowned by hundreds of fluorescence images.
+    balance_image_types: bool = _train(
+        True,
+        "give every image type (fluorescence, brightfield, stained tissue) an equal share of the patches, and pick "
+        "the best epoch by the mean of the per-type scores",
+        flag="--no-balance-types",
+    )
+    val_every: int = _train(1, "validate every N epochs", min=1)
+    val_fraction: float = _train(
+        0.15, "share of the images held out for validation when none are given", min=0.0, max=0.9, step=0.05
+    )
+    device: str = _train("auto", "device: auto (CUDA, then Apple MPS, then CPU), cpu, cuda, mps")
+    seed: int = _train(0, "random seed (the same seed repeats a run)")
+    threads: int | None = _train(None, "CPU threads for torch", type=int)
+    # For fine-tuning on a few images of one kind: re-estimating the statistics from those
+    # images alone breaks the model on every other kind.
+    freeze_batchnorm: bool = _train(
+        False, "keep the starting model's BatchNorm statistics (fine-tuning on a few images)"
+    )
+    # The encoder's general features stay as they were.
+    freeze_encoder: bool = _train(False, "train only the decoder and head (fine-tuning)")
+    # L2-SP (Li et al., ICML 2018): a few corrected images adapt the model without it forgetting the rest.
+    anchor_weight: float = _train(0.0, "L2-SP pull towards the starting weights (fine-tuning; 0: off)")
+    # Learning without forgetting across image types: every patch is also shown restyled as the
+    # other types, where the model is held to the starting model's output.
+    distill_weight: float = _train(
+        0.0,
+        "hold the other image types to the starting model's output, seen on restyled patches (fine-tuning; 0: off)",
+    )
+    # Weight-space ensembling (WiSE-FT, Wortsman et al., CVPR 2022): fine-tuning fits a few images'
+    # outlines and also learns their quirks; mixing the start back in keeps more of the first.
+    start_weight_share: float = _train(
+        0.0,
+        "share of the starting weights mixed into the saved model, WiSE-FT (fine-tuning; 0: the trained weights)",
+        min=0.0,
+        max=0.9,
+        step=0.05,
+    )
+    # Weights and optimiser state stay float32 either way (speed: docs/performance.md).
+    precision: str = _train(
+        "auto",
+        "training arithmetic: auto = bfloat16 autocast on CPUs with native bfloat16, float32 elsewhere",
+        choices=("auto", "float32", "bfloat16"),
+    )
+    calibrate: bool = _train(
+        True,
+        "calibrate the model's min confidence on the validation images (with the training images when there are "
+        "few) after training",
+    )
 
 
-# Settings for fine-tuning a trained model on a few corrected images: the Fine-tune
-# widget's defaults, measured with benchmarks/finetune.py (docs/user-guide.md, section 8).
-FINETUNE_DEFAULTS = dict(
+# Fine-tuning a trained model on a few corrected images: the Fine-tune widget's defaults, measured
+# with benchmarks/finetune.py (docs/user-guide.md, section 8). A held-out quarter picks the epoch.
+FINETUNE_DEFAULTS = TrainConfig(
     epochs=10,
     iterations_per_epoch=20,
     learning_rate=3e-4,
@@ -253,6 +275,7 @@ FINETUNE_DEFAULTS = dict(
     zoom_to_reference=True,
     scale_range=(0.8, 1.25),
     start_weight_share=0.25,
+    val_fraction=0.25,
 )
 
 
@@ -291,7 +314,12 @@ class ExportParams:
 
 def finetune_config(**overrides) -> TrainConfig:
     """A :class:`TrainConfig` with the fine-tuning defaults, ``overrides`` applied."""
-    return TrainConfig(**{**FINETUNE_DEFAULTS, **overrides})
+    return replace(FINETUNE_DEFAULTS, **overrides)
+
+
+def cli_fields(owner: type) -> list:
+    """The fields of a parameter dataclass that the CLI shows as options (those with a help text)."""
+    return [spec for spec in fields(owner) if spec.metadata.get("help")]
 
 
 def field_default(owner: type, name: str):

@@ -11,7 +11,6 @@ fastest and identical to untiled inference.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import Cancelled
+from .forward import Forward, torch_forward
 from .io import Normalizer
 from .params import InputSizes, TilingParams
 
@@ -94,22 +94,6 @@ def _batches(tiles: list[Tile], size: int) -> Iterator[list[Tile]]:
         yield tiles[start : start + size]
 
 
-Forward = Callable[[np.ndarray], np.ndarray]  # (N, C, H, W) float32 batch -> (N, K, H, W) probabilities
-
-
-def _tta_forward(network, batch, tta: bool, flip):
-    """Logits of the batch, averaged over the four flips when ``tta`` is on (numpy arrays or tensors)."""
-    if not tta:
-        return network(batch)
-    total = None
-    for dims in ((), (-1,), (-2,), (-2, -1)):
-        flipped = flip(batch, dims) if dims else batch
-        logits = network(flipped)
-        logits = flip(logits, dims) if dims else logits
-        total = logits if total is None else total + logits
-    return total / 4
-
-
 def predict(
     model,
     plane,
@@ -127,109 +111,33 @@ def predict(
     ``progress(done, total)`` is called after each batch; ``cancel()`` is checked before
     each batch and raises :class:`Cancelled`.
     """
-    from .devices import device_name
     from .model import Checkpoint
 
     params = params or TilingParams()
-    sizes = model.input_sizes if isinstance(model, Checkpoint) else InputSizes()
+    if isinstance(model, Checkpoint):
+        sizes, (forward, classes) = model.input_sizes, model.network.forward(params, normalizer.channels)
+    else:
+        sizes, (forward, classes) = _ANY_SIZE, torch_forward(model, normalizer.channels, params)
     tile_shape, tiles = plan_tiles(plane.shape[:2], params.tile_size, params.overlap, sizes)
-    forward = None
-    if isinstance(model, Checkpoint) and model.package is not None:  # a bioimage.io package's own weights
-        forward = package_forward(model.package, params)
-    elif isinstance(model, Checkpoint):
-        if model.config.in_channels == normalizer.channels and device_name(params.device) == "cpu":
-            from .onnx_backend import OnnxNetwork, checkpoint_network
-
-            network = checkpoint_network(model, params.backend, params.precision)
-            if isinstance(network, OnnxNetwork):
-                forward = _onnx_forward(network, params.tta), network.out_channels
-        if forward is None:
-            model = model.model
-    if forward is None:
-        forward = _torch_forward(model, normalizer.channels, params)
-    return _run_tiles(*forward, plane, normalizer, params.batch_size, tile_shape, tiles, progress, cancel, out)
-
-
-def package_forward(package, params: TilingParams) -> tuple[Forward, int]:
-    """A foreign bioimage.io network (``model_zoo.PackageNetwork``) as a :data:`Forward`: its ONNX
-    weights under ONNX Runtime on the CPU, else its TorchScript module on the device (never
-    re-exported or quantised: it runs as published)."""
-    from dataclasses import replace
-
-    from .devices import device_name
-    from .errors import ModelError
-    from .onnx_backend import available, cpu_threads
-
-    on_cpu = device_name(params.device) == "cpu"
-    if on_cpu and "onnx" in package.weights and params.backend != "torch" and available():
-        return _onnx_forward(package.onnx_logits(cpu_threads()), params.tta), len(package.keep)
-    if "torchscript" not in package.weights:
-        why = "choose device cpu" if not on_cpu else "install onnxruntime, or use backend auto"
-        raise ModelError(
-            f"{package.source}: the package has only ONNX weights, which run here with ONNX Runtime on the CPU; {why}"
-        )
-    return _torch_forward(package.torch_module(), package.in_channels, replace(params, backend="torch"))
-
-
-def _onnx_forward(network, tta: bool) -> Forward:
-    from scipy.special import expit
-
-    def forward(batch: np.ndarray) -> np.ndarray:
-        logits = np.ascontiguousarray(_tta_forward(network, batch, tta, np.flip), dtype=np.float32)
-        return expit(logits, out=logits)
-
-    return forward
-
-
-def _torch_forward(model, in_channels: int, params: TilingParams) -> tuple[Forward, int]:
-    """The torch module on its device (or its ONNX Runtime export on the CPU) as a :data:`Forward`, and its output
-    channels."""
-    import torch
-
-    from .devices import resolve_device
-
-    device = resolve_device(params.device)
-    if next(model.parameters()).device != device:  # .to() and .eval() walk every module: skip when
-        model = model.to(device)  # there is nothing to do (they cost ~5 ms per call)
-    if model.training:
-        model.eval()
-    if device.type == "cpu":
-        from .onnx_backend import OnnxNetwork, cpu_network
-
-        network = cpu_network(model, in_channels, params.backend, params.precision)
-        if isinstance(network, OnnxNetwork):
-            return _onnx_forward(network, params.tta), network.out_channels
-        if not next(model.parameters()).is_contiguous(memory_format=torch.channels_last):
-            model.to(memory_format=torch.channels_last)  # once: converting walks every module
-    autocast = (
-        torch.autocast("cuda", dtype=torch.float16)
-        if device.type == "cuda" and params.amp
-        else contextlib.nullcontext()
-    )
-
-    def forward(batch: np.ndarray) -> np.ndarray:
-        tensor = torch.from_numpy(batch)
-        if device.type == "cuda":
-            tensor = tensor.pin_memory().to(device, non_blocking=True)
-        elif device.type == "cpu":
-            tensor = tensor.contiguous(memory_format=torch.channels_last)
-        else:
-            tensor = tensor.to(device)
-        with torch.inference_mode(), autocast:
-            logits = _tta_forward(model, tensor, params.tta, lambda x, dims: x.flip(dims))
-            return torch.sigmoid_(logits.float()).cpu().numpy()  # in place: no second copy of the batch
-
-    return forward, _output_channels(model, in_channels, device)
+    batches = list(_batches(tiles, max(1, params.batch_size)))
+    out = np.zeros((classes, *plane.shape[:2]), np.float32) if out is None else out
+    return _run_tiles(forward, plane, normalizer, tile_shape, batches, out, progress=progress, cancel=cancel)
 
 
 def _run_tiles(
-    forward: Forward, classes: int, plane, normalizer, batch_size, tile_shape, tiles, progress, cancel, out
+    forward: Forward,
+    plane,
+    normalizer: Normalizer,
+    tile_shape: tuple[int, int],
+    batches: list[list[Tile]],
+    out: np.ndarray,
+    *,
+    progress: ProgressCallback | None,
+    cancel: CancelCheck | None,
 ) -> np.ndarray:
-    height, width = plane.shape[:2]
-    if out is None:
-        out = np.zeros((classes, height, width), np.float32)
-    done = 0
-    for batch_tiles in _batches(tiles, max(1, batch_size)):
+    """Run ``forward`` on each batch of tiles and blend the results into ``out``."""
+    done, total = 0, sum(len(batch) for batch in batches)
+    for batch_tiles in batches:
         if cancel is not None and cancel():
             raise Cancelled("segmentation cancelled")
         batch = np.zeros((len(batch_tiles), normalizer.channels, *tile_shape), np.float32)
@@ -243,22 +151,8 @@ def _run_tiles(
             out[region] += probs[slot, :, : tile.height, : tile.width] * weight
         done += len(batch_tiles)
         if progress is not None:
-            progress(done, len(tiles))
+            progress(done, total)
     return out
-
-
-def _output_channels(model, in_channels: int, device) -> int:
-    import torch
-
-    declared = getattr(model, "output_channels", None)  # a package's module says it (it may take one input size only)
-    if isinstance(declared, int):
-        return declared
-    head = getattr(model, "segmentation_head", None)
-    conv = head[0] if head is not None else None
-    if isinstance(conv, torch.nn.Conv2d):
-        return conv.out_channels
-    with torch.inference_mode():
-        return int(model(torch.zeros(1, in_channels, _ALIGN * 2, _ALIGN * 2, device=device)).shape[1])
 
 
 def _pad_reflect(crop: np.ndarray, tile_shape: tuple[int, int]) -> np.ndarray:

@@ -17,7 +17,6 @@ from ..devices import available_devices
 from ..errors import ModelError, describe
 from ..model import Checkpoint, resolve_model_path
 from ..params import TilingParams
-from ..tiling import package_forward
 
 BUNDLED = "bundled default"
 FROM_FILE = "from file…"
@@ -268,7 +267,6 @@ class ModelPicker:
         Segment does not wait for it; return the devices to offer. An export problem is reported
         when segmenting."""
         from ..devices import resolve_device
-        from ..onnx_backend import checkpoint_network
 
         checkpoint = self.checkpoint(path)
         try:
@@ -276,12 +274,8 @@ class ModelPicker:
         except ModelError as error:  # a device that vanished: the summary says so
             logging.getLogger(__name__).info("device %s: %s", device, describe(error))
             on_cpu = False
-        if on_cpu and checkpoint.package is None:
-            checkpoint_network(checkpoint)
-        elif on_cpu:
-            package_forward(
-                checkpoint.package, TilingParams(device="cpu")
-            )  # opens its ONNX Runtime session (or loads its TorchScript)
+        if on_cpu:
+            checkpoint.network.prepare(TilingParams(device="cpu"))
         return available_devices()
 
     def _show_loaded(self, devices: list[str]) -> None:
@@ -298,7 +292,6 @@ class ModelPicker:
 
     def _show_summary(self) -> None:
         from ..devices import resolve_device
-        from ..onnx_backend import describe_device
 
         try:
             checkpoint = self._loaded.get(self.path())
@@ -307,7 +300,7 @@ class ModelPicker:
         if checkpoint is None:
             return
         try:
-            device = describe_device(resolve_device(self.device.value), package=checkpoint.package)
+            device = checkpoint.device_line(resolve_device(self.device.value), TilingParams(device=self.device.value))
         except ModelError as error:  # a device that vanished (e.g. eGPU unplugged)
             device = f"unavailable ({error})"
         self.summary.value = f"{checkpoint.summary()} | runs on {device}"

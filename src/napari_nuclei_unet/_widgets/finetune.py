@@ -27,6 +27,7 @@ from qtpy.QtWidgets import QWidget
 from ..data import LabelledImage
 from ..errors import NucleiUnetError, describe
 from ..model import BUNDLED_MODEL_DIR, CANNOT_FINETUNE
+from ..params import field_metadata
 from ..training import FINETUNE_DEFAULTS, TrainConfig, TrainEvent, finetune_config
 from ._common import (
     DOCK_MAX_WIDTH,
@@ -194,6 +195,19 @@ class CurvePlot(QWidget):
         painter.end()
 
 
+def _help(name: str) -> str:
+    return field_metadata(TrainConfig, name)["help"]
+
+
+def _config_control(name: str, label: str):
+    """A spin box for a :class:`TrainConfig` field: the fine-tuning default, the field's range and help."""
+    meta = field_metadata(TrainConfig, name)
+    value = getattr(FINETUNE_DEFAULTS, name)
+    kind = SpinBox if isinstance(value, int) else FloatSpinBox
+    limits = {key: meta[key] for key in ("min", "max", "step") if key in meta}
+    return kind(label=label, value=value, tooltip=meta["help"], **limits)
+
+
 class FineTuneWidget(Container):
     """Fine-tune a model on (image, corrected labels) pairs from the viewer."""
 
@@ -215,39 +229,19 @@ class FineTuneWidget(Container):
         self.clear_pairs_button = PushButton(text="Clear pairs")
         self.pairs_label = Label(value="pairs: the image/labels above")
         self.model = ModelPicker(self.hub)
-        self.epochs = SpinBox(label="epochs", value=FINETUNE_DEFAULTS["epochs"], min=1, max=1000)
-        self.iterations = SpinBox(
-            label="iterations / epoch", value=FINETUNE_DEFAULTS["iterations_per_epoch"], min=1, max=10000
-        )
-        self.learning_rate = FloatSpinBox(
-            label="learning rate", value=FINETUNE_DEFAULTS["learning_rate"], min=1e-6, max=1e-1, step=1e-4
-        )
-        self.patch_size = SpinBox(label="patch size", value=FINETUNE_DEFAULTS["patch_size"], min=64, max=1024, step=32)
-        self.batch_size = SpinBox(label="batch size", value=FINETUNE_DEFAULTS["batch_size"], min=1, max=64)
-        self.augment = CheckBox(text="augmentation", value=True)
+        self.epochs = _config_control("epochs", "epochs")
+        self.iterations = _config_control("iterations_per_epoch", "iterations / epoch")
+        self.learning_rate = _config_control("learning_rate", "learning rate")
+        self.patch_size = _config_control("patch_size", "patch size")
+        self.batch_size = _config_control("batch_size", "batch size")
+        self.augment = CheckBox(text="augmentation", value=FINETUNE_DEFAULTS.augment, tooltip=_help("augment"))
         self.keep_other_types = CheckBox(
-            text="keep the other image types (distillation, ~2x slower)",
-            value=FINETUNE_DEFAULTS["distill_weight"] > 0,
-            tooltip="also shows each patch restyled as the other image types (fluorescence, brightfield, stained "
-            "tissue) and holds the model to its starting output there, so it does not forget them",
+            text="keep the other image types (distillation, slower)",
+            value=FINETUNE_DEFAULTS.distill_weight > 0,
+            tooltip=_help("distill_weight"),
         )
-        self.start_share = FloatSpinBox(
-            label="starting weights kept",
-            value=FINETUNE_DEFAULTS["start_weight_share"],
-            min=0.0,
-            max=0.9,
-            step=0.05,
-            tooltip="share of the starting model's weights mixed into the new model (WiSE-FT): "
-            "keeps what it knew and less of the corrected images' quirks; 0: the trained weights alone",
-        )
-        self.val_fraction = FloatSpinBox(
-            label="validation fraction",
-            value=0.25,
-            min=0.0,
-            max=0.9,
-            step=0.05,
-            tooltip="share of the planes held out to pick the best epoch (needs 2+ planes)",
-        )
+        self.start_share = _config_control("start_weight_share", "starting weights kept")
+        self.val_fraction = _config_control("val_fraction", "validation fraction")
         self.keep_on_cancel = CheckBox(
             text="keep a cancelled run's model even if not validated better",
             value=False,
@@ -401,9 +395,9 @@ class FineTuneWidget(Container):
             val_fraction=float(self.val_fraction.value),
             device=self.model.device.value,
             val_every=1,
-            distill_weight=FINETUNE_DEFAULTS["distill_weight"] if self.keep_other_types.value else 0.0,
+            distill_weight=FINETUNE_DEFAULTS.distill_weight if self.keep_other_types.value else 0.0,
             start_weight_share=float(self.start_share.value),
-            warmup_iterations=min(FINETUNE_DEFAULTS["warmup_iterations"], int(self.iterations.value)),
+            warmup_iterations=min(FINETUNE_DEFAULTS.warmup_iterations, int(self.iterations.value)),
         )
         val = None if len(samples) > 1 and config.val_fraction > 0 else []
         nuclei = sum(int(len(np.unique(s.labels)) - 1) for s in samples)

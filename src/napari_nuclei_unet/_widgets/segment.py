@@ -701,7 +701,6 @@ def _segment_worker(
 ) -> tuple[object, Segmentation, str, dict | None]:
     """The core's dispatcher on the requested planes, reusing cached predictions."""
     from ..devices import resolve_device
-    from ..onnx_backend import describe_device
 
     checkpoint = model.checkpoint(request.model_path)
     planes = None if request.plane is None else [request.plane]
@@ -713,7 +712,7 @@ def _segment_worker(
     return (
         checkpoint,
         result,
-        describe_device(resolve_device(tiling.device), tiling.backend, tiling.precision, checkpoint.package),
+        checkpoint.device_line(resolve_device(tiling.device), tiling),
         features,
     )
 
