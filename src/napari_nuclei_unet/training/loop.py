@@ -27,9 +27,10 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -69,6 +70,66 @@ def _learning_rate(config: TrainConfig, iteration: int, total: int, elapsed: flo
     return config.learning_rate * (0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * min(fraction, 1.0))))
 
 
+@dataclass
+class _Run:
+    """A training run as it goes: what it trains, with what, and how far it has come."""
+
+    checkpoint: Checkpoint
+    train: list[LabelledImage]
+    val: list[LabelledImage]
+    config: TrainConfig
+    out_dir: Path
+    device: torch.device
+    shown_device: str  # for progress reports: the device and, if not float32, the precision
+    memory_format: torch.memory_format
+    autocast: Any
+    model: torch.nn.Module
+    trainable: list
+    anchor: list | None  # the starting weights (L2-SP)
+    teacher: torch.nn.Module | None  # the starting model (distillation)
+    start: dict | None  # the starting state, mixed into what is validated and saved (WiSE-FT)
+    optimizer: torch.optim.Optimizer
+    sampler: PatchSampler
+    loss_fn: Callable
+    record: dict  # the training record saved with the model
+    total: int
+    started: float
+    history: list[dict] = field(default_factory=list)
+    start_epoch: int = 0
+    epoch: int = 0
+    iteration: int = 0
+    best: float = -1.0
+    running: float = float("nan")
+    lr: float = 0.0
+    start_score: float | None = None
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def event(self, kind: str, loss: float | None = None, **fields) -> TrainEvent:
+        loss = self.running if loss is None else loss
+        fields.setdefault("start_score", self.start_score)
+        return TrainEvent(
+            kind, self.epoch, self.iteration, self.total, loss, self.elapsed(), self.shown_device, **fields
+        )
+
+    def best_score(self) -> float | None:
+        return self.best if self.best >= 0 else None
+
+    def save_best(self, scores, memory_format=None) -> None:
+        _save_best(
+            self.checkpoint,
+            self.out_dir,
+            self.record,
+            scores,
+            self.epoch,
+            self.iteration,
+            self.elapsed(),
+            self.device,
+            memory_format or torch.contiguous_format,
+        )
+
+
 def train_steps(
     checkpoint: Checkpoint,
     train: list[LabelledImage],
@@ -78,14 +139,51 @@ def train_steps(
     resume: bool = True,
     base_model: str | None = None,
     data_description: str | None = None,
+    cancel: Callable[[], bool] | None = None,
+    keep_on_cancel: bool = False,
 ) -> Iterator[TrainEvent]:
     """Train ``checkpoint`` in place, yielding a :class:`TrainEvent` after every iteration and epoch.
 
-    Closing the generator (or stopping to iterate) is the cancel: the best checkpoint so far
-    stays in ``out_dir`` and ``training_state.pt`` allows resuming.
+    ``cancel()`` is checked after every event: the run then ends with a "done" event whose
+    ``cancelled`` is set, keeping what :func:`_stop` decides. Closing the generator stops it
+    too, keeping the best model so far (``training_state.pt`` allows resuming).
     """
-    config = config or TrainConfig()
-    out_dir = Path(out_dir)
+    run = _start(checkpoint, train, Path(out_dir), val, config or TrainConfig(), resume, base_model, data_description)
+    stopped = lambda: cancel is not None and cancel()  # noqa: E731
+    if run.val and run.start_epoch == 0:  # what training has to beat: a cancelled run is kept only if it did
+        by_type = validate_by_type(checkpoint, run.val, str(run.device))
+        run.start_score = _selection(run.config, by_type)
+        run.record["start_score"] = round(run.start_score, 5)
+        yield run.event("start", float("nan"), scores=by_type["all"])
+    cancelled = stopped()
+    try:
+        for epoch in range(run.start_epoch + 1, run.config.epochs + 1) if not cancelled else ():
+            run.epoch, losses = epoch, []
+            for _ in range(run.config.iterations_per_epoch):
+                losses.append(_step(run))  # how well the labels are fitted (BCE + Dice), without the anchor's penalty
+                run.running = float(np.mean(losses))
+                yield run.event("iteration", losses[-1])
+                if cancelled := stopped():
+                    break
+            if cancelled:
+                break
+            out_of_time, event = _end_epoch(run)
+            yield event
+            if (cancelled := stopped()) or out_of_time:
+                break
+    except GeneratorExit:
+        _stop(run, keep=True)
+        raise
+    finally:
+        run.model.eval().to(memory_format=torch.contiguous_format)
+    if cancelled:
+        yield replace(run.event("done", best_score=run.best_score()), cancelled=True, saved=_stop(run, keep_on_cancel))
+        return
+    yield from _finish(run, stopped, keep_on_cancel)
+
+
+def _start(checkpoint, train, out_dir: Path, val, config: TrainConfig, resume, base_model, data_description) -> _Run:
+    """Check the run's inputs and settings, then set it up: device, model, optimiser, sampler (and resume)."""
     if not train:
         raise InputError("no training images with labels")
     if not any(int(s.labels.max()) > 0 for s in train):
@@ -102,50 +200,78 @@ def train_steps(
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
-    # Channels-last convolutions train ~30% faster on CPUs (oneDNN); weights are saved contiguous.
+    # Channels-last convolutions train faster on CPUs (oneDNN); weights are saved contiguous.
     memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
-    shown_device = f"{device} ({precision})" if precision != "float32" else str(device)  # for progress reports
     model = checkpoint.model.to(device, memory_format=memory_format)
     _set_training_mode(model, config.freeze_batchnorm)
     trainable = _trainable_parameters(model, config.freeze_encoder)
-    anchor = [p.detach().clone() for p in trainable] if config.anchor_weight > 0 else None  # the starting weights
-    teacher = _frozen_copy(model) if config.distill_weight > 0 else None  # the starting model, for distillation
+    anchor = [p.detach().clone() for p in trainable] if config.anchor_weight > 0 else None
+    teacher = _frozen_copy(model) if config.distill_weight > 0 else None
     start = {k: v.detach().clone() for k, v in model.state_dict().items()} if config.start_weight_share > 0 else None
     optimizer = torch.optim.AdamW(
         trainable, lr=config.learning_rate, weight_decay=0.0 if anchor else config.weight_decay
     )
-    total = config.epochs * config.iterations_per_epoch
-    history: list[dict] = []
-    start_epoch, iteration, best, spent = 0, 0, -1.0, 0.0
-    state_path = out_dir / STATE_FILE
-    if resume and state_path.exists():
-        try:
-            state = torch.load(state_path, map_location=device, weights_only=True)
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-        except Exception as error:
-            raise ModelError(
-                f"{state_path}: cannot resume ({str(error).splitlines()[0][:200]}); delete it to start over"
-            ) from None
-        start_epoch, iteration, best, spent = (
-            int(state["epoch"]),
-            int(state["iteration"]),
-            float(state["best"]),
-            float(state["elapsed"]),
-        )
-        history = _read_log(out_dir / LOG_FILE)
-        rng = np.random.default_rng(config.seed + start_epoch)
+    resumed = _resume(out_dir / STATE_FILE, model, optimizer, device) if resume else None
+    start_epoch = resumed["epoch"] if resumed else 0
+    rng = np.random.default_rng(config.seed + start_epoch)
     zooms = reference_zooms(checkpoint, train) if config.zoom_to_reference else None
     sampler = PatchSampler(train, config, checkpoint.config.in_channels, checkpoint.percentiles, rng, zooms)
-    loss_fn = make_loss()
+    record = _training_record(checkpoint, train, val, config, precision, base_model, data_description)
+    run = _Run(
+        checkpoint,
+        train,
+        val,
+        config,
+        out_dir,
+        device,
+        f"{device} ({precision})" if precision != "float32" else str(device),
+        memory_format,
+        torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16"),
+        model,
+        trainable,
+        anchor,
+        teacher,
+        start,
+        optimizer,
+        sampler,
+        make_loss(),
+        record,
+        config.epochs * config.iterations_per_epoch,
+        time.perf_counter() - (resumed["elapsed"] if resumed else 0.0),
+    )
+    if resumed:
+        run.start_epoch = run.epoch = start_epoch
+        run.iteration, run.best, run.history = resumed["iteration"], resumed["best"], _read_log(out_dir / LOG_FILE)
+    return run
+
+
+def _resume(state_path: Path, model, optimizer, device) -> dict | None:
+    """Load a run's saved state into ``model`` and ``optimizer``: its epoch, iteration, best score and time."""
+    if not state_path.exists():
+        return None
+    try:
+        state = torch.load(state_path, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    except Exception as error:
+        raise ModelError(
+            f"{state_path}: cannot resume ({str(error).splitlines()[0][:200]}); delete it to start over"
+        ) from None
+    return {
+        "epoch": int(state["epoch"]),
+        "iteration": int(state["iteration"]),
+        "best": float(state["best"]),
+        "elapsed": float(state["elapsed"]),
+    }
+
+
+def _training_record(checkpoint, train, val, config, precision, base_model, data_description) -> dict:
+    """What the saved model says of how it was trained; pools the checkpoint's nucleus size with the data's."""
     nuclei = int(sum(int(np.unique(s.labels).size - (1 if (s.labels == 0).any() else 0)) for s in train))
     data_diameter = median_diameter([s.labels for s in train])
     base_nuclei = reference_nuclei(checkpoint)
     checkpoint.nucleus_diameter = pooled_diameter(checkpoint.nucleus_diameter, base_nuclei, data_diameter, nuclei)
-    started = time.perf_counter() - spent
-    record = {
+    return {
         "base_model": base_model or checkpoint.source or "new",
         "data": data_description or f"{len(train)} images",
         "images": len(train),
@@ -156,154 +282,129 @@ def train_steps(
         "precision": precision,
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
     }
-    epoch = start_epoch
-    running = float("nan")
-    finished = False
-    start_score = None
-    if val and start_epoch == 0:  # what training has to beat: a cancelled run is kept only if it did
-        by_type = validate_by_type(checkpoint, val, str(device))
-        start_score = balanced_score(by_type) if config.balance_image_types else by_type["all"].kaggle_score
-        record["start_score"] = round(start_score, 5)
-        yield TrainEvent(
-            "start",
-            0,
-            0,
-            total,
-            float("nan"),
-            time.perf_counter() - started,
-            shown_device,
-            by_type["all"],
-            start_score=start_score,
-        )
-    try:
-        for epoch in range(start_epoch + 1, config.epochs + 1):
-            losses = []
-            for _ in range(config.iterations_per_epoch):
-                elapsed = time.perf_counter() - started
-                lr = _learning_rate(config, iteration, total, elapsed)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                images, targets, indices = sampler.batch()
-                images, targets = images.to(device, memory_format=memory_format), targets.to(device)
-                if teacher is None:
-                    with autocast:
-                        logits = model(images)
-                    data_loss = loss_fn(logits.float(), targets)
-                    loss = data_loss
-                else:
-                    restyled = sampler.restyle(images.cpu(), indices).to(device, memory_format=memory_format)
-                    with torch.no_grad(), autocast:
-                        kept = torch.sigmoid(teacher(restyled).float())
-                    with autocast:
-                        logits, other_looks = model(torch.cat([images, restyled])).float().split(len(images))
-                    data_loss = loss_fn(logits, targets)
-                    loss = data_loss + config.distill_weight * torch.nn.functional.binary_cross_entropy_with_logits(
-                        other_looks, kept
-                    )
-                if anchor is not None:
-                    loss = loss + config.anchor_weight * sum(((p - p0) ** 2).sum() for p, p0 in zip(trainable, anchor))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                iteration += 1
-                # Reported: how well the labels are fitted (BCE + Dice), without the anchor's penalty.
-                losses.append(float(data_loss.detach()))
-                running = float(np.mean(losses))
-                yield TrainEvent(
-                    "iteration", epoch, iteration, total, losses[-1], time.perf_counter() - started, shown_device
-                )
-            elapsed = time.perf_counter() - started
-            out_of_time = bool(config.max_minutes and elapsed >= 60.0 * config.max_minutes)
-            scores, improved = None, False
-            with mixed_with_start(model, start, config.start_weight_share):  # what is validated is what is saved
-                if val and (epoch % config.val_every == 0 or epoch == config.epochs or out_of_time):
-                    by_type = validate_by_type(checkpoint, val, str(device))
-                    scores = by_type["all"]
-                    selection = balanced_score(by_type) if config.balance_image_types else scores.kaggle_score
-                    improved = selection > best
-                elif not val:
-                    improved = True  # nothing to validate on: keep the latest
-                if improved:
-                    best = selection if scores is not None else best
-                    _save_best(checkpoint, out_dir, record, scores, epoch, iteration, elapsed, device, memory_format)
-            row = {
-                "epoch": epoch,
-                "iteration": iteration,
-                "train_loss": running,
-                "lr": lr,
-                "seconds": round(elapsed, 1),
-            }
-            if scores is not None:
-                row.update({k: round(v, 5) if isinstance(v, float) else v for k, v in scores.as_dict().items()})
-                row.update(
-                    {f"kaggle_score_{kind}": round(s.kaggle_score, 5) for kind, s in by_type.items() if kind != "all"}
-                )
-                row["selection_score"] = round(selection, 5)
-            history.append(row)
-            _save_state(state_path, model, optimizer, epoch, iteration, best, elapsed)
-            _write_log(out_dir / LOG_FILE, history)
-            yield TrainEvent(
-                "epoch",
-                epoch,
-                iteration,
-                total,
-                running,
-                elapsed,
-                shown_device,
-                scores,
-                best if best >= 0 else None,
-                improved,
-                history=list(history),
+
+
+def _step(run: _Run) -> float:
+    """One optimiser step on a batch of patches; returns its data loss."""
+    config, model, device, memory_format = run.config, run.model, run.device, run.memory_format
+    run.lr = _learning_rate(config, run.iteration, run.total, run.elapsed())
+    for group in run.optimizer.param_groups:
+        group["lr"] = run.lr
+    images, targets, indices = run.sampler.batch()
+    images, targets = images.to(device, memory_format=memory_format), targets.to(device)
+    if run.teacher is None:
+        with run.autocast:
+            logits = model(images)
+        data_loss = loss = run.loss_fn(logits.float(), targets)
+    else:
+        restyled = run.sampler.restyle(images.cpu(), indices).to(device, memory_format=memory_format)
+        with torch.no_grad(), run.autocast:
+            kept = torch.sigmoid(run.teacher(restyled).float())
+        with run.autocast:
+            logits, other_looks = model(torch.cat([images, restyled])).float().split(len(images))
+        data_loss = run.loss_fn(logits, targets)
+        distill = torch.nn.functional.binary_cross_entropy_with_logits(other_looks, kept)
+        loss = data_loss + config.distill_weight * distill
+    if run.anchor is not None:
+        loss = loss + config.anchor_weight * sum(((p - p0) ** 2).sum() for p, p0 in zip(run.trainable, run.anchor))
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    run.optimizer.step()
+    run.iteration += 1
+    return float(data_loss.detach())
+
+
+def _selection(config: TrainConfig, by_type: dict) -> float:
+    """The score that picks the best epoch: the mean over image types, or the plain score."""
+    return balanced_score(by_type) if config.balance_image_types else by_type["all"].kaggle_score
+
+
+def _end_epoch(run: _Run) -> tuple[bool, TrainEvent]:
+    """Validate (when due), save the best model, the resume state and the log; whether time is up, and the event."""
+    config, epoch = run.config, run.epoch
+    elapsed = run.elapsed()
+    out_of_time = bool(config.max_minutes and elapsed >= 60.0 * config.max_minutes)
+    scores, improved, by_type = None, False, {}
+    with mixed_with_start(run.model, run.start, config.start_weight_share):  # what is validated is what is saved
+        if run.val and (epoch % config.val_every == 0 or epoch == config.epochs or out_of_time):
+            by_type = validate_by_type(run.checkpoint, run.val, str(run.device))
+            scores, selection = by_type["all"], _selection(config, by_type)
+            improved = selection > run.best
+        elif not run.val:
+            improved = True  # nothing to validate on: keep the latest
+        if improved:
+            run.best = selection if scores is not None else run.best
+            run.save_best(scores, run.memory_format)
+    row = {
+        "epoch": epoch,
+        "iteration": run.iteration,
+        "train_loss": run.running,
+        "lr": run.lr,
+        "seconds": round(elapsed, 1),
+    }
+    if scores is not None:
+        row.update({k: round(v, 5) if isinstance(v, float) else v for k, v in scores.as_dict().items()})
+        row.update({f"kaggle_score_{kind}": round(s.kaggle_score, 5) for kind, s in by_type.items() if kind != "all"})
+        row["selection_score"] = round(selection, 5)
+    run.history.append(row)
+    _save_state(run.out_dir / STATE_FILE, run.model, run.optimizer, epoch, run.iteration, run.best, elapsed)
+    _write_log(run.out_dir / LOG_FILE, run.history)
+    event = run.event("epoch", scores=scores, best_score=run.best_score(), improved=improved, history=list(run.history))
+    return out_of_time, event
+
+
+def _stop(run: _Run, keep: bool) -> bool:
+    """What a stopped run keeps, decided here only; whether a model was kept.
+
+    Its best model when validation showed it beats the starting model, or with ``keep``
+    (then the latest model if no epoch was saved yet): not calibrated, and its record says so.
+    Otherwise, or when no epoch ended, nothing: what the run wrote is removed.
+    """
+    weights = run.out_dir / WEIGHTS_FILE
+    if keep and run.history and not weights.exists():
+        with mixed_with_start(run.model, run.start, run.config.start_weight_share):
+            run.save_best(None)
+    improved = run.start_score is not None and run.best_score() is not None and run.best > run.start_score
+    if not (weights.exists() and (improved or keep)):
+        _remove_run_files(run.out_dir)
+        return False
+    best = Checkpoint.load(run.out_dir)
+    inherited = best.metadata.get("postprocess") or {}
+    if inherited:  # the starting model's level, not calibrated for this one
+        base = best.metadata["training"]["base_model"]
+        best.metadata["postprocess"] = {
+            **inherited,
+            "calibrated_on": f"not calibrated (run cancelled); level of {base}",
+        }
+    best.metadata["training"]["cancelled"] = True
+    best.save(run.out_dir, overwrite=True)
+    run.checkpoint.model.load_state_dict(best.model.state_dict())
+    run.checkpoint.metadata, run.checkpoint.source = best.metadata, str(run.out_dir)
+    return True
+
+
+def _finish(run: _Run, stopped: Callable[[], bool], keep_on_cancel: bool) -> Iterator[TrainEvent]:
+    """The best model back into the checkpoint, its min confidence calibrated first (a cancel skips that)."""
+    best = Checkpoint.load(run.out_dir, device=run.device)
+    if run.config.calibrate:
+        yield run.event("calibrating", best_score=run.best_score(), history=list(run.history))
+        if stopped():
+            yield replace(
+                run.event("done", best_score=run.best_score()), cancelled=True, saved=_stop(run, keep_on_cancel)
             )
-            if out_of_time:
-                break
-        finished = True
-    finally:
-        model.eval().to(memory_format=torch.contiguous_format)
-        # Cancelled (generator closed) after an epoch: keep a usable model. Cancelled before
-        # the first epoch ended: nothing is saved (the user asked for no half-trained model).
-        if not finished and history:
-            if not (out_dir / "model.safetensors").exists():
-                with mixed_with_start(model, start, config.start_weight_share):
-                    _save_best(
-                        checkpoint, out_dir, record, None, epoch, iteration, time.perf_counter() - started, device
-                    )
-    best_checkpoint = Checkpoint.load(out_dir, device=device)
-    if config.calibrate:
-        yield TrainEvent(
-            "calibrating",
-            epoch,
-            iteration,
-            total,
-            running,
-            time.perf_counter() - started,
-            shown_device,
-            best_score=best if best >= 0 else None,
-            history=list(history),
-        )
+            return
         # A few held-out images are too few to pick a level from: then the training images count too.
+        val, train = run.val, run.train
         samples, kind = (
             (val, "validation")
             if len(val) >= CALIBRATION_MIN_IMAGES
             else (train + val, "training and validation" if val else "training")
         )
-        calibrate(
-            best_checkpoint, samples, f"{len(samples)} {kind} image{'s' if len(samples) != 1 else ''}", str(device)
-        )
-        best_checkpoint.save(out_dir, overwrite=True)
-    checkpoint.model.load_state_dict(best_checkpoint.model.state_dict())
-    checkpoint.metadata, checkpoint.source = best_checkpoint.metadata, str(out_dir)
-    yield TrainEvent(
-        "done",
-        epoch,
-        iteration,
-        total,
-        running,
-        time.perf_counter() - started,
-        shown_device,
-        best_score=best if best >= 0 else None,
-        history=list(history),
-    )
+        calibrate(best, samples, f"{len(samples)} {kind} image{'s' if len(samples) != 1 else ''}", str(run.device))
+        best.save(run.out_dir, overwrite=True)
+    run.checkpoint.model.load_state_dict(best.model.state_dict())
+    run.checkpoint.metadata, run.checkpoint.source = best.metadata, str(run.out_dir)
+    yield run.event("done", best_score=run.best_score(), history=list(run.history))
 
 
 @contextlib.contextmanager
@@ -403,42 +504,17 @@ def fit(
     keep_on_cancel: bool = False,
     **kwargs,
 ) -> TrainEvent:
-    """Run :func:`train_steps` to the end; ``cancel()`` is checked after every iteration.
+    """Run :func:`train_steps` to the end, reporting each event to ``progress``; its last event.
 
-    A cancelled run keeps its best model only when validation showed it beats the starting
-    model, or with ``keep_on_cancel``; the kept model is not calibrated, and its record says so.
+    ``cancel()`` is checked after every event: a cancelled run keeps its best model only when
+    validation showed it beats the starting model, or with ``keep_on_cancel`` (``_stop``).
     """
-    steps = train_steps(checkpoint, train, out_dir, val, config, **kwargs)
-    last, start_score = None, None
-    for event in steps:
-        last = event
-        start_score = event.start_score if event.kind == "start" else start_score
+    last = None
+    for last in train_steps(
+        checkpoint, train, out_dir, val, config, cancel=cancel, keep_on_cancel=keep_on_cancel, **kwargs
+    ):
         if progress is not None:
-            progress(event)
-        if event.kind == "done":
-            return event
-        if cancel is not None and cancel():
-            steps.close()
-            last.kind, last.cancelled, last.start_score = "done", True, start_score
-            out_dir = Path(out_dir)
-            improved = start_score is not None and last.best_score is not None and last.best_score > start_score
-            if (out_dir / WEIGHTS_FILE).exists() and (improved or keep_on_cancel):
-                best = Checkpoint.load(out_dir)
-                inherited = best.metadata.get("postprocess") or {}
-                if inherited:  # the starting model's level, not calibrated for this one
-                    base = best.metadata["training"]["base_model"]
-                    best.metadata["postprocess"] = {
-                        **inherited,
-                        "calibrated_on": f"not calibrated (run cancelled); level of {base}",
-                    }
-                best.metadata["training"]["cancelled"] = True
-                best.save(out_dir, overwrite=True)
-                checkpoint.model.load_state_dict(best.model.state_dict())
-                checkpoint.metadata, checkpoint.source = best.metadata, str(out_dir)
-            else:
-                last.saved = False
-                _remove_run_files(out_dir)
-            return last
+            progress(last)
     return last
 
 
