@@ -190,46 +190,61 @@ def _people(checkpoint: Checkpoint, params) -> dict:
 
 def _build_description(checkpoint: Checkpoint, image: np.ndarray, work: Path, people: dict, say):
     """The package's files in ``work`` and its ``bioimageio.spec`` model description (validated as it is built)."""
+    from bioimageio.spec.model.v0_5 import FileDescr, ModelDescr
+    from pydantic import ValidationError
+
+    torch_version = _write_package_files(checkpoint, image, work, say)
+    config = checkpoint.config
+    try:
+        return ModelDescr(
+            name=_package_name(checkpoint.name),
+            description=str(
+                checkpoint.metadata.get("description")
+                or f"Nuclei U-Net ({config.encoder_name} encoder) from napari-nuclei-unet."
+            )[:1000],
+            **people,
+            covers=[FileDescr(source=work / "cover.png")],
+            documentation=FileDescr(source=work / "README.md"),
+            tags=list(_TAGS),
+            inputs=[_input_description(checkpoint, work)],
+            outputs=[_output_description(checkpoint, work)],
+            weights=_weights_description(checkpoint, work, torch_version),
+            training_data=_training_data(checkpoint),
+            config={CONFIG_KEY: json_safe(checkpoint._metadata_json())},
+        )
+    except ValidationError as error:
+        raise ModelError(f"cannot describe {checkpoint.name} as a bioimage.io model: {first_line(error)}") from None
+
+
+_TAGS = (
+    "nuclei",
+    "nucleus-segmentation",
+    "instance-segmentation",
+    "unet",
+    "2d",
+    "fluorescence",
+    "brightfield",
+    "histology",
+    "pytorch",
+    "onnx",
+    "napari-nuclei-unet",
+)
+
+
+def _write_package_files(checkpoint: Checkpoint, image: np.ndarray, work: Path, say) -> str:
+    """Weights (state_dict, TorchScript, ONNX), test tensors from ``image``, cover and README into ``work``;
+    returns the torch version the weights were written with."""
     import copy
 
     import torch
-    from bioimageio.spec.model.v0_5 import (
-        ArchitectureFromLibraryDescr,
-        BatchAxis,
-        ChannelAxis,
-        ClipDescr,
-        ClipKwargs,
-        EnsureDtypeDescr,
-        EnsureDtypeKwargs,
-        FileDescr,
-        InputTensorDescr,
-        IntervalOrRatioDataDescr,
-        ModelDescr,
-        OnnxWeightsDescr,
-        OutputTensorDescr,
-        ParameterizedSize,
-        PytorchStateDictWeightsDescr,
-        ScaleRangeDescr,
-        ScaleRangeKwargs,
-        SigmoidDescr,
-        SizeReference,
-        SpaceInputAxis,
-        SpaceOutputAxisWithHalo,
-        TorchscriptWeightsDescr,
-        WeightsDescr,
-    )
-    from pydantic import ValidationError
 
     from .io import Normalizer
-    from .onnx_backend import _OPSET, to_onnx
+    from .onnx_backend import to_onnx
 
     model = copy.deepcopy(checkpoint.model).float().eval().cpu()  # the caller's model may be on a GPU, or in use
-    config = checkpoint.config
-    channels = config.in_channels
+    channels = checkpoint.config.in_channels
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, work / "weights.pt")
-    raw = to_model_channels(channels_first(image), channels)[
-        None
-    ]  # (1, C, Y, X): what a consumer feeds, before preprocessing
+    raw = to_model_channels(channels_first(image), channels)[None]  # (1, C, Y, X): what a consumer feeds
     normalized = torch.from_numpy(Normalizer.from_image(image, channels, checkpoint.percentiles)(image)[None])
     with torch.inference_mode():
         expected = torch.sigmoid(model(normalized)).numpy().astype(np.float32)
@@ -243,107 +258,113 @@ def _build_description(checkpoint: Checkpoint, image: np.ndarray, work: Path, pe
     say("drawing the cover")
     _write_cover(checkpoint, image, work / "cover.png")
     (work / "README.md").write_text(_readme(checkpoint), encoding="utf-8")
+    return torch.__version__.split("+")[0]
 
-    channel_names = (
+
+def _input_description(checkpoint: Checkpoint, work: Path):
+    """The input tensor: any size from 64 px in steps of 32, our percentile normalisation as preprocessing."""
+    from bioimageio.spec.model.v0_5 import (
+        BatchAxis,
+        ChannelAxis,
+        ClipDescr,
+        ClipKwargs,
+        EnsureDtypeDescr,
+        EnsureDtypeKwargs,
+        FileDescr,
+        InputTensorDescr,
+        ParameterizedSize,
+        ScaleRangeDescr,
+        ScaleRangeKwargs,
+        SpaceInputAxis,
+    )
+
+    channels = checkpoint.config.in_channels
+    names = (
         ["intensity"]
         if channels == 1
         else ["red", "green", "blue"][:channels] + [f"channel{i}" for i in range(3, channels)]
     )
     size = ParameterizedSize(min=64, step=32)
     low, high = checkpoint.percentiles
-    smp_kwargs = {
-        "encoder_name": config.encoder_name,
-        "encoder_depth": config.encoder_depth,
-        "encoder_weights": None,
-        "decoder_channels": list(config.decoder_channels),
-        "decoder_attention_type": config.decoder_attention_type,
-        "in_channels": channels,
-        "classes": len(config.outputs),
-    }
-    torch_version = torch.__version__.split("+")[0]
-    metadata = json_safe(checkpoint._metadata_json())
-    try:
-        return ModelDescr(
-            name=_package_name(checkpoint.name),
-            description=str(
-                checkpoint.metadata.get("description")
-                or f"Nuclei U-Net ({config.encoder_name} encoder) from napari-nuclei-unet."
-            )[:1000],
-            **people,
-            covers=[FileDescr(source=work / "cover.png")],
-            documentation=FileDescr(source=work / "README.md"),
-            tags=[
-                "nuclei",
-                "nucleus-segmentation",
-                "instance-segmentation",
-                "unet",
-                "2d",
-                "fluorescence",
-                "brightfield",
-                "histology",
-                "pytorch",
-                "onnx",
-                "napari-nuclei-unet",
-            ],
-            inputs=[
-                InputTensorDescr(
-                    id=_INPUT_ID,
-                    description="2D image: grey images are repeated into each channel, colour ones as RGB",
-                    axes=[
-                        BatchAxis(),
-                        ChannelAxis(channel_names=channel_names),
-                        SpaceInputAxis(id="y", size=size),
-                        SpaceInputAxis(id="x", size=size),
-                    ],
-                    test_tensor=FileDescr(source=work / "test_input.npy"),
-                    preprocessing=[
-                        EnsureDtypeDescr(kwargs=EnsureDtypeKwargs(dtype="float32")),
-                        ScaleRangeDescr(
-                            kwargs=ScaleRangeKwargs(axes=["channel", "y", "x"], min_percentile=low, max_percentile=high)
-                        ),
-                        ClipDescr(kwargs=ClipKwargs(min=0.0, max=1.0)),
-                    ],
-                )
-            ],
-            outputs=[
-                OutputTensorDescr(
-                    id=_OUTPUT_ID,
-                    description="per-pixel probabilities: "
-                    + ", ".join(config.outputs)
-                    + " (see README for turning them into nuclei)",
-                    axes=[
-                        BatchAxis(),
-                        ChannelAxis(channel_names=list(config.outputs)),
-                        SpaceOutputAxisWithHalo(
-                            id="y", size=SizeReference(tensor_id=_INPUT_ID, axis_id="y"), halo=_OUTPUT_HALO
-                        ),
-                        SpaceOutputAxisWithHalo(
-                            id="x", size=SizeReference(tensor_id=_INPUT_ID, axis_id="x"), halo=_OUTPUT_HALO
-                        ),
-                    ],
-                    test_tensor=FileDescr(source=work / "test_output.npy"),
-                    data=IntervalOrRatioDataDescr(type="float32", range=(0.0, 1.0)),
-                    postprocessing=[SigmoidDescr()],
-                )
-            ],
-            weights=WeightsDescr(
-                pytorch_state_dict=PytorchStateDictWeightsDescr(
-                    source=work / "weights.pt",
-                    pytorch_version=torch_version,
-                    architecture=ArchitectureFromLibraryDescr(
-                        callable="Unet", import_from=SMP_LIBRARY, kwargs=smp_kwargs
-                    ),
-                ),
-                torchscript=TorchscriptWeightsDescr(
-                    source=work / "weights.torchscript.pt", pytorch_version=torch_version, parent="pytorch_state_dict"
-                ),
-                onnx=OnnxWeightsDescr(source=work / "weights.onnx", opset_version=_OPSET, parent="pytorch_state_dict"),
+    return InputTensorDescr(
+        id=_INPUT_ID,
+        description="2D image: grey images are repeated into each channel, colour ones as RGB",
+        axes=[
+            BatchAxis(),
+            ChannelAxis(channel_names=names),
+            SpaceInputAxis(id="y", size=size),
+            SpaceInputAxis(id="x", size=size),
+        ],
+        test_tensor=FileDescr(source=work / "test_input.npy"),
+        preprocessing=[
+            EnsureDtypeDescr(kwargs=EnsureDtypeKwargs(dtype="float32")),
+            ScaleRangeDescr(
+                kwargs=ScaleRangeKwargs(axes=["channel", "y", "x"], min_percentile=low, max_percentile=high)
             ),
-            training_data=_training_data(checkpoint),
-            config={CONFIG_KEY: metadata},
-        )
-    except ValidationError as error:
-        raise ModelError(f"cannot describe {checkpoint.name} as a bioimage.io model: {first_line(error)}") from None
+            ClipDescr(kwargs=ClipKwargs(min=0.0, max=1.0)),
+        ],
+    )
+
+
+def _output_description(checkpoint: Checkpoint, work: Path):
+    """The output tensor: one probability channel per output, the input's size, with a halo."""
+    from bioimageio.spec.model.v0_5 import (
+        BatchAxis,
+        ChannelAxis,
+        FileDescr,
+        IntervalOrRatioDataDescr,
+        OutputTensorDescr,
+        SigmoidDescr,
+        SizeReference,
+        SpaceOutputAxisWithHalo,
+    )
+
+    outputs = list(checkpoint.outputs)
+    return OutputTensorDescr(
+        id=_OUTPUT_ID,
+        description="per-pixel probabilities: " + ", ".join(outputs) + " (see README for turning them into nuclei)",
+        axes=[
+            BatchAxis(),
+            ChannelAxis(channel_names=outputs),
+            *(
+                SpaceOutputAxisWithHalo(
+                    id=axis, size=SizeReference(tensor_id=_INPUT_ID, axis_id=axis), halo=_OUTPUT_HALO
+                )
+                for axis in ("y", "x")
+            ),
+        ],
+        test_tensor=FileDescr(source=work / "test_output.npy"),
+        data=IntervalOrRatioDataDescr(type="float32", range=(0.0, 1.0)),
+        postprocessing=[SigmoidDescr()],
+    )
+
+
+def _weights_description(checkpoint: Checkpoint, work: Path, torch_version: str):
+    """The three weight formats: the smp.Unet state_dict (the parent), TorchScript and ONNX."""
+    from bioimageio.spec.model.v0_5 import (
+        ArchitectureFromLibraryDescr,
+        OnnxWeightsDescr,
+        PytorchStateDictWeightsDescr,
+        TorchscriptWeightsDescr,
+        WeightsDescr,
+    )
+
+    from .onnx_backend import _OPSET
+
+    architecture = ArchitectureFromLibraryDescr(
+        callable="Unet",
+        import_from=SMP_LIBRARY,
+        kwargs={**checkpoint.config.smp_arguments(), "decoder_channels": list(checkpoint.config.decoder_channels)},
+    )
+    return WeightsDescr(
+        pytorch_state_dict=PytorchStateDictWeightsDescr(
+            source=work / "weights.pt", pytorch_version=torch_version, architecture=architecture
+        ),
+        torchscript=TorchscriptWeightsDescr(
+            source=work / "weights.torchscript.pt", pytorch_version=torch_version, parent="pytorch_state_dict"
+        ),
+        onnx=OnnxWeightsDescr(source=work / "weights.onnx", opset_version=_OPSET, parent="pytorch_state_dict"),
+    )
 
 
 def _training_data(checkpoint: Checkpoint):

@@ -82,6 +82,29 @@ def _probability_store(shape: tuple[int, int, int], workdir: str | None):
     return store, folder
 
 
+@dataclass(frozen=True)
+class _Grid:
+    """The grid both passes work on: the image's, or the network's finer one when small nuclei are zoomed up."""
+
+    shape: tuple[int, int]  # image pixels
+    factor: float  # the network's zoom
+    block_size: int  # network blocks, image pixels
+
+    @property
+    def fine(self) -> bool:
+        return self.factor > 1.0
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        height, width = self.shape
+        return (round(height * self.factor), round(width * self.factor)) if self.fine else self.shape
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """Grid pixels per image pixel."""
+        return self.grid[0] / self.shape[0], self.grid[1] / self.shape[1]
+
+
 def segment_large(
     checkpoint: Checkpoint,
     plane,
@@ -97,25 +120,14 @@ def segment_large(
     ``params`` come resolved (``segment.resolve``): a numeric min confidence, and the
     nucleus size in ``estimate``. ``progress(done, total)`` counts blocks over both passes.
     """
-    block_size = params.blocks.block_size
-    height, width = plane.shape[:2]
     factor = rescale_factor(checkpoint, estimate.diameter)
     # Small nuclei are zoomed up and, as for whole planes (plane.label_plane), separated on
     # the network's finer grid: the probability store then holds that grid, and blocks are
     # smaller in image pixels so that they stay as large on it.
-    fine = factor > 1.0
-    grid = (round(height * factor), round(width * factor)) if fine else (height, width)
-    scale = (grid[0] / height, grid[1] / width)  # grid pixels per image pixel
-    if fine:
-        block_size = max(128, int(block_size / factor))
-        centres = (
-            pixel_centres(grid[0], height),
-            pixel_centres(grid[1], width),
-        )  # grid index at each image pixel's centre
-    normalizer = plane_normalizer(checkpoint, plane, params.stain)
-    cores = block_grid(height, width, block_size)
+    block_size = max(128, int(params.blocks.block_size / factor)) if factor > 1.0 else params.blocks.block_size
+    grid = _Grid(tuple(plane.shape[:2]), factor, block_size)
+    cores = block_grid(*grid.shape, block_size)
     total = 2 * len(cores)
-    outputs = checkpoint.outputs
 
     def step(done: int) -> None:
         if cancel is not None and cancel():
@@ -123,62 +135,70 @@ def segment_large(
         if progress is not None:
             progress(done, total)
 
-    # Pass 1: probabilities, each block with context beyond the tile overlap (in image pixels),
-    # as much as the network's field of view needs for its core to match the whole plane.
-    context = int(math.ceil((params.tiling.overlap + _EXTRA_CONTEXT) / factor))
-    store, folder = _probability_store((len(outputs), *grid), workdir)
+    store, folder = _probability_store((len(checkpoint.outputs), *grid.grid), workdir)
     try:
-        for index, core in enumerate(cores):
-            step(index)
-            grown = _grow(core, context, height, width)
-            prediction = predict_plane(checkpoint, plane[grown], params, estimate, cancel=cancel, normalizer=normalizer)
-            if fine:  # the block's zoomed output (its probabilities if that was too big to keep)
-                block = prediction.network if prediction.network is not None else prediction.probabilities
-                region = (_span(core[0], scale[0]), _span(core[1], scale[1]))
-                rows, cols = (_on_block(r, s, g, n) for r, s, g, n in zip(region, scale, grown, block.shape[1:]))
-                store[(slice(None), *region)] = block[:, rows][:, :, cols]
-            else:
-                inner = (slice(None), *(slice(c.start - g.start, c.stop - g.start) for c, g in zip(core, grown)))
-                store[(slice(None), *core)] = prediction.probabilities[inner]
-
+        _predict_blocks(checkpoint, plane, params, estimate, grid, cores, store, step, cancel)
         # One threshold for the whole plane, so that blocks agree at their borders.
-        foreground = outputs.index("foreground")
-        stride = sample_step(*grid)
-        threshold = resolve_threshold(params.postprocess.threshold, np.asarray(store[foreground, ::stride, ::stride]))
-        postprocess = replace(params.postprocess, threshold=threshold)
+        stride = sample_step(*grid.grid)
+        sample = np.asarray(store[checkpoint.outputs.index("foreground"), ::stride, ::stride])
+        postprocess = replace(params.postprocess, threshold=resolve_threshold(params.postprocess.threshold, sample))
         nucleus = estimate.diameter or (checkpoint.nucleus_diameter or 20.0) / factor
-        halo = int(math.ceil(max(64.0 / (factor if fine else 1.0), 3.0 * nucleus)))
+        halo = int(math.ceil(max(64.0 / (factor if grid.fine else 1.0), 3.0 * nucleus)))
 
-        # Pass 2: instances; a nucleus belongs to the block holding its centre. Smaller
-        # blocks than for the network: the watershed's working arrays are the peak memory.
-        count = 0
-        post_cores = block_grid(height, width, max(128 if fine else 256, block_size // 2))
-        for index, core in enumerate(post_cores):
-            step(len(cores) + index * len(cores) // len(post_cores))
-            grown = _grow(core, halo, height, width)
-            if fine:  # on the finer grid, then each image pixel takes the label at its centre
-                region = (_span(grown[0], scale[0]), _span(grown[1], scale[1]))
-                _mask, found = instances(
-                    np.asarray(store[(slice(None), *region)]),
-                    outputs,
-                    postprocess,
-                    grid_zoom=factor,
-                    network_zoom=factor,
-                )
-                rows, cols = (
-                    np.clip(c[g] - r.start, 0, r.stop - r.start - 1) for c, g, r in zip(centres, grown, region)
-                )
-                labels = drop_small_labels(found[np.ix_(rows, cols)], postprocess.min_size)
-            else:
-                _mask, labels = instances(
-                    np.asarray(store[(slice(None), *grown)]), outputs, postprocess, network_zoom=factor
-                )
-            count = _write_owned(labels, core, grown, labels_out, count)
+        def label_step(index: int, blocks: int) -> None:  # the second half of the progress
+            step(len(cores) + index * len(cores) // blocks)
+
+        count = _label_blocks(store, checkpoint.outputs, postprocess, grid, halo, labels_out, label_step)
         step(total)
     finally:
         if folder is not None:
             folder.cleanup()
-    return BlockResult(count, threshold, factor)
+    return BlockResult(count, postprocess.threshold, factor)
+
+
+def _predict_blocks(checkpoint, plane, params, estimate, grid: _Grid, cores, store, step, cancel) -> None:
+    """Pass 1: probabilities into ``store``, each block with context beyond the tile overlap (in image
+    pixels), as much as the network's field of view needs for its core to match the whole plane."""
+    normalizer = plane_normalizer(checkpoint, plane, params.stain)
+    context = int(math.ceil((params.tiling.overlap + _EXTRA_CONTEXT) / grid.factor))
+    scale = grid.scale
+    for index, core in enumerate(cores):
+        step(index)
+        grown = _grow(core, context, *grid.shape)
+        prediction = predict_plane(checkpoint, plane[grown], params, estimate, cancel=cancel, normalizer=normalizer)
+        if grid.fine:  # the block's zoomed output (its probabilities if that was too big to keep)
+            block = prediction.network if prediction.network is not None else prediction.probabilities
+            region = (_span(core[0], scale[0]), _span(core[1], scale[1]))
+            rows, cols = (_on_block(r, s, g, n) for r, s, g, n in zip(region, scale, grown, block.shape[1:]))
+            store[(slice(None), *region)] = block[:, rows][:, :, cols]
+        else:
+            inner = (slice(None), *(slice(c.start - g.start, c.stop - g.start) for c, g in zip(core, grown)))
+            store[(slice(None), *core)] = prediction.probabilities[inner]
+
+
+def _label_blocks(store, outputs, postprocess, grid: _Grid, halo: int, labels_out, step) -> int:
+    """Pass 2: instances into ``labels_out``; a nucleus belongs to the block holding its centre. Smaller
+    blocks than for the network: the watershed's working arrays are the peak memory. Returns the count.
+
+    ``step(index, blocks)`` is told before each of the ``blocks`` blocks."""
+    count, scale, factor = 0, grid.scale, grid.factor
+    post_cores = block_grid(*grid.shape, max(128 if grid.fine else 256, grid.block_size // 2))
+    if grid.fine:  # grid index at each image pixel's centre
+        centres = (pixel_centres(grid.grid[0], grid.shape[0]), pixel_centres(grid.grid[1], grid.shape[1]))
+    for index, core in enumerate(post_cores):
+        step(index, len(post_cores))
+        grown = _grow(core, halo, *grid.shape)
+        if grid.fine:  # on the finer grid, then each image pixel takes the label at its centre
+            region = (_span(grown[0], scale[0]), _span(grown[1], scale[1]))
+            probabilities = np.asarray(store[(slice(None), *region)])
+            _mask, found = instances(probabilities, outputs, postprocess, grid_zoom=factor, network_zoom=factor)
+            rows, cols = (np.clip(c[g] - r.start, 0, r.stop - r.start - 1) for c, g, r in zip(centres, grown, region))
+            labels = drop_small_labels(found[np.ix_(rows, cols)], postprocess.min_size)
+        else:
+            probabilities = np.asarray(store[(slice(None), *grown)])
+            _mask, labels = instances(probabilities, outputs, postprocess, network_zoom=factor)
+        count = _write_owned(labels, core, grown, labels_out, count)
+    return count
 
 
 def _span(image_span: slice, scale: float) -> slice:

@@ -197,6 +197,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
+    _add_segment_command(commands, defaults)
+    _add_train_command(commands, defaults)
+    _add_evaluate_command(commands, defaults)
+    _add_rle_command(commands, defaults)
+    _add_export_bioimageio_command(commands, defaults)
+    return parser
+
+
+def _add_segment_command(commands, defaults: dict) -> None:
+    """The ``segment`` command: inputs, outputs, scale-out, model and segmentation options."""
     seg = commands.add_parser("segment", help="segment images into instance label images", **defaults)
     seg.add_argument("inputs", nargs="+", help="image files, .zarr stores, folders or glob patterns")
     seg.add_argument("--out", required=True, help="output folder for <stem>.tif (or .zarr) label images")
@@ -226,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(seg)
     _add_segment_args(seg)
 
+
+def _add_train_command(commands, defaults: dict) -> None:
+    """The ``train`` command: data, starting model, and an option per :class:`TrainConfig` field."""
     train = commands.add_parser("train", help="train or fine-tune a model", **defaults)
     train.add_argument(
         "--images",
@@ -261,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", help="allow writing into an existing model folder")
     _add_train_config_args(train)
 
+
+def _add_evaluate_command(commands, defaults: dict) -> None:
+    """The ``evaluate`` command: predictions scored against ground truth."""
     ev = commands.add_parser("evaluate", help="score predictions against ground truth")
     ev.add_argument("--truth", required=True, help="folder of label images or an RLE CSV")
     ev.add_argument("--pred", required=True, help="folder of label images or an RLE CSV")
@@ -270,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--only-predicted", action="store_true", help="score only the ground-truth images that have a prediction"
     )
 
+
+def _add_rle_command(commands, defaults: dict) -> None:
+    """The ``rle`` commands: RLE CSV to label images and back."""
     rle = commands.add_parser("rle", help="convert between RLE CSV and label images")
     rle_commands = rle.add_subparsers(dest="rle_command", required=True)
     dec = rle_commands.add_parser("decode", help="RLE CSV -> <ImageId>.tif label images")
@@ -282,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--out", required=True)
     enc.add_argument("--no-shape", action="store_true", help="omit the Height/Width columns")
 
+
+def _add_export_bioimageio_command(commands, defaults: dict) -> None:
+    """The ``export-bioimageio`` command: a model as a bioimage.io package."""
     export = commands.add_parser(
         "export-bioimageio", help="write a model as a bioimage.io Model Zoo package (validated and tested)", **defaults
     )
@@ -299,7 +321,6 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="skip bioimageio.core's model test (the format is still validated) [default: the test runs]",
     )
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -90,19 +90,23 @@ class ModelConfig:
             decoder_attention_type=arguments.get("decoder_attention_type"),
         )
 
+    def smp_arguments(self) -> dict:
+        """The ``smp.Unet`` constructor arguments that build this network (no pretrained encoder)."""
+        return {
+            "encoder_name": self.encoder_name,
+            "encoder_depth": self.encoder_depth,
+            "encoder_weights": None,
+            "decoder_channels": self.decoder_channels,
+            "decoder_attention_type": self.decoder_attention_type,
+            "in_channels": self.in_channels,
+            "classes": len(self.outputs),
+        }
+
     def build(self, encoder_weights: str | None = None) -> torch.nn.Module:
         import segmentation_models_pytorch as smp
 
         try:
-            return smp.Unet(
-                encoder_name=self.encoder_name,
-                encoder_depth=self.encoder_depth,
-                encoder_weights=encoder_weights,
-                decoder_channels=self.decoder_channels,
-                decoder_attention_type=self.decoder_attention_type,
-                in_channels=self.in_channels,
-                classes=len(self.outputs),
-            )
+            return smp.Unet(**{**self.smp_arguments(), "encoder_weights": encoder_weights})
         except (KeyError, ValueError, TypeError, AttributeError, AssertionError, RuntimeError) as error:
             raise ModelError(f"cannot build smp.Unet with encoder {self.encoder_name!r}: {describe(error)}") from None
         except OSError as error:  # weight download without internet
