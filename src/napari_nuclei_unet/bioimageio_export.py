@@ -536,6 +536,12 @@ def _readme(checkpoint: Checkpoint) -> str:
             f"Data: {training.get('data', 'not recorded')}.",
             f"Licences: {checkpoint.metadata.get('license', 'not recorded')}",
         ]
+    return "\n".join(lines + _readme_metrics(metrics)) + "\n"
+
+
+def _readme_metrics(metrics: dict) -> list[str]:
+    """The README's validation table (nothing for a model without recorded metrics)."""
+    lines = []
     if metrics:
         lines += [
             "",
@@ -556,4 +562,4 @@ def _readme(checkpoint: Checkpoint) -> str:
             for key, label in names.items()
             if isinstance(metrics.get(key), (int, float))
         ]
-    return "\n".join(lines) + "\n"
+    return lines

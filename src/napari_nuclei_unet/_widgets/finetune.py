@@ -217,6 +217,15 @@ class FineTuneWidget(Container):
         scroll_when_docked(self.native)  # scrolls on a short screen: Start stays reachable
         self.viewer = napari_viewer
         self.hub = hub_of(napari_viewer)
+        self._create_pair_controls()
+        self._create_training_controls()
+        self._create_action_controls()
+        self._lay_out()
+        self._create_run_state()
+        self._connect()
+
+    def _create_pair_controls(self) -> None:
+        """The image / corrected labels pairs to train on, and the model."""
         self.image_layer = ComboBox(label="image", choices=lambda _w: layer_choices(self._layers(Image)))
         self.labels_layer = ComboBox(label="corrected labels", choices=lambda _w: layer_choices(self._layers(Labels)))
         self.roi_layer = ComboBox(
@@ -229,6 +238,9 @@ class FineTuneWidget(Container):
         self.clear_pairs_button = PushButton(text="Clear pairs")
         self.pairs_label = Label(value="pairs: the image/labels above")
         self.model = ModelPicker(self.hub)
+
+    def _create_training_controls(self) -> None:
+        """The run's settings: the fine-tuning defaults and ranges of TrainConfig."""
         self.epochs = _config_control("epochs", "epochs")
         self.iterations = _config_control("iterations_per_epoch", "iterations / epoch")
         self.learning_rate = _config_control("learning_rate", "learning rate")
@@ -247,6 +259,9 @@ class FineTuneWidget(Container):
             value=False,
             tooltip="by default Cancel saves the model only when the held-out images show it beats the starting model",
         )
+
+    def _create_action_controls(self) -> None:
+        """Where the model goes, the buttons, the status line and the loss curve."""
         self.output_folder = FileEdit(label="save in", mode="d", value=str(DEFAULT_MODELS_DIR))
         self.model_name = LineEdit(label="model name", value=f"finetuned-{datetime.now():%Y%m%d-%H%M}")
         self.advanced = CheckBox(text="show advanced settings", value=False)
@@ -266,6 +281,9 @@ class FineTuneWidget(Container):
         self.status = Label(value="")
         self.status.native.setWordWrap(True)
         self.plot = CurvePlot()
+
+    def _lay_out(self) -> None:
+        """The controls in order, the advanced ones hidden until asked for, the curve and buttons last."""
         self._advanced_widgets = [
             self.learning_rate,
             self.patch_size,
@@ -300,6 +318,8 @@ class FineTuneWidget(Container):
         self.append(self.resegment_button)
         self.append(self.export_button)
 
+    def _create_run_state(self) -> None:
+        """What a run and an export keep between events."""
         self._pairs: list[tuple[Image, Labels, Shapes | None]] = []
         self._cancel = threading.Event()
         self._worker = None
@@ -313,6 +333,9 @@ class FineTuneWidget(Container):
         self._export_worker = None
         self._finetunable = True  # the chosen model is one of ours (a foreign bioimage.io package is not)
         self.native.destroyed.connect(self._cancel.set)  # the window closed: stop training after this step
+
+    def _connect(self) -> None:
+        """Buttons, layers and the model picker wired to the handlers; the first model load."""
         self.add_pair_button.changed.connect(self._add_pair)
         self.clear_pairs_button.changed.connect(self._clear_pairs)
         self.start_button.changed.connect(self.start)

@@ -102,6 +102,15 @@ class SegmentWidget(Container):
         scroll_when_docked(self.native)  # scrolls on a short screen: Start stays reachable
         self.viewer = napari_viewer
         self.hub = hub_of(napari_viewer)
+        self._create_input_controls()
+        self._create_network_controls()
+        self._create_postprocess_controls()
+        self._lay_out()
+        self._create_run_state()
+        self._connect()
+
+    def _create_input_controls(self) -> None:
+        """The image, its stack and channel, and the model."""
         self.image_layer = ComboBox(
             label="image", choices=self._image_layers, tooltip="2D grey/RGB image or a T/Z stack"
         )
@@ -113,7 +122,10 @@ class SegmentWidget(Container):
             "image is picked",
         )
         self.model = ModelPicker(self.hub)
-        tiling, post = _DEFAULTS.tiling, _DEFAULTS.postprocess
+
+    def _create_network_controls(self) -> None:
+        """How the network runs: tiles, nucleus size, image type and stain, precision."""
+        tiling = _DEFAULTS.tiling
         self.tile_size = SpinBox(
             label="tile size",
             value=tiling.tile_size,
@@ -162,6 +174,10 @@ class SegmentWidget(Container):
             tooltip="ONNX Runtime with 8-bit weights and activations; untick for float32, as the model was trained "
             "(the same val DSB2018 score within 0.001). GPUs always run float32",
         )
+
+    def _create_postprocess_controls(self) -> None:
+        """From probabilities to nuclei: threshold, size, splitting, confidence."""
+        post = _DEFAULTS.postprocess
         self.auto_threshold = CheckBox(text="automatic threshold (Otsu)", value=post.threshold == AUTO)
         self.threshold = FloatSlider(
             label="threshold",
@@ -179,7 +195,7 @@ class SegmentWidget(Container):
             label="split by",
             choices=["distance", "boundary"],
             value=post.markers,
-            tooltip="watershed markers: peaks of the distance transform, or the model's predicted nucleus interiors",
+            tooltip=_help(PostprocessParams, "markers"),
         )
         self.split_h = FloatSpinBox(
             label="split height",
@@ -187,8 +203,7 @@ class SegmentWidget(Container):
             min=0.0,
             max=20.0,
             step=0.1,
-            tooltip="h-maxima height of the distance transform, in pixels at the scale the network runs at "
-            "(it follows the nuclei when the image is rescaled): lower splits touching nuclei more eagerly",
+            tooltip=_help(PostprocessParams, "h"),
         )
         self.auto_confidence = CheckBox(
             text="model's min confidence",
@@ -205,6 +220,9 @@ class SegmentWidget(Container):
             enabled=False,
             tooltip="objects whose mean foreground probability is below this are dropped; 0 keeps every object",
         )
+
+    def _lay_out(self) -> None:
+        """The controls in order, the advanced ones last (hidden until asked for)."""
         self.show_probability = CheckBox(text="add probability layer", value=False)
         self.advanced = CheckBox(text="show advanced settings", value=False)
         self._advanced_widgets = [
@@ -244,6 +262,8 @@ class SegmentWidget(Container):
             ]
         )
 
+    def _create_run_state(self) -> None:
+        """What a run and live re-labelling keep between events."""
         self._cache: _Cache | None = None
         self._cancel_event = threading.Event()
         self._worker = None
@@ -258,6 +278,8 @@ class SegmentWidget(Container):
         self._relabel_timer.timeout.connect(self.relabel)
         self.native.destroyed.connect(self._cancel_event.set)  # the window closed: stop a run between tiles
 
+    def _connect(self) -> None:
+        """Controls, layers and the job hub wired to the handlers; the first model load."""
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)
         self.image_layer.changed.connect(self._guess_channel)
