@@ -4,8 +4,8 @@ Thin: the codec is :mod:`napari_nuclei_unet.rle`. A CSV without the RLE columns 
 claimed (``None``), so other readers can try it. (npe2 matches readers by file name only,
 so napari still lists this reader for every ``.csv`` in File > Open's reader choice.)
 
-Hundreds of layers make napari unusable (576 DSB2018 images took 256 s to open, and a layer
-list nobody can scroll). Above :data:`MANY_IMAGES` images, the images of each shape become
+Hundreds of layers make napari unusable (minutes to open, and a layer list nobody can
+scroll). Above :data:`MANY_IMAGES` images, the images of each shape become
 one stacked Labels layer: plane ``i`` is ``metadata["image_ids"][i]``, which the RLE writer
 uses to name its rows again.
 """

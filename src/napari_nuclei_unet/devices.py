@@ -32,7 +32,7 @@ def available_devices() -> list[str]:
 
 def _gpu_possible() -> bool:
     """Whether torch could find a GPU here. False only when none can exist (Linux without a GPU
-    driver), so that a CPU run need not import torch (~2.5 s) just to be told so."""
+    driver), so that a CPU run need not import torch (seconds) just to be told so."""
     if "torch" in sys.modules:  # already loaded: asking it costs nothing
         return True
     if sys.platform.startswith("linux"):

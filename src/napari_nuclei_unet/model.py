@@ -528,7 +528,7 @@ def _load_folder(folder: Path) -> Checkpoint:
 
 def _read_safetensors(weights: Path) -> dict:
     """The tensors of a safetensors file, as numpy arrays when numpy has their dtype: reading them
-    needs no torch, which a CPU run from the network cache then never imports (~2.5 s)."""
+    needs no torch, which a CPU run from the network cache then never imports (seconds of start-up)."""
     try:
         from safetensors.numpy import load_file
 

@@ -1,18 +1,16 @@
-"""ONNX Runtime for inference on the CPU: the same network, two to four times as fast as eager PyTorch.
+"""ONNX Runtime for inference on the CPU: the same network, faster than eager PyTorch.
 
-In float32 the bundled U-Net runs at ~0.37 s per megapixel under ONNX Runtime against
-~0.75 s with PyTorch (channels_last) on a 2-core AVX2 machine, and its logits agree to
-~1e-5. By default the network is also quantised to 8 bits (``precision="int8"``): ~1.7x
-faster again, with the same DSB2018 val score within 0.001 (docs/performance.md). ONNX Runtime
-also has no slow first call at a new input shape, which PyTorch's CPU kernels have.
+In float32 its logits agree with PyTorch's to rounding. By default the network is also
+quantised to 8 bits (``precision="int8"``), faster again at the same accuracy; speeds and
+scores are in docs/performance.md. ONNX Runtime also has no slow first call at a new input
+shape, which PyTorch's CPU kernels have.
 
 The torch model stays the source of truth: it is exported (and quantised) the first time
-it runs on the CPU, ~0.5 s (~3 s with int8), and again whenever its weights change
-(fine-tuning). The result is also kept on disk (:func:`cache_folder`), named by the digest
-of the weights, the architecture and the exporter's versions, so the next process with the
-same model loads it instead of paying that again; a changed weight is a different file, so
-there is nothing to keep in step. Without ``onnxruntime`` and ``onnx`` installed,
-``backend="auto"`` quietly uses PyTorch.
+it runs on the CPU, and again whenever its weights change (fine-tuning). The result is also
+kept on disk (:func:`cache_folder`), named by the digest of the weights, the architecture
+and the exporter's versions, so the next process with the same model loads it instead of
+paying that again; a changed weight is a different file, so there is nothing to keep in step.
+Without ``onnxruntime`` and ``onnx`` installed, ``backend="auto"`` quietly uses PyTorch.
 """
 
 from __future__ import annotations
@@ -72,7 +70,7 @@ class OnnxNetwork:
 def available() -> bool:
     """Whether ONNX Runtime and the exporter's ``onnx`` package are installed.
 
-    Looked up, not imported: importing ``onnx`` costs ~1 s, and a network from the disk cache
+    Looked up, not imported: importing ``onnx`` is slow, and a network from the disk cache
     does not need it. A broken install fails at the export, which falls back to PyTorch.
     """
     return all(util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
@@ -340,8 +338,8 @@ def quantize(exported: bytes, in_channels: int) -> bytes:
     Activation ranges come from generated nuclei images (:func:`calibration_images`), so
     any checkpoint, fine-tuned ones included, can be quantised without its training data.
     The first convolution (raw pixels in) and the last three (the full-resolution decoder
-    block and the output head, which decide where boundaries fall) stay float32: with them
-    quantised too the val DSB2018 score dropped by 0.003, without them by 0.001.
+    block and the output head, which decide where boundaries fall) stay float32: quantising
+    them too cost accuracy (docs/performance.md).
     """
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static

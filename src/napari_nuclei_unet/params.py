@@ -41,13 +41,13 @@ class TilingParams:
     overlap: int = field(default=64, metadata={"help": "overlap between tiles in pixels"})
     batch_size: int = field(default=1, metadata={"help": "tiles per network call"})
     device: str = field(default="auto", metadata={"help": "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps"})
-    tta: bool = field(default=False, metadata={"help": "test-time augmentation (4 flips; ~4x slower)"})
+    tta: bool = field(default=False, metadata={"help": "test-time augmentation (the 4 flips: four network passes)"})
     amp: bool = True  # mixed precision on CUDA only
     # GPUs always use torch.
     backend: str = field(
         default="auto",
         metadata={
-            "help": "CPU inference engine: auto = ONNX Runtime when installed (~2x faster than torch), else PyTorch",
+            "help": "CPU inference engine: auto = ONNX Runtime when installed (faster than torch), else PyTorch",
             "choices": ("auto", "torch", "onnx"),
         },
     )
@@ -55,8 +55,8 @@ class TilingParams:
     precision: str = field(
         default="int8",
         metadata={
-            "help": "network precision with ONNX Runtime on the CPU: int8 (network ~1.7x faster, same val DSB2018 "
-            "score within 0.001) or float32 (as trained)",
+            "help": "network precision with ONNX Runtime on the CPU: int8 (faster, as accurate: docs/performance.md) "
+            "or float32 (as trained)",
             "choices": ("int8", "float32"),
         },
     )

@@ -3,10 +3,9 @@
 Markers come by default from the distance transform of the mask (h-maxima, so one
 marker per convex blob). Models with a ``boundary`` output can take markers from the
 predicted interiors (``foreground - boundary``) instead; on the DSB2018 val split the
-distance markers split touching nuclei better with the bundled model (AP@0.5 0.751 vs
-0.694, see docs/model-card.md). Objects the network is unsure of (mean foreground
-probability below ``min_confidence``: cell folds, debris, out-of-focus blobs) are dropped
-last; each model carries the level calibrated on its own data
+distance markers split touching nuclei better with the bundled model (docs/model-card.md).
+Objects the network is unsure of (mean foreground probability below ``min_confidence``:
+cell folds, debris, out-of-focus blobs) are dropped last; each model carries the level calibrated on its own data
 (``training.calibrate``). Everything stays in float32/int32.
 """
 
@@ -178,7 +177,7 @@ def _distance_markers(distance: np.ndarray, mask: np.ndarray, h: float, smoothin
     h-maximum: their markers (the pixels at the object's maximum) are found for all of
     them at once. Only objects with several maxima go through the h-maxima
     reconstruction, on their bounding box. The markers are those of ``h_maxima`` on each
-    object alone; ~5x faster than ``h_maxima`` on the whole image.
+    object alone, and much faster than ``h_maxima`` on the whole image.
     """
     from skimage.morphology import h_maxima
 

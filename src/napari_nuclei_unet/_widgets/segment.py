@@ -167,12 +167,11 @@ class SegmentWidget(Container):
         self.stain = ComboBox(
             label="stain", choices=STAINS, value=_DEFAULTS.stain, tooltip=_help(SegmentParams, "stain")
         )
-        self.tta = CheckBox(text="test-time augmentation (4x slower)", value=tiling.tta)
+        self.tta = CheckBox(text="test-time augmentation (4 network passes)", value=tiling.tta)
         self.int8 = CheckBox(
-            text="8-bit network on the CPU (~1.7x faster)",
+            text="8-bit network on the CPU (faster)",
             value=tiling.precision == "int8",
-            tooltip="ONNX Runtime with 8-bit weights and activations; untick for float32, as the model was trained "
-            "(the same val DSB2018 score within 0.001). GPUs always run float32",
+            tooltip=_help(TilingParams, "precision") + ". GPUs always run float32",
         )
 
     def _create_postprocess_controls(self) -> None:

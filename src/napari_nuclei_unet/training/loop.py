@@ -457,10 +457,8 @@ def pooled_diameter(base: float | None, base_nuclei: int, data: float | None, da
     A new model (no base) takes its data's median. A fine-tuned one has still learnt mostly
     from its base's nuclei: its reference moves towards the new median by the new nuclei's
     share (on a log scale), so a few corrected images do not re-scale every other image the
-    model segments. Measured on the DSB2018 val split (docs/user-guide.md, section 8): with
-    the reference set to the median of 3 tissue images (23.4 px instead of 19.8) and the
-    weights left as they were, the other 7 tissue images lost 0.016 DSB score and the
-    fluorescence images 0.008.
+    model segments (setting it to the few images' median cost the other images accuracy:
+    docs/user-guide.md, section 8).
     """
     if not base or not base_nuclei or data is None:
         return data or base
