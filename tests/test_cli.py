@@ -55,6 +55,12 @@ def test_segment_folder_writes_labels_and_rle(tmp_path, model_dir, image_folder,
     decoded = decode_csv(csv_path)
     assert set(decoded) == {"bright8", "fluo16", "stack_0", "stack_1"}
     assert np.array_equal(decoded["fluo16"] > 0, labels > 0)
+    # the rows are the written labels, nucleus for nucleus (each file's part, joined; no part left behind)
+    _, ids = np.unique(labels, return_inverse=True)
+    _, decoded_ids = np.unique(decoded["fluo16"], return_inverse=True)
+    assert np.array_equal(ids, decoded_ids) and np.array_equal(
+        decoded["stack_1"] > 0, read_image(out / "stack.tif")[1] > 0
+    )
     captured = capsys.readouterr()
     summary = captured.out.strip().splitlines()[-1]
     assert summary.startswith("segmented 3 image(s):") and "MP/s on cpu" in summary

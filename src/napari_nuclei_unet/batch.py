@@ -44,6 +44,7 @@ class FileResult:
     seconds: float
     record: dict = field(default_factory=dict)  # the values every "auto" became (Segmentation.record)
     extra_outputs: list[str] = field(default_factory=list)  # files written beside the labels (measurements)
+    rle_part: str | None = None  # its rows of the RLE CSV (a CSV of its own, for the CLI to join)
 
 
 def open_image(path: str | os.PathLike, blocks: BlockParams | None = None):
@@ -112,16 +113,19 @@ def segment_file(
     out_format: str = "tif",
     progress: ProgressCallback | None = None,
     cancel: CancelCheck | None = None,
-    measurements: bool = False,
+    extras: tuple[str, ...] = (),
 ) -> FileResult:
     """Segment one file into ``<out_dir>/<stem>.<out_format>``; the output appears only when complete.
+
+    ``extras`` are written beside it from the labels in hand (:data:`EXTRA_OUTPUTS`); the
+    ``geojson`` format is the TIFF with ``polygons``.
 
     Any failure caused by the file (unreadable, degenerate, too large for memory) becomes
     one :class:`InputError` naming it.
     """
     try:
         return _segment_file(
-            checkpoint, Path(source), out_dir, params or SegmentParams(), out_format, progress, cancel, measurements
+            checkpoint, Path(source), out_dir, params or SegmentParams(), out_format, progress, cancel, extras
         )
     except (Cancelled, KeyboardInterrupt):
         raise
@@ -139,9 +143,10 @@ def segment_file(
 
 
 def _segment_file(
-    checkpoint, source: Path, out_dir, params: SegmentParams, out_format, progress, cancel, measurements=False
+    checkpoint, source: Path, out_dir, params: SegmentParams, out_format, progress, cancel, extras=()
 ) -> FileResult:
     started = time.perf_counter()
+    extras = tuple(extras) + (("polygons",) if out_format == "geojson" and "polygons" not in extras else ())
     image = open_image(source, params.blocks)
     target = output_path(out_dir, source, out_format)
     single = is_single_plane(image)
@@ -158,7 +163,7 @@ def _segment_file(
         )
         try:
             result = segment_planes(checkpoint, image, params, labels_out=labels_out, progress=progress, cancel=cancel)
-            extra = _write_extra_outputs(image, labels_out, out_dir, source, measurements, out_format == "geojson")
+            extra = _write_extra_outputs(image, labels_out, out_dir, source, extras)
             shutil.rmtree(target, ignore_errors=True)
             os.replace(partial, target)
         finally:
@@ -173,13 +178,11 @@ def _segment_file(
             )
             result = segment_planes(checkpoint, image, params, labels_out=labels_out, progress=progress, cancel=cancel)
             write_labels(target, labels_out, max_label=result.max_label)
-            extra = _write_extra_outputs(image, labels_out, out_dir, source, measurements, out_format == "geojson")
+            extra = _write_extra_outputs(image, labels_out, out_dir, source, extras)
     else:
         result = segment_planes(checkpoint, image, params, progress=progress, cancel=cancel)
         write_labels(target, np.asarray(result.labels), max_label=result.max_label)
-        extra = _write_extra_outputs(
-            image, np.asarray(result.labels), out_dir, source, measurements, out_format == "geojson"
-        )
+        extra = _write_extra_outputs(image, np.asarray(result.labels), out_dir, source, extras)
     return FileResult(
         str(source),
         str(target),
@@ -189,7 +192,8 @@ def _segment_file(
         result.factor,
         time.perf_counter() - started,
         result.record(),
-        extra,
+        [path for path in extra if not path.endswith(RLE_PART_SUFFIX)],
+        next((path for path in extra if path.endswith(RLE_PART_SUFFIX)), None),
     )
 
 
@@ -197,43 +201,68 @@ def measurements_path(out_dir: str | os.PathLike, source: str | os.PathLike) -> 
     return Path(out_dir) / f"{Path(source).stem}_nuclei.csv"
 
 
-def _write_extra_outputs(image, labels, out_dir, source: Path, measurements: bool, polygons: bool) -> list[str]:
-    """What is written beside the labels, from the labels in hand (measured once):
+def _write_extra_outputs(image, labels, out_dir, source: Path, extras: tuple[str, ...]) -> list[str]:
+    """The :data:`EXTRA_OUTPUTS` named in ``extras``, from the labels in hand: measured once, for
+    the measurements table and the polygons alike. Returns the files written."""
+    from .measure import measure
 
-    * ``measurements``: ``<stem>_nuclei.csv``, one row per nucleus (``measure.measure``; a
-      stack's rows carry their plane). Images are measured in their own pixels (files carry no
-      pixel size we read);
-    * ``polygons``: ``<stem>.geojson`` (``<stem>_<plane>.geojson`` for a stack's planes), with
-      the measurements when they were asked for.
-    """
-    from .geojson import write_geojson
-    from .measure import measure, write_measurements_csv
-
-    if not (measurements or polygons):
+    unknown = sorted(set(extras) - set(EXTRA_OUTPUTS))
+    if unknown:
+        raise ValueError(f"unknown extra outputs {unknown}; choose from {', '.join(EXTRA_OUTPUTS)}")
+    if not extras:
         return []
     single = is_single_plane(image)
-    plane_labels = [labels] if single else [labels[i] for i in range(labels.shape[0])]
-    plane_images = [image] if single else [image[i] for i in range(labels.shape[0])]
-    tables = (
-        [measure(plane, picture) for plane, picture in zip(plane_labels, plane_images)]
-        if measurements
-        else [None] * len(plane_labels)
-    )
+    planes = [labels] if single else [labels[i] for i in range(labels.shape[0])]  # zarr stays lazy: measured in strips
+    if "measurements" in extras:
+        images = [image] if single else [image[i] for i in range(len(planes))]
+        tables = [measure(plane, picture) for plane, picture in zip(planes, images)]
+    else:
+        tables = [None] * len(planes)
     written = []
-    if measurements:
-        if single:
-            table = tables[0]
-        else:
-            table = {"plane": np.concatenate([np.full(t["label"].shape, i) for i, t in enumerate(tables)])}
-            table.update({key: np.concatenate([t[key] for t in tables]) for key in tables[0]})
-        path = measurements_path(out_dir, source)
-        write_measurements_csv(path, table)
-        written.append(str(path))
-    if polygons:
-        for index, (plane, table) in enumerate(zip(plane_labels, tables)):
-            name = f"{source.stem}.geojson" if single else f"{source.stem}_{index}.geojson"
-            written.append(str(write_geojson(Path(out_dir) / name, np.asarray(plane), table)))
+    for name in EXTRA_OUTPUTS:  # in this order, whatever the order asked for
+        if name in extras:
+            written += EXTRA_OUTPUTS[name](Path(out_dir), source, planes, tables, single)
     return written
+
+
+def _write_measurements(out_dir: Path, source: Path, planes, tables, single: bool) -> list[str]:
+    """``<stem>_nuclei.csv``: one row per nucleus (``measure.measure``; a stack's rows carry their plane).
+    Images are measured in their own pixels (files carry no pixel size we read)."""
+    from .measure import write_measurements_csv
+
+    if single:
+        table = tables[0]
+    else:
+        table = {"plane": np.concatenate([np.full(t["label"].shape, i) for i, t in enumerate(tables)])}
+        table.update({key: np.concatenate([t[key] for t in tables]) for key in tables[0]})
+    path = measurements_path(out_dir, source)
+    write_measurements_csv(path, table)
+    return [str(path)]
+
+
+def _write_polygons(out_dir: Path, source: Path, planes, tables, single: bool) -> list[str]:
+    """``<stem>.geojson`` (``<stem>_<plane>.geojson`` for a stack's planes), with the measurements when asked for."""
+    from .geojson import write_geojson
+
+    written = []
+    for index, (plane, table) in enumerate(zip(planes, tables)):
+        name = f"{source.stem}.geojson" if single else f"{source.stem}_{index}.geojson"
+        written.append(str(write_geojson(out_dir / name, np.asarray(plane), table)))
+    return written
+
+
+def _write_rle_part(out_dir: Path, source: Path, planes, tables, single: bool) -> list[str]:
+    """This file's rows of the RLE CSV (``ImageId`` the stem, ``<stem>_<plane>`` for a stack), as a CSV of its own."""
+    from .rle import write_csv
+
+    stems = [source.stem] if single else [f"{source.stem}_{i}" for i in range(len(planes))]
+    items = ((stem, np.asarray(plane)) for stem, plane in zip(stems, planes))  # one plane in memory at a time
+    return [str(write_csv(out_dir / f".{source.stem}{RLE_PART_SUFFIX}", items))]
+
+
+RLE_PART_SUFFIX = ".rle-part.csv"
+# What can be written beside a label image, by name (``segment_file(extras=...)``).
+EXTRA_OUTPUTS = {"measurements": _write_measurements, "polygons": _write_polygons, "rle": _write_rle_part}
 
 
 @functools.lru_cache(maxsize=4)
@@ -253,7 +282,7 @@ def segment_file_task(
     params: SegmentParams,
     out_format: str,
     threads: int | None,
-    measurements: bool = False,
+    extras: tuple[str, ...] = (),
 ) -> FileResult:
     """:func:`segment_file` as a dask task: plain arguments, the model cached in the worker."""
     if threads:
@@ -261,6 +290,4 @@ def segment_file_task(
 
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
-    return segment_file(
-        cached_checkpoint(model, encoder), source, out_dir, params, out_format, measurements=measurements
-    )
+    return segment_file(cached_checkpoint(model, encoder), source, out_dir, params, out_format, extras=extras)

@@ -386,7 +386,7 @@ def cmd_segment(args) -> int:
     from .batch import output_path
     from .devices import device_name
     from .io import find_images
-    from .rle import write_csv
+    from .rle import join_csv_parts
 
     files = find_images(args.inputs)
     out = Path(args.out)
@@ -415,11 +415,11 @@ def cmd_segment(args) -> int:
     staging = Path(tempfile.mkdtemp(prefix=".nuclei-unet-", dir=out))
     try:
         if distributed:
-            results = _segment_distributed(args, files, params, staging)
+            results = _segment_distributed(args, files, params, staging, _extras(args))
         else:
-            results = _segment_serial(checkpoint, files, staging, params, args.out_format, args.measurements)
-        if args.rle_csv:  # from the written files: one codec, and flat memory for thousands of images
-            write_csv(args.rle_csv, _rle_items(results))
+            results = _segment_serial(checkpoint, files, staging, params, args.out_format, _extras(args))
+        if args.rle_csv:  # each file's rows were written from its labels in hand: joined here, in input order
+            join_csv_parts(args.rle_csv, [result.rle_part for result in results])
         for result in results:
             final = out / Path(result.output).name
             if final.is_dir():
@@ -464,14 +464,19 @@ def _used_summary(results) -> str:
     return ", ".join(part for part in (kinds, threshold, level) if part)
 
 
-def _segment_serial(checkpoint, files, out, params, out_format, measurements=False):
+def _extras(args) -> tuple[str, ...]:
+    """What ``segment`` writes beside each label image (``batch.EXTRA_OUTPUTS``)."""
+    return (("measurements",) if args.measurements else ()) + (("rle",) if args.rle_csv else ())
+
+
+def _segment_serial(checkpoint, files, out, params, out_format, extras=()):
     from .batch import segment_file
 
     results = []
     with _ImageProgress(len(files)) as progress:
         for path in files:
             result = segment_file(
-                checkpoint, path, out, params, out_format, progress=progress.steps(path), measurements=measurements
+                checkpoint, path, out, params, out_format, progress=progress.steps(path), extras=extras
             )
             results.append(result)
             progress.image_done(path, result)
@@ -518,7 +523,7 @@ class _ImageProgress:
             )
 
 
-def _segment_distributed(args, files, params, out: Path):
+def _segment_distributed(args, files, params, out: Path, extras=()):
     """One task per image on a dask.distributed cluster: an existing one, or a LocalCluster of --workers."""
     import os
 
@@ -548,7 +553,7 @@ def _segment_distributed(args, files, params, out: Path):
                 params,
                 args.out_format,
                 threads,
-                args.measurements,
+                extras,
                 pure=False,
             )
             for path in files
@@ -565,25 +570,6 @@ def _segment_distributed(args, files, params, out: Path):
         client.close()
         if cluster is not None:
             cluster.close()
-
-
-def _rle_items(results):
-    """``(image_id, labels)`` of the written outputs, read back one at a time."""
-    from .io import read_image
-
-    for result in results:
-        path = Path(result.output)
-        if path.suffix == ".zarr":
-            import zarr
-
-            labels = np.asarray(zarr.open_array(str(path), mode="r")[...])
-        else:
-            labels = read_image(path)
-        stem = Path(result.source).stem
-        if labels.ndim == 2:
-            yield stem, labels
-        else:
-            yield from ((f"{stem}_{i}", plane) for i, plane in enumerate(labels))
 
 
 def _format_diameter(result) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -286,4 +287,18 @@ def write_csv(path: str | os.PathLike, items: Iterable[tuple[str, np.ndarray]], 
                 writer.writerow([image_id, "", *extra])
             for _, rle in rows:
                 writer.writerow([image_id, rle, *extra])
+    return path
+
+
+def join_csv_parts(path: str | os.PathLike, parts: Iterable[str | os.PathLike]) -> Path:
+    """One RLE CSV from CSVs that :func:`write_csv` wrote with the same columns, atomically: the
+    first header, then every part's rows, in order (one part in memory at a time)."""
+    path = Path(path)
+    with atomic_write(path, "w") as handle:
+        for index, part in enumerate(parts):
+            with open(part, encoding="utf-8", newline="") as source:
+                header = source.readline()
+                if index == 0:
+                    handle.write(header)
+                shutil.copyfileobj(source, handle)
     return path
