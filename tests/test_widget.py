@@ -14,6 +14,7 @@ from napari.layers import Image, Labels  # noqa: E402
 from napari_nuclei_unet import segment as core_segment  # noqa: E402
 from napari_nuclei_unet._widgets import segment as segment_module  # noqa: E402
 from napari_nuclei_unet._widgets.segment import WHOLE_STACK, SegmentWidget  # noqa: E402
+from napari_nuclei_unet.plane import label_plane  # noqa: E402
 from napari_nuclei_unet.synthetic import nuclei_field  # noqa: E402
 
 PLUGIN = "napari-nuclei-unet"
@@ -120,15 +121,11 @@ def test_relabels_from_cached_probabilities_without_the_network(viewer_and_widge
     assert widget.min_confidence.enabled
     widget.min_confidence.value = 0.0
     qtbot.waitUntil(lambda: nuclei.metadata["nuclei_unet"]["postprocess"]["min_confidence"] == 0.0, timeout=5000)
-    expected = segment_module.label_plane(
-        widget._cache.planes[None], widget._cache.outputs, widget.postprocess_params()
-    )[1]
+    expected = label_plane(widget._cache.planes[None], widget._cache.outputs, widget.postprocess_params())[1]
     assert np.array_equal(nuclei.data, expected) and nuclei.data.max() >= before
     widget.min_confidence.value = 0.95  # the slider's top: labels equal label_plane at that level, recorded as used
     qtbot.waitUntil(lambda: nuclei.metadata["nuclei_unet"]["postprocess"]["min_confidence"] == 0.95, timeout=5000)
-    expected = segment_module.label_plane(
-        widget._cache.planes[None], widget._cache.outputs, widget.postprocess_params()
-    )[1]
+    expected = label_plane(widget._cache.planes[None], widget._cache.outputs, widget.postprocess_params())[1]
     assert np.array_equal(nuclei.data, expected) and nuclei.metadata["nuclei_unet"]["used"]["min_confidence"] == 0.95
 
 

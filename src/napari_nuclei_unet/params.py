@@ -8,7 +8,7 @@ construction stay instant.
 from __future__ import annotations
 
 import math
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 
 Threshold = float | str  # a value in (0, 1) or "auto"
 Confidence = float | str  # a value in [0, 1), or "auto": the model's calibrated value
@@ -168,9 +168,19 @@ class SegmentParams:
     )
     blocks: BlockParams = field(default_factory=BlockParams)
 
-    def network_key(self) -> tuple:
-        """Parameters that change the probabilities (post-processing does not)."""
-        return (asdict(self.tiling), self.diameter, self.image_type, self.stain)
+    def network_key(self) -> NetworkKey:
+        """The parameters that change the probabilities (post-processing does not)."""
+        return NetworkKey(self.tiling, self.diameter, self.image_type, self.stain)
+
+
+@dataclass(frozen=True)
+class NetworkKey:
+    """What decides a network's output for an image: runs with equal keys share their probabilities."""
+
+    tiling: TilingParams
+    diameter: float | str | None
+    image_type: str
+    stain: str
 
 
 def _train(default, help: str, flag: str | None = None, **metadata):

@@ -327,19 +327,19 @@ def _unless_closed(callback, *args) -> None:
             raise
 
 
-def result_metadata(model_name: str, network_key: tuple, postprocess, used: dict, image_id: str) -> dict:
+def result_metadata(model_name: str, key, postprocess, used: dict, image_id: str) -> dict:
     """What produced a result layer, stored in ``layer.metadata['nuclei_unet']``: the settings
     as asked (``"auto"`` included), under ``used`` the numbers every "auto" became, and the
     ``image_id`` that RLE rows and file names take (the image's file stem, as the CLI writes)."""
-    model_path, tiling, diameter, image_type, stain = network_key[:5]  # then the segment widget's channel
+    network = key.network  # the segment widget's CacheKey
     return {
         "image_id": image_id,
         "model": model_name,
-        "model_path": model_path,
-        "tiling": tiling,
-        "diameter": diameter,
-        "image_type": image_type,
-        "stain": stain,
+        "model_path": key.model_path,
+        "tiling": asdict(network.tiling),
+        "diameter": network.diameter,
+        "image_type": network.image_type,
+        "stain": network.stain,
         "postprocess": asdict(postprocess),
         "used": used,
     }

@@ -21,9 +21,17 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QTimer
 
 from ..errors import Cancelled, nuclei_text
-from ..params import AUTO, IMAGE_TYPES, STAINS, PostprocessParams, SegmentParams, TilingParams, field_metadata
-from ..plane import PlanePrediction, label_plane
-from ..postprocess import resolve_min_confidence
+from ..params import (
+    AUTO,
+    IMAGE_TYPES,
+    STAINS,
+    NetworkKey,
+    PostprocessParams,
+    SegmentParams,
+    TilingParams,
+    field_metadata,
+)
+from ..plane import PlanePrediction
 from ..segment import Segmentation, recorded_thresholds, segment_planes
 from ._common import (
     DOCK_MAX_WIDTH,
@@ -71,9 +79,18 @@ class SegmentRequest:
     channel: int | None = None  # the nuclear channel of a multichannel layer; None: all / not multichannel
     pixel_size: float | None = None  # µm per pixel when the layer has a scale, for the measurements
 
-    def network_key(self) -> tuple:
+    def network_key(self) -> CacheKey:
         """Runs with equal keys share cached probabilities."""
-        return (self.model_path, *self.params.network_key(), self.channel)
+        return CacheKey(self.model_path, self.params.network_key(), self.channel)
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """The model, the network settings and the nuclear channel: what the cached probabilities were made with."""
+
+    model_path: str
+    network: NetworkKey
+    channel: int | None
 
 
 @dataclass
@@ -82,7 +99,7 @@ class _Cache:
 
     layer: Image
     data: Any
-    key: tuple
+    key: CacheKey
     outputs: tuple[str, ...]
     model_name: str
     min_confidence: float  # the model's own (calibrated) value, for "auto"
@@ -90,6 +107,7 @@ class _Cache:
     image: Any = None  # what was segmented (the channel, for a multichannel layer): measured for the features table
     pixel_size: float | None = None
     used: dict = field(default_factory=dict)  # what "auto" became in the run (Segmentation.record)
+    request: SegmentRequest | None = None  # the run the probabilities came from: re-labelling repeats it
     planes: dict[int | None, PlanePrediction] = field(default_factory=dict)
 
 
@@ -548,7 +566,7 @@ class SegmentWidget(Container):
                 request.image,
                 request.pixel_size,
             )
-        self._cache.used = used
+        self._cache.used, self._cache.request = used, request
         self._cache.planes.update({i: p.prediction for i, p in result.planes.items() if p.prediction is not None})
         written = self._write_layers(
             {i: (p.mask, p.labels) for i, p in result.planes.items()}, request.params.postprocess, used, features
@@ -602,10 +620,10 @@ class SegmentWidget(Container):
             )
             return
         self.status.value = "re-labelling from cached probabilities…"
-        params = self.postprocess_params()
-        params = replace(params, min_confidence=resolve_min_confidence(params.min_confidence, cache.min_confidence))
-        worker = _relabel_worker(dict(cache.planes), cache.outputs, params, cache.image, cache.pixel_size)
-        worker.returned.connect(lambda outcome: _unless_closed(self._on_relabelled, *outcome, params))
+        run = cache.request
+        request = replace(run, params=replace(run.params, postprocess=self.postprocess_params()))
+        worker = _relabel_worker(request, self.model, dict(cache.planes))
+        worker.returned.connect(lambda outcome: _unless_closed(self._on_relabelled, *outcome))
         worker.errored.connect(lambda error: _unless_closed(self._on_error, error))
         worker.finished.connect(lambda: _unless_closed(self._on_relabel_finished))
         self._relabel_worker = worker
@@ -740,10 +758,13 @@ def _segment_worker(
 
 @thread_worker(ignore_errors=True)  # errors are shown as notifications by the widget
 def _relabel_worker(
-    planes: dict, outputs: tuple[str, ...], params: PostprocessParams, image, pixel_size: float | None
-) -> tuple[dict, dict | None]:
-    labelled = {index: label_plane(p, outputs, params) for index, p in planes.items()}
-    return labelled, _nuclei_features(labelled, image, pixel_size)
+    request: SegmentRequest, model: ModelPicker, cached: dict
+) -> tuple[dict, dict | None, PostprocessParams]:
+    """The dispatcher again on the cached planes with new post-processing: the network does not run."""
+    checkpoint = model.checkpoint(request.model_path)
+    planes = None if list(cached) == [None] else sorted(cached)
+    result = segment_planes(checkpoint, request.image, request.params, planes_to_do=planes, cached=cached)
+    return result.planes, _nuclei_features(result.planes, request.image, request.pixel_size), result.params.postprocess
 
 
 def _nuclei_features(planes: dict, image, pixel_size: float | None) -> dict | None:
