@@ -295,3 +295,39 @@ def test_a_foreign_bioimageio_package_segments_but_cannot_be_fine_tuned(setup, q
     qtbot.waitUntil(lambda: "Unet/" in widget.model.summary.value and widget.hub.idle, timeout=TIMEOUT_MS)
     assert widget.start_button.enabled and widget.export_button.enabled and not widget.status.value
     assert not messages, messages
+
+
+def test_a_fine_tune_that_validates_worse_is_not_put_to_use(make_napari_viewer, qtbot, tmp_path, monkeypatch):
+    """Trained on wrong labels (background marked as nucleus), validated on a correctly labelled plane:
+    the new model is saved but the bundled model stays in use, until the user says otherwise."""
+    from napari_nuclei_unet.training import split_validation
+
+    monkeypatch.setattr(finetune_module, "show_info", lambda message: None)
+    fields = [nuclei_field((128, 160), count=14, diameter=20, seed=seed) for seed in (31, 32, 33, 34)]
+    _, held = split_validation(list(range(4)), FINETUNE_DEFAULTS.val_fraction, FINETUNE_DEFAULTS.seed)
+    labels = np.stack([truth if i in held else (truth == 0).astype(np.int32) for i, (_, truth) in enumerate(fields)])
+    viewer = make_napari_viewer()
+    viewer.add_image(np.stack([image for image, _ in fields]), name="cells")
+    viewer.add_labels(labels, name="cells nuclei")
+    _dock, segment = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment nuclei")
+    _dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Fine-tune")
+    qtbot.waitUntil(lambda: "nuclei-unet-default" in widget.model.summary.value and widget.hub.idle, timeout=TIMEOUT_MS)
+    widget.output_folder.value, widget.model_name.value = str(tmp_path / "models"), "wrong"
+    widget.epochs.value, widget.iterations.value = 2, 5
+    widget.patch_size.value, widget.batch_size.value, widget.learning_rate.value = 64, 4, 3e-3
+    widget.keep_other_types.value = False
+    bundled = segment.model.path()
+    widget.start()
+    wait(widget, qtbot)
+    out = tmp_path / "models" / "wrong"
+    assert (out / "model.safetensors").is_file()  # kept on disk
+    assert "no better" in widget.status.value and "not put to use" in widget.status.value, widget.status.value
+    assert segment.model.path() == bundled and widget.model.path() == bundled  # nothing switched
+    assert not widget.use_anyway_button.native.isHidden() and widget.use_anyway_button.enabled  # shown, usable
+    widget.use_anyway()  # the user's call, both numbers seen
+    assert segment.model.path() == widget.model.path() == str(out / "model.safetensors")
+    assert widget.use_anyway_button.native.isHidden()
+    qtbot.waitUntil(  # both widgets load it (no load left running when the viewer closes)
+        lambda: widget.hub.idle and "wrong" in widget.model.summary.value and "wrong" in segment.model.summary.value,
+        timeout=TIMEOUT_MS,
+    )

@@ -199,6 +199,15 @@ def _help(name: str) -> str:
     return field_metadata(TrainConfig, name)["help"]
 
 
+def _gain(event: TrainEvent) -> tuple[str, bool | None]:
+    """What validation said of a finished run, and whether it beat the starting model (None: not measured)."""
+    if event.start_score is None or event.best_score is None:
+        return "the gain is unmeasured (no held-out images to validate on: add more pairs to measure it)", None
+    scores = f"validation score {event.best_score:.3f} against {event.start_score:.3f} for the starting model"
+    better = event.best_score > event.start_score
+    return (f"better: {scores}" if better else f"no better: {scores}"), better
+
+
 def _config_control(name: str, label: str):
     """A spin box for a :class:`TrainConfig` field: the fine-tuning default, the field's range and help."""
     meta = field_metadata(TrainConfig, name)
@@ -272,6 +281,8 @@ class FineTuneWidget(Container):
             "starting model"
         )
         self.resegment_button = PushButton(text="Segment again with the new model", enabled=False)
+        self.use_anyway_button = PushButton(text="Use the new model anyway", visible=False, enabled=False)
+        self.use_anyway_button.tooltip = "the run validated no better than the model it started from; use it anyway"
         self.export_button = PushButton(text="Export for bioimage.io…", enabled=False)
         self.export_button.tooltip = (
             "write the chosen model as a bioimage.io Model Zoo package (.zip) for deepImageJ, ilastik, QuPath, Fiji "
@@ -315,6 +326,7 @@ class FineTuneWidget(Container):
             ]
         )
         self.native.layout().addWidget(self.plot)
+        self.append(self.use_anyway_button)
         self.append(self.resegment_button)
         self.append(self.export_button)
 
@@ -331,6 +343,7 @@ class FineTuneWidget(Container):
             lambda text: _unless_closed(setattr, self.status, "value", f"exporting for bioimage.io: {text}…")
         )
         self._export_worker = None
+        self._rejected: str | None = None  # a finished model that validated no better than its start
         self._finetunable = True  # the chosen model is one of ours (a foreign bioimage.io package is not)
         self.native.destroyed.connect(self._cancel.set)  # the window closed: stop training after this step
 
@@ -341,6 +354,7 @@ class FineTuneWidget(Container):
         self.start_button.changed.connect(self.start)
         self.cancel_button.changed.connect(self.cancel)
         self.resegment_button.changed.connect(self.resegment)
+        self.use_anyway_button.changed.connect(self.use_anyway)
         self.export_button.changed.connect(self.export)
         self.model.on_loaded = self._on_model_loaded
         self.advanced.changed.connect(self._show_advanced)
@@ -444,6 +458,8 @@ class FineTuneWidget(Container):
         if not self.hub.start_or_wait(FINETUNE_JOB, self.start, lambda text: setattr(self.status, "value", text)):
             return
         self._cancel.clear()
+        self._rejected = None  # a new run: the last one's "use anyway" no longer applies
+        self.use_anyway_button.visible = self.use_anyway_button.enabled = False
         validated = request.val is None
         self.plot.clear("" if validated else "no validation score: one image, nothing is held out")
         self.start_button.enabled = False
@@ -515,11 +531,33 @@ class FineTuneWidget(Container):
                 "it)"
             )
             return
-        self.status.value = f"done: {took}. Saved to {request.out_dir}"
-        show_info(f"Fine-tune done: model saved to {request.out_dir}")
-        self.model.use_checkpoint_folder(str(request.out_dir))  # the next round of corrections starts from it
-        self.hub.model_saved.emit(str(request.out_dir))
+        verdict, better = _gain(event)
+        if better is False:  # validated, and no better than where it started: kept on disk, not put to use
+            self._rejected = str(request.out_dir)
+            self.use_anyway_button.visible = self.use_anyway_button.enabled = True
+            self.status.value = (
+                f"done: {took}. {verdict}, so it is saved in {request.out_dir} but not put to use ('Use the new model "
+                "anyway' switches to it)"
+            )
+            show_info(f"Fine-tune done: {verdict}; the model in use stays")
+            return
+        self.status.value = f"done: {took}. {verdict}. Saved to {request.out_dir}, now in use"
+        show_info(f"Fine-tune done: {verdict}; model saved to {request.out_dir} and put to use")
+        self._put_to_use(str(request.out_dir))
+
+    def _put_to_use(self, folder: str) -> None:
+        """The new model for the next round of corrections here and for the Segment widget."""
+        self.model.use_checkpoint_folder(folder)
+        self.hub.model_saved.emit(folder)
         self.resegment_button.enabled = self.hub.receivers(self.hub.segment_requested) > 0
+        self.use_anyway_button.visible = self.use_anyway_button.enabled = False
+
+    def use_anyway(self, *_) -> None:
+        """Put a fine-tuned model to use that validated no better than its start: the user's call, both numbers seen."""
+        if self._rejected is not None:
+            folder, self._rejected = self._rejected, None
+            self.status.value = f"using {folder} (your choice; it validated no better than the model it started from)"
+            self._put_to_use(folder)
 
     def _on_error(self, error: Exception) -> None:
         self.status.value = f"failed: {error}"
