@@ -581,3 +581,27 @@ def test_a_model_zoo_package_picked_from_file_segments_at_the_images_own_scale(v
     widget.model.source.value = "bundled default"
     qtbot.waitUntil(lambda: "nuclei-unet-default" in widget.model.summary.value and widget.hub.idle, timeout=TIMEOUT_MS)
     assert widget.auto_diameter.enabled
+
+
+@pytest.mark.parametrize("how", ["in place", "replaced"])
+def test_edits_that_are_not_paint_events_are_kept_too(viewer_and_widget, qtbot, how):
+    """Issue #34, item 2: ``layer.data[mask] = 0`` (console, script, plugin), then a nudge of 'split height':
+    the live re-label brought the nucleus back, and the layer was never marked edited."""
+    viewer, widget = viewer_and_widget
+    viewer.open_sample(PLUGIN, "synthetic_nuclei")
+    widget.image_layer.value = viewer.layers["synthetic nuclei"]
+    run_and_wait(widget, qtbot)
+    nuclei = viewer.layers["synthetic nuclei nuclei"]
+    removed = int(nuclei.data.max())
+    if how == "in place":
+        nuclei.data[nuclei.data == removed] = 0
+    else:
+        nuclei.data = np.where(nuclei.data == removed, 0, nuclei.data)
+    edited = nuclei.data.copy()
+    widget.split_h.value = widget.split_h.value + 0.3
+    qtbot.wait(widget._relabel_timer.interval() + 300)
+    qtbot.waitUntil(lambda: widget._relabel_worker is None, timeout=10_000)
+    assert np.array_equal(nuclei.data, edited) and not (nuclei.data == removed).any()
+    assert "your edits" in widget.status.value
+    run_and_wait(widget, qtbot)  # Segment keeps the edited layer aside
+    assert np.array_equal(viewer.layers["synthetic nuclei nuclei (edited)"].data, edited)

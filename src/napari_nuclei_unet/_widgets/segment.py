@@ -613,7 +613,7 @@ class SegmentWidget(Container):
             self._relabel_again = True
             return
         nuclei = f"{cache.layer.name} nuclei"
-        if nuclei in self.viewer.layers and self.viewer.layers[nuclei].metadata.get("nuclei_unet", {}).get("edited"):
+        if nuclei in self.viewer.layers and is_edited(self.viewer.layers[nuclei]):
             self.status.value = (
                 f"not re-labelled: '{elide_middle(nuclei)}' has your edits. Press Segment to apply these settings "
                 f"(fast, from cached probabilities); your edited layer is then kept as '… nuclei (edited)'"
@@ -661,7 +661,7 @@ class SegmentWidget(Container):
                 target = data if index is None else data[index]
                 if planes[position] is not None:
                     target[...] = planes[position]
-            layer.metadata["nuclei_unet"] = {**metadata, "edited": False}
+            layer.metadata["nuclei_unet"] = {**metadata, "edited": False, "written": _digest(layer.data)}
             layer.refresh()
         count = sum(int(labels.max()) for _mask, labels in labelled.values())
         if self.show_probability.value:
@@ -686,7 +686,7 @@ class SegmentWidget(Container):
         ):
             existing.name = f"{name} (previous)"
             existing = None
-        if existing is not None and existing.metadata.get("nuclei_unet", {}).get("edited"):
+        if existing is not None and is_edited(existing):
             existing.name = f"{name} (edited)"
             show_warning(f"Kept your edited layer as '{existing.name}'; new results are in '{name}'")
             existing = None
@@ -703,6 +703,21 @@ class SegmentWidget(Container):
         if hasattr(layer.events, "paint"):
             layer.events.paint.connect(lambda *_: layer.metadata.setdefault("nuclei_unet", {}).update(edited=True))
         return layer
+
+
+def is_edited(layer) -> bool:
+    """Whether a result layer holds edits: painted, or its data changed in any other way (the console, a
+    script, another plugin) since the widget wrote it. Such a layer is never overwritten."""
+    meta = layer.metadata.get("nuclei_unet", {})
+    return bool(meta.get("edited")) or ("written" in meta and _digest(layer.data) != meta["written"])
+
+
+def _digest(data) -> str:
+    """A fingerprint of a layer's labels, to tell later whether anything changed them."""
+    import hashlib
+
+    array = np.ascontiguousarray(np.asarray(data))
+    return hashlib.blake2b(array.view(np.uint8).ravel(), digest_size=16).hexdigest() + f"|{array.dtype}|{array.shape}"
 
 
 def _is_2d(layer: Image) -> bool:
