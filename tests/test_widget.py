@@ -379,7 +379,8 @@ def test_a_run_whose_image_layer_is_closed_lands_nowhere(viewer_and_widget, qtbo
     widget._relay.message.connect(remove_first)
     run_and_wait(widget, qtbot)
     assert [layer.name for layer in viewer.layers] == ["second"]
-    assert "discarded" in widget.status.value and "closed" in widget.status.value
+    # stopped at the next tile (or, had it ended first, its result discarded): either way said plainly
+    assert "closed" in widget.status.value and ("stopped" in widget.status.value or "discarded" in widget.status.value)
 
 
 def test_a_control_changed_during_a_run_is_applied_when_it_finishes(viewer_and_widget, qtbot):
@@ -605,3 +606,29 @@ def test_edits_that_are_not_paint_events_are_kept_too(viewer_and_widget, qtbot, 
     assert "your edits" in widget.status.value
     run_and_wait(widget, qtbot)  # Segment keeps the edited layer aside
     assert np.array_equal(viewer.layers["synthetic nuclei nuclei (edited)"].data, edited)
+
+
+def test_a_newly_opened_image_is_the_one_segmented(viewer_and_widget, qtbot):
+    """Issue #34, item 5: after opening the IHC sample, Segment re-segmented the old, hidden image."""
+    viewer, widget = viewer_and_widget
+    viewer.open_sample(PLUGIN, "synthetic_nuclei")
+    widget.show_probability.value = True  # our own result layers (an Image among them) are not "opened"
+    run_and_wait(widget, qtbot)
+    assert widget.image_layer.value is viewer.layers["synthetic nuclei"]
+    viewer.open_sample(PLUGIN, "immunohistochemistry")
+    assert widget.image_layer.value is viewer.layers["immunohistochemistry"]
+
+
+def test_closing_the_image_stops_its_run(viewer_and_widget, qtbot):
+    """Issue #34, item 6: closing the image mid-run left 'segmenting …' running for 18 s, Segment disabled."""
+    viewer, widget = viewer_and_widget
+    image, _ = nuclei_field((1536, 1536), count=400, diameter=20, seed=5)
+    layer = viewer.add_image(image, name="big")
+    widget.tile_size.value = 256  # many tiles: the run is still going when the layer is closed
+    widget.run()
+    qtbot.waitUntil(lambda: widget._progress is not None and widget._progress.n > 0, timeout=TIMEOUT_MS)
+    viewer.layers.remove(layer)
+    qtbot.waitUntil(lambda: widget._worker is None and widget.hub.idle, timeout=30_000)
+    assert widget.status.value == "stopped: the image layer was closed"
+    assert not [name for name in (x.name for x in viewer.layers) if name.startswith("big ")]
+    assert widget.run_button.enabled

@@ -282,6 +282,8 @@ class SegmentWidget(Container):
     def _create_run_state(self) -> None:
         """What a run and live re-labelling keep between events."""
         self._cache: _Cache | None = None
+        self._running_layer = None  # the image layer the current run segments
+        self._adding_results = False  # our own result layers are being added (not an image the user opened)
         self._cancel_event = threading.Event()
         self._worker = None
         self._relabel_worker = None
@@ -318,7 +320,9 @@ class SegmentWidget(Container):
         ):
             control.changed.connect(self._schedule_relabel)
         self.viewer.layers.events.inserted.connect(self.reset_choices)
+        self.viewer.layers.events.inserted.connect(self._pick_new_image)
         self.viewer.layers.events.removed.connect(self.reset_choices)
+        self.viewer.layers.events.removed.connect(self._stop_if_source_closed)
         self.hub.model_saved.connect(self.model.use_checkpoint_folder)
         self.hub.segment_requested.connect(self.run)
         self.model.on_choice = self._share_model
@@ -486,6 +490,7 @@ class SegmentWidget(Container):
         if not self.hub.start_or_wait(SEGMENT_JOB, self.run, lambda text: setattr(self.status, "value", text)):
             return
         self._cancel_event.clear()
+        self._running_layer = layer
         self.run_button.enabled = False
         self.cancel_button.enabled = True
         self.status.value = f"segmenting {layer.name}…"
@@ -511,6 +516,18 @@ class SegmentWidget(Container):
         self._cancel_event.set()
         self.status.value = "cancelling…"
 
+    def _pick_new_image(self, event) -> None:
+        """An image the user opens is the one Segment works on next (not the one picked before it)."""
+        layer = getattr(event, "value", None)
+        if isinstance(layer, Image) and not self._adding_results and layer in self.viewer.layers:
+            self.image_layer.value = layer
+
+    def _stop_if_source_closed(self, event) -> None:
+        """The image being segmented was closed: stop the run at the next tile, instead of finishing it for nothing."""
+        if self._worker is not None and getattr(event, "value", None) is self._running_layer:
+            self._cancel_event.set()
+            self.status.value = "stopping: the image layer being segmented was closed"
+
     def _on_progress(self, message: tuple[int, int]) -> None:
         done, total = message
         if self._progress is not None:
@@ -520,7 +537,8 @@ class SegmentWidget(Container):
 
     def _on_error(self, error: Exception) -> None:
         if isinstance(error, Cancelled):
-            self.status.value = "cancelled; layers unchanged"
+            closed = self._running_layer is not None and self._running_layer not in self.viewer.layers
+            self.status.value = "stopped: the image layer was closed" if closed else "cancelled; layers unchanged"
             show_info("Segment nuclei: cancelled; no layers were changed")
         else:
             self.status.value = f"failed: {error}"
@@ -530,7 +548,7 @@ class SegmentWidget(Container):
         if self._progress is not None:
             self._progress.close()
             self._progress = None
-        self._worker = None
+        self._worker = self._running_layer = None
         self.run_button.enabled = True
         self.cancel_button.enabled = False
         _unless_closed(self.hub.finish, SEGMENT_JOB)
@@ -649,6 +667,13 @@ class SegmentWidget(Container):
     def _write_layers(self, labelled: dict, params: PostprocessParams, used: dict, features: dict | None = None) -> int:
         """Write planes ``{index: (mask, labels)}`` into the result layers, and the measurements of a
         2D image's nuclei into the nuclei layer's ``features``; returns the nucleus count."""
+        self._adding_results = True
+        try:
+            return self._write_result_layers(labelled, params, used, features)
+        finally:
+            self._adding_results = False
+
+    def _write_result_layers(self, labelled: dict, params: PostprocessParams, used: dict, features) -> int:
         cache = self._cache
         source = cache.layer
         shape = _spatial_shape(source, cache.channel)
