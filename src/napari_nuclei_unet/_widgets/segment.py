@@ -98,17 +98,15 @@ class _Cache:
     """Probabilities of one source layer: ``None`` -> whole 2D image, int -> stack plane."""
 
     layer: Image
-    data: Any
-    key: CacheKey
+    request: SegmentRequest  # the latest run on them (same layer data and network key): re-labelling repeats it
     outputs: tuple[str, ...]
     model_name: str
-    min_confidence: float  # the model's own (calibrated) value, for "auto"
-    channel: int | None = None
-    image: Any = None  # what was segmented (the channel, for a multichannel layer): measured for the features table
-    pixel_size: float | None = None
     used: dict = field(default_factory=dict)  # what "auto" became in the run (Segmentation.record)
-    request: SegmentRequest | None = None  # the run the probabilities came from: re-labelling repeats it
     planes: dict[int | None, PlanePrediction] = field(default_factory=dict)
+
+    @property
+    def key(self) -> CacheKey:
+        return self.request.network_key()
 
 
 class SegmentWidget(Container):
@@ -558,7 +556,7 @@ class SegmentWidget(Container):
         return (
             cache is not None
             and cache.layer is layer
-            and cache.data is request.source
+            and cache.request.source is request.source
             and cache.key == request.network_key()
         )
 
@@ -573,17 +571,7 @@ class SegmentWidget(Container):
             return
         used = {**result.record(), "channel": request.channel}
         if not self._cache_matches(layer, request):
-            self._cache = _Cache(
-                layer,
-                request.source,
-                request.network_key(),
-                checkpoint.outputs,
-                checkpoint.name,
-                checkpoint.min_confidence,
-                request.channel,
-                request.image,
-                request.pixel_size,
-            )
+            self._cache = _Cache(layer, request, checkpoint.outputs, checkpoint.name)
         self._cache.used, self._cache.request = used, request
         self._cache.planes.update({i: p.prediction for i, p in result.planes.items() if p.prediction is not None})
         written = self._write_layers(
@@ -676,7 +664,7 @@ class SegmentWidget(Container):
     def _write_result_layers(self, labelled: dict, params: PostprocessParams, used: dict, features) -> int:
         cache = self._cache
         source = cache.layer
-        shape = _spatial_shape(source, cache.channel)
+        shape = _spatial_shape(source, cache.request.channel)
         metadata = result_metadata(cache.model_name, cache.key, params, used, image_id(source))
         layers = {}
         for suffix, position, dtype in (("nuclei", 1, np.int32), ("mask", 0, np.uint8)):

@@ -149,7 +149,10 @@ def train_steps(
     too, keeping the best model so far (``training_state.pt`` allows resuming).
     """
     run = _start(checkpoint, train, Path(out_dir), val, config or TrainConfig(), resume, base_model, data_description)
-    stopped = lambda: cancel is not None and cancel()  # noqa: E731
+
+    def stopped() -> bool:
+        return cancel is not None and cancel()
+
     if run.val and run.start_epoch == 0:  # what training has to beat: a cancelled run is kept only if it did
         by_type = validate_by_type(checkpoint, run.val, str(run.device))
         run.start_score = _selection(run.config, by_type)
@@ -157,7 +160,9 @@ def train_steps(
         yield run.event("start", float("nan"), scores=by_type["all"])
     cancelled = stopped()
     try:
-        for epoch in range(run.start_epoch + 1, run.config.epochs + 1) if not cancelled else ():
+        for epoch in range(run.start_epoch + 1, run.config.epochs + 1):
+            if cancelled:  # at the start event
+                break
             run.epoch, losses = epoch, []
             for _ in range(run.config.iterations_per_epoch):
                 losses.append(_step(run))  # how well the labels are fitted (BCE + Dice), without the anchor's penalty
