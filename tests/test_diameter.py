@@ -15,10 +15,10 @@ from napari_nuclei_unet.io import write_labels
 from napari_nuclei_unet.metrics import evaluate
 from napari_nuclei_unet.model import Checkpoint, bundled_model_path
 from napari_nuclei_unet.params import SegmentParams, TilingParams
-from napari_nuclei_unet.plane import estimate_diameter, label_plane
+from napari_nuclei_unet.plane import label_plane
 from napari_nuclei_unet.postprocess import instances, with_threshold
 from napari_nuclei_unet.scale import SIZE_BAND, measure_nuclei, rescale_factor
-from napari_nuclei_unet.segment import segment, segment_planes
+from napari_nuclei_unet.segment import estimate_diameter, segment, segment_planes
 from napari_nuclei_unet.synthetic import nuclei_field
 
 
@@ -89,7 +89,7 @@ def test_given_diameter_skips_the_estimate(bundled, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("estimated although a diameter was given")
 
-    monkeypatch.setattr(segment_module, "estimate_diameter", fail)
+    monkeypatch.setattr(segment_module, "estimate_on_plane", fail)
     image, _ = nuclei_field((200, 240), count=10, diameter=40, seed=13)
     result = segment(bundled, image, SegmentParams(diameter=40.0))
     assert result.diameter == 40.0 and result.factor == pytest.approx(SIZE_BAND[1] * bundled.nucleus_diameter / 40.0)

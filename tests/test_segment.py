@@ -85,17 +85,17 @@ def test_auto_stain_follows_the_detected_image_type_and_the_model(tiny_checkpoin
     from napari_nuclei_unet.segment import resolve
 
     tissue = _purple_tissue()
-    params, _ = resolve(tiny_checkpoint, tissue, SegmentParams(diameter=None))
+    params = resolve(tiny_checkpoint, tissue, SegmentParams(diameter=None)).params
     assert (params.image_type, params.stain) == ("tissue", "hematoxylin")  # a model that records nothing: v1's choice
     tiny_checkpoint.metadata["stain_by_image_type"] = {"tissue": "none"}
-    params, _ = resolve(tiny_checkpoint, tissue, SegmentParams(diameter=None))
+    params = resolve(tiny_checkpoint, tissue, SegmentParams(diameter=None)).params
     assert (params.image_type, params.stain) == ("tissue", "none")  # what this model reads best
     grey = tissue.mean(-1).astype(np.uint8)
-    assert resolve(tiny_checkpoint, grey, SegmentParams(diameter=None))[0].image_type == "brightfield"
-    assert resolve(tiny_checkpoint, 255 - grey, SegmentParams(diameter=None))[0].image_type == "fluorescence"
-    forced = resolve(tiny_checkpoint, grey, SegmentParams(diameter=None, image_type="tissue"))[0]
+    assert resolve(tiny_checkpoint, grey, SegmentParams(diameter=None)).params.image_type == "brightfield"
+    assert resolve(tiny_checkpoint, 255 - grey, SegmentParams(diameter=None)).params.image_type == "fluorescence"
+    forced = resolve(tiny_checkpoint, grey, SegmentParams(diameter=None, image_type="tissue")).params
     assert (forced.image_type, forced.stain) == ("tissue", "none")  # a grey image has no hematoxylin channel
-    explicit = resolve(tiny_checkpoint, tissue, SegmentParams(diameter=None, stain="hematoxylin"))[0]
+    explicit = resolve(tiny_checkpoint, tissue, SegmentParams(diameter=None, stain="hematoxylin")).params
     assert explicit.stain == "hematoxylin"
     record = segment_planes(tiny_checkpoint, tissue, SegmentParams(diameter=None)).record()
     assert (record["image_type"], record["stain"]) == ("tissue", "none")

@@ -14,16 +14,16 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from .errors import Cancelled, InputError, NucleiUnetError, describe
-from .io import check_image_layout, is_single_plane, read_image, write_labels
+from .io import check_image_layout, file_stack, is_single_plane, read_image, write_labels
 from .model import Checkpoint
-from .params import BlockParams, SegmentParams
-from .segment import segment_planes
+from .params import AUTO, BlockParams, SegmentParams
+from .segment import resolve, segment_planes
 from .tiling import CancelCheck, ProgressCallback
 
 # "geojson": the TIFF labels and, beside them, the nuclei as GeoJSON polygons (QuPath).
@@ -150,8 +150,9 @@ def _segment_file(
     image = open_image(source, params.blocks)
     target = output_path(out_dir, source, out_format)
     single = is_single_plane(image)
+    params = _with_file_stack(params, source, single)
     shape = tuple(image.shape[:2]) if single else tuple(image.shape[:3])
-    large = params.blocks.is_large(shape[-2:])
+    resolved = resolve(checkpoint, image, params, progress=progress, cancel=cancel)
     target.parent.mkdir(parents=True, exist_ok=True)
     if out_format == "zarr":
         import zarr
@@ -162,13 +163,15 @@ def _segment_file(
             str(partial), mode="w", shape=shape, chunks=(1,) * (len(shape) - 2) + (1024, 1024), dtype="int32"
         )
         try:
-            result = segment_planes(checkpoint, image, params, labels_out=labels_out, progress=progress, cancel=cancel)
-            extra = _write_extra_outputs(image, labels_out, out_dir, source, extras)
+            result = segment_planes(
+                checkpoint, image, resolved, labels_out=labels_out, progress=progress, cancel=cancel
+            )
+            extra = _write_extra_outputs(image, labels_out, out_dir, source, extras, result)
             shutil.rmtree(target, ignore_errors=True)
             os.replace(partial, target)
         finally:
             shutil.rmtree(partial, ignore_errors=True)
-    elif large:  # labels on disk, then streamed into a tiled TIFF: memory stays flat
+    elif resolved.large:  # labels on disk, then streamed into a tiled TIFF: memory stays flat
         import zarr
 
         with tempfile.TemporaryDirectory(prefix=f".{target.name}.", dir=target.parent) as scratch:
@@ -176,13 +179,15 @@ def _segment_file(
             labels_out = zarr.open_array(
                 str(Path(scratch) / "labels.zarr"), mode="w", shape=shape, chunks=chunks, dtype="int32"
             )
-            result = segment_planes(checkpoint, image, params, labels_out=labels_out, progress=progress, cancel=cancel)
+            result = segment_planes(
+                checkpoint, image, resolved, labels_out=labels_out, progress=progress, cancel=cancel
+            )
             write_labels(target, labels_out, max_label=result.max_label)
-            extra = _write_extra_outputs(image, labels_out, out_dir, source, extras)
+            extra = _write_extra_outputs(image, labels_out, out_dir, source, extras, result)
     else:
-        result = segment_planes(checkpoint, image, params, progress=progress, cancel=cancel)
+        result = segment_planes(checkpoint, image, resolved, progress=progress, cancel=cancel)
         write_labels(target, np.asarray(result.labels), max_label=result.max_label)
-        extra = _write_extra_outputs(image, np.asarray(result.labels), out_dir, source, extras)
+        extra = _write_extra_outputs(image, np.asarray(result.labels), out_dir, source, extras, result)
     return FileResult(
         str(source),
         str(target),
@@ -197,32 +202,56 @@ def _segment_file(
     )
 
 
+def _with_file_stack(params: SegmentParams, source: Path, single: bool) -> SegmentParams:
+    """``params`` with an "auto" stack (and no voxel size) taken from the file's own axes (ImageJ, OME)."""
+    if single or params.stack != AUTO:
+        return params
+    stack, voxel_size = file_stack(source)
+    if stack == AUTO:
+        log.warning(
+            "%s: a stack whose file does not say Z or T: segmented as separate planes (--axes ZYX: a Z-stack)", source
+        )
+    return replace(params, stack=stack, voxel_size=params.voxel_size or voxel_size)
+
+
 def measurements_path(out_dir: str | os.PathLike, source: str | os.PathLike) -> Path:
     return Path(out_dir) / f"{Path(source).stem}_nuclei.csv"
 
 
-def _write_extra_outputs(image, labels, out_dir, source: Path, extras: tuple[str, ...]) -> list[str]:
+def _write_extra_outputs(image, labels, out_dir, source: Path, extras: tuple[str, ...], result=None) -> list[str]:
     """The :data:`EXTRA_OUTPUTS` named in ``extras``, from the labels in hand: measured once, for
-    the measurements table and the polygons alike. Returns the files written."""
+    the measurements table and the polygons alike. Returns the files written. A Z-stack
+    labelled in 3D (``result.volume``) is measured in 3D."""
     from .measure import measure
 
     unknown = sorted(set(extras) - set(EXTRA_OUTPUTS))
     if unknown:
         raise ValueError(f"unknown extra outputs {unknown}; choose from {', '.join(EXTRA_OUTPUTS)}")
-    if not extras:
-        return []
     single = is_single_plane(image)
     planes = [labels] if single else [labels[i] for i in range(labels.shape[0])]  # zarr stays lazy: measured in strips
+    written = []
+    if result is not None and result.volume and "measurements" in extras:  # one row per nucleus in 3D
+        written.append(_write_volume_measurements(Path(out_dir), source, image, labels, result.params.voxel_size))
+        extras = tuple(name for name in extras if name != "measurements")
     if "measurements" in extras:
         images = [image] if single else [image[i] for i in range(len(planes))]
         tables = [measure(plane, picture) for plane, picture in zip(planes, images)]
     else:
         tables = [None] * len(planes)
-    written = []
     for name in EXTRA_OUTPUTS:  # in this order, whatever the order asked for
         if name in extras:
             written += EXTRA_OUTPUTS[name](Path(out_dir), source, planes, tables, single)
     return written
+
+
+def _write_volume_measurements(out_dir: Path, source: Path, image, labels, voxel_size) -> str:
+    """``<stem>_nuclei.csv`` of a Z-stack labelled in 3D (``measure.measure_volume``)."""
+    from .measure import measure_volume, write_measurements_csv
+
+    grey = np.asarray(image) if len(image.shape) == 3 else None
+    path = measurements_path(out_dir, source)
+    write_measurements_csv(path, measure_volume(labels, grey, voxel_size))
+    return str(path)
 
 
 def _write_measurements(out_dir: Path, source: Path, planes, tables, single: bool) -> list[str]:

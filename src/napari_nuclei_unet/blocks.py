@@ -28,12 +28,10 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .errors import Cancelled
-from .io import sample_step
+from .io import Normalizer, sample_step
 from .model import Checkpoint
-from .params import SegmentParams
-from .plane import pixel_centres, plane_normalizer, predict_plane
+from .plane import Resolved, pixel_centres, predict_plane
 from .postprocess import drop_small_labels, instances, resolve_threshold
-from .scale import DiameterEstimate, rescale_factor
 from .tiling import CancelCheck, ProgressCallback
 
 # Probability stores larger than this many pixels are kept on disk.
@@ -108,8 +106,8 @@ class _Grid:
 def segment_large(
     checkpoint: Checkpoint,
     plane,
-    params: SegmentParams,
-    estimate: DiameterEstimate,
+    resolved: Resolved,
+    normalizer: Normalizer,
     labels_out,
     progress: ProgressCallback | None = None,
     cancel: CancelCheck | None = None,
@@ -117,10 +115,10 @@ def segment_large(
 ) -> BlockResult:
     """Segment one 2D plane block by block into ``labels_out`` (numpy or zarr, zeros).
 
-    ``params`` come resolved (``segment.resolve``): a numeric min confidence, and the
-    nucleus size in ``estimate``. ``progress(done, total)`` counts blocks over both passes.
+    ``resolved`` holds every decision (``segment.resolve``); ``normalizer`` is the whole
+    plane's. ``progress(done, total)`` counts blocks over both passes.
     """
-    factor = rescale_factor(checkpoint, estimate.diameter)
+    params, factor = resolved.params, resolved.factor
     # Small nuclei are zoomed up and, as for whole planes (plane.label_plane), separated on
     # the network's finer grid: the probability store then holds that grid, and blocks are
     # smaller in image pixels so that they stay as large on it.
@@ -137,12 +135,12 @@ def segment_large(
 
     store, folder = _probability_store((len(checkpoint.outputs), *grid.grid), workdir)
     try:
-        _predict_blocks(checkpoint, plane, params, estimate, grid, cores, store, step, cancel)
+        _predict_blocks(checkpoint, plane, resolved, normalizer, grid, cores, store, step, cancel)
         # One threshold for the whole plane, so that blocks agree at their borders.
         stride = sample_step(*grid.grid)
         sample = np.asarray(store[checkpoint.outputs.index("foreground"), ::stride, ::stride])
         postprocess = replace(params.postprocess, threshold=resolve_threshold(params.postprocess.threshold, sample))
-        nucleus = estimate.diameter or (checkpoint.nucleus_diameter or 20.0) / factor
+        nucleus = resolved.diameter or (checkpoint.nucleus_diameter or 20.0) / factor
         halo = int(math.ceil(max(64.0 / (factor if grid.fine else 1.0), 3.0 * nucleus)))
 
         def label_step(index: int, blocks: int) -> None:  # the second half of the progress
@@ -156,16 +154,15 @@ def segment_large(
     return BlockResult(count, postprocess.threshold, factor)
 
 
-def _predict_blocks(checkpoint, plane, params, estimate, grid: _Grid, cores, store, step, cancel) -> None:
+def _predict_blocks(checkpoint, plane, resolved: Resolved, normalizer, grid: _Grid, cores, store, step, cancel) -> None:
     """Pass 1: probabilities into ``store``, each block with context beyond the tile overlap (in image
     pixels), as much as the network's field of view needs for its core to match the whole plane."""
-    normalizer = plane_normalizer(checkpoint, plane, params.stain)
-    context = int(math.ceil((params.tiling.overlap + _EXTRA_CONTEXT) / grid.factor))
+    context = int(math.ceil((resolved.params.tiling.overlap + _EXTRA_CONTEXT) / grid.factor))
     scale = grid.scale
     for index, core in enumerate(cores):
         step(index)
         grown = _grow(core, context, *grid.shape)
-        prediction = predict_plane(checkpoint, plane[grown], params, estimate, cancel=cancel, normalizer=normalizer)
+        prediction = predict_plane(checkpoint, plane[grown], resolved, normalizer, cancel=cancel)
         if grid.fine:  # the block's zoomed output (its probabilities if that was too big to keep)
             block = prediction.network if prediction.network is not None else prediction.probabilities
             region = (_span(core[0], scale[0]), _span(core[1], scale[1]))

@@ -21,6 +21,7 @@ import numpy as np
 from . import __version__
 from .errors import Cancelled, InputError, NucleiUnetError, describe, nuclei_text
 from .params import (
+    AUTO,
     BlockParams,
     ExportParams,
     PostprocessParams,
@@ -30,6 +31,7 @@ from .params import (
     cli_fields,
     field_default,
     field_metadata,
+    stack_of_axes,
 )
 
 
@@ -112,6 +114,14 @@ def _add_segment_args(parser: argparse.ArgumentParser) -> None:
     _option(parser, "--image-type", SegmentParams, "image_type")
     _option(parser, "--stain", SegmentParams, "stain")
     _option(parser, "--diameter", SegmentParams, "diameter", type=_diameter)
+    parser.add_argument(
+        "--axes",
+        type=_axes,
+        default=None,
+        help="what a stack's axes are, e.g. ZYX (a Z-stack: nuclei labelled in 3D), TYX (time-lapse or separate "
+        "planes: each labelled on its own), YX, YXC; default: the file's own axes (ImageJ/OME), else separate planes",
+    )
+    _option(parser, "--voxel-size", SegmentParams, "voxel_size", type=_voxel_size)
     _option(parser, "--block-size", BlockParams, "block_size", type=_positive_int)
     _option(parser, "--large-plane", BlockParams, "large_plane", type=_positive_int)
 
@@ -125,7 +135,28 @@ def segment_params(args: argparse.Namespace, device: str) -> SegmentParams:
         image_type=args.image_type,
         stain=args.stain,
         blocks=BlockParams(block_size=args.block_size, large_plane=args.large_plane),
+        stack=stack_of_axes(args.axes) if args.axes else AUTO,
+        voxel_size=args.voxel_size,
     )
+
+
+def _axes(value: str) -> str:
+    axes = value.strip().upper()
+    try:
+        stack_of_axes(axes)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return axes
+
+
+def _voxel_size(value: str) -> tuple[float, float, float]:
+    try:
+        size = tuple(float(part) for part in value.split(","))
+    except ValueError:
+        size = ()
+    if len(size) != 3 or not all(0 < v < float("inf") for v in size):
+        raise argparse.ArgumentTypeError("must be three positive numbers Z,Y,X, e.g. 2.18,1,1")
+    return size
 
 
 def _number(kind, check, wording: str):

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError, check_allocation, describe
+from .params import AUTO, stack_of_axes
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 _TIFF_SUFFIXES = (".tif", ".tiff")
@@ -372,3 +373,30 @@ def image_shape_lookup(folder: str | os.PathLike):
         return None
 
     return shape_of
+
+
+def file_stack(path) -> tuple[str, tuple[float, float, float] | None]:
+    """What a TIFF's own metadata says of its stack: ``(stack, voxel size Z,Y,X)`` (ImageJ hyperstacks, OME-TIFF).
+    ``("auto", None)`` when it says nothing, or for other formats."""
+    import tifffile
+
+    if Path(path).suffix.lower() not in (".tif", ".tiff"):
+        return AUTO, None
+    try:
+        with tifffile.TiffFile(path) as tif:
+            axes = tif.series[0].axes
+            stack = stack_of_axes(axes) if axes[0] in "ZT" else AUTO
+            return stack, _voxel_size(tif) if stack == "z" else None
+    except (tifffile.TiffFileError, OSError, ValueError, IndexError, KeyError):
+        return AUTO, None
+
+
+def _voxel_size(tif) -> tuple[float, float, float] | None:
+    """ImageJ's z spacing with the pixel size from the resolution tags, when both are there."""
+    spacing = (tif.imagej_metadata or {}).get("spacing")
+    page = tif.pages[0]
+    tags = [page.tags.get(name) for name in ("YResolution", "XResolution")]
+    if not spacing or any(tag is None for tag in tags):
+        return None
+    pixel = [tag.value[1] / tag.value[0] for tag in tags if tag.value[0]]
+    return (float(spacing), *pixel) if len(pixel) == 2 else None

@@ -14,6 +14,8 @@ read further down until none of its nuclei touches the strip's lower edge.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .errors import InputError
@@ -109,3 +111,43 @@ def write_measurements_csv(path, table: dict[str, np.ndarray]) -> None:
         writer.writerow(columns)
         for row in zip(*(table[c] for c in columns)):
             writer.writerow([int(v) if c in ("label", "plane") else f"{float(v):.6g}" for c, v in zip(columns, row)])
+
+
+def measure_volume(labels, image=None, voxel_size: tuple[float, float, float] | None = None) -> dict[str, np.ndarray]:
+    """The measurements of every nucleus of a 3D label image ``(Z, Y, X)``, sorted by label.
+
+    Columns: ``label``, ``centroid_z``/``_y``/``_x`` and ``first_plane``/``last_plane`` (voxels),
+    ``volume`` (voxels), ``equivalent_diameter`` (of the ball of that volume, xy pixels), and
+    ``mean_intensity``/``integrated_intensity`` with a grey ``image``. With ``voxel_size``
+    (Z, Y, X in µm): ``volume_um3`` and the centroid in µm.
+    """
+    from skimage.measure import regionprops_table
+
+    labels = np.asarray(labels)
+    if labels.ndim != 3:
+        raise InputError(f"3D measurements need a (Z, Y, X) label image, got shape {labels.shape}")
+    intensity = None if image is None else np.asarray(image)
+    if intensity is not None and intensity.shape != labels.shape:
+        raise InputError(f"image shape {intensity.shape} does not match the labels' {labels.shape}")
+    properties = ["label", "centroid", "area", "bbox"] + (["intensity_mean"] if intensity is not None else [])
+    raw = regionprops_table(labels.astype(np.int64, copy=False), intensity_image=intensity, properties=properties)
+    ratio = 1.0 if voxel_size is None else voxel_size[0] / math.sqrt(voxel_size[1] * voxel_size[2])
+    table = {
+        "label": raw["label"],
+        "centroid_z": raw["centroid-0"],
+        "centroid_y": raw["centroid-1"],
+        "centroid_x": raw["centroid-2"],
+        "first_plane": raw["bbox-0"],
+        "last_plane": raw["bbox-3"] - 1,
+        "volume": raw["area"],
+        "equivalent_diameter": np.cbrt(6.0 * raw["area"] * ratio / np.pi),
+    }
+    if intensity is not None:
+        table["mean_intensity"] = raw["intensity_mean"]
+        table["integrated_intensity"] = raw["intensity_mean"] * raw["area"]
+    if voxel_size is not None:
+        z, y, x = (float(v) for v in voxel_size)
+        table["volume_um3"] = raw["area"] * z * y * x
+        for axis, size in zip("zyx", (z, y, x)):
+            table[f"centroid_{axis}_um"] = table[f"centroid_{axis}"] * size
+    return table

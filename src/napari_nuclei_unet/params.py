@@ -37,8 +37,13 @@ class InputSizes:
 class TilingParams:
     """How to cut the image and run the network."""
 
-    tile_size: int = field(default=1024, metadata={"help": "tile edge in pixels (smaller tiles use less memory)"})
-    overlap: int = field(default=64, metadata={"help": "overlap between tiles in pixels"})
+    tile_size: int = field(
+        default=1024,
+        metadata={"help": "tile edge in pixels (smaller tiles use less memory)", "min": 128, "max": 8192, "step": 32},
+    )
+    overlap: int = field(
+        default=64, metadata={"help": "overlap between tiles in pixels", "min": 0, "max": 1024, "step": 16}
+    )
     batch_size: int = field(default=1, metadata={"help": "tiles per network call"})
     device: str = field(default="auto", metadata={"help": "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps"})
     tta: bool = field(default=False, metadata={"help": "test-time augmentation (the 4 flips: four network passes)"})
@@ -73,9 +78,16 @@ class PostprocessParams:
 
     threshold: Threshold = field(
         default="auto",
-        metadata={"help": "foreground probability threshold in (0, 1), or auto (Otsu's, kept within [0.3, 0.7])"},
+        metadata={
+            "help": "foreground probability threshold in (0, 1), or auto (Otsu's, kept within [0.3, 0.7])",
+            "min": 0.05,
+            "max": 0.95,
+            "step": 0.01,
+        },
     )
-    min_size: int = field(default=15, metadata={"help": "remove nuclei smaller than this many image pixels"})
+    min_size: int = field(
+        default=15, metadata={"help": "remove nuclei smaller than this many image pixels", "min": 0, "max": 100000}
+    )
     hole_size: int = field(
         default=64,
         metadata={
@@ -95,14 +107,20 @@ class PostprocessParams:
         default=0.5,
         metadata={
             "help": "h-maxima height for distance markers, in pixels at the scale the network runs at (higher splits "
-            "fewer nuclei)"
+            "fewer nuclei)",
+            "min": 0.0,
+            "max": 20.0,
+            "step": 0.1,
         },
     )
     min_confidence: Confidence = field(
         default="auto",
         metadata={
             "help": "drop objects whose mean foreground probability is below this (folds, debris); auto: the level "
-            "calibrated for the model, 0: keep all"
+            "calibrated for the model, 0: keep all",
+            "min": 0.0,
+            "max": 0.95,
+            "step": 0.01,
         },
     )
 
@@ -110,6 +128,9 @@ class PostprocessParams:
 AUTO = "auto"
 STAINS = (AUTO, "none", "hematoxylin")
 IMAGE_TYPES = (AUTO, "fluorescence", "brightfield", "tissue")
+# How a stack's first axis is read: a Z-stack (one 3D labelling) or separate planes (a time-lapse,
+# a set of fields; each plane its own labelling). "auto": the file's or layer's axes say, else planes.
+STACKS = (AUTO, "z", "planes")
 
 
 @dataclass
@@ -130,6 +151,20 @@ class BlockParams:
         return int(shape[0]) * int(shape[1]) > self.large_plane
 
 
+def stack_of_axes(axes: str) -> str:
+    """``SegmentParams.stack`` for an axes string (ImageJ/OME letters, e.g. ZYX, TZYX is refused): "z" for a
+    Z-stack, "planes" for a time-lapse or a plain sequence of planes, "auto" for a single plane."""
+    axes = axes.upper()
+    if axes in ("YX", "YXC", "YXS"):
+        return AUTO
+    if len(axes) in (3, 4) and axes[1:3] == "YX" and axes[3:] in ("", "C", "S"):
+        if axes[0] == "Z":
+            return "z"
+        if axes[0] in "TIQ":  # time, or planes of no stated kind
+            return "planes"
+    raise ValueError(f"axes {axes!r} not understood: one of ZYX, TYX (each with C last for colour), YX or YXC")
+
+
 @dataclass
 class SegmentParams:
     """Everything that decides a segmentation, grouped as the user sees it.
@@ -145,7 +180,10 @@ class SegmentParams:
         default=AUTO,
         metadata={
             "help": "typical nucleus diameter in pixels: auto (estimated per image), a number, or none (no rescaling); "
-            "images are rescaled so nuclei match the model's training size"
+            "images are rescaled so nuclei match the model's training size",
+            "min": 0.0,
+            "max": 1000.0,
+            "step": 1.0,
         },
     )
     # What the image shows: dark-field fluorescence, grey brightfield, or stained tissue (H&E,
@@ -167,10 +205,22 @@ class SegmentParams:
         },
     )
     blocks: BlockParams = field(default_factory=BlockParams)
+    stack: str = field(
+        default=AUTO,
+        metadata={
+            "help": "a stack's first axis: z (a Z-stack: nuclei labelled in 3D, one ID through the planes), planes "
+            "(time-lapse or separate fields: each plane labelled on its own), or auto (the file's axes, else planes)",
+            "choices": STACKS,
+        },
+    )
+    # Z, Y, X voxel size of a Z-stack, in any one unit: only the z step over the pixel size is used.
+    voxel_size: tuple[float, float, float] | None = field(
+        default=None, metadata={"help": "a Z-stack's voxel size Z,Y,X in any one unit (e.g. 2.18,1,1); none: cubic"}
+    )
 
     def network_key(self) -> NetworkKey:
         """The parameters that change the probabilities (post-processing does not)."""
-        return NetworkKey(self.tiling, self.diameter, self.image_type, self.stain)
+        return NetworkKey(self.tiling, self.diameter, self.image_type, self.stain, self.stack)
 
 
 @dataclass(frozen=True)
@@ -181,6 +231,7 @@ class NetworkKey:
     diameter: float | str | None
     image_type: str
     stain: str
+    stack: str = AUTO  # a Z-stack's planes share one normaliser
 
 
 def _train(default, help: str, flag: str | None = None, **metadata):
@@ -339,5 +390,6 @@ def field_default(owner: type, name: str):
 
 
 def field_metadata(owner: type, name: str) -> dict:
-    """The ``help`` (and ``choices``) of field ``name``: shared by ``--help`` and the widgets' tooltips."""
+    """The ``help`` (and ``choices``, ``min``/``max``/``step``) of field ``name``: shared by ``--help`` and the
+    widgets' tooltips and control ranges."""
     return dict({f.name: f for f in fields(owner)}[name].metadata)

@@ -22,9 +22,7 @@ from .scale import (
     NETWORK_GRID_MAX_PIXELS,
     RESCALE_TOLERANCE,
     DiameterEstimate,
-    estimate_on_plane,
     predict_zoomed,
-    rescale_factor,
     resize_probabilities,
 )
 from .tiling import CancelCheck, ProgressCallback
@@ -41,6 +39,33 @@ class PlanePrediction:
     # grid. Nuclei are separated there and sampled back (label_plane): the probabilities
     # zoomed back to the image lose the sub-pixel detail of small nuclei (model card).
     network: np.ndarray | None = None
+
+
+PlaneIndex = int | None  # None: a single 2D image; i: plane i of a Z/T stack
+
+
+@dataclass(frozen=True, eq=False)
+class Resolved:
+    """Every decision a segmentation takes before the network runs, made once by ``segment.resolve``
+    and passed down to each plane and block."""
+
+    params: SegmentParams  # image type, stain, diameter and min confidence as values ("auto" threshold: per plane)
+    estimate: DiameterEstimate  # the nucleus size, with the last estimation pass when it covers the plane
+    factor: float  # the zoom the network runs at (scale.rescale_factor)
+    large: bool  # the planes go block by block (BlockParams.is_large)
+    reference: PlaneIndex  # the plane that stood for the image: its type, stain and nucleus size
+    normalizer: Normalizer | None = None  # the reference plane's (a Z-stack's: every plane's), once built
+    volume: bool = False  # a Z-stack: one normaliser for its planes, and nuclei labelled in 3D
+
+    @property
+    def diameter(self) -> float | None:
+        return self.estimate.diameter
+
+    def normalizer_for(self, checkpoint: Checkpoint, plane, index: PlaneIndex) -> Normalizer:
+        """The normaliser of plane ``index`` (the reference plane's, or the Z-stack's, is built once)."""
+        if (self.volume or index == self.reference) and self.normalizer is not None:
+            return self.normalizer
+        return plane_normalizer(checkpoint, plane, self.params.stain)
 
 
 class LabelledPlane(NamedTuple):
@@ -85,52 +110,35 @@ def plane_normalizer(checkpoint: Checkpoint, plane, stain: str = "none") -> Norm
     return checkpoint.normalizer(sample)
 
 
-def estimate_diameter(
-    checkpoint: Checkpoint,
-    plane,
-    params: SegmentParams | None = None,
-    progress: ProgressCallback | None = None,
-    cancel: CancelCheck | None = None,
-) -> DiameterEstimate:
-    """Nucleus diameter of a plane in its own pixels, from the model's own detections.
+def stack_normalizer(checkpoint: Checkpoint, stack, stain: str = "none") -> Normalizer:
+    """One normaliser for every plane of a Z-stack, from a strided sample of up to 16 of its planes.
 
-    The network runs on (a centre crop of) the plane at zoom 1, 1/2, 1/4 and 1/8, and the
-    nuclei it finds are measured at each zoom. A model shown nuclei far larger than it was
-    trained on finds fragments of them, with low confidence; shown nuclei too small, it
-    merges or misses them. The zoom where it is most confident (mean foreground
-    probability) gives the diameter. Confidence rises while the zoom brings nuclei
-    towards the training size and falls past it, so the passes stop at the first fall.
-    Such merges are caught when the zoom-1 nuclei are small enough to be zoomed up: one
-    pass at zoom 2 checks whether they measure the same there, as real nuclei do. The
-    full-size pass is reused when no rescaling is needed. No nuclei found: ``diameter``
-    is None. (Measurements: docs/model-card.md.)
-    """
-    params = resolve_stain(checkpoint, plane, params or SegmentParams())
-    normalizer = plane_normalizer(checkpoint, plane, params.stain)
-    return estimate_on_plane(checkpoint, apply_stain(plane, params.stain), normalizer, params.tiling, progress, cancel)
+    Planes above and below the nuclei then stay as dark as they are, instead of having their
+    noise stretched to the full range as a plane of its own would (docs/zstacks.md)."""
+    count = int(stack.shape[0])
+    picks = np.unique(np.linspace(0, count - 1, min(count, 16)).round().astype(int))
+    step = sample_step(*stack.shape[1:3])
+    sample = np.concatenate([apply_stain(np.asarray(stack[int(i)][::step, ::step]), stain) for i in picks], axis=0)
+    return checkpoint.normalizer(sample)
 
 
 def predict_plane(
     checkpoint: Checkpoint,
     plane,
-    params: SegmentParams,
-    estimate: DiameterEstimate,
+    resolved: Resolved,
+    normalizer: Normalizer,
     progress: ProgressCallback | None = None,
     cancel: CancelCheck | None = None,
-    normalizer: Normalizer | None = None,
 ) -> PlanePrediction:
-    """Probabilities of one 2D plane at its own size, normalised as the checkpoint expects.
+    """Probabilities of one 2D plane (or block) at its own size, normalised by ``normalizer`` (the whole plane's).
 
-    The plane is zoomed so its nuclei (``estimate``, resolved by ``segment.resolve``) match
-    the model's training size, and the probabilities are zoomed back, so post-processing
-    works in the image's own pixels. An estimate whose last pass covered this whole plane
-    at the right zoom is reused instead of running the network again. ``normalizer``
-    passes what was already worked out for a whole large plane.
+    The plane is zoomed by ``resolved.factor`` so its nuclei match the model's training size,
+    and the probabilities are zoomed back, so post-processing works in the image's own pixels.
+    An estimate whose last pass covered this whole plane at that zoom is reused instead of
+    running the network again.
     """
-    params = resolve_stain(checkpoint, plane, params)  # as segment.resolve does (idempotent) when called directly
-    normalizer = normalizer or plane_normalizer(checkpoint, plane, params.stain)
-    plane = apply_stain(plane, params.stain)
-    factor = rescale_factor(checkpoint, estimate.diameter)
+    plane = apply_stain(plane, resolved.params.stain)
+    estimate, factor = resolved.estimate, resolved.factor
     height, width = plane.shape[:2]
     reusable = estimate.probabilities is not None and estimate.probabilities.shape[1:] == _zoomed_shape(
         plane.shape, estimate.zoom
@@ -138,7 +146,7 @@ def predict_plane(
     if reusable and abs(estimate.zoom / factor - 1.0) < RESCALE_TOLERANCE:
         factor, small = estimate.zoom, estimate.probabilities  # the last estimation pass ran at this zoom
     else:
-        small = predict_zoomed(checkpoint, plane, normalizer, params.tiling, factor, progress, cancel)
+        small = predict_zoomed(checkpoint, plane, normalizer, resolved.params.tiling, factor, progress, cancel)
     network = small if factor > 1.0 and small[0].size <= NETWORK_GRID_MAX_PIXELS else None
     return PlanePrediction(resize_probabilities(small, (height, width)), estimate.diameter, factor, network)
 

@@ -121,7 +121,7 @@ def instances(
         surface = -interior
     elif method == "distance":
         distance = ndi.distance_transform_edt(mask).astype(np.float32)
-        markers = _distance_markers(distance, mask, params.h * scale, smoothing=scale)
+        markers = distance_markers(distance, mask, params.h * scale, smoothing=scale)
         surface = -distance
     else:
         raise ValueError(f"markers must be 'distance' or 'boundary', got {params.markers!r}")
@@ -170,14 +170,17 @@ def resolve_min_confidence(value: Confidence, model_level: float) -> float:
     return value
 
 
-def _distance_markers(distance: np.ndarray, mask: np.ndarray, h: float, smoothing: float = 1.0) -> np.ndarray:
+def distance_markers(
+    distance: np.ndarray, mask: np.ndarray, h: float, smoothing: float | tuple[float, ...] = 1.0
+) -> np.ndarray:
     """One marker per h-maximum of the (lightly smoothed) distance map, found object by object.
 
     Most objects are single nuclei with one regional maximum, which is their only
     h-maximum: their markers (the pixels at the object's maximum) are found for all of
     them at once. Only objects with several maxima go through the h-maxima
     reconstruction, on their bounding box. The markers are those of ``h_maxima`` on each
-    object alone, and much faster than ``h_maxima`` on the whole image.
+    object alone, and much faster than ``h_maxima`` on the whole image. Any number of
+    dimensions (``smoothing``: one sigma, or one per axis).
     """
     from skimage.morphology import h_maxima
 

@@ -104,7 +104,7 @@ def estimate_on_plane(
     progress: ProgressCallback | None = None,
     cancel: CancelCheck | None = None,
 ) -> DiameterEstimate:
-    """The nucleus diameter of a plane (already stain-converted) in its own pixels: see ``plane.estimate_diameter``."""
+    """The nucleus diameter of a plane (stain-converted already), in its own pixels: ``segment.estimate_diameter``."""
     best, best_confidence, first, native = None, -1.0, None, None
     zoom = 1.0
     while zoom >= ZOOM_LIMITS[0] and (zoom == 1.0 or min(plane.shape[:2]) * zoom >= _MIN_PASS_SIDE):

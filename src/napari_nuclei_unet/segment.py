@@ -20,17 +20,37 @@ import numpy as np
 
 from .blocks import segment_large
 from .errors import Cancelled, InputError
-from .io import is_single_plane
+from .io import Normalizer, is_single_plane
 from .model import Checkpoint
-from .params import AUTO, IMAGE_TYPES, STAINS, SegmentParams
-from .plane import LabelledPlane, PlanePrediction, estimate_diameter, label_plane, predict_plane, resolve_stain
-from .postprocess import resolve_min_confidence, resolve_threshold
-from .scale import DiameterEstimate, rescale_factor
+from .params import AUTO, IMAGE_TYPES, STACKS, STAINS, SegmentParams
+from .plane import (
+    LabelledPlane,
+    PlaneIndex,
+    PlanePrediction,
+    Resolved,
+    apply_stain,
+    label_plane,
+    plane_normalizer,
+    predict_plane,
+    resolve_stain,
+    stack_normalizer,
+)
+from .postprocess import resolve_min_confidence, resolve_threshold, with_threshold
+from .scale import DiameterEstimate, estimate_on_plane, rescale_factor
 from .tiling import CancelCheck, ProgressCallback
+from .volume import volume_instances, z_ratio
 
-__all__ = ["AUTO", "PlaneResult", "SegmentParams", "Segmentation", "resolve", "segment", "segment_planes"]
-
-PlaneIndex = int | None  # None: a single 2D image; i: plane i of a Z/T stack
+__all__ = [
+    "AUTO",
+    "PlaneResult",
+    "Resolved",
+    "SegmentParams",
+    "Segmentation",
+    "estimate_diameter",
+    "resolve",
+    "segment",
+    "segment_planes",
+]
 
 
 @dataclass
@@ -56,19 +76,32 @@ class Segmentation:
     megapixels: float = 0.0  # pixels the network ran on (cached planes excluded)
     seconds: float = 0.0
     labels_out: object | None = field(default=None, repr=False)
+    # A Z-stack labelled in 3D: its nuclei (IDs 1..N through the planes) and the objects dropped as unsure.
+    volume_count: int | None = None
+    volume_unsure: int = 0
+
+    @property
+    def volume(self) -> bool:
+        return self.volume_count is not None
 
     @property
     def count(self) -> int:
-        """Number of nuclei, summed over planes."""
+        """Number of nuclei: in 3D for a Z-stack, else summed over planes."""
+        if self.volume:
+            return self.volume_count
         return sum(plane.count for plane in self.planes.values())
 
     @property
     def unsure(self) -> int:
         """Objects dropped because the network was unsure of them (min confidence), summed over planes."""
+        if self.volume:
+            return self.volume_unsure
         return sum(plane.unsure for plane in self.planes.values())
 
     @property
     def max_label(self) -> int:
+        if self.volume:
+            return self.volume_count
         return max((plane.count for plane in self.planes.values()), default=0)
 
     @property
@@ -128,63 +161,118 @@ def resolve(
     image,
     params: SegmentParams | None = None,
     plane_indices: list[PlaneIndex] | None = None,
-    keep_pass: bool = False,
     progress: ProgressCallback | None = None,
     cancel: CancelCheck | None = None,
-) -> tuple[SegmentParams, DiameterEstimate]:
-    """``params`` with the "auto" that belong to the image and model made numbers, and the size estimate.
+) -> Resolved:
+    """Every decision the image and the model make for a segmentation, taken once.
 
     * min confidence: the model's calibrated level (0 for a model never calibrated);
     * image type: detected on the middle one of the planes to segment (``data.image_type``);
     * stain: what the model reads best for that image type (``Checkpoint.stain_for``), for RGB
       images; grey images are read as they are;
     * diameter: estimated on the middle one of the planes to segment (a stack shares one
-      scale); None for a model that records no training nucleus size;
+      scale); None for a model that records no training nucleus size; and the zoom it asks for;
+    * whether the planes go block by block;
     * a numeric threshold is checked (an "auto" threshold is per plane: ``label_plane``).
 
-    ``keep_pass``: keep the last estimation pass's probabilities, which ``predict_plane``
-    reuses when they cover the plane; only for one plane, estimated on itself.
+    The last estimation pass's probabilities are kept when they can stand for the one whole
+    plane to segment (``predict_plane`` reuses them).
     """
     params = params or SegmentParams()
     if params.stain not in STAINS:
         raise InputError(f"stain must be one of {', '.join(STAINS)}, got {params.stain!r}")
     if params.image_type not in IMAGE_TYPES:
         raise InputError(f"image type must be one of {', '.join(IMAGE_TYPES)}, got {params.image_type!r}")
-    params = resolve_stain(checkpoint, _middle_plane(image, plane_indices), params)
+    volume = _is_volume(image, params)
+    indices = _plane_indices(image, None if volume else plane_indices)
+    reference = indices[len(indices) // 2]
+    plane = image if reference is None else image[reference]
+    large = params.blocks.is_large(plane.shape[:2])
+    if volume and large:
+        raise InputError(
+            f"planes of {plane.shape[0]} x {plane.shape[1]} px are too large to label in 3D in memory; "
+            "segment them as separate planes (stack 'planes', --axes TYX)"
+        )
+    params = resolve_stain(checkpoint, plane, params)
     try:
         min_confidence = resolve_min_confidence(params.postprocess.min_confidence, checkpoint.min_confidence)
         if params.postprocess.threshold != AUTO:
             resolve_threshold(params.postprocess.threshold, np.zeros(0, np.float32))
     except ValueError as error:
         raise InputError(str(error)) from None
-    estimate = _resolve_diameter(checkpoint, image, params, plane_indices, progress, cancel)
-    if not keep_pass:
+    normalizer = stack_normalizer(checkpoint, image, params.stain) if volume else None
+    estimate, normalizer = _resolve_diameter(checkpoint, plane, params, normalizer, progress, cancel)
+    if len(indices) > 1 or large:
         estimate = DiameterEstimate(estimate.diameter, estimate.zoom)
     resolved = replace(
         params, diameter=estimate.diameter, postprocess=replace(params.postprocess, min_confidence=min_confidence)
     )
-    return resolved, estimate
+    factor = rescale_factor(checkpoint, estimate.diameter)  # a model without a training size can't use one
+    resolved = replace(resolved, stack="z" if volume else "planes" if indices != [None] else params.stack)
+    return Resolved(resolved, estimate, factor, large, reference, normalizer, volume)
 
 
-def _middle_plane(image, plane_indices: list[PlaneIndex] | None):
-    """The plane that stands for the image or for the planes to segment of a stack (they share one scale and type)."""
+def _is_volume(image, params: SegmentParams) -> bool:
+    """Whether the image is a Z-stack labelled in 3D (``stack`` "z"; "auto" is separate planes here: only a
+    file's or a layer's axes can say Z, and the CLI and the widget read them)."""
+    if params.stack not in STACKS:
+        raise InputError(f"stack must be one of {', '.join(STACKS)}, got {params.stack!r}")
+    if params.voxel_size is not None:
+        try:
+            z_ratio(params.voxel_size)
+        except (TypeError, ValueError) as error:
+            raise InputError(str(error)) from None
+    return params.stack == "z" and not is_single_plane(image)
+
+
+def _plane_indices(image, plane_indices: list[PlaneIndex] | None) -> list[PlaneIndex]:
+    """The planes to segment: ``[None]`` for a 2D image, the given ones (all by default) of a stack."""
     if is_single_plane(image):
-        return image
-    indices = plane_indices if plane_indices else list(range(image.shape[0]))
-    return image[indices[len(indices) // 2]]
+        return [None]
+    count = int(image.shape[0])
+    indices = list(range(count)) if plane_indices is None else [int(i) for i in plane_indices]
+    if not indices or any(not 0 <= i < count for i in indices):
+        raise InputError(f"planes {plane_indices} are not within the stack's {count} planes")
+    return indices
 
 
-def _resolve_diameter(checkpoint, image, params, plane_indices, progress, cancel) -> DiameterEstimate:
+def _resolve_diameter(
+    checkpoint, plane, params, normalizer, progress, cancel
+) -> tuple[DiameterEstimate, Normalizer | None]:
+    """The nucleus size, and the plane's normaliser (``normalizer``, or the one built to estimate the size)."""
     diameter = params.diameter
     if diameter != AUTO:
         if isinstance(diameter, str) or (diameter is not None and not float(diameter) > 0):
             raise InputError(f"nucleus diameter must be 'auto', a positive number of pixels or None, got {diameter!r}")
-        estimate = DiameterEstimate(None if diameter is None else float(diameter))
-        rescale_factor(checkpoint, estimate.diameter)  # a model without a training size can't use one
-        return estimate
+        return DiameterEstimate(None if diameter is None else float(diameter)), normalizer
     if not checkpoint.nucleus_diameter:
-        return DiameterEstimate(None)
-    return estimate_diameter(checkpoint, _middle_plane(image, plane_indices), params, progress, cancel)
+        return DiameterEstimate(None), normalizer
+    normalizer = normalizer or plane_normalizer(checkpoint, plane, params.stain)
+    stained = apply_stain(plane, params.stain)
+    return estimate_on_plane(checkpoint, stained, normalizer, params.tiling, progress, cancel), normalizer
+
+
+def estimate_diameter(
+    checkpoint: Checkpoint,
+    plane,
+    params: SegmentParams | None = None,
+    progress: ProgressCallback | None = None,
+    cancel: CancelCheck | None = None,
+) -> DiameterEstimate:
+    """Nucleus diameter of a plane in its own pixels, from the model's own detections (as ``resolve`` estimates it).
+
+    The network runs on (a centre crop of) the plane at zoom 1, 1/2, 1/4 and 1/8, and the
+    nuclei it finds are measured at each zoom. A model shown nuclei far larger than it was
+    trained on finds fragments of them, with low confidence; shown nuclei too small, it
+    merges or misses them. The zoom where it is most confident (mean foreground
+    probability) gives the diameter. Confidence rises while the zoom brings nuclei
+    towards the training size and falls past it, so the passes stop at the first fall.
+    Such merges are caught when the zoom-1 nuclei are small enough to be zoomed up: one
+    pass at zoom 2 checks whether they measure the same there, as real nuclei do. No
+    nuclei found: ``diameter`` is None. (Measurements: docs/model-card.md.)
+    """
+    params = replace(params or SegmentParams(), diameter=AUTO)
+    return resolve(checkpoint, plane, params, progress=progress, cancel=cancel).estimate
 
 
 class _PlaneOf:
@@ -204,7 +292,7 @@ class _PlaneOf:
 def segment_planes(
     checkpoint: Checkpoint,
     image,
-    params: SegmentParams | None = None,
+    params: SegmentParams | Resolved | None = None,
     planes_to_do: list[int] | None = None,
     cached: dict[PlaneIndex, PlanePrediction] | None = None,
     labels_out=None,
@@ -214,6 +302,7 @@ def segment_planes(
 ) -> Segmentation:
     """Segment a 2D image, or planes of a Z/T stack (all of them by default): the one dispatcher.
 
+    ``params`` are resolved first (:func:`resolve`), unless they come resolved for this image.
     Planes larger than ``params.blocks.large_plane`` go block by block (flat memory), the
     others whole. ``cached`` predictions (the widget's, for the same network settings) are
     re-labelled instead of running the network. ``labels_out`` (numpy or zarr, zeros, the
@@ -221,64 +310,106 @@ def segment_planes(
     ``progress(done, total)`` counts tiles (blocks for large planes), estimation passes first.
     """
     started = time.perf_counter()
-    params = params or SegmentParams()
     cached = cached or {}
-    single = is_single_plane(image)
-    if single:
-        indices: list[PlaneIndex] = [None]
-    else:
-        count = int(image.shape[0])
-        indices = list(range(count)) if planes_to_do is None else [int(i) for i in planes_to_do]
-        if not indices or any(not 0 <= i < count for i in indices):
-            raise InputError(f"planes {planes_to_do} are not within the stack's {count} planes")
+    volume = not isinstance(params, Resolved) and _is_volume(image, params or SegmentParams())
+    indices = _plane_indices(image, None if volume or isinstance(params, Resolved) and params.volume else planes_to_do)
     todo = [i for i in indices if i not in cached]
-    plane_shape = tuple(image.shape[:2] if single else image.shape[1:3])
-    large = params.blocks.is_large(plane_shape)
-    if todo:
-        resolved, estimate = resolve(
-            checkpoint, image, params, todo, keep_pass=len(todo) == 1 and not large, progress=progress, cancel=cancel
-        )
+    if isinstance(params, Resolved):
+        resolved = params
+    elif todo:
+        resolved = resolve(checkpoint, image, params, todo, progress, cancel)
     else:  # everything cached: the estimate was made when the network ran
-        first = cached[indices[0]]
-        resolved, _ = resolve(checkpoint, image, replace(params, diameter=first.diameter))
-        estimate = DiameterEstimate(first.diameter)
-    outputs = checkpoint.outputs
+        resolved = resolve(checkpoint, image, replace(params or SegmentParams(), diameter=cached[indices[0]].diameter))
+    if resolved.volume:
+        return _segment_volume(checkpoint, image, resolved, cached, labels_out, progress, cancel, started)
     results: dict[PlaneIndex, PlaneResult] = {}
     megapixels = 0.0
     for index in indices:
         plane = image if index is None else image[index]
         target = None if labels_out is None else (labels_out if index is None else _PlaneOf(labels_out, index))
-
-        def plane_progress(done: int, total: int, offset: int = todo.index(index) if index in todo else 0) -> None:
-            if progress is not None:
-                progress(offset * total + done, total * len(todo))
-
         if index in cached:
-            results[index] = _labelled(cached[index], label_plane(cached[index], outputs, resolved.postprocess), target)
+            labelled = label_plane(cached[index], checkpoint.outputs, resolved.params.postprocess)
+            results[index] = _labelled(cached[index], labelled, target)
             continue
-        megapixels += plane_shape[0] * plane_shape[1] / 1e6
-        if large:
-            into = target if target is not None else np.zeros(plane_shape, np.int32)
-            blocked = segment_large(checkpoint, plane, resolved, estimate, into, plane_progress, cancel, workdir)
-            labels = into if isinstance(into, np.ndarray) else None
-            results[index] = PlaneResult(labels, None, blocked.threshold, blocked.count, None)
-            continue
-        prediction = predict_plane(checkpoint, plane, resolved, estimate, plane_progress, cancel)
-        labelled = label_plane(prediction, outputs, resolved.postprocess)
-        if len(indices) > 1:
+        megapixels += plane.shape[0] * plane.shape[1] / 1e6
+        plane_progress = _plane_progress(progress, todo.index(index), len(todo))
+        results[index] = _segment_plane(checkpoint, plane, index, resolved, target, plane_progress, cancel, workdir)
+        if len(indices) > 1 and results[index].prediction is not None:
             # Labelled: drop the finer grid, up to 16x the plane's probabilities (zoom 4), so a
             # stack of small nuclei holds no more than its image-grid probabilities.
-            prediction.network = None
-        results[index] = _labelled(prediction, labelled, target)
+            results[index].prediction.network = None
     if cancel is not None and cancel():
         raise Cancelled("segmentation cancelled")
-    factor = rescale_factor(checkpoint, estimate.diameter)
     shown = next(iter(results.values())).prediction
-    if shown is not None:
-        factor = shown.factor  # an estimation pass reused at its own zoom
+    factor = resolved.factor if shown is None else shown.factor  # an estimation pass reused at its own zoom
+    seconds = time.perf_counter() - started
+    return Segmentation(results, resolved.params, resolved.diameter, factor, megapixels, seconds, labels_out)
+
+
+def _segment_volume(
+    checkpoint, image, resolved: Resolved, cached, labels_out, progress, cancel, started
+) -> Segmentation:
+    """A Z-stack: every plane through the network (or from ``cached``), then its nuclei labelled in 3D."""
+    count = int(image.shape[0])
+    todo = [z for z in range(count) if z not in cached]
+    predictions, megapixels = dict(cached), 0.0
+    for z in todo:
+        plane_progress = _plane_progress(progress, todo.index(z), len(todo))
+        plane = image[z]
+        normalizer = resolved.normalizer_for(checkpoint, plane, z)
+        prediction = predict_plane(checkpoint, plane, resolved, normalizer, plane_progress, cancel)
+        prediction.network = None  # labelled on the image grid: the volume holds no finer one
+        predictions[z] = prediction
+        megapixels += plane.shape[0] * plane.shape[1] / 1e6
+        if cancel is not None and cancel():
+            raise Cancelled("segmentation cancelled")
+    probabilities = np.stack([predictions[z].probabilities for z in range(count)])
+    outputs, post = checkpoint.outputs, resolved.params.postprocess
+    post = with_threshold(post, probabilities[:, outputs.index("foreground")])
+    report: dict = {}
+    voxel_size, factor = resolved.params.voxel_size, predictions[0].factor
+    mask, labels = volume_instances(probabilities, outputs, post, voxel_size, factor, report)
+    results = {}
+    for z in range(count):
+        if labels_out is not None:
+            _PlaneOf(labels_out, z)[(slice(None), slice(None))] = labels[z]
+        found = int(np.unique(labels[z]).size - (labels[z] == 0).any())
+        results[z] = PlaneResult(labels[z], mask[z], float(post.threshold), found, predictions[z])
+    seconds = time.perf_counter() - started
     return Segmentation(
-        results, resolved, estimate.diameter, factor, megapixels, time.perf_counter() - started, labels_out
+        results,
+        resolved.params,
+        resolved.diameter,
+        factor,
+        megapixels,
+        seconds,
+        labels_out,
+        int(labels.max()),
+        report["unsure"],
     )
+
+
+def _plane_progress(progress: ProgressCallback | None, offset: int, planes: int) -> ProgressCallback:
+    """A plane's ``progress(done, total)`` as a part of the whole run's."""
+
+    def plane_progress(done: int, total: int) -> None:
+        if progress is not None:
+            progress(offset * total + done, total * planes)
+
+    return plane_progress
+
+
+def _segment_plane(checkpoint, plane, index, resolved: Resolved, target, progress, cancel, workdir) -> PlaneResult:
+    """One plane through the network: whole, or block by block into ``target`` for a large one."""
+    normalizer = resolved.normalizer_for(checkpoint, plane, index)
+    if resolved.large:
+        into = target if target is not None else np.zeros(plane.shape[:2], np.int32)
+        blocked = segment_large(checkpoint, plane, resolved, normalizer, into, progress, cancel, workdir)
+        labels = into if isinstance(into, np.ndarray) else None
+        return PlaneResult(labels, None, blocked.threshold, blocked.count, None)
+    prediction = predict_plane(checkpoint, plane, resolved, normalizer, progress, cancel)
+    labelled = label_plane(prediction, checkpoint.outputs, resolved.params.postprocess)
+    return _labelled(prediction, labelled, target)
 
 
 def _labelled(prediction: PlanePrediction, labelled: LabelledPlane, target) -> PlaneResult:

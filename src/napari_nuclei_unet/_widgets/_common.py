@@ -7,7 +7,7 @@ import threading
 from dataclasses import asdict
 from pathlib import Path
 
-from magicgui.widgets import ComboBox, FileEdit, Label
+from magicgui.widgets import ComboBox, FileEdit, FloatSpinBox, Label, SpinBox
 from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error, show_warning
 from qtpy.QtCore import QCoreApplication, QObject, Qt, QTimer, Signal
@@ -16,7 +16,7 @@ from qtpy.QtWidgets import QComboBox, QDockWidget, QFrame, QLabel, QMainWindow, 
 from ..devices import available_devices
 from ..errors import ModelError, describe
 from ..model import Checkpoint, resolve_model_path
-from ..params import TilingParams
+from ..params import TilingParams, field_metadata
 
 BUNDLED = "bundled default"
 FROM_FILE = "from file…"
@@ -29,6 +29,17 @@ SHOWN_NAME_LENGTH = 36
 
 
 _SCROLL_NAME = "napari-nuclei-unet scroll area"
+
+
+def field_control(owner: type, name: str, label: str, value, kind: type | None = None, **options):
+    """A numeric control for the dataclass field ``owner.name``: its range, step and help come from the
+    field (``params.field_metadata``), so the widget and the CLI cannot disagree. ``kind``: a spin box
+    for the value's type unless given (e.g. ``FloatSlider``); ``options`` override."""
+    meta = field_metadata(owner, name)
+    kind = kind or (SpinBox if isinstance(value, int) else FloatSpinBox)
+    settings = {key: meta[key] for key in ("min", "max", "step") if key in meta}
+    settings.setdefault("tooltip", meta.get("help", ""))
+    return kind(label=label, value=value, **{**settings, **options})
 
 
 def scroll_when_docked(native: QWidget) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, Label, LineEdit, PushButton, SpinBox
+from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, LineEdit, PushButton
 from napari.layers import Image, Labels, Shapes
 from napari.qt.threading import thread_worker
 from napari.utils import cancelable_progress, progress
@@ -35,6 +35,7 @@ from ._common import (
     ModelPicker,
     Relay,
     _unless_closed,
+    field_control,
     hub_of,
     layer_choices,
     scroll_when_docked,
@@ -209,12 +210,8 @@ def _gain(event: TrainEvent) -> tuple[str, bool | None]:
 
 
 def _config_control(name: str, label: str):
-    """A spin box for a :class:`TrainConfig` field: the fine-tuning default, the field's range and help."""
-    meta = field_metadata(TrainConfig, name)
-    value = getattr(FINETUNE_DEFAULTS, name)
-    kind = SpinBox if isinstance(value, int) else FloatSpinBox
-    limits = {key: meta[key] for key in ("min", "max", "step") if key in meta}
-    return kind(label=label, value=value, tooltip=meta["help"], **limits)
+    """A spin box for a :class:`TrainConfig` field, at its fine-tuning default."""
+    return field_control(TrainConfig, name, label, getattr(FINETUNE_DEFAULTS, name))
 
 
 class FineTuneWidget(Container):

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from magicgui.widgets import CheckBox, ComboBox, Container, FloatSlider, FloatSpinBox, Label, PushButton, SpinBox
+from magicgui.widgets import CheckBox, ComboBox, Container, FloatSlider, Label, PushButton
 from napari.layers import Image, Labels
 from napari.qt.threading import thread_worker
 from napari.utils import cancelable_progress
@@ -39,6 +39,7 @@ from ._common import (
     Relay,
     _unless_closed,
     elide_middle,
+    field_control,
     hub_of,
     image_id,
     layer_choices,
@@ -142,28 +143,18 @@ class SegmentWidget(Container):
     def _create_network_controls(self) -> None:
         """How the network runs: tiles, nucleus size, image type and stain, precision."""
         tiling = _DEFAULTS.tiling
-        self.tile_size = SpinBox(
-            label="tile size",
-            value=tiling.tile_size,
-            min=128,
-            max=8192,
-            step=32,
-            tooltip=_help(TilingParams, "tile_size"),
-        )
-        self.overlap = SpinBox(
-            label="tile overlap", value=tiling.overlap, min=0, max=1024, step=16, tooltip=_help(TilingParams, "overlap")
-        )
+        self.tile_size = field_control(TilingParams, "tile_size", "tile size", tiling.tile_size)
+        self.overlap = field_control(TilingParams, "overlap", "tile overlap", tiling.overlap)
         self.auto_diameter = CheckBox(
             text="estimate nucleus diameter",
             value=True,
             tooltip="measure the nuclei first and rescale the image so they match the model's training size",
         )
-        self.diameter = FloatSpinBox(
-            label="nucleus diameter (px)",
-            value=0.0,
-            min=0.0,
-            max=1000.0,
-            step=1.0,
+        self.diameter = field_control(
+            SegmentParams,
+            "diameter",
+            "nucleus diameter (px)",
+            0.0,
             enabled=False,
             tooltip="shows the estimate; untick 'estimate' to type your own. 0 = use the image at its own scale",
         )
@@ -194,44 +185,29 @@ class SegmentWidget(Container):
         """From probabilities to nuclei: threshold, size, splitting, confidence."""
         post = _DEFAULTS.postprocess
         self.auto_threshold = CheckBox(text="automatic threshold (Otsu)", value=post.threshold == AUTO)
-        self.threshold = FloatSlider(
-            label="threshold",
-            value=0.5,
-            min=0.05,
-            max=0.95,
-            step=0.01,
-            enabled=post.threshold != AUTO,
-            tooltip=_help(PostprocessParams, "threshold"),
+        self.threshold = field_control(
+            PostprocessParams, "threshold", "threshold", 0.5, FloatSlider, enabled=post.threshold != AUTO
         )
-        self.min_size = SpinBox(
-            label="min size (px)", value=post.min_size, min=0, max=100000, tooltip=_help(PostprocessParams, "min_size")
-        )
+        self.min_size = field_control(PostprocessParams, "min_size", "min size (px)", post.min_size)
         self.markers = ComboBox(
             label="split by",
             choices=["distance", "boundary"],
             value=post.markers,
             tooltip=_help(PostprocessParams, "markers"),
         )
-        self.split_h = FloatSpinBox(
-            label="split height",
-            value=post.h,
-            min=0.0,
-            max=20.0,
-            step=0.1,
-            tooltip=_help(PostprocessParams, "h"),
-        )
+        self.split_h = field_control(PostprocessParams, "h", "split height", post.h)
         self.auto_confidence = CheckBox(
             text="model's min confidence",
             value=post.min_confidence == AUTO,
             tooltip="drop objects the network is unsure of (folds, debris) below the level calibrated for the model on "
             "its own data",
         )
-        self.min_confidence = FloatSlider(
-            label="min confidence",
-            value=0.0,
-            min=0.0,
-            max=0.95,
-            step=0.01,
+        self.min_confidence = field_control(
+            PostprocessParams,
+            "min_confidence",
+            "min confidence",
+            0.0,
+            FloatSlider,
             enabled=False,
             tooltip="objects whose mean foreground probability is below this are dropped; 0 keeps every object",
         )

@@ -1,0 +1,121 @@
+"""Nuclei in 3D from the 2D network: the planes' probabilities stacked into a volume and labelled in 3D.
+
+The 2D network predicts every plane of a Z-stack (``segment.segment_planes``); the volume of
+foreground probabilities is thresholded once, and touching nuclei are separated by a 3D
+watershed on the anisotropic distance transform (the z step counts as many pixels as it is
+long), so that one nucleus is one ID from its first plane to its last. Which rule, and why
+(against stitching 2D labels plane to plane): docs/zstacks.md.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from .params import PostprocessParams
+from .postprocess import check_resolved, distance_markers
+
+# z step over xy pixel size when nothing says otherwise (a confocal stack at about twice the pixel size).
+DEFAULT_Z_RATIO = 1.0
+
+
+def z_ratio(voxel_size: tuple[float, float, float] | None) -> float:
+    """The z step in xy pixels (``voxel_size`` is Z, Y, X in any one unit); 1 when unknown."""
+    if voxel_size is None:
+        return DEFAULT_Z_RATIO
+    z, y, x = (float(v) for v in voxel_size)
+    if not (z > 0 and y > 0 and x > 0):
+        raise ValueError(f"voxel size must be three positive numbers (Z, Y, X), got {voxel_size}")
+    return z / math.sqrt(y * x)
+
+
+def min_voxels(min_area: int, ratio: float) -> int:
+    """The volume, in voxels, of a ball whose largest section has ``min_area`` pixels."""
+    diameter = 2.0 * math.sqrt(max(min_area, 0) / math.pi)
+    return int(round(math.pi / 6.0 * diameter**3 / ratio))
+
+
+def volume_instances(
+    probabilities: np.ndarray,
+    outputs: tuple[str, ...],
+    params: PostprocessParams,
+    voxel_size: tuple[float, float, float] | None = None,
+    network_zoom: float = 1.0,
+    report: dict | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(mask, labels)`` of a Z-stack from its planes' probabilities ``(Z, C, Y, X)``: 3D instances 1..N (int32).
+
+    ``params`` come resolved (numbers): the threshold is one for the whole volume. Holes are
+    filled plane by plane (``hole_size`` is an area); ``min_size`` is the area of the smallest
+    nucleus's largest section, so the smallest object kept is the ball it spans. ``h`` is in
+    xy pixels at the scale the network ran at, as in 2D.
+    """
+    from skimage.morphology import remove_small_holes
+    from skimage.segmentation import relabel_sequential, watershed
+
+    check_resolved(params)
+    ratio = z_ratio(voxel_size)
+    foreground = probabilities[:, outputs.index("foreground")]
+    mask = foreground > params.threshold
+    hole_size = int(round(params.hole_size / network_zoom**2))
+    if hole_size > 0:
+        for plane in mask:
+            plane[...] = remove_small_holes(plane, max_size=hole_size)
+    if report is not None:
+        report["unsure"] = 0
+    if not mask.any():
+        return mask, np.zeros(mask.shape, np.int32)
+    distance = ndi.distance_transform_edt(mask, sampling=(ratio, 1.0, 1.0)).astype(np.float32)
+    smoothing = 1.0 / network_zoom
+    markers = distance_markers(
+        distance, mask, params.h / network_zoom, smoothing=(smoothing / ratio, smoothing, smoothing)
+    )
+    labels = watershed(-distance, markers, mask=mask)
+    orphans, count = ndi.label(mask & (labels == 0))
+    if count:
+        labels = np.where(orphans > 0, orphans + labels.max(), labels)
+    sizes = np.bincount(labels.ravel())
+    drop = sizes < min_voxels(params.min_size, ratio)
+    if float(params.min_confidence) > 0:
+        weights = np.bincount(labels.ravel(), weights=foreground.ravel(), minlength=sizes.size)
+        unsure = (weights < float(params.min_confidence) * sizes) & ~drop
+        unsure[0] = False
+        drop |= unsure
+        if report is not None:
+            report["unsure"] = int(unsure.sum())
+    drop[0] = False
+    labels[drop[labels]] = 0
+    labels = relabel_sequential(labels.astype(np.int32, copy=False))[0]
+    return labels > 0, labels
+
+
+def stitch_planes(labels: np.ndarray, min_iou: float = 0.25) -> np.ndarray:
+    """2D labels of consecutive planes ``(Z, Y, X)`` joined into 3D objects: a nucleus takes the ID of the
+    object of the plane above it that it overlaps best, when their IoU is at least ``min_iou`` (cellpose's
+    ``stitch_threshold``). Returns new labels 1..N, int32."""
+    from .metrics import iou_matrix
+
+    out = np.zeros(labels.shape, np.int32)
+    next_id = 1
+    previous = None
+    for z, plane in enumerate(labels):
+        ids = np.unique(plane)
+        ids = ids[ids > 0]
+        lookup = np.zeros(int(plane.max()) + 1, np.int32)
+        if previous is not None and ids.size and previous.any():
+            iou = iou_matrix(plane, previous)  # rows: this plane's objects, columns: those above
+            above = np.unique(previous)
+            above = above[above > 0]
+            if iou.size:
+                best = iou.argmax(axis=1)
+                for row, label in enumerate(ids):
+                    if iou[row, best[row]] >= min_iou:
+                        lookup[label] = above[best[row]]
+        for label in ids:
+            if lookup[label] == 0:
+                lookup[label], next_id = next_id, next_id + 1
+        out[z] = lookup[plane]
+        previous = out[z]
+    return out
