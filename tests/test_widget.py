@@ -13,7 +13,7 @@ from napari.layers import Image, Labels  # noqa: E402
 
 from napari_nuclei_unet import segment as core_segment  # noqa: E402
 from napari_nuclei_unet._widgets import segment as segment_module  # noqa: E402
-from napari_nuclei_unet._widgets.segment import WHOLE_STACK, SegmentWidget  # noqa: E402
+from napari_nuclei_unet._widgets.segment import WHOLE_STACK, Z_STACK, SegmentWidget  # noqa: E402
 from napari_nuclei_unet.plane import label_plane  # noqa: E402
 from napari_nuclei_unet.synthetic import nuclei_field  # noqa: E402
 
@@ -218,6 +218,31 @@ def test_input_kinds(viewer_and_widget, qtbot, kind):
         assert all(nuclei.data[i].max() > 10 for i in range(3))
     else:
         assert 0.6 * truth.max() <= nuclei.data.max() <= 1.4 * truth.max()
+
+
+def test_a_layer_whose_first_axis_is_z_segments_in_3d_and_relabels_from_its_cache(viewer_and_widget, qtbot):
+    viewer, widget = viewer_and_widget
+    image, _ = nuclei_field((160, 176), count=20, diameter=20, seed=8)
+    stack = np.stack([image[z * 3 : z * 3 + 140, z * 3 : z * 3 + 150] for z in range(4)])
+    layer = viewer.add_image(stack, name="volume", axis_labels=("z", "y", "x"), scale=(2.0, 0.5, 0.5))
+    widget.image_layer.value = layer
+    assert widget.scope.value == Z_STACK  # the layer said z
+    request = widget.request()
+    assert request.params.stack == "z" and request.params.voxel_size == (2.0, 0.5, 0.5) and request.plane is None
+    widget.tile_size.value = 128
+    run_and_wait(widget, qtbot)
+    nuclei = viewer.layers["volume nuclei"]
+    assert nuclei.data.shape == stack.shape and tuple(nuclei.scale) == (2.0, 0.5, 0.5)
+    ids = [set(np.unique(plane)) - {0} for plane in nuclei.data]
+    shared = ids[0] & ids[1] & ids[2] & ids[3]
+    assert len(shared) >= 0.6 * len(set().union(*ids)) > 5  # one ID through the planes, not numbered per plane
+    assert f"{nuclei.data.max()} nuclei" in widget.status.value
+    widget.split_h.value = 3.0  # live re-label: from the cached planes, still in 3D
+    qtbot.waitUntil(lambda: viewer.layers["volume nuclei"].data.max() < nuclei.data.max() or True, timeout=30000)
+    time.sleep(0.5)
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=60000)
+    again = viewer.layers["volume nuclei"].data
+    assert again.shape == stack.shape and len(set(np.unique(again[0])) & set(np.unique(again[3])) - {0}) > 3
 
 
 def test_edited_results_are_kept_when_running_again(viewer_and_widget, qtbot, monkeypatch):

@@ -147,6 +147,7 @@ class Segmentation:
             "stain": self.params.stain,
             "threshold": recorded_thresholds(self.thresholds.values()),
             "min_confidence": self.min_confidence,
+            **({"stack": "z", "voxel_size": self.params.voxel_size} if self.volume else {}),
         }
 
 

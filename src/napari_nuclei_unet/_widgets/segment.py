@@ -51,7 +51,8 @@ if TYPE_CHECKING:
     import napari
 
 CURRENT_PLANE = "current plane"
-WHOLE_STACK = "whole stack"
+WHOLE_STACK = "whole stack, plane by plane"  # a time-lapse or separate fields: each plane on its own
+Z_STACK = "Z-stack (3D)"  # one 3D labelling: one ID per nucleus through the planes
 COLOUR_IMAGE = "all (colour image)"
 NO_CHANNEL = "none (Z/T stack)"
 # A (C, Y, X) layer with at most this many planes may hold channels rather than a Z/T stack.
@@ -131,7 +132,13 @@ class SegmentWidget(Container):
         self.image_layer = ComboBox(
             label="image", choices=self._image_layers, tooltip="2D grey/RGB image or a T/Z stack"
         )
-        self.scope = ComboBox(label="stack", choices=[CURRENT_PLANE, WHOLE_STACK], value=CURRENT_PLANE)
+        self.scope = ComboBox(
+            label="stack",
+            choices=[CURRENT_PLANE, WHOLE_STACK, Z_STACK],
+            value=CURRENT_PLANE,
+            tooltip="a stack's planes: the one shown, each on its own (time-lapse), or a Z-stack labelled in 3D "
+            "(set from the layer's axis labels when they say z or t)",
+        )
         self.channel = ComboBox(
             label="nuclear channel",
             choices=self._channel_choices,
@@ -382,6 +389,9 @@ class SegmentWidget(Container):
 
     def _update_scope(self, *_):
         layer = self.image_layer.value
+        first_axis = str(getattr(layer, "axis_labels", ("",))[0]).lower() if layer is not None else ""
+        if first_axis in ("z", "t", "time"):  # the layer says what its stack is
+            self.scope.value = Z_STACK if first_axis == "z" else WHOLE_STACK
         one_channel = layer is not None and self._picked_channel(layer) is not None
         self.scope.enabled = layer is not None and not _is_2d(layer) and not (one_channel and not layer.rgb)
         self.stain.enabled = layer is not None and layer.rgb and not one_channel
@@ -442,6 +452,8 @@ class SegmentWidget(Container):
             diameter=AUTO if self.auto_diameter.value else self._diameter_in_pixels(layer),
             image_type=self.image_type.value,
             stain=self.stain.value if colour else "none",
+            stack="z" if self.scope.value == Z_STACK else "planes",
+            voxel_size=_voxel_size(layer) if self.scope.value == Z_STACK and data.ndim - colour == 3 else None,
         )
         pixel_size = _pixel_size(layer) if _pixel_size(layer) != 1.0 else None
         return SegmentRequest(data, plane, params, self.model.path(), source, channel, pixel_size)
@@ -652,7 +664,8 @@ class SegmentWidget(Container):
                     target[...] = planes[position]
             layer.metadata["nuclei_unet"] = {**metadata, "edited": False, "written": _digest(layer.data)}
             layer.refresh()
-        count = sum(int(labels.max()) for _mask, labels in labelled.values())
+        maxima = [int(labels.max()) for _mask, labels in labelled.values()]
+        count = max(maxima, default=0) if used.get("stack") == "z" else sum(maxima)  # 3D: IDs run through the planes
         if self.show_probability.value:
             layer = self._result_layer(source, "probability", Image, shape, np.float32)
             for index in labelled:
@@ -780,6 +793,12 @@ def _nuclei_features(planes: dict, image, pixel_size: float | None) -> dict | No
         return None
     table = measure(planes[None].labels, image, pixel_size)
     return {"index": table["label"], **table}
+
+
+def _voxel_size(layer: Image) -> tuple[float, float, float] | None:
+    """A Z-stack layer's (z, y, x) scale, when it has one (napari's default scale of 1 says nothing)."""
+    scale = tuple(float(v) for v in layer.scale[-3:])
+    return None if scale == (1.0, 1.0, 1.0) else scale
 
 
 def _pixel_size(layer: Image) -> float:
