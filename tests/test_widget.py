@@ -238,11 +238,11 @@ def test_a_layer_whose_first_axis_is_z_segments_in_3d_and_relabels_from_its_cach
     assert len(shared) >= 0.6 * len(set().union(*ids)) > 5  # one ID through the planes, not numbered per plane
     assert f"{nuclei.data.max()} nuclei" in widget.status.value
     widget.split_h.value = 3.0  # live re-label: from the cached planes, still in 3D
-    qtbot.waitUntil(lambda: viewer.layers["volume nuclei"].data.max() < nuclei.data.max() or True, timeout=30000)
-    time.sleep(0.5)
-    qtbot.waitUntil(lambda: widget._worker is None, timeout=60000)
+    qtbot.waitUntil(lambda: "re-labelled" in widget.status.value, timeout=60000)
+    qtbot.waitUntil(lambda: widget._relabel_worker is None, timeout=60000)
     again = viewer.layers["volume nuclei"].data
     assert again.shape == stack.shape and len(set(np.unique(again[0])) & set(np.unique(again[3])) - {0}) > 3
+    assert widget.status.value.startswith(f"{again.max()} nuclei")  # counted in 3D, not summed over planes
 
 
 def test_edited_results_are_kept_when_running_again(viewer_and_widget, qtbot, monkeypatch):

@@ -312,8 +312,7 @@ def segment_planes(
     """
     started = time.perf_counter()
     cached = cached or {}
-    volume = not isinstance(params, Resolved) and _is_volume(image, params or SegmentParams())
-    indices = _plane_indices(image, None if volume or isinstance(params, Resolved) and params.volume else planes_to_do)
+    indices = _plane_indices(image, planes_to_do)  # a Z-stack's are all its planes: resolve decides, below
     todo = [i for i in indices if i not in cached]
     if isinstance(params, Resolved):
         resolved = params

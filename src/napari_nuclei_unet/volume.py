@@ -17,7 +17,7 @@ from scipy import ndimage as ndi
 from .params import PostprocessParams
 from .postprocess import check_resolved, distance_markers
 
-# z step over xy pixel size when nothing says otherwise (a confocal stack at about twice the pixel size).
+# z step over xy pixel size when nothing says otherwise: cubic voxels.
 DEFAULT_Z_RATIO = 1.0
 
 
