@@ -158,8 +158,8 @@ def test_a_foreign_package_runs_through_its_own_onnx_and_torchscript_weights(unp
             "which output channel is the nuclei foreground",
         ),
         (
-            lambda d: d["inputs"][0]["preprocessing"].append({"id": "binarize", "kwargs": {"threshold": 0.5}}),
-            "'binarize' is not supported",
+            lambda d: d["inputs"][0]["preprocessing"].append({"id": "ensure_dtype", "kwargs": {"dtype": "uint8"}}),
+            "ensure_dtype to uint8 is not supported",
         ),
         (
             lambda d: d["outputs"][0].update(postprocessing=[{"id": "binarize", "kwargs": {"threshold": 0.5}}]),

@@ -55,12 +55,14 @@ def image_kind(image: np.ndarray) -> str:
 
 
 def read_split(path: str | os.PathLike) -> dict[str, str]:
-    """``ImageId,split`` CSV -> ``{image_id: split}``."""
+    """``ImageId,split`` (or ``stem,split``) CSV -> ``{image_id: split}``."""
     with open(path, newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
-        if not reader.fieldnames or not {"ImageId", "split"} <= set(reader.fieldnames):
-            raise InputError(f"{path}: expected columns ImageId,split")
-        return {row["ImageId"]: row["split"] for row in reader}
+        fields = set(reader.fieldnames or ())
+        key = next((name for name in ("ImageId", "stem") if name in fields), None)
+        if key is None or "split" not in fields:
+            raise InputError(f"{path}: expected columns ImageId,split (or stem,split)")
+        return {row[key]: row["split"] for row in reader}
 
 
 def load_pairs(

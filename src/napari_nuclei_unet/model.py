@@ -14,7 +14,6 @@ explicitly asks for ``"imagenet"`` (which needs internet).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -143,19 +142,17 @@ class Network(Protocol):
 class UnetNetwork:
     """Our smp.Unet. Its torch module is built when first asked for (:attr:`module`): building imports
     segmentation-models-pytorch (and timm and torchvision), which a CPU run whose export is cached on disk
-    does not need. Until then the weights wait in their file, which :attr:`file_digest` names."""
+    does not need. Until then the weights wait as they were read from their file."""
 
     can_finetune = True
 
-    def __init__(self, config: ModelConfig, module=None, deferred: tuple[dict, Path] | None = None, file_digest=None):
+    def __init__(self, config: ModelConfig, module=None, state: dict | None = None, path: Path | None = None):
         self.config = config
         self._module = module
-        self._deferred = deferred  # (state, weights file) not yet in a module
-        # The weights file's digest while the weights are as stored in it: until something other
-        # than the CPU network lookup (``onnx_backend.checkpoint_network``) takes the module.
-        self.file_digest: str | None = file_digest
-        # Exported CPU networks of these file weights, by (cache file, threads): runtime state.
-        self.cpu_networks: dict = {}
+        self._state = (state, path) if module is None else None  # weights (and their file) not yet in a module
+        # Whether the module has been handed out: whoever took it may change its weights in place.
+        self._lent = False
+        self._digest: str | None = None
 
     outputs = property(lambda self: self.config.outputs)
     in_channels = property(lambda self: self.config.in_channels)
@@ -168,26 +165,42 @@ class UnetNetwork:
 
     @property
     def module(self) -> torch.nn.Module:
-        """The torch module, built from the weights file on first use. Whoever takes it may change its
-        weights, so from then on :attr:`file_digest` no longer names them."""
+        """The torch module, built on first use. Whoever takes it may change its weights, so from then on
+        :meth:`weights_digest` reads them again each time."""
+        self._lent = True
+        return self._built_module()
+
+    def build(self) -> None:
+        """Build (and check) the torch module now, without handing it out."""
+        self._built_module()
+
+    def _built_module(self) -> torch.nn.Module:
         if self._module is None:
-            state, path = self._deferred
-            module = self.config.build()
+            (state, path), module = self._state, self.config.build()
             _load_strict(module, state, path, self.config)
-            self._module, self._deferred = module.eval(), None
-        self.file_digest = None
+            self._module, self._state = module.eval(), None
         return self._module
 
+    def weights_digest(self) -> str:
+        """Names the weights and architecture (``onnx_backend.weights_digest``): read once while the weights are
+        this network's alone, at every call once the module has been handed out."""
+        if self._digest is None or self._lent:
+            from .onnx_backend import weights_digest
+
+            state = self._module.state_dict() if self._module is not None else self._state[0]
+            self._digest = weights_digest(state, json.dumps(asdict(self.config), sort_keys=True))
+        return self._digest
+
     def copy(self, memo: dict | None = None) -> UnetNetwork:
-        """A copy with its own built module, to train; the exported CPU networks stay behind."""
+        """A copy with its own built module, to train."""
         import copy
 
-        return UnetNetwork(copy.deepcopy(self.config, memo), copy.deepcopy(self.module, memo))
+        return UnetNetwork(copy.deepcopy(self.config, memo), copy.deepcopy(self._built_module(), memo))
 
     def to(self, device) -> None:
-        """Move the module to ``device``; a CPU network whose weights are still those of their file stays unbuilt."""
-        if device_name(device) != "cpu" or self.file_digest is None:
-            self.module.to(device).eval()
+        """Move the module to ``device``; on the CPU an unbuilt module stays unbuilt (its export may be on disk)."""
+        if device_name(device) != "cpu" or self.built:
+            self._built_module().to(device).eval()
 
     def normalizer(self, sample, percentiles: tuple[float, float]) -> Normalizer:
         return Normalizer.from_image(sample, self.in_channels, percentiles)
@@ -195,19 +208,23 @@ class UnetNetwork:
     def forward(self, params: TilingParams, channels: int) -> tuple[Forward, int]:
         """On the CPU its ONNX Runtime export (from the disk cache when there), else the torch module on the device."""
         if self.in_channels == channels and device_name(params.device) == "cpu":
-            from .onnx_backend import OnnxNetwork, checkpoint_network
-
-            session = checkpoint_network(self, params.backend, params.precision)
-            if isinstance(session, OnnxNetwork):
+            session = self._cpu_network(params)
+            if session is not None:
                 return onnx_forward(session, params.tta), session.out_channels
         return torch_forward(self.module, channels, params)
 
     def prepare(self, params: TilingParams) -> None:
         """Export (and quantise) the CPU network now, so that the first tile does not wait for it."""
         if device_name(params.device) == "cpu":
-            from .onnx_backend import checkpoint_network
+            self._cpu_network(params)
 
-            checkpoint_network(self, params.backend, params.precision)
+    def _cpu_network(self, params: TilingParams):
+        """The ONNX Runtime network of the current weights, or None (PyTorch runs them)."""
+        from .onnx_backend import onnx_network
+
+        return onnx_network(
+            self.weights_digest(), self.in_channels, params.backend, params.precision, self._built_module
+        )
 
     def device_line(self, device, params: TilingParams) -> str:
         from .onnx_backend import describe_device
@@ -511,18 +528,11 @@ def _load_folder(folder: Path) -> Checkpoint:
     state = _read_safetensors(weights)
     _check_declared_architecture(config, state, folder / SMP_CONFIG_FILE)
     checked = _checked_metadata(folder / METADATA_FILE, meta)
-    digest = hashlib.blake2b(json.dumps(asdict(config), sort_keys=True).encode(), digest_size=16)
-    with open(weights, "rb") as handle:
-        digest.update(hashlib.file_digest(handle, "blake2b").digest())
-    digest = digest.hexdigest()
     from .onnx_backend import is_cached
 
-    if is_cached(digest):  # these weights built and exported before: the model is built only if asked for
-        network = UnetNetwork(config, deferred=(state, weights), file_digest=digest)
-        return Checkpoint(network=network, metadata=_extra_metadata(meta), **checked)
-    model = config.build()
-    _load_strict(model, state, weights, config)
-    network = UnetNetwork(config, model.eval(), file_digest=digest)
+    network = UnetNetwork(config, state=state, path=weights)
+    if not is_cached(network.weights_digest()):  # not exported before: build (and check) the model now
+        network.build()
     return Checkpoint(network=network, metadata=_extra_metadata(meta), **checked)
 
 

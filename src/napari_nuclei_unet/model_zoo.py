@@ -22,15 +22,15 @@ import io
 import threading
 import warnings
 import zipfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 
-from .devices import device_name
+from .devices import device_name, resolve_device
 from .errors import InputError, ModelError, describe
-from .forward import Forward, onnx_forward, torch_forward
+from .forward import Forward, tta_forward
 from .io import channels_first, to_model_channels
 from .onnx_backend import available as onnx_available
 from .onnx_backend import cpu_threads
@@ -44,7 +44,6 @@ RUNNABLE_WEIGHTS = ("onnx", "torchscript")
 # Output channel names read as the nuclei foreground / as the boundary between nuclei.
 _FOREGROUND_WORDS = ("foreground", "nucle", "prob", "mask", "semantic", "cell", "object")
 _BOUNDARY_WORDS = ("bound", "contour", "edge", "border")
-_PROBABILITY_EPS = 1e-6
 
 
 def is_package(path: Path) -> bool:
@@ -235,140 +234,97 @@ def _output_meanings(path: Path, names: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(meanings)
 
 
-@dataclass
-class _Step:
-    """One preprocessing operation of a package, with its statistics still to be taken from the image."""
+def _processing(path: Path, tensor, steps, what: str) -> tuple:
+    """bioimage.io core's operators for a tensor's pre- or postprocessing steps (ensure_dtype to float only)."""
+    from bioimageio.core.proc_ops import get_proc
 
-    kind: str  # "zero_mean_unit_variance", "scale_range", "affine", "clip", "sigmoid"
-    pooled: bool = True  # statistics over all channels together (the channel axis is among the reduced axes)
-    low: float = 0.0  # scale_range percentiles / clip bounds
-    high: float = 100.0
-    eps: float = 1e-6
-    gain: Any = 1.0  # affine: x * gain + offset (scalars or per channel)
-    offset: Any = 0.0
-
-
-def _parse_preprocessing(path: Path, tensor) -> list[_Step]:
-    steps = []
-    for step in tensor.preprocessing:
-        kind, kwargs = step.id, getattr(step, "kwargs", None)
-        axes = [str(a) for a in (getattr(kwargs, "axes", None) or ["channel"])]
-        if kind == "ensure_dtype":
+    operators = []
+    for step in steps:
+        kwargs = getattr(step, "kwargs", None)
+        if step.id == "ensure_dtype":
             if str(kwargs.dtype) not in ("float32", "float64"):
-                raise ModelError(
-                    f"{path}: preprocessing ensure_dtype to {kwargs.dtype} is not supported (float32 only)"
-                )
-        elif kind == "zero_mean_unit_variance":
-            steps.append(_Step("zero_mean_unit_variance", pooled="channel" in axes, eps=float(kwargs.eps)))
-        elif kind == "scale_range":
-            if getattr(kwargs, "reference_tensor", None) not in (None, tensor.id):
-                raise ModelError(f"{path}: preprocessing scale_range with another tensor's statistics is not supported")
-            steps.append(
-                _Step(
-                    "scale_range",
-                    pooled="channel" in axes,
-                    low=float(kwargs.min_percentile),
-                    high=float(kwargs.max_percentile),
-                    eps=float(kwargs.eps),
-                )
-            )
-        elif kind == "fixed_zero_mean_unit_variance":
-            mean, std = np.asarray(kwargs.mean, np.float32), np.asarray(kwargs.std, np.float32)
-            steps.append(_Step("affine", gain=1.0 / std, offset=-mean / std))
-        elif kind == "scale_linear":
-            gain, offset = np.asarray(kwargs.gain, np.float32), np.asarray(kwargs.offset, np.float32)
-            steps.append(_Step("affine", gain=gain, offset=offset))
-        elif kind == "clip":
-            low = -np.inf if kwargs.min is None else float(kwargs.min)
-            high = np.inf if kwargs.max is None else float(kwargs.max)
-            steps.append(_Step("clip", low=low, high=high))
-        elif kind == "sigmoid":
-            steps.append(_Step("sigmoid"))
-        else:
-            raise ModelError(f"{path}: input preprocessing {kind!r} is not supported here")
-    return steps
+                raise ModelError(f"{path}: {what} ensure_dtype to {kwargs.dtype} is not supported (float32 only)")
+            continue
+        if getattr(kwargs, "reference_tensor", None) not in (None, tensor.id):
+            raise ModelError(f"{path}: {what} {step.id} with another tensor's statistics is not supported")
+        try:
+            operators.append(get_proc(step, tensor))
+        except (NotImplementedError, ValueError, TypeError) as error:
+            raise ModelError(f"{path}: {what} {step.id!r} is not supported here ({first_line(error)})") from None
+    return tuple(operators)
 
 
 @dataclass(frozen=True)
 class PackageNormalizer:
-    """A package's preprocessing with its statistics taken from one image: crop ``(Y, X[, C])`` -> ``(C, Y, X)``
-    float32."""
+    """A package's preprocessing (bioimage.io core's operators) with its statistics taken from one whole image, so
+    that every tile is normalised alike: crop ``(Y, X[, C])`` -> ``(C, Y, X)`` float32."""
 
     channels: int
-    operations: (
-        tuple  # ("affine", gain, offset) with arrays broadcasting over (C, 1, 1), or ("clip", low, high), ("sigmoid",)
-    )
-
-    def __call__(self, plane) -> np.ndarray:
-        return _apply(self.operations, to_model_channels(channels_first(plane), self.channels))
+    axes: tuple  # the input tensor's axis ids, in its order
+    member: Any  # the input tensor's id
+    operators: tuple
+    stat: dict  # the image's statistics the operators read
 
     @classmethod
-    def from_image(cls, sample, channels: int, steps: list[_Step]) -> PackageNormalizer:
-        array = to_model_channels(channels_first(sample), channels)
+    def from_image(cls, sample, network: PackageNetwork) -> PackageNormalizer:
+        from bioimageio.core.stat_calculators import compute_measures
+
+        array = to_model_channels(channels_first(sample), network.in_channels)
         if not np.isfinite(array).all():
             raise InputError("image contains NaN or infinite values")
-        operations = []
-        for step in steps:
-            operation = _operation(step, array)
-            array = _apply((operation,), array)
-            operations.append(operation)
-        return cls(channels, tuple(operations))
+        member, operators = network.input_member, network.preprocessing
+        measures = {m for operator in operators for m in operator.required_measures}
+        stat = compute_measures(measures, [network.sample(array[None], network.input_axes, member)])
+        return cls(network.in_channels, network.input_axes, member, operators, dict(stat))
+
+    def __call__(self, plane) -> np.ndarray:
+        from bioimageio.core import Sample
+
+        array = to_model_channels(channels_first(plane), self.channels)
+        sample = Sample(members={self.member: _tensor(array[None], self.axes)}, stat=dict(self.stat), id=None)
+        for operator in self.operators:
+            operator(sample)
+        return _canonical(sample.members[self.member], self.axes)[0]
 
 
-def _operation(step: _Step, array: np.ndarray) -> tuple:
-    reduce = (0, 1, 2) if step.pooled else (1, 2)
-    if step.kind == "zero_mean_unit_variance":
-        mean = array.mean(axis=reduce, keepdims=True, dtype=np.float64)
-        std = array.std(axis=reduce, keepdims=True, dtype=np.float64)
-        gain = 1.0 / (std + step.eps)
-        return ("affine", gain.astype(np.float32), (-mean * gain).astype(np.float32))
-    if step.kind == "scale_range":
-        low, high = np.percentile(array, [step.low, step.high], axis=reduce, keepdims=True)
-        gain = 1.0 / (high - low + step.eps)
-        return ("affine", gain.astype(np.float32), (-low * gain).astype(np.float32))
-    if step.kind == "affine":
-        shape = (-1, 1, 1)
-        return (
-            "affine",
-            np.asarray(step.gain, np.float32).reshape(shape),
-            np.asarray(step.offset, np.float32).reshape(shape),
-        )
-    if step.kind == "clip":
-        return ("clip", step.low, step.high)
-    return ("sigmoid",)
+def _tensor(batch: np.ndarray, axes: tuple):
+    """An ``(N, C, Y, X)`` array as a bioimage.io core tensor in ``axes`` (a missing batch or channel axis must be of
+    size 1)."""
+    from bioimageio.core import Tensor
+
+    return Tensor.from_numpy(batch, dims=_bcyx(axes)).transpose(list(axes), extra_dims="squeeze")
 
 
-def _apply(operations, array: np.ndarray) -> np.ndarray:
-    for operation in operations:
-        if operation[0] == "affine":
-            array *= operation[1]
-            array += operation[2]
-        elif operation[0] == "clip":
-            np.clip(array, operation[1], operation[2], out=array)
-        else:
-            from scipy.special import expit
-
-            expit(array, out=array)
-    return array
+def _canonical(tensor, axes: tuple) -> np.ndarray:
+    """A bioimage.io core tensor (axes ``axes``, its package's) as float32 ``(N, C, Y, X)``."""
+    array = tensor.transpose(list(_bcyx(axes)), missing_dims="expand").data.values
+    return np.ascontiguousarray(array, dtype=np.float32)
 
 
-def _spatial_axes(path: Path, tensor, what: str) -> list[str]:
-    """The tensor's axis letters (b, c, y, x); anything else is a one-line error."""
-    letters = []
+def _bcyx(axes: tuple) -> tuple:
+    """The package's ids of the batch, channel, y and x axes (its own where it has them)."""
+    from bioimageio.core import AxisId
+
+    batch = next((a for a in axes if str(a) == "batch"), AxisId("batch"))
+    channel = next((a for a in axes if str(a) not in ("batch", "y", "x")), AxisId("channel"))
+    return (batch, channel, AxisId("y"), AxisId("x"))
+
+
+def _spatial_axes(path: Path, tensor, what: str) -> tuple:
+    """The tensor's axis ids (batch, channel, y, x, in its order); anything else is a one-line error."""
+    kinds = []
     for axis in tensor.axes:
-        if axis.type == "batch":
-            letters.append("b")
-        elif axis.type == "channel":
-            letters.append("c")
-        elif axis.type == "space" and str(axis.id) in ("y", "x"):
-            letters.append(str(axis.id))
+        if axis.type == "space" and str(axis.id) in ("y", "x"):
+            kinds.append(str(axis.id))
+        elif axis.type in ("batch", "channel"):
+            kinds.append(axis.type)
         else:
             raise ModelError(
                 f"{path}: its {what} has a {axis.type} axis {str(axis.id)!r}; only 2D (y, x) models run here"
             )
-    if letters.count("y") != 1 or letters.count("x") != 1:
+    if kinds.count("y") != 1 or kinds.count("x") != 1:
         raise ModelError(f"{path}: its {what} does not have one y and one x axis")
-    return letters
+    return tuple(axis.id for axis in tensor.axes)
 
 
 def _input_sizes(path: Path, tensor, halo: int) -> InputSizes:
@@ -393,24 +349,27 @@ def _input_sizes(path: Path, tensor, halo: int) -> InputSizes:
 
 @dataclass
 class PackageNetwork:
-    """A foreign package's network as our pipeline needs it: preprocessing, tile sizes, and a
-    forward pass that returns logits of the channels we use (foreground[, boundary])."""
+    """A foreign package's network as our pipeline needs it: its preprocessing, tile sizes, and a forward
+    pass that returns probabilities of the channels we use (foreground[, boundary]). What the package's
+    pre- and postprocessing do, bioimage.io core's operators do."""
 
     name: str
     source: str
     weights: dict[str, bytes]  # "onnx" / "torchscript": the files present in the package
-    input_axes: str  # e.g. "bcyx"
-    output_axes: str
+    input_axes: tuple  # axis ids, in the input tensor's order
+    output_axes: tuple
+    input_member: Any  # the tensors' ids
+    output_member: Any
     in_channels: int
     outputs: tuple[str, ...]  # meanings of the channels we keep, in order
     keep: tuple[int, ...]  # their indices in the output tensor
-    activation: str  # what turns raw outputs into probabilities: "sigmoid", "softmax" or "none"
-    steps: list[_Step]
+    preprocessing: tuple  # bioimage.io core operators
+    postprocessing: tuple  # sigmoid or softmax (raw outputs to probabilities), or nothing
     input_sizes: InputSizes
     output_index: int = 0  # which of the model's outputs
     one_at_a_time: bool = False  # the input has no batch axis, or one fixed at 1: batches are run image by image
     _sessions: dict = field(default_factory=dict, repr=False)
-    _module: Any = field(default=None, repr=False)
+    _scripted: dict = field(default_factory=dict, repr=False)  # TorchScript modules by device
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
@@ -420,59 +379,27 @@ class PackageNetwork:
         tensor = descr.inputs[0]
         input_axes = _spatial_axes(path, tensor, "input")
         channel = next((a for a in tensor.axes if a.type == "channel"), None)
-        in_channels = len(channel.channel_names) if channel is not None else 1
         batch = next((a for a in tensor.axes if a.type == "batch"), None)
-        one_at_a_time = batch is None or getattr(batch, "size", None) == 1
-        steps = _parse_preprocessing(path, tensor)
         index, output = _choose_output(path, descr.outputs)
-        output_axes = _spatial_axes(path, output, "output")
-        halo = 0
-        for axis in output.axes:
-            if axis.type != "space":
-                continue
-            size = axis.size
-            if not (
-                getattr(size, "tensor_id", None) == tensor.id
-                and getattr(size, "axis_id", None) == axis.id
-                and size.offset == 0
-                and axis.scale == 1.0
-            ):
-                raise ModelError(
-                    f"{path}: its output's {axis.id} axis is not the input's size and resolution; not supported"
-                )
-            halo = max(halo, int(getattr(axis, "halo", 0) or 0))
         meanings = _output_meanings(path, _output_names(output))
         keep = tuple(i for i, m in enumerate(meanings) if not m.startswith("unused:"))
-        activation = _activation(path, output)
-        weights = {}
-        for kind in RUNNABLE_WEIGHTS:
-            entry = getattr(descr.weights, kind, None)
-            data = files.read(entry.source) if entry is not None else None
-            if data is not None:
-                weights[kind] = data
-        if not weights:
-            present = (
-                ", ".join(k for k in type(descr.weights).model_fields if getattr(descr.weights, k, None) is not None)
-                or "none"
-            )
-            raise ModelError(
-                f"{path}: no ONNX or TorchScript weights file in the package (its weights: {present}); nothing is "
-                "downloaded"
-            )
+        _check_probabilities(path, output)
         return cls(
             name=descr.name,
             source=str(path),
-            weights=weights,
-            input_axes="".join(input_axes),
-            output_axes="".join(output_axes),
-            in_channels=in_channels,
+            weights=_runnable_weights(path, descr, files),
+            input_axes=input_axes,
+            output_axes=_spatial_axes(path, output, "output"),
+            input_member=tensor.id,
+            output_member=output.id,
+            in_channels=len(channel.channel_names) if channel is not None else 1,
             outputs=tuple(meanings[i] for i in keep),
             keep=keep,
-            activation=activation,
-            steps=steps,
-            input_sizes=_input_sizes(path, tensor, halo),
+            preprocessing=_processing(path, tensor, tensor.preprocessing, "input preprocessing"),
+            postprocessing=_processing(path, output, output.postprocessing, "output postprocessing"),
+            input_sizes=_input_sizes(path, tensor, _output_halo(path, tensor, output)),
             output_index=index,
-            one_at_a_time=one_at_a_time,
+            one_at_a_time=batch is None or getattr(batch, "size", None) == 1,
         )
 
     # The network interface (``model.Network``), as our U-Net has it.
@@ -485,21 +412,24 @@ class PackageNetwork:
 
     @property
     def module(self):
-        """Its TorchScript weights as a torch module (:meth:`torch_module`)."""
-        return self.torch_module()
+        """Its TorchScript weights as a torch module (on the CPU)."""
+        return self._torchscript("cpu")
 
     def forward(self, params: TilingParams, channels: int) -> tuple[Forward, int]:
         """Its ONNX weights under ONNX Runtime on the CPU, else its TorchScript module on the device
         (never re-exported or quantised: it runs as published)."""
         on_cpu = device_name(params.device) == "cpu"
         if on_cpu and self._runs_onnx(params.backend):
-            return onnx_forward(self.onnx_logits(cpu_threads()), params.tta), len(self.keep)
-        if "torchscript" not in self.weights:
+            run = self._onnx_runner(cpu_threads())
+        elif "torchscript" in self.weights:
+            run = self._torchscript_runner(resolve_device(params.device))
+        else:
             why = "choose device cpu" if not on_cpu else "install onnxruntime, or use backend auto"
             raise ModelError(
                 f"{self.source}: the package has only ONNX weights, which run here with ONNX Runtime on the CPU; {why}"
             )
-        return torch_forward(self.torch_module(), self.in_channels, replace(params, backend="torch"))
+        probabilities = self._probabilities(run)
+        return (lambda batch: tta_forward(probabilities, batch, params.tta, np.flip)), len(self.keep)
 
     def prepare(self, params: TilingParams) -> None:
         """Open what :meth:`forward` will run (its ONNX Runtime session, or its TorchScript) before the first tile."""
@@ -518,12 +448,37 @@ class PackageNetwork:
 
     def normalizer(self, sample, percentiles=None) -> PackageNormalizer:
         """Its own preprocessing, with the statistics taken from ``sample`` (``percentiles``: ours, not used)."""
-        return PackageNormalizer.from_image(sample, self.in_channels, self.steps)
+        return PackageNormalizer.from_image(sample, self)
+
+    def sample(self, batch: np.ndarray, axes: tuple, member):
+        """``(N, C, Y, X)`` as a bioimage.io core sample of one tensor in ``axes``."""
+        from bioimageio.core import Sample
+
+        return Sample(members={member: _tensor(batch, axes)}, stat={}, id=None)
 
     # ------------------------------------------------------------------- running
-    def onnx_logits(self, threads: int):
-        """The ONNX weights under ONNX Runtime as a numpy forward pass: ``(N, C, H, W)`` in, logits of the kept channels
-        out."""
+    def _probabilities(self, run):
+        """``run`` (the package's array in, its raw output out) as ``(N, C, H, W)`` in, probabilities of the kept
+        channels out, through the package's postprocessing."""
+
+        def probabilities(batch: np.ndarray) -> np.ndarray:
+            if self.one_at_a_time and len(batch) > 1:
+                return np.concatenate([probabilities(batch[i : i + 1]) for i in range(len(batch))])
+            raw = run(np.ascontiguousarray(_tensor(batch, self.input_axes).data.values, dtype=np.float32))
+            if isinstance(raw, (tuple, list)):
+                raw = raw[self.output_index]
+            from bioimageio.core import Tensor
+
+            output = Tensor.from_numpy(np.asarray(raw, np.float32), dims=self.output_axes)
+            sample = self.sample(_canonical(output, self.output_axes), self.output_axes, self.output_member)
+            for operator in self.postprocessing:
+                operator(sample)
+            return _canonical(sample.members[self.output_member], self.output_axes)[:, list(self.keep)]
+
+        return probabilities
+
+    def _onnx_runner(self, threads: int):
+        """The ONNX weights under ONNX Runtime: the package's input array in, its outputs out."""
         with self._lock:
             session = self._sessions.get(threads)
             if session is None:
@@ -542,37 +497,74 @@ class PackageNetwork:
                     ) from None
                 self._sessions[threads] = session
         name = session.get_inputs()[0].name
+        return lambda array: session.run(None, {name: array})
 
-        def logits(batch: np.ndarray) -> np.ndarray:
-            if self.one_at_a_time and len(batch) > 1:
-                return np.concatenate([logits(batch[i : i + 1]) for i in range(len(batch))])
-            raw = session.run(None, {name: _to_axes(batch, "bcyx", self.input_axes)})[self.output_index]
-            return self._logits(_from_axes(np.asarray(raw, np.float32), self.output_axes))
+    def _torchscript_runner(self, device):
+        """The TorchScript weights on ``device``: the package's input array in, its outputs out."""
+        import torch
 
-        return logits
+        scripted = self._torchscript(device)
 
-    def _logits(self, raw: np.ndarray) -> np.ndarray:
-        """Logits of the kept channels from the raw ``(N, K, H, W)`` outputs (our tiling applies the sigmoid)."""
-        if self.activation == "sigmoid":
-            return np.ascontiguousarray(raw[:, list(self.keep)])
-        if self.activation == "softmax":
-            shifted = raw - raw.max(axis=1, keepdims=True)
-            raw = np.exp(shifted)
-            raw /= raw.sum(axis=1, keepdims=True)
-        probabilities = np.clip(raw[:, list(self.keep)], _PROBABILITY_EPS, 1 - _PROBABILITY_EPS)
-        return np.log(probabilities / (1 - probabilities))
+        def run(array: np.ndarray):
+            with torch.inference_mode():
+                raw = scripted(torch.from_numpy(array).to(device))
+            return (
+                [r.float().cpu().numpy() for r in raw] if isinstance(raw, (tuple, list)) else raw.float().cpu().numpy()
+            )
 
-    def torch_module(self):
-        """The TorchScript weights wrapped to take ``(N, C, H, W)`` and return logits of the kept channels."""
+        return run
+
+    def _torchscript(self, device):
         with self._lock:
-            if self._module is None:
+            key = str(device)
+            if key not in self._scripted:
                 if "torchscript" not in self.weights:
                     raise ModelError(
                         f"{self.source}: the package has no TorchScript weights; it runs on the CPU with ONNX Runtime "
                         "only"
                     )
-                self._module = _torch_logits_module(self)
-            return self._module
+                self._scripted[key] = _load_torchscript(self, device)
+            return self._scripted[key]
+
+
+def _runnable_weights(path: Path, descr, files: _PackageFiles) -> dict[str, bytes]:
+    """The package's ONNX and TorchScript weights files that it holds (none is downloaded)."""
+    weights = {}
+    for kind in RUNNABLE_WEIGHTS:
+        entry = getattr(descr.weights, kind, None)
+        data = files.read(entry.source) if entry is not None else None
+        if data is not None:
+            weights[kind] = data
+    if not weights:
+        present = (
+            ", ".join(k for k in type(descr.weights).model_fields if getattr(descr.weights, k, None) is not None)
+            or "none"
+        )
+        raise ModelError(
+            f"{path}: no ONNX or TorchScript weights file in the package (its weights: {present}); nothing is "
+            "downloaded"
+        )
+    return weights
+
+
+def _output_halo(path: Path, tensor, output) -> int:
+    """The output's halo; its y and x must be the input's size and resolution."""
+    halo = 0
+    for axis in output.axes:
+        if axis.type != "space":
+            continue
+        size = axis.size
+        if not (
+            getattr(size, "tensor_id", None) == tensor.id
+            and getattr(size, "axis_id", None) == axis.id
+            and size.offset == 0
+            and axis.scale == 1.0
+        ):
+            raise ModelError(
+                f"{path}: its output's {axis.id} axis is not the input's size and resolution; not supported"
+            )
+        halo = max(halo, int(getattr(axis, "halo", 0) or 0))
+    return halo
 
 
 def _choose_output(path: Path, outputs) -> tuple[int, Any]:
@@ -585,37 +577,18 @@ def _choose_output(path: Path, outputs) -> tuple[int, Any]:
     raise ModelError(f"{path}: none of its {len(outputs)} outputs is recognisably a nuclei foreground")
 
 
-def _activation(path: Path, output) -> str:
+def _check_probabilities(path: Path, output) -> None:
+    """The output must be probabilities: as it is (range 0-1 or unstated), or after a sigmoid or softmax."""
     kinds = [s.id for s in output.postprocessing if s.id != "ensure_dtype"]
     if not kinds:
         data_range = getattr(getattr(output, "data", None), "range", None)
         if data_range is not None and tuple(data_range) not in ((0.0, 1.0), (None, None)):
             raise ModelError(f"{path}: its output's range {tuple(data_range)} is not a probability; not supported")
-        return "none"
-    if kinds in (["sigmoid"], ["softmax"]):
-        return kinds[0]
-    raise ModelError(f"{path}: output postprocessing {', '.join(kinds)} is not supported (sigmoid or softmax only)")
+    elif kinds not in (["sigmoid"], ["softmax"]):
+        raise ModelError(f"{path}: output postprocessing {', '.join(kinds)} is not supported (sigmoid or softmax only)")
 
 
-def _to_axes(batch: np.ndarray, have: str, want: str) -> np.ndarray:
-    """``batch`` in axis order ``have`` (all of b, c, y, x) rearranged to ``want`` (a missing b/c must be of size 1)."""
-    array = batch
-    for letter in "bc":
-        if letter not in want:
-            array = array.take(0, axis=have.index(letter))
-            have = have.replace(letter, "")
-    return np.ascontiguousarray(np.transpose(array, [have.index(letter) for letter in want]), dtype=np.float32)
-
-
-def _from_axes(array: np.ndarray, have: str) -> np.ndarray:
-    """An output in axis order ``have`` as ``(N, K, H, W)`` (a missing batch or channel axis becomes one of size 1)."""
-    for letter in "bc":
-        if letter not in have:
-            array, have = array[None], letter + have
-    return np.transpose(array, [have.index(letter) for letter in "bcyx"])
-
-
-def _torch_logits_module(network: PackageNetwork):
+def _load_torchscript(network: PackageNetwork, device):
     import torch
 
     try:
@@ -623,39 +596,6 @@ def _torch_logits_module(network: PackageNetwork):
             warnings.simplefilter(
                 "ignore", FutureWarning
             )  # torch.jit.load's deprecation notice: the format is the Zoo's
-            scripted = torch.jit.load(io.BytesIO(network.weights["torchscript"]), map_location="cpu")
+            return torch.jit.load(io.BytesIO(network.weights["torchscript"]), map_location=device).eval()
     except Exception as error:  # noqa: BLE001 (TorchScript's own errors for corrupt archives)
         raise ModelError(f"{network.source}: cannot load its TorchScript weights ({first_line(error)})") from None
-
-    class PackageLogits(torch.nn.Module):
-        """(N, C, H, W) in; logits of the kept channels out, as :meth:`PackageNetwork._logits`."""
-
-        def __init__(self):
-            super().__init__()
-            self.scripted = scripted
-            self.output_channels = len(network.keep)
-
-        def forward(self, batch):
-            if network.one_at_a_time and batch.shape[0] > 1:
-                return torch.cat([self(batch[i : i + 1]) for i in range(batch.shape[0])])
-            array = batch
-            have = "bcyx"
-            for letter in "bc":
-                if letter not in network.input_axes:
-                    array = array.select(have.index(letter), 0)
-                    have = have.replace(letter, "")
-            raw = self.scripted(array.permute(*[have.index(letter) for letter in network.input_axes]).contiguous())
-            if isinstance(raw, (tuple, list)):
-                raw = raw[network.output_index]
-            have = network.output_axes
-            for letter in "bc":
-                if letter not in have:
-                    raw, have = raw.unsqueeze(0), letter + have
-            raw = raw.permute(*[have.index(letter) for letter in "bcyx"]).float()
-            if network.activation == "sigmoid":
-                return raw[:, list(network.keep)]
-            if network.activation == "softmax":
-                raw = torch.softmax(raw, dim=1)
-            return torch.logit(raw[:, list(network.keep)], eps=_PROBABILITY_EPS)
-
-    return PackageLogits().eval()

@@ -6,10 +6,11 @@ scores are in docs/performance.md. ONNX Runtime also has no slow first call at a
 shape, which PyTorch's CPU kernels have.
 
 The torch model stays the source of truth: it is exported (and quantised) the first time
-it runs on the CPU, and again whenever its weights change (fine-tuning). The result is also
-kept on disk (:func:`cache_folder`), named by the digest of the weights, the architecture
-and the exporter's versions, so the next process with the same model loads it instead of
-paying that again; a changed weight is a different file, so there is nothing to keep in step.
+it runs on the CPU, and again whenever its weights change (fine-tuning). Every export is
+named by the digest of its weights, architecture and exporter versions (:func:`export_name`),
+and kept under that one name in memory for this process and on disk (:func:`cache_folder`)
+for the next: the same weights loaded again are neither exported nor quantised again, and a
+changed weight is another name, so there is nothing to keep in step.
 Without ``onnxruntime`` and ``onnx`` installed, ``backend="auto"`` quietly uses PyTorch.
 """
 
@@ -26,7 +27,6 @@ import sys
 import tempfile
 import threading
 import warnings
-import weakref
 from importlib import metadata, util
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -41,15 +41,11 @@ if TYPE_CHECKING:
 BACKENDS = ("auto", "torch", "onnx")
 PRECISIONS = ("int8", "float32")
 _OPSET = 17
-# Per model and precision: (weights version, the exported network or why the export failed).
-_CACHE: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, tuple[tuple, OnnxNetwork | str]]] = (
-    weakref.WeakKeyDictionary()
-)
-_TENSORS: weakref.WeakKeyDictionary[torch.nn.Module, list[torch.Tensor]] = weakref.WeakKeyDictionary()
+# The opened networks of this process by (export name, threads), or why their export failed (not retried);
+# the least recently used beyond _SESSIONS_KEPT are closed.
+_SESSIONS: collections.OrderedDict[tuple[str, int], OnnxNetwork | str] = collections.OrderedDict()
+_SESSIONS_KEPT = 3  # the model in use, the one being fine-tuned, one more
 _LOCK = threading.Lock()
-# Quantised networks by the digest of their float32 export (a few MB each).
-_QUANTISED: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()
-_QUANTISED_KEPT = 4
 
 
 class OnnxNetwork:
@@ -94,96 +90,110 @@ def _torch_version() -> str:
 
 
 def cpu_network(model: torch.nn.Module, in_channels: int, backend: str = "auto", precision: str = "int8"):
-    """What to call for CPU inference: an :class:`OnnxNetwork`, or ``model`` itself.
+    """What to call for CPU inference of a torch module: an :class:`OnnxNetwork`, or ``model`` itself.
 
     ``backend``: "torch" always gives ``model``; "onnx" gives ONNX Runtime or raises
     :class:`ModelError`; "auto" gives ONNX Runtime when it is installed and the export
     works, else ``model`` (with a warning if the export failed). ``precision``: "int8"
     quantises the ONNX Runtime network (:func:`quantize`; float32 with a warning if that
-    fails), "float32" keeps the model's own weights. PyTorch always runs float32.
+    fails), "float32" keeps the model's own weights. PyTorch always runs float32. The
+    weights are digested at every call: whoever holds ``model`` may have changed them.
+    """
+    weights = weights_digest(model.state_dict(), repr(model))
+    network = onnx_network(weights, in_channels, backend, precision, lambda: model)
+    return model if network is None else network
+
+
+def onnx_network(weights: str, in_channels: int, backend: str, precision: str, build) -> OnnxNetwork | None:
+    """The ONNX Runtime network of the weights ``weights`` names (:func:`weights_digest`), or None for PyTorch.
+
+    Taken from this process's networks, else from the disk cache, else exported from the
+    module ``build()`` returns (called only then: building may take seconds). See :func:`cpu_network`
+    for ``backend`` and ``precision``.
     """
     if backend not in BACKENDS:
         raise ModelError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if precision not in PRECISIONS:
         raise ModelError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if backend == "torch":
-        return model
+        return None
     if not available():
         if backend == "onnx":
             raise ModelError("backend 'onnx' needs the onnxruntime and onnx packages: pip install onnxruntime onnx")
-        return model
-    key = (_weights_version(model), in_channels, cpu_threads())
-    with _LOCK:  # one export per model, weights and precision, also when several threads segment at once
-        networks = _CACHE.setdefault(model, {})
-        cached = networks.get(precision)
-        if cached is None or cached[0] != key:
-            try:
-                cached = (key, _export(model, in_channels, threads=key[2], precision=precision))
-            except Exception as error:  # an encoder with an op the exporter lacks, etc.; not retried
-                cached = (key, str(error))
-                if backend == "auto":
-                    warnings.warn(
-                        f"ONNX export failed, using PyTorch on the CPU ({error})", RuntimeWarning, stacklevel=2
-                    )
-            networks[precision] = cached
-    network = cached[1]
+        return None
+    key = (export_name(weights, in_channels, precision), cpu_threads())
+    with _LOCK:  # one export per weights and precision, also when several threads segment at once
+        network = _SESSIONS.get(key)
+        if network is None:
+            network = _open_or_export(key, in_channels, precision, build, warn=backend == "auto")
+        _SESSIONS[key] = network
+        _SESSIONS.move_to_end(key)
+        while len(_SESSIONS) > _SESSIONS_KEPT:
+            _SESSIONS.popitem(last=False)
     if isinstance(network, str):
         if backend == "onnx":
             raise ModelError(f"cannot run this model with ONNX Runtime: {network}")
-        return model
+        return None
     return network
 
 
-def checkpoint_network(network, backend: str = "auto", precision: str = "int8"):
-    """:func:`cpu_network` for our U-Net (``model.UnetNetwork``), found on disk by its weights file when it can be.
-
-    A network whose weights are as stored in their file (``file_digest``) is looked up in the
-    disk cache under that file's digest: a hit needs no torch module at all (the network then
-    never builds one). A miss builds the module, exports it, and stores the export under the
-    file's digest for the next process.
-    """
-    digest = network.file_digest
-    if digest is None or backend == "torch" or not available():
-        return cpu_network(network.module, network.in_channels, backend, precision)
-    threads = cpu_threads()
-    path = _file_cache_path(digest, network.in_channels, precision)
-    opened = network.cpu_networks
-    with _LOCK:
-        session = opened.get((path, threads))
-        if session is None and (cached := _read_cached(path)) is not None:
-            try:
-                session = opened[(path, threads)] = _session(*cached, threads)
-            except Exception:  # damaged by something else than us: export again
-                path.unlink(missing_ok=True)
-    if session is not None:
-        return session
-    session = cpu_network(network.module, network.in_channels, backend, precision)
-    if isinstance(session, OnnxNetwork):
-        _write_cached(path, session.serialized, session.out_channels, session.precision == "int8")
-    return session
-
-
-def is_cached(file_digest: str) -> bool:
-    """Whether an export of the weights file with this digest is on disk (in any precision)."""
+def _open_or_export(key: tuple[str, int], in_channels: int, precision: str, build, warn: bool) -> OnnxNetwork | str:
+    """The network stored on disk under ``key``'s name, else a new export (stored there); or why the export failed."""
+    name, threads = key
+    path = cache_folder() / f"{name}.onnx"
+    cached = _read_cached(path)
+    if cached is not None:
+        try:
+            network = _session(*cached, threads)
+        except Exception:  # damaged by something else than us: export again
+            path.unlink(missing_ok=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.utime(path)  # recently used: kept longest
+            return network
     try:
-        return any(cache_folder().glob(f"{file_digest}-*.onnx"))
+        network = _export(build(), in_channels, threads, precision)
+    except Exception as error:  # an encoder with an op the exporter lacks, etc.; not retried
+        if warn:
+            warnings.warn(f"ONNX export failed, using PyTorch on the CPU ({error})", RuntimeWarning, stacklevel=4)
+        return str(error)
+    _write_cached(path, network.serialized, network.out_channels, network.precision == "int8")
+    return network
+
+
+def is_cached(weights: str) -> bool:
+    """Whether an export of the weights ``weights`` names is on disk (in any precision)."""
+    try:
+        return any(cache_folder().glob(f"{weights}-*.onnx"))
     except OSError:
         return False
 
 
-def _file_cache_path(file_digest: str, in_channels: int, precision: str) -> Path:
+def export_name(weights: str, in_channels: int, precision: str) -> str:
+    """Names one export: the weights' digest and what else shapes the exported graph."""
     import onnxruntime
 
     versions = f"{_EXPORT_FORMAT}|{_OPSET}|{_torch_version()}|{onnxruntime.__version__}|{in_channels}|{precision}"
-    return cache_folder() / f"{file_digest}-{hashlib.blake2b(versions.encode(), digest_size=8).hexdigest()}.onnx"
+    return f"{weights}-{hashlib.blake2b(versions.encode(), digest_size=8).hexdigest()}"
 
 
-def _weights_version(model: torch.nn.Module) -> tuple:
-    """Changes whenever a weight or buffer is modified in place (optimiser steps, ``load_state_dict``) or moved."""
-    tensors = _TENSORS.get(model)
-    if tensors is None:  # walking the modules costs ~3 ms; the tensors themselves are read live
-        tensors = _TENSORS[model] = [*model.parameters(), *model.buffers()]
-    return tuple((t.data_ptr(), t._version) for t in tensors)
+def weights_digest(state, architecture: str) -> str:
+    """Names a network's weights: every tensor of ``state`` (torch or numpy; floats as float32, so that fp16 weights
+    in a file and the float32 module they load into agree) and ``architecture``, what builds the network."""
+    digest = hashlib.blake2b(architecture.encode(), digest_size=16)
+    for name in sorted(state):  # a file's order is not the module's
+        array = np.ascontiguousarray(_float32_numpy(state[name]))
+        digest.update(f"{name}|{array.shape}|{array.dtype.str}".encode())
+        digest.update(array.data)
+    return digest.hexdigest()
+
+
+def _float32_numpy(tensor) -> np.ndarray:
+    """A torch tensor or numpy array as numpy, floats as float32."""
+    if isinstance(tensor, np.ndarray):
+        return tensor.astype(np.float32, copy=False) if tensor.dtype.kind == "f" else tensor
+    tensor = tensor.detach().cpu()
+    return (tensor.float() if tensor.is_floating_point() else tensor).numpy()
 
 
 # Exported networks kept on disk; the least recently used beyond this many are removed.
@@ -199,22 +209,6 @@ def cache_folder() -> Path:
         return Path(configured)
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "napari-nuclei-unet" / "onnx"
-
-
-def weights_digest(model: torch.nn.Module, in_channels: int, precision: str) -> str:
-    """Names one export: the architecture (the module tree), every weight and buffer, and the versions that shape the
-    export."""
-    import onnxruntime
-
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(
-        f"{_EXPORT_FORMAT}|{_OPSET}|{_torch_version()}|{onnxruntime.__version__}|{in_channels}|{precision}|{model!r}".encode()
-    )
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(str((tuple(tensor.shape), tensor.dtype)).encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def _read_cached(path: Path) -> tuple[bytes, int, bool] | None:
@@ -247,27 +241,14 @@ def _write_cached(path: Path, network: bytes, out_channels: int, quantised: bool
 
 
 def _export(model: torch.nn.Module, in_channels: int, threads: int, precision: str = "float32") -> OnnxNetwork:
-    path = cache_folder() / f"{weights_digest(model, in_channels, precision)}.onnx"
-    cached = _read_cached(path)
-    if cached is not None:
-        try:
-            network = _session(*cached, threads)
-        except Exception:  # damaged by something else than us: export again
-            path.unlink(missing_ok=True)
-        else:
-            with contextlib.suppress(OSError):
-                os.utime(path)  # recently used: kept longest
-            return network
     exported, out_channels = to_onnx(model, in_channels)
     quantised = False
     if precision == "int8":
         try:
-            exported, quantised = _quantize_cached(exported, in_channels), True
+            exported, quantised = quantize(exported, in_channels), True
         except Exception as error:  # an op the quantiser cannot handle: float32 still works
-            warnings.warn(f"8-bit quantisation failed, running float32 ({error})", RuntimeWarning, stacklevel=3)
-    network = _session(exported, out_channels, quantised, threads)
-    _write_cached(path, exported, out_channels, quantised)
-    return network
+            warnings.warn(f"8-bit quantisation failed, running float32 ({error})", RuntimeWarning, stacklevel=5)
+    return _session(exported, out_channels, quantised, threads)
 
 
 def _session(exported: bytes, out_channels: int, quantised: bool, threads: int) -> OnnxNetwork:
@@ -316,20 +297,6 @@ def to_onnx(model: torch.nn.Module, in_channels: int) -> tuple[bytes, int]:
     finally:
         model.train(was_training)
     return buffer.getvalue(), out_channels
-
-
-def _quantize_cached(exported: bytes, in_channels: int) -> bytes:
-    """:func:`quantize`, remembered for the last few networks: the same weights loaded again
-    (another copy of a checkpoint, a widget reloading its model) are not re-quantised.
-    Called with ``_LOCK`` held (by :func:`cpu_network`)."""
-    key = hashlib.blake2b(exported, digest_size=16).digest()  # the graph fixes the input channels too
-    if key in _QUANTISED:
-        _QUANTISED.move_to_end(key)
-        return _QUANTISED[key]
-    quantised = _QUANTISED[key] = quantize(exported, in_channels)
-    while len(_QUANTISED) > _QUANTISED_KEPT:
-        _QUANTISED.popitem(last=False)
-    return quantised
 
 
 def quantize(exported: bytes, in_channels: int) -> bytes:

@@ -269,6 +269,8 @@ class TrainConfig:
     )
     blur_noise: float = _train(0.2, "share of patches blurred, and of patches with added noise")
     invert_grey: float = _train(0.15, "share of grey patches shown inverted (fluorescence as brightfield and back)")
+    # Fluorescence is often saved pseudo-coloured (Hoechst as blue on black, GFP as green).
+    tint_grey: float = _train(0.0, "share of grey patches shown tinted blue, green, red or magenta (pseudo-colour)")
     # Without it, a few tissue tiles would be drowned by hundreds of fluorescence images.
     balance_image_types: bool = _train(
         True,

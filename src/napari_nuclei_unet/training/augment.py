@@ -111,6 +111,26 @@ class RandomInvertGrey(v2.Transform):
         return inpt if _is_colour(inpt) else tv_tensors.wrap(1.0 - inpt, like=inpt)
 
 
+# Pseudo-colours fluorescence is saved in: blue (Hoechst, DAPI), green, red, magenta.
+TINTS = ((0.0, 0.0, 1.0), (0.0, 1.0, 0.0), (1.0, 0.0, 0.0), (1.0, 0.0, 1.0))
+
+
+class RandomTint(v2.Transform):
+    """Image only, dark grey RGB patches only (fluorescence): render the grey level in one pseudo-colour, so that
+    blue-on-black Hoechst or green-on-black GFP reads as the same nuclei."""
+
+    _transformed_types = (tv_tensors.Image,)
+
+    def make_params(self, flat_inputs):
+        tint = torch.tensor(TINTS[int(torch.randint(len(TINTS), ()))])
+        return {"tint": tint * _uniform(0.7, 1.0)}
+
+    def transform(self, inpt, params):
+        if inpt.shape[-3] != 3 or _is_colour(inpt) or float(inpt.median()) > 0.5:
+            return inpt
+        return tv_tensors.wrap(inpt.mean(-3, keepdim=True) * params["tint"][:, None, None], like=inpt)
+
+
 class RandomNoise(v2.Transform):
     """Image only: additive Gaussian noise of a random strength (camera and shot noise)."""
 
@@ -139,6 +159,7 @@ def build_augmentation(config: TrainConfig) -> v2.Transform:
         v2.RandomGrayscale(p=0.1),
     ]
     invert = [v2.RandomApply([RandomInvertGrey()], p=config.invert_grey)] if config.invert_grey > 0 else []
+    tint = [v2.RandomApply([RandomTint()], p=config.tint_grey)] if config.tint_grey > 0 else []
     degrade = (
         [
             v2.RandomApply([v2.GaussianBlur(7, sigma=(0.3, 1.5))], p=config.blur_noise),
@@ -147,7 +168,7 @@ def build_augmentation(config: TrainConfig) -> v2.Transform:
         if config.blur_noise > 0
         else []
     )
-    return v2.Compose(geometric + resolution + stain + intensity + invert + degrade)
+    return v2.Compose(geometric + resolution + stain + intensity + invert + degrade + tint)
 
 
 # Background and nucleus colours of the three DSB2018 image types, as normalised model input.
