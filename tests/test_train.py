@@ -512,6 +512,38 @@ def test_invert_grey_and_noise_touch_the_image_only():
     assert 0.03 < float((noisy - grey).std()) < 0.07 and torch.equal(noisy[0], noisy[1])  # grey stays grey
 
 
+def test_tint_renders_dark_grey_patches_in_one_pseudo_colour_only():
+    from torchvision import tv_tensors
+
+    from napari_nuclei_unet.training.augment import TINTS, RandomTint
+
+    fluorescence = tv_tensors.Image((torch.rand(1, 32, 32) * 0.4).expand(3, -1, -1).clone())
+    mask = tv_tensors.Mask(torch.ones(2, 32, 32))
+    for tint in TINTS:
+        params = {"tint": torch.tensor(tint)}
+        out = RandomTint().transform(fluorescence, params)
+        for channel, weight in enumerate(tint):  # the grey level in the tint's channels, nothing in the others
+            assert torch.allclose(out[channel], fluorescence[channel] * weight)
+    tinted, same_mask = RandomTint()(fluorescence, mask)
+    assert torch.equal(same_mask, mask) and not torch.equal(tinted, fluorescence)
+    brightfield = tv_tensors.Image(1.0 - fluorescence)
+    tissue = tv_tensors.Image(_tissue_patch())
+    for untouched in (brightfield, tissue):  # a bright background or a stain is not fluorescence
+        assert torch.equal(RandomTint()(untouched), untouched)
+
+
+def test_a_split_csv_is_keyed_by_image_id_or_by_stem(tmp_path):
+    from napari_nuclei_unet.data import read_split
+
+    (tmp_path / "ids.csv").write_text("ImageId,split\na,train\nb,val\n")
+    (tmp_path / "stems.csv").write_text("stem,split\na,train\nb,test\n")
+    (tmp_path / "other.csv").write_text("name,split\na,train\n")
+    assert read_split(tmp_path / "ids.csv") == {"a": "train", "b": "val"}
+    assert read_split(tmp_path / "stems.csv") == {"a": "train", "b": "test"}
+    with pytest.raises(InputError, match="other.csv: expected columns ImageId,split"):
+        read_split(tmp_path / "other.csv")
+
+
 def test_patch_weights_give_every_image_type_an_equal_share():
     from napari_nuclei_unet.training.sampler import patch_weights
 
