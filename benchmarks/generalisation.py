@@ -8,7 +8,9 @@ Sets (``../shared/data/README.md`` gives each its role):
 * test only: ``cpm15`` and ``gbm40`` (H&E of other origins) and ``ctc_fluo`` (fluorescence
   from the Cell Tracking Challenge). Never trained on, never used to pick anything;
 * choosing: ``val`` (the DSB2018 val split, also scored per image type) and ``monuseg_val``
-  (the MoNuSeg tiles marked ``val`` in ``docs/data/monuseg_train_split.csv``).
+  (the MoNuSeg tiles marked ``val`` in ``docs/data/monuseg_train_split.csv``);
+* any other folder of ``../shared/data`` by name (``u2os_hoechst``), or one split of it as
+  ``SET:SPLIT`` (``e2f_intestine:val``, by its ``split.csv``).
 
 Every model runs with the default options (``SegmentParams()``: image type and stain
 "auto", diameter "auto", Otsu threshold, the model's min confidence); ``--stains`` adds runs
@@ -56,6 +58,11 @@ def load_set(name: str) -> list[LabelledImage]:
             DATA / "monuseg_train" / "labels",
             {k for k, v in split.items() if v == "val"},
         )
+    if ":" in name:  # SET:SPLIT, e.g. e2f_intestine:val, by the set's own split.csv
+        folder, part = name.split(":", 1)
+        split = read_split(DATA / folder / "split.csv")
+        names = {k for k, v in split.items() if v == part}
+        return load_pairs(DATA / folder / "images", DATA / folder / "labels", names)
     return load_pairs(DATA / name / "images", DATA / name / "labels")
 
 

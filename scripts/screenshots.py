@@ -5,8 +5,8 @@
 Each picture is the whole window (``viewer.screenshot(canvas_only=False)``) after driving
 the widgets the way a user would, in a 1600 x 1000 window. The last ones open real DSB2018
 images by file (64-character names, as DSB2018's are), an H&E-stained one and a fluorescence
-one, segment them with the defaults with both widgets docked, at 1280 x 800 and 1600 x 1000
-(they need ``../shared/data/dsb2018``; skipped without it).
+one, segment them with the defaults with both widgets docked, at 1280 x 800 and 1600 x 1000,
+and show the Fine-tune tab after Add pair (they need ``../shared/data/dsb2018``; skipped without it).
 """
 
 from __future__ import annotations
@@ -191,6 +191,10 @@ def dsb_views(out: Path, size: tuple[int, int]) -> None:
         open_and_segment(viewer, widget, tune, name)
         save(viewer, out / f"09-dsb-{kind}-{size[0]}x{size[1]}.png")
         print(f"{kind} {size}: {widget.status.value}; canvas {viewer.window._qt_viewer.canvas.native.width()} px wide")
+        if kind == "fluorescence":  # the Fine-tune tab after Add pair: two 64-character layer names
+            fine_tune_pair(viewer, tune, name)
+            save(viewer, out / f"13-fine-tune-pair-{size[0]}x{size[1]}.png")
+            print(f"fine-tune pair {size}: dock {tune.native.width()} px wide; {tune.pairs_label.value}")
         if kind == "fluorescence" and size == WINDOW_SIZES[-1]:  # the measurements, in napari's own features table
             _dock, _table = viewer.window.add_plugin_dock_widget("napari", "Features table widget")
             save(viewer, out / "10-features-table.png")
@@ -206,6 +210,14 @@ def open_and_segment(viewer, widget, tune, name: str) -> None:
     viewer.layers.selection.active = viewer.layers[f"{name} nuclei"]
     viewer.reset_view()
     widget.native.parentWidget().parentWidget().parentWidget().raise_()  # the Segment tab: its status line
+
+
+def fine_tune_pair(viewer, tune, name: str) -> None:
+    """The image and its nuclei added as a training pair in the Fine-tune tab, shown."""
+    tune.image_layer.value = viewer.layers[name]
+    tune.labels_layer.value = viewer.layers[f"{name} nuclei"]
+    tune.add_pair_button.clicked.emit()
+    tune.native.parentWidget().parentWidget().parentWidget().raise_()
 
 
 def choose_model(picker, path: Path) -> None:

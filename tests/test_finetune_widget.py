@@ -331,3 +331,29 @@ def test_a_fine_tune_that_validates_worse_is_not_put_to_use(make_napari_viewer, 
         lambda: widget.hub.idle and "wrong" in widget.model.summary.value and "wrong" in segment.model.summary.value,
         timeout=TIMEOUT_MS,
     )
+
+
+DSB_NAME = "0a7d30b252359a10fd298b638b90cb9ada3acced4e0c0e5a3692013f432ee4e9"  # 64 characters, as DSB2018's
+
+
+@pytest.mark.parametrize("size", [(1280, 800), (1600, 1000)])
+def test_the_dock_fits_its_controls_after_add_pair_with_long_names(make_napari_viewer, qtbot, size):
+    """Item 4: the pairs line did not wrap, so the dock needed 1305 px and cut off everything below it."""
+    viewer = make_napari_viewer()
+    window = viewer.window._qt_window
+    window.resize(*size)
+    window.show()
+    image, labels = nuclei_field((96, 128), count=6, diameter=16, seed=2)
+    viewer.add_image(image, name=DSB_NAME)
+    viewer.add_labels(labels, name=f"{DSB_NAME} nuclei (edited)")
+    _dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Fine-tune")
+    widget.reset_choices()
+    widget.add_pair_button.clicked.emit()
+    widget.add_pair_button.clicked.emit()
+    assert widget.pairs_label.value.count(DSB_NAME[:10]) >= 2
+    qtbot.waitUntil(lambda: widget.native.parentWidget() is not None and widget.native.parentWidget().width() > 0)
+    qtbot.wait(300)
+    viewport = widget.native.parentWidget()  # the scroll area's viewport, as wide as the dock shows
+    assert widget.native.width() <= 0.45 * 1280
+    assert widget.native.minimumSizeHint().width() <= viewport.width()  # nothing needs more than is shown
+    assert widget.pairs_label.native.geometry().right() <= viewport.width()

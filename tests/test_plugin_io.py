@@ -169,6 +169,13 @@ def test_labels_save_as_geojson_with_their_measurements_and_open_again(make_napa
         {"label": 1, "area": 1.0},
         {"label": 2, "area": 2.0},
     ]
+    layer.features = {"index": [1, 2], "area": [1.0, 2.0]}  # as the Segment widget writes them: the label as index
+    layer.save(str(tmp_path / "cells.geojson"), plugin=PLUGIN)
+    collection = json.loads((tmp_path / "cells.geojson").read_text())
+    assert [f["properties"]["measurements"] for f in collection["features"]] == [
+        {"label": 1, "area": 1.0},
+        {"label": 2, "area": 2.0},
+    ]
     viewer.layers.clear()
     viewer.open(str(tmp_path / "cells.geojson"), plugin=PLUGIN)
     opened = viewer.layers["cells"].data  # no image beside the file: as large as the polygons reach

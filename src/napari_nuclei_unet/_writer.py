@@ -59,6 +59,8 @@ def write_geojson_polygons(path: str, data: Any, meta: dict) -> list[str]:
         raise InputError(f"{path}: GeoJSON holds one 2D plane; this layer is {labels.ndim}D")
     features = meta.get("features")
     table = None
-    if features is not None and len(features) and "label" in features:
-        table = {str(column): np.asarray(features[column]) for column in features.columns if column != "index"}
+    key = next((name for name in ("label", "index") if features is not None and name in features), None)
+    if key is not None and len(features):  # napari's convention: "index" is the label a row describes
+        others = {str(c): np.asarray(features[c]) for c in features.columns if c not in ("index", "label")}
+        table = {"label": np.asarray(features[key]), **others}
     return [str(write_geojson(path, labels, table))]

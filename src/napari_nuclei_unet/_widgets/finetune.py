@@ -35,6 +35,7 @@ from ._common import (
     ModelPicker,
     Relay,
     _unless_closed,
+    elide_middle,
     field_control,
     hub_of,
     layer_choices,
@@ -243,6 +244,7 @@ class FineTuneWidget(Container):
         self.add_pair_button = PushButton(text="Add pair")
         self.clear_pairs_button = PushButton(text="Clear pairs")
         self.pairs_label = Label(value="pairs: the image/labels above")
+        self.pairs_label.native.setWordWrap(True)  # one line per pair would widen the dock past the window
         self.model = ModelPicker(self.hub)
 
     def _create_training_controls(self) -> None:
@@ -403,7 +405,8 @@ class FineTuneWidget(Container):
             self.pairs_label.value = "pairs: the image/labels above"
             return
         self.pairs_label.value = "pairs: " + "; ".join(
-            f"{image.name} + {labels.name}" + (f" in {roi.name}" if roi is not None else "")
+            f"{elide_middle(image.name)} + {elide_middle(labels.name)}"
+            + (f" in {elide_middle(roi.name)}" if roi is not None else "")
             for image, labels, roi in self._pairs
         )
 

@@ -785,14 +785,15 @@ def _relabel_worker(
 
 
 def _nuclei_features(planes: dict, image, pixel_size: float | None) -> dict | None:
-    """The measurements of a 2D image's nuclei (``measure.measure``), as a napari features table
-    (``index``: the label); None for stacks, whose planes number their nuclei each from 1."""
+    """The measurements of a 2D image's nuclei (``measure.measure``), as a napari features table: the label as
+    ``index``, napari's key, and not again as ``label``. None for stacks, whose planes number their nuclei each
+    from 1."""
     from ..measure import measure
 
     if list(planes) != [None]:
         return None
     table = measure(planes[None].labels, image, pixel_size)
-    return {"index": table["label"], **table}
+    return {"index": table.pop("label"), **table}
 
 
 def _voxel_size(layer: Image) -> tuple[float, float, float] | None:
