@@ -6,7 +6,8 @@ Each picture is the whole window (``viewer.screenshot(canvas_only=False)``) afte
 the widgets the way a user would, in a 1600 x 1000 window. The last ones open real DSB2018
 images by file (64-character names, as DSB2018's are), an H&E-stained one and a fluorescence
 one, segment them with the defaults with both widgets docked, at 1280 x 800 and 1600 x 1000,
-and show the Fine-tune tab after Add pair (they need ``../shared/data/dsb2018``; skipped without it).
+and show the Fine-tune tab after Add pair; then a Z-stack labelled in 3D and a time-lapse labelled
+frame by frame (they need ``../shared/data/dsb2018``; skipped without it).
 """
 
 from __future__ import annotations
@@ -65,12 +66,16 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "images"))
     parser.add_argument("--dsb-only", action="store_true", help="only the DSB2018 views at both window sizes")
     parser.add_argument("--zoo-only", action="store_true", help="only the Model Zoo package views at both window sizes")
+    parser.add_argument("--stacks-only", action="store_true", help="only the Z-stack and time-lapse views")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.dsb_only or args.zoo_only:
+    only = {"dsb_only": dsb_views, "zoo_only": zoo_views, "stacks_only": stack_views}
+    chosen = [views for flag, views in only.items() if getattr(args, flag)]
+    if chosen:
         for size in WINDOW_SIZES:
-            (dsb_views if args.dsb_only else zoo_views)(out, size)
+            for views in chosen:
+                views(out, size)
         return
 
     viewer = napari.Viewer(title="napari-nuclei-unet")
@@ -173,6 +178,7 @@ def main() -> None:
     if DSB2018.is_dir():
         for size in WINDOW_SIZES:
             dsb_views(out, size)
+            stack_views(out, size)
             if ZOO_PACKAGE.is_dir():
                 zoo_views(out, size)
 
@@ -218,6 +224,44 @@ def fine_tune_pair(viewer, tune, name: str) -> None:
     tune.labels_layer.value = viewer.layers[f"{name} nuclei"]
     tune.add_pair_button.clicked.emit()
     tune.native.parentWidget().parentWidget().parentWidget().raise_()
+
+
+def stack_views(out: Path, size: tuple[int, int]) -> None:
+    """A Z-stack (the generated 3D sample: axes z, y, x and a z step of 2 px, as its layer says) segmented in 3D with
+    the defaults, shown in 3D; and a time-lapse (the DSB2018 fluorescence image drifting 3 px a frame over 5
+    frames, axis t) segmented frame by frame, in a window of ``size``."""
+    from imageio.v3 import imread
+
+    viewer = napari.Viewer(title="napari-nuclei-unet")
+    viewer.window._qt_window.resize(*size)
+    _dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment nuclei")
+    wait_for(widget, lambda: "runs on" in widget.model.summary.value)
+    viewer.open_sample(PLUGIN, "synthetic_volume")
+    widget.image_layer.value = viewer.layers["synthetic z-stack"]
+    segment(widget)
+    viewer.dims.ndisplay = 3
+    viewer.layers.selection.active = viewer.layers["synthetic z-stack nuclei"]
+    viewer.reset_view()
+    viewer.camera.angles = (0, 35, 70)  # tilted, so that the nuclei's depth shows
+    save(viewer, out / f"14-z-stack-3d-{size[0]}x{size[1]}.png")
+    print(f"z-stack {size}: scope {widget.scope.value}; {widget.status.value}")
+    for layer in list(viewer.layers):
+        viewer.layers.remove(layer)
+    viewer.dims.ndisplay = 2
+    plane = imread(DSB2018 / f"{DSB_FLUORESCENCE}.png")
+    plane = plane[..., :3].mean(-1) if plane.ndim == 3 else plane
+    frames = np.stack(
+        [plane[3 * t : plane.shape[0] - 12 + 3 * t, 3 * t : plane.shape[1] - 12 + 3 * t] for t in range(5)]
+    )
+    viewer.add_image(frames, name=DSB_FLUORESCENCE, axis_labels=("t", "y", "x"), colormap="gray")
+    widget.image_layer.value = viewer.layers[DSB_FLUORESCENCE]
+    segment(widget)
+    viewer.dims.set_current_step(0, 2)
+    viewer.layers.selection.active = viewer.layers[f"{DSB_FLUORESCENCE} nuclei"]
+    viewer.reset_view()
+    save(viewer, out / f"15-time-lapse-{size[0]}x{size[1]}.png")
+    print(f"time-lapse {size}: scope {widget.scope.value}; {widget.status.value}")
+    viewer.close()
 
 
 def choose_model(picker, path: Path) -> None:

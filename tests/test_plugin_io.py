@@ -92,10 +92,20 @@ def test_samples_load_without_network(make_napari_viewer):
     viewer = make_napari_viewer()
     viewer.open_sample(PLUGIN, "synthetic_nuclei")
     viewer.open_sample(PLUGIN, "immunohistochemistry")
+    viewer.open_sample(PLUGIN, "synthetic_volume")
     names = [layer.name for layer in viewer.layers]
-    assert names == ["synthetic nuclei", "synthetic nuclei ground truth", "immunohistochemistry"]
+    assert names == [
+        "synthetic nuclei",
+        "synthetic nuclei ground truth",
+        "immunohistochemistry",
+        "synthetic z-stack",
+        "synthetic z-stack ground truth",
+    ]
     assert viewer.layers["synthetic nuclei ground truth"].data.max() == 60
     assert viewer.layers["immunohistochemistry"].rgb
+    volume = viewer.layers["synthetic z-stack"]
+    assert volume.data.shape == (24, 192, 256) and tuple(volume.axis_labels) == ("z", "y", "x")
+    assert tuple(volume.scale) == (2.0, 1.0, 1.0) and viewer.layers["synthetic z-stack ground truth"].data.max() == 40
     import tifffile
 
     from conftest import REPO

@@ -217,6 +217,11 @@ def test_input_kinds(viewer_and_widget, qtbot, kind):
         assert nuclei.data[1].max() > 10 and nuclei.data[0].max() == 0 and nuclei.data[2].max() == 0
     elif kind == "stack-whole":
         assert all(nuclei.data[i].max() > 10 for i in range(3))
+        maxima = [int(nuclei.data[i].max()) for i in range(3)]
+        assert widget.status.value.startswith(
+            f"{sum(maxima)} nuclei in 3 planes ({min(maxima)}-{max(maxima)} per plane"
+        ), widget.status.value  # a time-lapse's count is said per plane: its IDs restart in every plane
+        assert "no tracking" in widget.status.value
     else:
         assert 0.6 * truth.max() <= nuclei.data.max() <= 1.4 * truth.max()
 
@@ -243,7 +248,7 @@ def test_a_layer_whose_first_axis_is_z_segments_in_3d_and_relabels_from_its_cach
     qtbot.waitUntil(lambda: widget._relabel_worker is None, timeout=60000)
     again = viewer.layers["volume nuclei"].data
     assert again.shape == stack.shape and len(set(np.unique(again[0])) & set(np.unique(again[3])) - {0}) > 3
-    assert widget.status.value.startswith(f"{again.max()} nuclei")  # counted in 3D, not summed over planes
+    assert widget.status.value.startswith(f"{again.max()} nuclei in 3D (4 planes)")  # not summed over planes
 
 
 def test_edited_results_are_kept_when_running_again(viewer_and_widget, qtbot, monkeypatch):
@@ -300,6 +305,23 @@ def test_probability_layer_and_rescaling(viewer_and_widget, qtbot):
 
 
 DSB_NAME = "0a7d30b252359a10fd298b638b90cb9ada3acced4e0c0e5a3692013f432ee4e9"  # 64 characters, as DSB2018's
+
+
+def test_the_generated_z_stack_sample_segments_in_3d_with_the_defaults(viewer_and_widget, qtbot):
+    from napari_nuclei_unet.metrics import evaluate
+
+    viewer, widget = viewer_and_widget
+    viewer.open_sample(PLUGIN, "synthetic_volume")
+    image = viewer.layers["synthetic z-stack"]
+    widget.image_layer.value = image
+    assert widget.scope.value == Z_STACK and widget.request().params.voxel_size == (2.0, 1.0, 1.0)
+    run_and_wait(widget, qtbot)
+    nuclei = viewer.layers["synthetic z-stack nuclei"]
+    truth = viewer.layers["synthetic z-stack ground truth"].data
+    assert nuclei.data.shape == truth.shape and tuple(nuclei.scale) == (2.0, 1.0, 1.0)
+    scores = evaluate([(truth, nuclei.data)])  # in 3D: one object per nucleus through its planes
+    assert scores.ap50 >= 0.8 and abs(scores.n_pred - scores.n_true) <= 4, scores
+    assert widget.status.value.startswith(f"{nuclei.data.max()} nuclei in 3D (24 planes)")
 
 
 def test_long_names_are_elided_and_the_dock_keeps_the_canvas_wide(viewer_and_widget, qtbot):

@@ -1,4 +1,4 @@
-"""Samples under File > Open Sample; both load without network."""
+"""Samples under File > Open Sample; all load without network."""
 
 from __future__ import annotations
 
@@ -23,4 +23,16 @@ def synthetic_nuclei() -> list[tuple]:
     return [
         (image, {"name": "synthetic nuclei", "colormap": "gray"}, "image"),
         (labels, {"name": "synthetic nuclei ground truth", "visible": False, "opacity": 0.5}, "labels"),
+    ]
+
+
+def synthetic_volume() -> list[tuple]:
+    """A generated Z-stack (z step twice the pixel size), with its 3D ground-truth labels, axes and scale said."""
+    from .synthetic import nuclei_volume
+
+    image, labels = nuclei_volume(seed=2018)
+    common = {"axis_labels": ("z", "y", "x"), "scale": (2.0, 1.0, 1.0)}
+    return [
+        (image, {"name": "synthetic z-stack", "colormap": "gray", **common}, "image"),
+        (labels, {"name": "synthetic z-stack ground truth", "visible": False, "opacity": 0.5, **common}, "labels"),
     ]

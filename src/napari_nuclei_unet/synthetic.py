@@ -59,3 +59,45 @@ def nuclei_field(
 def sample_field() -> tuple[np.ndarray, np.ndarray]:
     """The plugin's generated sample (also written to sample_data/ by its script): 60 nuclei, ~20 px."""
     return nuclei_field((384, 512), count=60, diameter=20, seed=2018)
+
+
+def nuclei_volume(
+    shape: tuple[int, int, int] = (24, 192, 256),
+    count: int = 40,
+    diameter: float = 20.0,
+    z_step: float = 2.0,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(image uint16, labels int32)`` of a Z-stack: ``count`` ellipsoidal nuclei of about ``diameter`` px across
+    in xy, sampled every ``z_step`` px in z (an anisotropic confocal stack), some touching, blurred more in z."""
+    rng = np.random.default_rng(seed)
+    depth, height, width = shape
+    zz, yy, xx = np.indices(shape, dtype=np.float32)
+    zz *= z_step
+    labels = np.zeros(shape, np.int32)
+    placed: list[tuple[float, float, float, float]] = []
+    for _ in range(count * 50):
+        if len(placed) == count:
+            break
+        radius = diameter / 2 * rng.uniform(0.8, 1.2)
+        if placed and rng.random() < 0.4:  # next to an existing nucleus, touching it
+            cz, cy, cx, other = placed[rng.integers(len(placed))]
+            direction = rng.normal(size=3) * (0.4, 1.0, 1.0)
+            z, y, x = np.array([cz, cy, cx]) + direction / np.linalg.norm(direction) * (other + radius) * 0.85
+        else:
+            z, y, x = rng.uniform(radius, depth * z_step - radius), rng.uniform(0, height), rng.uniform(0, width)
+        if not (
+            radius <= z <= depth * z_step - radius and radius <= y < height - radius and radius <= x < width - radius
+        ):
+            continue
+        inside = ((zz - z) / 0.85) ** 2 + (yy - y) ** 2 + ((xx - x) / rng.uniform(0.8, 1.0)) ** 2 <= radius**2
+        free = inside & (labels == 0)
+        if free.sum() < 0.8 * inside.sum():
+            continue
+        labels[free] = len(placed) + 1
+        placed.append((z, y, x, radius))
+    brightness = np.concatenate([[0.0], rng.uniform(0.5, 1.0, len(placed))])
+    signal = ndi.gaussian_filter(brightness[labels], (1.5 / z_step, 1.0, 1.0))
+    background = 0.05 + 0.03 * ndi.gaussian_filter(rng.random(shape), (2, 30, 30)) / 0.5
+    image = rng.poisson(np.clip((background + signal) * 3000.0, 0, None)) + rng.normal(0, 20, shape)
+    return np.clip(image, 0, 65535).astype(np.uint16), labels

@@ -562,8 +562,11 @@ class SegmentWidget(Container):
             self._cache = _Cache(layer, request, checkpoint.outputs, checkpoint.name)
         self._cache.used, self._cache.request = used, request
         self._cache.planes.update({i: p.prediction for i, p in result.planes.items() if p.prediction is not None})
-        written = self._write_layers(
-            {i: (p.mask, p.labels) for i, p in result.planes.items()}, request.params.postprocess, used, features
+        written, counted = _counted(
+            self._write_layers(
+                {i: (p.mask, p.labels) for i, p in result.planes.items()}, request.params.postprocess, used, features
+            ),
+            used.get("stack"),
         )
         if self.auto_confidence.value:
             with self.min_confidence.changed.blocked():  # shown (untick to override); the labels already use it
@@ -585,7 +588,7 @@ class SegmentWidget(Container):
             else " (from cached probabilities)"
         )
         self.status.value = (
-            f"{nuclei_text(written)} in {seconds:.1f} s{speed} on {device}{size}"
+            f"{counted} in {seconds:.1f} s{speed} on {device}{size}"
             + (f", rescaled x{factor:.2f}" if factor != 1.0 else "")
         ) + _unsure_warning(written, result.unsure, result.min_confidence)
         if self.postprocess_params() != request.params.postprocess:  # a control changed during the run
@@ -626,10 +629,11 @@ class SegmentWidget(Container):
     def _on_relabelled(self, labelled: dict, features: dict | None, params: PostprocessParams) -> None:
         thresholds = recorded_thresholds(plane.threshold for plane in labelled.values())
         used = {**self._cache.used, "threshold": thresholds, "min_confidence": float(params.min_confidence)}
-        count = self._write_layers({i: (p.mask, p.labels) for i, p in labelled.items()}, params, used, features)
+        maxima = self._write_layers({i: (p.mask, p.labels) for i, p in labelled.items()}, params, used, features)
+        count, counted = _counted(maxima, used.get("stack"))
         unsure = sum(p.unsure for p in labelled.values())
         self._show_threshold(thresholds)
-        self.status.value = f"{nuclei_text(count)} (re-labelled from cached probabilities)" + _unsure_warning(
+        self.status.value = f"{counted} (re-labelled from cached probabilities)" + _unsure_warning(
             count, unsure, float(params.min_confidence)
         )
 
@@ -640,9 +644,11 @@ class SegmentWidget(Container):
             self.relabel()
 
     # ------------------------------------------------------------------ output
-    def _write_layers(self, labelled: dict, params: PostprocessParams, used: dict, features: dict | None = None) -> int:
+    def _write_layers(
+        self, labelled: dict, params: PostprocessParams, used: dict, features: dict | None = None
+    ) -> list[int]:
         """Write planes ``{index: (mask, labels)}`` into the result layers, and the measurements of a
-        2D image's nuclei into the nuclei layer's ``features``; returns the nucleus count."""
+        2D image's nuclei into the nuclei layer's ``features``; returns each plane's highest label."""
         self._adding_results = True
         try:
             return self._write_result_layers(labelled, params, used, features)
@@ -665,7 +671,6 @@ class SegmentWidget(Container):
             layer.metadata["nuclei_unet"] = {**metadata, "edited": False, "written": _digest(layer.data)}
             layer.refresh()
         maxima = [int(labels.max()) for _mask, labels in labelled.values()]
-        count = max(maxima, default=0) if used.get("stack") == "z" else sum(maxima)  # 3D: IDs run through the planes
         if self.show_probability.value:
             layer = self._result_layer(source, "probability", Image, shape, np.float32)
             for index in labelled:
@@ -677,7 +682,7 @@ class SegmentWidget(Container):
         if features is not None:
             layers["nuclei"].features = features
         self.viewer.layers.selection.active = layers["nuclei"]  # what a user paints next (the mask layer is hidden)
-        return count
+        return maxima
 
     def _result_layer(self, source: Image, suffix: str, kind: type, shape: tuple, dtype) -> Any:
         """The layer ``"<image> <suffix>"``, reused when it fits; a hand-edited one is kept under a new name."""
@@ -805,6 +810,20 @@ def _voxel_size(layer: Image) -> tuple[float, float, float] | None:
 def _pixel_size(layer: Image) -> float:
     """The layer's pixel size along x, in its world unit (µm for microscopy images with a scale)."""
     return float(layer.scale[-1])
+
+
+def _counted(maxima: list[int], stack: str | None) -> tuple[int, str]:
+    """The nucleus count of written planes (their highest labels) and how the status line says it: a Z-stack's IDs
+    run through its planes; planes labelled each on their own (a time-lapse) are counted per plane."""
+    if stack == "z":
+        return max(maxima, default=0), f"{nuclei_text(max(maxima, default=0))} in 3D ({len(maxima)} planes)"
+    if len(maxima) <= 1:
+        return max(maxima, default=0), nuclei_text(max(maxima, default=0))
+    total = sum(maxima)
+    return total, (
+        f"{nuclei_text(total)} in {len(maxima)} planes ({min(maxima)}-{max(maxima)} per plane; each plane labelled on "
+        "its own, so IDs restart at 1 in every plane: no tracking)"
+    )
 
 
 def _unsure_warning(kept: int, unsure: int, level: float) -> str:
