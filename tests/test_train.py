@@ -690,3 +690,44 @@ def test_a_cancelled_run_without_validation_keeps_nothing_unless_asked(tmp_path,
         )
         assert result.cancelled and result.start_score is None and result.saved is keep
         assert (tmp_path / f"m{keep}" / "model.safetensors").exists() is keep
+
+
+@pytest.mark.parametrize("when", ["start", "epoch", "calibration"])
+def test_cancel_acts_within_validation_and_calibration_not_after_them(
+    tmp_path, tiny_checkpoint, samples, monkeypatch, when
+):
+    """Cancel took 19 s to act: validation and calibration ran every image first. Now the image being segmented
+    stops at its next tile, and the run keeps only what was validated better before."""
+    from napari_nuclei_unet import segment as segment_module
+
+    calls, phase = [], {"now": "start"}
+    original = segment_module.segment_planes
+
+    def counted(*args, **kwargs):
+        calls.append(phase["now"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(segment_module, "segment_planes", counted)
+    config = TrainConfig(epochs=2, iterations_per_epoch=2, patch_size=64, batch_size=2, device="cpu")
+    val = [LabelledImage(f"v{i}", *nuclei_field((128, 128), count=12, seed=10 + i)) for i in range(4)]
+    seen = []
+
+    def progress(event):
+        seen.append(event)
+        phase["now"] = {"start": "epoch", "epoch": "epoch", "calibrating": "calibration"}.get(event.kind, phase["now"])
+
+    result = fit(
+        tiny_checkpoint,
+        samples,
+        tmp_path / "m",
+        val=val,
+        config=config,
+        progress=progress,
+        cancel=lambda: calls.count(when) >= 1,  # pressed while the first image of that phase is segmented
+    )
+    assert result.cancelled
+    assert calls.count(when) == 1  # the other images of that phase were not segmented
+    if when == "start":
+        assert not any(e.kind == "epoch" for e in seen) and not result.saved
+    if when == "calibration":
+        assert [e.kind for e in seen].count("epoch") == 2

@@ -87,9 +87,11 @@ def calibrate_min_confidence(
     return max(candidates, key=lambda value: (scores[value], -value)), scores
 
 
-def calibrate(checkpoint: Checkpoint, samples: list[LabelledImage], description: str, device: str = "auto") -> float:
+def calibrate(
+    checkpoint: Checkpoint, samples: list[LabelledImage], description: str, device: str = "auto", cancel=None
+) -> float:
     """Calibrate ``checkpoint``'s ``min_confidence`` on ``samples`` and record it in its metadata (saved with it)."""
-    value, scores = calibrate_min_confidence(checkpoint, samples, device)
+    value, scores = calibrate_min_confidence(checkpoint, samples, device, cancel=cancel)
     checkpoint.metadata["postprocess"] = {
         "min_confidence": value,
         "calibrated_on": description,

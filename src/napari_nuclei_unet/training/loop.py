@@ -37,7 +37,7 @@ import torch
 
 from ..data import LabelledImage, median_diameter
 from ..devices import resolve_device
-from ..errors import InputError, ModelError
+from ..errors import Cancelled, InputError, ModelError
 from ..model import METADATA_FILE, SMP_CONFIG_FILE, WEIGHTS_FILE, Checkpoint
 from .calibrate import CALIBRATION_MIN_IMAGES, balanced_score, calibrate, validate_by_type
 from .config import TrainConfig, TrainEvent
@@ -144,8 +144,9 @@ def train_steps(
 ) -> Iterator[TrainEvent]:
     """Train ``checkpoint`` in place, yielding a :class:`TrainEvent` after every iteration and epoch.
 
-    ``cancel()`` is checked after every event: the run then ends with a "done" event whose
-    ``cancelled`` is set, keeping what :func:`_stop` decides. Closing the generator stops it
+    ``cancel()`` is checked after every event, and between the tiles of every image validated
+    or calibrated on: the run then ends with a "done" event whose ``cancelled`` is set, keeping
+    what :func:`_stop` decides. Closing the generator stops it
     too, keeping the best model so far (``training_state.pt`` allows resuming).
     """
     run = _start(checkpoint, train, Path(out_dir), val, config or TrainConfig(), resume, base_model, data_description)
@@ -154,7 +155,11 @@ def train_steps(
         return cancel is not None and cancel()
 
     if run.val and run.start_epoch == 0:  # what training has to beat: a cancelled run is kept only if it did
-        by_type = validate_by_type(checkpoint, run.val, str(run.device))
+        try:
+            by_type = validate_by_type(checkpoint, run.val, str(run.device), cancel=stopped)
+        except Cancelled:
+            yield replace(run.event("done"), cancelled=True, saved=_stop(run, keep_on_cancel))
+            return
         run.start_score = _selection(run.config, by_type)
         run.record["start_score"] = round(run.start_score, 5)
         yield run.event("start", float("nan"), scores=by_type["all"])
@@ -172,7 +177,11 @@ def train_steps(
                     break
             if cancelled:
                 break
-            out_of_time, event = _end_epoch(run)
+            try:
+                out_of_time, event = _end_epoch(run, stopped)
+            except Cancelled:  # during validation: the epoch's weights are not known to be better
+                cancelled = True
+                break
             yield event
             if (cancelled := stopped()) or out_of_time:
                 break
@@ -324,15 +333,16 @@ def _selection(config: TrainConfig, by_type: dict) -> float:
     return balanced_score(by_type) if config.balance_image_types else by_type["all"].kaggle_score
 
 
-def _end_epoch(run: _Run) -> tuple[bool, TrainEvent]:
-    """Validate (when due), save the best model, the resume state and the log; whether time is up, and the event."""
+def _end_epoch(run: _Run, cancel: Callable[[], bool]) -> tuple[bool, TrainEvent]:
+    """Validate (when due; ``cancel`` stops it with :class:`Cancelled`), save the best model, the resume state and
+    the log; whether time is up, and the event."""
     config, epoch = run.config, run.epoch
     elapsed = run.elapsed()
     out_of_time = bool(config.max_minutes and elapsed >= 60.0 * config.max_minutes)
     scores, improved, by_type = None, False, {}
     with mixed_with_start(run.model, run.start, config.start_weight_share):  # what is validated is what is saved
         if run.val and (epoch % config.val_every == 0 or epoch == config.epochs or out_of_time):
-            by_type = validate_by_type(run.checkpoint, run.val, str(run.device))
+            by_type = validate_by_type(run.checkpoint, run.val, str(run.device), cancel=cancel)
             scores, selection = by_type["all"], _selection(config, by_type)
             improved = selection > run.best
         elif not run.val:
@@ -393,11 +403,6 @@ def _finish(run: _Run, stopped: Callable[[], bool], keep_on_cancel: bool) -> Ite
     best = Checkpoint.load(run.out_dir, device=run.device)
     if run.config.calibrate:
         yield run.event("calibrating", best_score=run.best_score(), history=list(run.history))
-        if stopped():
-            yield replace(
-                run.event("done", best_score=run.best_score()), cancelled=True, saved=_stop(run, keep_on_cancel)
-            )
-            return
         # A few held-out images are too few to pick a level from: then the training images count too.
         val, train = run.val, run.train
         samples, kind = (
@@ -405,7 +410,18 @@ def _finish(run: _Run, stopped: Callable[[], bool], keep_on_cancel: bool) -> Ite
             if len(val) >= CALIBRATION_MIN_IMAGES
             else (train + val, "training and validation" if val else "training")
         )
-        calibrate(best, samples, f"{len(samples)} {kind} image{'s' if len(samples) != 1 else ''}", str(run.device))
+        description = f"{len(samples)} {kind} image{'s' if len(samples) != 1 else ''}"
+        cancelled = stopped()
+        if not cancelled:
+            try:
+                calibrate(best, samples, description, str(run.device), cancel=stopped)
+            except Cancelled:
+                cancelled = True
+        if cancelled:
+            yield replace(
+                run.event("done", best_score=run.best_score()), cancelled=True, saved=_stop(run, keep_on_cancel)
+            )
+            return
         best.save(run.out_dir, overwrite=True)
     run.checkpoint.model.load_state_dict(best.model.state_dict())
     run.checkpoint.metadata, run.checkpoint.source = best.metadata, str(run.out_dir)
