@@ -344,3 +344,21 @@ def test_train_options_are_the_train_config_fields_with_their_defaults():
     changed = train_config(build_parser().parse_args(["train", "--images", "i", "--labels", "l", "--out", "o", *flags]))
     assert (changed.augment, changed.learning_rate, changed.iterations_per_epoch) == (False, 3e-4, 7)
     assert changed.scale_range == (0.8, 1.25) and not changed.calibrate
+
+
+def test_train_takes_the_fine_tuning_defaults_for_a_few_images_from_a_trained_model():
+    """A user fine-tuning the bundled model on 3 corrected images gets the Fine-tune widget's recipe, not the one
+    for training on a data set; an option given on the command line still wins, and --recipe chooses."""
+    from napari_nuclei_unet.cli import build_parser, train_config, train_recipe
+    from napari_nuclei_unet.params import FINETUNE_DEFAULTS, FINETUNE_MAX_IMAGES, TrainConfig
+
+    base = ["train", "--images", "i", "--labels", "l", "--out", "o"]
+    tuning = build_parser().parse_args([*base, "--model", "default", "--max-minutes", "2"])
+    assert train_recipe(tuning, 3) == "finetune" and train_recipe(tuning, FINETUNE_MAX_IMAGES + 1) == "scratch"
+    config = train_config(tuning, "finetune")
+    assert config.max_minutes == 2 and config == TrainConfig(**{**vars(FINETUNE_DEFAULTS), "max_minutes": 2.0})
+    scratch = build_parser().parse_args([*base, "--model", "default", "--recipe", "scratch"])
+    assert train_recipe(scratch, 3) == "scratch" and train_config(scratch, "scratch") == TrainConfig()
+    assert train_recipe(build_parser().parse_args(base), 3) == "scratch"  # a fresh network is trained, not tuned
+    lr = train_config(build_parser().parse_args([*base, "--model", "default", "--lr", "1e-3"]), "finetune")
+    assert lr.learning_rate == 1e-3 and lr.distill_weight == FINETUNE_DEFAULTS.distill_weight

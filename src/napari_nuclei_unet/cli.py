@@ -14,6 +14,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,9 @@ from . import __version__
 from .errors import Cancelled, InputError, NucleiUnetError, describe, nuclei_text
 from .params import (
     AUTO,
+    FINETUNE_DEFAULTS,
+    FINETUNE_MAX_IMAGES,
+    TRAIN_RECIPES,
     BlockParams,
     ExportParams,
     PostprocessParams,
@@ -187,27 +191,52 @@ def _train_flag(spec) -> str:
 
 
 def _add_train_config_args(parser: argparse.ArgumentParser) -> None:
-    """An option for every :class:`TrainConfig` field with a help text, its default and help from the field."""
+    """An option for every :class:`TrainConfig` field with a help text, its help from the field. Options left out
+    take the chosen recipe's value (``--recipe``): :class:`TrainConfig`'s, or the fine-tuning defaults."""
+    parser.add_argument(
+        "--recipe",
+        default="auto",
+        choices=TRAIN_RECIPES,
+        help="the defaults of the options below: 'scratch' (training on a data set), 'finetune' (a few corrected "
+        f"images, as the Fine-tune widget); auto: finetune when --model is given and there are at most "
+        f"{FINETUNE_MAX_IMAGES} training images",
+    )
     for spec in cli_fields(TrainConfig):
         meta, flag = spec.metadata, _train_flag(spec)
+        tuned = getattr(FINETUNE_DEFAULTS, spec.name)
         if isinstance(spec.default, bool):  # on/off switches: their help says what they do, no default shown
             action, help = (
                 ("store_false", f"turn off: {meta['help']}") if spec.default else ("store_true", meta["help"])
             )
             parser.add_argument(flag, dest=spec.name, action=action, help=help, default=argparse.SUPPRESS)
-        elif isinstance(spec.default, tuple):
-            parser.add_argument(flag, dest=spec.name, type=_number_pair, default=spec.default, help=meta["help"])
+            continue
+        shown = f"{meta['help']} (default {_shown(spec.default)}; fine-tuning {_shown(tuned)})"
+        if isinstance(spec.default, tuple):
+            parser.add_argument(flag, dest=spec.name, type=_number_pair, default=argparse.SUPPRESS, help=shown)
         else:
             kind = meta.get("type") or type(spec.default)
             choices = list(meta["choices"]) if "choices" in meta else None
-            parser.add_argument(
-                flag, dest=spec.name, type=kind, default=spec.default, choices=choices, help=meta["help"]
-            )
+            parser.add_argument(flag, dest=spec.name, type=kind, default=argparse.SUPPRESS, choices=choices, help=shown)
 
 
-def train_config(args: argparse.Namespace) -> TrainConfig:
-    """The :class:`TrainConfig` filled from parsed ``train`` options."""
-    return TrainConfig(**{spec.name: getattr(args, spec.name, spec.default) for spec in cli_fields(TrainConfig)})
+def _shown(value) -> str:
+    return ",".join(f"{v:g}" for v in value) if isinstance(value, tuple) else str(value)
+
+
+def train_recipe(args: argparse.Namespace, images: int) -> str:
+    """'scratch' or 'finetune': ``--recipe``, or for auto, fine-tuning a given model on at most
+    :data:`FINETUNE_MAX_IMAGES` images."""
+    if args.recipe != "auto":
+        return args.recipe
+    return "finetune" if args.model and images <= FINETUNE_MAX_IMAGES else "scratch"
+
+
+def train_config(args: argparse.Namespace, recipe: str = "scratch") -> TrainConfig:
+    """The :class:`TrainConfig` of ``recipe`` with the ``train`` options given on the command line applied."""
+    base = FINETUNE_DEFAULTS if recipe == "finetune" else TrainConfig()
+    return replace(
+        base, **{spec.name: getattr(args, spec.name) for spec in cli_fields(TrainConfig) if hasattr(args, spec.name)}
+    )
 
 
 def _number_pair(value: str) -> tuple[float, float]:
@@ -649,7 +678,13 @@ def cmd_train(args) -> int:
         decoder = tuple(int(c) for c in args.decoder_channels.split(","))
         config = ModelConfig(encoder_name=args.encoder, encoder_depth=len(decoder), decoder_channels=decoder)
         checkpoint = Checkpoint.create(config, encoder_weights=args.encoder_weights)
-    config = train_config(args)
+    recipe = train_recipe(args, len(train))
+    config = train_config(args, recipe)
+    print(
+        f"recipe: {'fine-tuning (a few images, a trained model)' if recipe == 'finetune' else 'training'} defaults"
+        + (" (--recipe to choose)" if args.recipe == "auto" else ""),
+        file=sys.stderr,
+    )
     # The bar only on a terminal; the epoch lines below are written either way.
     bar = tqdm(
         total=config.epochs * config.iterations_per_epoch,

@@ -375,6 +375,12 @@ class ExportParams:
     )
 
 
+# ``nuclei-unet train --recipe``: whose defaults the options take. "auto" fine-tunes a given model on up to
+# FINETUNE_MAX_IMAGES images (a user's corrections) and trains on larger sets.
+TRAIN_RECIPES = ("auto", "scratch", "finetune")
+FINETUNE_MAX_IMAGES = 20
+
+
 def finetune_config(**overrides) -> TrainConfig:
     """A :class:`TrainConfig` with the fine-tuning defaults, ``overrides`` applied."""
     return replace(FINETUNE_DEFAULTS, **overrides)
