@@ -7,11 +7,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from napari_nuclei_unet.blocks import block_grid
 from napari_nuclei_unet.metrics import evaluate
 from napari_nuclei_unet.model import Checkpoint, bundled_model_path
 from napari_nuclei_unet.params import BlockParams, TilingParams
-from napari_nuclei_unet.postprocess import instances, with_threshold
+from napari_nuclei_unet.postprocess import block_grid, instances, with_threshold
 from napari_nuclei_unet.segment import SegmentParams, segment, segment_planes
 from napari_nuclei_unet.synthetic import nuclei_field
 

@@ -183,3 +183,69 @@ def test_cli_segments_a_volume_in_3d(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["segment", str(source), "--out", str(out), "--axes", "XYZ"])
     assert "axes 'XYZ' not understood" in capsys.readouterr().err
+
+
+def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two label images hold the same objects, whatever their IDs."""
+    if not np.array_equal(a > 0, b > 0):
+        return False
+    pairs = np.unique(np.stack([a[a > 0], b[b > 0]]), axis=1)
+    return len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == pairs.shape[1]
+
+
+def test_a_large_volume_labelled_block_by_block_gives_the_labels_of_the_whole(monkeypatch):
+    """Memory stays flat for volumes too large to label whole, and the labels are those of one piece: a nucleus
+    across a block border is one ID (here 6 blocks of 128 x 128 px, every one through all 24 planes)."""
+    from napari_nuclei_unet import volume
+    from napari_nuclei_unet.synthetic import nuclei_volume
+
+    image, truth = nuclei_volume((24, 256, 384), count=70, seed=5)
+    foreground = ndi.gaussian_filter((truth > 0).astype(np.float32), (0.5, 1, 1))
+    params = PostprocessParams(threshold=0.5, min_confidence=0.0, h=0.5)
+    _mask, whole = volume_instances(foreground[:, None], ("foreground",), params, voxel_size=(2.0, 1.0, 1.0))
+    monkeypatch.setattr(volume, "BLOCK_VOXELS", 24 * 256 * 256)  # cores of 128 px
+    into = np.zeros(truth.shape, np.int32)
+    steps = []
+    count = volume.volume_instances_blocked(
+        foreground, params, (2.0, 1.0, 1.0), 1.0, 20.0, into, lambda i, n: steps.append(n)
+    )
+    assert len(steps) == 6 and count == whole.max() == into.max()
+    assert _same_partition(into, whole)
+    crossing = [i for i in range(1, truth.max() + 1) if len(np.unique(np.nonzero(truth == i)[2] // 128)) > 1]
+    assert crossing  # nuclei that span a block border in x are there, and were kept whole above
+
+
+def test_segmenting_a_large_z_stack_goes_block_by_block_with_the_same_labels(bundled):
+    from napari_nuclei_unet.params import BlockParams
+    from napari_nuclei_unet.synthetic import nuclei_volume
+
+    image, truth = nuclei_volume((12, 192, 256), count=30, seed=3)
+    params = SegmentParams(stack="z", voxel_size=(2.0, 1.0, 1.0), tiling=EXACT)
+    whole = segment(bundled, image, params)
+    small = SegmentParams(
+        stack="z", voxel_size=(2.0, 1.0, 1.0), tiling=EXACT, blocks=BlockParams(large_volume=12 * 192 * 128)
+    )
+    blocked = segment(bundled, image, small)
+    assert whole.volume_count == int(whole.labels.max()) and blocked.volume_count == int(blocked.labels.max())
+    assert blocked.labels.shape == truth.shape and _same_partition(blocked.labels, whole.labels)
+    assert all(p.prediction is None for p in blocked.planes.values())  # nothing cached: only the foreground kept
+
+
+def test_the_cli_labels_a_large_z_stack_block_by_block_into_the_same_tiff(tmp_path, bundled):
+    from napari_nuclei_unet.synthetic import nuclei_volume
+
+    image, _truth = nuclei_volume((16, 160, 224), count=24, seed=4)
+    tifffile.imwrite(tmp_path / "stack.tif", image, imagej=True, metadata={"axes": "ZYX"})
+    common = ["segment", str(tmp_path / "stack.tif"), "--voxel-size", "2,1,1", "--precision", "float32"]
+    assert main([*common, "--out", str(tmp_path / "whole")]) == 0
+    assert main([*common, "--out", str(tmp_path / "blocks"), "--large-volume", str(16 * 160 * 100)]) == 0
+    whole, blocked = (tifffile.imread(tmp_path / folder / "stack.tif") for folder in ("whole", "blocks"))
+    assert blocked.shape == image.shape and whole.max() > 10 and _same_partition(blocked, whole)
+    from napari_nuclei_unet.batch import open_image
+    from napari_nuclei_unet.params import BlockParams
+
+    lazy = open_image(tmp_path / "stack.tif", BlockParams(large_volume=16 * 160 * 100))
+    assert not isinstance(lazy, np.ndarray) and np.array_equal(lazy[3], image[3])  # read a plane at a time
+    assert isinstance(open_image(tmp_path / "stack.tif"), np.ndarray)  # a stack labelled whole is read whole
+    depths = [np.unique(np.nonzero(blocked == label)[0]).size for label in range(1, int(blocked.max()) + 1)]
+    assert np.median(depths) >= 4  # labelled in 3D (the file says ZYX): one ID through a nucleus's planes

@@ -49,11 +49,12 @@ class FileResult:
 
 def open_image(path: str | os.PathLike, blocks: BlockParams | None = None):
     """An image file as numpy, or a lazy zarr array for a ``.zarr`` store (first array of a
-    group, e.g. OME-Zarr level 0) and for a TIFF holding one plane too large to segment whole.
+    group, e.g. OME-Zarr level 0) and for a TIFF holding one plane too large to segment whole
+    or a large grey stack (:func:`_lazy_tiff`).
     """
     path = Path(path)
     if path.suffix.lower() in (".tif", ".tiff"):
-        lazy = _lazy_tiff_plane(path, blocks or BlockParams())
+        lazy = _lazy_tiff(path, blocks or BlockParams())
         if lazy is not None:
             return lazy
     if path.suffix.lower() != ".zarr":
@@ -73,8 +74,9 @@ def open_image(path: str | os.PathLike, blocks: BlockParams | None = None):
     return node
 
 
-def _lazy_tiff_plane(path: Path, blocks: BlockParams):
-    """A large single-plane TIFF as a zarr array read strip by strip or tile by tile; None otherwise.
+def _lazy_tiff(path: Path, blocks: BlockParams):
+    """A TIFF holding one large plane, or a grey stack of more voxels than a Z-stack labelled whole, as a zarr
+    array read strip by strip, tile by tile or plane by plane; None otherwise.
 
     None also when tifffile can't parse the file: ``read_image`` then reports the problem
     with the file name.
@@ -89,7 +91,8 @@ def _lazy_tiff_plane(path: Path, blocks: BlockParams):
                 return None  # pyramids and multi-series files: read whole
             shape = tuple(series.shape)
         plane = len(shape) == 2 or (len(shape) == 3 and shape[-1] in (3, 4))
-        if not plane or not blocks.is_large(shape):
+        stack = len(shape) == 3 and not plane
+        if not ((plane and blocks.is_large(shape)) or (stack and blocks.is_large_volume(shape))):
             return None
         array = zarr.open(tifffile.imread(path, aszarr=True), mode="r")
     except (tifffile.TiffFileError, OSError, ValueError, IndexError, KeyError, TypeError) as error:

@@ -31,7 +31,7 @@ from .errors import Cancelled
 from .io import Normalizer, sample_step
 from .model import Checkpoint
 from .plane import Resolved, pixel_centres, predict_plane
-from .postprocess import drop_small_labels, instances, resolve_threshold
+from .postprocess import block_grid, drop_small_labels, grow, instances, resolve_threshold, write_owned
 from .tiling import CancelCheck, ProgressCallback
 
 # Probability stores larger than this many pixels are kept on disk.
@@ -49,23 +49,6 @@ class BlockResult:
     count: int
     threshold: float
     factor: float
-
-
-def block_grid(height: int, width: int, size: int) -> list[tuple[slice, slice]]:
-    """Core regions ``(rows, cols)`` tiling a plane without overlap."""
-    return [
-        (slice(top, min(top + size, height)), slice(left, min(left + size, width)))
-        for top in range(0, height, size)
-        for left in range(0, width, size)
-    ]
-
-
-def _grow(core: tuple[slice, slice], margin: int, height: int, width: int) -> tuple[slice, slice]:
-    rows, cols = core
-    return (
-        slice(max(0, rows.start - margin), min(height, rows.stop + margin)),
-        slice(max(0, cols.start - margin), min(width, cols.stop + margin)),
-    )
 
 
 def _probability_store(shape: tuple[int, int, int], workdir: str | None):
@@ -161,7 +144,7 @@ def _predict_blocks(checkpoint, plane, resolved: Resolved, normalizer, grid: _Gr
     scale = grid.scale
     for index, core in enumerate(cores):
         step(index)
-        grown = _grow(core, context, *grid.shape)
+        grown = grow(core, context, *grid.shape)
         prediction = predict_plane(checkpoint, plane[grown], resolved, normalizer, cancel=cancel)
         if grid.fine:  # the block's zoomed output (its probabilities if that was too big to keep)
             block = prediction.network if prediction.network is not None else prediction.probabilities
@@ -184,7 +167,7 @@ def _label_blocks(store, outputs, postprocess, grid: _Grid, halo: int, labels_ou
         centres = (pixel_centres(grid.grid[0], grid.shape[0]), pixel_centres(grid.grid[1], grid.shape[1]))
     for index, core in enumerate(post_cores):
         step(index, len(post_cores))
-        grown = _grow(core, halo, *grid.shape)
+        grown = grow(core, halo, *grid.shape)
         if grid.fine:  # on the finer grid, then each image pixel takes the label at its centre
             region = (_span(grown[0], scale[0]), _span(grown[1], scale[1]))
             probabilities = np.asarray(store[(slice(None), *region)])
@@ -194,7 +177,7 @@ def _label_blocks(store, outputs, postprocess, grid: _Grid, halo: int, labels_ou
         else:
             probabilities = np.asarray(store[(slice(None), *grown)])
             _mask, labels = instances(probabilities, outputs, postprocess, network_zoom=factor)
-        count = _write_owned(labels, core, grown, labels_out, count)
+        count = write_owned(labels, core, grown, labels_out, count)
     return count
 
 
@@ -215,31 +198,3 @@ def _on_block(grid_span: slice, scale: float, block: slice, block_length: int) -
     ) / scale - block.start  # image pixels from the block start
     block_scale = block_length / (block.stop - block.start)
     return np.clip((centres * block_scale).astype(np.int64), 0, block_length - 1)
-
-
-def _write_owned(labels: np.ndarray, core, grown, labels_out, count: int) -> int:
-    """Write the nuclei of ``labels`` (on ``grown``) whose centre lies in ``core``, numbered from ``count + 1``."""
-    objects = int(labels.max())
-    if objects == 0:
-        return count
-    flat = labels.ravel()
-    sizes = np.bincount(flat, minlength=objects + 1).astype(np.float64)
-    rows, cols = np.indices(labels.shape, dtype=np.float32)
-    centre_y = np.bincount(flat, weights=rows.ravel(), minlength=objects + 1) / np.maximum(sizes, 1) + grown[0].start
-    centre_x = np.bincount(flat, weights=cols.ravel(), minlength=objects + 1) / np.maximum(sizes, 1) + grown[1].start
-    owned = (
-        (sizes > 0)
-        & (centre_y >= core[0].start)
-        & (centre_y < core[0].stop)
-        & (centre_x >= core[1].start)
-        & (centre_x < core[1].stop)
-    )
-    owned[0] = False
-    lookup = np.zeros(objects + 1, np.int32)
-    lookup[owned] = count + np.arange(1, int(owned.sum()) + 1, dtype=np.int32)
-    new = lookup[labels]
-    region = np.asarray(labels_out[grown]).copy()
-    free = (new > 0) & (region == 0)  # a pixel already given to a neighbour block's nucleus stays there
-    region[free] = new[free]
-    labels_out[grown] = region
-    return count + int(owned.sum())

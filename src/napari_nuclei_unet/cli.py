@@ -128,6 +128,7 @@ def _add_segment_args(parser: argparse.ArgumentParser) -> None:
     _option(parser, "--voxel-size", SegmentParams, "voxel_size", type=_voxel_size)
     _option(parser, "--block-size", BlockParams, "block_size", type=_positive_int)
     _option(parser, "--large-plane", BlockParams, "large_plane", type=_positive_int)
+    _option(parser, "--large-volume", BlockParams, "large_volume", type=_positive_int)
 
 
 def segment_params(args: argparse.Namespace, device: str) -> SegmentParams:
@@ -138,7 +139,7 @@ def segment_params(args: argparse.Namespace, device: str) -> SegmentParams:
         diameter=args.diameter,
         image_type=args.image_type,
         stain=args.stain,
-        blocks=BlockParams(block_size=args.block_size, large_plane=args.large_plane),
+        blocks=BlockParams(block_size=args.block_size, large_plane=args.large_plane, large_volume=args.large_volume),
         stack=stack_of_axes(args.axes) if args.axes else AUTO,
         voxel_size=args.voxel_size,
     )

@@ -146,9 +146,19 @@ class BlockParams:
         metadata={"help": "planes with more pixels than this are segmented block by block (flat memory)"},
     )
 
+    # Z-stacks with more voxels than this are labelled in 3D block by block (60 x 1024 x 1024 fits whole).
+    large_volume: int = field(
+        default=64 * 2**20,
+        metadata={"help": "Z-stacks with more voxels than this are labelled in 3D block by block (flat memory)"},
+    )
+
     def is_large(self, shape: tuple[int, ...]) -> bool:
         """Whether a plane of ``(height, width, ...)`` goes block by block."""
         return int(shape[0]) * int(shape[1]) > self.large_plane
+
+    def is_large_volume(self, shape: tuple[int, ...]) -> bool:
+        """Whether a Z-stack of ``(depth, height, width, ...)`` is labelled block by block."""
+        return int(shape[0]) * int(shape[1]) * int(shape[2]) > self.large_volume
 
 
 def stack_of_axes(axes: str) -> str:

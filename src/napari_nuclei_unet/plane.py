@@ -52,7 +52,7 @@ class Resolved:
     params: SegmentParams  # image type, stain, diameter and min confidence as values ("auto" threshold: per plane)
     estimate: DiameterEstimate  # the nucleus size, with the last estimation pass when it covers the plane
     factor: float  # the zoom the network runs at (scale.rescale_factor)
-    large: bool  # the planes go block by block (BlockParams.is_large)
+    large: bool  # the planes go block by block, or a Z-stack is labelled so (BlockParams.is_large, is_large_volume)
     reference: PlaneIndex  # the plane that stood for the image: its type, stain and nucleus size
     normalizer: Normalizer | None = None  # the reference plane's (a Z-stack's: every plane's), once built
     volume: bool = False  # a Z-stack: one normaliser for its planes, and nuclei labelled in 3D

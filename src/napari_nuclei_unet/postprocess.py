@@ -210,3 +210,52 @@ def distance_markers(
         markers[box][found > 0] = found[found > 0] + next_label
         next_label += found_count
     return markers
+
+
+def block_grid(height: int, width: int, size: int) -> list[tuple[slice, slice]]:
+    """Core regions ``(rows, cols)`` tiling a plane without overlap."""
+    return [
+        (slice(top, min(top + size, height)), slice(left, min(left + size, width)))
+        for top in range(0, height, size)
+        for left in range(0, width, size)
+    ]
+
+
+def grow(core: tuple[slice, slice], margin: int, height: int, width: int) -> tuple[slice, slice]:
+    """``core`` with ``margin`` more pixels on every side, within the plane."""
+    rows, cols = core
+    return (
+        slice(max(0, rows.start - margin), min(height, rows.stop + margin)),
+        slice(max(0, cols.start - margin), min(width, cols.stop + margin)),
+    )
+
+
+def write_owned(labels: np.ndarray, core: tuple, grown: tuple, labels_out, count: int) -> int:
+    """Write the objects of ``labels`` (a block read at ``grown``) whose centre lies in ``core`` into
+    ``labels_out``, numbered from ``count + 1``; returns the new count. ``core`` and ``grown`` are slices of
+    the last axes of ``labels_out`` (leading axes, e.g. a Z-stack's planes, are taken whole). A pixel already
+    given to a neighbouring block's object keeps it, so an object crossing a block border stays whole."""
+    objects = int(labels.max())
+    if objects == 0:
+        return count
+    flat = labels.ravel()
+    sizes = np.bincount(flat, minlength=objects + 1).astype(np.float64)
+    owned = sizes > 0
+    lead = labels.ndim - len(core)
+    for axis, (inner, outer) in enumerate(zip(core, grown), start=lead):
+        shape = [1] * labels.ndim
+        shape[axis] = labels.shape[axis]
+        position = np.broadcast_to(np.arange(labels.shape[axis], dtype=np.float32).reshape(shape), labels.shape)
+        centre = np.bincount(flat, weights=position.ravel(), minlength=objects + 1) / np.maximum(sizes, 1)
+        centre += outer.start
+        owned &= (centre >= inner.start) & (centre < inner.stop)
+    owned[0] = False
+    lookup = np.zeros(objects + 1, np.int32)
+    lookup[owned] = count + np.arange(1, int(owned.sum()) + 1, dtype=np.int32)
+    new = lookup[labels]
+    where = (slice(None),) * lead + tuple(grown)
+    region = np.asarray(labels_out[where]).copy()
+    free = (new > 0) & (region == 0)
+    region[free] = new[free]
+    labels_out[where] = region
+    return count + int(owned.sum())

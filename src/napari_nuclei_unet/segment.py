@@ -20,7 +20,7 @@ import numpy as np
 
 from .blocks import segment_large
 from .errors import Cancelled, InputError
-from .io import Normalizer, is_single_plane
+from .io import Normalizer, is_single_plane, sample_step
 from .model import Checkpoint
 from .params import AUTO, IMAGE_TYPES, STACKS, STAINS, SegmentParams
 from .plane import (
@@ -38,7 +38,7 @@ from .plane import (
 from .postprocess import resolve_min_confidence, resolve_threshold, with_threshold
 from .scale import DiameterEstimate, estimate_on_plane, rescale_factor
 from .tiling import CancelCheck, ProgressCallback
-from .volume import volume_instances, z_ratio
+from .volume import volume_instances, volume_instances_blocked, z_ratio
 
 __all__ = [
     "AUTO",
@@ -194,6 +194,7 @@ def resolve(
             f"planes of {plane.shape[0]} x {plane.shape[1]} px are too large to label in 3D in memory; "
             "segment them as separate planes (stack 'planes', --axes TYX)"
         )
+    large = large or (volume and params.blocks.is_large_volume(image.shape))
     params = resolve_stain(checkpoint, plane, params)
     try:
         min_confidence = resolve_min_confidence(params.postprocess.min_confidence, checkpoint.min_confidence)
@@ -349,20 +350,28 @@ def segment_planes(
 def _segment_volume(
     checkpoint, image, resolved: Resolved, cached, labels_out, progress, cancel, started
 ) -> Segmentation:
-    """A Z-stack: every plane through the network (or from ``cached``), then its nuclei labelled in 3D."""
+    """A Z-stack: every plane through the network (or from ``cached``), then its nuclei labelled in 3D: whole, or
+    block by block for a large one (``Resolved.large``: only its foreground is kept, and no plane's prediction)."""
     count = int(image.shape[0])
-    todo = [z for z in range(count) if z not in cached]
+    large = resolved.large
+    foreground = np.zeros(image.shape[:3], _foreground_dtype(image.shape)) if large else None
     predictions, megapixels = dict(cached), 0.0
-    for z in todo:
-        plane_progress = _plane_progress(progress, todo.index(z), len(todo))
-        plane = image[z]
-        normalizer = resolved.normalizer_for(checkpoint, plane, z)
-        prediction = predict_plane(checkpoint, plane, resolved, normalizer, plane_progress, cancel)
-        prediction.network = None  # labelled on the image grid: the volume holds no finer one
-        predictions[z] = prediction
-        megapixels += plane.shape[0] * plane.shape[1] / 1e6
+    steps = count + (1 if large else 0)
+    for z in range(count):
+        if z not in cached:
+            plane = image[z]
+            normalizer = resolved.normalizer_for(checkpoint, plane, z)
+            plane_progress = _plane_progress(progress, z, steps)
+            prediction = predict_plane(checkpoint, plane, resolved, normalizer, plane_progress, cancel)
+            prediction.network = None  # labelled on the image grid: the volume holds no finer one
+            predictions[z] = prediction
+            megapixels += plane.shape[0] * plane.shape[1] / 1e6
         if cancel is not None and cancel():
             raise Cancelled("segmentation cancelled")
+        if large:
+            foreground[z] = predictions.pop(z).probabilities[checkpoint.outputs.index("foreground")]
+    if large:
+        return _label_volume_blocks(checkpoint, resolved, foreground, labels_out, progress, cancel, megapixels, started)
     probabilities = np.stack([predictions[z].probabilities for z in range(count)])
     outputs, post = checkpoint.outputs, resolved.params.postprocess
     post = with_threshold(post, probabilities[:, outputs.index("foreground")])
@@ -386,6 +395,43 @@ def _segment_volume(
         labels_out,
         int(labels.max()),
         report["unsure"],
+    )
+
+
+# A large Z-stack's foreground probabilities are kept at half precision beyond this many voxels (2 bytes a
+# voxel instead of 4); single voxels at the threshold may then fall the other way.
+_FULL_PRECISION_VOXELS = 128 * 2**20
+
+
+def _foreground_dtype(shape: tuple[int, ...]) -> type:
+    return np.float32 if int(np.prod(shape[:3])) <= _FULL_PRECISION_VOXELS else np.float16
+
+
+def _label_volume_blocks(
+    checkpoint, resolved: Resolved, foreground, labels_out, progress, cancel, megapixels, started
+) -> Segmentation:
+    """The 3D labelling of a large Z-stack's foreground ``(Z, Y, X)``, block by block into ``labels_out``."""
+    count = int(foreground.shape[0])
+    stride = sample_step(*foreground.shape[1:])
+    post = with_threshold(resolved.params.postprocess, np.asarray(foreground[:, ::stride, ::stride], np.float32))
+    into = labels_out if labels_out is not None else np.zeros(foreground.shape, np.int32)
+    nucleus = resolved.diameter or (checkpoint.nucleus_diameter or 20.0) / resolved.factor
+
+    def step(index: int, blocks: int) -> None:
+        if cancel is not None and cancel():
+            raise Cancelled("segmentation cancelled")
+        if progress is not None:
+            progress(count * blocks + index, (count + 1) * blocks)
+
+    found = volume_instances_blocked(foreground, post, resolved.params.voxel_size, resolved.factor, nucleus, into, step)
+    labels = into if isinstance(into, np.ndarray) else None
+    results = {
+        z: PlaneResult(None if labels is None else labels[z], None, float(post.threshold), 0, None)
+        for z in range(count)
+    }
+    seconds = time.perf_counter() - started
+    return Segmentation(
+        results, resolved.params, resolved.diameter, resolved.factor, megapixels, seconds, labels_out, found, 0
     )
 
 

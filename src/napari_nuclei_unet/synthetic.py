@@ -72,8 +72,6 @@ def nuclei_volume(
     in xy, sampled every ``z_step`` px in z (an anisotropic confocal stack), some touching, blurred more in z."""
     rng = np.random.default_rng(seed)
     depth, height, width = shape
-    zz, yy, xx = np.indices(shape, dtype=np.float32)
-    zz *= z_step
     labels = np.zeros(shape, np.int32)
     placed: list[tuple[float, float, float, float]] = []
     for _ in range(count * 50):
@@ -90,11 +88,18 @@ def nuclei_volume(
             radius <= z <= depth * z_step - radius and radius <= y < height - radius and radius <= x < width - radius
         ):
             continue
-        inside = ((zz - z) / 0.85) ** 2 + (yy - y) ** 2 + ((xx - x) / rng.uniform(0.8, 1.0)) ** 2 <= radius**2
-        free = inside & (labels == 0)
+        box = tuple(  # the nucleus's bounding box, in voxels
+            slice(max(0, int(c - radius) - 1), min(n, int(c + radius) + 2))
+            for c, n in ((z / z_step, depth), (y, height), (x, width))
+        )
+        zz, yy, xx = np.ogrid[box]
+        squash = rng.uniform(0.8, 1.0)
+        inside = ((zz * z_step - z) / 0.85) ** 2 + (yy - y) ** 2 + ((xx - x) / squash) ** 2 <= radius**2
+        region = labels[box]
+        free = inside & (region == 0)
         if free.sum() < 0.8 * inside.sum():
             continue
-        labels[free] = len(placed) + 1
+        region[free] = len(placed) + 1
         placed.append((z, y, x, radius))
     brightness = np.concatenate([[0.0], rng.uniform(0.5, 1.0, len(placed))])
     signal = ndi.gaussian_filter(brightness[labels], (1.5 / z_step, 1.0, 1.0))

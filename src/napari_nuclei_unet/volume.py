@@ -15,10 +15,13 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from .params import PostprocessParams
-from .postprocess import check_resolved, distance_markers
+from .postprocess import block_grid, check_resolved, distance_markers, grow, write_owned
 
 # z step over xy pixel size when nothing says otherwise: cubic voxels.
 DEFAULT_Z_RATIO = 1.0
+# Voxels of one block (with its halo) of a volume labelled block by block: its watershed's working
+# arrays, about 40 bytes a voxel, are the peak memory.
+BLOCK_VOXELS = 16 * 2**20
 
 
 def z_ratio(voxel_size: tuple[float, float, float] | None) -> float:
@@ -89,6 +92,40 @@ def volume_instances(
     labels[drop[labels]] = 0
     labels = relabel_sequential(labels.astype(np.int32, copy=False))[0]
     return labels > 0, labels
+
+
+def volume_instances_blocked(
+    foreground,
+    params: PostprocessParams,
+    voxel_size: tuple[float, float, float] | None,
+    network_zoom: float,
+    nucleus: float,
+    labels_out,
+    step=None,
+) -> int:
+    """:func:`volume_instances` of a volume too large to label whole, block by block into ``labels_out``; returns the
+    nucleus count.
+
+    ``foreground`` ``(Z, Y, X)`` (numpy or zarr; any float dtype) is read a block at a time: every
+    block spans all planes and a ``(Y, X)`` region with a halo of three nuclei (``nucleus`` px
+    across) or 64 px. A nucleus belongs to the block holding its centre and is written whole, so
+    one crossing a block border keeps one ID. ``params`` come resolved (one threshold for the
+    volume). ``step(index, blocks)`` is told before each block. The min confidence's dropped
+    objects are not counted here.
+    """
+    depth, height, width = foreground.shape
+    halo = int(math.ceil(max(64.0, 3.0 * nucleus)))
+    side = max(128, int(math.sqrt(BLOCK_VOXELS / max(depth, 1))) - 2 * halo)
+    cores = block_grid(height, width, side)
+    count = 0
+    for index, core in enumerate(cores):
+        if step is not None:
+            step(index, len(cores))
+        grown = grow(core, halo, height, width)
+        block = np.asarray(foreground[(slice(None), *grown)], dtype=np.float32)
+        _mask, labels = volume_instances(block[:, None], ("foreground",), params, voxel_size, network_zoom)
+        count = write_owned(labels, core, grown, labels_out, count)
+    return count
 
 
 def stitch_planes(labels: np.ndarray, min_iou: float = 0.25) -> np.ndarray:
