@@ -56,8 +56,8 @@ def test_npe2_finds_manifest_in_installed_wheel(installed_wheel):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert (
-        result.stdout.strip() == "napari-nuclei-unet ['Segment nuclei', 'Fine-tune'] 2 3 2"
-    )  # readers: RLE CSV, GeoJSON; writers: CSV, label image, GeoJSON
+        result.stdout.strip() == "napari-nuclei-unet ['Segment nuclei', 'Fine-tune'] 2 3 3"
+    )  # readers: RLE CSV, GeoJSON; writers: CSV, label image, GeoJSON; samples: 2D, IHC, Z-stack
 
 
 def test_runtime_dependencies_have_no_qt_binding():
