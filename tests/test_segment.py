@@ -111,3 +111,30 @@ def test_auto_stain_reads_the_channel_it_chose(tiny_checkpoint):
         auto, _probabilities(tiny_checkpoint, tissue, SegmentParams(diameter=None, stain="hematoxylin"))
     )
     assert not np.array_equal(auto, _probabilities(tiny_checkpoint, tissue, SegmentParams(diameter=None, stain="none")))
+
+
+@pytest.mark.parametrize("kind", ["plane", "large plane", "stack"])
+def test_progress_runs_once_from_zero_to_the_end_over_the_estimate_tiles_and_labelling(kind):
+    """The bar ran 9/9 (the size estimate), then restarted at 1/4 and 1/16, and was full before labelling."""
+    from napari_nuclei_unet.model import Checkpoint, bundled_model_path
+    from napari_nuclei_unet.params import BlockParams, TilingParams
+    from napari_nuclei_unet.segment import PROGRESS_STEPS, segment_planes
+    from napari_nuclei_unet.synthetic import nuclei_field
+
+    image, _ = nuclei_field((320, 384), count=30, diameter=18, seed=11)
+    if kind == "stack":
+        image = np.stack([image, image[::-1], image[:, ::-1]])
+    blocks = BlockParams(block_size=256, large_plane=100 * 100) if kind == "large plane" else BlockParams()
+    seen = []
+    segment_planes(
+        Checkpoint.load(bundled_model_path()),
+        image,
+        SegmentParams(tiling=TilingParams(tile_size=128, overlap=32), blocks=blocks),
+        progress=lambda done, total: seen.append((done, total)),
+    )
+    assert {total for _, total in seen} == {PROGRESS_STEPS}
+    done = [d for d, _ in seen]
+    assert done == sorted(done) and done[-1] == PROGRESS_STEPS  # never back, and full only at the end
+    assert any(0 < d < 0.25 * PROGRESS_STEPS for d in done)  # the size estimate's passes have their share
+    assert len(set(done)) >= 5
+

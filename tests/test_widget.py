@@ -346,6 +346,29 @@ def test_long_names_are_elided_and_the_dock_keeps_the_canvas_wide(viewer_and_wid
     assert canvas >= 1600 - 2 * 440 - 120, canvas
 
 
+def test_the_status_says_how_long_the_user_waited_and_the_activity_line_is_elided(
+    viewer_and_widget, qtbot, monkeypatch
+):
+    """Item 7: "in 10.4 s" for a 16-18 s wait (the measurements and layers were not counted); a 64-character name
+    pushed the activity dialog's Cancel out of view."""
+    viewer, widget = viewer_and_widget
+    image, _ = nuclei_field((96, 128), count=6, diameter=16, seed=2)
+    viewer.add_image(image, name=DSB_NAME)
+    widget.image_layer.value = viewer.layers[DSB_NAME]
+    measured = segment_module._nuclei_features
+
+    def slow_measurements(*args):
+        time.sleep(1.5)  # stands for the measurements of a large image, after the network
+        return measured(*args)
+
+    monkeypatch.setattr(segment_module, "_nuclei_features", slow_measurements)
+    widget.run()
+    assert len(widget._progress.desc) <= len("Segmenting ") + 36 and "…" in widget._progress.desc
+    qtbot.waitUntil(lambda: widget._worker is None and widget.hub.idle, timeout=TIMEOUT_MS)
+    seconds = float(widget.status.value.split(" in ", 1)[1].split(" s", 1)[0])
+    assert seconds >= 1.5, widget.status.value
+
+
 def test_start_is_visible_at_1280x800_with_advanced_settings_collapsed(viewer_and_widget, qtbot):
     """Item 2: two docked widgets were 1631-1813 px tall on a 1000 px screen, with Start off-screen."""
     viewer, widget = viewer_and_widget

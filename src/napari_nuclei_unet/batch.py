@@ -23,7 +23,7 @@ from .errors import Cancelled, InputError, NucleiUnetError, describe
 from .io import check_image_layout, file_stack, is_single_plane, read_image, write_labels
 from .model import Checkpoint
 from .params import AUTO, BlockParams, SegmentParams
-from .segment import resolve, segment_planes
+from .segment import RunProgress, estimate_share, resolve, segment_planes
 from .tiling import CancelCheck, ProgressCallback
 
 # "geojson": the TIFF labels and, beside them, the nuclei as GeoJSON polygons (QuPath).
@@ -155,7 +155,9 @@ def _segment_file(
     single = is_single_plane(image)
     params = _with_file_stack(params, source, single)
     shape = tuple(image.shape[:2]) if single else tuple(image.shape[:3])
-    resolved = resolve(checkpoint, image, params, progress=progress, cancel=cancel)
+    stages = RunProgress(progress, estimate_share(checkpoint, params))  # one bar: the size estimate, then the rest
+    resolved = resolve(checkpoint, image, params, progress=stages.estimating, cancel=cancel)
+    progress = stages.segmenting
     target.parent.mkdir(parents=True, exist_ok=True)
     if out_format == "zarr":
         import zarr

@@ -564,7 +564,7 @@ class _ImageProgress:
     def steps(self, path: Path):
         def progress(done: int, total: int) -> None:
             if self.bar is not None:
-                self.bar.set_postfix_str(f"{Path(path).name[:40]}: step {done}/{total}")
+                self.bar.set_postfix_str(f"{Path(path).name[:40]}: {100 * done // max(total, 1)}%")
 
         return progress
 

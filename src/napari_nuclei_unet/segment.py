@@ -309,16 +309,20 @@ def segment_planes(
     others whole. ``cached`` predictions (the widget's, for the same network settings) are
     re-labelled instead of running the network. ``labels_out`` (numpy or zarr, zeros, the
     image's spatial shape) receives the labels; without it they are returned in memory.
-    ``progress(done, total)`` counts tiles (blocks for large planes), estimation passes first.
+    ``progress(done, total)`` runs once from 0 to ``PROGRESS_STEPS`` over the whole run: the size
+    estimate's passes, then every plane's network tiles (or blocks) and its labelling.
     """
     started = time.perf_counter()
     cached = cached or {}
     indices = _plane_indices(image, planes_to_do)  # a Z-stack's are all its planes: resolve decides, below
     todo = [i for i in indices if i not in cached]
+    share = 0.0 if isinstance(params, Resolved) or not todo else estimate_share(checkpoint, params)
+    stages = RunProgress(progress, share)
+    progress = stages.segmenting
     if isinstance(params, Resolved):
         resolved = params
     elif todo:
-        resolved = resolve(checkpoint, image, params, todo, progress, cancel)
+        resolved = resolve(checkpoint, image, params, todo, stages.estimating, cancel)
     else:  # everything cached: the estimate was made when the network ran
         resolved = resolve(checkpoint, image, replace(params or SegmentParams(), diameter=cached[indices[0]].diameter))
     if resolved.volume:
@@ -435,6 +439,39 @@ def _label_volume_blocks(
     )
 
 
+# The run's progress goes from 0 to this; the size estimate takes ESTIMATE_SHARE of it when it runs.
+PROGRESS_STEPS = 1000
+ESTIMATE_SHARE = 0.25
+# Of a whole plane's share, the part its network tiles take (its labelling, the rest).
+_NETWORK_SHARE = 0.85
+
+
+def estimate_share(checkpoint: Checkpoint, params: SegmentParams | None) -> float:
+    """The share of a run's progress the size estimate takes: ESTIMATE_SHARE when it runs, else 0."""
+    return ESTIMATE_SHARE if (params or SegmentParams()).diameter == AUTO and checkpoint.nucleus_diameter else 0.0
+
+
+class RunProgress:
+    """One progress for a run made of stages that each count ``(done, total)`` their own way: the size
+    estimate (:meth:`estimating`), then the segmentation (:meth:`segmenting`), each mapped into its share
+    of ``PROGRESS_STEPS``; it never goes back."""
+
+    def __init__(self, progress: ProgressCallback | None, estimate_share: float):
+        self.progress, self.share, self.reached = progress, estimate_share, 0
+
+    def _report(self, fraction: float) -> None:
+        value = min(PROGRESS_STEPS, int(fraction * PROGRESS_STEPS))
+        if self.progress is not None and value >= self.reached:
+            self.reached = value
+            self.progress(value, PROGRESS_STEPS)
+
+    def estimating(self, done: int, total: int) -> None:
+        self._report(self.share * done / max(total, 1))
+
+    def segmenting(self, done: int, total: int) -> None:
+        self._report(self.share + (1.0 - self.share) * done / max(total, 1))
+
+
 def _plane_progress(progress: ProgressCallback | None, offset: int, planes: int) -> ProgressCallback:
     """A plane's ``progress(done, total)`` as a part of the whole run's."""
 
@@ -453,8 +490,11 @@ def _segment_plane(checkpoint, plane, index, resolved: Resolved, target, progres
         blocked = segment_large(checkpoint, plane, resolved, normalizer, into, progress, cancel, workdir)
         labels = into if isinstance(into, np.ndarray) else None
         return PlaneResult(labels, None, blocked.threshold, blocked.count, None)
-    prediction = predict_plane(checkpoint, plane, resolved, normalizer, progress, cancel)
+    network = None if progress is None else (lambda done, total: progress(_NETWORK_SHARE * done / max(total, 1), 1.0))
+    prediction = predict_plane(checkpoint, plane, resolved, normalizer, network, cancel)
     labelled = label_plane(prediction, checkpoint.outputs, resolved.params.postprocess)
+    if progress is not None:
+        progress(1, 1)  # labelled
     return _labelled(prediction, labelled, target)
 
 

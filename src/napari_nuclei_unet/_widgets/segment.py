@@ -9,6 +9,7 @@ post-processing controls re-label live without running the network again.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -480,7 +481,10 @@ class SegmentWidget(Container):
         self.run_button.enabled = False
         self.cancel_button.enabled = True
         self.status.value = f"segmenting {layer.name}…"
-        self._progress = cancelable_progress(total=0, desc=f"Segmenting {layer.name}", cancel_callback=self.cancel)
+        started = time.perf_counter()  # the status says how long the user waited, layers written included
+        self._progress = cancelable_progress(  # a long name would push the activity dialog's Cancel out of view
+            total=0, desc=f"Segmenting {elide_middle(layer.name)}", cancel_callback=self.cancel
+        )
         cache = self._cache if self._cache_matches(layer, request) else None
         worker = _segment_worker(
             request,
@@ -490,7 +494,7 @@ class SegmentWidget(Container):
             lambda done, total: self._relay.message.emit((done, total)),
         )
         worker.returned.connect(
-            lambda result: _unless_closed(self._on_segmented, layer, request, result)
+            lambda result: _unless_closed(self._on_segmented, layer, request, result, started)
         )  # the window may be closed by then
         worker.errored.connect(lambda error: _unless_closed(self._on_error, error))
         worker.finished.connect(lambda: _unless_closed(self._on_finished))
@@ -548,7 +552,7 @@ class SegmentWidget(Container):
             and cache.key == request.network_key()
         )
 
-    def _on_segmented(self, layer: Image, request: SegmentRequest, outcome: tuple) -> None:
+    def _on_segmented(self, layer: Image, request: SegmentRequest, outcome: tuple, started: float) -> None:
         checkpoint, result, device, features = outcome
         if layer not in self.viewer.layers or _layer_data(layer) is not request.source:
             what = "closed" if layer not in self.viewer.layers else "given new data"
@@ -572,7 +576,7 @@ class SegmentWidget(Container):
             with self.min_confidence.changed.blocked():  # shown (untick to override); the labels already use it
                 self.min_confidence.value = result.min_confidence
         self._show_threshold(used["threshold"])
-        diameter, factor, seconds = result.diameter, result.factor, result.seconds
+        diameter, factor, seconds = result.diameter, result.factor, time.perf_counter() - started
         if request.params.diameter == AUTO and diameter is not None:  # shown; untick 'estimate' to override
             self.diameter.value = round(diameter * (_pixel_size(layer) if self.diameter_unit.value == "µm" else 1.0), 2)
         size = (
