@@ -137,4 +137,3 @@ def test_progress_runs_once_from_zero_to_the_end_over_the_estimate_tiles_and_lab
     assert done == sorted(done) and done[-1] == PROGRESS_STEPS  # never back, and full only at the end
     assert any(0 < d < 0.25 * PROGRESS_STEPS for d in done)  # the size estimate's passes have their share
     assert len(set(done)) >= 5
-
