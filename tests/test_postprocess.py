@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -102,3 +104,25 @@ def test_objects_the_network_is_unsure_of_are_dropped():
         instances(probability[None], ("foreground",), PostprocessParams(threshold=0.5, min_confidence=1.0))
     with pytest.raises(ValueError, match="min_confidence"):
         instances(probability[None], ("foreground",), PostprocessParams(threshold=0.5, min_confidence="high"))
+
+
+def test_centre_markers_separate_dense_nuclei_the_distance_transform_merges():
+    """Nuclei packed with no gap between them (dense tissue): the mask is one blob whose distance transform has
+    one peak per row, but a model's centre output (1 at each nucleus's centre) gives one seed per nucleus."""
+    from napari_nuclei_unet.training.targets import centre_target
+
+    truth = np.zeros((60, 200), np.int32)
+    for index in range(8):  # eight 25 x 60 nuclei side by side, touching along their long sides
+        truth[:, index * 25 : (index + 1) * 25] = index + 1
+    centre = centre_target(truth).astype(np.float32) / 255
+    assert all(centre[truth == index].max() == 1.0 for index in range(1, 9))  # 1 at each centre, whatever its size
+    assert centre[:, 24].max() == centre[:, 25].max() == 0  # 0 where two nuclei touch
+    probabilities = np.stack([(truth > 0).astype(np.float32), np.zeros(truth.shape, np.float32), centre])
+    outputs = ("foreground", "boundary", "centre")
+    params = PostprocessParams(threshold=0.5, min_confidence=0.0, min_size=10, markers="distance")
+    _mask, merged = instances(probabilities, outputs, params)
+    _mask, split = instances(probabilities, outputs, replace(params, markers="centre"))
+    assert merged.max() < 8 and split.max() == 8
+    assert all(np.unique(split[truth == index]).size == 1 for index in range(1, 9))
+    with pytest.raises(ValueError, match="centre markers need a model with a 'centre' output"):
+        instances(probabilities[:2], outputs[:2], replace(params, markers="centre"))

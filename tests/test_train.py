@@ -14,6 +14,7 @@ from napari_nuclei_unet.training import (
     TrainConfig,
     calibrate_min_confidence,
     fit,
+    loss_targets,
     make_loss,
     make_targets,
     train_steps,
@@ -28,10 +29,11 @@ def samples():
 def test_targets_mark_borders_between_touching_nuclei():
     labels = np.zeros((10, 10), np.int32)
     labels[2:8, 1:5], labels[2:8, 5:9] = 1, 2
-    foreground, boundary, valid = make_targets(labels)
+    foreground, boundary, valid, centre = make_targets(labels)
     assert foreground.sum() == 48 and valid.all()
     assert boundary[4, 4] and boundary[4, 5]  # both sides of the touching line
     assert not boundary[0, 0]
+    assert centre[4, 4] == centre[4, 5] == 0 and centre[labels == 1].max() == centre[labels == 2].max() == 255
 
 
 def test_loss_ignores_pixels_outside_roi():
@@ -731,3 +733,38 @@ def test_cancel_acts_within_validation_and_calibration_not_after_them(
         assert not any(e.kind == "epoch" for e in seen) and not result.saved
     if when == "calibration":
         assert [e.kind for e in seen].count("epoch") == 2
+
+
+def test_a_centre_output_grown_onto_a_trained_model_keeps_its_predictions_and_trains(
+    tmp_path, tiny_checkpoint, samples
+):
+    from napari_nuclei_unet.io import Normalizer
+    from napari_nuclei_unet.tiling import TilingParams, predict
+
+    grown = tiny_checkpoint.with_outputs(("foreground", "boundary", "centre"))
+    assert grown.outputs == ("foreground", "boundary", "centre") and tiny_checkpoint.outputs == (
+        "foreground",
+        "boundary",
+    )
+    image = samples[0].image
+    normalizer = Normalizer.from_image(image, 3)
+    exact = TilingParams(device="cpu", backend="torch")
+    before = predict(tiny_checkpoint, image, normalizer, exact)
+    after = predict(grown, image, normalizer, exact)
+    assert np.allclose(after[:2], before, atol=1e-5) and np.allclose(after[2], 0.5)  # old channels kept, new at 0.5
+    config = TrainConfig(epochs=2, iterations_per_epoch=4, patch_size=64, batch_size=2, device="cpu", calibrate=False)
+    result = fit(grown, samples[:2], tmp_path / "centre", val=samples[2:], config=config)
+    saved = Checkpoint.load(tmp_path / "centre")
+    assert result.iteration == 8 and saved.outputs == ("foreground", "boundary", "centre")
+    trained = predict(saved, image, normalizer, exact)[2]
+    assert not np.allclose(trained, 0.5)  # the centre channel learnt something
+    targets = loss_targets(make_targets(samples[0].labels), saved.outputs)
+    assert targets.shape[0] == 3 and float(targets[2].max()) == 1.0
+
+
+def test_a_model_output_without_a_training_target_is_a_clear_error(tmp_path, tiny_config, samples):
+    from napari_nuclei_unet.model import ModelConfig
+
+    odd = Checkpoint.create(ModelConfig(**{**vars(tiny_config), "outputs": ("foreground", "flow")}))
+    with pytest.raises(InputError, match="no training target for the model's output flow"):
+        fit(odd, samples, tmp_path / "m", val=[], config=TrainConfig(epochs=1, iterations_per_epoch=1, device="cpu"))

@@ -331,6 +331,12 @@ def _add_train_command(commands, defaults: dict) -> None:
         action="append",
         help="CSV ImageId,split: train on 'train', validate on 'val' (one per --images, or none: --val-fraction)",
     )
+    train.add_argument(
+        "--outputs",
+        default=None,
+        help="the network's output channels, e.g. foreground,boundary,centre (default: the starting model's; "
+        "foreground,boundary for a fresh U-Net): channels the starting model lacks start from zero and are trained",
+    )
     train.add_argument("--no-resume", action="store_true", help="start over even if --out holds a training state")
     train.add_argument("--overwrite", action="store_true", help="allow writing into an existing model folder")
     _add_train_config_args(train)
@@ -673,11 +679,19 @@ def cmd_train(args) -> int:
         else:
             train += load_pairs(images, labels)
     val = val if args.split else None
+    outputs = tuple(name.strip() for name in args.outputs.split(",")) if args.outputs else None
     if args.model:
         checkpoint = Checkpoint.load(resolve_model_path(args.model))
+        if outputs and outputs != checkpoint.outputs:
+            checkpoint = checkpoint.with_outputs(outputs)
     else:
         decoder = tuple(int(c) for c in args.decoder_channels.split(","))
-        config = ModelConfig(encoder_name=args.encoder, encoder_depth=len(decoder), decoder_channels=decoder)
+        config = ModelConfig(
+            encoder_name=args.encoder,
+            encoder_depth=len(decoder),
+            decoder_channels=decoder,
+            **({"outputs": outputs} if outputs else {}),
+        )
         checkpoint = Checkpoint.create(config, encoder_weights=args.encoder_weights)
     recipe = train_recipe(args, len(train))
     config = train_config(args, recipe)

@@ -38,8 +38,9 @@ METADATA_FILE = "nuclei_unet.json"
 SMP_CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_VERSION = 1
-# Channel names the post-processing understands; "foreground" is required.
-KNOWN_OUTPUTS = ("foreground", "boundary")
+# Channel names the post-processing understands; "foreground" is required. "centre": each nucleus's
+# distance to its edge over its largest (1 at its centre), for watershed markers that separate dense nuclei.
+KNOWN_OUTPUTS = ("foreground", "boundary", "centre")
 BUNDLED_MODEL_DIR = Path(__file__).parent / "models" / "default"
 # What the network reads for each image type when the stain is "auto" (RGB images only), for
 # models whose ``nuclei_unet.json`` records no ``stain_by_image_type`` (v1 was trained on
@@ -257,6 +258,36 @@ class Checkpoint:
             percentiles=self.percentiles,
             nucleus_diameter=self.nucleus_diameter,
             metadata=copy.deepcopy(self.metadata, memo),
+            source=self.source,
+        )
+
+    def with_outputs(self, outputs: tuple[str, ...]) -> Checkpoint:
+        """A copy whose network has the output channels ``outputs``: the channels it had keep their weights (the
+        same predictions), new ones start from a zero head (probability 0.5), to be trained. The rest is shared
+        knowledge: every other weight is copied."""
+        import copy
+
+        import torch
+
+        if not self.can_finetune:
+            raise ModelError(f"{self.name}: {CANNOT_FINETUNE}")
+        config = ModelConfig(**{**asdict(self.config), "outputs": tuple(outputs)})
+        module = config.build()
+        state = {k: v for k, v in self.model.state_dict().items() if not k.startswith("segmentation_head.0.")}
+        old = self.model.segmentation_head[0]
+        weight, bias = torch.zeros_like(module.segmentation_head[0].weight), torch.zeros(len(config.outputs))
+        with torch.no_grad():
+            for row, name in enumerate(config.outputs):
+                if name in self.outputs:
+                    weight[row] = old.weight[self.outputs.index(name)].detach().cpu()
+                    bias[row] = old.bias[self.outputs.index(name)].detach().cpu()
+        state.update({"segmentation_head.0.weight": weight, "segmentation_head.0.bias": bias})
+        module.load_state_dict(state)
+        return Checkpoint(
+            network=UnetNetwork(config, module.eval()),
+            percentiles=self.percentiles,
+            nucleus_diameter=self.nucleus_diameter,
+            metadata=copy.deepcopy(self.metadata),
             source=self.source,
         )
 

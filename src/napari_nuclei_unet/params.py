@@ -98,8 +98,9 @@ class PostprocessParams:
     markers: str = field(
         default="distance",
         metadata={
-            "help": "watershed markers: distance-transform peaks, or the model's predicted interiors",
-            "choices": ("distance", "boundary"),
+            "help": "watershed markers: distance-transform peaks, the model's predicted interiors (boundary), or its "
+            "predicted nucleus centres (centre; models with a centre output)",
+            "choices": ("distance", "boundary", "centre"),
         },
     )
     marker_threshold: float = 0.5  # interior probability (foreground - boundary) for a marker

@@ -119,12 +119,18 @@ def instances(
         markers, _ = ndi.label((interior > params.marker_threshold) & mask)
         # Flood from the markers over the falling interior probability, within the mask.
         surface = -interior
+    elif method == "centre":
+        if "centre" not in outputs:
+            raise ValueError("centre markers need a model with a 'centre' output")
+        centre = probabilities[outputs.index("centre")]
+        markers, _ = ndi.label((centre > params.marker_threshold) & mask)
+        surface = -centre  # flood from each centre down to the nucleus's edge
     elif method == "distance":
         distance = ndi.distance_transform_edt(mask).astype(np.float32)
         markers = distance_markers(distance, mask, params.h * scale, smoothing=scale)
         surface = -distance
     else:
-        raise ValueError(f"markers must be 'distance' or 'boundary', got {params.markers!r}")
+        raise ValueError(f"markers must be 'distance', 'boundary' or 'centre', got {params.markers!r}")
     labels = watershed(surface, markers, mask=mask)
     # Mask components that got no marker (tiny or thin) still count as nuclei.
     orphans, count = ndi.label(mask & (labels == 0))

@@ -184,6 +184,9 @@ def resolve(
         raise InputError(f"stain must be one of {', '.join(STAINS)}, got {params.stain!r}")
     if params.image_type not in IMAGE_TYPES:
         raise InputError(f"image type must be one of {', '.join(IMAGE_TYPES)}, got {params.image_type!r}")
+    markers = params.postprocess.markers
+    if markers in ("boundary", "centre") and markers not in checkpoint.outputs:
+        raise InputError(f"{markers} markers need a model with a '{markers}' output; {checkpoint.name} has none")
     volume = _is_volume(image, params)
     indices = _plane_indices(image, None if volume else plane_indices)
     reference = indices[len(indices) // 2]

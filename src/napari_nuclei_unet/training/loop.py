@@ -42,7 +42,7 @@ from ..model import METADATA_FILE, SMP_CONFIG_FILE, WEIGHTS_FILE, Checkpoint
 from .calibrate import CALIBRATION_MIN_IMAGES, balanced_score, calibrate, validate_by_type
 from .config import TrainConfig, TrainEvent
 from .sampler import PatchSampler, reference_nuclei, reference_zooms
-from .targets import make_loss
+from .targets import TARGET_CHANNELS, make_loss
 
 STATE_FILE = "training_state.pt"
 LOG_FILE = "training_log.csv"
@@ -202,6 +202,12 @@ def _start(checkpoint, train, out_dir: Path, val, config: TrainConfig, resume, b
         raise InputError("no training images with labels")
     if not any(int(s.labels.max()) > 0 for s in train):
         raise InputError("the training labels contain no nuclei")
+    untrainable = [name for name in checkpoint.outputs if name not in TARGET_CHANNELS]
+    if untrainable:
+        raise InputError(
+            f"no training target for the model's output {', '.join(untrainable)} (trainable: "
+            f"{', '.join(TARGET_CHANNELS)})"
+        )
     if val is None:
         train, val = split_validation(train, config.val_fraction, config.seed)
     device = resolve_device(config.device)
@@ -229,7 +235,9 @@ def _start(checkpoint, train, out_dir: Path, val, config: TrainConfig, resume, b
     start_epoch = resumed["epoch"] if resumed else 0
     rng = np.random.default_rng(config.seed + start_epoch)
     zooms = reference_zooms(checkpoint, train) if config.zoom_to_reference else None
-    sampler = PatchSampler(train, config, checkpoint.config.in_channels, checkpoint.percentiles, rng, zooms)
+    sampler = PatchSampler(
+        train, config, checkpoint.config.in_channels, checkpoint.percentiles, rng, zooms, checkpoint.outputs
+    )
     record = _training_record(checkpoint, train, val, config, precision, base_model, data_description)
     run = _Run(
         checkpoint,

@@ -27,8 +27,10 @@ class PatchSampler:
         percentiles,
         rng: np.random.Generator,
         zooms: list[float] | None = None,
+        outputs: tuple[str, ...] = ("foreground", "boundary"),
     ):
         self.config = config
+        self.outputs = outputs  # the model's, in order: the loss targets follow them
         self.rng = rng
         self.zooms = zooms or [1.0] * len(samples)  # per image, before the scale augmentation
         self.images = [
@@ -79,7 +81,7 @@ class PatchSampler:
             target = v2.functional.resize(target, [size, size])  # masks: nearest
         if self.augment is not None:
             image, target = self.augment(image, target)
-        return image.as_subclass(torch.Tensor), loss_targets(target)
+        return image.as_subclass(torch.Tensor), loss_targets(target, self.outputs)
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """Patches, their loss targets and the index of the image each came from."""
