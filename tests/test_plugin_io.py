@@ -26,10 +26,16 @@ def test_rle_csv_round_trip_through_the_viewer(make_napari_viewer, tmp_path):
     viewer.layers.clear()
 
     viewer.open(str(path), plugin=PLUGIN)
-    assert [layer.name for layer in viewer.layers] == ["first", "second"]
-    assert np.array_equal(viewer.layers["first"].data, first)
-    assert np.array_equal(viewer.layers["second"].data, second)
-    assert viewer.layers["first"].metadata["image_id"] == "first"
+    assert [layer.name for layer in viewer.layers] == ["first (both)", "second (both)"]
+    assert np.array_equal(viewer.layers["first (both)"].data, first)
+    assert np.array_equal(viewer.layers["second (both)"].data, second)
+    assert viewer.layers["first (both)"].metadata["image_id"] == "first"
+    viewer.add_image(np.zeros(first.shape), name="first")  # the image it belongs to, by its own name: no "[1]"
+    assert [layer.name for layer in viewer.layers] == ["first (both)", "second (both)", "first"]
+    again = tmp_path / "again.csv"
+    viewer.layers.selection = {viewer.layers["first (both)"], viewer.layers["second (both)"]}
+    viewer.layers.save(str(again), selected=True, plugin=PLUGIN)
+    assert again.read_text() == path.read_text()  # saved again under the rows' own ImageIds
 
 
 def test_single_labels_layer_saves_as_rle_and_as_label_images(make_napari_viewer, tmp_path):
@@ -58,7 +64,7 @@ def test_shape_from_an_image_beside_the_csv(make_napari_viewer, tmp_path):
     write_csv(tmp_path / "no_shape.csv", [("sample1", labels)], with_shape=False)
     viewer = make_napari_viewer()
     viewer.open(str(tmp_path / "no_shape.csv"), plugin=PLUGIN)
-    assert np.array_equal(viewer.layers["sample1"].data, labels)
+    assert np.array_equal(viewer.layers["sample1 (no_shape)"].data, labels)
 
 
 def test_a_csv_that_is_not_rle_is_not_claimed(make_napari_viewer, tmp_path):

@@ -45,9 +45,8 @@ def read_rle_csv(path) -> list[tuple]:
         layers = []
         for image_id, entry in entries.items():
             labels = entry.to_labels(entry.shape or lookup(image_id), source=str(path))
-            layers.append(
-                (labels, {"name": image_id, "metadata": {"source": str(path), "image_id": image_id}}, "labels")
-            )
+            name = f"{image_id} ({path.stem})"  # not the image's own name: napari would make it "<name> [1]"
+            layers.append((labels, {"name": name, "metadata": {"source": str(path), "image_id": image_id}}, "labels"))
         return layers
     by_shape: dict[tuple[int, int], list[str]] = {}
     for image_id, entry in entries.items():

@@ -17,16 +17,20 @@ _install_triton_guard()  # before anything here can import torch (see _triton_gu
 
 def write_rle_csv(path: str, layer_data: list[tuple[Any, dict, str]]) -> list[str]:
     """One row per label, with Height/Width. ImageId: the segmented image's file stem for layers
-    the Segment widget made (as ``nuclei-unet segment`` and Kaggle name them), else the layer
-    name; for stacks, the plane's id when the reader stacked an RLE CSV (``image_ids``), else
-    ``<id>_<plane>``."""
+    the Segment widget made (as ``nuclei-unet segment`` and Kaggle name them), the row's own for
+    a layer read from an RLE CSV, else the layer name; for stacks, the plane's id when the reader
+    stacked an RLE CSV (``image_ids``), else ``<id>_<plane>``."""
     from .rle import write_csv
 
     rows = []
     for data, meta, _kind in layer_data:
         labels = np.asarray(data)
         metadata = meta.get("metadata") or {}
-        name = (metadata.get("nuclei_unet") or {}).get("image_id") or meta.get("name", "labels")
+        name = (
+            (metadata.get("nuclei_unet") or {}).get("image_id")  # made by the Segment widget
+            or metadata.get("image_id")  # read from an RLE CSV
+            or meta.get("name", "labels")
+        )
         if labels.ndim == 2:
             rows.append((name, labels))
             continue
