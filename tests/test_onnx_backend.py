@@ -72,6 +72,18 @@ def test_one_export_per_weights_and_a_new_one_after_training(tiny_checkpoint, mo
     assert np.abs(with_onnx - with_torch).max() < TOLERANCE  # the new weights, not the exported ones
 
 
+def test_the_weights_are_digested_only_when_onnx_runtime_runs_them(tiny_checkpoint, monkeypatch):
+    """Naming the export hashes every weight (~25 ms for the bundled model): not for PyTorch, on every plane."""
+
+    def no_digest(*args):
+        raise AssertionError("digested for PyTorch")
+
+    monkeypatch.setattr(onnx_backend, "weights_digest", no_digest)
+    image = _image((64, 64))
+    predict(tiny_checkpoint, image, Normalizer.from_image(image, 3), TilingParams(device="cpu", backend="torch"))
+    assert onnx_backend.cpu_network(tiny_checkpoint.model, 3, "torch") is tiny_checkpoint.model
+
+
 def test_backend_choices(tiny_checkpoint, monkeypatch):
     model = tiny_checkpoint.model
     assert onnx_backend.cpu_network(model, 3, "torch") is model

@@ -7,7 +7,7 @@ import pytest
 
 from napari_nuclei_unet.errors import InputError
 from napari_nuclei_unet.scale import rescale_factor
-from napari_nuclei_unet.segment import SegmentParams, segment, segment_planes
+from napari_nuclei_unet.segment import AUTO, SegmentParams, segment, segment_planes
 from napari_nuclei_unet.tiling import TilingParams
 
 
@@ -113,8 +113,8 @@ def test_auto_stain_reads_the_channel_it_chose(tiny_checkpoint):
     assert not np.array_equal(auto, _probabilities(tiny_checkpoint, tissue, SegmentParams(diameter=None, stain="none")))
 
 
-@pytest.mark.parametrize("kind", ["plane", "large plane", "stack"])
-def test_progress_runs_once_from_zero_to_the_end_over_the_estimate_tiles_and_labelling(kind):
+@pytest.mark.parametrize("kind", ["plane", "large plane", "stack", "z-stack"])
+def test_progress_runs_once_from_zero_to_the_end_over_the_estimate_tiles_and_labelling(kind, monkeypatch):
     """The bar ran 9/9 (the size estimate), then restarted at 1/4 and 1/16, and was full before labelling."""
     from napari_nuclei_unet.model import Checkpoint, bundled_model_path
     from napari_nuclei_unet.params import BlockParams, TilingParams
@@ -122,16 +122,28 @@ def test_progress_runs_once_from_zero_to_the_end_over_the_estimate_tiles_and_lab
     from napari_nuclei_unet.synthetic import nuclei_field
 
     image, _ = nuclei_field((320, 384), count=30, diameter=18, seed=11)
-    if kind == "stack":
+    if kind in ("stack", "z-stack"):
         image = np.stack([image, image[::-1], image[:, ::-1]])
     blocks = BlockParams(block_size=256, large_plane=100 * 100) if kind == "large plane" else BlockParams()
     seen = []
+    from napari_nuclei_unet import plane, segment
+
+    labelling = {"label_plane": plane.label_plane, "volume_instances": segment.volume_instances}
+    for name, original in labelling.items():  # what the bar showed when the labelling began
+        monkeypatch.setattr(
+            segment, name, lambda *a, _o=original, **k: seen.append(("labelling", seen[-1][0])) or _o(*a, **k)
+        )
     segment_planes(
         Checkpoint.load(bundled_model_path()),
         image,
-        SegmentParams(tiling=TilingParams(tile_size=128, overlap=32), blocks=blocks),
+        SegmentParams(
+            tiling=TilingParams(tile_size=128, overlap=32), blocks=blocks, stack="z" if kind == "z-stack" else AUTO
+        ),
         progress=lambda done, total: seen.append((done, total)),
     )
+    started_labelling = [at for what, at in seen if what == "labelling"]
+    seen = [entry for entry in seen if entry[0] != "labelling"]
+    assert all(at < PROGRESS_STEPS for at in started_labelling)  # not full before the labelling is done
     assert {total for _, total in seen} == {PROGRESS_STEPS}
     done = [d for d, _ in seen]
     assert done == sorted(done) and done[-1] == PROGRESS_STEPS  # never back, and full only at the end

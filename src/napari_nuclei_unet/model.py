@@ -223,9 +223,7 @@ class UnetNetwork:
         """The ONNX Runtime network of the current weights, or None (PyTorch runs them)."""
         from .onnx_backend import onnx_network
 
-        return onnx_network(
-            self.weights_digest(), self.in_channels, params.backend, params.precision, self._built_module
-        )
+        return onnx_network(self.weights_digest, self.in_channels, params.backend, params.precision, self._built_module)
 
     def device_line(self, device, params: TilingParams) -> str:
         from .onnx_backend import describe_device

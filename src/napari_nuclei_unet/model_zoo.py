@@ -274,17 +274,23 @@ class PackageNormalizer:
             raise InputError("image contains NaN or infinite values")
         member, operators = network.input_member, network.preprocessing
         measures = {m for operator in operators for m in operator.required_measures}
-        stat = compute_measures(measures, [network.sample(array[None], network.input_axes, member)])
+        stat = compute_measures(measures, [_sample(array[None], network.input_axes, member)])
         return cls(network.in_channels, network.input_axes, member, operators, dict(stat))
 
     def __call__(self, plane) -> np.ndarray:
-        from bioimageio.core import Sample
 
         array = to_model_channels(channels_first(plane), self.channels)
-        sample = Sample(members={self.member: _tensor(array[None], self.axes)}, stat=dict(self.stat), id=None)
+        sample = _sample(array[None], self.axes, self.member, self.stat)
         for operator in self.operators:
             operator(sample)
         return _canonical(sample.members[self.member], self.axes)[0]
+
+
+def _sample(batch: np.ndarray, axes: tuple, member, stat: dict | None = None):
+    """``(N, C, Y, X)`` as a bioimage.io core sample of one tensor in ``axes``, with the statistics ``stat``."""
+    from bioimageio.core import Sample
+
+    return Sample(members={member: _tensor(batch, axes)}, stat=dict(stat or {}), id=None)
 
 
 def _tensor(batch: np.ndarray, axes: tuple):
@@ -450,12 +456,6 @@ class PackageNetwork:
         """Its own preprocessing, with the statistics taken from ``sample`` (``percentiles``: ours, not used)."""
         return PackageNormalizer.from_image(sample, self)
 
-    def sample(self, batch: np.ndarray, axes: tuple, member):
-        """``(N, C, Y, X)`` as a bioimage.io core sample of one tensor in ``axes``."""
-        from bioimageio.core import Sample
-
-        return Sample(members={member: _tensor(batch, axes)}, stat={}, id=None)
-
     # ------------------------------------------------------------------- running
     def _probabilities(self, run):
         """``run`` (the package's array in, its raw output out) as ``(N, C, H, W)`` in, probabilities of the kept
@@ -467,10 +467,10 @@ class PackageNetwork:
             raw = run(np.ascontiguousarray(_tensor(batch, self.input_axes).data.values, dtype=np.float32))
             if isinstance(raw, (tuple, list)):
                 raw = raw[self.output_index]
-            from bioimageio.core import Tensor
+            from bioimageio.core import Sample, Tensor
 
             output = Tensor.from_numpy(np.asarray(raw, np.float32), dims=self.output_axes)
-            sample = self.sample(_canonical(output, self.output_axes), self.output_axes, self.output_member)
+            sample = Sample(members={self.output_member: output}, stat={}, id=None)
             for operator in self.postprocessing:
                 operator(sample)
             return _canonical(sample.members[self.output_member], self.output_axes)[:, list(self.keep)]

@@ -99,13 +99,15 @@ def cpu_network(model: torch.nn.Module, in_channels: int, backend: str = "auto",
     fails), "float32" keeps the model's own weights. PyTorch always runs float32. The
     weights are digested at every call: whoever holds ``model`` may have changed them.
     """
-    weights = weights_digest(model.state_dict(), repr(model))
-    network = onnx_network(weights, in_channels, backend, precision, lambda: model)
+    network = onnx_network(
+        lambda: weights_digest(model.state_dict(), repr(model)), in_channels, backend, precision, lambda: model
+    )
     return model if network is None else network
 
 
-def onnx_network(weights: str, in_channels: int, backend: str, precision: str, build) -> OnnxNetwork | None:
-    """The ONNX Runtime network of the weights ``weights`` names (:func:`weights_digest`), or None for PyTorch.
+def onnx_network(weights, in_channels: int, backend: str, precision: str, build) -> OnnxNetwork | None:
+    """The ONNX Runtime network of the weights ``weights()`` names (:func:`weights_digest`; asked only when ONNX
+    Runtime runs them), or None for PyTorch.
 
     Taken from this process's networks, else from the disk cache, else exported from the
     module ``build()`` returns (called only then: building may take seconds). See :func:`cpu_network`
@@ -121,7 +123,7 @@ def onnx_network(weights: str, in_channels: int, backend: str, precision: str, b
         if backend == "onnx":
             raise ModelError("backend 'onnx' needs the onnxruntime and onnx packages: pip install onnxruntime onnx")
         return None
-    key = (export_name(weights, in_channels, precision), cpu_threads())
+    key = (export_name(weights(), in_channels, precision), cpu_threads())
     with _LOCK:  # one export per weights and precision, also when several threads segment at once
         network = _SESSIONS.get(key)
         if network is None:

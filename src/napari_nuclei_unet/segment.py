@@ -363,7 +363,7 @@ def _segment_volume(
     large = resolved.large
     foreground = np.zeros(image.shape[:3], _foreground_dtype(image.shape)) if large else None
     predictions, megapixels = dict(cached), 0.0
-    steps = count + (1 if large else 0)
+    steps = count + 1  # the planes, then the 3D labelling
     for z in range(count):
         if z not in cached:
             plane = image[z]
@@ -385,6 +385,7 @@ def _segment_volume(
     report: dict = {}
     voxel_size, factor = resolved.params.voxel_size, predictions[0].factor
     mask, labels = volume_instances(probabilities, outputs, post, voxel_size, factor, report)
+    progress(steps, steps)
     results = {}
     for z in range(count):
         if labels_out is not None:
