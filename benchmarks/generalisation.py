@@ -16,7 +16,7 @@ Every model runs with the default options (``SegmentParams()``: image type and s
 "auto", diameter "auto", Otsu threshold, the model's min confidence); ``--stains`` adds runs
 with the stain forced, which is how the stain each model gets for tissue was chosen (on the
 choosing sets). ``--scales`` adds copies as if imaged at another magnification: x0.5 is the
-2 x 2 block mean of the image with the majority label of each block, x2 the image
+2 x 2 block mean of the image with the majority label of each block, x2, x3, ... the image
 bilinear and the labels repeated. The classical baseline (Otsu + watershed) runs beside.
 Prints the Kaggle DSB2018 score and AP@0.5 per set. A benchmark, not a test.
 """
@@ -67,8 +67,8 @@ def load_set(name: str) -> list[LabelledImage]:
 
 
 def magnified(sample: LabelledImage, scale: float) -> LabelledImage:
-    """x0.5: 2 x 2 block mean of the image, majority label of each block (ties: the top-left one); x2: bilinear image,
-    repeated labels."""
+    """x0.5: 2 x 2 block mean of the image, majority label of each block (ties: the top-left one); x2, x3, ...: bilinear
+    image, repeated labels."""
     if scale == 1.0:
         return sample
     image, labels = sample.image, sample.labels
@@ -81,13 +81,14 @@ def magnified(sample: LabelledImage, scale: float) -> LabelledImage:
         agree = (votes[:, :, None] == votes[:, None, :]).sum(-1)
         majority = votes[np.arange(len(votes)), agree.argmax(1)].reshape(height // 2, width // 2)
         return LabelledImage(sample.name, small, majority)
-    if scale == 2.0:
+    if scale >= 2 and float(scale).is_integer():
         from skimage.transform import rescale
 
-        zoomed = rescale(image, 2.0, order=1, preserve_range=True, channel_axis=-1 if image.ndim == 3 else None)
+        factor = int(scale)
+        zoomed = rescale(image, factor, order=1, preserve_range=True, channel_axis=-1 if image.ndim == 3 else None)
         zoomed = np.round(zoomed).astype(image.dtype) if image.dtype.kind in "ui" else zoomed.astype(image.dtype)
-        return LabelledImage(sample.name, zoomed, np.repeat(np.repeat(labels, 2, axis=0), 2, axis=1))
-    raise ValueError(f"scale must be 0.5, 1 or 2, got {scale}")
+        return LabelledImage(sample.name, zoomed, np.repeat(np.repeat(labels, factor, axis=0), factor, axis=1))
+    raise ValueError(f"scale must be 0.5, 1 or a whole number, got {scale}")
 
 
 # The last commit whose bundled model is v1 (the one before v2 was bundled).

@@ -6,7 +6,7 @@ import pytest
 from conftest import disks
 from napari_nuclei_unet.postprocess import PostprocessParams, auto_threshold, instances, semantic_mask, with_threshold
 
-RESOLVED = PostprocessParams(threshold=0.5, min_confidence=0.0)
+RESOLVED = PostprocessParams(threshold=0.5, min_confidence=0.0, markers="distance", marker_threshold=0.5)
 
 
 def test_two_touching_disks_split_by_distance_watershed():
@@ -19,14 +19,41 @@ def test_two_touching_disks_split_by_distance_watershed():
         assert counts.max() / counts.sum() > 0.95  # each disk is essentially one instance
 
 
-def test_boundary_channel_splits_touching_nuclei():
+def test_boundary_markers_split_packed_nuclei_even_through_gaps_in_the_boundary():
+    """Nuclei packed with no gap (dense tissue): the mask's distance transform has one ridge, but cutting the mask
+    along the predicted boundaries gives one seed per nucleus, also where the boundary has a hole."""
     from skimage.segmentation import find_boundaries
 
-    labels = disks(centres=((48, 45), (48, 75)), radius=18)
-    foreground = (labels > 0).astype(np.float32)
-    boundary = find_boundaries(labels, mode="inner").astype(np.float32)
-    found = instances(np.stack([foreground, boundary]), ("foreground", "boundary"), RESOLVED)[1]
-    assert found.max() == 2
+    truth = np.zeros((80, 220), np.int32)
+    for index in range(8):  # eight 25 x 60 nuclei side by side, touching along their long sides
+        truth[10:70, 10 + index * 25 : 10 + (index + 1) * 25] = index + 1
+    boundary = find_boundaries(truth, mode="inner").astype(np.float32)
+    boundary[38:43, :] = 0  # the network missed part of every border
+    probabilities = np.stack([(truth > 0).astype(np.float32), boundary])
+    outputs = ("foreground", "boundary")
+    params = replace(RESOLVED, min_size=10)
+    merged = instances(probabilities, outputs, params)[1]
+    split = instances(probabilities, outputs, replace(params, markers="boundary", marker_threshold=0.7))[1]
+    assert merged.max() < 8 and split.max() == 8
+    for index in range(1, 9):  # each nucleus one object, and nearly all of it
+        values, counts = np.unique(split[truth == index], return_counts=True)
+        assert counts.max() / counts.sum() > 0.9
+    with pytest.raises(ValueError, match="boundary markers need a model with a 'boundary' output"):
+        instances(probabilities[:1], outputs[:1], replace(params, markers="boundary"))
+
+
+def test_auto_markers_are_the_models_choice_and_levels_the_methods():
+    from napari_nuclei_unet.postprocess import MARKER_THRESHOLDS, resolve_markers
+
+    outputs = ("foreground", "boundary")
+    chosen = resolve_markers(PostprocessParams(), "boundary", outputs)
+    assert (chosen.markers, chosen.marker_threshold) == ("boundary", MARKER_THRESHOLDS["boundary"])
+    given = resolve_markers(PostprocessParams(markers="distance", marker_threshold=0.3), "boundary", outputs)
+    assert (given.markers, given.marker_threshold) == ("distance", 0.3)  # the user's choice wins
+    with pytest.raises(ValueError, match="centre markers need a model with a 'centre' output"):
+        resolve_markers(PostprocessParams(markers="centre"), "distance", outputs)
+    with pytest.raises(ValueError, match="marker threshold"):
+        resolve_markers(PostprocessParams(marker_threshold=1.5), "boundary", outputs)
 
 
 def test_min_size_holes_and_sequential_labels():
@@ -38,7 +65,7 @@ def test_min_size_holes_and_sequential_labels():
     mask, labels = instances(
         probability[None],
         ("foreground",),
-        PostprocessParams(threshold=0.5, min_size=10, hole_size=20, min_confidence=0.0),
+        replace(RESOLVED, min_size=10, hole_size=20, min_confidence=0.0),
     )
     assert mask[13, 13]  # hole filled
     assert labels[41, 41] == 0  # speck removed
@@ -47,7 +74,7 @@ def test_min_size_holes_and_sequential_labels():
 
 def test_blank_image_gives_no_nuclei():
     blank = np.full((1, 50, 50), 0.01, np.float32)
-    mask, labels = instances(blank, ("foreground",), with_threshold(PostprocessParams(min_confidence=0.0), blank[0]))
+    mask, labels = instances(blank, ("foreground",), with_threshold(replace(RESOLVED, threshold="auto"), blank[0]))
     assert not mask.any() and labels.max() == 0
     noise = np.random.default_rng(0).random((50, 50)).astype(np.float32) * 0.2
     assert semantic_mask(noise, auto_threshold(noise)).sum() == 0  # auto threshold does not split pure background
@@ -64,9 +91,11 @@ def test_postprocessing_refuses_an_unresolved_auto():
     """'auto' must be made a number before post-processing (segment.resolve, with_threshold): never a silent default."""
     probability = np.full((1, 20, 20), 0.9, np.float32)
     with pytest.raises(ValueError, match="threshold 'auto' reached post-processing unresolved"):
-        instances(probability, ("foreground",), PostprocessParams(min_confidence=0.0))
+        instances(probability, ("foreground",), replace(RESOLVED, threshold="auto"))
     with pytest.raises(ValueError, match="min_confidence 'auto' reached post-processing unresolved"):
-        instances(probability, ("foreground",), PostprocessParams(threshold=0.5))
+        instances(probability, ("foreground",), replace(RESOLVED, min_confidence="auto"))
+    with pytest.raises(ValueError, match="markers 'auto' reached post-processing unresolved"):
+        instances(probability, ("foreground",), replace(RESOLVED, markers="auto"))
 
 
 def test_objects_the_network_is_unsure_of_are_dropped():
@@ -74,36 +103,36 @@ def test_objects_the_network_is_unsure_of_are_dropped():
     probability[5:25, 5:25] = 0.95  # a nucleus
     probability[5:25, 40:60] = 0.6  # a fold: above the threshold, but the network is unsure of it
     probability[35:55, 40:60] = 0.88
-    params = PostprocessParams(threshold=0.5, min_confidence=0.0)
+    params = replace(RESOLVED, min_confidence=0.0)
     assert instances(probability[None], ("foreground",), params)[1].max() == 3  # 0: no filter
-    mask, labels = instances(probability[None], ("foreground",), PostprocessParams(threshold=0.5, min_confidence=0.85))
+    mask, labels = instances(probability[None], ("foreground",), replace(RESOLVED, min_confidence=0.85))
     assert labels.max() == 2 and labels[15, 50] == 0 and not mask[15, 50]  # mask and labels agree
     assert labels[15, 15] == 1 and labels[45, 50] == 2  # numbered 1..N again
     assert (
-        instances(probability[None], ("foreground",), PostprocessParams(threshold=0.5, min_confidence=0.9))[1].max()
+        instances(probability[None], ("foreground",), replace(RESOLVED, min_confidence=0.9))[1].max()
         == 1
     )
     report = {}  # how many went for being unsure alone: what the widget warns about
-    instances(probability[None], ("foreground",), PostprocessParams(threshold=0.5, min_confidence=0.9), report=report)
+    instances(probability[None], ("foreground",), replace(RESOLVED, min_confidence=0.9), report=report)
     assert report == {"unsure": 2}  # the 0.6 and the 0.88 objects
     instances(
         probability[None],
         ("foreground",),
-        PostprocessParams(threshold=0.5, min_confidence=0.9, min_size=401),
+        replace(RESOLVED, min_confidence=0.9, min_size=401),
         report=report,
     )
     assert report == {"unsure": 0}  # all three (400 px) too small: none went for being unsure alone
     instances(
         np.zeros((1, 10, 10), np.float32),
         ("foreground",),
-        PostprocessParams(threshold=0.5, min_confidence=0.9),
+        replace(RESOLVED, min_confidence=0.9),
         report=report,
     )
     assert report == {"unsure": 0}
     with pytest.raises(ValueError, match="min_confidence"):
-        instances(probability[None], ("foreground",), PostprocessParams(threshold=0.5, min_confidence=1.0))
+        instances(probability[None], ("foreground",), replace(RESOLVED, min_confidence=1.0))
     with pytest.raises(ValueError, match="min_confidence"):
-        instances(probability[None], ("foreground",), PostprocessParams(threshold=0.5, min_confidence="high"))
+        instances(probability[None], ("foreground",), replace(RESOLVED, min_confidence="high"))
 
 
 def test_centre_markers_separate_dense_nuclei_the_distance_transform_merges():
@@ -119,7 +148,7 @@ def test_centre_markers_separate_dense_nuclei_the_distance_transform_merges():
     assert centre[:, 24].max() == centre[:, 25].max() == 0  # 0 where two nuclei touch
     probabilities = np.stack([(truth > 0).astype(np.float32), np.zeros(truth.shape, np.float32), centre])
     outputs = ("foreground", "boundary", "centre")
-    params = PostprocessParams(threshold=0.5, min_confidence=0.0, min_size=10, markers="distance")
+    params = replace(RESOLVED, min_confidence=0.0, min_size=10, markers="distance")
     _mask, merged = instances(probabilities, outputs, params)
     _mask, split = instances(probabilities, outputs, replace(params, markers="centre"))
     assert merged.max() < 8 and split.max() == 8

@@ -480,6 +480,7 @@ def _readme(checkpoint: Checkpoint) -> str:
     """The package's documentation: what the model is, what it was trained on, and how our post-processing makes
     nuclei."""
     from .params import PostprocessParams
+    from .postprocess import MARKER_THRESHOLDS
 
     metrics = checkpoint.metadata.get("metrics") or {}
     training = checkpoint.metadata.get("training") or {}
@@ -518,9 +519,10 @@ def _readme(checkpoint: Checkpoint) -> str:
         "1. Foreground: `foreground > t`, with `t` Otsu's threshold of the image's foreground probabilities (or a "
         "fixed value); "
         f"holes up to {post.hole_size} px are filled.",
-        "2. Touching nuclei are split by a watershed of the distance transform of the foreground, from its h-maxima "
-        f"(h = {post.h:g} px). With `--markers boundary` the seeds are the predicted interiors, `foreground - "
-        "boundary`, instead.",
+        "2. Touching nuclei are split by a watershed from the h-maxima "
+        f"(h = {post.h:g} px) of a distance transform: of the foreground (distance markers), or of the foreground cut "
+        f"where the boundary probability exceeds {MARKER_THRESHOLDS['boundary']:g} (boundary markers). This model "
+        f"uses {_markers_by_type(checkpoint)}.",
         f"3. Objects whose mean foreground probability is below the model's calibrated minimum confidence ({level:g}) "
         "are dropped, "
         f"as are objects smaller than {post.min_size} image pixels.",
@@ -537,6 +539,16 @@ def _readme(checkpoint: Checkpoint) -> str:
             f"Licences: {checkpoint.metadata.get('license', 'not recorded')}",
         ]
     return "\n".join(lines + _readme_metrics(metrics)) + "\n"
+
+
+def _markers_by_type(checkpoint: Checkpoint) -> str:
+    """Which markers the model takes for each image type, in words (``Checkpoint.markers_for``)."""
+    from .params import IMAGE_TYPES
+
+    chosen = {kind: checkpoint.markers_for(kind) for kind in IMAGE_TYPES[1:]}
+    if len(set(chosen.values())) == 1:
+        return f"{next(iter(chosen.values()))} markers"
+    return ", ".join(f"{markers} markers for {kind}" for kind, markers in chosen.items())
 
 
 def _readme_metrics(metrics: dict) -> list[str]:

@@ -509,12 +509,18 @@ def cmd_segment(args) -> int:
 
 
 def _used_summary(results) -> str:
-    """The image types, stains, threshold and min confidence actually used (what "auto" became), for reproducing a
-    run."""
-    seen = collections.Counter((r.record["image_type"], r.record["stain"]) for r in results if "image_type" in r.record)
+    """The image types, stains, markers, threshold and min confidence actually used (what "auto" became), for
+    reproducing a run."""
+    seen = collections.Counter(
+        (r.record["image_type"], r.record["stain"], r.record.get("markers"))
+        for r in results
+        if "image_type" in r.record
+    )
     kinds = ", ".join(
-        f"{count} {kind}" + (f" (stain {stain})" if stain != "none" else "")
-        for (kind, stain), count in sorted(seen.items())
+        f"{count} {kind}"
+        + (f" (stain {stain})" if stain != "none" else "")
+        + (f" ({markers} markers)" if markers else "")
+        for (kind, stain, markers), count in sorted(seen.items(), key=lambda item: tuple(map(str, item[0])))
     )
     thresholds = [t for r in results for t in np.atleast_1d(r.record.get("threshold", []))]
     levels = sorted({r.record.get("min_confidence") for r in results if "min_confidence" in r.record})

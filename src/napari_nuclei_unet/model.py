@@ -337,6 +337,11 @@ class Checkpoint:
         chosen = {**DEFAULT_STAIN_BY_IMAGE_TYPE, **(self.metadata.get("stain_by_image_type") or {})}
         return chosen.get(image_type, "none")
 
+    def markers_for(self, image_type: str) -> str:
+        """The watershed markers this model separates nuclei of ``image_type`` with best (chosen per model on the
+        choosing sets: model card); distance markers for a model that records no choice."""
+        return (self.metadata.get("markers_by_image_type") or {}).get(image_type, "distance")
+
     @property
     def name(self) -> str:
         return self.metadata.get("name") or (Path(self.source).name if self.source else "unsaved model")
@@ -621,6 +626,13 @@ def _checked_metadata(path: Path, meta: dict) -> dict:
     stains = meta.get("stain_by_image_type") or {}
     if not isinstance(stains, dict) or not set(stains.values()) <= {"none", "hematoxylin"}:
         raise ModelError(f"{path}: stain_by_image_type must map image types to none or hematoxylin, got {stains!r}")
+    markers = meta.get("markers_by_image_type") or {}
+    outputs = set((meta.get("config") or {}).get("outputs") or ()) | {"distance"}
+    if not isinstance(markers, dict) or not set(markers.values()) <= outputs & {"distance", "boundary", "centre"}:
+        raise ModelError(
+            f"{path}: markers_by_image_type must map image types to distance or one of the model's outputs boundary, "
+            f"centre; got {markers!r}"
+        )
     return {"percentiles": percentiles, "nucleus_diameter": diameter}
 
 

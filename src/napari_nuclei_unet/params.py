@@ -96,14 +96,17 @@ class PostprocessParams:
         },
     )
     markers: str = field(
-        default="distance",
+        default="auto",
         metadata={
-            "help": "watershed markers: distance-transform peaks, the model's predicted interiors (boundary), or its "
-            "predicted nucleus centres (centre; models with a centre output)",
-            "choices": ("distance", "boundary", "centre"),
+            "help": "watershed markers: distance-transform peaks of the mask (distance), of the mask cut along the "
+            "model's predicted boundaries (boundary), or its predicted nucleus centres (centre; models with a centre "
+            "output); auto: the model's choice for the image type",
+            "choices": ("auto", "distance", "boundary", "centre"),
         },
     )
-    marker_threshold: float = 0.5  # interior probability (foreground - boundary) for a marker
+    # boundary markers: boundary probability at which the mask is cut; centre markers: centre probability of a
+    # marker. "auto": the level chosen for the method (postprocess.MARKER_THRESHOLDS).
+    marker_threshold: Threshold = "auto"
     h: float = field(
         default=0.5,
         metadata={

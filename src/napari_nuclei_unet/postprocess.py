@@ -1,9 +1,10 @@
 """From probabilities to a semantic mask and watershed-separated instances.
 
-Markers come by default from the distance transform of the mask (h-maxima, so one
-marker per convex blob). Models with a ``boundary`` output can take markers from the
-predicted interiors (``foreground - boundary``) instead; on the DSB2018 val split the
-distance markers split touching nuclei better with the bundled model (docs/model-card.md).
+Markers are h-maxima of a distance transform, one per convex blob: of the mask (``distance``), or of
+the mask cut along the model's predicted boundaries (``boundary``: touching nuclei fall apart where the
+network sees their border, and a gap in that border leaves a neck the h-maxima still split). Models
+with a ``centre`` output can take markers from the predicted centres. Each model says which it
+uses for each image type (``Checkpoint.markers_for``, chosen on the choosing sets: docs/model-card.md).
 Objects the network is unsure of (mean foreground probability below ``min_confidence``:
 cell folds, debris, out-of-focus blobs) are dropped last; each model carries the level calibrated on its own data
 (``training.calibrate``). Everything stays in float32/int32.
@@ -16,7 +17,13 @@ from dataclasses import replace
 import numpy as np
 from scipy import ndimage as ndi
 
-from .params import Confidence, PostprocessParams, Threshold
+from .params import AUTO, Confidence, PostprocessParams, Threshold
+
+MARKERS = ("distance", "boundary", "centre")
+# The level an "auto" marker threshold takes per method, chosen on the choosing sets (docs/model-card.md):
+# boundary markers cut the mask where the boundary probability exceeds it; centre markers are the
+# pixels whose centre probability does.
+MARKER_THRESHOLDS = {"distance": 0.5, "boundary": 0.7, "centre": 0.4}
 
 
 def auto_threshold(probability: np.ndarray) -> float:
@@ -48,6 +55,24 @@ def resolve_threshold(threshold: Threshold, probability: np.ndarray) -> float:
 def with_threshold(params: PostprocessParams, foreground: np.ndarray) -> PostprocessParams:
     """``params`` with an "auto" threshold replaced by Otsu's on ``foreground``."""
     return replace(params, threshold=resolve_threshold(params.threshold, foreground))
+
+
+def resolve_markers(params: PostprocessParams, model_choice: str, outputs: tuple[str, ...]) -> PostprocessParams:
+    """``params`` with "auto" markers as ``model_choice`` (the model's for the image type) and an "auto" marker
+    threshold as the method's level; ValueError for markers the model's ``outputs`` cannot give."""
+    markers = model_choice if params.markers == AUTO else params.markers
+    if markers not in MARKERS:
+        raise ValueError(f"markers must be auto, {', '.join(MARKERS)}; got {markers!r}")
+    _check_outputs(markers, outputs)
+    level = MARKER_THRESHOLDS[markers] if params.marker_threshold == AUTO else float(params.marker_threshold)
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"marker threshold must be in (0, 1), got {params.marker_threshold!r}")
+    return replace(params, markers=markers, marker_threshold=level)
+
+
+def _check_outputs(markers: str, outputs: tuple[str, ...]) -> None:
+    if markers != "distance" and markers not in outputs:
+        raise ValueError(f"{markers} markers need a model with a '{markers}' output")
 
 
 def check_resolved(params: PostprocessParams) -> None:
@@ -111,26 +136,23 @@ def instances(
     mask = semantic_mask(foreground, params.threshold, params.min_size, params.hole_size)
     if not mask.any():
         return mask, np.zeros(mask.shape, np.int32)
-    method = params.markers
-    if method == "boundary":
-        if "boundary" not in outputs:
-            raise ValueError("boundary markers need a model with a 'boundary' output")
-        interior = foreground - probabilities[outputs.index("boundary")]
-        markers, _ = ndi.label((interior > params.marker_threshold) & mask)
-        # Flood from the markers over the falling interior probability, within the mask.
-        surface = -interior
-    elif method == "centre":
-        if "centre" not in outputs:
-            raise ValueError("centre markers need a model with a 'centre' output")
+    if params.markers not in MARKERS or isinstance(params.marker_threshold, str):
+        raise ValueError(f"markers {params.markers!r} reached post-processing unresolved; resolve_markers first")
+    _check_outputs(params.markers, outputs)
+    if params.markers == "centre":
         centre = probabilities[outputs.index("centre")]
         markers, _ = ndi.label((centre > params.marker_threshold) & mask)
         surface = -centre  # flood from each centre down to the nucleus's edge
-    elif method == "distance":
+    elif params.markers == "boundary":
+        boundary = probabilities[outputs.index("boundary")]
+        cut = mask & (boundary < params.marker_threshold)
+        distance = ndi.distance_transform_edt(cut).astype(np.float32)
+        markers = distance_markers(distance, cut, params.h * scale, smoothing=scale)
+        surface = boundary - foreground  # flood over the falling interior probability
+    else:
         distance = ndi.distance_transform_edt(mask).astype(np.float32)
         markers = distance_markers(distance, mask, params.h * scale, smoothing=scale)
         surface = -distance
-    else:
-        raise ValueError(f"markers must be 'distance', 'boundary' or 'centre', got {params.markers!r}")
     labels = watershed(surface, markers, mask=mask)
     # Mask components that got no marker (tiny or thin) still count as nuclei.
     orphans, count = ndi.label(mask & (labels == 0))

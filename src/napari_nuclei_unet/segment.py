@@ -35,7 +35,7 @@ from .plane import (
     resolve_stain,
     stack_normalizer,
 )
-from .postprocess import resolve_min_confidence, resolve_threshold, with_threshold
+from .postprocess import resolve_markers, resolve_min_confidence, resolve_threshold, with_threshold
 from .scale import DiameterEstimate, estimate_on_plane, rescale_factor
 from .tiling import CancelCheck, ProgressCallback
 from .volume import volume_instances, volume_instances_blocked, z_ratio
@@ -145,6 +145,7 @@ class Segmentation:
             "zoom": round(self.factor, 4),
             "image_type": self.params.image_type,
             "stain": self.params.stain,
+            "markers": self.params.postprocess.markers,
             "threshold": recorded_thresholds(self.thresholds.values()),
             "min_confidence": self.min_confidence,
             **({"stack": "z", "voxel_size": self.params.voxel_size} if self.volume else {}),
@@ -168,6 +169,7 @@ def resolve(
     """Every decision the image and the model make for a segmentation, taken once.
 
     * min confidence: the model's calibrated level (0 for a model never calibrated);
+    * markers: the model's for the image type (``Checkpoint.markers_for``), and their level;
     * image type: detected on the middle one of the planes to segment (``data.image_type``);
     * stain: what the model reads best for that image type (``Checkpoint.stain_for``), for RGB
       images; grey images are read as they are;
@@ -184,9 +186,6 @@ def resolve(
         raise InputError(f"stain must be one of {', '.join(STAINS)}, got {params.stain!r}")
     if params.image_type not in IMAGE_TYPES:
         raise InputError(f"image type must be one of {', '.join(IMAGE_TYPES)}, got {params.image_type!r}")
-    markers = params.postprocess.markers
-    if markers in ("boundary", "centre") and markers not in checkpoint.outputs:
-        raise InputError(f"{markers} markers need a model with a '{markers}' output; {checkpoint.name} has none")
     volume = _is_volume(image, params)
     indices = _plane_indices(image, None if volume else plane_indices)
     reference = indices[len(indices) // 2]
@@ -200,7 +199,8 @@ def resolve(
     large = large or (volume and params.blocks.is_large_volume(image.shape))
     params = resolve_stain(checkpoint, plane, params)
     try:
-        min_confidence = resolve_min_confidence(params.postprocess.min_confidence, checkpoint.min_confidence)
+        post = resolve_markers(params.postprocess, checkpoint.markers_for(params.image_type), checkpoint.outputs)
+        min_confidence = resolve_min_confidence(post.min_confidence, checkpoint.min_confidence)
         if params.postprocess.threshold != AUTO:
             resolve_threshold(params.postprocess.threshold, np.zeros(0, np.float32))
     except ValueError as error:
@@ -209,9 +209,7 @@ def resolve(
     estimate, normalizer = _resolve_diameter(checkpoint, plane, params, normalizer, progress, cancel)
     if len(indices) > 1 or large:
         estimate = DiameterEstimate(estimate.diameter, estimate.zoom)
-    resolved = replace(
-        params, diameter=estimate.diameter, postprocess=replace(params.postprocess, min_confidence=min_confidence)
-    )
+    resolved = replace(params, diameter=estimate.diameter, postprocess=replace(post, min_confidence=min_confidence))
     factor = rescale_factor(checkpoint, estimate.diameter)  # a model without a training size can't use one
     resolved = replace(resolved, stack="z" if volume else "planes" if indices != [None] else params.stack)
     return Resolved(resolved, estimate, factor, large, reference, normalizer, volume)

@@ -199,7 +199,7 @@ class SegmentWidget(Container):
         self.min_size = field_control(PostprocessParams, "min_size", "min size (px)", post.min_size)
         self.markers = ComboBox(
             label="split by",
-            choices=["distance", "boundary"],
+            choices=list(field_metadata(PostprocessParams, "markers")["choices"]),
             value=post.markers,
             tooltip=_help(PostprocessParams, "markers"),
         )
