@@ -108,10 +108,7 @@ def test_objects_the_network_is_unsure_of_are_dropped():
     mask, labels = instances(probability[None], ("foreground",), replace(RESOLVED, min_confidence=0.85))
     assert labels.max() == 2 and labels[15, 50] == 0 and not mask[15, 50]  # mask and labels agree
     assert labels[15, 15] == 1 and labels[45, 50] == 2  # numbered 1..N again
-    assert (
-        instances(probability[None], ("foreground",), replace(RESOLVED, min_confidence=0.9))[1].max()
-        == 1
-    )
+    assert instances(probability[None], ("foreground",), replace(RESOLVED, min_confidence=0.9))[1].max() == 1
     report = {}  # how many went for being unsure alone: what the widget warns about
     instances(probability[None], ("foreground",), replace(RESOLVED, min_confidence=0.9), report=report)
     assert report == {"unsure": 2}  # the 0.6 and the 0.88 objects
