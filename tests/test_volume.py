@@ -128,6 +128,19 @@ def test_a_z_stack_shares_one_normaliser_and_relabels_from_its_cache(bundled):
     assert again.megapixels == 0.0 and np.array_equal(np.asarray(again.labels), np.asarray(first.labels))
 
 
+def test_a_z_stack_takes_distance_markers_whatever_its_planes_image_type(bundled):
+    """The bundled model takes boundary markers for fluorescence planes; labelled in 3D, a Z-stack of them takes
+    distance markers (the 3D rule), says so, and refuses other markers with a clear error."""
+    from napari_nuclei_unet.segment import resolve
+
+    stack, _ = _shifted_stack(planes=3)
+    assert resolve(bundled, stack[0], SegmentParams(tiling=EXACT)).params.postprocess.markers == "boundary"
+    resolved = resolve(bundled, stack, SegmentParams(stack="z", tiling=EXACT))
+    assert resolved.params.postprocess.markers == "distance"
+    with pytest.raises(InputError, match="distance markers only"):
+        resolve(bundled, stack, SegmentParams(stack="z", postprocess=PostprocessParams(markers="boundary")))
+
+
 def test_a_z_stack_of_large_planes_is_refused_with_a_way_out(bundled):
     from napari_nuclei_unet.params import BlockParams
 
