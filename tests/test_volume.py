@@ -176,6 +176,31 @@ def test_file_axes_and_voxel_size_come_from_an_imagej_hyperstack(tmp_path):
     assert file_stack(plain) == ("auto", None)
 
 
+def test_zarr_axes_and_voxel_size_come_in_and_go_out(tmp_path):
+    """OME-Zarr (NGFF multiscales) and xarray-style zarr arrays say Z or T; the labels zarr says it too, so a
+    Z-stack segmented to zarr is read back as a Z-stack with its voxel size."""
+    import zarr
+
+    stack, truths = _shifted_stack(planes=3)
+    group = zarr.open_group(str(tmp_path / "ome.zarr"), mode="w")
+    group.create_array("0", shape=stack.shape, dtype=stack.dtype)[:] = stack
+    axes = [{"name": "z", "type": "space"}, {"name": "y", "type": "space"}, {"name": "x", "type": "space"}]
+    scale = [{"type": "scale", "scale": [2.18, 1.0, 1.0]}]
+    group.attrs["multiscales"] = [{"axes": axes, "datasets": [{"path": "0", "coordinateTransformations": scale}]}]
+    assert file_stack(tmp_path / "ome.zarr") == ("z", (2.18, 1.0, 1.0))
+    timelapse = zarr.open_array(str(tmp_path / "t.zarr"), mode="w", shape=stack.shape, dtype=stack.dtype)
+    timelapse.attrs["_ARRAY_DIMENSIONS"] = ["t", "y", "x"]
+    assert file_stack(tmp_path / "t.zarr") == ("planes", None)
+    assert file_stack(tmp_path / "nothing.zarr") == ("auto", None)  # not there: says nothing (open_image says why)
+    out = tmp_path / "out"
+    assert main(["segment", str(tmp_path / "ome.zarr"), "--out", str(out), "--out-format", "zarr"]) == 0
+    labels = zarr.open_array(str(out / "ome.zarr"), mode="r")
+    assert dict(labels.attrs) == {"_ARRAY_DIMENSIONS": ["z", "y", "x"], "voxel_size": [2.18, 1.0, 1.0]}
+    middle = int(np.bincount(labels[1][(truths[1] > 0) & (labels[1] > 0)]).argmax())
+    assert middle > 0 and all(np.any(labels[z] == middle) for z in range(3))  # labelled in 3D: one ID throughout
+    assert file_stack(out / "ome.zarr") == ("z", (2.18, 1.0, 1.0))
+
+
 def test_cli_segments_a_volume_in_3d(tmp_path, capsys):
     stack, truths = _shifted_stack(planes=4)
     source = tmp_path / "volume.tif"

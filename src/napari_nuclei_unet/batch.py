@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import Cancelled, InputError, NucleiUnetError, describe
-from .io import check_image_layout, file_stack, is_single_plane, read_image, write_labels
+from .io import check_image_layout, file_stack, is_single_plane, read_image, write_labels, zarr_axes
 from .model import Checkpoint
 from .params import AUTO, BlockParams, SegmentParams
 from .segment import RunProgress, estimate_share, resolve, segment_planes
@@ -167,6 +167,8 @@ def _segment_file(
         labels_out = zarr.open_array(
             str(partial), mode="w", shape=shape, chunks=(1,) * (len(shape) - 2) + (1024, 1024), dtype="int32"
         )
+        stack = resolved.params.stack if not single else AUTO
+        labels_out.attrs.update(zarr_axes(stack, resolved.params.voxel_size if stack == "z" else None))
         try:
             result = segment_planes(
                 checkpoint, image, resolved, labels_out=labels_out, progress=progress, cancel=cancel

@@ -376,10 +376,13 @@ def image_shape_lookup(folder: str | os.PathLike):
 
 
 def file_stack(path) -> tuple[str, tuple[float, float, float] | None]:
-    """What a TIFF's own metadata says of its stack: ``(stack, voxel size Z,Y,X)`` (ImageJ hyperstacks, OME-TIFF).
-    ``("auto", None)`` when it says nothing, or for other formats."""
+    """What a file's own metadata says of its stack: ``(stack, voxel size Z,Y,X)``: ImageJ hyperstacks and OME-TIFF,
+    OME-Zarr (NGFF ``multiscales`` axes and scale) and zarr arrays with ``_ARRAY_DIMENSIONS`` (xarray's, and what
+    ``segment --out-format zarr`` writes). ``("auto", None)`` when it says nothing, or for other formats."""
     import tifffile
 
+    if Path(path).suffix.lower() == ".zarr":
+        return _zarr_stack(path)
     if Path(path).suffix.lower() not in (".tif", ".tiff"):
         return AUTO, None
     try:
@@ -389,6 +392,39 @@ def file_stack(path) -> tuple[str, tuple[float, float, float] | None]:
             return stack, _voxel_size(tif) if stack == "z" else None
     except (tifffile.TiffFileError, OSError, ValueError, IndexError, KeyError):
         return AUTO, None
+
+
+def _zarr_stack(path) -> tuple[str, tuple[float, float, float] | None]:
+    """:func:`file_stack` of a zarr store: the axes of its first multiscale level (or of the array itself)."""
+    import zarr
+
+    try:
+        node = zarr.open(str(path), mode="r")
+        attrs = dict(node.attrs)
+        multiscales = attrs.get("multiscales") or (attrs.get("ome") or {}).get("multiscales")
+        if multiscales:
+            axes = [axis["name"] if isinstance(axis, dict) else str(axis) for axis in multiscales[0]["axes"]]
+            transforms = multiscales[0]["datasets"][0].get("coordinateTransformations") or []
+            scale = next((t["scale"] for t in transforms if t.get("type") == "scale"), None)
+        else:
+            if not hasattr(node, "shape"):  # a plain group: its first array, as open_image reads it
+                node = node[sorted(node.array_keys())[0]]
+                attrs = dict(node.attrs)
+            axes, scale = attrs.get("_ARRAY_DIMENSIONS") or [], attrs.get("voxel_size")
+        letters = "".join(str(axis)[:1].upper() for axis in axes)
+        stack = stack_of_axes(letters) if letters[:1] in ("Z", "T") else AUTO
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, OSError):
+        return AUTO, None
+    if stack != "z" or not scale or len(scale) < 3:
+        return stack, None
+    return stack, tuple(float(v) for v in scale[-3:])
+
+
+def zarr_axes(stack: str, voxel_size: tuple[float, float, float] | None) -> dict:
+    """The attributes a labels zarr array gets so that its axes (and a Z-stack's voxel size) travel with it:
+    xarray's ``_ARRAY_DIMENSIONS``, read back by :func:`file_stack`."""
+    dimensions = {"z": ["z", "y", "x"], "planes": ["t", "y", "x"]}.get(stack, ["y", "x"])
+    return {"_ARRAY_DIMENSIONS": dimensions, **({"voxel_size": list(voxel_size)} if voxel_size else {})}
 
 
 def _voxel_size(tif) -> tuple[float, float, float] | None:
