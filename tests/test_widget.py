@@ -15,6 +15,7 @@ from napari_nuclei_unet import segment as core_segment  # noqa: E402
 from napari_nuclei_unet._widgets import segment as segment_module  # noqa: E402
 from napari_nuclei_unet._widgets.segment import WHOLE_STACK, Z_STACK, SegmentWidget  # noqa: E402
 from napari_nuclei_unet.plane import label_plane  # noqa: E402
+from napari_nuclei_unet.postprocess import resolve_markers  # noqa: E402
 from napari_nuclei_unet.synthetic import nuclei_field  # noqa: E402
 
 PLUGIN = "napari-nuclei-unet"
@@ -122,12 +123,18 @@ def test_relabels_from_cached_probabilities_without_the_network(viewer_and_widge
     assert widget.min_confidence.enabled
     widget.min_confidence.value = 0.0
     qtbot.waitUntil(lambda: nuclei.metadata["nuclei_unet"]["postprocess"]["min_confidence"] == 0.0, timeout=5000)
-    expected = label_plane(widget._cache.planes[None], widget._cache.outputs, widget.postprocess_params())[1]
+    expected = label_plane(widget._cache.planes[None], widget._cache.outputs, _as_used(widget, nuclei))[1]
     assert np.array_equal(nuclei.data, expected) and nuclei.data.max() >= before
     widget.min_confidence.value = 0.95  # the slider's top: labels equal label_plane at that level, recorded as used
     qtbot.waitUntil(lambda: nuclei.metadata["nuclei_unet"]["postprocess"]["min_confidence"] == 0.95, timeout=5000)
-    expected = label_plane(widget._cache.planes[None], widget._cache.outputs, widget.postprocess_params())[1]
+    expected = label_plane(widget._cache.planes[None], widget._cache.outputs, _as_used(widget, nuclei))[1]
     assert np.array_equal(nuclei.data, expected) and nuclei.metadata["nuclei_unet"]["used"]["min_confidence"] == 0.95
+
+
+def _as_used(widget, nuclei):
+    """The widget's post-processing with its "auto" markers as the run took them (recorded in the layer)."""
+    used = nuclei.metadata["nuclei_unet"]["used"]["markers"]
+    return resolve_markers(widget.postprocess_params(), used, widget._cache.outputs)
 
 
 def test_the_models_min_confidence_drops_unsure_objects_and_0_keeps_them(viewer_and_widget, qtbot):
