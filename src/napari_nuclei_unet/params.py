@@ -110,8 +110,8 @@ class PostprocessParams:
     h: float = field(
         default=0.5,
         metadata={
-            "help": "h-maxima height for distance markers, in pixels at the scale the network runs at (higher splits "
-            "fewer nuclei)",
+            "help": "h-maxima height for distance and boundary markers, in pixels at the scale the network runs at "
+            "(higher splits fewer nuclei)",
             "min": 0.0,
             "max": 20.0,
             "step": 0.1,

@@ -23,7 +23,7 @@ MARKERS = ("distance", "boundary", "centre")
 # The level an "auto" marker threshold takes per method, chosen on the choosing sets (docs/model-card.md):
 # boundary markers cut the mask where the boundary probability exceeds it; centre markers are the
 # pixels whose centre probability does.
-MARKER_THRESHOLDS = {"distance": 0.5, "boundary": 0.7, "centre": 0.4}
+MARKER_THRESHOLDS = {"distance": 0.5, "boundary": 0.7, "centre": 0.4}  # distance markers use none
 
 
 def auto_threshold(probability: np.ndarray) -> float:
