@@ -114,16 +114,20 @@ def test_config_validation():
 
 def test_a_copy_of_a_checkpoint_that_ran_on_the_cpu_can_be_trained(tmp_path, tiny_checkpoint, monkeypatch):
     """The Fine-tune widget deep-copies the model Segment uses; its exported network must not come along."""
+    import collections
     import copy
 
     import numpy as np
     import torch
 
+    from napari_nuclei_unet import onnx_backend
     from napari_nuclei_unet.io import Normalizer
     from napari_nuclei_unet.model import Checkpoint
     from napari_nuclei_unet.tiling import TilingParams, predict
 
     monkeypatch.setenv("NUCLEI_UNET_CACHE", str(tmp_path / "cache"))
+    # An earlier test's open network for the same weights would spare the export this test reads from disk.
+    monkeypatch.setattr(onnx_backend, "_SESSIONS", collections.OrderedDict())
     tiny_checkpoint.save(tmp_path / "m")
     image = np.random.default_rng(0).random((64, 64)).astype(np.float32)
     predict(
