@@ -1,11 +1,14 @@
 """Copy a trained checkpoint into the package as the bundled default model (fp16 safetensors).
 
-    python scripts/bundle_model.py /work/runs/v2 --tissue-stain none
+    python scripts/bundle_model.py /work/runs/v2 --tissue-stain none \
+        --markers fluorescence=boundary,brightfield=boundary,tissue=distance
 
 ``--tissue-stain`` records what the model reads RGB stained tissue in when the stain is
 "auto" (``stain_by_image_type``), as chosen on the choosing sets with
 ``benchmarks/generalisation.py --sets val,monuseg_val --stains none,hematoxylin``
-(docs/model-card.md). The training log stays out of the package; the model's metadata keeps
+(docs/model-card.md). ``--markers`` records the watershed markers "auto" takes per image type
+(``markers_by_image_type``), chosen on the same sets (model card, "Markers per image type"). The
+training log stays out of the package; the model's metadata keeps
 the training record.
 """
 
@@ -32,6 +35,11 @@ if __name__ == "__main__":
     parser.add_argument(
         "--tissue-stain", required=True, choices=["none", "hematoxylin"], help="what 'auto' reads RGB stained tissue in"
     )
+    parser.add_argument(
+        "--markers",
+        default="",
+        help="TYPE=MARKERS,... (distance, boundary or centre per image type; types left out take distance)",
+    )
     args = parser.parse_args()
     source = Path(args.source)
     checkpoint = Checkpoint.load(source)
@@ -43,6 +51,9 @@ if __name__ == "__main__":
         "brightfield": "none",
         "tissue": args.tissue_stain,
     }
+    markers = dict(item.split("=", 1) for item in args.markers.split(",") if item)
+    if markers:
+        checkpoint.metadata["markers_by_image_type"] = markers
     os.environ["NUCLEI_UNET_WRITE_BUNDLED"] = "1"
     shutil.rmtree(BUNDLED_MODEL_DIR, ignore_errors=True)
     checkpoint.save(BUNDLED_MODEL_DIR, half=True)
