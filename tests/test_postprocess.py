@@ -152,3 +152,13 @@ def test_centre_markers_separate_dense_nuclei_the_distance_transform_merges():
     assert all(np.unique(split[truth == index]).size == 1 for index in range(1, 9))
     with pytest.raises(ValueError, match="centre markers need a model with a 'centre' output"):
         instances(probabilities[:2], outputs[:2], replace(params, markers="centre"))
+
+
+def test_the_classical_baseline_segments_a_generated_field():
+    """The Otsu + watershed baseline every benchmark prints beside the models."""
+    from napari_nuclei_unet.baseline import classical_segment
+    from napari_nuclei_unet.metrics import evaluate
+    from napari_nuclei_unet.synthetic import nuclei_field
+
+    image, truth = nuclei_field((200, 240), count=20, diameter=20, seed=3)
+    assert evaluate([(truth, classical_segment(image))]).ap50 > 0.5

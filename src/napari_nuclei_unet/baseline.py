@@ -27,5 +27,7 @@ def classical_segment(image: np.ndarray, sigma: float = 1.0, min_size: int = 15)
     return instances(
         mask[None],
         ("foreground",),
-        PostprocessParams(threshold=0.5, min_size=min_size, markers="distance", min_confidence=0.0),
+        PostprocessParams(
+            threshold=0.5, min_size=min_size, markers="distance", marker_threshold=0.5, min_confidence=0.0
+        ),
     )[1]
