@@ -4,7 +4,7 @@
     python benchmarks/accuracy.py [--data ../shared/data/dsb2018] [--model PATH ...] [--tta]
                                   [--scales 1,0.5,2,4] [--json out.json]
 
-``--versions``: the bundled model v1 (from git history) and v2 side by side with the
+``--versions``: the bundled models v1 and v2 (from git history) and the bundled one side by side with the
 classical baseline, on every set of ``generalisation.py`` (test-only and choosing) and on
 each image type of DSB2018 val, with the defaults. v1 runs twice: with the stain it had as
 default ("none") and with today's "auto", which reads tissue through the hematoxylin channel
@@ -100,12 +100,12 @@ def compare_versions(json_path: str | None) -> None:
     import sys
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from generalisation import V1_REVISION, run
+    from generalisation import V1_REVISION, V2_REVISION, run
 
-    v1 = f"git:{V1_REVISION}"
+    v1, v2 = f"git:{V1_REVISION}", f"git:{V2_REVISION}"
     args = argparse.Namespace(
-        model=[v1, "default"],
-        sets="cpm15,gbm40,ctc_fluo,val,monuseg_val",
+        model=[v1, v2, "default"],
+        sets="cpm15,gbm40,ctc_fluo,u2os_hoechst,val,monuseg_val,e2f_intestine:val",
         stains="auto",
         scales="1",
         no_classical=False,
@@ -114,7 +114,8 @@ def compare_versions(json_path: str | None) -> None:
     labels = {
         f"{v1} none": "v1, defaults (stain none)",
         f"{v1} auto": "v1, tissue as hematoxylin",
-        "default auto": "v2, defaults",
+        f"{v2} auto": "v2, defaults",
+        "default auto": "bundled, defaults",
     }
     run(args, labels=labels, stains={v1: ["none", "auto"]})
 

@@ -91,8 +91,10 @@ def magnified(sample: LabelledImage, scale: float) -> LabelledImage:
     raise ValueError(f"scale must be 0.5, 1 or a whole number, got {scale}")
 
 
-# The last commit whose bundled model is v1 (the one before v2 was bundled).
+# The last commit whose bundled model is v1 (the one before v2 was bundled), and the last with v2 as it shipped
+# (distance markers for every image type).
 V1_REVISION = "e54a6ac~1"
+V2_REVISION = "b23d402"
 _BUNDLED = "src/napari_nuclei_unet/models/default"
 
 
@@ -158,7 +160,9 @@ def main() -> None:
     parser.add_argument("--sets", default="cpm15,gbm40,ctc_fluo,val,monuseg_val")
     parser.add_argument("--stains", default="auto", help="stain settings to run, e.g. auto,none,hematoxylin")
     parser.add_argument(
-        "--scales", default="1", help="magnifications, from 0.5, 1, 2 (x0.5 and x2 only for gbm40, ctc_fluo)"
+        "--scales",
+        default="1",
+        help="magnifications: 0.5, 1 or whole numbers (other than 1 only for gbm40, ctc_fluo, u2os_hoechst)",
     )
     parser.add_argument("--no-classical", action="store_true")
     parser.add_argument("--json", default=None)
@@ -193,7 +197,7 @@ def run(
     results = []
     for name, samples in sets.items():
         for scale in scales:
-            if scale != 1.0 and name not in ("gbm40", "ctc_fluo"):
+            if scale != 1.0 and name not in ("gbm40", "ctc_fluo", "u2os_hoechst"):
                 continue
             copies = [magnified(s, scale) for s in samples]
             for method, predict in methods.items():
