@@ -191,7 +191,8 @@ def run(
                 result = segment(checkpoint, image, params)
                 return result.labels, result.record()
 
-            methods[labels.get(f"{spec} {stain}", f"{checkpoint.name} (stain {stain})")] = predict
+            name = labels.get(f"{spec} {stain}", f"{checkpoint.name} (stain {stain})")
+            methods[f"{name} [{spec}]" if name in methods else name] = predict  # two versions of one name
     if not args.no_classical:
         methods["classical"] = lambda image: (classical_segment(image), {})
     results = []

@@ -21,12 +21,14 @@ from napari_nuclei_unet.model import BUNDLED_MODEL_DIR, Checkpoint
 
 DESCRIPTION = (
     "Default nuclei model of napari-nuclei-unet for fluorescence, brightfield and H&E/IHC stained tissue, "
-    "trained on DSB2018 stage1_train (fixed; train split) and 25 MoNuSeg 2018 training tiles."
+    "trained on DSB2018 stage1_train (fixed; train split), 25 MoNuSeg 2018 training tiles and the 46 train images "
+    "of the E2F mouse intestine sections (Pecot et al. 2022)."
 )
 LICENSE = (
     "BSD-3-Clause (weights). Training data: DSB2018/BBBC038 CC0 (Caicedo et al. 2019); "
     "MoNuSeg 2018 training data CC BY-NC-SA 4.0, NON-COMMERCIAL (Kumar et al. 2017, 2020): "
-    "check before using these weights in a commercial product."
+    "check before using these weights in a commercial product; E2F intestine images from a repository under "
+    "LGPL-3.0 with no separate data licence (Pecot et al. 2022)."
 )
 
 if __name__ == "__main__":
