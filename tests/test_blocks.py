@@ -124,7 +124,7 @@ def test_block_grid_covers_the_plane_once():
 def test_blocked_equals_whole_at_the_default_settings(bundled):
     """Block by block and whole, with every default but the precision (diameter, threshold and min confidence "auto").
 
-    The block path once skipped the model's min confidence (0.85 for the bundled model) and
+    The block path once skipped the model's min confidence (0.8 for the bundled model) and
     kept every unsure object the whole-plane path drops; this fails then (blocked > whole).
     """
     image, truth = nuclei_field((384, 512), count=70, diameter=22, seed=21)
@@ -134,10 +134,10 @@ def test_blocked_equals_whole_at_the_default_settings(bundled):
         image[(rows - cy) ** 2 + (cols - cx) ** 2 < 64] = low + 0.09 * (high - low)
     whole = segment(bundled, image, EXACT)
     blocked = segment_large(bundled, image, EXACT, block_size=128)
-    assert whole.min_confidence == blocked.min_confidence == bundled.min_confidence == 0.85
+    assert whole.min_confidence == blocked.min_confidence == bundled.min_confidence == 0.8
     assert blocked.probabilities is None and whole.probabilities is not None  # the block path was taken
     unsure = segment(bundled, image, replace(EXACT, postprocess=replace(EXACT.postprocess, min_confidence=0.0))).count
-    assert unsure > whole.count  # the faint blobs are found, and dropped at 0.85
+    assert unsure > whole.count  # the faint blobs are found, and dropped at 0.8
     assert abs(blocked.count - whole.count) <= 1, (blocked.count, whole.count, unsure)
     agreement = np.mean((blocked.labels > 0) == (whole.labels > 0))
     assert agreement > 0.995, agreement

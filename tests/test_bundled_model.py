@@ -15,14 +15,14 @@ def test_bundled_model_is_small_and_complete():
     size = sum(p.stat().st_size for p in path.iterdir())
     assert size < 30e6
     checkpoint = Checkpoint.load(path)
-    assert checkpoint.outputs == ("foreground", "boundary") and checkpoint.nucleus_diameter
+    assert checkpoint.outputs == ("foreground", "boundary", "centre") and checkpoint.nucleus_diameter
     assert "kaggle_score" in checkpoint.metadata["metrics"]
-    # Its min confidence was calibrated on the choosing (validation) images, never on the test-only sets.
-    assert (
-        checkpoint.min_confidence == 0.85 and "validation images" in checkpoint.metadata["postprocess"]["calibrated_on"]
-    )
-    # H&E is read as RGB (what v2 was trained on); the licence names MoNuSeg's non-commercial term.
-    assert checkpoint.stain_for("tissue") == "none" and "NON-COMMERCIAL" in checkpoint.metadata["license"]
+    # Its min confidence was calibrated on training images, never on the test-only sets.
+    assert checkpoint.min_confidence == 0.8 and "train split" in checkpoint.metadata["postprocess"]["calibrated_on"]
+    # H&E is read as RGB, split by distance markers; the licence names MoNuSeg's and e2f's terms.
+    assert checkpoint.stain_for("tissue") == "none" and checkpoint.markers_for("tissue") == "distance"
+    assert checkpoint.markers_for("fluorescence") == "boundary"
+    assert "NON-COMMERCIAL" in checkpoint.metadata["license"] and "LGPL-3.0" in checkpoint.metadata["license"]
 
 
 def test_bundled_model_segments_generated_nuclei():

@@ -41,7 +41,7 @@ def test_widget_opens_through_the_manifest_with_the_bundled_model(viewer_and_wid
     _viewer, widget = viewer_and_widget
     assert isinstance(widget, SegmentWidget)
     assert "nuclei-unet-default" in widget.model.summary.value
-    assert widget.min_confidence.value == pytest.approx(0.85)  # the level "auto" will use, shown before any run
+    assert widget.min_confidence.value == pytest.approx(0.8)  # the level "auto" will use, shown before any run
     assert "runs on cpu" in widget.model.summary.value or "runs on cuda" in widget.model.summary.value
     if "runs on cpu" in widget.model.summary.value:  # the network was prepared with the model, not on the first Segment
         from napari_nuclei_unet import onnx_backend
@@ -75,8 +75,8 @@ def test_segments_the_generated_sample_with_sane_count(viewer_and_widget, qtbot)
     recorded = nuclei.metadata["nuclei_unet"]
     assert recorded["model"] == "nuclei-unet-default" and recorded["postprocess"]["min_size"] == 15
     # The model's calibrated min confidence was used, recorded as a number and shown; so was Otsu's threshold.
-    assert recorded["postprocess"]["min_confidence"] == "auto" and recorded["used"]["min_confidence"] == 0.85
-    assert widget.min_confidence.value == pytest.approx(0.85)
+    assert recorded["postprocess"]["min_confidence"] == "auto" and recorded["used"]["min_confidence"] == 0.8
+    assert widget.min_confidence.value == pytest.approx(0.8)
     assert 0.3 <= recorded["used"]["threshold"] <= 0.7 and recorded["used"]["diameter"] > 0
     assert "nuclei in" in widget.status.value
     assert viewer.layers.selection.active is nuclei  # pressing 2 paints the visible nuclei, not the hidden mask
@@ -138,7 +138,7 @@ def _as_used(widget, nuclei):
 
 
 def test_the_models_min_confidence_drops_unsure_objects_and_0_keeps_them(viewer_and_widget, qtbot):
-    """Faint blobs the network finds with a mean probability well below the bundled model's 0.85."""
+    """Faint blobs the network finds with a mean probability well below the bundled model's 0.8."""
     viewer, widget = viewer_and_widget
     image, _ = nuclei_field((384, 512), count=70, diameter=22, seed=21)
     rows, cols = np.mgrid[: image.shape[0], : image.shape[1]]
@@ -150,7 +150,7 @@ def test_the_models_min_confidence_drops_unsure_objects_and_0_keeps_them(viewer_
     run_and_wait(widget, qtbot)
     nuclei = viewer.layers["faint nuclei"]
     at_model_level = int(nuclei.data.max())
-    assert nuclei.metadata["nuclei_unet"]["used"]["min_confidence"] == 0.85
+    assert nuclei.metadata["nuclei_unet"]["used"]["min_confidence"] == 0.8
     widget.auto_confidence.value = False
     widget.min_confidence.value = 0.0
     qtbot.waitUntil(lambda: nuclei.metadata["nuclei_unet"]["used"]["min_confidence"] == 0.0, timeout=5000)
