@@ -136,23 +136,7 @@ def instances(
     mask = semantic_mask(foreground, params.threshold, params.min_size, params.hole_size)
     if not mask.any():
         return mask, np.zeros(mask.shape, np.int32)
-    if params.markers not in MARKERS or isinstance(params.marker_threshold, str):
-        raise ValueError(f"markers {params.markers!r} reached post-processing unresolved; resolve_markers first")
-    _check_outputs(params.markers, outputs)
-    if params.markers == "centre":
-        centre = probabilities[outputs.index("centre")]
-        markers, _ = ndi.label((centre > params.marker_threshold) & mask)
-        surface = -centre  # flood from each centre down to the nucleus's edge
-    elif params.markers == "boundary":
-        boundary = probabilities[outputs.index("boundary")]
-        cut = mask & (boundary < params.marker_threshold)
-        distance = ndi.distance_transform_edt(cut).astype(np.float32)
-        markers = distance_markers(distance, cut, params.h * scale, smoothing=scale)
-        surface = boundary - foreground  # flood over the falling interior probability
-    else:
-        distance = ndi.distance_transform_edt(mask).astype(np.float32)
-        markers = distance_markers(distance, mask, params.h * scale, smoothing=scale)
-        surface = -distance
+    markers, surface = _markers_and_surface(probabilities, outputs, params, mask, scale)
     labels = watershed(surface, markers, mask=mask)
     # Mask components that got no marker (tiny or thin) still count as nuclei.
     orphans, count = ndi.label(mask & (labels == 0))
@@ -172,6 +156,27 @@ def instances(
     labels[drop[labels]] = 0
     labels, _, _ = relabel_sequential(labels.astype(np.int32, copy=False))
     return labels > 0, labels
+
+
+def _markers_and_surface(
+    probabilities: np.ndarray, outputs: tuple[str, ...], params: PostprocessParams, mask: np.ndarray, scale: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The watershed's seeds and the surface it floods, by ``params.markers`` (resolved)."""
+    if params.markers not in MARKERS or isinstance(params.marker_threshold, str):
+        raise ValueError(f"markers {params.markers!r} reached post-processing unresolved; resolve_markers first")
+    _check_outputs(params.markers, outputs)
+    foreground = probabilities[outputs.index("foreground")]
+    if params.markers == "centre":
+        centre = probabilities[outputs.index("centre")]
+        markers, _ = ndi.label((centre > params.marker_threshold) & mask)
+        return markers, -centre  # flood from each centre down to the nucleus's edge
+    if params.markers == "boundary":
+        boundary = probabilities[outputs.index("boundary")]
+        cut = mask & (boundary < params.marker_threshold)
+        distance = ndi.distance_transform_edt(cut).astype(np.float32)
+        return distance_markers(distance, cut, params.h * scale, smoothing=scale), boundary - foreground
+    distance = ndi.distance_transform_edt(mask).astype(np.float32)
+    return distance_markers(distance, mask, params.h * scale, smoothing=scale), -distance
 
 
 def drop_small_labels(labels: np.ndarray, min_size: int) -> np.ndarray:
