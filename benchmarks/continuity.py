@@ -16,33 +16,30 @@ import argparse
 import numpy as np
 
 from generalisation import load_set
+from napari_nuclei_unet.metrics import iou_matrix
 from napari_nuclei_unet.model import Checkpoint, bundled_model_path
 from napari_nuclei_unet.segment import SegmentParams, segment
 
 
-def matched_id(truth_plane: np.ndarray, found_plane: np.ndarray, nucleus: int) -> int:
-    """The found ID overlapping ``nucleus`` with IoU > 0.5, or 0."""
-    inside = truth_plane == nucleus
-    ids, overlap = np.unique(found_plane[inside], return_counts=True)
-    best = int(np.argmax(np.where(ids > 0, overlap, -1)))
-    if ids[best] == 0:
-        return 0
-    union = int(inside.sum() + (found_plane == ids[best]).sum() - overlap[best])
-    return int(ids[best]) if overlap[best] / union > 0.5 else 0
+def matched_ids(truth_plane: np.ndarray, found_plane: np.ndarray) -> dict[int, int]:
+    """Each true ID of the plane and the found ID matching it with IoU > 0.5 (0 where none does)."""
+    iou = iou_matrix(truth_plane, found_plane)
+    true_ids, found_ids = np.unique(truth_plane)[1:], np.unique(found_plane)[1:]
+    if not found_ids.size:
+        return dict.fromkeys(true_ids.tolist(), 0)
+    best = iou.argmax(axis=1)
+    matched = np.where(iou[np.arange(len(true_ids)), best] > 0.5, found_ids[best], 0)
+    return dict(zip(true_ids.tolist(), matched.tolist()))
 
 
 def continuity(truth: np.ndarray, found: np.ndarray) -> tuple[int, int, int]:
     """(nuclei that keep one ID, nuclei matched in every plane, nuclei whole in every plane) for one stack."""
-    kept = matched = whole = 0
-    for nucleus in np.unique(truth[0])[1:]:
-        if any((plane == nucleus).sum() != (truth[0] == nucleus).sum() for plane in truth):
-            continue  # cut by a crop's border
-        whole += 1
-        ids = [matched_id(truth[z], found[z], nucleus) for z in range(len(truth))]
-        if all(ids):
-            matched += 1
-            kept += len(set(ids)) == 1
-    return kept, matched, whole
+    areas = [np.bincount(plane.ravel(), minlength=int(truth.max()) + 1) for plane in truth]
+    whole = [n for n in np.unique(truth[0])[1:].tolist() if all(area[n] == areas[0][n] for area in areas)]
+    planes = [matched_ids(truth_plane, found_plane) for truth_plane, found_plane in zip(truth, found)]
+    ids = [[plane[nucleus] for plane in planes] for nucleus in whole]  # whole: in every plane's truth
+    matched = [found_ids for found_ids in ids if all(found_ids)]
+    return sum(len(set(found_ids)) == 1 for found_ids in matched), len(matched), len(whole)
 
 
 def shifted_stack(array: np.ndarray, planes: int, shift: int) -> np.ndarray:
