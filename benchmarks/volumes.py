@@ -41,6 +41,8 @@ def main() -> None:
     voxel = tuple(float(v) for v in args.voxel_size.split(","))
     root = Path(args.data)
     stems = sorted(path.stem for path in (root / "images").glob("*.tif"))
+    if not stems:
+        parser.error(f"no volumes in {root / 'images'} (run from the project root, or give --data)")
     checkpoint = Checkpoint.load(bundled_model_path())
     z_stack = SegmentParams(stack="z", voxel_size=voxel)
     runs = {"Z-stack, 3D (default + voxel size)": z_stack, "separate planes (before)": SegmentParams(stack="planes")}
