@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 
 from conftest import disks
-from napari_nuclei_unet.postprocess import PostprocessParams, auto_threshold, instances, semantic_mask, with_threshold
+from napari_nuclei_unet.postprocess import (
+    MAX_UNSURE_SHARE,
+    PostprocessParams,
+    auto_threshold,
+    instances,
+    semantic_mask,
+    with_threshold,
+)
 
 RESOLVED = PostprocessParams(threshold=0.5, min_confidence=0.0, markers="distance", marker_threshold=0.5)
 
@@ -98,17 +105,32 @@ def test_postprocessing_refuses_an_unresolved_auto():
         instances(probability, ("foreground",), replace(RESOLVED, markers="auto"))
 
 
+def test_the_min_confidence_drops_at_most_its_share_of_an_image_the_least_sure_first():
+    """An image the model is unsure of almost everywhere (an unfamiliar stain): the calibrated level would keep 2
+    of 10 nuclei; it drops the least sure 40% (MAX_UNSURE_SHARE) and reports them."""
+    probability = np.full((40, 420), 0.02, np.float32)
+    levels = [0.95, 0.95, 0.52, 0.55, 0.6, 0.65, 0.7, 0.72, 0.74, 0.76]
+    for index, level in enumerate(levels):
+        probability[10:30, 10 + 40 * index : 30 + 40 * index] = level
+    report = {}
+    _mask, labels = instances(probability[None], ("foreground",), replace(RESOLVED, min_confidence=0.8), report=report)
+    assert MAX_UNSURE_SHARE == 0.4 and report == {"unsure": 4} and labels.max() == 6
+    kept = [labels[20, 20 + 40 * index] > 0 for index in range(len(levels))]
+    assert kept == [True, True, False, False, False, False, True, True, True, True]  # 0.52-0.65 went
+
+
 def test_objects_the_network_is_unsure_of_are_dropped():
-    probability = np.full((60, 90), 0.02, np.float32)
+    probability = np.full((60, 150), 0.02, np.float32)
     probability[5:25, 5:25] = 0.95  # a nucleus
     probability[5:25, 40:60] = 0.6  # a fold: above the threshold, but the network is unsure of it
     probability[35:55, 40:60] = 0.88
+    probability[5:25, 90:110] = probability[35:55, 90:110] = probability[35:55, 5:25] = 0.97  # more sure nuclei
     params = replace(RESOLVED, min_confidence=0.0)
-    assert instances(probability[None], ("foreground",), params)[1].max() == 3  # 0: no filter
+    assert instances(probability[None], ("foreground",), params)[1].max() == 6  # 0: no filter
     mask, labels = instances(probability[None], ("foreground",), replace(RESOLVED, min_confidence=0.85))
-    assert labels.max() == 2 and labels[15, 50] == 0 and not mask[15, 50]  # mask and labels agree
-    assert labels[15, 15] == 1 and labels[45, 50] == 2  # numbered 1..N again
-    assert instances(probability[None], ("foreground",), replace(RESOLVED, min_confidence=0.9))[1].max() == 1
+    assert labels.max() == 5 and labels[15, 50] == 0 and not mask[15, 50]  # mask and labels agree
+    assert labels[15, 15] == 1 and labels[45, 50] == 4  # numbered 1..N again
+    assert instances(probability[None], ("foreground",), replace(RESOLVED, min_confidence=0.9))[1].max() == 4
     report = {}  # how many went for being unsure alone: what the widget warns about
     instances(probability[None], ("foreground",), replace(RESOLVED, min_confidence=0.9), report=report)
     assert report == {"unsure": 2}  # the 0.6 and the 0.88 objects
@@ -118,7 +140,7 @@ def test_objects_the_network_is_unsure_of_are_dropped():
         replace(RESOLVED, min_confidence=0.9, min_size=401),
         report=report,
     )
-    assert report == {"unsure": 0}  # all three (400 px) too small: none went for being unsure alone
+    assert report == {"unsure": 0}  # all six (400 px) too small: none went for being unsure alone
     instances(
         np.zeros((1, 10, 10), np.float32),
         ("foreground",),

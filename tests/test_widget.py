@@ -563,20 +563,21 @@ def test_planes_of_one_stain_are_a_stack_and_different_stains_are_channels():
 
 def test_an_image_the_model_is_unsure_of_says_so(viewer_and_widget, qtbot):
     """The bundled immunohistochemistry (H-DAB) sample: the calibrated min confidence kept 7 of ~190 objects,
-    silently."""
+    silently; then 29, with a warning. The min confidence now drops at most 40% of them, and says so."""
     viewer, widget = viewer_and_widget
     viewer.open_sample(PLUGIN, "immunohistochemistry")
     widget.image_layer.value = viewer.layers["immunohistochemistry"]
     run_and_wait(widget, qtbot)
     kept = int(viewer.layers["immunohistochemistry nuclei"].data.max())
     status = widget.status.value
+    assert kept > 100, status  # of ~190 nuclei
     if "Warning" not in status:  # the model became sure of this image: then few were dropped
-        assert widget._cache is not None and kept >= 50, status
+        assert widget._cache is not None, status
         return
-    assert "unsure" in status and "min confidence" in status
+    assert "unsure" in status and "min confidence" in status and "40%" in status
     widget.auto_confidence.value = False
     widget.min_confidence.value = 0.0
-    qtbot.waitUntil(lambda: int(viewer.layers["immunohistochemistry nuclei"].data.max()) > 2 * kept, timeout=10_000)
+    qtbot.waitUntil(lambda: int(viewer.layers["immunohistochemistry nuclei"].data.max()) > kept, timeout=10_000)
     assert "Warning" not in widget.status.value
 
 

@@ -15,7 +15,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from .params import PostprocessParams
-from .postprocess import block_grid, check_resolved, distance_markers, grow, write_owned
+from .postprocess import block_grid, check_resolved, distance_markers, grow, unsure_objects, write_owned
 
 # z step over xy pixel size when nothing says otherwise: cubic voxels.
 DEFAULT_Z_RATIO = 1.0
@@ -84,14 +84,11 @@ def volume_instances(
         labels = np.where(orphans > 0, orphans + labels.max(), labels)
     sizes = np.bincount(labels.ravel())
     drop = sizes < min_voxels(params.min_size, ratio)
-    if float(params.min_confidence) > 0:
-        weights = np.bincount(labels.ravel(), weights=foreground.ravel(), minlength=sizes.size)
-        unsure = (weights < float(params.min_confidence) * sizes) & ~drop
-        unsure[0] = False
-        drop |= unsure
-        if report is not None:
-            report["unsure"] = int(unsure.sum())
+    unsure = unsure_objects(labels, foreground, sizes, drop, float(params.min_confidence))
+    drop |= unsure
     drop[0] = False
+    if report is not None:
+        report["unsure"] = int(unsure.sum())
     labels[drop[labels]] = 0
     labels = relabel_sequential(labels.astype(np.int32, copy=False))[0]
     return labels > 0, labels

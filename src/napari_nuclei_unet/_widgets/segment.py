@@ -33,6 +33,7 @@ from ..params import (
     field_metadata,
 )
 from ..plane import PlanePrediction
+from ..postprocess import MAX_UNSURE_SHARE
 from ..segment import Segmentation, recorded_thresholds, segment_planes
 from ._common import (
     DOCK_MAX_WIDTH,
@@ -831,13 +832,13 @@ def _counted(maxima: list[int], stack: str | None) -> tuple[int, str]:
 
 
 def _unsure_warning(kept: int, unsure: int, level: float) -> str:
-    """A sentence for the status line when the min confidence dropped more objects than it kept:
-    the image is unlike what the model knows (an unfamiliar stain such as H-DAB, or modality)."""
-    if unsure <= kept:
+    """A sentence for the status line when the min confidence dropped as many objects as it may
+    (``postprocess.MAX_UNSURE_SHARE``): the image is unlike what the model knows (an unfamiliar stain such
+    as H-DAB, or modality), and it was unsure of more than it dropped."""
+    if unsure == 0 or unsure < int(MAX_UNSURE_SHARE * (kept + unsure)):
         return ""
     return (
-        f". Warning: {unsure} more objects were dropped because the model is unsure of them (below its min confidence "
-        f"{level:g}):"
-        ' this image is unlike what it knows. Untick "model\'s min confidence" to see them, or correct a few and '
-        "fine-tune"
+        f". Warning: the model is unsure of many objects here ({unsure} dropped below its min confidence {level:g}, "
+        f"the {MAX_UNSURE_SHARE:.0%} it may drop at most): this image is unlike what it knows. Untick "
+        '"model\'s min confidence" to see them all, or correct a few and fine-tune'
     )
