@@ -111,7 +111,7 @@ class PostprocessParams:
         default=0.5,
         metadata={
             "help": "h-maxima height for distance and boundary markers, in pixels at the scale the network runs at "
-            "(higher splits fewer nuclei)",
+            "(higher splits fewer nuclei); in a Z-stack's 3D labelling it is relative to the nucleus size",
             "min": 0.0,
             "max": 20.0,
             "step": 0.1,
@@ -120,8 +120,8 @@ class PostprocessParams:
     min_confidence: Confidence = field(
         default="auto",
         metadata={
-            "help": "drop objects whose mean foreground probability is below this (folds, debris); auto: the level "
-            "calibrated for the model, 0: keep all",
+            "help": "drop objects whose mean foreground probability is below this (folds, debris), at most 40% of an "
+            "image's objects, the least sure first; auto: the level calibrated for the model, 0: keep all",
             "min": 0.0,
             "max": 0.95,
             "step": 0.01,
