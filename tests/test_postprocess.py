@@ -2,6 +2,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from scipy import ndimage as ndi
 
 from conftest import disks
 from napari_nuclei_unet.postprocess import (
@@ -10,6 +11,7 @@ from napari_nuclei_unet.postprocess import (
     auto_threshold,
     instances,
     semantic_mask,
+    unsure_objects,
     with_threshold,
 )
 
@@ -117,6 +119,11 @@ def test_the_min_confidence_drops_at_most_its_share_of_an_image_the_least_sure_f
     assert MAX_UNSURE_SHARE == 0.4 and report == {"unsure": 4} and labels.max() == 6
     kept = [labels[20, 20 + 40 * index] > 0 for index in range(len(levels))]
     assert kept == [True, True, False, False, False, False, True, True, True, True]  # 0.52-0.65 went
+    # Uncapped (a Z-stack's 3D labelling): every object below the level goes.
+    with_all, _count = ndi.label(probability > 0.5)
+    sizes = np.bincount(with_all.ravel())
+    unsure = unsure_objects(with_all, probability, sizes, sizes < 1, 0.8, max_share=1.0)
+    assert unsure.sum() == 8 and not unsure[0]
 
 
 def test_objects_the_network_is_unsure_of_are_dropped():

@@ -195,10 +195,15 @@ MAX_UNSURE_SHARE = 0.4
 
 
 def unsure_objects(
-    labels: np.ndarray, foreground: np.ndarray, sizes: np.ndarray, drop: np.ndarray, min_confidence: float
+    labels: np.ndarray,
+    foreground: np.ndarray,
+    sizes: np.ndarray,
+    drop: np.ndarray,
+    min_confidence: float,
+    max_share: float = MAX_UNSURE_SHARE,
 ) -> np.ndarray:
     """Per label (index 0, the background, never): the objects not in ``drop`` whose mean foreground probability is
-    below ``min_confidence``, at most ``MAX_UNSURE_SHARE`` of those objects, the least sure first. Any dimensions."""
+    below ``min_confidence``, at most ``max_share`` of those objects, the least sure first. Any dimensions."""
     unsure = np.zeros(sizes.size, bool)
     if min_confidence <= 0:
         return unsure
@@ -206,7 +211,7 @@ def unsure_objects(
     candidates = ~drop
     candidates[0] = False
     unsure = candidates & (confidence < min_confidence)
-    allowed = int(MAX_UNSURE_SHARE * candidates.sum())
+    allowed = int(max_share * candidates.sum())
     if unsure.sum() > allowed:
         least_sure = np.flatnonzero(unsure)[np.argsort(confidence[unsure], kind="stable")]
         unsure[:] = False

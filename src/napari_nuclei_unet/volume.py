@@ -84,7 +84,8 @@ def volume_instances(
         labels = np.where(orphans > 0, orphans + labels.max(), labels)
     sizes = np.bincount(labels.ravel())
     drop = sizes < min_voxels(params.min_size, ratio)
-    unsure = unsure_objects(labels, foreground, sizes, drop, float(params.min_confidence))
+    # No cap on the share dropped: volumes hold few nuclei (2-53 in bbbc050_3d), and there the cap cost AP@0.5 0.009.
+    unsure = unsure_objects(labels, foreground, sizes, drop, float(params.min_confidence), max_share=1.0)
     drop |= unsure
     drop[0] = False
     if report is not None:

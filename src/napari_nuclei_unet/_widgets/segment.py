@@ -832,13 +832,13 @@ def _counted(maxima: list[int], stack: str | None) -> tuple[int, str]:
 
 
 def _unsure_warning(kept: int, unsure: int, level: float) -> str:
-    """A sentence for the status line when the min confidence dropped as many objects as it may
-    (``postprocess.MAX_UNSURE_SHARE``): the image is unlike what the model knows (an unfamiliar stain such
-    as H-DAB, or modality), and it was unsure of more than it dropped."""
+    """A sentence for the status line when the min confidence dropped ``postprocess.MAX_UNSURE_SHARE`` of the
+    objects or more (in 2D, as many as it may): the image is unlike what the model knows (an unfamiliar stain
+    such as H-DAB, or modality)."""
     if unsure == 0 or unsure < int(MAX_UNSURE_SHARE * (kept + unsure)):
         return ""
     return (
-        f". Warning: the model is unsure of many objects here ({unsure} dropped below its min confidence {level:g}, "
-        f"the {MAX_UNSURE_SHARE:.0%} it may drop at most): this image is unlike what it knows. Untick "
+        f". Warning: the model is unsure of many objects here ({unsure} dropped below its min confidence {level:g}; "
+        f"in 2D it drops {MAX_UNSURE_SHARE:.0%} at most): this image is unlike what it knows. Untick "
         '"model\'s min confidence" to see them all, or correct a few and fine-tune'
     )
