@@ -362,3 +362,52 @@ def test_train_takes_the_fine_tuning_defaults_for_a_few_images_from_a_trained_mo
     assert train_recipe(build_parser().parse_args(base), 3) == "scratch"  # a fresh network is trained, not tuned
     lr = train_config(build_parser().parse_args([*base, "--model", "default", "--lr", "1e-3"]), "finetune")
     assert lr.learning_rate == 1e-3 and lr.distill_weight == FINETUNE_DEFAULTS.distill_weight
+
+
+def test_two_small_images_are_segmented_at_once_in_input_order_and_a_large_one_alone(tmp_path, monkeypatch, capsys):
+    """Both cores busy: the network of one image runs while the other is post-processed. Results and progress
+    keep the input order; an image too large to share the memory runs alone."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    import napari_nuclei_unet.batch as batch
+    import napari_nuclei_unet.cli as cli
+
+    lock, running, seen = threading.Lock(), set(), []
+
+    def fake_segment_file(checkpoint, path, out, params, out_format, progress=None, cancel=None, extras=()):
+        with lock:
+            running.add(path.name)
+            seen.append(frozenset(running))
+        time.sleep(0.2 if path.name == "a.png" else 0.05)  # the first of a pair finishes last
+        with lock:
+            running.discard(path.name)
+        return SimpleNamespace(nuclei=1, diameter=None, name=path.name)
+
+    monkeypatch.setattr(batch, "segment_file", fake_segment_file)
+    sizes = {"big.png": 10 * cli.SHARED_IMAGE_BYTES}
+    monkeypatch.setattr("napari_nuclei_unet.io.declared_bytes", lambda path: sizes.get(path.name, 1000))
+    files = [tmp_path / name for name in ("first.png", "a.png", "b.png", "big.png", "c.png", "d.png")]
+    results = cli._segment_local(None, files, tmp_path, None, "tif")
+    assert [r.name for r in results] == [f.name for f in files]
+    assert max(len(group) for group in seen) == 2  # two at once
+    assert all(group == {"big.png"} for group in seen if "big.png" in group)  # the large one alone
+    assert all(group == {"first.png"} for group in seen if "first.png" in group)  # the first alone: loads the network
+    lines = [line.split(": ")[0] for line in capsys.readouterr().err.splitlines() if line.startswith("[")]
+    assert lines == [f"[{i}/6] {f.name}" for i, f in enumerate(files, start=1)]
+
+
+def test_a_bad_image_among_many_stops_the_run_and_writes_nothing(tmp_path, model_dir, image_folder, capsys):
+    import imageio.v3 as iio
+
+    image, _ = nuclei_field((96, 128), count=8, seed=2)
+    for index in range(4):
+        iio.imwrite(image_folder / f"more{index}.png", (image // 256).astype(np.uint8))
+    (image_folder / "more2.png").write_bytes(b"\x89PNG\r\n\x1a\ngarbage")
+    out = tmp_path / "out"
+    code = main(["segment", str(image_folder), "--out", str(out), "--model", str(model_dir), "--tile-size", "64"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"nuclei-unet: error: {image_folder / 'more2.png'}: cannot read image"), err[-1]
+    assert not any(out.iterdir())  # nothing of the images that did succeed, no staging folder

@@ -40,7 +40,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise InputError(
             f"{path}: unsupported image type {suffix or '(no suffix)'!r}; use one of {', '.join(IMAGE_SUFFIXES)}"
         )
-    check_allocation(_declared_bytes(path), "the image it declares", path)
+    check_allocation(declared_bytes(path), "the image it declares", path)
     try:
         if suffix in _TIFF_SUFFIXES:
             import tifffile
@@ -59,7 +59,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return image
 
 
-def _declared_bytes(path: Path) -> int:
+def declared_bytes(path: Path) -> int:
     """Bytes of the pixels a file's header declares (0 when the header can't be read: the
     reader then reports the problem), read before any pixel is decoded."""
     try:
