@@ -105,7 +105,7 @@ def compare_versions(json_path: str | None) -> None:
     v1, v2 = f"git:{V1_REVISION}", f"git:{V2_REVISION}"
     args = argparse.Namespace(
         model=[v1, v2, "default"],
-        sets="cpm15,gbm40,ctc_fluo,u2os_hoechst,val,monuseg_val,e2f_intestine:val",
+        sets="cpm15,gbm40,ctc_fluo,u2os_hoechst,e2f_intestine:test,val,monuseg_val,e2f_intestine:val",
         stains="auto",
         scales="1",
         no_classical=False,

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from napari_nuclei_unet.metrics import evaluate, iou_matrix, match_image
+from napari_nuclei_unet.metrics import evaluate, inside_region, iou_matrix, labelled_region, match_image
 
 
 def test_iou_matrix_hand_computed():
@@ -47,3 +47,29 @@ def test_empty_cases():
     one[1, 1] = 1
     assert match_image(one, empty).kaggle_score == 0.0
     assert match_image(empty, one).kaggle_score == 0.0
+
+
+def test_a_partly_labelled_image_is_scored_inside_its_labelled_region():
+    """e2f_intestine's test images label one crypt's nuclei; the nuclei around it are real but unlabelled, and
+    finding them must not count as false positives."""
+    truth = np.zeros((200, 300), np.int32)
+    found = np.zeros_like(truth)
+    index = 0
+    for row in range(40, 160, 20):  # a labelled ring-free block of 6 x 5 touching nuclei, found exactly
+        for col in range(40, 140, 20):
+            index += 1
+            truth[row : row + 18, col : col + 18] = found[row : row + 18, col : col + 18] = index
+    for row in range(40, 160, 20):  # unlabelled nuclei beside it, 60 px away, also found
+        index += 1
+        found[row : row + 18, 200:218] = index
+    region = labelled_region(truth)
+    assert region[40:158, 40:138].all()  # the labelled nuclei and the gaps between them
+    assert not region[:, 180:].any()  # not the unlabelled ones
+    assert match_image(truth, found).kaggle_score < 0.85  # the whole image: 6 false positives
+    kept = inside_region(found, region)
+    assert np.array_equal(kept, np.where(found <= 30, found, 0))
+    assert match_image(truth, kept).kaggle_score == 1.0
+    half_out = found.copy()
+    half_out[100:118, 136:156] = 99  # an object lying mostly outside the labelled region goes
+    assert 99 not in inside_region(half_out, region)
+    assert not labelled_region(np.zeros((5, 5), np.int32)).any()

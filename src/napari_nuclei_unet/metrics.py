@@ -6,6 +6,9 @@
 * AP@0.5 as StarDist reports it: TP/(TP+FP+FN) at IoU 0.5, counted over the whole set.
 * Precision, recall and F1 at IoU 0.5, counted over the whole set.
 * Pixel Dice and IoU of the foreground, pooled over the whole set.
+
+A partly labelled image (only one region's nuclei annotated) is scored inside that region:
+:func:`labelled_region`, :func:`inside_region`.
 """
 
 from __future__ import annotations
@@ -54,6 +57,33 @@ class ImageCounts:
         denominator = self.tp + fp + fn
         per_threshold = np.divide(self.tp, denominator, out=np.ones(len(self.tp)), where=denominator > 0)
         return float(per_threshold.mean())
+
+
+def labelled_region(truth: np.ndarray) -> np.ndarray:
+    """The part of a partly labelled image that its annotators labelled: the labels closed over gaps of up to about
+    two nuclei (the median's diameter as the radius), holes filled."""
+    from scipy import ndimage as ndi
+    from skimage.morphology import disk
+
+    foreground = truth > 0
+    if not foreground.any():
+        return foreground
+    areas = np.bincount(truth.ravel())[1:]
+    radius = max(2, int(round(np.sqrt(4 * np.median(areas[areas > 0]) / np.pi))))
+    padded = np.pad(foreground, radius)
+    # Eroded 1 px less than dilated: a closing by a digital disk leaves notches where gaps meet a straight edge.
+    closed = ndi.binary_erosion(ndi.binary_dilation(padded, disk(radius)), disk(radius - 1), border_value=1)
+    return ndi.binary_fill_holes(closed[radius:-radius, radius:-radius] | foreground)
+
+
+def inside_region(labels: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """``labels`` without the objects that lie mostly (half or more) outside ``region``."""
+    labels = np.asarray(labels)
+    sizes = np.bincount(labels.ravel())
+    inside = np.bincount(labels[region].ravel(), minlength=sizes.size)
+    outside = inside * 2 < sizes
+    outside[0] = False
+    return np.where(outside[labels], 0, labels)
 
 
 def match_image(truth: np.ndarray, pred: np.ndarray) -> ImageCounts:
