@@ -29,11 +29,34 @@ def samples():
 def test_targets_mark_borders_between_touching_nuclei():
     labels = np.zeros((10, 10), np.int32)
     labels[2:8, 1:5], labels[2:8, 5:9] = 1, 2
-    foreground, boundary, valid, centre = make_targets(labels)
+    foreground, boundary, valid, centre, touching = make_targets(labels)
     assert foreground.sum() == 48 and valid.all()
     assert boundary[4, 4] and boundary[4, 5]  # both sides of the touching line
     assert not boundary[0, 0]
     assert centre[4, 4] == centre[4, 5] == 0 and centre[labels == 1].max() == centre[labels == 2].max() == 255
+    # Touching: the 2 px on each side of the line between the nuclei, not their outer edges.
+    assert touching[2:8, 3:7].all() and touching.sum() == 24
+    assert not touching[:, :3].any() and not touching[:, 7:].any()
+
+
+def test_the_touch_weight_weighs_up_the_boundary_between_touching_nuclei():
+    labels = np.zeros((16, 16), np.int32)
+    labels[4:12, 2:8], labels[4:12, 8:14] = 1, 2
+    outputs = ("foreground", "boundary")
+    plain = loss_targets(torch.from_numpy(make_targets(labels)), outputs)
+    with_touch = loss_targets(torch.from_numpy(make_targets(labels)), outputs, touching=True)
+    assert with_touch.shape[0] == 3 and torch.equal(with_touch[:2], plain)
+    logits = torch.zeros(1, 2, 16, 16)
+    missed_line = logits.clone()
+    missed_line[0, 1] = torch.where(plain[1] > 0, 4.0, -4.0)  # every boundary right...
+    missed_line[0, 1, 4:12, 6:10] = -4.0  # ...but the line between the nuclei
+    unweighted, weighted = make_loss(outputs), make_loss(outputs, touch_weight=10.0)
+    assert torch.isclose(weighted(logits, plain[None]), unweighted(logits, plain[None]))  # no channel, no weight
+    assert torch.isclose(unweighted(missed_line, with_touch[None]), unweighted(missed_line, plain[None]))
+    gap = weighted(missed_line, with_touch[None]) - unweighted(missed_line, plain[None])
+    right = missed_line.clone()
+    right[0, 1, 4:12, 6:10] = 4.0
+    assert gap > 0.5 and weighted(right, with_touch[None]) < unweighted(missed_line, plain[None])
 
 
 def test_loss_ignores_pixels_outside_roi():

@@ -281,6 +281,11 @@ class TrainConfig:
     hed_jitter: float = _train(
         0.25, "stain colour augmentation of RGB tissue: HED concentrations scaled by up to +-this (0: off)"
     )
+    # Touching nuclei merge where the network misses the line between them; the U-Net paper's weight map
+    # (Ronneberger et al. 2015) weighs the pixels between touching cells up for the same reason.
+    touch_weight: float = _train(
+        0.0, "extra loss weight of the boundary pixels where two nuclei touch (0: off)", min=0.0, max=50.0, step=0.5
+    )
     blur_noise: float = _train(0.2, "share of patches blurred, and of patches with added noise")
     invert_grey: float = _train(0.15, "share of grey patches shown inverted (fluorescence as brightfield and back)")
     # Fluorescence is often saved pseudo-coloured (Hoechst as blue on black, GFP as green).

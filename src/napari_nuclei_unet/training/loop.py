@@ -256,7 +256,7 @@ def _start(checkpoint, train, out_dir: Path, val, config: TrainConfig, resume, b
         start,
         optimizer,
         sampler,
-        make_loss(),
+        make_loss(checkpoint.outputs, config.touch_weight),
         record,
         config.epochs * config.iterations_per_epoch,
         time.perf_counter() - (resumed["elapsed"] if resumed else 0.0),

@@ -81,7 +81,7 @@ class PatchSampler:
             target = v2.functional.resize(target, [size, size])  # masks: nearest
         if self.augment is not None:
             image, target = self.augment(image, target)
-        return image.as_subclass(torch.Tensor), loss_targets(target, self.outputs)
+        return image.as_subclass(torch.Tensor), loss_targets(target, self.outputs, self.config.touch_weight > 0)
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """Patches, their loss targets and the index of the image each came from."""
