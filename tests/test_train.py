@@ -44,7 +44,7 @@ def test_the_touch_weight_weighs_up_the_boundary_between_touching_nuclei():
     labels[4:12, 2:8], labels[4:12, 8:14] = 1, 2
     outputs = ("foreground", "boundary")
     plain = loss_targets(torch.from_numpy(make_targets(labels)), outputs)
-    with_touch = loss_targets(torch.from_numpy(make_targets(labels)), outputs, touching=True)
+    with_touch = loss_targets(torch.from_numpy(make_targets(labels)), outputs, with_touching=True)
     assert with_touch.shape[0] == 3 and torch.equal(with_touch[:2], plain)
     logits = torch.zeros(1, 2, 16, 16)
     missed_line = logits.clone()

@@ -13,7 +13,7 @@ IGNORE = -1.0  # target value of pixels the loss ignores (outside the region of 
 def make_targets(labels: np.ndarray, roi: np.ndarray | None = None, boundary_width: int = 2) -> np.ndarray:
     """``(5, Y, X)`` uint8: foreground, boundary (inner contours, ``boundary_width`` px), valid (loss counts),
     centre (each nucleus's distance to its edge over its largest, 0-255: 255 at its centre, whatever its size), and
-    touching (the boundary pixels within ``boundary_width`` px of another nucleus)."""
+    touching (the nucleus pixels within ``boundary_width`` px of another nucleus)."""
     from scipy import ndimage as ndi
     from skimage.segmentation import find_boundaries
 
@@ -60,15 +60,15 @@ _TOUCHING = 4
 
 
 def loss_targets(
-    target: torch.Tensor, outputs: tuple[str, ...] = ("foreground", "boundary"), touching: bool = False
+    target: torch.Tensor, outputs: tuple[str, ...] = ("foreground", "boundary"), with_touching: bool = False
 ) -> torch.Tensor:
     """Float ``(len(outputs), Y, X)`` targets for :func:`make_loss` from :func:`make_targets` output, one per model
-    output in order: invalid pixels -> IGNORE. ``touching``: one more channel, where nuclei touch (1) or not (0),
+    output in order: invalid pixels -> IGNORE. ``with_touching``: one more channel, where nuclei touch (1) or not (0),
     for a loss that weighs those pixels up."""
     target = torch.as_tensor(target).float()
     labels = torch.stack([target[TARGET_CHANNELS[name][0]] * TARGET_CHANNELS[name][1] for name in outputs])
     labels[:, target[_VALID] == 0] = IGNORE
-    if touching:
+    if with_touching:
         labels = torch.cat([labels, (target[_TOUCHING] * (target[_VALID] > 0))[None]])
     return labels
 
