@@ -55,7 +55,7 @@ def test_a_partly_labelled_image_is_scored_inside_its_labelled_region():
     truth = np.zeros((200, 300), np.int32)
     found = np.zeros_like(truth)
     index = 0
-    for row in range(40, 160, 20):  # a labelled ring-free block of 6 x 5 touching nuclei, found exactly
+    for row in range(40, 160, 20):  # a labelled block of 6 x 5 nearly touching nuclei, found exactly
         for col in range(40, 140, 20):
             index += 1
             truth[row : row + 18, col : col + 18] = found[row : row + 18, col : col + 18] = index

@@ -14,6 +14,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -554,7 +555,6 @@ SHARED_IMAGE_BYTES = 64 * 2**20
 def _segment_local(checkpoint, files, out, params, out_format, extras=()):
     """Segment ``files`` in this process, two small images at a time; results, progress and the first error come
     in input order, and an error stops the images not yet started (the others stop at their next tile)."""
-    import threading
     from concurrent.futures import ThreadPoolExecutor
 
     from .batch import segment_file
@@ -599,8 +599,6 @@ class _Slots:
     """Up to ``count`` slots shared by the images in flight; a large image holds them all."""
 
     def __init__(self, count: int):
-        import threading
-
         self.free, self.changed = count, threading.Condition()
 
     @contextlib.contextmanager

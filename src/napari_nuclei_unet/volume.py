@@ -22,7 +22,7 @@ DEFAULT_Z_RATIO = 1.0
 # In 3D the split height is relative to the nucleus (h-maxima of the log distance, this many per unit of ``h``):
 # a nucleus splits only where its neck's radius is below exp(-0.4 h) of the smaller side's peak (82% at the
 # default h 0.5), whatever its size. Embryo nuclei range from 10 to 40 px across in one set; an absolute
-# height split the large ones along z. Chosen on bbbc050_3d (docs/zstacks.md).
+# height split the large ones along z. A 3D rule, chosen on the 3D choosing set (docs/zstacks.md).
 RELATIVE_H_PER_UNIT = 0.4
 # Voxels of one block (with its halo) of a volume labelled block by block: its watershed's working
 # arrays, about 40 bytes a voxel, are the peak memory.
@@ -84,7 +84,8 @@ def volume_instances(
         labels = np.where(orphans > 0, orphans + labels.max(), labels)
     sizes = np.bincount(labels.ravel())
     drop = sizes < min_voxels(params.min_size, ratio)
-    # No cap on the share dropped: volumes hold few nuclei (2-53 in bbbc050_3d), and there the cap cost AP@0.5 0.009.
+    # No cap on the share dropped: volumes hold few nuclei, and on the 3D choosing set the cap cost AP@0.5 0.009
+    # (docs/model-card.md).
     unsure = unsure_objects(labels, foreground, sizes, drop, float(params.min_confidence), max_share=1.0)
     drop |= unsure
     drop[0] = False
@@ -100,8 +101,9 @@ def relative_distance_markers(
 ) -> np.ndarray:
     """:func:`postprocess.distance_markers` with a split height relative to each nucleus's size: the h-maxima
     (height ``RELATIVE_H_PER_UNIT * h``) of the log of the smoothed distance map."""
-    smooth = ndi.gaussian_filter(distance, smoothing)
-    return distance_markers(np.log(np.maximum(smooth, 0.5)), mask, RELATIVE_H_PER_UNIT * h, smoothing=0.0)
+    log_distance = ndi.gaussian_filter(distance, smoothing)
+    np.log(np.maximum(log_distance, 0.5, out=log_distance), out=log_distance)  # in place: one volume-sized array
+    return distance_markers(log_distance, mask, RELATIVE_H_PER_UNIT * h, smoothing=0.0)
 
 
 def volume_instances_blocked(
