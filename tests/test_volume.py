@@ -53,27 +53,6 @@ def test_touching_nuclei_separate_in_3d_and_keep_one_id_through_their_planes():
         assert all(np.any(labels[z][truth[z] == index] == found) for z in np.unique(np.nonzero(truth == index)[0]))
 
 
-def _label_balls(centres_radii, shape=(40, 64, 160)):
-    """3D labels of balls (z, y, x, radius) on cubic voxels, and the labelling ``volume_instances`` gives them."""
-    zz, yy, xx = np.indices(shape, dtype=np.float32)
-    mask = np.zeros(shape, bool)
-    for z, y, x, radius in centres_radii:
-        mask |= ((zz - z) ** 2 + (yy - y) ** 2 + (xx - x) ** 2) <= radius**2
-    probabilities = mask.astype(np.float32)[:, None]
-    params = PostprocessParams(threshold=0.5, min_confidence=0.0, h=0.5, min_size=5)
-    return volume_instances(probabilities, ("foreground",), params, voxel_size=(1.0, 1.0, 1.0))[1]
-
-
-def test_the_3d_split_height_is_relative_to_the_nucleus_size():
-    # Large balls (radius 16 and 15) 16 px apart: one body with a waist of ~85% of their radius, one nucleus
-    # with a dent. An absolute split height of 0.5 px cut it in two (its peaks stand ~2 px above the waist).
-    dented = _label_balls([(20, 32, 40, 16), (20, 33, 56, 15)])
-    assert dented.max() == 1
-    # Small balls (radius 5 and 4.5) 7 px apart, a waist of ~60% of their radius: two nuclei, split.
-    pair = _label_balls([(20, 32, 120, 5), (20, 33, 127, 4.5)])
-    assert pair.max() == 2
-
-
 def test_plane_by_plane_labelling_numbers_each_plane_from_one_but_3d_does_not():
     truth = _balls()
     planes = np.stack([ndi.label(plane > 0)[0] for plane in truth])

@@ -111,7 +111,7 @@ class PostprocessParams:
         default=0.5,
         metadata={
             "help": "h-maxima height for distance and boundary markers, in pixels at the scale the network runs at "
-            "(higher splits fewer nuclei); in a Z-stack's 3D labelling it is relative to the nucleus size",
+            "(higher splits fewer nuclei)",
             "min": 0.0,
             "max": 20.0,
             "step": 0.1,

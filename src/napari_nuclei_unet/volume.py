@@ -19,11 +19,6 @@ from .postprocess import block_grid, check_resolved, distance_markers, grow, uns
 
 # z step over xy pixel size when nothing says otherwise: cubic voxels.
 DEFAULT_Z_RATIO = 1.0
-# In 3D the split height is relative to the nucleus (h-maxima of the log distance, this many per unit of ``h``):
-# a nucleus splits only where its neck's radius is below exp(-0.4 h) of the smaller side's peak (82% at the
-# default h 0.5), whatever its size. Embryo nuclei range from 10 to 40 px across in one set; an absolute
-# height split the large ones along z. A 3D rule, chosen on the 3D choosing set (docs/zstacks.md).
-RELATIVE_H_PER_UNIT = 0.4
 # Voxels of one block (with its halo) of a volume labelled block by block: its watershed's working
 # arrays, about 40 bytes a voxel, are the peak memory.
 BLOCK_VOXELS = 16 * 2**20
@@ -57,8 +52,8 @@ def volume_instances(
 
     ``params`` come resolved (numbers): the threshold is one for the whole volume. Holes are
     filled plane by plane (``hole_size`` is an area); ``min_size`` is the area of the smallest
-    nucleus's largest section, so the smallest object kept is the ball it spans. ``h`` is relative
-    in 3D (:func:`relative_distance_markers`): the same ``h`` splits a small and a large nucleus alike.
+    nucleus's largest section, so the smallest object kept is the ball it spans. ``h`` is in
+    xy pixels at the scale the network ran at, as in 2D.
     """
     from skimage.morphology import remove_small_holes
     from skimage.segmentation import relabel_sequential, watershed
@@ -77,15 +72,16 @@ def volume_instances(
         return mask, np.zeros(mask.shape, np.int32)
     distance = ndi.distance_transform_edt(mask, sampling=(ratio, 1.0, 1.0)).astype(np.float32)
     smoothing = 1.0 / network_zoom
-    markers = relative_distance_markers(distance, mask, params.h, (smoothing / ratio, smoothing, smoothing))
+    markers = distance_markers(
+        distance, mask, params.h / network_zoom, smoothing=(smoothing / ratio, smoothing, smoothing)
+    )
     labels = watershed(-distance, markers, mask=mask)
     orphans, count = ndi.label(mask & (labels == 0))
     if count:
         labels = np.where(orphans > 0, orphans + labels.max(), labels)
     sizes = np.bincount(labels.ravel())
     drop = sizes < min_voxels(params.min_size, ratio)
-    # No cap on the share dropped: volumes hold few nuclei, and on the 3D choosing set the cap cost AP@0.5 0.009
-    # (docs/model-card.md).
+    # No cap on the share dropped in 3D: volumes hold few nuclei (docs/model-card.md).
     unsure = unsure_objects(labels, foreground, sizes, drop, float(params.min_confidence), max_share=1.0)
     drop |= unsure
     drop[0] = False
@@ -94,16 +90,6 @@ def volume_instances(
     labels[drop[labels]] = 0
     labels = relabel_sequential(labels.astype(np.int32, copy=False))[0]
     return labels > 0, labels
-
-
-def relative_distance_markers(
-    distance: np.ndarray, mask: np.ndarray, h: float, smoothing: tuple[float, ...]
-) -> np.ndarray:
-    """:func:`postprocess.distance_markers` with a split height relative to each nucleus's size: the h-maxima
-    (height ``RELATIVE_H_PER_UNIT * h``) of the log of the smoothed distance map."""
-    log_distance = ndi.gaussian_filter(distance, smoothing)
-    np.log(np.maximum(log_distance, 0.5, out=log_distance), out=log_distance)  # in place: one volume-sized array
-    return distance_markers(log_distance, mask, RELATIVE_H_PER_UNIT * h, smoothing=0.0)
 
 
 def volume_instances_blocked(
