@@ -92,8 +92,7 @@ def resolve_stain(checkpoint: Checkpoint, plane, params: SegmentParams) -> Segme
 
     kind = params.image_type
     if kind == AUTO:
-        step = sample_step(*plane.shape[:2])
-        kind = image_type(np.asarray(plane[::step, ::step]))
+        kind = image_type(plane)  # reads a sample of the plane
     stain = params.stain
     if stain == AUTO:
         stain = checkpoint.stain_for(kind) if len(plane.shape) == 3 and plane.shape[-1] in (3, 4) else "none"
