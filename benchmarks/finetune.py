@@ -1,7 +1,7 @@
 """Does fine-tuning on a few corrected images help? (DSB2018 val split; a benchmark, not a test.)
 
     python benchmarks/finetune.py [--data ../shared/data/dsb2018] [--type auto] [--images 3]
-                                  [--runs 4] [--minutes 2.0] [--weak SET] [--json out.json]
+                                  [--runs 4] [--minutes 2.0] [--weak SET] [--validate] [--json out.json]
 
 The val images fall into three types (``data.image_type``): fluorescence, grey brightfield
 and stained (H&E-like) tissue. The benchmark scores the bundled model on each, takes the
@@ -15,6 +15,11 @@ first. ``fit`` then calibrates the new model's min confidence on the corrected i
 widget does. With 2 threads all of that stays under 5 CPU minutes; each run prints its CPU
 time. The benchmark then scores the remaining images of that type and every other type before
 and after, each model with its own calibrated min confidence (0.85 for the bundled one).
+
+``--validate`` fine-tunes as ``nuclei-unet train --model default --max-minutes 2`` does instead: a quarter of
+the corrected images (1 of 3) is held out to pick the epoch, and a model that validates no better than the
+model it started from is not used (the CLI says to keep the starting model; the widget does not switch). The
+benchmark then prints two outcomes: the fine-tuned model's, and the one of the model the user goes on with.
 
 A type has few val images (4 brightfield), so one run would score one or two images: the
 benchmark repeats the fine-tuning with the corrected images rotated (cross-validation; with
@@ -92,6 +97,13 @@ def main() -> None:
     )
     parser.add_argument("--gain-bar", type=float, default=0.05, help="the held-out images' score must rise this much")
     parser.add_argument("--harm-bar", type=float, default=0.02, help="each other type may drop at most this much")
+    parser.add_argument(
+        "--validate",
+        action="store_true",
+        help="as `nuclei-unet train` with the fine-tuning defaults: a quarter of the corrected images (1 of 3) are "
+        "held out to pick the epoch, and a model that validates no better than its start is not used (the starting "
+        "model's scores count for that run, beside the fine-tuned model's)",
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     overrides = {field: json.loads(value) for field, value in (item.split("=", 1) for item in args.set)}
@@ -122,8 +134,10 @@ def main() -> None:
         f"\n{runs} runs: each fine-tunes on {count} {kind} images and scores the other {len(weak) - count} {kind} "
         "images and every other type"
     )
-    pairs = {"before": [], "after": []}  # held-out (truth, prediction) pairs over all runs
-    changes_by_run, results = [], []
+    # Held-out (truth, prediction) pairs over all runs: the starting model, the fine-tuned one, and the one the user
+    # goes on with (with --validate, the starting model where the fine-tuned one validated no better).
+    pairs = {"before": [], "after": [], "used": []}
+    changes_by_run, used_by_run, results = [], [], []
     for run in range(runs):
         step = len(weak) / count  # spread over the sorted names, so not all from one experiment; rotated per run
         corrected = [weak[(int(i * step) + run) % len(weak)] for i in range(count)]
@@ -131,12 +145,16 @@ def main() -> None:
         tuned = copy.deepcopy(base)
         started_cpu, started = time.process_time(), time.perf_counter()
         with tempfile.TemporaryDirectory() as out:
-            event = fit(tuned, corrected, out, val=[], config=config, resume=False, base_model="default")
+            val = None if args.validate else []  # None: the fine-tuning defaults hold some corrected images out
+            event = fit(tuned, corrected, out, val=val, config=config, resume=False, base_model="default")
         cpu_minutes = (time.process_time() - started_cpu) / 60
+        verdict, better = event.gain()
+        used = better is not False  # validated no better: the user is told to keep the starting model
         held = {
             "before": [pair for s, pair in zip(weak, base_pairs[kind]) if s in held_out],
             "after": predictions(tuned, held_out),
         }
+        held["used"] = held["after"] if used else held["before"]
         for key in pairs:
             pairs[key] += held[key]
         changes = {kind: evaluate(held["after"]).kaggle_score - evaluate(held["before"]).kaggle_score}
@@ -145,14 +163,17 @@ def main() -> None:
             for other in before
             if other != kind
         }
+        used_changes = changes if used else dict.fromkeys(changes, 0.0)
         changes_by_run.append(changes)
+        used_by_run.append(used_changes)
         print(
             f"run {run + 1}: fine-tuned on {', '.join(s.name[:8] for s in corrected)} "
             f"({sum(int(s.labels.max()) for s in corrected)} nuclei): "
             f"{event.iteration} iterations, {(time.perf_counter() - started) / 60:.1f} min wall clock, "
             f"{cpu_minutes:.1f} min CPU time over "
             f"{args.threads} threads; calibrated min confidence {tuned.min_confidence:g}; DSB2018 score change: "
-            + ", ".join(f"{k} {v:+.3f}" for k, v in changes.items()),
+            + ", ".join(f"{k} {v:+.3f}" for k, v in changes.items())
+            + (f"; {verdict}" + ("" if used else ", so the starting model stays in use") if args.validate else ""),
             flush=True,
         )
         results.append(
@@ -163,25 +184,37 @@ def main() -> None:
                 "cpu_minutes": cpu_minutes,
                 "min_confidence": tuned.min_confidence,
                 "changes": changes,
+                "validation": verdict,
+                "used": used,
             }
         )
 
-    held_before, held_after = evaluate(pairs["before"]), evaluate(pairs["after"])
-    mean = {k: float(np.mean([c[k] for c in changes_by_run])) for k in changes_by_run[0]}
-    worst = {k: float(np.min([c[k] for c in changes_by_run])) for k in changes_by_run[0]}
-    print(
-        format_table(
-            {
-                f"{kind} held out ({len(pairs['before'])} over {runs} runs), before": held_before,
-                f"{kind} held out, after": held_after,
-            }
-        )
-    )
+    held_before = evaluate(pairs["before"])
+    tables = {f"{kind} held out ({len(pairs['before'])} over {runs} runs), before": held_before}
+    tables[f"{kind} held out, fine-tuned model"] = evaluate(pairs["after"])
+    if args.validate:
+        tables[f"{kind} held out, the model in use"] = evaluate(pairs["used"])
+    print(format_table(tables))
+    tuned_outcome = summary("fine-tuned model", kind, held_before, pairs["after"], changes_by_run, args)
+    outcomes = {"fine-tuned model": tuned_outcome}
+    if args.validate:
+        outcomes["model in use"] = summary("model in use", kind, held_before, pairs["used"], used_by_run, args)
+    if args.json:
+        result = {"type": kind, "settings": overrides, "images": count, "validate": args.validate, "runs": results}
+        result |= {"held_out_before": held_before.as_dict(), "outcomes": outcomes}
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+def summary(label: str, kind: str, held_before, held_pairs, by_run: list[dict], args) -> dict:
+    """Print the change of one model's scores against the bars, and return it."""
+    held_after = evaluate(held_pairs)
+    mean = {k: float(np.mean([c[k] for c in by_run])) for k in by_run[0]}
+    worst = {k: float(np.min([c[k] for c in by_run])) for k in by_run[0]}
     gain = held_after.kaggle_score - held_before.kaggle_score
     met = gain >= args.gain_bar and all(mean[other] >= -args.harm_bar for other in mean if other != kind)
     print(
-        f"\nDSB2018 score change: {kind} held out {gain:+.3f} (bar >= {args.gain_bar:+g}; by run "
-        + ", ".join(f"{c[kind]:+.3f}" for c in changes_by_run)
+        f"\n{label}, DSB2018 score change: {kind} held out {gain:+.3f} (bar >= {args.gain_bar:+g}; by run "
+        + ", ".join(f"{c[kind]:+.3f}" for c in by_run)
         + "); "
         + ", ".join(
             f"{other} {mean[other]:+.3f} (bar >= {-args.harm_bar:g}; worst run {worst[other]:+.3f})"
@@ -190,20 +223,13 @@ def main() -> None:
         )
         + f"; bars {'met' if met else 'missed'}"
     )
-    if args.json:
-        result = {
-            "type": kind,
-            "settings": overrides,
-            "images": count,
-            "runs": results,
-            "held_out_change": gain,
-            "mean_changes": mean,
-            "worst_changes": worst,
-            "bars_met": met,
-            "held_out_before": held_before.as_dict(),
-            "held_out_after": held_after.as_dict(),
-        }
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    return {
+        "held_out_change": gain,
+        "mean_changes": mean,
+        "worst_changes": worst,
+        "bars_met": met,
+        "held_out_after": held_after.as_dict(),
+    }
 
 
 if __name__ == "__main__":

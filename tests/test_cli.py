@@ -257,6 +257,30 @@ def test_train_fine_tunes_with_the_widget_settings(tmp_path, tiny_checkpoint, ca
     )
 
 
+def test_train_says_when_a_fine_tune_validates_no_better_than_its_start(tmp_path, capsys):
+    """Trained on wrong labels (background marked as nucleus), validated on a correctly labelled image held out by
+    the fine-tuning defaults: the CLI prints both scores and tells the user to keep the starting model."""
+    from napari_nuclei_unet.io import write_labels
+    from napari_nuclei_unet.params import FINETUNE_DEFAULTS
+    from napari_nuclei_unet.training import split_validation
+
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir(), labels.mkdir()
+    names = [f"field{seed}" for seed in range(4)]  # the order the images load in
+    _, held = split_validation(names, FINETUNE_DEFAULTS.val_fraction, FINETUNE_DEFAULTS.seed)
+    for seed, name in enumerate(names):
+        image, truth = nuclei_field((128, 160), count=14, diameter=20, seed=31 + seed)
+        tifffile.imwrite(images / f"{name}.tif", image)
+        write_labels(labels / f"{name}.tif", truth if name in held else (truth == 0).astype(np.int32))
+    out = tmp_path / "wrong"
+    options = ["--epochs", "2", "--iterations", "5", "--patch-size", "64", "--lr", "3e-3", "--distill-weight", "0"]
+    argv = ["train", "--images", str(images), "--labels", str(labels), "--out", str(out), "--model", "default"]
+    assert main([*argv, *options]) == 0
+    printed = capsys.readouterr().out
+    assert "no better: validation score" in printed and "keep segmenting with default" in printed, printed
+    assert (out / "model.safetensors").is_file()  # kept on disk: the user may still want it
+
+
 def test_measurements_are_written_beside_each_label_image(tmp_path, model_dir, image_folder):
     import csv
 

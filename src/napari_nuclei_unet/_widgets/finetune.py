@@ -201,15 +201,6 @@ def _help(name: str) -> str:
     return field_metadata(TrainConfig, name)["help"]
 
 
-def _gain(event: TrainEvent) -> tuple[str, bool | None]:
-    """What validation said of a finished run, and whether it beat the starting model (None: not measured)."""
-    if event.start_score is None or event.best_score is None:
-        return "the gain is unmeasured (no held-out images to validate on: add more pairs to measure it)", None
-    scores = f"validation score {event.best_score:.3f} against {event.start_score:.3f} for the starting model"
-    better = event.best_score > event.start_score
-    return (f"better: {scores}" if better else f"no better: {scores}"), better
-
-
 def _config_control(name: str, label: str):
     """A spin box for a :class:`TrainConfig` field, at its fine-tuning default."""
     return field_control(TrainConfig, name, label, getattr(FINETUNE_DEFAULTS, name))
@@ -531,7 +522,7 @@ class FineTuneWidget(Container):
                 "it)"
             )
             return
-        verdict, better = _gain(event)
+        verdict, better = event.gain()
         if better is False:  # validated, and no better than where it started: kept on disk, not put to use
             self._rejected = str(request.out_dir)
             self.use_anyway_button.visible = self.use_anyway_button.enabled = True
