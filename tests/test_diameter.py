@@ -144,20 +144,43 @@ def test_cli_diameter_number_none_and_bad(tmp_path, capsys):
     assert "--diameter" in capsys.readouterr().err
 
 
-def test_estimation_passes_stop_once_confidence_falls(bundled, monkeypatch):
-    """Confidence 0.80, 0.90, 0.85 at zoom 1, 1/2, 1/4: the 1/2 pass wins and 1/8 never runs."""
+def fake_passes(monkeypatch, measured: dict) -> list[float]:
+    """The estimate's network passes faked: each zoom measures ``measured[zoom]``; returns the zooms run, in order."""
     zooms = []
-    confidences = iter([0.80, 0.90, 0.85, 0.99])
 
     def fake_predict(checkpoint, plane, normalizer, tiling, zoom, progress, cancel):
         zooms.append(zoom)
-        return np.zeros((2, 8, 8), np.float32)
+        return np.full((2, 8, 8), zoom, np.float32)
 
     monkeypatch.setattr(scale_module, "predict_zoomed", fake_predict)
-    monkeypatch.setattr(scale_module, "measure_nuclei", lambda probabilities, outputs: (15.0, next(confidences)))
+    monkeypatch.setattr(
+        scale_module, "measure_nuclei", lambda probabilities, outputs: measured[float(probabilities[0, 0, 0])]
+    )
+    return zooms
+
+
+def test_estimation_passes_stop_once_confidence_falls(bundled, monkeypatch):
+    """Confidence 0.80, 0.90, 0.85 at zoom 1, 1/2, 1/4: the 1/2 pass wins and 1/8 never runs."""
+    zooms = fake_passes(monkeypatch, {1.0: (15.0, 0.80), 0.5: (15.0, 0.90), 0.25: (15.0, 0.85), 0.125: (15.0, 0.99)})
     estimate = estimate_diameter(bundled, np.zeros((512, 512), np.uint8))
-    assert zooms == [1.0, 0.5, 0.25]
+    assert zooms == [0.5, 1.0, 0.25]  # 1/2 first: 15 px there is within the model's band, so zoom 1 runs too
     assert estimate.zoom == 0.5 and estimate.diameter == pytest.approx(30.0)
+
+
+@pytest.mark.parametrize(("at_half", "zoom_one_runs"), [(32.0, True), (33.0, False)])
+def test_nuclei_above_the_band_at_zoom_half_skip_the_zoom_one_pass(bundled, monkeypatch, at_half, zoom_one_runs):
+    """The band's top is 1.6 x the model's ~20 px (32.4 px): nuclei that measure more at zoom 1/2 would be twice
+    that at zoom 1, to be zoomed down whatever that pass says, so it does not run. Zoom 1 would have won here."""
+    top = SIZE_BAND[1] * bundled.nucleus_diameter
+    assert 32.0 < top < 33.0
+    measured = {1.0: (2 * at_half, 0.99), 0.5: (at_half, 0.90), 0.25: (at_half / 2, 0.95), 0.125: (at_half / 4, 0.9)}
+    zooms = fake_passes(monkeypatch, measured)
+    estimate = estimate_diameter(bundled, np.zeros((512, 512), np.uint8))
+    if zoom_one_runs:
+        assert zooms == [0.5, 1.0] and estimate.zoom == 1.0  # 1/2 less confident than 1: 1/4 never runs
+    else:
+        assert zooms == [0.5, 0.25, 0.125] and estimate.zoom == 0.25
+    assert estimate.diameter == pytest.approx(2 * at_half)
 
 
 @pytest.mark.parametrize(
@@ -172,18 +195,8 @@ def test_small_nuclei_merged_at_a_coarser_zoom_are_checked_at_zoom_2(bundled, mo
     at 1/2, means real small nuclei that merged at 1/2. Otherwise zoom 1 saw fragments of large
     nuclei, and the 1/2 pass stands.
     """
-    zooms = []
-    measured = {1.0: (8.0, 0.80), 0.5: (8.0, 0.90), 0.25: (4.0, 0.85), 2.0: at_zoom_2}
-
-    def fake_predict(checkpoint, plane, normalizer, tiling, zoom, progress, cancel):
-        zooms.append(zoom)
-        return np.full((2, 8, 8), zoom, np.float32)
-
-    monkeypatch.setattr(scale_module, "predict_zoomed", fake_predict)
-    monkeypatch.setattr(
-        scale_module, "measure_nuclei", lambda probabilities, outputs: measured[float(probabilities[0, 0, 0])]
-    )
+    zooms = fake_passes(monkeypatch, {1.0: (8.0, 0.80), 0.5: (8.0, 0.90), 0.25: (4.0, 0.85), 2.0: at_zoom_2})
     estimate = estimate_diameter(bundled, np.zeros((512, 512), np.uint8))
-    assert zooms == [1.0, 0.5, 0.25, 2.0]
+    assert zooms == [0.5, 1.0, 0.25, 2.0]
     assert estimate.diameter == pytest.approx(expected)
     assert estimate.zoom == (1.0 if expected == 8.0 else 0.5)

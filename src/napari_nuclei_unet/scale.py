@@ -105,24 +105,37 @@ def estimate_on_plane(
     cancel: CancelCheck | None = None,
 ) -> DiameterEstimate:
     """The nucleus diameter of a plane (stain-converted already), in its own pixels: ``segment.estimate_diameter``."""
-    best, best_confidence, first, native = None, -1.0, None, None
-    zoom = 1.0
-    while zoom >= ZOOM_LIMITS[0] and (zoom == 1.0 or min(plane.shape[:2]) * zoom >= _MIN_PASS_SIDE):
-        crop, whole = _centre_crop(plane, int(np.sqrt(_ESTIMATE_PIXELS) / zoom))
-        probabilities = predict_zoomed(checkpoint, crop, normalizer, tiling, zoom, progress, cancel)
-        kept = probabilities if whole else None
-        first = first or DiameterEstimate(None, zoom, kept)
-        measured = measure_nuclei(probabilities, checkpoint.outputs)
-        if measured is not None and zoom == 1.0:
-            native = DiameterEstimate(measured[0], zoom, kept)
-        if measured is not None and measured[1] > best_confidence:
-            best, best_confidence = DiameterEstimate(measured[0] / zoom, zoom, kept), measured[1]
+    passes: dict[float, tuple[DiameterEstimate, float]] = {}
+
+    def measured_at(zoom: float) -> tuple[DiameterEstimate, float]:
+        """``(estimate, confidence)`` of one pass, run once (probabilities kept when it covers the plane;
+        confidence -1 when it found too few nuclei to measure)."""
+        if zoom not in passes:
+            crop, whole = _centre_crop(plane, int(np.sqrt(_ESTIMATE_PIXELS) / zoom))
+            probabilities = predict_zoomed(checkpoint, crop, normalizer, tiling, zoom, progress, cancel)
+            measured = measure_nuclei(probabilities, checkpoint.outputs)
+            kept = probabilities if whole else None
+            passes[zoom] = (
+                (DiameterEstimate(None, zoom, kept), -1.0)
+                if measured is None
+                else (DiameterEstimate(measured[0] / zoom, zoom, kept), measured[1])
+            )
+        return passes[zoom]
+
+    zooms = _estimation_zooms(plane.shape)
+    if _too_large_for_zoom_one(checkpoint, zooms, measured_at):
+        zooms = zooms[1:]
+    best, best_confidence = None, -1.0
+    for zoom in zooms:
+        estimate, confidence = measured_at(zoom)
+        if estimate.diameter is not None and confidence > best_confidence:
+            best, best_confidence = estimate, confidence
         elif best is not None:  # past the most confident zoom: coarser passes only merge nuclei
             break
-        zoom /= 2
+    native = passes.get(1.0, (DiameterEstimate(None), -1.0))[0]
     if (
         best is not None
-        and native is not None
+        and native.diameter is not None
         and best.zoom < 1.0
         and native.diameter < SIZE_BAND[0] * checkpoint.nucleus_diameter
     ):
@@ -140,7 +153,30 @@ def estimate_on_plane(
             and finer[1] > best_confidence
         ):
             best = native
-    return best or first or DiameterEstimate(None)
+    return best or passes[zooms[0]][0]  # nothing measured: the first pass, for its probabilities
+
+
+def _estimation_zooms(shape: tuple[int, ...]) -> list[float]:
+    """The zooms the size estimate may look at, finest first: 1, 1/2, 1/4, ... while the pass sees enough."""
+    zooms, zoom = [], 1.0
+    while zoom >= ZOOM_LIMITS[0] and (zoom == 1.0 or min(shape[:2]) * zoom >= _MIN_PASS_SIDE):
+        zooms.append(zoom)
+        zoom /= 2
+    return zooms
+
+
+def _too_large_for_zoom_one(checkpoint: Checkpoint, zooms: list[float], measured_at) -> bool:
+    """Whether the zoom-1/2 pass, run first, shows nuclei so large that the zoom-1 pass can be skipped.
+
+    At zoom 1/2 they measure at least the top of the model's size band: at zoom 1 they would be twice
+    that, to be zoomed down whatever that pass says, so it is not run (it costs 4x the zoom-1/2 pass).
+    Small nuclei merged into blobs at zoom 1/2 measure at most half of that on the choosing sets'
+    x0.5 copies (model card).
+    """
+    if len(zooms) < 2:
+        return False
+    estimate, _ = measured_at(zooms[1])
+    return estimate.diameter is not None and estimate.diameter * zooms[1] >= SIZE_BAND[1] * checkpoint.nucleus_diameter
 
 
 def _centre_crop(plane, side: int):

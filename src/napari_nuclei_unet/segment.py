@@ -281,8 +281,10 @@ def estimate_diameter(
     probability) gives the diameter. Confidence rises while the zoom brings nuclei
     towards the training size and falls past it, so the passes stop at the first fall.
     Such merges are caught when the zoom-1 nuclei are small enough to be zoomed up: one
-    pass at zoom 2 checks whether they measure the same there, as real nuclei do. No
-    nuclei found: ``diameter`` is None. (Measurements: docs/model-card.md.)
+    pass at zoom 2 checks whether they measure the same there, as real nuclei do. The zoom-1/2
+    pass runs first: nuclei that measure above the model's size band there are zoomed down
+    whatever zoom 1 would say, so that pass is skipped (4x the pixels). No nuclei found:
+    ``diameter`` is None. (Measurements: docs/model-card.md.)
     """
     params = replace(params or SegmentParams(), diameter=AUTO)
     return resolve(checkpoint, plane, params, progress=progress, cancel=cancel).estimate
