@@ -39,7 +39,7 @@ class TrainEvent:
         (the CLI says so, the Fine-tune widget switches to it), else the user's call with both numbers seen.
         """
         if self.start_score is None or self.best_score is None:
-            return "the gain is unmeasured (no held-out images to validate on: add more pairs to measure it)", None
+            return "the gain is unmeasured (no held-out images to validate on: correct more images to measure it)", None
         scores = f"validation score {self.best_score:.3f} against {self.start_score:.3f} for the starting model"
         better = self.best_score > self.start_score
         return (f"better: {scores}" if better else f"no better: {scores}"), better
