@@ -217,7 +217,7 @@ def resolve(
 
 def _markers_for(checkpoint: Checkpoint, params: SegmentParams, volume: bool) -> str:
     """The model's markers for the image type; a Z-stack's 3D labelling takes distance markers only (boundary
-    markers cost 3D AP@0.5 0.06 on bbbc050_3d: docs/zstacks.md)."""
+    markers cost 3D AP@0.5 0.06 on the 3D choosing set: docs/zstacks.md)."""
     if not volume:
         return checkpoint.markers_for(params.image_type)
     if params.postprocess.markers not in (AUTO, "distance"):
