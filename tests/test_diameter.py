@@ -167,6 +167,30 @@ def test_estimation_passes_stop_once_confidence_falls(bundled, monkeypatch):
     assert estimate.zoom == 0.5 and estimate.diameter == pytest.approx(30.0)
 
 
+def test_estimate_progress_counts_each_pass_by_its_pixels(bundled, monkeypatch):
+    """The zoom-1/2 pass runs first but reads a quarter of the pixels: the bar must not be full before the zoom-1
+    pass, the longest, has moved it (it sat at the end of the estimate's share through that pass)."""
+    measured = {1.0: (15.0, 0.95), 0.5: (15.0, 0.90)}
+    reports = []
+
+    def fake_predict(checkpoint, plane, normalizer, tiling, zoom, progress, cancel):
+        for done in (1, 2, 3, 4):
+            progress(done, 4)
+            reports.append((zoom, done))
+        return np.full((2, 8, 8), zoom, np.float32)
+
+    monkeypatch.setattr(scale_module, "predict_zoomed", fake_predict)
+    monkeypatch.setattr(
+        scale_module, "measure_nuclei", lambda probabilities, outputs: measured[float(probabilities[0, 0, 0])]
+    )
+    shown = []
+    estimate_diameter(bundled, np.zeros((512, 512), np.uint8), progress=lambda done, total: shown.append(done / total))
+    assert [zoom for zoom, _ in reports] == [0.5] * 4 + [1.0] * 4
+    after_half = shown[3]
+    assert 0.15 < after_half / shown[-1] < 0.25  # 1/2 of 512 px is a fifth of the two passes' pixels
+    assert shown == sorted(shown) and len(set(shown[4:])) == 4  # the zoom-1 pass moves it at every tile
+
+
 @pytest.mark.parametrize(("at_half", "zoom_one_runs"), [(32.0, True), (33.0, False)])
 def test_nuclei_above_the_band_at_zoom_half_skip_the_zoom_one_pass(bundled, monkeypatch, at_half, zoom_one_runs):
     """The band's top is 1.6 x the model's ~20 px (32.4 px): nuclei that measure more at zoom 1/2 would be twice

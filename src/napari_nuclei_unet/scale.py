@@ -34,6 +34,7 @@ _SAME_SIZE = 0.15
 # Fewer confidently detected nuclei than this give no estimate.
 _MIN_OBJECTS = 3
 _BOUNDARY_WIDTH = 2  # px: the boundary target's width (train.make_targets)
+_PROGRESS_STEPS = 1000  # the estimate's progress is reported as a share of this
 
 
 def rescale_factor(checkpoint: Checkpoint, diameter: float | None) -> float:
@@ -106,13 +107,16 @@ def estimate_on_plane(
 ) -> DiameterEstimate:
     """The nucleus diameter of a plane (stain-converted already), in its own pixels: ``segment.estimate_diameter``."""
     passes: dict[float, tuple[DiameterEstimate, float]] = {}
+    zooms = _estimation_zooms(plane.shape)
+    bar = _PassProgress(progress, sum(_pass_pixels(plane.shape, zoom) for zoom in zooms[:2]))
 
     def measured_at(zoom: float) -> tuple[DiameterEstimate, float]:
         """``(estimate, confidence)`` of one pass, run once (probabilities kept when it covers the plane;
         confidence -1 when it found too few nuclei to measure)."""
         if zoom not in passes:
             crop, whole = _centre_crop(plane, int(np.sqrt(_ESTIMATE_PIXELS) / zoom))
-            probabilities = predict_zoomed(checkpoint, crop, normalizer, tiling, zoom, progress, cancel)
+            pass_progress = bar.of_pass(_pass_pixels(plane.shape, zoom))
+            probabilities = predict_zoomed(checkpoint, crop, normalizer, tiling, zoom, pass_progress, cancel)
             measured = measure_nuclei(probabilities, checkpoint.outputs)
             kept = probabilities if whole else None
             passes[zoom] = (
@@ -122,7 +126,6 @@ def estimate_on_plane(
             )
         return passes[zoom]
 
-    zooms = _estimation_zooms(plane.shape)
     if _too_large_for_zoom_one(checkpoint, zooms, measured_at):
         zooms = zooms[1:]
     best, best_confidence = None, -1.0
@@ -144,8 +147,9 @@ def estimate_on_plane(
         # zoom 2 sees the same nuclei (real ones measure the same in image pixels) and is more
         # confident than the coarse zoom: fragments of large nuclei can measure the same too.
         crop, _ = _centre_crop(plane, int(np.sqrt(_ESTIMATE_PIXELS) / 2))
+        check = bar.of_pass(_pass_pixels(plane.shape, 2.0))
         finer = measure_nuclei(
-            predict_zoomed(checkpoint, crop, normalizer, tiling, 2.0, progress, cancel), checkpoint.outputs
+            predict_zoomed(checkpoint, crop, normalizer, tiling, 2.0, check, cancel), checkpoint.outputs
         )
         if (
             finer is not None
@@ -154,6 +158,32 @@ def estimate_on_plane(
         ):
             best = native
     return best or passes[zooms[0]][0]  # nothing measured: the first pass, for its probabilities
+
+
+def _pass_pixels(shape: tuple[int, ...], zoom: float) -> float:
+    """Network pixels of the estimation pass at ``zoom`` (on its centre crop)."""
+    side = int(np.sqrt(_ESTIMATE_PIXELS) / zoom)
+    return min(shape[0], side) * min(shape[1], side) * zoom * zoom
+
+
+class _PassProgress:
+    """The size estimate's progress over its passes, each counted by its network pixels: the zoom-1/2 and zoom-1
+    passes, its usual work, fill it (``planned`` pixels); any further pass, or a skipped one, only moves the end."""
+
+    def __init__(self, progress: ProgressCallback | None, planned: float):
+        self.progress, self.planned, self.done = progress, max(planned, 1.0), 0.0
+
+    def of_pass(self, pixels: float) -> ProgressCallback | None:
+        """The ``progress(done, total)`` of the next pass, as a share of the estimate's."""
+        if self.progress is None:
+            return None
+        start, self.done = self.done, self.done + pixels
+
+        def report(done: int, total: int) -> None:
+            share = min(1.0, (start + pixels * done / max(total, 1)) / self.planned)
+            self.progress(int(share * _PROGRESS_STEPS), _PROGRESS_STEPS)
+
+        return report
 
 
 def _estimation_zooms(shape: tuple[int, ...]) -> list[float]:
