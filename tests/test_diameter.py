@@ -150,6 +150,8 @@ def fake_passes(monkeypatch, measured: dict) -> list[float]:
 
     def fake_predict(checkpoint, plane, normalizer, tiling, zoom, progress, cancel):
         zooms.append(zoom)
+        for tile in range(1, 5) if progress is not None else ():  # four tiles a pass
+            progress(tile, 4)
         return np.full((2, 8, 8), zoom, np.float32)
 
     monkeypatch.setattr(scale_module, "predict_zoomed", fake_predict)
@@ -170,24 +172,11 @@ def test_estimation_passes_stop_once_confidence_falls(bundled, monkeypatch):
 def test_estimate_progress_counts_each_pass_by_its_pixels(bundled, monkeypatch):
     """The zoom-1/2 pass runs first but reads a quarter of the pixels: the bar must not be full before the zoom-1
     pass, the longest, has moved it (it sat at the end of the estimate's share through that pass)."""
-    measured = {1.0: (15.0, 0.95), 0.5: (15.0, 0.90)}
-    reports = []
-
-    def fake_predict(checkpoint, plane, normalizer, tiling, zoom, progress, cancel):
-        for done in (1, 2, 3, 4):
-            progress(done, 4)
-            reports.append((zoom, done))
-        return np.full((2, 8, 8), zoom, np.float32)
-
-    monkeypatch.setattr(scale_module, "predict_zoomed", fake_predict)
-    monkeypatch.setattr(
-        scale_module, "measure_nuclei", lambda probabilities, outputs: measured[float(probabilities[0, 0, 0])]
-    )
+    zooms = fake_passes(monkeypatch, {1.0: (15.0, 0.95), 0.5: (15.0, 0.90)})
     shown = []
     estimate_diameter(bundled, np.zeros((512, 512), np.uint8), progress=lambda done, total: shown.append(done / total))
-    assert [zoom for zoom, _ in reports] == [0.5] * 4 + [1.0] * 4
-    after_half = shown[3]
-    assert 0.15 < after_half / shown[-1] < 0.25  # 1/2 of 512 px is a fifth of the two passes' pixels
+    assert zooms == [0.5, 1.0] and len(shown) == 8  # four tiles each
+    assert 0.15 < shown[3] / shown[-1] < 0.25  # 1/2 of 512 px is a fifth of the two passes' pixels
     assert shown == sorted(shown) and len(set(shown[4:])) == 4  # the zoom-1 pass moves it at every tile
 
 

@@ -798,8 +798,8 @@ def cmd_train(args) -> int:
         f"trained {result.iteration} iterations in {result.elapsed / 60:.1f} min on {result.device}; best val DSB "
         f"score {best}{calibrated} -> {out}"
     )
-    verdict, better = result.gain()
     if args.model and not result.cancelled:  # a fine-tune: is it worth using?
+        verdict, better = result.gain()
         worse = f"; keep segmenting with {args.model}, or use {out} at your own risk" if better is False else ""
         print(verdict + worse)
     return 0

@@ -245,7 +245,7 @@ def distance_markers(
     """
     from skimage.morphology import h_maxima
 
-    smooth = ndi.gaussian_filter(distance, smoothing) if np.any(smoothing) else distance  # 0: taken as it is
+    smooth = ndi.gaussian_filter(distance, smoothing)
     objects, count = ndi.label(mask)
     if count == 0:
         return np.zeros(mask.shape, np.int32)

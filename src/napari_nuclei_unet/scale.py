@@ -114,7 +114,7 @@ def estimate_on_plane(
         """``(estimate, confidence)`` of one pass, run once (probabilities kept when it covers the plane;
         confidence -1 when it found too few nuclei to measure)."""
         if zoom not in passes:
-            crop, whole = _centre_crop(plane, int(np.sqrt(_ESTIMATE_PIXELS) / zoom))
+            crop, whole = _centre_crop(plane, _crop_side(zoom))
             pass_progress = bar.of_pass(_pass_pixels(plane.shape, zoom))
             probabilities = predict_zoomed(checkpoint, crop, normalizer, tiling, zoom, pass_progress, cancel)
             measured = measure_nuclei(probabilities, checkpoint.outputs)
@@ -126,7 +126,7 @@ def estimate_on_plane(
             )
         return passes[zoom]
 
-    if _too_large_for_zoom_one(checkpoint, zooms, measured_at):
+    if len(zooms) > 1 and _too_large_for_zoom_one(checkpoint, measured_at(zooms[1])[0]):  # zoom 1/2 runs first
         zooms = zooms[1:]
     best, best_confidence = None, -1.0
     for zoom in zooms:
@@ -136,33 +136,38 @@ def estimate_on_plane(
         elif best is not None:  # past the most confident zoom: coarser passes only merge nuclei
             break
     native = passes.get(1.0, (DiameterEstimate(None), -1.0))[0]
-    if (
-        best is not None
-        and native.diameter is not None
-        and best.zoom < 1.0
-        and native.diameter < SIZE_BAND[0] * checkpoint.nucleus_diameter
-    ):
-        # Nuclei too small for the model can merge into larger blobs at a coarser zoom that
-        # look more confident; zoom 2 is then one more candidate. The small size wins only if
-        # zoom 2 sees the same nuclei (real ones measure the same in image pixels) and is more
-        # confident than the coarse zoom: fragments of large nuclei can measure the same too.
-        crop, _ = _centre_crop(plane, int(np.sqrt(_ESTIMATE_PIXELS) / 2))
-        check = bar.of_pass(_pass_pixels(plane.shape, 2.0))
-        finer = measure_nuclei(
-            predict_zoomed(checkpoint, crop, normalizer, tiling, 2.0, check, cancel), checkpoint.outputs
-        )
-        if (
-            finer is not None
-            and abs(finer[0] / 2.0 / native.diameter - 1.0) < _SAME_SIZE
-            and finer[1] > best_confidence
-        ):
-            best = native
+    if best is not None and native.diameter is not None and best.zoom < 1.0:
+        best = _checked_at_zoom_two(checkpoint, plane, normalizer, tiling, bar, native, best, best_confidence, cancel)
     return best or passes[zooms[0]][0]  # nothing measured: the first pass, for its probabilities
+
+
+def _checked_at_zoom_two(
+    checkpoint, plane, normalizer, tiling, bar, native: DiameterEstimate, best: DiameterEstimate, confidence, cancel
+) -> DiameterEstimate:
+    """``native`` (the zoom-1 estimate) instead of the coarser ``best`` when its nuclei are real small ones.
+
+    Nuclei too small for the model can merge into larger blobs at a coarser zoom that look
+    more confident; zoom 2 is then one more candidate. The small size wins only if zoom 2
+    sees the same nuclei (real ones measure the same in image pixels) and is more confident
+    than the coarse zoom: fragments of large nuclei can measure the same too.
+    """
+    if native.diameter >= SIZE_BAND[0] * checkpoint.nucleus_diameter:
+        return best
+    crop, _ = _centre_crop(plane, _crop_side(2.0))
+    check = bar.of_pass(_pass_pixels(plane.shape, 2.0))
+    finer = measure_nuclei(predict_zoomed(checkpoint, crop, normalizer, tiling, 2.0, check, cancel), checkpoint.outputs)
+    same = finer is not None and abs(finer[0] / 2.0 / native.diameter - 1.0) < _SAME_SIZE
+    return native if same and finer[1] > confidence else best
+
+
+def _crop_side(zoom: float) -> int:
+    """Side, in plane pixels, of the centre crop an estimation pass at ``zoom`` looks at."""
+    return int(np.sqrt(_ESTIMATE_PIXELS) / zoom)
 
 
 def _pass_pixels(shape: tuple[int, ...], zoom: float) -> float:
     """Network pixels of the estimation pass at ``zoom`` (on its centre crop)."""
-    side = int(np.sqrt(_ESTIMATE_PIXELS) / zoom)
+    side = _crop_side(zoom)
     return min(shape[0], side) * min(shape[1], side) * zoom * zoom
 
 
@@ -195,18 +200,15 @@ def _estimation_zooms(shape: tuple[int, ...]) -> list[float]:
     return zooms
 
 
-def _too_large_for_zoom_one(checkpoint: Checkpoint, zooms: list[float], measured_at) -> bool:
-    """Whether the zoom-1/2 pass, run first, shows nuclei so large that the zoom-1 pass can be skipped.
+def _too_large_for_zoom_one(checkpoint: Checkpoint, half: DiameterEstimate) -> bool:
+    """Whether the zoom-1/2 pass shows nuclei so large that the zoom-1 pass can be skipped.
 
     At zoom 1/2 they measure at least the top of the model's size band: at zoom 1 they would be twice
     that, to be zoomed down whatever that pass says, so it is not run (it costs 4x the zoom-1/2 pass).
     Small nuclei merged into blobs at zoom 1/2 measure at most half of that on the choosing sets'
     x0.5 copies (model card).
     """
-    if len(zooms) < 2:
-        return False
-    estimate, _ = measured_at(zooms[1])
-    return estimate.diameter is not None and estimate.diameter * zooms[1] >= SIZE_BAND[1] * checkpoint.nucleus_diameter
+    return half.diameter is not None and half.diameter * half.zoom >= SIZE_BAND[1] * checkpoint.nucleus_diameter
 
 
 def _centre_crop(plane, side: int):
