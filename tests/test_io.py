@@ -2,7 +2,16 @@ import numpy as np
 import pytest
 
 from napari_nuclei_unet import InputError
-from napari_nuclei_unet.io import Normalizer, atomic_write, is_rgb, plane_count, planes, read_image, write_labels
+from napari_nuclei_unet.io import (
+    Normalizer,
+    atomic_write,
+    exact_percentiles,
+    is_rgb,
+    plane_count,
+    planes,
+    read_image,
+    write_labels,
+)
 
 
 @pytest.mark.parametrize(
@@ -68,6 +77,19 @@ def test_bad_images_give_one_line_errors(tmp_path, name, content, message):
         read_image(path)
     assert str(info.value).startswith(str(path)) and message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "dtype, top", [(np.uint8, 2), (np.uint8, 256), (np.uint16, 9), (np.uint16, 65536), (np.float32, 1)]
+)
+def test_exact_percentiles_are_numpys_to_the_last_bit(dtype, top):
+    """The histogram shortcut for 8- and 16-bit images gives np.percentile's numbers exactly, whatever the size and
+    the percentiles (the normaliser's, and arbitrary ones between and at the ends)."""
+    rng = np.random.default_rng(top)
+    for size in (1, 2, 7, 1000, 12345):
+        values = (rng.random((size, 3)) * top).astype(dtype)
+        for q in ((1.0, 99.8), (0.0, 100.0), tuple(rng.uniform(0, 100, 5))):
+            assert np.array_equal(exact_percentiles(values, q), np.percentile(values, q)), (dtype, size, q)
 
 
 def test_missing_file(tmp_path):
