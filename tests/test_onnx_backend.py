@@ -372,3 +372,18 @@ def test_int8_export_widens_the_output_head_to_sixteen_channels_with_the_same_lo
     head_weight = weights[producer[head.input[1]].input[0]]  # the weight behind its DequantizeLinear
     assert channels == 2 and head_weight.dims[0] == 16
     assert onnx_backend.head_widened(widened) is widened  # nothing to widen: returned as it is
+
+
+def test_the_fast_sigmoid_is_scipys_within_a_rounding_step():
+    """Probabilities come from ``0.5 * tanh(x / 2) + 0.5`` (faster): the same as ``expit`` to float32 rounding, in place,
+    and exactly 0 / 1 far out."""
+    from scipy.special import expit
+
+    from napari_nuclei_unet.forward import sigmoid_
+
+    logits = np.concatenate([np.linspace(-120, 120, 100_001), [0.0, -1e-8, 1e-8]]).astype(np.float32)
+    expected = expit(logits.copy())
+    result = sigmoid_(logits)
+    assert result is logits and result.dtype == np.float32
+    assert np.abs(result - expected).max() <= 2.5e-7
+    assert result[0] == 0.0 and result[100_000] == 1.0 and result[-3] == 0.5

@@ -33,13 +33,21 @@ def tta_forward(network, batch, tta: bool, flip):
 
 
 def onnx_forward(network, tta: bool) -> Forward:
-    from scipy.special import expit
-
     def forward(batch: np.ndarray) -> np.ndarray:
         logits = np.ascontiguousarray(tta_forward(network, batch, tta, np.flip), dtype=np.float32)
-        return expit(logits, out=logits)
+        return sigmoid_(logits)
 
     return forward
+
+
+def sigmoid_(logits: np.ndarray) -> np.ndarray:
+    """The logistic function in place, as ``0.5 * tanh(x / 2) + 0.5``: numpy's vectorised tanh makes it ~6x faster
+    than ``scipy.special.expit`` on float32, within one rounding step of it."""
+    logits *= 0.5
+    np.tanh(logits, out=logits)
+    logits *= 0.5
+    logits += 0.5
+    return logits
 
 
 def torch_forward(model, in_channels: int, params: TilingParams) -> tuple[Forward, int]:
