@@ -375,8 +375,8 @@ def test_int8_export_widens_the_output_head_to_sixteen_channels_with_the_same_lo
 
 
 def test_the_fast_sigmoid_is_scipys_within_a_rounding_step():
-    """Probabilities come from ``0.5 * tanh(x / 2) + 0.5`` (faster): the same as ``expit`` to float32 rounding, in place,
-    and exactly 0 / 1 far out."""
+    """Probabilities come from ``0.5 * tanh(x / 2) + 0.5`` (faster): the same as ``expit`` to float32 rounding, in
+    place, and exactly 0 / 1 far out."""
     from scipy.special import expit
 
     from napari_nuclei_unet.forward import sigmoid_
