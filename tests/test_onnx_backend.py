@@ -364,13 +364,14 @@ def test_int8_export_widens_the_output_head_to_sixteen_channels_with_the_same_lo
     batch = torch.from_numpy(np.stack([_image()[:64, :96]] * 3)[None].astype(np.float32) / 255)
     with torch.inference_mode():
         assert torch.equal(widened(batch), model(batch))
-    exported, channels = onnx_backend.to_onnx(widened, 3)
-    graph = onnx.load_from_string(onnx_backend.quantize(exported, 3)).graph
+    network = onnx_backend.cpu_network(model, 3, precision="int8")  # what segmentation runs
+    graph = onnx.load_from_string(network.serialized).graph
     weights = {tensor.name: tensor for tensor in graph.initializer}
     head = [node for node in graph.node if node.op_type == "Conv"][-1]
     producer = {output: node for node in graph.node for output in node.output}
     head_weight = weights[producer[head.input[1]].input[0]]  # the weight behind its DequantizeLinear
-    assert channels == 2 and head_weight.dims[0] == 16
+    assert network.out_channels == 2 and head_weight.dims[0] == 16
+    assert network(batch.numpy()).shape == (1, 2, 64, 96)
     assert onnx_backend.head_widened(widened) is widened  # nothing to widen: returned as it is
 
 
