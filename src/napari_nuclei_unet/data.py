@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
-from .io import IMAGE_SUFFIXES, find_images, read_image
+from .io import IMAGE_SUFFIXES, find_images, read_image, sample_step
 
 
 @dataclass
@@ -43,7 +43,7 @@ def image_type(image: np.ndarray) -> str:
     on each: benchmarks score them separately. Judged on every n-th pixel of large images
     (at most ``_TYPE_SAMPLE`` pixels; the same type on all 673 DSB2018, MoNuSeg, E2F and sample images).
     """
-    step = max(1, int(np.ceil(np.sqrt(image.shape[0] * image.shape[1] / _TYPE_SAMPLE))))
+    step = sample_step(image.shape[0], image.shape[1], _TYPE_SAMPLE)
     array = np.asarray(image[::step, ::step])  # sliced first: a zarr plane is read only there
     colour = array[..., :3].astype(np.float32) if array.ndim == 3 else array[..., None].astype(np.float32)
     grey = colour.mean(axis=-1)

@@ -166,9 +166,9 @@ def _otsu_split(plane) -> tuple[np.ndarray, np.ndarray] | None:
     return values, values > threshold_otsu(values)
 
 
-def sample_step(height: int, width: int) -> int:
-    """Stride that leaves at most ~``_PERCENTILE_SAMPLE`` pixels of a plane: enough for its statistics."""
-    return max(1, int(np.ceil(np.sqrt(height * width / _PERCENTILE_SAMPLE))))
+def sample_step(height: int, width: int, pixels: int = _PERCENTILE_SAMPLE) -> int:
+    """Stride that leaves at most ~``pixels`` pixels of a plane (default: enough for its percentiles)."""
+    return max(1, int(np.ceil(np.sqrt(height * width / pixels))))
 
 
 def exact_percentiles(values: np.ndarray, q) -> np.ndarray:
