@@ -68,8 +68,13 @@ def test_image_types_of_the_val_split(dsb2018):
 
     split = read_split(dsb2018 / "split.csv")
     names = sorted(k for k, v in split.items() if v == "val")
-    types = [image_type(s.image) for s in load_pairs(dsb2018 / "images", dsb2018 / "train_labels.csv", set(names))]
+    images = [s.image for s in load_pairs(dsb2018 / "images", dsb2018 / "train_labels.csv", set(names))]
+    types = [image_type(image) for image in images]
     assert {t: types.count(t) for t in set(types)} == {"fluorescence": 53, "brightfield": 4, "tissue": 10}
+    for image in (image for image, kind in zip(images, types) if kind == "fluorescence"):
+        grey = image[..., :3].mean(-1) if image.ndim == 3 else image
+        for tint in ((0, 0, 1), (0, 1, 0), (1, 0.2, 0.6)):  # pseudo-colours (Hoechst blue, GFP green) stay fluorescence
+            assert image_type((grey[..., None] * np.array(tint)).astype(np.uint8)) == "fluorescence"
     grey_dark = np.zeros((64, 64), np.uint8)
     grey_dark[20:30, 20:30] = 200
     assert image_type(grey_dark) == image_kind(grey_dark) == "fluorescence"

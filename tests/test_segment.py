@@ -113,6 +113,25 @@ def test_auto_stain_reads_the_channel_it_chose(tiny_checkpoint):
     assert not np.array_equal(auto, _probabilities(tiny_checkpoint, tissue, SegmentParams(diameter=None, stain="none")))
 
 
+@pytest.mark.parametrize("tint", [(0, 0, 1), (0, 1, 0), (1, 0, 1), (0.3, 0.6, 1.0)])
+def test_pseudo_coloured_fluorescence_is_read_as_its_grey(tiny_checkpoint, tint):
+    """Hoechst saved blue on black was read as stained tissue (DSB2018 val fluorescence tinted blue: 0.382
+    against 0.678 grey); its brightest channel is the grey image it was rendered from."""
+    from napari_nuclei_unet.segment import resolve
+    from napari_nuclei_unet.synthetic import nuclei_field
+
+    field, _ = nuclei_field((96, 96), count=8, diameter=14, seed=3)
+    grey = (255 * field.astype(np.float32) / float(field.max())).astype(np.uint8)
+    tinted = (grey[..., None] * np.array(tint, np.float32)).astype(np.uint8)
+    params = resolve(tiny_checkpoint, tinted, SegmentParams(diameter=None)).params
+    assert (params.image_type, params.stain) == ("fluorescence", "brightest")
+    auto = _probabilities(tiny_checkpoint, tinted, SegmentParams(diameter=None))
+    assert np.array_equal(auto, _probabilities(tiny_checkpoint, grey, SegmentParams(diameter=None)))
+    as_is = _probabilities(tiny_checkpoint, tinted, SegmentParams(diameter=None, stain="none"))
+    assert not np.array_equal(auto, as_is)
+    assert resolve(tiny_checkpoint, _purple_tissue(), SegmentParams(diameter=None)).params.image_type == "tissue"
+
+
 @pytest.mark.parametrize("kind", ["plane", "large plane", "stack", "z-stack"])
 def test_progress_runs_once_from_zero_to_the_end_over_the_estimate_tiles_and_labelling(kind, monkeypatch):
     """The bar ran 9/9 (the size estimate), then restarted at 1/4 and 1/16, and was full before labelling."""

@@ -33,6 +33,10 @@ class LabelledImage:
 
 
 _TYPE_SAMPLE = 2**18  # pixels that decide an image's type
+# Pseudo-coloured fluorescence: the brightest tenth of its pixels are vivid (a tint: saturation 1 for pure blue or
+# green), where stained tissue's are pale (glass, eosin). Median saturation there: at most 0.47 on the 126 tissue
+# images of DSB2018 and MoNuSeg, at least 0.7 on their fluorescence images tinted (model card).
+_TINT_SATURATION = 0.6
 
 
 def image_type(image: np.ndarray) -> str:
@@ -49,9 +53,18 @@ def image_type(image: np.ndarray) -> str:
     grey = colour.mean(axis=-1)
     saturated = float(np.abs(colour - grey[..., None]).mean()) > 0.02 * max(float(grey.max()), 1.0)
     if saturated:
-        return "tissue"
+        return "fluorescence" if _bright_part_vivid(colour) else "tissue"
     bright_background = float(np.median(grey)) > float(grey.mean()) and float(np.median(grey)) > 0.3 * float(grey.max())
     return "brightfield" if bright_background else "fluorescence"
+
+
+def _bright_part_vivid(colour: np.ndarray) -> bool:
+    """Whether the brightest tenth of the pixels of ``(..., 3)`` float colours are vivid (a pseudo-colour)."""
+    value = colour.max(axis=-1)
+    top = colour[value >= np.percentile(value, 90)]
+    brightest = top.max(axis=-1)
+    saturation = (brightest - top.min(axis=-1)) / np.maximum(brightest, 1e-6)
+    return float(np.median(saturation)) >= _TINT_SATURATION
 
 
 def image_kind(image: np.ndarray) -> str:

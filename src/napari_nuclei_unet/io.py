@@ -116,6 +116,15 @@ def planes(image) -> Iterator:
             yield image[index]
 
 
+def brightest_channel(plane) -> np.ndarray:
+    """Each pixel's brightest colour channel (HSV value) of an RGB plane; a grey plane as it is.
+
+    A pseudo-coloured fluorescence image (Hoechst rendered blue, GFP green) is its grey intensity times one
+    colour: this undoes the colour, whatever it is, and keeps every channel of a merged one."""
+    array = np.asarray(plane)
+    return array if array.ndim == 2 else array[..., :3].max(axis=-1)
+
+
 def hematoxylin(plane) -> np.ndarray:
     """Hematoxylin optical density of a brightfield RGB plane (Ruifrok & Johnston colour deconvolution), float32."""
     from skimage.color import rgb2hed

@@ -624,8 +624,10 @@ def _checked_metadata(path: Path, meta: dict) -> dict:
     if not 0 <= level < 1:
         raise ModelError(f"{path}: postprocess.min_confidence must be in [0, 1), got {level}")
     stains = meta.get("stain_by_image_type") or {}
-    if not isinstance(stains, dict) or not set(stains.values()) <= {"none", "hematoxylin"}:
-        raise ModelError(f"{path}: stain_by_image_type must map image types to none or hematoxylin, got {stains!r}")
+    if not isinstance(stains, dict) or not set(stains.values()) <= {"none", "hematoxylin", "brightest"}:
+        raise ModelError(
+            f"{path}: stain_by_image_type must map image types to none, hematoxylin or brightest, got {stains!r}"
+        )
     markers = meta.get("markers_by_image_type") or {}
     outputs = set((meta.get("config") or {}).get("outputs") or ()) | {"distance"}
     if not isinstance(markers, dict) or not set(markers.values()) <= outputs & {"distance", "boundary", "centre"}:

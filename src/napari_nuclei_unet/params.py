@@ -130,7 +130,7 @@ class PostprocessParams:
 
 
 AUTO = "auto"
-STAINS = (AUTO, "none", "hematoxylin")
+STAINS = (AUTO, "none", "hematoxylin", "brightest")
 IMAGE_TYPES = (AUTO, "fluorescence", "brightfield", "tissue")
 # How a stack's first axis is read: a Z-stack (one 3D labelling) or separate planes (a time-lapse,
 # a set of fields; each plane its own labelling). "auto": the file's or layer's axes say, else planes.
@@ -213,8 +213,10 @@ class SegmentParams:
     stain: str = field(
         default=AUTO,
         metadata={
-            "help": "hematoxylin: segment the hematoxylin channel of RGB images (e.g. DAB immunohistochemistry); none: "
-            "the image as is; auto: what the model does best on for the image type",
+            "help": "hematoxylin: segment the hematoxylin channel of RGB images (e.g. DAB immunohistochemistry); "
+            "brightest: each pixel's brightest colour channel (pseudo-coloured fluorescence: Hoechst in blue, GFP in "
+            "green); none: the image as is; auto: brightest for colour fluorescence, else what the model does best on "
+            "for the image type",
             "choices": STAINS,
         },
     )

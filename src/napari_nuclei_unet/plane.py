@@ -14,7 +14,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .errors import InputError
-from .io import Normalizer, hematoxylin, sample_step
+from .io import Normalizer, brightest_channel, hematoxylin, sample_step
 from .model import Checkpoint
 from .params import AUTO, STAINS, PostprocessParams, SegmentParams
 from .postprocess import drop_small_labels, instances, with_threshold
@@ -78,9 +78,11 @@ class LabelledPlane(NamedTuple):
 
 
 def apply_stain(plane, stain: str):
-    """The plane the network sees: the hematoxylin channel of an RGB plane, or the plane as is."""
+    """The plane the network sees: the hematoxylin or brightest channel of an RGB plane, or the plane as is."""
     if stain == "hematoxylin":
         return hematoxylin(plane)
+    if stain == "brightest":
+        return brightest_channel(plane)
     if stain != "none":
         raise InputError(f"stain must be one of {', '.join(STAINS)}, got {stain!r}")
     return plane
@@ -96,6 +98,8 @@ def resolve_stain(checkpoint: Checkpoint, plane, params: SegmentParams) -> Segme
     stain = params.stain
     if stain == AUTO:
         stain = checkpoint.stain_for(kind) if len(plane.shape) == 3 and plane.shape[-1] in (3, 4) else "none"
+        if kind == "fluorescence" and stain == "none":  # models learn fluorescence grey; its colour is a rendering
+            stain = "brightest"
     return replace(params, image_type=kind, stain=stain)
 
 
