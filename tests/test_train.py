@@ -1,5 +1,7 @@
 """The training core on a generated sample: fast, tiny model, few iterations."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -555,6 +557,27 @@ def test_tint_renders_dark_grey_patches_in_one_pseudo_colour_only():
     tissue = tv_tensors.Image(_tissue_patch())
     for untouched in (brightfield, tissue):  # a bright background or a stain is not fluorescence
         assert torch.equal(RandomTint()(untouched), untouched)
+
+
+def test_uneven_illumination_ramps_the_image_only_across_the_patch():
+    from torchvision import tv_tensors
+
+    from napari_nuclei_unet.training.augment import RandomIllumination, build_augmentation
+    from napari_nuclei_unet.training.config import TrainConfig
+
+    flat = tv_tensors.Image(torch.full((3, 32, 48), 0.5))
+    mask = tv_tensors.Mask(torch.ones(2, 32, 48))
+    dimmed = RandomIllumination().transform(flat, {"angle": 0.0, "additive": False, "strength": 0.4})
+    assert torch.allclose(dimmed[:, :, 0], torch.tensor(0.5)) and torch.allclose(dimmed[:, :, -1], torch.tensor(0.3))
+    assert torch.all(dimmed[:, :, 1:] <= dimmed[:, :, :-1])  # darker from left to right, the same down each column
+    assert torch.equal(dimmed[:, 0], dimmed[:, -1])
+    hazy = RandomIllumination().transform(flat, {"angle": math.pi / 2, "additive": True, "strength": 0.3})
+    assert torch.allclose(hazy[:, 0], torch.tensor(0.5)) and torch.allclose(hazy[:, -1], torch.tensor(0.8))
+    lit, same_mask = RandomIllumination()(flat, mask)
+    assert torch.equal(same_mask, mask) and float(lit.min()) >= 0 and float(lit.max()) <= 1
+    names = lambda config: [type(t).__name__ for t in build_augmentation(config).transforms]  # noqa: E731
+    assert "RandomApply" in names(TrainConfig(uneven_illumination=0.2))
+    assert len(names(TrainConfig(uneven_illumination=0.2))) == len(names(TrainConfig())) + 1  # off by default
 
 
 def test_a_split_csv_is_keyed_by_image_id_or_by_stem(tmp_path):

@@ -289,6 +289,13 @@ class TrainConfig:
         0.0, "extra loss weight of the boundary pixels where two nuclei touch (0: off)", min=0.0, max=50.0, step=0.5
     )
     blur_noise: float = _train(0.2, "share of patches blurred, and of patches with added noise")
+    noise_sigma: float = _train(
+        0.08, "strongest added noise (standard deviation, in normalised intensity)", min=0.0, max=0.5, step=0.01
+    )
+    # Widefield fields are rarely lit evenly: vignetting, uneven excitation, out-of-focus haze.
+    uneven_illumination: float = _train(
+        0.0, "share of patches lit unevenly: a smooth ramp of brightness or background across the patch (0: off)"
+    )
     invert_grey: float = _train(0.15, "share of grey patches shown inverted (fluorescence as brightfield and back)")
     # Fluorescence is often saved pseudo-coloured (Hoechst as blue on black, GFP as green).
     tint_grey: float = _train(0.0, "share of grey patches shown tinted blue, green, red or magenta (pseudo-colour)")

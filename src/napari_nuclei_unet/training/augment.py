@@ -148,6 +148,35 @@ class RandomNoise(v2.Transform):
         return tv_tensors.wrap(noisy.clamp(0, 1), like=inpt)
 
 
+class RandomIllumination(v2.Transform):
+    """Image only: uneven lighting across the patch, as a linear ramp in a random direction that either dims the
+    image (vignetting, uneven excitation: by up to ``dimming``) or adds background (haze: up to ``haze``)."""
+
+    _transformed_types = (tv_tensors.Image,)
+
+    def __init__(self, dimming: float = 0.5, haze: float = 0.3):
+        super().__init__()
+        self.dimming, self.haze = dimming, haze
+
+    def make_params(self, flat_inputs):
+        additive = bool(torch.randint(2, ()))
+        return {
+            "angle": _uniform(0.0, 2.0 * math.pi),
+            "additive": additive,
+            "strength": _uniform(0.0, self.haze if additive else self.dimming),
+        }
+
+    def transform(self, inpt, params):
+        height, width = inpt.shape[-2:]
+        y = torch.linspace(-0.5, 0.5, height, dtype=inpt.dtype)[:, None]
+        x = torch.linspace(-0.5, 0.5, width, dtype=inpt.dtype)[None, :]
+        along = x * math.cos(params["angle"]) + y * math.sin(params["angle"])
+        ramp = (along - along.min()) / max(float(along.max() - along.min()), 1e-6)  # 0 .. 1 across the patch
+        field = params["strength"] * ramp
+        lit = inpt + field if params["additive"] else inpt * (1.0 - field)
+        return tv_tensors.wrap(lit.clamp(0, 1), like=inpt)
+
+
 def build_augmentation(config: TrainConfig) -> v2.Transform:
     """Joint geometric + image-only stain, intensity, resolution and noise augmentation (torchvision v2)."""
     geometric = [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(), RandomRot90()]
@@ -163,12 +192,15 @@ def build_augmentation(config: TrainConfig) -> v2.Transform:
     degrade = (
         [
             v2.RandomApply([v2.GaussianBlur(7, sigma=(0.3, 1.5))], p=config.blur_noise),
-            v2.RandomApply([RandomNoise()], p=config.blur_noise),
+            v2.RandomApply([RandomNoise((min(0.01, config.noise_sigma), config.noise_sigma))], p=config.blur_noise),
         ]
         if config.blur_noise > 0
         else []
     )
-    return v2.Compose(geometric + resolution + stain + intensity + invert + degrade + tint)
+    lighting = (
+        [v2.RandomApply([RandomIllumination()], p=config.uneven_illumination)] if config.uneven_illumination > 0 else []
+    )
+    return v2.Compose(geometric + resolution + stain + intensity + invert + lighting + degrade + tint)
 
 
 # Background and nucleus colours of the three DSB2018 image types, as normalised model input.
