@@ -202,7 +202,7 @@ def _float32_numpy(tensor) -> np.ndarray:
 # Exported networks kept on disk; the least recently used beyond this many are removed.
 _DISK_CACHE_KEPT = 8
 # Bump when what is exported changes for the same weights (quantisation settings, graph options).
-_EXPORT_FORMAT = 2  # 2: the last three convolutions quantised too, the output head widened
+_EXPORT_FORMAT = 3  # 2: the last three convolutions quantised too, the output head widened; 3: 7-bit weights
 
 
 def cache_folder() -> Path:
@@ -350,6 +350,10 @@ def quantize(exported: bytes, in_channels: int) -> bytes:
     The first convolution (raw pixels in) stays float32. The full-resolution decoder block and
     the output head are quantised too: they take a third of the network's time in float32, and
     quantising them left the choosing sets' scores where they were (docs/performance.md).
+
+    Weights use 7 bits (``reduce_range``): CPUs without VNNI (AVX2, AVX-512 before Cascade Lake) sum pairs of 8-bit
+    products in 16 bits, which saturate with full-range weights on 8-bit activations; with 7 bits they cannot,
+    so every x86-64 CPU computes the same integers. The choosing sets scored the same (docs/performance.md).
     """
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -374,6 +378,7 @@ def quantize(exported: bytes, in_channels: int) -> bytes:
                 Images(),
                 quant_format=QuantFormat.QDQ,
                 per_channel=True,
+                reduce_range=True,
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 nodes_to_exclude=convolutions[:1],
