@@ -1,7 +1,8 @@
 """How models do on images from sources they never saw: the test-only sets, and the choosing sets beside them.
 
     python benchmarks/generalisation.py [--model PATH ...] [--sets cpm15,gbm40,ctc_fluo,val,monuseg_val]
-                                        [--stains auto,none,hematoxylin] [--scales 1,0.5,2] [--json out.json]
+                                        [--stains auto,none,hematoxylin] [--scales 1,0.5,2]
+                                        [--tints blue,green,red,magenta] [--json out.json]
 
 Sets (``../shared/data/README.md`` gives each its role):
 
@@ -18,7 +19,9 @@ Every model runs with the default options (``SegmentParams()``: image type and s
 with the stain forced, which is how the stain each model gets for tissue was chosen (on the
 choosing sets). ``--scales`` adds copies as if imaged at another magnification: x0.5 is the
 2 x 2 block mean of the image with the majority label of each block, x2, x3, ... the image
-bilinear and the labels repeated. The classical baseline (Otsu + watershed) runs beside.
+bilinear and the labels repeated. ``--tints`` adds the set's grey fluorescence images rendered in a
+pseudo-colour (as Hoechst is often saved blue on black), one row per colour. The classical baseline
+(Otsu + watershed) runs beside.
 Prints the Kaggle DSB2018 score and AP@0.5 per set. A benchmark, not a test.
 """
 
@@ -95,6 +98,19 @@ def magnified(sample: LabelledImage, scale: float) -> LabelledImage:
     raise ValueError(f"scale must be 0.5, 1 or a whole number, got {scale}")
 
 
+# Pseudo-colours fluorescence is saved in (``--tints``).
+TINTS = {"blue": (0.0, 0.0, 1.0), "green": (0.0, 1.0, 0.0), "red": (1.0, 0.0, 0.0), "magenta": (1.0, 0.0, 1.0)}
+
+
+def tinted(sample: LabelledImage, colour: tuple[float, float, float]) -> LabelledImage:
+    """A grey image as RGB in one colour: its grey level times ``colour``, in the image's own dtype."""
+    image = sample.image
+    grey = image[..., :3].astype(np.float32).mean(-1) if image.ndim == 3 else image.astype(np.float32)
+    rgb = grey[..., None] * np.asarray(colour, np.float32)
+    rgb = np.round(rgb).astype(image.dtype) if image.dtype.kind in "ui" else rgb.astype(image.dtype)
+    return LabelledImage(sample.name, rgb, sample.labels, sample.roi)
+
+
 # The last commit whose bundled model is v1 (the one before v2 was bundled), and the last with v2 as it shipped
 # (distance markers for every image type).
 V1_REVISION = "e54a6ac~1"
@@ -126,7 +142,8 @@ def side_by_side(results: list[dict]) -> str:
     cells = {(r["set"], r["scale"], r["method"]): f"{r['kaggle_score']:.3f} / {r['ap50']:.3f}" for r in results}
     lines = ["| set | images | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
     for name, scale, images in rows:
-        label = name + ("" if scale == 1.0 else f" x{scale:g}") + (" (test only)" if name in TEST_ONLY else "")
+        test_only = " (test only)" if name.split(" ")[0] in TEST_ONLY else ""
+        label = name + ("" if scale == 1.0 else f" x{scale:g}") + test_only
         lines.append(f"| {label} | {images} | " + " | ".join(cells.get((name, scale, m), "") for m in methods) + " |")
     return "\n".join(lines)
 
@@ -172,6 +189,9 @@ def main() -> None:
         default="1",
         help="magnifications: 0.5, 1 or whole numbers (other than 1 only for gbm40, ctc_fluo, u2os_hoechst)",
     )
+    parser.add_argument(
+        "--tints", default="", help=f"pseudo-colour copies of the grey fluorescence images: {','.join(TINTS)}"
+    )
     parser.add_argument("--no-classical", action="store_true")
     parser.add_argument("--json", default=None)
     run(parser.parse_args())
@@ -204,13 +224,18 @@ def run(
     if not args.no_classical:
         methods["classical"] = lambda image: (classical_segment(image), {})
     results = []
+    for name, samples in list(sets.items()):
+        for tint in filter(None, getattr(args, "tints", "").split(",")):
+            fluorescence = [s for s in samples if not name.startswith("val_") and image_type(s.image) == "fluorescence"]
+            if fluorescence:
+                sets[f"{name} {tint}"] = [tinted(s, TINTS[tint]) for s in fluorescence]
     for name, samples in sets.items():
         for scale in scales:
             if scale != 1.0 and name not in ("gbm40", "ctc_fluo", "u2os_hoechst"):
                 continue
             copies = [magnified(s, scale) for s in samples]
             for method, predict in methods.items():
-                partial = name in PARTIALLY_LABELLED
+                partial = name.split(" ")[0] in PARTIALLY_LABELLED
                 row = {"set": name, "scale": scale, "method": method, **score(predict, copies, partial)}
                 results.append(row)
                 print(
