@@ -297,6 +297,23 @@ def test_zoom_to_reference_shows_nuclei_at_the_zoom_segmentation_uses(tiny_check
     assert _reference_zooms(tiny_checkpoint, [large]) == [1.0]  # no reference: as before
 
 
+def test_training_reads_pseudo_coloured_fluorescence_as_segmentation_does():
+    """A fine-tune on a Hoechst image saved blue on black learns from the grey the network is shown when segmenting
+    it, not from a colour it never sees."""
+    from napari_nuclei_unet.training.sampler import PatchSampler
+
+    image, labels = nuclei_field((96, 96), count=8, seed=4)
+    grey = (255 * image.astype(np.float32) / float(image.max())).astype(np.uint8)
+    blue = np.stack([np.zeros_like(grey), np.zeros_like(grey), grey], -1)
+    config = TrainConfig(patch_size=96, batch_size=1, augment=False)
+    samplers = [
+        PatchSampler([LabelledImage(name, pixels, labels)], config, 3, (1.0, 99.8), np.random.default_rng(0))
+        for name, pixels in (("grey", grey), ("blue", blue))
+    ]
+    assert [s.types for s in samplers] == [["fluorescence"], ["fluorescence"]]
+    assert torch.equal(samplers[0].images[0], samplers[1].images[0])
+
+
 def test_restyle_redraws_patches_as_the_other_image_types():
     from napari_nuclei_unet.data import image_type
     from napari_nuclei_unet.training.sampler import PatchSampler

@@ -9,7 +9,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from ..data import LabelledImage, image_type, median_diameter
-from ..io import Normalizer
+from ..io import Normalizer, brightest_channel
 from ..model import Checkpoint
 from .augment import LOOKS, build_augmentation, nuclear_signal, signal_levels
 from .config import TrainConfig
@@ -33,11 +33,16 @@ class PatchSampler:
         self.outputs = outputs  # the model's, in order: the loss targets follow them
         self.rng = rng
         self.zooms = zooms or [1.0] * len(samples)  # per image, before the scale augmentation
+        self.types = [image_type(s.image) for s in samples]
+        # Colour fluorescence as segmentation reads it (plane.resolve_stain): the grey it was rendered from.
+        images = [
+            brightest_channel(sample.image) if kind == "fluorescence" else sample.image
+            for sample, kind in zip(samples, self.types)
+        ]
         self.images = [
-            torch.from_numpy(Normalizer.from_image(s.image, in_channels, percentiles)(s.image)) for s in samples
+            torch.from_numpy(Normalizer.from_image(image, in_channels, percentiles)(image)) for image in images
         ]
         self.targets = [torch.from_numpy(make_targets(s.labels, s.roi)) for s in samples]
-        self.types = [image_type(s.image) for s in samples]
         self.weights = patch_weights(
             [s.labels.size for s in samples], self.types if config.balance_image_types else None, config.patch_size
         )
