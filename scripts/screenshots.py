@@ -5,7 +5,8 @@
 Each picture is the whole window (``viewer.screenshot(canvas_only=False)``) after driving
 the widgets the way a user would, in a 1600 x 1000 window. The last ones open real DSB2018
 images by file (64-character names, as DSB2018's are), an H&E-stained one and a fluorescence
-one, segment them with the defaults with both widgets docked, at 1280 x 800 and 1600 x 1000,
+one, segment them with the defaults with both widgets docked, at 1280 x 800 and 1600 x 1000 (and the fluorescence
+one saved blue on black),
 and show the Fine-tune tab after Add pair; then a Z-stack labelled in 3D and a time-lapse labelled
 frame by frame (they need ``../shared/data/dsb2018``; skipped without it).
 """
@@ -50,11 +51,12 @@ def segment(widget) -> None:
     wait_for(widget, lambda: widget._worker is None)
 
 
-def save(viewer, path: Path) -> None:
+def save(viewer, path: Path, bottom: bool = False) -> None:
     from qtpy.QtWidgets import QScrollArea
 
     for dock in viewer.window._qt_window.findChildren(QScrollArea):  # the docked widgets, scrolled to their top
-        dock.verticalScrollBar().setValue(0)
+        bar = dock.verticalScrollBar()
+        bar.setValue(bar.maximum() if bottom else 0)  # or to the bottom, where the status line is
     for _ in range(10):
         QApplication.processEvents()
     viewer.screenshot(str(path), canvas_only=False)
@@ -67,10 +69,11 @@ def main() -> None:
     parser.add_argument("--dsb-only", action="store_true", help="only the DSB2018 views at both window sizes")
     parser.add_argument("--zoo-only", action="store_true", help="only the Model Zoo package views at both window sizes")
     parser.add_argument("--stacks-only", action="store_true", help="only the Z-stack and time-lapse views")
+    parser.add_argument("--tint-only", action="store_true", help="only the pseudo-coloured fluorescence view")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    only = {"dsb_only": dsb_views, "zoo_only": zoo_views, "stacks_only": stack_views}
+    only = {"dsb_only": dsb_views, "zoo_only": zoo_views, "stacks_only": stack_views, "tint_only": tint_views}
     chosen = [views for flag, views in only.items() if getattr(args, flag)]
     if chosen:
         for size in WINDOW_SIZES:
@@ -178,6 +181,7 @@ def main() -> None:
     if DSB2018.is_dir():
         for size in WINDOW_SIZES:
             dsb_views(out, size)
+            tint_views(out, size)
             stack_views(out, size)
             if ZOO_PACKAGE.is_dir():
                 zoo_views(out, size)
@@ -207,12 +211,37 @@ def dsb_views(out: Path, size: tuple[int, int]) -> None:
     viewer.close()
 
 
-def open_and_segment(viewer, widget, tune, name: str) -> None:
-    """Open a DSB2018 image by file, segment it with the Segment widget, show its nuclei and the Segment tab."""
-    viewer.open(str(DSB2018 / f"{name}.png"))
+def tint_views(out: Path, size: tuple[int, int]) -> None:
+    """The DSB2018 fluorescence image saved blue on black (as Hoechst often is), opened by file and segmented with the
+    defaults: the status line says it was read as fluorescence, through its brightest channel."""
+    from PIL import Image
+
+    from napari_nuclei_unet.io import read_image
+
+    folder = Path(tempfile.mkdtemp())
+    grey = read_image(DSB2018 / f"{DSB_FLUORESCENCE}.png")
+    grey = grey[..., :3].mean(-1) if grey.ndim == 3 else grey
+    blue = np.zeros((*grey.shape, 3), np.uint8)
+    blue[..., 2] = np.round(grey).astype(np.uint8)
+    Image.fromarray(blue).save(folder / f"{DSB_FLUORESCENCE}.png")
+    viewer = napari.Viewer(title="napari-nuclei-unet")
+    viewer.window._qt_window.resize(*size)
+    _dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment nuclei")
+    wait_for(widget, lambda: "runs on" in widget.model.summary.value)
+    open_and_segment(viewer, widget, None, DSB_FLUORESCENCE, folder)
+    save(viewer, out / f"16-pseudo-colour-{size[0]}x{size[1]}.png", bottom=True)
+    print(f"pseudo-colour {size}: {widget.status.value}")
+    viewer.close()
+
+
+def open_and_segment(viewer, widget, tune, name: str, folder: Path = DSB2018) -> None:
+    """Open an image by file (a DSB2018 one by default), segment it with the Segment widget, show its nuclei and the
+    Segment tab (``tune``: the Fine-tune widget, told of the new layers; None when not docked)."""
+    viewer.open(str(folder / f"{name}.png"))
     widget.image_layer.value = viewer.layers[name]
     segment(widget)
-    tune.reset_choices()
+    if tune is not None:
+        tune.reset_choices()
     viewer.layers.selection.active = viewer.layers[f"{name} nuclei"]
     viewer.reset_view()
     widget.native.parentWidget().parentWidget().parentWidget().raise_()  # the Segment tab: its status line

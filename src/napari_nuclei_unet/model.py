@@ -348,7 +348,7 @@ class Checkpoint:
 
     def summary(self) -> str:
         """One line for the user: name, architecture, training data and headline metric."""
-        parts = [self.name, self.network.describe(), "+".join(self.outputs)]
+        parts = [self.name, self.network.describe(), " + ".join(self.outputs)]
         training = self.metadata.get("training", {})
         if training.get("data"):
             parts.append(f"trained on {training['data']}")
