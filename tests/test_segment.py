@@ -132,6 +132,33 @@ def test_pseudo_coloured_fluorescence_is_read_as_its_grey(tiny_checkpoint, tint)
     assert resolve(tiny_checkpoint, _purple_tissue(), SegmentParams(diameter=None)).params.image_type == "tissue"
 
 
+def test_a_lazy_colour_plane_is_converted_only_where_it_is_read():
+    """A large pseudo-coloured zarr or dask plane must not be read whole to take its brightest channel."""
+    from napari_nuclei_unet.plane import apply_stain
+
+    rgb = np.random.default_rng(5).integers(0, 255, (300, 200, 3), dtype=np.uint8)
+    reads = []
+
+    class Lazy:  # a zarr-like array: slicing reads, nothing else does
+        shape, ndim, dtype = rgb.shape, 3, rgb.dtype
+
+        def __getitem__(self, key):
+            reads.append(rgb[key].shape[:2])
+            return rgb[key]
+
+    for stain, convert in (("brightest", lambda a: a.max(-1)), ("hematoxylin", None)):
+        seen = apply_stain(Lazy(), stain)
+        assert seen.shape == (300, 200) and seen.ndim == 2 and reads == []
+        crop = seen[40:90, 10:30]
+        expected = convert(rgb[40:90, 10:30]) if convert else apply_stain(rgb[40:90, 10:30], stain)
+        assert np.array_equal(crop, expected) and reads == [(50, 20)]
+        reads.clear()
+    assert np.array_equal(np.asarray(apply_stain(Lazy(), "brightest")), rgb.max(-1))
+    assert np.array_equal(apply_stain(rgb, "brightest"), rgb.max(-1))  # numpy: converted at once
+    with pytest.raises(InputError, match="RGB"):
+        apply_stain(Lazy()[:, :, 0], "hematoxylin")
+
+
 @pytest.mark.parametrize("kind", ["plane", "large plane", "stack", "z-stack"])
 def test_progress_runs_once_from_zero_to_the_end_over_the_estimate_tiles_and_labelling(kind, monkeypatch):
     """The bar ran 9/9 (the size estimate), then restarted at 1/4 and 1/16, and was full before labelling."""

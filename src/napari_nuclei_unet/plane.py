@@ -78,14 +78,34 @@ class LabelledPlane(NamedTuple):
 
 
 def apply_stain(plane, stain: str):
-    """The plane the network sees: the hematoxylin or brightest channel of an RGB plane, or the plane as is."""
-    if stain == "hematoxylin":
-        return hematoxylin(plane)
-    if stain == "brightest":
-        return brightest_channel(plane)
-    if stain != "none":
+    """The plane the network sees: the hematoxylin or brightest channel of an RGB plane, or the plane as is.
+
+    A lazy (dask, zarr) plane stays lazy: the channel is computed on what is read from it."""
+    conversions = {"hematoxylin": hematoxylin, "brightest": brightest_channel}
+    if stain == "none":
+        return plane
+    if stain not in conversions:
         raise InputError(f"stain must be one of {', '.join(STAINS)}, got {stain!r}")
-    return plane
+    if isinstance(plane, np.ndarray) or len(plane.shape) != 3:
+        return conversions[stain](plane)
+    return _Converted(plane, conversions[stain])
+
+
+class _Converted:
+    """A lazy RGB plane seen through a per-pixel colour conversion: each read converts only what it reads."""
+
+    ndim = 2
+
+    def __init__(self, plane, convert):
+        self.plane, self.convert = plane, convert
+        self.shape = tuple(plane.shape[:2])
+
+    def __getitem__(self, key):
+        return self.convert(np.asarray(self.plane[key]))
+
+    def __array__(self, dtype=None, copy=None):
+        converted = self[:, :]
+        return converted if dtype is None else converted.astype(dtype)
 
 
 def resolve_stain(checkpoint: Checkpoint, plane, params: SegmentParams) -> SegmentParams:
@@ -97,8 +117,9 @@ def resolve_stain(checkpoint: Checkpoint, plane, params: SegmentParams) -> Segme
         kind = image_type(plane)  # reads a sample of the plane
     stain = params.stain
     if stain == AUTO:
-        stain = checkpoint.stain_for(kind) if len(plane.shape) == 3 and plane.shape[-1] in (3, 4) else "none"
-        if kind == "fluorescence" and stain == "none":  # models learn fluorescence grey; its colour is a rendering
+        colour = len(plane.shape) == 3 and plane.shape[-1] in (3, 4)
+        stain = checkpoint.stain_for(kind) if colour else "none"
+        if colour and kind == "fluorescence" and stain == "none":  # models learn it grey; its colour is a rendering
             stain = "brightest"
     return replace(params, image_type=kind, stain=stain)
 
