@@ -168,12 +168,16 @@ def test_int8_network_is_quantised_and_stays_close_to_float32(tiny_checkpoint):
     quantised_weights = [node.input[1] in dequantised for node in graph.node if node.op_type == "Conv"]
     assert len(quantised_weights) > 4
     assert not quantised_weights[0] and all(quantised_weights[1:])
-    # 7-bit weights: a pair of products with 8-bit activations (CPUs without VNNI add two in 16 bits) never saturates.
+    # Full-range 8-bit weights; 7 bits where a pair of products with 8-bit activations is added in 16 bits (x86
+    # without VNNI), which then never saturates.
     from onnx import numpy_helper
 
-    weights = [numpy_helper.to_array(t) for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
-    assert len(weights) >= len(quantised_weights) - 1
-    assert 2 * 255 * max(int(np.abs(w.astype(np.int32)).max()) for w in weights) <= 32767
+    for bits, largest in ((8, 127), (7, 64)):
+        graph = onnx.load_from_string(onnx_backend.quantize(onnx_backend.to_onnx(model, 3)[0], 3, bits)).graph
+        weights = [numpy_helper.to_array(t) for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
+        assert len(weights) >= len(quantised_weights) - 1
+        assert max(int(np.abs(w.astype(np.int32)).max()) for w in weights) == largest
+    assert 2 * 255 * 64 <= 32767
 
     normalizer = Normalizer.from_image(_image(), 3)
     int8, float32 = (
@@ -181,6 +185,23 @@ def test_int8_network_is_quantised_and_stays_close_to_float32(tiny_checkpoint):
     )
     assert int8.shape == float32.shape == (2, 200, 330)
     assert np.abs(int8 - float32).mean() < 0.02
+
+
+def test_weights_are_seven_bit_only_on_x86_without_vnni(monkeypatch):
+    """The bits follow the CPU, and name the export: a cache shared by two machines keeps both."""
+    import platform
+
+    int8, float32 = {}, set()
+    for machine, vnni, bits in (("x86_64", False, 7), ("AMD64", True, 8), ("arm64", False, 8)):
+        onnx_backend.weight_bits.cache_clear()
+        monkeypatch.setattr(platform, "machine", lambda machine=machine: machine)
+        monkeypatch.setattr(onnx_backend, "_has_vnni", lambda vnni=vnni: vnni)
+        assert onnx_backend.weight_bits() == bits
+        int8.setdefault(bits, set()).add(onnx_backend.export_name("digest", 3, "int8"))
+        float32.add(onnx_backend.export_name("digest", 3, "float32"))
+    onnx_backend.weight_bits.cache_clear()
+    assert len(int8[7]) == len(int8[8]) == 1 and int8[7] != int8[8]
+    assert len(float32) == 1  # float32 does not depend on the CPU
 
 
 def test_int8_segments_the_sample_as_float32_does():

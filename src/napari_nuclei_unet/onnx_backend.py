@@ -20,6 +20,7 @@ import collections
 import contextlib
 import functools
 import hashlib
+import importlib
 import io
 import logging
 import os
@@ -176,7 +177,8 @@ def export_name(weights: str, in_channels: int, precision: str) -> str:
     """Names one export: the weights' digest and what else shapes the exported graph."""
     import onnxruntime
 
-    versions = f"{_EXPORT_FORMAT}|{_OPSET}|{_torch_version()}|{onnxruntime.__version__}|{in_channels}|{precision}"
+    bits = f"|{weight_bits()}-bit weights" if precision == "int8" else ""
+    versions = f"{_EXPORT_FORMAT}|{_OPSET}|{_torch_version()}|{onnxruntime.__version__}|{in_channels}|{precision}{bits}"
     return f"{weights}-{hashlib.blake2b(versions.encode(), digest_size=8).hexdigest()}"
 
 
@@ -202,7 +204,7 @@ def _float32_numpy(tensor) -> np.ndarray:
 # Exported networks kept on disk; the least recently used beyond this many are removed.
 _DISK_CACHE_KEPT = 8
 # Bump when what is exported changes for the same weights (quantisation settings, graph options).
-_EXPORT_FORMAT = 3  # 2: the last three convolutions quantised too, the output head widened; 3: 7-bit weights
+_EXPORT_FORMAT = 3  # 2: the last three convolutions quantised too, the output head widened; 3: weight_bits()
 
 
 def cache_folder() -> Path:
@@ -248,7 +250,7 @@ def _export(model: torch.nn.Module, in_channels: int, threads: int, precision: s
     quantised = False
     if precision == "int8":
         try:
-            exported, quantised = quantize(exported, in_channels), True
+            exported, quantised = quantize(exported, in_channels, weight_bits()), True
         except Exception as error:  # an op the quantiser cannot handle: float32 still works
             warnings.warn(f"8-bit quantisation failed, running float32 ({error})", RuntimeWarning, stacklevel=5)
     return _session(exported, out_channels, quantised, threads)
@@ -342,7 +344,34 @@ def to_onnx(model: torch.nn.Module, in_channels: int) -> tuple[bytes, int]:
     return buffer.getvalue(), out_channels
 
 
-def quantize(exported: bytes, in_channels: int) -> bytes:
+@functools.cache
+def weight_bits() -> int:
+    """Bits of the 8-bit network's weights on this CPU: 7 on x86 CPUs without VNNI, 8 elsewhere.
+
+    Without VNNI (AVX2, AVX-512 before Cascade Lake) x86 CPUs add pairs of 8-bit products in 16 bits, which
+    saturate with full-range weights on 8-bit activations; 7-bit weights cannot. VNNI and ARM sum in 32 bits,
+    where 8 bits are the more precise (docs/performance.md)."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return 8
+    return 8 if _has_vnni() else 7
+
+
+def _has_vnni() -> bool:
+    """Whether this x86 CPU has VNNI (AVX-512 VNNI as numpy sees it, or AVX-VNNI as Linux lists it)."""
+    for module in ("numpy._core._multiarray_umath", "numpy.core._multiarray_umath"):  # numpy 2, numpy 1
+        with contextlib.suppress(ImportError, AttributeError):
+            if importlib.import_module(module).__cpu_features__.get("AVX512VNNI"):
+                return True
+            break
+    try:
+        return " avx_vnni" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def quantize(exported: bytes, in_channels: int, bits: int = 8) -> bytes:
     """The float32 ONNX network with 8-bit weights and activations (static, QDQ, per-channel weights).
 
     Activation ranges come from generated nuclei images (:func:`calibration_images`), so
@@ -351,9 +380,7 @@ def quantize(exported: bytes, in_channels: int) -> bytes:
     the output head are quantised too: they take a third of the network's time in float32, and
     quantising them left the choosing sets' scores where they were (docs/performance.md).
 
-    Weights use 7 bits (``reduce_range``): CPUs without VNNI (AVX2, AVX-512 before Cascade Lake) sum pairs of 8-bit
-    products in 16 bits, which saturate with full-range weights on 8-bit activations; with 7 bits they cannot,
-    so every x86-64 CPU computes the same integers. The choosing sets scored the same (docs/performance.md).
+    ``bits``: 8, or 7 (ONNX Runtime's ``reduce_range``) for CPUs that would saturate (:func:`weight_bits`).
     """
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -378,7 +405,7 @@ def quantize(exported: bytes, in_channels: int) -> bytes:
                 Images(),
                 quant_format=QuantFormat.QDQ,
                 per_channel=True,
-                reduce_range=True,
+                reduce_range=bits == 7,
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 nodes_to_exclude=convolutions[:1],
