@@ -2,7 +2,8 @@
 
     python benchmarks/generalisation.py [--model PATH ...] [--sets cpm15,gbm40,ctc_fluo,val,monuseg_val]
                                         [--stains auto,none,hematoxylin] [--scales 1,0.5,2]
-                                        [--tints blue,green,red,magenta] [--json out.json]
+                                        [--tints blue,green,red,magenta] [--degrade shot-noise,uneven]
+                                        [--json out.json]
 
 Sets (``../shared/data/README.md`` gives each its role):
 
@@ -20,7 +21,8 @@ with the stain forced, which is how the stain each model gets for tissue was cho
 choosing sets). ``--scales`` adds copies as if imaged at another magnification: x0.5 is the
 2 x 2 block mean of the image with the majority label of each block, x2, x3, ... the image
 bilinear and the labels repeated. ``--tints`` adds the set's grey fluorescence images rendered in a
-pseudo-colour (as Hoechst is often saved blue on black), one row per colour. The classical baseline
+pseudo-colour (as Hoechst is often saved blue on black), one row per colour; ``--degrade`` adds them
+with heavy shot noise (a few photons) or lit unevenly (a background ramp). The classical baseline
 (Otsu + watershed) runs beside.
 Prints the Kaggle DSB2018 score and AP@0.5 per set. A benchmark, not a test.
 """
@@ -111,6 +113,22 @@ def tinted(sample: LabelledImage, colour: tuple[float, float, float]) -> Labelle
     return LabelledImage(sample.name, rgb, sample.labels, sample.roi)
 
 
+def degraded(sample: LabelledImage, how: str) -> LabelledImage:
+    """A grey image as a worse microscope would give it: ``shot-noise`` (Poisson, a quarter of a photon per grey
+    level, as a short exposure) or ``uneven`` (a background ramp from 0 to a quarter of the image's range, left to
+    right, as uneven illumination or haze). Deterministic; uint8 out."""
+    image = sample.image
+    grey = image[..., :3].astype(np.float32).mean(-1) if image.ndim == 3 else image.astype(np.float32)
+    grey = 255.0 * (grey - grey.min()) / max(float(np.ptp(grey)), 1e-6)
+    if how == "shot-noise":
+        out = np.random.default_rng(0).poisson(grey / 4.0 + 2.0) * 4.0
+    elif how == "uneven":
+        out = grey + np.linspace(0.0, 64.0, grey.shape[1], dtype=np.float32)[None, :]
+    else:
+        raise ValueError(f"unknown degradation {how!r}")
+    return LabelledImage(sample.name, np.clip(out, 0, 255).astype(np.uint8), sample.labels, sample.roi)
+
+
 # The last commit whose bundled model is v1 (the one before v2 was bundled), and the last with v2 as it shipped
 # (distance markers for every image type).
 V1_REVISION = "e54a6ac~1"
@@ -192,6 +210,9 @@ def main() -> None:
     parser.add_argument(
         "--tints", default="", help=f"pseudo-colour copies of the grey fluorescence images: {','.join(TINTS)}"
     )
+    parser.add_argument(
+        "--degrade", default="", help="degraded copies of the grey fluorescence images: shot-noise,uneven"
+    )
     parser.add_argument("--no-classical", action="store_true")
     parser.add_argument("--json", default=None)
     run(parser.parse_args())
@@ -225,10 +246,13 @@ def run(
         methods["classical"] = lambda image: (classical_segment(image), {})
     results = []
     for name, samples in list(sets.items()):
+        fluorescence = [s for s in samples if not name.startswith("val_") and image_type(s.image) == "fluorescence"]
+        if not fluorescence:
+            continue
         for tint in filter(None, getattr(args, "tints", "").split(",")):
-            fluorescence = [s for s in samples if not name.startswith("val_") and image_type(s.image) == "fluorescence"]
-            if fluorescence:
-                sets[f"{name} {tint}"] = [tinted(s, TINTS[tint]) for s in fluorescence]
+            sets[f"{name} {tint}"] = [tinted(s, TINTS[tint]) for s in fluorescence]
+        for how in filter(None, getattr(args, "degrade", "").split(",")):
+            sets[f"{name} {how}"] = [degraded(s, how) for s in fluorescence]
     for name, samples in sets.items():
         for scale in scales:
             if scale != 1.0 and name not in ("gbm40", "ctc_fluo", "u2os_hoechst"):
