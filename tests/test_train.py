@@ -637,9 +637,11 @@ def test_validate_by_type_scores_each_image_type_apart(tiny_checkpoint, monkeypa
 
     samples = [LabelledImage(f"s{i}", *nuclei_field((64, 64), count=4, seed=i)) for i in range(3)]
     tissue = samples[2]
+    signal = tissue.image.astype(np.float32)[..., None] / float(tissue.image.max())
+    pink, purple = np.array([235, 190, 215]), np.array([90, 40, 150])
     samples[2] = LabelledImage(
-        "rgb", np.stack([tissue.image, tissue.image // 3, tissue.image], -1), tissue.labels
-    )  # purple-ish: stained tissue
+        "rgb", (pink + (purple - pink) * signal).astype(np.uint8), tissue.labels
+    )  # purple nuclei on pink: stained tissue (purple on black would be pseudo-coloured fluorescence)
 
     class Perfect:  # labels exactly the truth for the grey images, nothing for the coloured one
         def __init__(self, image):
