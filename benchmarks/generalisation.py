@@ -104,11 +104,15 @@ def magnified(sample: LabelledImage, scale: float) -> LabelledImage:
 TINTS = {"blue": (0.0, 0.0, 1.0), "green": (0.0, 1.0, 0.0), "red": (1.0, 0.0, 0.0), "magenta": (1.0, 0.0, 1.0)}
 
 
+def _grey(image: np.ndarray) -> np.ndarray:
+    """A grey (or grey saved as RGB) image as float32 ``(Y, X)``."""
+    return image[..., :3].astype(np.float32).mean(-1) if image.ndim == 3 else image.astype(np.float32)
+
+
 def tinted(sample: LabelledImage, colour: tuple[float, float, float]) -> LabelledImage:
     """A grey image as RGB in one colour: its grey level times ``colour``, in the image's own dtype."""
     image = sample.image
-    grey = image[..., :3].astype(np.float32).mean(-1) if image.ndim == 3 else image.astype(np.float32)
-    rgb = grey[..., None] * np.asarray(colour, np.float32)
+    rgb = _grey(image)[..., None] * np.asarray(colour, np.float32)
     rgb = np.round(rgb).astype(image.dtype) if image.dtype.kind in "ui" else rgb.astype(image.dtype)
     return LabelledImage(sample.name, rgb, sample.labels, sample.roi)
 
@@ -117,8 +121,7 @@ def degraded(sample: LabelledImage, how: str) -> LabelledImage:
     """A grey image as a worse microscope would give it: ``shot-noise`` (Poisson, a quarter of a photon per grey
     level, as a short exposure) or ``uneven`` (a background ramp from 0 to a quarter of the image's range, left to
     right, as uneven illumination or haze). Deterministic; uint8 out."""
-    image = sample.image
-    grey = image[..., :3].astype(np.float32).mean(-1) if image.ndim == 3 else image.astype(np.float32)
+    grey = _grey(sample.image)
     grey = 255.0 * (grey - grey.min()) / max(float(np.ptp(grey)), 1e-6)
     if how == "shot-noise":
         out = np.random.default_rng(0).poisson(grey / 4.0 + 2.0) * 4.0
@@ -245,14 +248,12 @@ def run(
     if not args.no_classical:
         methods["classical"] = lambda image: (classical_segment(image), {})
     results = []
-    for name, samples in list(sets.items()):
+    variants = {tint: lambda s, tint=tint: tinted(s, TINTS[tint]) for tint in _listed(args, "tints")}
+    variants.update({how: lambda s, how=how: degraded(s, how) for how in _listed(args, "degrade")})
+    for name, samples in list(sets.items()) if variants else []:  # copies of each set's grey fluorescence images
         fluorescence = [s for s in samples if not name.startswith("val_") and image_type(s.image) == "fluorescence"]
-        if not fluorescence:
-            continue
-        for tint in filter(None, getattr(args, "tints", "").split(",")):
-            sets[f"{name} {tint}"] = [tinted(s, TINTS[tint]) for s in fluorescence]
-        for how in filter(None, getattr(args, "degrade", "").split(",")):
-            sets[f"{name} {how}"] = [degraded(s, how) for s in fluorescence]
+        for variant, make in variants.items() if fluorescence else []:
+            sets[f"{name} {variant}"] = [make(s) for s in fluorescence]
     for name, samples in sets.items():
         for scale in scales:
             if scale != 1.0 and name not in ("gbm40", "ctc_fluo", "u2os_hoechst"):
@@ -272,6 +273,11 @@ def run(
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return results
+
+
+def _listed(args: argparse.Namespace, option: str) -> list[str]:
+    """The comma-separated values of ``option`` (absent when another script builds ``args``)."""
+    return [value for value in getattr(args, option, "").split(",") if value]
 
 
 if __name__ == "__main__":

@@ -116,13 +116,14 @@ def planes(image) -> Iterator:
             yield image[index]
 
 
-def brightest_channel(plane) -> np.ndarray:
-    """Each pixel's brightest colour channel (HSV value) of an RGB plane; a grey plane as it is.
+def brightest_channel(plane):
+    """Each pixel's brightest colour channel (HSV value) of an RGB plane; a grey plane as it is (not read).
 
     A pseudo-coloured fluorescence image (Hoechst rendered blue, GFP green) is its grey intensity times one
     colour: this undoes the colour, whatever it is, and keeps every channel of a merged one."""
-    array = np.asarray(plane)
-    return array if array.ndim == 2 else array[..., :3].max(axis=-1)
+    if len(plane.shape) == 2:
+        return plane
+    return np.asarray(plane)[..., :3].max(axis=-1)
 
 
 def hematoxylin(plane) -> np.ndarray:

@@ -360,11 +360,13 @@ def weight_bits() -> int:
 
 def _has_vnni() -> bool:
     """Whether this x86 CPU has VNNI (AVX-512 VNNI as numpy sees it, or AVX-VNNI as Linux lists it)."""
+    features = {}
     for module in ("numpy._core._multiarray_umath", "numpy.core._multiarray_umath"):  # numpy 2, numpy 1
         with contextlib.suppress(ImportError, AttributeError):
-            if importlib.import_module(module).__cpu_features__.get("AVX512VNNI"):
-                return True
+            features = importlib.import_module(module).__cpu_features__
             break
+    if features.get("AVX512VNNI"):
+        return True
     try:
         return " avx_vnni" in Path("/proc/cpuinfo").read_text()
     except OSError:

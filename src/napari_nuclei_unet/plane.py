@@ -118,10 +118,16 @@ def resolve_stain(checkpoint: Checkpoint, plane, params: SegmentParams) -> Segme
     stain = params.stain
     if stain == AUTO:
         colour = len(plane.shape) == 3 and plane.shape[-1] in (3, 4)
-        stain = checkpoint.stain_for(kind) if colour else "none"
-        if colour and kind == "fluorescence" and stain == "none":  # models learn it grey; its colour is a rendering
-            stain = "brightest"
+        stain = auto_stain(kind, checkpoint.stain_for(kind)) if colour else "none"
     return replace(params, image_type=kind, stain=stain)
+
+
+def auto_stain(kind: str, model_choice: str = "none") -> str:
+    """What an RGB plane of image type ``kind`` is read through when the stain is "auto": the model's choice, but
+    colour fluorescence as its brightest channel (models learn fluorescence grey; its colour is a rendering, and for
+    a grey image saved as RGB the two are the same). Training asks without a model choice: RGB as it is, but colour
+    fluorescence as segmentation reads it."""
+    return "brightest" if kind == "fluorescence" and model_choice == "none" else model_choice
 
 
 def plane_normalizer(checkpoint: Checkpoint, plane, stain: str = "none") -> Normalizer:

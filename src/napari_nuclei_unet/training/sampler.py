@@ -9,8 +9,9 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from ..data import LabelledImage, image_type, median_diameter
-from ..io import Normalizer, brightest_channel
+from ..io import Normalizer
 from ..model import Checkpoint
+from ..plane import apply_stain, auto_stain
 from .augment import LOOKS, build_augmentation, nuclear_signal, signal_levels
 from .config import TrainConfig
 from .targets import loss_targets, make_targets
@@ -34,11 +35,8 @@ class PatchSampler:
         self.rng = rng
         self.zooms = zooms or [1.0] * len(samples)  # per image, before the scale augmentation
         self.types = [image_type(s.image) for s in samples]
-        # Colour fluorescence as segmentation reads it (plane.resolve_stain): the grey it was rendered from.
-        images = [
-            brightest_channel(sample.image) if kind == "fluorescence" else sample.image
-            for sample, kind in zip(samples, self.types)
-        ]
+        # Read as segmentation reads them with the stain "auto" (colour fluorescence: the grey it was rendered from).
+        images = [apply_stain(sample.image, auto_stain(kind)) for sample, kind in zip(samples, self.types)]
         self.images = [
             torch.from_numpy(Normalizer.from_image(image, in_channels, percentiles)(image)) for image in images
         ]
