@@ -435,3 +435,28 @@ def test_a_bad_image_among_many_stops_the_run_and_writes_nothing(tmp_path, model
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"nuclei-unet: error: {image_folder / 'more2.png'}: cannot read image"), err[-1]
     assert not any(out.iterdir())  # nothing of the images that did succeed, no staging folder
+
+
+def test_every_command_prints_its_help(capsys):
+    """``--help`` of every command and sub-command prints (a ``%`` in a parameter's help once broke it)."""
+    import argparse
+
+    from napari_nuclei_unet.cli import build_parser
+
+    def commands(parser, path):
+        yield path
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from commands(sub, [*path, name])
+
+    paths = list(commands(build_parser(), []))
+    assert ["segment"] in paths and ["rle", "decode"] in paths
+    for path in paths:
+        with pytest.raises(SystemExit) as exit_:
+            main([*path, "--help"])
+        assert exit_.value.code == 0, path
+        assert "usage: nuclei-unet" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["segment", "--help"])
+    assert "at most 40% of an image's objects" in " ".join(capsys.readouterr().out.split())

@@ -76,8 +76,13 @@ def _option(parser: argparse.ArgumentParser, flag: str, owner: type, name: str, 
     metadata = field_metadata(owner, name)
     if "choices" in metadata:
         kwargs.setdefault("choices", list(metadata["choices"]))
-    kwargs.setdefault("help", metadata.get("help"))
+    kwargs.setdefault("help", _literal(metadata.get("help")))
     parser.add_argument(flag, dest=kwargs.pop("dest", name), default=field_default(owner, name), **kwargs)
+
+
+def _literal(help: str | None) -> str | None:
+    """A parameter's help text as argparse prints it: ``%`` is argparse's format character."""
+    return None if help is None else help.replace("%", "%%")
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -205,7 +210,7 @@ def _add_train_config_args(parser: argparse.ArgumentParser) -> None:
         f"{FINETUNE_MAX_IMAGES} training images",
     )
     for spec in cli_fields(TrainConfig):
-        meta, flag = spec.metadata, _train_flag(spec)
+        meta, flag = {**spec.metadata, "help": _literal(spec.metadata["help"])}, _train_flag(spec)
         tuned = getattr(FINETUNE_DEFAULTS, spec.name)
         if isinstance(spec.default, bool):  # on/off switches: their help says what they do, no default shown
             action, help = (
