@@ -407,7 +407,7 @@ def test_two_small_images_are_segmented_at_once_in_input_order_and_a_large_one_a
         time.sleep(0.2 if path.name == "a.png" else 0.05)  # the first of a pair finishes last
         with lock:
             running.discard(path.name)
-        return SimpleNamespace(nuclei=1, diameter=None, name=path.name)
+        return SimpleNamespace(nuclei=1, diameter=None, name=path.name, record={})
 
     monkeypatch.setattr(batch, "segment_file", fake_segment_file)
     sizes = {"big.png": 10 * cli.SHARED_IMAGE_BYTES}

@@ -20,9 +20,19 @@ from pathlib import Path
 import numpy as np
 
 from .errors import Cancelled, InputError, NucleiUnetError, describe
-from .io import check_image_layout, file_stack, is_single_plane, read_image, write_labels, zarr_axes
+from .io import (
+    channel_axis,
+    check_image_layout,
+    file_axes,
+    file_stack,
+    is_single_plane,
+    nuclear_channel,
+    read_image,
+    write_labels,
+    zarr_axes,
+)
 from .model import Checkpoint
-from .params import AUTO, BlockParams, SegmentParams
+from .params import AUTO, BlockParams, SegmentParams, split_channel_axis
 from .segment import RunProgress, estimate_share, resolve, segment_planes
 from .tiling import CancelCheck, ProgressCallback
 
@@ -47,10 +57,11 @@ class FileResult:
     rle_part: str | None = None  # its rows of the RLE CSV (a CSV of its own, for the CLI to join)
 
 
-def open_image(path: str | os.PathLike, blocks: BlockParams | None = None):
+def open_image(path: str | os.PathLike, blocks: BlockParams | None = None, channel_axis: int | None = None):
     """An image file as numpy, or a lazy zarr array for a ``.zarr`` store (first array of a
     group, e.g. OME-Zarr level 0) and for a TIFF holding one plane too large to segment whole
-    or a large grey stack (:func:`_lazy_tiff`).
+    or a large grey stack (:func:`_lazy_tiff`). ``channel_axis``: channels the caller takes one of
+    (the file's C axis when None).
     """
     path = Path(path)
     if path.suffix.lower() in (".tif", ".tiff"):
@@ -58,7 +69,7 @@ def open_image(path: str | os.PathLike, blocks: BlockParams | None = None):
         if lazy is not None:
             return lazy
     if path.suffix.lower() != ".zarr":
-        return read_image(path)
+        return read_image(path, channel_axis if channel_axis is not None else split_channel_axis(file_axes(path))[1])
     import zarr
 
     try:
@@ -150,7 +161,7 @@ def _segment_file(
 ) -> FileResult:
     started = time.perf_counter()
     extras = tuple(extras) + (("polygons",) if out_format == "geojson" and "polygons" not in extras else ())
-    image = open_image(source, params.blocks)
+    image, channel = _nuclear_channel(open_image(source, params.blocks, params.channel_axis), source, params)
     target = output_path(out_dir, source, out_format)
     single = is_single_plane(image)
     params = _with_file_stack(params, source, single)
@@ -203,10 +214,23 @@ def _segment_file(
         result.diameter,
         result.factor,
         time.perf_counter() - started,
-        result.record(),
+        {**result.record(), **channel},
         [path for path in extra if not path.endswith(RLE_PART_SUFFIX)],
         next((path for path in extra if path.endswith(RLE_PART_SUFFIX)), None),
     )
+
+
+def _nuclear_channel(image, source: Path, params: SegmentParams) -> tuple[object, dict]:
+    """The image's nuclear channel (``params.channel``) when it has channels (``io.channel_axis``), with
+    ``{"channel": picked, "channels": count}`` for the record; the image as it is, and ``{}``, when it has none."""
+    axis = channel_axis(image, file_axes(source), params.channel_axis)
+    if axis is None:
+        if params.channel not in (AUTO, None):
+            raise InputError(f"{source}: --channel {params.channel} given, but the image has no channel axis")
+        return image, {}
+    count = int(image.shape[axis])
+    image, picked = nuclear_channel(image, axis, params.channel)
+    return image, {"channel": picked, "channels": count}
 
 
 def _with_file_stack(params: SegmentParams, source: Path, single: bool) -> SegmentParams:
@@ -216,7 +240,9 @@ def _with_file_stack(params: SegmentParams, source: Path, single: bool) -> Segme
     stack, voxel_size = file_stack(source)
     if stack == AUTO:
         log.warning(
-            "%s: a stack whose file does not say Z or T: segmented as separate planes (--axes ZYX: a Z-stack)", source
+            "%s: a stack whose file does not say Z, T or C: segmented as separate planes (--axes ZYX: a Z-stack; CYX: "
+            "channels, the nuclear one segmented)",
+            source,
         )
     return replace(params, stack=stack, voxel_size=params.voxel_size or voxel_size)
 

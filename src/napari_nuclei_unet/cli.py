@@ -37,6 +37,7 @@ from .params import (
     cli_fields,
     field_default,
     field_metadata,
+    split_channel_axis,
     stack_of_axes,
 )
 
@@ -130,8 +131,10 @@ def _add_segment_args(parser: argparse.ArgumentParser) -> None:
         type=_axes,
         default=None,
         help="what a stack's axes are, e.g. ZYX (a Z-stack: nuclei labelled in 3D), TYX (time-lapse or separate "
-        "planes: each labelled on its own), YX, YXC; default: the file's own axes (ImageJ/OME), else separate planes",
+        "planes: each labelled on its own), YX, YXC, CYX or ZCYX (C before YX: channels, --channel picks one); "
+        "default: the file's own axes (ImageJ/OME), else separate planes",
     )
+    _option(parser, "--channel", SegmentParams, "channel", type=_channel)
     _option(parser, "--voxel-size", SegmentParams, "voxel_size", type=_voxel_size)
     _option(parser, "--block-size", BlockParams, "block_size", type=_positive_int)
     _option(parser, "--large-plane", BlockParams, "large_plane", type=_positive_int)
@@ -148,8 +151,18 @@ def segment_params(args: argparse.Namespace, device: str) -> SegmentParams:
         stain=args.stain,
         blocks=BlockParams(block_size=args.block_size, large_plane=args.large_plane, large_volume=args.large_volume),
         stack=stack_of_axes(args.axes) if args.axes else AUTO,
+        channel=args.channel,
+        channel_axis=split_channel_axis(args.axes)[1] if args.axes else None,
         voxel_size=args.voxel_size,
     )
+
+
+def _channel(value: str) -> int | str:
+    if value == "auto":
+        return value
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError("must be 'auto' or a channel number from 0")
+    return int(value)
 
 
 def _axes(value: str) -> str:
@@ -541,7 +554,14 @@ def _used_summary(results) -> str:
         )
     )
     level = "" if not levels else f"min confidence {', '.join(f'{v:g}' for v in levels)}"
-    return ", ".join(part for part in (kinds, threshold, level) if part)
+    channels = sorted({r.record["channel"] for r in results if "channel" in r.record})
+    channel = "" if not channels else f"nuclear channel {', '.join(map(str, channels))}"
+    return ", ".join(part for part in (kinds, channel, threshold, level) if part)
+
+
+def _channel_text(record: dict) -> str:
+    """ "channel 1 of 2, " for an image whose nuclear channel was segmented; "" for one without channels."""
+    return f"channel {record['channel']} of {record['channels']}, " if "channel" in record else ""
 
 
 def _extras(args) -> tuple[str, ...]:
@@ -652,7 +672,8 @@ class _ImageProgress:
             self.bar.set_postfix(nuclei=result.nuclei, diameter=_format_diameter(result))
         else:
             print(
-                f"[{self.done}/{self.total}] {Path(path).name}: {nuclei_text(result.nuclei)}, diameter "
+                f"[{self.done}/{self.total}] {Path(path).name}: {_channel_text(result.record)}"
+                f"{nuclei_text(result.nuclei)}, diameter "
                 f"{_format_diameter(result)}",
                 file=sys.stderr,
                 flush=True,

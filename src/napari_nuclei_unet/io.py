@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError, check_allocation, describe
-from .params import AUTO, stack_of_axes
+from .params import AUTO, split_channel_axis, stack_of_axes
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 _TIFF_SUFFIXES = (".tif", ".tiff")
@@ -30,8 +30,11 @@ _TIFF_SUFFIXES = (".tif", ".tiff")
 _PERCENTILE_SAMPLE = 2_000_000
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an image file as a numpy array, raising :class:`InputError` naming the file on failure."""
+def read_image(path: str | os.PathLike, channel_axis: int | None = None) -> np.ndarray:
+    """Read an image file as a numpy array, raising :class:`InputError` naming the file on failure.
+
+    ``channel_axis``: an axis of channels the caller takes one of (:func:`nuclear_channel`); the layout
+    is checked without it."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
@@ -55,7 +58,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     except Exception as error:  # noqa: BLE001 (the readers raise many types for corrupt files)
         raise InputError(f"{path}: cannot read image ({describe(error)})") from None
     image = np.asarray(image)
-    check_image_layout(image, name=str(path))
+    check_image_layout(image, name=str(path), channel_axis=channel_axis)
     return image
 
 
@@ -79,9 +82,12 @@ def declared_bytes(path: Path) -> int:
         return 0
 
 
-def check_image_layout(image, name: str = "image") -> None:
-    """Raise :class:`InputError` unless ``image`` is a 2D plane or a stack of them, grey or RGB(A)."""
+def check_image_layout(image, name: str = "image", channel_axis: int | None = None) -> None:
+    """Raise :class:`InputError` unless ``image`` is a 2D plane or a stack of them, grey or RGB(A) (once its
+    ``channel_axis``, if any, is taken away)."""
     shape = tuple(image.shape)
+    if channel_axis is not None and 0 <= channel_axis < len(shape) - 2:
+        shape = shape[:channel_axis] + shape[channel_axis + 1 :]
     dtype = np.dtype(image.dtype)
     if dtype.kind not in "buif":
         raise InputError(f"{name}: unsupported pixel type {dtype}")
@@ -318,10 +324,16 @@ def write_labels(path: str | os.PathLike, labels, max_label: int | None = None) 
             if lazy:
                 tiles = (tile for band in _bands(labels) for tile in _split_columns(band.astype(dtype, copy=False)))
                 tifffile.imwrite(
-                    tmp, tiles, shape=labels.shape, dtype=dtype, tile=(_TIFF_TILE, _TIFF_TILE), compression="zlib"
+                    tmp,
+                    tiles,
+                    shape=labels.shape,
+                    dtype=dtype,
+                    tile=(_TIFF_TILE, _TIFF_TILE),
+                    compression="zlib",
+                    photometric="minisblack",
                 )
-            else:
-                tifffile.imwrite(tmp, labels.astype(dtype, copy=False), compression="zlib")
+            else:  # grey pages: tifffile would store 3 or 4 planes as one RGB(A) image
+                tifffile.imwrite(tmp, labels.astype(dtype, copy=False), compression="zlib", photometric="minisblack")
     elif suffix == ".png":
         if dtype != np.uint16 or labels.ndim != 2:
             raise InputError(f"{path}: PNG holds one 2D plane of at most 65535 labels; use .tif")
@@ -403,20 +415,82 @@ def image_shape_lookup(folder: str | os.PathLike):
 def file_stack(path) -> tuple[str, tuple[float, float, float] | None]:
     """What a file's own metadata says of its stack: ``(stack, voxel size Z,Y,X)``: ImageJ hyperstacks and OME-TIFF,
     OME-Zarr (NGFF ``multiscales`` axes and scale) and zarr arrays with ``_ARRAY_DIMENSIONS`` (xarray's, and what
-    ``segment --out-format zarr`` writes). ``("auto", None)`` when it says nothing, or for other formats."""
+    ``segment --out-format zarr`` writes). ``("auto", None)`` when it says nothing, or for other formats. A channel
+    axis does not count: one channel is segmented (:func:`nuclear_channel`)."""
     import tifffile
 
     if Path(path).suffix.lower() == ".zarr":
         return _zarr_stack(path)
-    if Path(path).suffix.lower() not in (".tif", ".tiff"):
+    axes, _ = split_channel_axis(file_axes(path))
+    try:
+        stack = stack_of_axes(axes) if axes[:1] in ("Z", "T") else AUTO
+    except ValueError:  # e.g. TZYX: not one of the stacks segmented
+        return AUTO, None
+    if stack == AUTO:
         return AUTO, None
     try:
         with tifffile.TiffFile(path) as tif:
-            axes = tif.series[0].axes
-            stack = stack_of_axes(axes) if axes[0] in "ZT" else AUTO
             return stack, _voxel_size(tif) if stack == "z" else None
     except (tifffile.TiffFileError, OSError, ValueError, IndexError, KeyError):
-        return AUTO, None
+        return stack, None
+
+
+def file_axes(path) -> str:
+    """A TIFF's axes as its metadata names them (ImageJ, OME: e.g. ZCYX); "" when they are not stated, or for
+    other formats. tifffile's Q (unknown) and I (image sequence) say nothing of what the axis is."""
+    import tifffile
+
+    if Path(path).suffix.lower() not in _TIFF_SUFFIXES:
+        return ""
+    try:
+        with tifffile.TiffFile(path) as tif:
+            axes = tif.series[0].axes.upper()
+    except (tifffile.TiffFileError, OSError, ValueError, IndexError, KeyError):
+        return ""
+    return "" if "Q" in axes or axes.startswith("I") else axes
+
+
+def channel_axis(image, axes: str, given: int | None = None) -> int | None:
+    """Where ``image``'s channels are: ``given`` (the user's), else the C of ``axes`` (the file's), else the last
+    axis of a plane with two channels there (grey + alpha, or two stains); None when it has none."""
+    if given is not None:
+        if not 0 <= given < len(image.shape) - 2:
+            raise InputError(
+                f"the axes say channels come before Y and X, but the image's shape is {tuple(image.shape)}"
+            )
+        return given
+    _, position = split_channel_axis(axes)
+    if position is not None and len(axes) == len(image.shape):
+        return position
+    shape = image.shape
+    return 2 if len(shape) == 3 and shape[-1] == 2 and shape[-1] < min(shape[:2]) else None
+
+
+def nuclear_channel(image, axis: int, channel: int | str = AUTO) -> tuple[object, int]:
+    """``image`` without its channel ``axis``: only ``channel`` (a number, or "auto": :func:`guess_nuclear_channel`
+    on the middle plane of each channel). Lazy arrays (zarr, dask) stay lazy. Returns the image and the channel."""
+    count = int(image.shape[axis])
+    if channel == AUTO:
+        channel = guess_nuclear_channel([_middle_plane(_take(image, axis, index)) for index in range(count)])
+    elif not 0 <= int(channel) < count:
+        raise InputError(f"channel {channel} asked for, but the image has {count} channels (0 to {count - 1})")
+    return _take(image, axis, int(channel)), int(channel)
+
+
+def _take(image, axis: int, index: int):
+    """``image`` at ``index`` along ``axis``; a lazy array through dask, so nothing is read yet."""
+    if not isinstance(image, np.ndarray):
+        import dask.array as da
+
+        image = da.from_array(image, chunks=getattr(image, "chunks", "auto"))
+    return image[(slice(None),) * axis + (index,)]
+
+
+def _middle_plane(image):
+    """The middle 2D plane of an image or stack (lazy stays lazy: only a sample of it is read)."""
+    while len(image.shape) > 2:
+        image = image[image.shape[0] // 2]
+    return image
 
 
 def _zarr_stack(path) -> tuple[str, tuple[float, float, float] | None]:

@@ -165,10 +165,21 @@ class BlockParams:
         return int(shape[0]) * int(shape[1]) * int(shape[2]) > self.large_volume
 
 
+def split_channel_axis(axes: str) -> tuple[str, int | None]:
+    """``axes`` without a channel axis C that comes before Y and X (ImageJ's CYX and ZCYX, OME's CZYX), and
+    where it was; C last (YXC) is colour and stays."""
+    axes = axes.upper()
+    position = axes.find("C")
+    if position < 0 or position >= len(axes) - 2:
+        return axes, None
+    return axes[:position] + axes[position + 1 :], position
+
+
 def stack_of_axes(axes: str) -> str:
     """``SegmentParams.stack`` for an axes string (ImageJ/OME letters, e.g. ZYX, TZYX is refused): "z" for a
-    Z-stack, "planes" for a time-lapse or a plain sequence of planes, "auto" for a single plane."""
-    axes = axes.upper()
+    Z-stack, "planes" for a time-lapse or a plain sequence of planes, "auto" for a single plane. A channel
+    axis before Y and X (CYX, ZCYX) is left out: one channel is segmented (``SegmentParams.channel``)."""
+    axes, _ = split_channel_axis(axes)
     if axes in ("YX", "YXC", "YXS"):
         return AUTO
     if len(axes) in (3, 4) and axes[1:3] == "YX" and axes[3:] in ("", "C", "S"):
@@ -176,7 +187,10 @@ def stack_of_axes(axes: str) -> str:
             return "z"
         if axes[0] in "TIQ":  # time, or planes of no stated kind
             return "planes"
-    raise ValueError(f"axes {axes!r} not understood: one of ZYX, TYX (each with C last for colour), YX or YXC")
+    raise ValueError(
+        f"axes {axes!r} not understood: one of ZYX, TYX (each with C last for colour, or C before YX for channels), "
+        "YX, YXC or CYX"
+    )
 
 
 @dataclass
@@ -229,6 +243,18 @@ class SegmentParams:
             "choices": STACKS,
         },
     )
+    # Which channel holds the nuclei, in a file with channels (batch.segment_file): a number, or "auto"
+    # (io.guess_nuclear_channel). In napari the Segment widget's channel control does this.
+    channel: int | str = field(
+        default=AUTO,
+        metadata={
+            "help": "the nuclear channel of an image with channels (a C axis in the file's or --axes' axes, e.g. an "
+            "ImageJ hyperstack; or 2 channels last, e.g. grey + alpha): its number from 0, or auto: the channel "
+            "that looks most like a nuclear stain"
+        },
+    )
+    # Where a file's channel axis is when the user says so (--axes CYX: 0); None: the file's axes say.
+    channel_axis: int | None = None
     # Z, Y, X voxel size of a Z-stack, in any one unit: only the z step over the pixel size is used.
     voxel_size: tuple[float, float, float] | None = field(
         default=None, metadata={"help": "a Z-stack's voxel size Z,Y,X in any one unit (e.g. 2.18,1,1); none: cubic"}

@@ -1,0 +1,124 @@
+"""Files with channels (a confocal hyperstack's DAPI beside other stains, a grey PNG with alpha): the CLI
+segments the nuclear channel, picked from the file's axes or --axes, guessed or given by --channel."""
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import tifffile
+import zarr
+
+from napari_nuclei_unet.cli import main
+from napari_nuclei_unet.errors import InputError
+from napari_nuclei_unet.io import channel_axis, nuclear_channel, read_image
+from napari_nuclei_unet.params import split_channel_axis, stack_of_axes
+from napari_nuclei_unet.synthetic import nuclei_field
+
+
+@pytest.fixture
+def model_dir(tmp_path, tiny_checkpoint):
+    return tiny_checkpoint.save(tmp_path / "model")
+
+
+def _nuclei_and_cytoplasm(seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """A nuclear stain, and a cytoplasm stain that covers most of the field with little contrast."""
+    nuclei, labels = nuclei_field((96, 128), count=8, seed=seed)
+    noise = np.random.default_rng(seed).normal(3000, 300, nuclei.shape)
+    cytoplasm = np.clip(noise * (1 + 0.3 * (labels > 0)), 0, 65535).astype(np.uint16)
+    return nuclei, cytoplasm
+
+
+def _segment(paths, out, model_dir, *options) -> int:
+    return main(
+        ["segment", *map(str, paths), "--out", str(out), "--model", str(model_dir), "--tile-size", "64", *options]
+    )
+
+
+def test_axes_with_a_channel_axis_before_y_and_x():
+    assert split_channel_axis("CYX") == ("YX", 0) and split_channel_axis("zcyx") == ("ZYX", 1)
+    assert split_channel_axis("CZYX") == ("ZYX", 0) and split_channel_axis("YXC") == ("YXC", None)
+    assert stack_of_axes("ZCYX") == "z" and stack_of_axes("CYX") == "auto" and stack_of_axes("TCYX") == "planes"
+
+
+def test_where_the_channels_are():
+    grey_alpha = np.zeros((40, 50, 2))
+    assert channel_axis(grey_alpha, "") == 2  # two channels last: never 40 planes of 50 x 2 pixels
+    assert channel_axis(np.zeros((2, 40, 50)), "") is None  # two planes, or two channels: the file must say
+    assert channel_axis(np.zeros((2, 40, 50)), "CYX") == 0 and channel_axis(np.zeros((3, 2, 40, 50)), "ZCYX") == 1
+    assert channel_axis(np.zeros((40, 50, 3)), "YXS") is None  # colour
+    with pytest.raises(InputError, match="channels come before Y and X"):
+        channel_axis(np.zeros((40, 50)), "", given=0)
+
+
+def test_the_nuclear_channel_is_guessed_and_a_lazy_one_stays_lazy(tmp_path):
+    nuclei, cytoplasm = _nuclei_and_cytoplasm()
+    both = zarr.open_array(str(tmp_path / "c.zarr"), mode="w", shape=(2, 96, 128), chunks=(1, 32, 32), dtype="uint16")
+    both[:] = np.stack([cytoplasm, nuclei])
+    picked, index = nuclear_channel(both, 0)
+    assert index == 1 and not isinstance(picked, np.ndarray)  # dask: nothing read beyond the guess's sample
+    assert np.array_equal(np.asarray(picked), nuclei)
+    assert nuclear_channel(both, 0, 0)[1] == 0
+    with pytest.raises(InputError, match="has 2 channels"):
+        nuclear_channel(both, 0, 2)
+
+
+def test_an_imagej_hyperstack_is_segmented_in_its_nuclear_channel(tmp_path, model_dir, capsys):
+    nuclei, cytoplasm = _nuclei_and_cytoplasm()
+    images = tmp_path / "images"
+    images.mkdir()
+    tifffile.imwrite(images / "two_stains.tif", np.stack([cytoplasm, nuclei]), imagej=True, metadata={"axes": "CYX"})
+    tifffile.imwrite(images / "nuclei_only.tif", nuclei)
+    assert _segment([images], tmp_path / "out", model_dir) == 0
+    captured = capsys.readouterr()
+    labels = read_image(tmp_path / "out" / "two_stains.tif")
+    assert labels.shape == nuclei.shape  # one labelling, not one per channel
+    assert np.array_equal(labels, read_image(tmp_path / "out" / "nuclei_only.tif"))
+    assert "two_stains.tif: channel 1 of 2," in captured.err and "nuclear channel 1" in captured.out
+    assert "does not say" not in captured.err
+
+    assert _segment([images / "two_stains.tif"], tmp_path / "other", model_dir, "--channel", "0") == 0
+    assert "channel 0 of 2" in capsys.readouterr().err
+    assert _segment([images / "two_stains.tif"], tmp_path / "bad", model_dir, "--channel", "2") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    message = "channel 2 asked for, but the image has 2 channels (0 to 1)"
+    assert err[-1] == f"nuclei-unet: error: {images / 'two_stains.tif'}: {message}"
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
+
+
+def test_a_z_stack_with_channels_is_labelled_in_3d_in_its_nuclear_channel(tmp_path, model_dir, capsys):
+    nuclei, cytoplasm = _nuclei_and_cytoplasm()
+    volume = np.stack([nuclei, nuclei, nuclei[::-1]])
+    hyperstack = np.stack([np.stack([cytoplasm, plane]) for plane in volume])  # ImageJ's order: Z, C, Y, X
+    tifffile.imwrite(tmp_path / "zc.tif", hyperstack, imagej=True, metadata={"axes": "ZCYX", "spacing": 2.0})
+    tifffile.imwrite(tmp_path / "plain.tif", hyperstack)  # no metadata: the user says what the axes are
+    tifffile.imwrite(tmp_path / "z.tif", volume, photometric="minisblack")
+    assert _segment([tmp_path / "zc.tif"], tmp_path / "a", model_dir) == 0
+    assert _segment([tmp_path / "plain.tif"], tmp_path / "b", model_dir, "--axes", "ZCYX", "--voxel-size", "2,1,1") == 0
+    assert _segment([tmp_path / "z.tif"], tmp_path / "c", model_dir, "--axes", "ZYX", "--voxel-size", "2,1,1") == 0
+    capsys.readouterr()
+    labels = read_image(tmp_path / "a" / "zc.tif")
+    assert labels.shape == volume.shape
+    assert np.array_equal(labels, read_image(tmp_path / "b" / "plain.tif"))
+    assert np.array_equal(labels, read_image(tmp_path / "c" / "z.tif"))
+
+
+def test_a_grey_png_with_alpha_is_segmented_as_its_grey(tmp_path, model_dir, capsys):
+    nuclei, _ = _nuclei_and_cytoplasm()
+    grey = (nuclei / nuclei.max() * 255).astype(np.uint8)
+    iio.imwrite(tmp_path / "alpha.png", np.dstack([grey, np.full(grey.shape, 255, np.uint8)]))
+    iio.imwrite(tmp_path / "grey.png", grey)
+    assert _segment([tmp_path / "alpha.png", tmp_path / "grey.png"], tmp_path / "out", model_dir) == 0
+    assert "alpha.png: channel 0 of 2" in capsys.readouterr().err
+    labels = read_image(tmp_path / "out" / "alpha.tif")
+    assert labels.shape == grey.shape and np.array_equal(labels, read_image(tmp_path / "out" / "grey.tif"))
+
+
+def test_a_channel_asked_of_an_image_without_channels_is_an_error(tmp_path, model_dir, capsys):
+    nuclei, _ = _nuclei_and_cytoplasm()
+    tifffile.imwrite(tmp_path / "one.tif", nuclei)
+    assert _segment([tmp_path / "one.tif"], tmp_path / "out", model_dir, "--channel", "1") == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .splitlines()[-1]
+        .endswith("one.tif: --channel 1 given, but the image has no channel axis")
+    )
