@@ -111,7 +111,6 @@ def test_write_labels_dtypes(tmp_path):
     assert not (tmp_path / "d.png").exists()
 
 
-
 @pytest.mark.parametrize("planes", [3, 4])
 def test_labels_of_three_or_four_planes_are_grey_pages_not_colour(tmp_path, planes):
     """A Z-stack of 3 or 4 planes is stored as that many grey pages: as one RGB(A) image, Fiji and QuPath
@@ -122,6 +121,7 @@ def test_labels_of_three_or_four_planes_are_grey_pages_not_colour(tmp_path, plan
     with tifffile.TiffFile(write_labels(tmp_path / "stack.tif", labels)) as tif:
         assert tif.pages[0].photometric == tifffile.PHOTOMETRIC.MINISBLACK
         assert len(tif.pages) == planes and np.array_equal(tif.asarray(), labels)
+
 
 def test_atomic_write_keeps_old_file(tmp_path):
     path = tmp_path / "x.bin"

@@ -544,6 +544,47 @@ def test_a_16_bit_colour_image_offers_its_channels(viewer_and_widget, qtbot):
     assert widget.request().channel is None
 
 
+def test_a_hyperstack_is_segmented_in_3d_on_its_nuclear_channel(viewer_and_widget, qtbot):
+    """A confocal (Z, C, Y, X) hyperstack, as napari opens an ImageJ file: it was refused as 4D data. Its nuclear
+    channel is guessed and labelled in 3D; the result layers take the z, y and x scale, not the channel's."""
+    from napari_nuclei_unet._widgets.finetune import samples_from_layers
+
+    viewer, widget = viewer_and_widget
+    nuclei, cytoplasm, truth = _two_channel_image(seed=7)
+    stack = np.stack([np.stack([cytoplasm, plane]) for plane in (nuclei, nuclei, np.roll(nuclei, 2, axis=1))])
+    viewer.add_image(stack, name="hyperstack", scale=(2.0, 1.0, 0.5, 0.5))
+    widget.image_layer.value = viewer.layers["hyperstack"]
+    assert widget.channel.value == 1
+    assert list(widget.channel.choices) == [0, 1]  # a hyperstack's channel must be picked
+    assert widget.scope.enabled
+    widget.scope.value = Z_STACK
+    request = widget.request()
+    assert request.image.shape == (3, *truth.shape) and request.params.voxel_size == (2.0, 0.5, 0.5)
+    run_and_wait(widget, qtbot)
+    labels = viewer.layers["hyperstack nuclei"]
+    assert labels.data.shape == (3, *truth.shape) and tuple(labels.scale) == (2.0, 0.5, 0.5)
+    used = labels.metadata["nuclei_unet"]["used"]
+    assert used["channel"] == 1 and used["channel_axis"] == 1 and used["stack"] == "z"
+    assert 0.7 * truth.max() <= labels.data.max() <= 1.2 * truth.max()
+    samples = samples_from_layers(viewer.layers["hyperstack"], labels)  # corrected labels fine-tune on that channel
+    assert len(samples) == 3 and np.array_equal(samples[0].image, nuclei)
+
+
+def test_a_grey_image_with_alpha_is_segmented_as_its_grey(viewer_and_widget, qtbot):
+    """A grey PNG with an alpha channel opens as a (Y, X, 2) layer: it was taken for a stack of 2-pixel-wide
+    planes."""
+    viewer, widget = viewer_and_widget
+    nuclei, _cytoplasm, truth = _two_channel_image(seed=3)
+    grey = (nuclei / nuclei.max() * 255).astype(np.uint8)
+    viewer.add_image(np.dstack([grey, np.full(grey.shape, 255, np.uint8)]), name="grey with alpha")
+    widget.image_layer.value = viewer.layers["grey with alpha"]
+    assert widget.channel.value == 0 and not widget.scope.enabled
+    run_and_wait(widget, qtbot)
+    labels = viewer.layers["grey with alpha nuclei"]
+    assert labels.data.shape == truth.shape
+    assert 0.7 * truth.max() <= labels.data.max() <= 1.2 * truth.max()
+
+
 def test_guess_nuclear_channel_prefers_compact_bright_objects():
     from napari_nuclei_unet.io import guess_nuclear_channel
 

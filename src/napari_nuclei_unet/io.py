@@ -471,13 +471,13 @@ def nuclear_channel(image, axis: int, channel: int | str = AUTO) -> tuple[object
     on the middle plane of each channel). Lazy arrays (zarr, dask) stay lazy. Returns the image and the channel."""
     count = int(image.shape[axis])
     if channel == AUTO:
-        channel = guess_nuclear_channel([_middle_plane(_take(image, axis, index)) for index in range(count)])
+        channel = guess_nuclear_channel([middle_plane(take_channel(image, axis, index)) for index in range(count)])
     elif not 0 <= int(channel) < count:
         raise InputError(f"channel {channel} asked for, but the image has {count} channels (0 to {count - 1})")
-    return _take(image, axis, int(channel)), int(channel)
+    return take_channel(image, axis, int(channel)), int(channel)
 
 
-def _take(image, axis: int, index: int):
+def take_channel(image, axis: int, index: int):
     """``image`` at ``index`` along ``axis``; a lazy array through dask, so nothing is read yet."""
     if not isinstance(image, np.ndarray):
         import dask.array as da
@@ -486,7 +486,7 @@ def _take(image, axis: int, index: int):
     return image[(slice(None),) * axis + (index,)]
 
 
-def _middle_plane(image):
+def middle_plane(image):
     """The middle 2D plane of an image or stack (lazy stays lazy: only a sample of it is read)."""
     while len(image.shape) > 2:
         image = image[image.shape[0] // 2]

@@ -69,8 +69,8 @@ def samples_from_layers(image: Image, labels: Labels, roi: Shapes | None = None)
         raise ValueError("choose a labels layer with your corrected nuclei")
     if image is None:
         raise ValueError("choose the image layer that the labels belong to")
-    pixels = image.data[0] if image.multiscale else image.data
-    spatial = tuple(pixels.shape[:-1]) if image.rgb else tuple(pixels.shape)
+    pixels, colour = _segmented_channel(image, labels)
+    spatial = tuple(pixels.shape[:-1]) if colour else tuple(pixels.shape)
     label_data = labels.data[0] if labels.multiscale else labels.data
     if tuple(label_data.shape) != spatial:
         raise ValueError(
@@ -100,6 +100,23 @@ def samples_from_layers(image: Image, labels: Labels, roi: Shapes | None = None)
         )
         for index, plane, plane_labels in planes
     ]
+
+
+def _segmented_channel(image: Image, labels: Labels) -> tuple[object, bool]:
+    """The image's pixels the labels were segmented on, and whether they are colour: the nuclear channel of a
+    multichannel image when the Segment widget picked one (its metadata says which), else the whole image."""
+    from ..io import take_channel
+
+    pixels = image.data[0] if image.multiscale else image.data
+    used = labels.metadata.get("nuclei_unet", {}).get("used", {})
+    channel, axis = used.get("channel"), used.get("channel_axis")
+    if channel is None or axis is None or not -len(pixels.shape) <= axis < len(pixels.shape):
+        return pixels, image.rgb
+    if not 0 <= channel < pixels.shape[axis]:  # labels of another image: the shape check names the mismatch
+        return pixels, image.rgb
+    if axis == -1:
+        return pixels[..., channel], False
+    return take_channel(pixels, axis, channel), False
 
 
 def _refuse_masks(name: str, labels: np.ndarray) -> None:

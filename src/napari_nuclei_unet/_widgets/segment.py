@@ -22,6 +22,7 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QTimer
 
 from ..errors import Cancelled, nuclei_text
+from ..io import channel_axis, take_channel
 from ..params import (
     AUTO,
     IMAGE_TYPES,
@@ -57,7 +58,8 @@ WHOLE_STACK = "whole stack, plane by plane"  # a time-lapse or separate fields: 
 Z_STACK = "Z-stack (3D)"  # one 3D labelling: one ID per nucleus through the planes
 COLOUR_IMAGE = "all (colour image)"
 NO_CHANNEL = "none (Z/T stack)"
-# A (C, Y, X) layer with at most this many planes may hold channels rather than a Z/T stack.
+# A (C, Y, X) layer with at most this many planes may hold channels rather than a Z/T stack; a (Z or T, C, Y, X)
+# layer with at most this many on its second axis holds channels there (ImageJ's hyperstack order).
 MAX_CHANNELS = 6
 _RGB_NAMES = ("red", "green", "blue", "alpha")
 ALL_CHANNELS = (
@@ -81,6 +83,7 @@ class SegmentRequest:
     model_path: str
     source: Any = None  # the layer's data the run was started on
     channel: int | None = None  # the nuclear channel of a multichannel layer; None: all / not multichannel
+    channel_axis: int | None = None  # where the layer's channels are (_channel_axis), when one is picked
     pixel_size: float | None = None  # µm per pixel when the layer has a scale, for the measurements
 
     def network_key(self) -> CacheKey:
@@ -352,7 +355,8 @@ class SegmentWidget(Container):
         count = _layer_data(layer).shape[axis]
         if axis == -1:
             return [(COLOUR_IMAGE, ALL_CHANNELS), *((f"channel {i} ({_RGB_NAMES[i]})", i) for i in range(count))]
-        return [(NO_CHANNEL, ALL_CHANNELS), *((f"channel {i}", i) for i in range(count))]
+        channels = [(f"channel {i}", i) for i in range(count)]
+        return [(NO_CHANNEL, ALL_CHANNELS), *channels] if axis == 0 else channels  # elsewhere: one must be picked
 
     def _picked_channel(self, layer: Image) -> int | None:
         return self.channel.value if _channel_axis(layer) is not None and self.channel.value != ALL_CHANNELS else None
@@ -360,12 +364,13 @@ class SegmentWidget(Container):
     def _guess_channel(self, *_) -> None:
         """A new image: offer its channels, and pick the one that looks like a nuclear stain.
 
-        RGB 8-bit images (H&E, brightfield) are segmented in colour; other RGB images, and
+        RGB 8-bit images (H&E, brightfield) are segmented in colour; other RGB images,
         (C, Y, X) layers whose first axis is labelled as channels or whose few (up to 4) planes
-        look like different stains (``io.planes_look_alike``), get their nuclear channel guessed
-        (``io.guess_nuclear_channel``); the rest are Z/T stacks.
+        look like different stains (``io.planes_look_alike``), (Z, C, Y, X) hyperstacks and (Y, X, 2)
+        images (grey + alpha) get their nuclear channel guessed (``io.guess_nuclear_channel``); the
+        rest are Z/T stacks.
         """
-        from ..io import guess_nuclear_channel, planes_look_alike
+        from ..io import guess_nuclear_channel, middle_plane, planes_look_alike
 
         layer = self.image_layer.value
         self.channel.reset_choices()
@@ -375,7 +380,9 @@ class SegmentWidget(Container):
             return
         data = _layer_data(layer)
         planes = (
-            [data[..., i] for i in range(data.shape[-1])] if axis == -1 else [data[i] for i in range(data.shape[0])]
+            [data[..., i] for i in range(data.shape[-1])]
+            if axis == -1
+            else [middle_plane(take_channel(data, axis, i)) for i in range(data.shape[axis])]
         )
         label = str(getattr(layer, "axis_labels", ("",) * data.ndim)[0]).lower()
         named_channels = label in ("c", "ch", "channel", "channels")
@@ -394,9 +401,9 @@ class SegmentWidget(Container):
         first_axis = str(getattr(layer, "axis_labels", ("",))[0]).lower() if layer is not None else ""
         if first_axis in ("z", "t", "time"):  # the layer says what its stack is
             self.scope.value = Z_STACK if first_axis == "z" else WHOLE_STACK
-        one_channel = layer is not None and self._picked_channel(layer) is not None
-        self.scope.enabled = layer is not None and not _is_2d(layer) and not (one_channel and not layer.rgb)
-        self.stain.enabled = layer is not None and layer.rgb and not one_channel
+        picked = None if layer is None else self._picked_channel(layer)
+        self.scope.enabled = layer is not None and len(_spatial_shape(layer, picked)) == 3
+        self.stain.enabled = layer is not None and layer.rgb and picked is None
         self.diameter_unit.enabled = layer is not None and _pixel_size(layer) != 1.0
         if not self.diameter_unit.enabled:
             self.diameter_unit.value = "px"
@@ -435,7 +442,7 @@ class SegmentWidget(Container):
         source = data = _layer_data(layer)
         channel = self._picked_channel(layer)
         if channel is not None:
-            data = data[..., channel] if layer.rgb else data[channel]
+            data = data[..., channel] if layer.rgb else take_channel(data, _channel_axis(layer), channel)
         colour = layer.rgb and channel is None
         if data.ndim - (1 if colour else 0) > 3:
             raise ValueError(f"{layer.name}: {data.ndim}D data; choose a 2D image or a single T/Z stack")
@@ -455,10 +462,11 @@ class SegmentWidget(Container):
             image_type=self.image_type.value,
             stain=self.stain.value if colour else "none",
             stack="z" if self.scope.value == Z_STACK else "planes",
-            voxel_size=_voxel_size(layer) if self.scope.value == Z_STACK and data.ndim - colour == 3 else None,
+            voxel_size=_voxel_size(layer, channel) if self.scope.value == Z_STACK and data.ndim - colour == 3 else None,
         )
         pixel_size = _pixel_size(layer) if _pixel_size(layer) != 1.0 else None
-        return SegmentRequest(data, plane, params, self.model.path(), source, channel, pixel_size)
+        axis = None if channel is None else _channel_axis(layer)
+        return SegmentRequest(data, plane, params, self.model.path(), source, channel, axis, pixel_size)
 
     def _current_plane(self, layer: Image, count: int) -> int:
         position = layer.world_to_data(self.viewer.dims.point)
@@ -562,7 +570,7 @@ class SegmentWidget(Container):
             )
             show_warning(f"Segment nuclei: {self.status.value}")
             return
-        used = {**result.record(), "channel": request.channel}
+        used = {**result.record(), "channel": request.channel, "channel_axis": request.channel_axis}
         if not self._cache_matches(layer, request):
             self._cache = _Cache(layer, request, checkpoint.outputs, checkpoint.name)
         self._cache.used, self._cache.request = used, request
@@ -664,10 +672,11 @@ class SegmentWidget(Container):
         cache = self._cache
         source = cache.layer
         shape = _spatial_shape(source, cache.request.channel)
+        axes = _spatial_axes(source, cache.request.channel)
         metadata = result_metadata(cache.model_name, cache.key, params, used, image_id(source))
         layers = {}
         for suffix, position, dtype in (("nuclei", 1, np.int32), ("mask", 0, np.uint8)):
-            layer = layers[suffix] = self._result_layer(source, suffix, Labels, shape, dtype)
+            layer = layers[suffix] = self._result_layer(source, suffix, Labels, shape, dtype, axes)
             data = layer.data
             for index, planes in labelled.items():
                 target = data if index is None else data[index]
@@ -677,7 +686,7 @@ class SegmentWidget(Container):
             layer.refresh()
         maxima = [int(labels.max()) for _mask, labels in labelled.values()]
         if self.show_probability.value:
-            layer = self._result_layer(source, "probability", Image, shape, np.float32)
+            layer = self._result_layer(source, "probability", Image, shape, np.float32, axes)
             for index in labelled:
                 target = layer.data if index is None else layer.data[index]
                 if index in cache.planes:  # planes done block by block keep no probabilities
@@ -689,8 +698,9 @@ class SegmentWidget(Container):
         self.viewer.layers.selection.active = layers["nuclei"]  # what a user paints next (the mask layer is hidden)
         return maxima
 
-    def _result_layer(self, source: Image, suffix: str, kind: type, shape: tuple, dtype) -> Any:
-        """The layer ``"<image> <suffix>"``, reused when it fits; a hand-edited one is kept under a new name."""
+    def _result_layer(self, source: Image, suffix: str, kind: type, shape: tuple, dtype, axes: list[int]) -> Any:
+        """The layer ``"<image> <suffix>"``, reused when it fits; a hand-edited one is kept under a new name.
+        It takes the scale and translation of the image layer's ``axes`` (:func:`_spatial_axes`)."""
         name = f"{source.name} {suffix}"
         existing = self.viewer.layers[name] if name in self.viewer.layers else None
         if existing is not None and (
@@ -702,11 +712,12 @@ class SegmentWidget(Container):
             existing.name = f"{name} (edited)"
             show_warning(f"Kept your edited layer as '{existing.name}'; new results are in '{name}'")
             existing = None
+        scale, translate = [source.scale[i] for i in axes], [source.translate[i] for i in axes]
         if existing is not None:
-            existing.scale, existing.translate = source.scale[-len(shape) :], source.translate[-len(shape) :]
+            existing.scale, existing.translate = scale, translate
             return existing
         data = np.zeros(shape, dtype)
-        common = dict(name=name, scale=source.scale[-len(shape) :], translate=source.translate[-len(shape) :])
+        common = dict(name=name, scale=scale, translate=translate)
         if kind is Image:
             return self.viewer.add_image(data, colormap="magma", blending="additive", contrast_limits=(0, 1), **common)
         layer = self.viewer.add_labels(data, opacity=0.5 if suffix == "mask" else 0.7, **common)
@@ -732,20 +743,29 @@ def _digest(data) -> str:
     return hashlib.blake2b(array.view(np.uint8).ravel(), digest_size=16).hexdigest() + f"|{array.dtype}|{array.shape}"
 
 
-def _is_2d(layer: Image) -> bool:
-    return layer.ndim == 2
-
-
 def _layer_data(layer: Image):
     return layer.data[0] if layer.multiscale else layer.data
 
 
 def _channel_axis(layer: Image) -> int | None:
-    """Where a layer's channels may be: -1 for RGB(A), 0 for a (C, Y, X) layer of a few planes; None: none."""
+    """Where a layer's channels may be: -1 for RGB(A); 0 for a (C, Y, X) layer of a few planes; 1 for a
+    (Z or T, C, Y, X) hyperstack of a few channels; 2 for a (Y, X, 2) layer (grey + alpha, two stains,
+    ``io.channel_axis``); None: none."""
     if layer.rgb:
         return -1
     data = _layer_data(layer)
-    return 0 if data.ndim == 3 and data.shape[0] <= MAX_CHANNELS else None
+    if data.ndim == 3 and data.shape[0] <= MAX_CHANNELS:
+        return 0
+    if data.ndim == 4 and data.shape[1] <= MAX_CHANNELS:
+        return 1
+    return channel_axis(data, "")
+
+
+def _spatial_axes(layer: Image, channel: int | None = None) -> list[int]:
+    """The layer's axes (as its scale counts them) that the result layers have: all but the channel axis when one
+    channel was segmented (an RGB layer's colour axis is not one of its axes)."""
+    axis = None if channel is None or layer.rgb else _channel_axis(layer)
+    return [i for i in range(layer.ndim) if i != axis]
 
 
 def _spatial_shape(layer: Image, channel: int | None = None) -> tuple[int, ...]:
@@ -754,7 +774,7 @@ def _spatial_shape(layer: Image, channel: int | None = None) -> tuple[int, ...]:
     data = _layer_data(layer)
     if layer.rgb:
         return tuple(data.shape[:-1])
-    return tuple(data.shape[1:]) if channel is not None else tuple(data.shape)
+    return tuple(data.shape[i] for i in _spatial_axes(layer, channel))
 
 
 def _help(owner: type, name: str) -> str:
@@ -806,9 +826,10 @@ def _nuclei_features(planes: dict, image, pixel_size: float | None) -> dict | No
     return {"index": table.pop("label"), **table}
 
 
-def _voxel_size(layer: Image) -> tuple[float, float, float] | None:
-    """A Z-stack layer's (z, y, x) scale, when it has one (napari's default scale of 1 says nothing)."""
-    scale = tuple(float(v) for v in layer.scale[-3:])
+def _voxel_size(layer: Image, channel: int | None = None) -> tuple[float, float, float] | None:
+    """A Z-stack layer's (z, y, x) scale, when it has one (napari's default scale of 1 says nothing); a hyperstack's
+    without its channel axis."""
+    scale = tuple(float(layer.scale[i]) for i in _spatial_axes(layer, channel)[-3:])
     return None if scale == (1.0, 1.0, 1.0) else scale
 
 
