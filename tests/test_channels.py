@@ -122,3 +122,20 @@ def test_a_channel_asked_of_an_image_without_channels_is_an_error(tmp_path, mode
         .splitlines()[-1]
         .endswith("one.tif: --channel 1 given, but the image has no channel axis")
     )
+
+
+def test_training_reads_the_nuclear_channel_as_segmentation_does(tmp_path):
+    """``nuclei-unet train`` on confocal files with channels: it said 'labels shape (96, 128) does not match image
+    shape (2, 96)'."""
+    from napari_nuclei_unet.data import load_pairs
+
+    nuclei, cytoplasm = _nuclei_and_cytoplasm()
+    _, labels = nuclei_field((96, 128), count=8, seed=3)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    tifffile.imwrite(
+        tmp_path / "images" / "a.tif", np.stack([cytoplasm, nuclei]), imagej=True, metadata={"axes": "CYX"}
+    )
+    tifffile.imwrite(tmp_path / "labels" / "a.tif", labels.astype(np.uint16))
+    (pair,) = load_pairs(tmp_path / "images", tmp_path / "labels")
+    assert np.array_equal(pair.image, nuclei) and pair.labels.shape == nuclei.shape

@@ -21,18 +21,17 @@ import numpy as np
 
 from .errors import Cancelled, InputError, NucleiUnetError, describe
 from .io import (
-    channel_axis,
     check_image_layout,
-    file_axes,
+    declared_channel_axis,
     file_stack,
     is_single_plane,
-    nuclear_channel,
+    nuclear_plane_of,
     read_image,
     write_labels,
     zarr_axes,
 )
 from .model import Checkpoint
-from .params import AUTO, BlockParams, SegmentParams, split_channel_axis
+from .params import AUTO, BlockParams, SegmentParams
 from .segment import RunProgress, estimate_share, resolve, segment_planes
 from .tiling import CancelCheck, ProgressCallback
 
@@ -69,7 +68,7 @@ def open_image(path: str | os.PathLike, blocks: BlockParams | None = None, chann
         if lazy is not None:
             return lazy
     if path.suffix.lower() != ".zarr":
-        return read_image(path, channel_axis if channel_axis is not None else split_channel_axis(file_axes(path))[1])
+        return read_image(path, channel_axis if channel_axis is not None else declared_channel_axis(path))
     import zarr
 
     try:
@@ -161,7 +160,8 @@ def _segment_file(
 ) -> FileResult:
     started = time.perf_counter()
     extras = tuple(extras) + (("polygons",) if out_format == "geojson" and "polygons" not in extras else ())
-    image, channel = _nuclear_channel(open_image(source, params.blocks, params.channel_axis), source, params)
+    image = open_image(source, params.blocks, params.channel_axis)
+    image, channel = nuclear_plane_of(image, source, params.channel, params.channel_axis)
     target = output_path(out_dir, source, out_format)
     single = is_single_plane(image)
     params = _with_file_stack(params, source, single)
@@ -218,19 +218,6 @@ def _segment_file(
         [path for path in extra if not path.endswith(RLE_PART_SUFFIX)],
         next((path for path in extra if path.endswith(RLE_PART_SUFFIX)), None),
     )
-
-
-def _nuclear_channel(image, source: Path, params: SegmentParams) -> tuple[object, dict]:
-    """The image's nuclear channel (``params.channel``) when it has channels (``io.channel_axis``), with
-    ``{"channel": picked, "channels": count}`` for the record; the image as it is, and ``{}``, when it has none."""
-    axis = channel_axis(image, file_axes(source), params.channel_axis)
-    if axis is None:
-        if params.channel not in (AUTO, None):
-            raise InputError(f"{source}: --channel {params.channel} given, but the image has no channel axis")
-        return image, {}
-    count = int(image.shape[axis])
-    image, picked = nuclear_channel(image, axis, params.channel)
-    return image, {"channel": picked, "channels": count}
 
 
 def _with_file_stack(params: SegmentParams, source: Path, single: bool) -> SegmentParams:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
-from .io import IMAGE_SUFFIXES, find_images, read_image, sample_step
+from .io import IMAGE_SUFFIXES, declared_channel_axis, find_images, nuclear_plane_of, read_image, sample_step
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -118,20 +121,28 @@ def load_pairs(
         for stem, path in sorted(image_files.items()):
             if stem not in entries:
                 continue
-            image = read_image(path)
+            image = _read_nuclear(path)
             pairs.append(LabelledImage(stem, image, entries[stem].to_labels(image.shape[:2], source=str(labels))))
     elif labels.is_dir():
         label_files = {p.stem: p for p in sorted(labels.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
         for stem, path in sorted(image_files.items()):
             if stem in label_files:
                 pairs.append(
-                    LabelledImage(stem, read_image(path), np.asarray(read_image(label_files[stem])).astype(np.int32))
+                    LabelledImage(stem, _read_nuclear(path), np.asarray(read_image(label_files[stem])).astype(np.int32))
                 )
     else:
         raise InputError(f"{labels}: labels must be a folder of label images, an RLE CSV or a Kaggle DSB folder")
     if not pairs:
         raise InputError(f"{labels}: no labels match the images in {images} by file name")
     return pairs
+
+
+def _read_nuclear(path: Path) -> np.ndarray:
+    """A training image as segmentation reads it: its nuclear channel when it has channels (``io.nuclear_plane_of``)."""
+    image, picked = nuclear_plane_of(read_image(path, declared_channel_axis(path)), path)
+    if picked:
+        log.info("%s: channel %d of %d (looks most like a nuclear stain)", path, picked["channel"], picked["channels"])
+    return np.asarray(image)
 
 
 def _is_kaggle_layout(folder: Path) -> bool:

@@ -466,6 +466,25 @@ def channel_axis(image, axes: str, given: int | None = None) -> int | None:
     return 2 if len(shape) == 3 and shape[-1] == 2 and shape[-1] < min(shape[:2]) else None
 
 
+def declared_channel_axis(path) -> int | None:
+    """Where a file's metadata puts its channels (a C before Y and X: ImageJ CYX, ZCYX; OME CZYX); None: nowhere."""
+    return split_channel_axis(file_axes(path))[1]
+
+
+def nuclear_plane_of(image, path, channel: int | str = AUTO, given_axis: int | None = None) -> tuple[object, dict]:
+    """The nuclear channel (``channel``: a number, or "auto") of an image read from ``path`` when it has channels
+    (:func:`channel_axis`; ``given_axis``: the user's), with ``{"channel": picked, "channels": count}``; the image
+    as it is, and ``{}``, when it has none. Segmentation and training read files through this, alike."""
+    axis = channel_axis(image, file_axes(path), given_axis)
+    if axis is None:
+        if channel not in (AUTO, None):
+            raise InputError(f"{path}: --channel {channel} given, but the image has no channel axis")
+        return image, {}
+    count = int(image.shape[axis])
+    image, picked = nuclear_channel(image, axis, channel)
+    return image, {"channel": picked, "channels": count}
+
+
 def nuclear_channel(image, axis: int, channel: int | str = AUTO) -> tuple[object, int]:
     """``image`` without its channel ``axis``: only ``channel`` (a number, or "auto": :func:`guess_nuclear_channel`
     on the middle plane of each channel). Lazy arrays (zarr, dask) stay lazy. Returns the image and the channel."""
