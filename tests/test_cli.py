@@ -127,6 +127,33 @@ def test_rle_decode_encode_round_trip(tmp_path, capsys):
     assert read_image(tmp_path / "dec" / "b.tif").max() == 0  # the empty image survived
 
 
+def test_rle_encode_takes_the_label_stacks_segment_writes(tmp_path, model_dir, image_folder, capsys):
+    """``rle encode`` on segment's own output folder (a Z/T stack among the images) gives the rows that
+    ``segment --rle-csv`` wrote: a stack's planes as ``<stem>_<plane>``. It refused the stack."""
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                "segment",
+                str(image_folder),
+                "--out",
+                str(out),
+                "--model",
+                str(model_dir),
+                "--rle-csv",
+                str(tmp_path / "segment.csv"),
+                "--tile-size",
+                "64",
+            ]
+        )
+        == 0
+    )
+    assert main(["rle", "encode", str(out), "--out", str(tmp_path / "encoded.csv")]) == 0
+    written, encoded = decode_csv(tmp_path / "segment.csv"), decode_csv(tmp_path / "encoded.csv")
+    assert sorted(encoded) == sorted(written) == ["bright8", "fluo16", "stack_0", "stack_1"]
+    assert all(np.array_equal(encoded[name], written[name]) for name in written)
+
+
 def test_rle_decode_bad_row_writes_nothing(tmp_path, capsys):
     csv_path = tmp_path / "bad.csv"
     csv_path.write_text("ImageId,EncodedPixels,Height,Width\ngood,1 2,4,4\nbad,1 2 3,4,4\n")

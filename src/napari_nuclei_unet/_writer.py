@@ -20,7 +20,7 @@ def write_rle_csv(path: str, layer_data: list[tuple[Any, dict, str]]) -> list[st
     the Segment widget made (as ``nuclei-unet segment`` and Kaggle name them), the row's own for
     a layer read from an RLE CSV, else the layer name; for stacks, the plane's id when the reader
     stacked an RLE CSV (``image_ids``), else ``<id>_<plane>``."""
-    from .rle import write_csv
+    from .rle import plane_ids, write_csv
 
     rows = []
     for data, meta, _kind in layer_data:
@@ -36,11 +36,7 @@ def write_rle_csv(path: str, layer_data: list[tuple[Any, dict, str]]) -> list[st
             continue
         planes = labels.reshape(-1, *labels.shape[-2:])
         ids = metadata.get("image_ids")
-        ids = (
-            ids
-            if isinstance(ids, list) and len(ids) == len(planes)
-            else [f"{name}_{index}" for index in range(len(planes))]
-        )
+        ids = ids if isinstance(ids, list) and len(ids) == len(planes) else plane_ids(name, len(planes))
         rows.extend(zip(ids, planes))
     return [str(write_csv(path, rows))]
 

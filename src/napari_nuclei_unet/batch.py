@@ -302,9 +302,9 @@ def _write_polygons(out_dir: Path, source: Path, planes, tables, single: bool) -
 
 def _write_rle_part(out_dir: Path, source: Path, planes, tables, single: bool) -> list[str]:
     """This file's rows of the RLE CSV (``ImageId`` the stem, ``<stem>_<plane>`` for a stack), as a CSV of its own."""
-    from .rle import write_csv
+    from .rle import plane_ids, write_csv
 
-    stems = [source.stem] if single else [f"{source.stem}_{i}" for i in range(len(planes))]
+    stems = [source.stem] if single else plane_ids(source.stem, len(planes))
     items = ((stem, np.asarray(plane)) for stem, plane in zip(stems, planes))  # one plane in memory at a time
     return [str(write_csv(out_dir / f".{source.stem}{RLE_PART_SUFFIX}", items))]
 

@@ -897,7 +897,7 @@ def cmd_evaluate(args) -> int:
 
 def cmd_rle(args) -> int:
     from .io import find_images, read_image, write_labels
-    from .rle import read_csv, write_csv
+    from .rle import plane_ids, read_csv, write_csv
 
     if args.rle_command == "decode":
         entries = read_csv(args.csv)
@@ -921,9 +921,12 @@ def cmd_rle(args) -> int:
         items = []
         for path in files:
             labels = read_image(path)
-            if labels.ndim != 2 or labels.dtype.kind not in "iub":
-                raise InputError(f"{path}: not a 2D integer label image (shape {labels.shape}, {labels.dtype})")
-            items.append((path.stem, labels))
+            if labels.ndim not in (2, 3) or labels.dtype.kind not in "iub":
+                raise InputError(f"{path}: not an integer label image or stack (shape {labels.shape}, {labels.dtype})")
+            if labels.ndim == 2:
+                items.append((path.stem, labels))
+            else:  # a stack, as segment writes it: one ImageId per plane, as segment --rle-csv names them
+                items.extend(zip(plane_ids(path.stem, len(labels)), labels))
         write_csv(args.out, items, with_shape=not args.no_shape)
         nuclei = sum(int(len(np.unique(labels)) - (0 in labels)) for _, labels in items)
         print(f"encoded {len(items)} label image(s), {nuclei} nuclei -> {args.out}")

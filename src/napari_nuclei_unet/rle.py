@@ -274,6 +274,11 @@ def decode_csv(
     return labels
 
 
+def plane_ids(stem: str, count: int) -> list[str]:
+    """The ImageIds of a stack's planes in an RLE CSV: ``<stem>_<plane>`` (the nuclei keep their IDs across planes)."""
+    return [f"{stem}_{index}" for index in range(count)]
+
+
 def write_csv(path: str | os.PathLike, items: Iterable[tuple[str, np.ndarray]], with_shape: bool = True) -> Path:
     """Write ``(image_id, label_image)`` pairs as one RLE CSV, atomically; empty images keep one row."""
     path = Path(path)
