@@ -349,6 +349,32 @@ def test_measurements_are_written_beside_each_label_image(tmp_path, model_dir, i
     assert planes.count(0) == len(np.unique(stack[0])) - 1 and planes.count(1) == len(np.unique(stack[1])) - 1
 
 
+def test_measurements_are_in_micrometres_when_the_file_states_its_pixel_size(tmp_path, model_dir):
+    """ImageJ's calibration and OME's PhysicalSizeX give µm columns; a file in dots per inch (no length) does
+    not."""
+    import csv
+
+    image, _ = nuclei_field((96, 128), count=8, seed=1)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    tifffile.imwrite(
+        folder / "imagej.tif", image, imagej=True, resolution=(1 / 0.325, 1 / 0.325), metadata={"unit": "um"}
+    )
+    tifffile.imwrite(folder / "ome.tif", image, ome=True, metadata={"axes": "YX", "PhysicalSizeX": 0.5})
+    tifffile.imwrite(folder / "dpi.tif", image, resolution=(72, 72))
+    out = tmp_path / "out"
+    assert main(["segment", str(folder), "--out", str(out), "--model", str(model_dir), "--measurements"]) == 0
+
+    def rows(stem):
+        with open(out / f"{stem}_nuclei.csv") as handle:
+            return list(csv.DictReader(handle))
+
+    for stem, size in (("imagej", 0.325), ("ome", 0.5)):
+        row = rows(stem)[0]
+        assert float(row["area_um2"]) == pytest.approx(float(row["area"]) * size**2, rel=1e-4)
+    assert rows("dpi") and "area_um2" not in rows("dpi")[0]
+
+
 def test_geojson_polygons_beside_the_labels_carry_the_measurements(tmp_path, model_dir, image_folder):
     from napari_nuclei_unet.geojson import read_geojson
 

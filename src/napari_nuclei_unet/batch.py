@@ -23,6 +23,7 @@ from .errors import Cancelled, InputError, NucleiUnetError, describe
 from .io import (
     check_image_layout,
     declared_channel_axis,
+    file_pixel_size,
     file_stack,
     is_single_plane,
     nuclear_plane_of,
@@ -255,7 +256,8 @@ def _write_extra_outputs(image, labels, out_dir, source: Path, extras: tuple[str
         extras = tuple(name for name in extras if name != "measurements")
     if "measurements" in extras:
         images = [image] if single else [image[i] for i in range(len(planes))]
-        tables = [measure(plane, picture) for plane, picture in zip(planes, images)]
+        pixel_size = file_pixel_size(source)  # µm columns when the file states its pixel size
+        tables = [measure(plane, picture, pixel_size) for plane, picture in zip(planes, images)]
     else:
         tables = [None] * len(planes)
     for name in EXTRA_OUTPUTS:  # in this order, whatever the order asked for
@@ -276,7 +278,7 @@ def _write_volume_measurements(out_dir: Path, source: Path, image, labels, voxel
 
 def _write_measurements(out_dir: Path, source: Path, planes, tables, single: bool) -> list[str]:
     """``<stem>_nuclei.csv``: one row per nucleus (``measure.measure``; a stack's rows carry their plane).
-    Images are measured in their own pixels (files carry no pixel size we read)."""
+    With µm columns when the file states its pixel size (``io.file_pixel_size``: ImageJ, OME-TIFF)."""
     from .measure import write_measurements_csv
 
     if single:

@@ -546,11 +546,57 @@ def zarr_axes(stack: str, voxel_size: tuple[float, float, float] | None) -> dict
 
 
 def _voxel_size(tif) -> tuple[float, float, float] | None:
-    """ImageJ's z spacing with the pixel size from the resolution tags, when both are there."""
+    """ImageJ's z spacing with the pixel size from the resolution tags, when both are there (in µm when ImageJ's
+    unit is a length; else in its unit, which only the z step's ratio to the pixel needs)."""
     spacing = (tif.imagej_metadata or {}).get("spacing")
+    pixel = _resolution(tif)
+    if not spacing or pixel is None:
+        return None
+    factor = _UM_PER_UNIT.get(str((tif.imagej_metadata or {}).get("unit", "")).strip().lower(), 1.0)
+    return (float(spacing) * factor, pixel[0] * factor, pixel[1] * factor)
+
+
+# Micrometres per length unit, as ImageJ (and OME's PhysicalSizeXUnit) name them.
+_UM_PER_UNIT = {
+    "micron": 1.0,
+    "microns": 1.0,
+    "um": 1.0,
+    "\u00b5m": 1.0,  # µm, micro sign
+    "\u03bcm": 1.0,  # μm, Greek mu
+    "\\u00b5m": 1.0,  # ImageJ's escaped form, as some files hold it
+    "nm": 1e-3,
+    "mm": 1e3,
+    "cm": 1e4,
+}
+
+
+def _resolution(tif) -> tuple[float, float] | None:
+    """(y, x) size of a pixel from the TIFF resolution tags, in the file's unit; None without them."""
     page = tif.pages[0]
     tags = [page.tags.get(name) for name in ("YResolution", "XResolution")]
-    if not spacing or any(tag is None for tag in tags):
+    if any(tag is None or not tag.value[0] for tag in tags):
         return None
-    pixel = [tag.value[1] / tag.value[0] for tag in tags if tag.value[0]]
-    return (float(spacing), *pixel) if len(pixel) == 2 else None
+    return tags[0].value[1] / tags[0].value[0], tags[1].value[1] / tags[1].value[0]
+
+
+def file_pixel_size(path) -> float | None:
+    """µm per pixel (along x) as a TIFF's metadata states it: ImageJ's calibration in a length unit, or OME's
+    PhysicalSizeX; None when the file does not say it in a length (e.g. plain dots per inch)."""
+    import re
+
+    import tifffile
+
+    if Path(path).suffix.lower() not in _TIFF_SUFFIXES:
+        return None
+    try:
+        with tifffile.TiffFile(path) as tif:
+            if tif.ome_metadata:
+                match = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata)
+                unit = re.search(r'PhysicalSizeXUnit="([^"]+)"', tif.ome_metadata)
+                factor = _UM_PER_UNIT.get(unit.group(1).lower() if unit else "µm")
+                return float(match.group(1)) * factor if match and factor else None
+            unit = str((tif.imagej_metadata or {}).get("unit", "")).strip().lower()
+            pixel = _resolution(tif)
+            return pixel[1] * _UM_PER_UNIT[unit] if pixel is not None and unit in _UM_PER_UNIT else None
+    except (tifffile.TiffFileError, OSError, ValueError, IndexError, KeyError):
+        return None
