@@ -186,6 +186,7 @@ def resolve(
         raise InputError(f"stain must be one of {', '.join(STAINS)}, got {params.stain!r}")
     if params.image_type not in IMAGE_TYPES:
         raise InputError(f"image type must be one of {', '.join(IMAGE_TYPES)}, got {params.image_type!r}")
+    _check_finite(image)
     volume = _is_volume(image, params)
     indices = _plane_indices(image, None if volume else plane_indices)
     reference = indices[len(indices) // 2]
@@ -213,6 +214,21 @@ def resolve(
     factor = rescale_factor(checkpoint, estimate.diameter)  # a model without a training size can't use one
     resolved = replace(resolved, stack="z" if volume else "planes" if indices != [None] else params.stack)
     return Resolved(resolved, estimate, factor, large, reference, normalizer, volume)
+
+
+def _check_finite(image, budget: int = 1 << 24) -> None:
+    """Refuse float pixels that are NaN or infinite (a flat-field division by zero): they have no intensity to
+    segment, and one in a tile spoils its neighbours' probabilities. In-memory images are checked ``budget``
+    values at a time; lazy ones (zarr, dask) by the normaliser's sample only."""
+    if not isinstance(image, np.ndarray) or image.dtype.kind != "f" or image.size == 0:
+        return
+    step = max(1, budget // max(1, image[0].size))
+    bad = sum(
+        int(image[i : i + step].size - np.count_nonzero(np.isfinite(image[i : i + step])))
+        for i in range(0, len(image), step)
+    )
+    if bad:
+        raise InputError(f"image contains {bad} NaN or infinite pixel(s): replace them (e.g. with 0) first")
 
 
 def _markers_for(checkpoint: Checkpoint, params: SegmentParams, volume: bool) -> str:
