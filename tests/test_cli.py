@@ -1,5 +1,7 @@
 """The ``nuclei-unet`` command line, run in-process through ``main(argv)``."""
 
+import json
+
 import numpy as np
 import pytest
 import tifffile
@@ -130,28 +132,18 @@ def test_rle_decode_encode_round_trip(tmp_path, capsys):
 def test_rle_encode_takes_the_label_stacks_segment_writes(tmp_path, model_dir, image_folder, capsys):
     """``rle encode`` on segment's own output folder (a Z/T stack among the images) gives the rows that
     ``segment --rle-csv`` wrote: a stack's planes as ``<stem>_<plane>``. It refused the stack."""
-    out = tmp_path / "out"
-    assert (
-        main(
-            [
-                "segment",
-                str(image_folder),
-                "--out",
-                str(out),
-                "--model",
-                str(model_dir),
-                "--rle-csv",
-                str(tmp_path / "segment.csv"),
-                "--tile-size",
-                "64",
-            ]
-        )
-        == 0
-    )
+    out, written_csv = tmp_path / "out", tmp_path / "segment.csv"
+    options = {"--out": out, "--model": model_dir, "--rle-csv": written_csv, "--tile-size": 64}
+    assert main(["segment", str(image_folder), *(str(v) for item in options.items() for v in item)]) == 0
     assert main(["rle", "encode", str(out), "--out", str(tmp_path / "encoded.csv")]) == 0
-    written, encoded = decode_csv(tmp_path / "segment.csv"), decode_csv(tmp_path / "encoded.csv")
+    written, encoded = decode_csv(written_csv), decode_csv(tmp_path / "encoded.csv")
     assert sorted(encoded) == sorted(written) == ["bright8", "fluo16", "stack_0", "stack_1"]
     assert all(np.array_equal(encoded[name], written[name]) for name in written)
+    # the RLE rows scored against the label files, stack included: plane by plane
+    scores = tmp_path / "scores.json"
+    assert main(["evaluate", "--truth", str(written_csv), "--pred", str(out), "--json", str(scores)]) == 0
+    result = json.loads(scores.read_text())
+    assert result["n_images"] == 4 and result["kaggle_score"] == 1.0 and result["n_pred"] == result["n_true"]
 
 
 def test_rle_decode_bad_row_writes_nothing(tmp_path, capsys):

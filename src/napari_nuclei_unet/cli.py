@@ -849,6 +849,20 @@ def _read_label_source(path: str, images: str | None) -> dict[str, np.ndarray]:
     raise InputError(f"{path}: expected a folder of label images or an RLE CSV")
 
 
+def _is_csv(path: str) -> bool:
+    return Path(path).suffix.lower() == ".csv"
+
+
+def _as_planes(labels: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Label images with each stack split into its planes, named as RLE CSVs name them (``rle.plane_ids``)."""
+    from .rle import plane_ids
+
+    planes = {}
+    for name, image in labels.items():
+        planes.update(zip(plane_ids(name, len(image)), image) if image.ndim == 3 else [(name, image)])
+    return planes
+
+
 def _shape_lookup(images: str | None):
     from .io import image_shape_lookup
 
@@ -861,6 +875,8 @@ def cmd_evaluate(args) -> int:
 
     truth = _read_label_source(args.truth, args.images)
     pred = _read_label_source(args.pred, args.images)
+    if _is_csv(args.truth) != _is_csv(args.pred):  # an RLE CSV holds a stack's planes: compare plane by plane
+        truth, pred = _as_planes(truth), _as_planes(pred)
     if not set(truth) & set(pred):
         example = next(iter(pred), "none")
         raise InputError(
