@@ -570,6 +570,23 @@ def test_a_hyperstack_is_segmented_in_3d_on_its_nuclear_channel(viewer_and_widge
     assert len(samples) == 3 and np.array_equal(samples[0].image, nuclei)
 
 
+def test_a_channel_first_hyperstack_offers_its_channels(viewer_and_widget):
+    """OME's (C, Z, Y, X) order, with more planes than channels; or the layer's axis labels say where C is."""
+    viewer, widget = viewer_and_widget
+    nuclei, cytoplasm, truth = _two_channel_image(seed=8)
+    stack = np.stack([np.stack([cytoplasm] * 8), np.stack([nuclei] * 8)])
+    viewer.add_image(stack, name="c first", scale=(1.0, 3.0, 0.5, 0.5))
+    widget.image_layer.value = viewer.layers["c first"]
+    assert list(widget.channel.choices) == [0, 1] and widget.channel.value == 1
+    widget.scope.value = Z_STACK
+    request = widget.request()
+    assert request.image.shape == (8, *truth.shape) and request.params.voxel_size == (3.0, 0.5, 0.5)
+    labelled = viewer.add_image(stack[:, :2], name="two planes", axis_labels=("c", "z", "y", "x"))
+    widget.image_layer.value = labelled  # 2 x 2: only the labels tell the channels from the planes
+    request = widget.request()
+    assert request.image.shape == (2, *truth.shape) and np.array_equal(request.image[0], nuclei)
+
+
 def test_a_grey_image_with_alpha_is_segmented_as_its_grey(viewer_and_widget, qtbot):
     """A grey PNG with an alpha channel opens as a (Y, X, 2) layer: it was taken for a stack of 2-pixel-wide
     planes."""

@@ -356,7 +356,8 @@ class SegmentWidget(Container):
         if axis == -1:
             return [(COLOUR_IMAGE, ALL_CHANNELS), *((f"channel {i} ({_RGB_NAMES[i]})", i) for i in range(count))]
         channels = [(f"channel {i}", i) for i in range(count)]
-        return [(NO_CHANNEL, ALL_CHANNELS), *channels] if axis == 0 else channels  # elsewhere: one must be picked
+        maybe_stack = axis == 0 and _layer_data(layer).ndim == 3  # a few planes: channels, or a short stack
+        return [(NO_CHANNEL, ALL_CHANNELS), *channels] if maybe_stack else channels  # else one must be picked
 
     def _picked_channel(self, layer: Image) -> int | None:
         return self.channel.value if _channel_axis(layer) is not None and self.channel.value != ALL_CHANNELS else None
@@ -388,6 +389,7 @@ class SegmentWidget(Container):
         named_channels = label in ("c", "ch", "channel", "channels")
         stack = (
             axis == 0
+            and data.ndim == 3
             and not named_channels
             and (label in ("z", "t", "time") or data.shape[0] > 4 or planes_look_alike(planes))
         )
@@ -749,15 +751,18 @@ def _layer_data(layer: Image):
 
 def _channel_axis(layer: Image) -> int | None:
     """Where a layer's channels may be: -1 for RGB(A); 0 for a (C, Y, X) layer of a few planes; 1 for a
-    (Z or T, C, Y, X) hyperstack of a few channels; 2 for a (Y, X, 2) layer (grey + alpha, two stains,
-    ``io.channel_axis``); None: none."""
+    (Z or T, C, Y, X) hyperstack of a few channels, 0 for a (C, Z, Y, X) one; 2 for a (Y, X, 2) layer (grey +
+    alpha, two stains, ``io.channel_axis``); None: none."""
     if layer.rgb:
         return -1
     data = _layer_data(layer)
     if data.ndim == 3 and data.shape[0] <= MAX_CHANNELS:
         return 0
-    if data.ndim == 4 and data.shape[1] <= MAX_CHANNELS:
-        return 1
+    if data.ndim == 4:  # ImageJ's order (Z or T, C, Y, X), else OME's (C, Z, Y, X); the layer's axis labels say first
+        labels = [str(label).lower() for label in getattr(layer, "axis_labels", ())]
+        named = [i for i, label in enumerate(labels[:2]) if label in ("c", "ch", "channel", "channels")]
+        few = [i for i in (1, 0) if data.shape[i] <= MAX_CHANNELS]
+        return (named or few or [None])[0]
     return channel_axis(data, "")
 
 
