@@ -210,6 +210,43 @@ def test_evaluate_says_what_is_missing_and_refuses_disjoint_sets(tmp_path, capsy
     assert "no image in common" in err and "'a nuclei'" in err and len(err.strip().splitlines()) == 1
 
 
+def test_ctrl_c_during_training_says_what_was_kept_and_the_same_command_resumes(
+    tmp_path, tiny_checkpoint, capsys, monkeypatch
+):
+    """Ctrl-C in the second epoch: the first epoch's model and state are on disk, and the message says so (it said
+    only "interrupted"); running the same command again resumes and finishes."""
+    import napari_nuclei_unet.training.loop as loop
+    from napari_nuclei_unet.io import write_labels
+
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir(), labels.mkdir()
+    for seed in (1, 2, 3):
+        image, truth = nuclei_field((96, 128), count=8, seed=seed)
+        tifffile.imwrite(images / f"field{seed}.tif", image)
+        write_labels(labels / f"field{seed}.tif", truth)
+    out = tmp_path / "run"
+    argv = ["train", "--images", str(images), "--labels", str(labels), "--out", str(out), "--epochs", "2"]
+    argv += ["--iterations", "2", "--patch-size", "64", "--batch-size", "2", "--val-fraction", "0.34", "--no-calibrate"]
+    step, calls = loop._step, []
+
+    def interrupted_in_epoch_two(run):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return step(run)
+
+    monkeypatch.setattr(loop, "_step", interrupted_in_epoch_two)
+    assert main(argv) == 130
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith("nuclei-unet: interrupted at iteration 2 (epoch 1): the best model so far"), message
+    assert f"is in {out}; the same command resumes" in message
+    monkeypatch.setattr(loop, "_step", step)
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    printed = captured.out + captured.err
+    assert "epoch 2:" in printed and "epoch 1:" not in printed  # resumed at the second epoch
+
+
 def test_train_fine_tunes_with_the_widget_settings(tmp_path, tiny_checkpoint, capsys):
     from napari_nuclei_unet.io import write_labels
     from napari_nuclei_unet.model import Checkpoint

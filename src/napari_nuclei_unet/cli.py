@@ -799,7 +799,10 @@ def cmd_train(args) -> int:
         disable=not sys.stderr.isatty(),
     )
 
+    seen = {}
+
     def progress(event) -> None:
+        seen["event"] = event
         bar.n = event.iteration
         bar.set_postfix(epoch=event.epoch, loss=f"{event.loss:.3f}", best=event.best_score)
         if event.kind == "calibrating":
@@ -811,8 +814,13 @@ def cmd_train(args) -> int:
                 line += f", val DSB {scores.kaggle_score:.4f}, AP@0.5 {scores.ap50:.4f}, Dice {scores.dice:.4f}"
             bar.write(line + (" (best, saved)" if event.improved else ""))
 
-    with bar:
-        result = fit(checkpoint, train, out, val, config, progress=progress, data_description=_describe(args, train))
+    try:
+        with bar:
+            result = fit(
+                checkpoint, train, out, val, config, progress=progress, data_description=_describe(args, train)
+            )
+    except KeyboardInterrupt:
+        raise Cancelled(_interrupted_training(out, seen.get("event"))) from None
     best = f"{result.best_score:.4f}" if result.best_score is not None else "n/a"
     calibration = checkpoint.metadata.get("postprocess", {}) if config.calibrate and not result.cancelled else {}
     calibrated = (
@@ -867,6 +875,17 @@ def _shape_lookup(images: str | None):
     from .io import image_shape_lookup
 
     return image_shape_lookup(images) if images is not None else None
+
+
+def _interrupted_training(out: Path, event) -> str:
+    """What Ctrl-C left of a training run: the best model and the state to resume from, saved at each epoch's end."""
+    from .training import STATE_FILE
+
+    where = "interrupted" if event is None else f"interrupted at iteration {event.iteration} (epoch {event.epoch})"
+    if not (out / STATE_FILE).exists():
+        return f"{where}, before the first epoch ended: nothing was saved"
+    best = f" (val DSB {event.best_score:.4f})" if event is not None and event.best_score is not None else ""
+    return f"{where}: the best model so far{best} is in {out}; the same command resumes from its last saved epoch"
 
 
 def cmd_evaluate(args) -> int:
