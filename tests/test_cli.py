@@ -210,6 +210,31 @@ def test_evaluate_says_what_is_missing_and_refuses_disjoint_sets(tmp_path, capsy
     assert "no image in common" in err and "'a nuclei'" in err and len(err.strip().splitlines()) == 1
 
 
+def test_ctrl_c_during_segmentation_says_nothing_was_written(tmp_path, model_dir, image_folder, capsys, monkeypatch):
+    import napari_nuclei_unet.batch as batch
+
+    real, calls = batch.segment_file, []
+
+    def interrupted_at_the_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(batch, "segment_file", interrupted_at_the_third)
+    out = tmp_path / "out"
+    assert (
+        main(["segment", str(image_folder), "--out", str(out), "--model", str(model_dir), "--tile-size", "64"]) == 130
+    )
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    done = message.removeprefix("nuclei-unet: interrupted after ").split(" ")[0]  # 2, or 1 if its pair was not done
+    assert done in ("1", "2") and message == (
+        f"nuclei-unet: interrupted after {done} of 3 image(s): nothing written to {out} (a run's outputs appear when "
+        "all its images are done)"
+    )
+    assert list(out.iterdir()) == []  # no output, no staging folder
+
+
 def test_ctrl_c_during_training_says_what_was_kept_and_the_same_command_resumes(
     tmp_path, tiny_checkpoint, capsys, monkeypatch
 ):

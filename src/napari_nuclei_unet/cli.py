@@ -515,6 +515,12 @@ def cmd_segment(args) -> int:
             result.output = str(final)
             for extra in result.extra_outputs:
                 os.replace(extra, out / Path(extra).name)
+    except KeyboardInterrupt:
+        done = sum(1 for target in targets if (staging / target.name).exists())
+        raise Cancelled(
+            f"interrupted after {done} of {len(files)} image(s): nothing written to {out} (a run's outputs appear "
+            "when all its images are done)"
+        ) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     seconds = time.perf_counter() - started
