@@ -131,3 +131,14 @@ def test_atomic_write_keeps_old_file(tmp_path):
             handle.write(b"half")
             raise ValueError("boom")
     assert path.read_bytes() == b"old" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_a_folder_s_hidden_files_are_not_images(tmp_path):
+    """A folder copied from a Mac holds ``._<name>.png`` beside each image (resource forks): they stopped a run."""
+    from napari_nuclei_unet.io import find_images
+
+    (tmp_path / "a.png").write_bytes(b"png")
+    (tmp_path / "._a.png").write_bytes(b"x")
+    (tmp_path / ".hidden.tif").write_bytes(b"x")
+    assert find_images([str(tmp_path)]) == [(tmp_path / "a.png").resolve()]
+    assert find_images([str(tmp_path / "._a.png")]) == [(tmp_path / "._a.png").resolve()]  # named: taken

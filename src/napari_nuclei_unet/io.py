@@ -361,7 +361,10 @@ def _split_columns(band: np.ndarray) -> Iterator[np.ndarray]:
 
 
 def find_images(inputs: list[str]) -> list[Path]:
-    """Expand files, folders and glob patterns to a sorted, de-duplicated list of image files and ``.zarr`` stores."""
+    """Expand files, folders and glob patterns to a sorted, de-duplicated list of image files and ``.zarr`` stores.
+
+    A folder's hidden files are left out, as a shell's patterns leave them: macOS writes ``._<name>`` beside every
+    file it copies to a shared or FAT drive, and those are not images."""
     import glob
 
     def is_image(p: Path) -> bool:
@@ -371,7 +374,7 @@ def find_images(inputs: list[str]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir() and path.suffix.lower() != ".zarr":
-            found.extend(p for p in sorted(path.iterdir()) if is_image(p))
+            found.extend(p for p in sorted(path.iterdir()) if is_image(p) and not p.name.startswith("."))
         elif path.exists():
             found.append(path)
         else:
