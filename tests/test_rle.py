@@ -157,3 +157,15 @@ def test_write_is_atomic_on_failure(tmp_path):
         write_csv(path, items())
     assert path.read_text() == "previous content"
     assert list(tmp_path.iterdir()) == [path]
+
+
+@pytest.mark.parametrize("delimiter", [";", "\t"])
+def test_a_csv_saved_by_a_spreadsheet_with_another_delimiter_reads_the_same(tmp_path, delimiter):
+    """Excel in many locales saves CSVs with semicolons (and a BOM, and CRLF): they were 'not an RLE CSV'."""
+    labels = np.zeros((20, 30), np.int32)
+    labels[2:6, 3:9], labels[10:15, 12:20] = 1, 2
+    comma = write_csv(tmp_path / "comma.csv", [("img", labels)])
+    other = tmp_path / "other.csv"
+    other.write_text(comma.read_text().replace(",", delimiter), encoding="utf-8-sig", newline="\r\n")
+    assert looks_like_rle_csv(other)
+    assert np.array_equal(decode_csv(other)["img"], decode_csv(comma)["img"])

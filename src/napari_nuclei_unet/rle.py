@@ -196,10 +196,18 @@ def looks_like_rle_csv(path: str | os.PathLike) -> bool:
     """True when the file's header has the ImageId and EncodedPixels columns (cheap: reads one line)."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:
-            header = next(csv.reader(handle), [])
+            header = next(csv.reader(handle, delimiter=_delimiter(handle)), [])
     except (OSError, UnicodeDecodeError):
         return False
     return all(column in [h.strip() for h in header] for column in REQUIRED_COLUMNS)
+
+
+def _delimiter(handle) -> str:
+    """The header line's delimiter: a comma, or the semicolon or tab that spreadsheets in many locales save with
+    (an RLE never holds either). The handle is left at the start."""
+    first = handle.readline()
+    handle.seek(0)
+    return next((mark for mark in (";", "\t") if mark in first and "," not in first), ",")
 
 
 def read_csv(path: str | os.PathLike) -> dict[str, RLEImage]:
@@ -211,8 +219,8 @@ def read_csv(path: str | os.PathLike) -> dict[str, RLEImage]:
         raise RLEError(f"{path}: cannot open ({error.strerror})") from None
     images: dict[str, RLEImage] = {}
     with handle:
-        reader = csv.reader(handle)
         try:
+            reader = csv.reader(handle, delimiter=_delimiter(handle))
             header = [h.strip() for h in next(reader)]
         except StopIteration:
             raise RLEError(f"{path}: empty file, expected a header 'ImageId,EncodedPixels'") from None
