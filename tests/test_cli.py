@@ -8,7 +8,7 @@ import tifffile
 
 from napari_nuclei_unet.cli import main
 from napari_nuclei_unet.io import read_image
-from napari_nuclei_unet.rle import decode_csv
+from napari_nuclei_unet.rle import decode_csv, write_csv
 from napari_nuclei_unet.synthetic import nuclei_field
 
 
@@ -208,6 +208,23 @@ def test_evaluate_says_what_is_missing_and_refuses_disjoint_sets(tmp_path, capsy
     assert main(["evaluate", "--truth", str(truth), "--pred", str(other)]) == 2
     err = capsys.readouterr().err
     assert "no image in common" in err and "'a nuclei'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_labels_are_never_written_over_the_input_images(tmp_path, model_dir, capsys):
+    """``--out`` the images' own folder: a.tif's labels went to a.tif, and the raw image was gone."""
+    image, labels = nuclei_field((64, 80), count=5, seed=2)
+    tifffile.imwrite(tmp_path / "a.tif", image)
+    before = (tmp_path / "a.tif").read_bytes()
+    assert main(["segment", str(tmp_path), "--out", str(tmp_path), "--model", str(model_dir)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"nuclei-unet: error: {tmp_path / 'a.tif'}: the labels would overwrite this input image; choose another --out "
+        "folder"
+    )
+    assert (tmp_path / "a.tif").read_bytes() == before
+    write_csv(tmp_path / "a.csv", [("a", labels)])
+    assert main(["rle", "decode", str(tmp_path / "a.csv"), "--out", str(tmp_path), "--images", str(tmp_path)]) == 2
+    assert (tmp_path / "a.tif").read_bytes() == before
+    assert main(["segment", str(tmp_path / "a.tif"), "--out", str(tmp_path / "labels"), "--model", str(model_dir)]) == 0
 
 
 def test_ctrl_c_during_segmentation_says_nothing_was_written(tmp_path, model_dir, image_folder, capsys, monkeypatch):

@@ -483,6 +483,7 @@ def cmd_segment(args) -> int:
         raise InputError(
             f"{out}: several inputs would write {', '.join(clashes[:3])}; segment them into separate --out folders"
         )
+    _refuse_overwriting_images(targets, files)
     if args.workers is not None and args.workers < 1:
         raise InputError(f"--workers must be at least 1, got {args.workers}")
     writable_folder(out)  # outputs are checked before any work, so a fault there costs nothing
@@ -883,6 +884,14 @@ def _shape_lookup(images: str | None):
     return image_shape_lookup(images) if images is not None else None
 
 
+def _refuse_overwriting_images(targets, images) -> None:
+    """Labels are never written over the images they come from (``--out`` the images' own folder, same suffix)."""
+    inputs = {Path(image).resolve() for image in images}
+    hit = next((target for target in targets if Path(target).resolve() in inputs), None)
+    if hit is not None:
+        raise InputError(f"{hit}: the labels would overwrite this input image; choose another --out folder")
+
+
 def _interrupted_training(out: Path, event) -> str:
     """What Ctrl-C left of a training run: the best model and the state to resume from, saved at each epoch's end."""
     from .training import STATE_FILE
@@ -949,8 +958,11 @@ def cmd_rle(args) -> int:
                 entry.shape or (shape_of(image_id) if shape_of else None), source=args.csv
             )
             overlaps += entry.overlap_pixels
+        targets = {image_id: Path(args.out) / f"{image_id}.{args.format}" for image_id in decoded}
+        if args.images and Path(args.images).resolve() == Path(args.out).resolve():
+            _refuse_overwriting_images(targets.values(), [p for p in Path(args.images).iterdir() if p.is_file()])
         for image_id, labels in decoded.items():
-            write_labels(Path(args.out) / f"{image_id}.{args.format}", labels)
+            write_labels(targets[image_id], labels)
         print(f"decoded {len(decoded)} image(s), {sum(len(e.rles) for e in entries.values())} nuclei -> {args.out}")
         if overlaps:
             print(
