@@ -79,6 +79,31 @@ def test_large_tiff_is_read_lazily_and_written_tile_by_tile(tmp_path, monkeypatc
     assert [p.name for p in (tmp_path / "tif").iterdir()] == ["field.tif"]  # no scratch left behind
 
 
+def test_a_whole_slide_pyramid_is_read_lazily_at_full_resolution(tmp_path):
+    """A pyramidal OME-TIFF (what QuPath and slide scanners write) was read whole: a slide larger than memory was
+    refused. Its full-resolution level is read block by block, and labelled as the same pixels saved flat."""
+    import zarr
+
+    from napari_nuclei_unet import batch
+    from napari_nuclei_unet.model import Checkpoint, bundled_model_path
+    from napari_nuclei_unet.params import BlockParams, SegmentParams
+
+    image, truth = nuclei_field((330, 410), count=40, diameter=20, seed=33)
+    with tifffile.TiffWriter(tmp_path / "slide.ome.tif") as tif:
+        tif.write(image, subifds=1, tile=(128, 128), metadata={"axes": "YX"})
+        tif.write(image[::2, ::2], subfiletype=1, tile=(128, 128))
+    tifffile.imwrite(tmp_path / "flat.tif", image)
+    blocks = BlockParams(block_size=160, large_plane=200 * 200)
+    opened = batch.open_image(tmp_path / "slide.ome.tif", blocks)
+    assert isinstance(opened, zarr.Array) and np.array_equal(opened[...], image)
+    checkpoint = Checkpoint.load(bundled_model_path())
+    params = SegmentParams(diameter=None, blocks=blocks)
+    batch.segment_file(checkpoint, tmp_path / "slide.ome.tif", tmp_path / "out", params)
+    batch.segment_file(checkpoint, tmp_path / "flat.tif", tmp_path / "out", params)
+    slide, flat = (tifffile.imread(tmp_path / "out" / name) for name in ("slide.ome.tif", "flat.tif"))
+    assert np.array_equal(slide, flat) and evaluate([(truth, slide)]).ap50 > 0.8
+
+
 def test_bad_zarr_is_one_line(tmp_path, capsys):
     (tmp_path / "broken.zarr").mkdir()
     assert main(["segment", str(tmp_path / "broken.zarr"), "--out", str(tmp_path / "out")]) == 2

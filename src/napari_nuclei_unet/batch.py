@@ -87,7 +87,8 @@ def open_image(path: str | os.PathLike, blocks: BlockParams | None = None, chann
 
 def _lazy_tiff(path: Path, blocks: BlockParams):
     """A TIFF holding one large plane, or a grey stack of more voxels than a Z-stack labelled whole, as a zarr
-    array read strip by strip, tile by tile or plane by plane; None otherwise.
+    array read strip by strip, tile by tile or plane by plane; None otherwise. Of a pyramid (a whole-slide
+    OME-TIFF or SVS), the full-resolution level of the first series.
 
     None also when tifffile can't parse the file: ``read_image`` then reports the problem
     with the file name.
@@ -96,16 +97,13 @@ def _lazy_tiff(path: Path, blocks: BlockParams):
     import zarr
 
     try:
-        with tifffile.TiffFile(path) as tif:
-            series = tif.series[0]
-            if len(series.levels) > 1 or len(tif.series) > 1:
-                return None  # pyramids and multi-series files: read whole
-            shape = tuple(series.shape)
+        with tifffile.TiffFile(path) as tif:  # the first series' full resolution, as tifffile reads a file whole
+            shape = tuple(tif.series[0].levels[0].shape)
         plane = len(shape) == 2 or (len(shape) == 3 and shape[-1] in (3, 4))
         stack = len(shape) == 3 and not plane
         if not ((plane and blocks.is_large(shape)) or (stack and blocks.is_large_volume(shape))):
             return None
-        array = zarr.open(tifffile.imread(path, aszarr=True), mode="r")
+        array = zarr.open(tifffile.imread(path, aszarr=True, series=0, level=0), mode="r")
     except (tifffile.TiffFileError, OSError, ValueError, IndexError, KeyError, TypeError) as error:
         log.info("%s: not opened lazily (%s); reading it whole", path, describe(error))
         return None
