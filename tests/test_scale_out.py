@@ -9,7 +9,7 @@ import tifffile
 import torch
 
 from napari_nuclei_unet.cli import main
-from napari_nuclei_unet.io import read_image
+from napari_nuclei_unet.io import find_images, read_image
 from napari_nuclei_unet.metrics import evaluate
 from napari_nuclei_unet.rle import decode_csv
 from napari_nuclei_unet.synthetic import nuclei_field
@@ -102,6 +102,10 @@ def test_a_whole_slide_pyramid_is_read_lazily_at_full_resolution(tmp_path):
     batch.segment_file(checkpoint, tmp_path / "flat.tif", tmp_path / "out", params)
     slide, flat = (tifffile.imread(tmp_path / "out" / name) for name in ("slide.ome.tif", "flat.tif"))
     assert np.array_equal(slide, flat) and evaluate([(truth, slide)]).ap50 > 0.8
+    (tmp_path / "slide.ome.tif").rename(tmp_path / "scanner.svs")  # Aperio's name for the same kind of file
+    assert find_images([str(tmp_path)]) == [(tmp_path / name).resolve() for name in ("flat.tif", "scanner.svs")]
+    batch.segment_file(checkpoint, tmp_path / "scanner.svs", tmp_path / "out", params)
+    assert np.array_equal(tifffile.imread(tmp_path / "out" / "scanner.tif"), flat)
 
 
 def test_bad_zarr_is_one_line(tmp_path, capsys):

@@ -21,6 +21,7 @@ import numpy as np
 
 from .errors import Cancelled, InputError, NucleiUnetError, describe
 from .io import (
+    TIFF_READ_SUFFIXES,
     check_image_layout,
     declared_channel_axis,
     file_pixel_size,
@@ -64,7 +65,7 @@ def open_image(path: str | os.PathLike, blocks: BlockParams | None = None, chann
     (the file's C axis when None).
     """
     path = Path(path)
-    if path.suffix.lower() in (".tif", ".tiff"):
+    if path.suffix.lower() in TIFF_READ_SUFFIXES:
         lazy = _lazy_tiff(path, blocks or BlockParams())
         if lazy is not None:
             return lazy

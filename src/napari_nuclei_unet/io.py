@@ -24,8 +24,9 @@ import numpy as np
 from .errors import InputError, check_allocation, describe
 from .params import AUTO, split_channel_axis, stack_of_axes
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-_TIFF_SUFFIXES = (".tif", ".tiff")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".svs", ".ndpi")
+_TIFF_SUFFIXES = (".tif", ".tiff")  # written and read
+TIFF_READ_SUFFIXES = (*_TIFF_SUFFIXES, ".svs", ".ndpi")  # whole-slide formats that are TIFFs, read only
 # Percentiles are estimated from at most this many pixels: exact enough, and cheap on huge images.
 _PERCENTILE_SAMPLE = 2_000_000
 
@@ -45,7 +46,7 @@ def read_image(path: str | os.PathLike, channel_axis: int | None = None) -> np.n
         )
     check_allocation(declared_bytes(path), "the image it declares", path)
     try:
-        if suffix in _TIFF_SUFFIXES:
+        if suffix in TIFF_READ_SUFFIXES:
             import tifffile
 
             image = tifffile.imread(path)
@@ -66,7 +67,7 @@ def declared_bytes(path: Path) -> int:
     """Bytes of the pixels a file's header declares (0 when the header can't be read: the
     reader then reports the problem), read before any pixel is decoded."""
     try:
-        if path.suffix.lower() in _TIFF_SUFFIXES:
+        if path.suffix.lower() in TIFF_READ_SUFFIXES:
             import tifffile
 
             with tifffile.TiffFile(path) as tif:
@@ -402,7 +403,7 @@ def image_shape_lookup(folder: str | os.PathLike):
         for candidate in candidates:
             if not candidate.is_file():
                 continue
-            if candidate.suffix.lower() in _TIFF_SUFFIXES:
+            if candidate.suffix.lower() in TIFF_READ_SUFFIXES:
                 import tifffile
 
                 with tifffile.TiffFile(candidate) as tif:
@@ -443,7 +444,7 @@ def file_axes(path) -> str:
     other formats. tifffile's Q (unknown) and I (image sequence) say nothing of what the axis is."""
     import tifffile
 
-    if Path(path).suffix.lower() not in _TIFF_SUFFIXES:
+    if Path(path).suffix.lower() not in TIFF_READ_SUFFIXES:
         return ""
     try:
         with tifffile.TiffFile(path) as tif:
@@ -589,7 +590,7 @@ def file_pixel_size(path) -> float | None:
 
     import tifffile
 
-    if Path(path).suffix.lower() not in _TIFF_SUFFIXES:
+    if Path(path).suffix.lower() not in TIFF_READ_SUFFIXES:
         return None
     try:
         with tifffile.TiffFile(path) as tif:
