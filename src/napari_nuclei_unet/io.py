@@ -95,7 +95,10 @@ def check_image_layout(image, name: str = "image", channel_axis: int | None = No
     if len(shape) < 2 or len(shape) > 4 or min(shape) == 0:
         raise InputError(f"{name}: expected a 2D image or a stack of 2D images, got shape {shape}")
     if len(shape) == 4 and shape[-1] not in (3, 4):
-        raise InputError(f"{name}: 4D images must be stacks of RGB/RGBA planes (N, Y, X, 3|4), got shape {shape}")
+        raise InputError(
+            f"{name}: 4D images must be stacks of RGB/RGBA planes (N, Y, X, 3|4) or say where their channels are "
+            f"(--axes ZCYX or CZYX), got shape {shape}"
+        )
 
 
 def is_rgb(image) -> bool:
