@@ -567,7 +567,7 @@ def _used_summary(results) -> str:
 
 
 def _channel_text(record: dict) -> str:
-    """ "channel 1 of 2, " for an image whose nuclear channel was segmented; "" for one without channels."""
+    """The per-image line's 'channel 1 of 2, ' for an image whose nuclear channel was segmented; '' without."""
     return f"channel {record['channel']} of {record['channels']}, " if "channel" in record else ""
 
 
