@@ -139,3 +139,18 @@ def test_training_reads_the_nuclear_channel_as_segmentation_does(tmp_path):
     tifffile.imwrite(tmp_path / "labels" / "a.tif", labels.astype(np.uint16))
     (pair,) = load_pairs(tmp_path / "images", tmp_path / "labels")
     assert np.array_equal(pair.image, nuclei) and pair.labels.shape == nuclei.shape
+
+
+def test_a_channel_number_picks_one_colour_of_an_rgb_composite(tmp_path, model_dir, capsys):
+    """DAPI in the blue of an RGB composite: --channel 2 segments it alone (auto reads the colour image)."""
+    nuclei, cytoplasm = _nuclei_and_cytoplasm()
+
+    def to8(array):
+        return (array / array.max() * 255).astype(np.uint8)
+
+    iio.imwrite(tmp_path / "composite.png", np.dstack([to8(cytoplasm), np.zeros_like(to8(nuclei)), to8(nuclei)]))
+    iio.imwrite(tmp_path / "blue.png", to8(nuclei))
+    assert _segment([tmp_path / "composite.png"], tmp_path / "a", model_dir, "--channel", "2") == 0
+    assert _segment([tmp_path / "blue.png"], tmp_path / "b", model_dir) == 0
+    assert "composite.png: channel 2 of 3" in capsys.readouterr().err
+    assert np.array_equal(read_image(tmp_path / "a" / "composite.tif"), read_image(tmp_path / "b" / "blue.tif"))

@@ -481,8 +481,11 @@ def declared_channel_axis(path) -> int | None:
 def nuclear_plane_of(image, path, channel: int | str = AUTO, given_axis: int | None = None) -> tuple[object, dict]:
     """The nuclear channel (``channel``: a number, or "auto") of an image read from ``path`` when it has channels
     (:func:`channel_axis`; ``given_axis``: the user's), with ``{"channel": picked, "channels": count}``; the image
-    as it is, and ``{}``, when it has none. Segmentation and training read files through this, alike."""
+    as it is, and ``{}``, when it has none (an RGB image is read in colour unless a channel number is given).
+    Segmentation and training read files through this, alike."""
     axis = channel_axis(image, file_axes(path), given_axis)
+    if axis is None and channel not in (AUTO, None) and is_rgb(image):  # asked for: one colour of a composite
+        axis = len(image.shape) - 1
     if axis is None:
         if channel not in (AUTO, None):
             raise InputError(f"{path}: --channel {channel} given, but the image has no channel axis")
