@@ -11,7 +11,15 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
-from .io import IMAGE_SUFFIXES, declared_channel_axis, find_images, nuclear_plane_of, read_image, sample_step
+from .io import (
+    IMAGE_SUFFIXES,
+    declared_channel_axis,
+    find_images,
+    nuclear_plane_of,
+    read_image,
+    sample_step,
+    shown_pixels,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +64,8 @@ def image_type(image: np.ndarray) -> str:
     (at most ``_TYPE_SAMPLE`` pixels; the same type on all 673 DSB2018, MoNuSeg, E2F and sample images).
     """
     step = sample_step(image.shape[0], image.shape[1], _TYPE_SAMPLE)
-    array = np.asarray(image[::step, ::step])  # sliced first: a zarr plane is read only there
-    colour = array[..., :3].astype(np.float32) if array.ndim == 3 else array[..., None].astype(np.float32)
+    array = shown_pixels(np.asarray(image[::step, ::step]))  # sliced first: a zarr plane is read only there
+    colour = (array if len(image.shape) == 3 else array[..., None]).astype(np.float32)
     grey = colour.mean(axis=-1)
     saturated = float(np.abs(colour - grey[..., None]).mean()) > 0.02 * max(float(grey.max()), 1.0)
     if saturated:

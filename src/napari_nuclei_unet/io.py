@@ -186,6 +186,19 @@ def _otsu_split(plane) -> tuple[np.ndarray, np.ndarray] | None:
     return values, values > threshold_otsu(values)
 
 
+def shown_pixels(sample: np.ndarray) -> np.ndarray:
+    """A plane's pixels that carry the image, for its statistics: of an RGBA plane, the colour of the pixels that are
+    not fully transparent (``(N, 3)``; a slide exported with a transparent, black surround would otherwise count its
+    surround as dark background); of other planes, the plane (colour without alpha)."""
+    if sample.ndim != 3:
+        return sample
+    if sample.shape[-1] == 4:
+        opaque = sample[..., 3] > 0
+        if opaque.any() and not opaque.all():
+            return sample[opaque][:, :3]
+    return sample[..., :3]
+
+
 def sample_step(height: int, width: int, pixels: int = _PERCENTILE_SAMPLE) -> int:
     """Stride that leaves at most ~``pixels`` pixels of a plane (default: enough for its percentiles)."""
     return max(1, int(np.ceil(np.sqrt(height * width / pixels))))
@@ -223,9 +236,7 @@ class Normalizer:
     def from_image(cls, plane, channels: int = 3, percentiles: tuple[float, float] = (1.0, 99.8)) -> Normalizer:
         """Estimate the percentiles of a 2D plane (numpy, dask or zarr), subsampling big ones."""
         step = sample_step(*plane.shape[:2])
-        sample = np.asarray(plane[::step, ::step])
-        if sample.ndim == 3:
-            sample = sample[..., :3]
+        sample = shown_pixels(np.asarray(plane[::step, ::step]))
         if sample.dtype == bool:  # a mask: 0 and 1
             sample = sample.view(np.uint8)
         low, high = exact_percentiles(sample, percentiles)
