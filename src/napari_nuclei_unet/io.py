@@ -470,7 +470,8 @@ def file_axes(path) -> str:
 
 def channel_axis(image, axes: str, given: int | None = None) -> int | None:
     """Where ``image``'s channels are: ``given`` (the user's), else the C of ``axes`` (the file's), else the last
-    axis of a plane with two channels there (grey + alpha, or two stains); None when it has none."""
+    axis of a plane with one or two channels there (grey + alpha, two stains; never planes 1 or 2 px wide); None
+    when it has none."""
     if given is not None:
         if not 0 <= given < len(image.shape) - 2:
             raise InputError(
@@ -481,7 +482,7 @@ def channel_axis(image, axes: str, given: int | None = None) -> int | None:
     if position is not None and len(axes) == len(image.shape):
         return position
     shape = image.shape
-    return 2 if len(shape) == 3 and shape[-1] == 2 and shape[-1] < min(shape[:2]) else None
+    return 2 if len(shape) == 3 and shape[-1] in (1, 2) and shape[-1] < min(shape[:2]) else None
 
 
 def declared_channel_axis(path) -> int | None:
