@@ -62,7 +62,7 @@ def test_the_nuclear_channel_is_guessed_and_a_lazy_one_stays_lazy(tmp_path):
         nuclear_channel(both, 0, 2)
 
 
-def test_an_imagej_hyperstack_is_segmented_in_its_nuclear_channel(tmp_path, model_dir, capsys):
+def test_an_imagej_hyperstack_is_segmented_in_its_nuclear_channel(tmp_path, model_dir, capsys, caplog):
     nuclei, cytoplasm = _nuclei_and_cytoplasm()
     images = tmp_path / "images"
     images.mkdir()
@@ -74,7 +74,7 @@ def test_an_imagej_hyperstack_is_segmented_in_its_nuclear_channel(tmp_path, mode
     assert labels.shape == nuclei.shape  # one labelling, not one per channel
     assert np.array_equal(labels, read_image(tmp_path / "out" / "nuclei_only.tif"))
     assert "two_stains.tif: channel 1 of 2," in captured.err and "nuclear channel 1" in captured.out
-    assert "does not say" not in captured.err
+    assert "does not say" not in caplog.text  # the file's axes said it: no warning
 
     assert _segment([images / "two_stains.tif"], tmp_path / "other", model_dir, "--channel", "0") == 0
     assert "channel 0 of 2" in capsys.readouterr().err
@@ -155,3 +155,23 @@ def test_a_channel_number_picks_one_colour_of_an_rgb_composite(tmp_path, model_d
     assert _segment([tmp_path / "blue.png"], tmp_path / "b", model_dir) == 0
     assert "composite.png: channel 2 of 3" in capsys.readouterr().err
     assert np.array_equal(read_image(tmp_path / "a" / "composite.tif"), read_image(tmp_path / "b" / "blue.tif"))
+
+
+def test_a_few_planes_of_different_stains_are_read_as_channels_as_the_widget_reads_them(
+    tmp_path, model_dir, capsys, caplog
+):
+    """A (2, Y, X) TIFF that does not say its axes: the widget guessed channels from how the planes look, the CLI
+    labelled both planes. Both read it as channels now, and say so; --axes TYX keeps the planes."""
+    nuclei, _ = _nuclei_and_cytoplasm()
+    cytoplasm = np.full(nuclei.shape, 3000, np.uint16)
+    cytoplasm[:, : nuclei.shape[1] * 7 // 10] += 1500  # a stain over most of the field
+    tifffile.imwrite(tmp_path / "unstated.tif", np.stack([cytoplasm, nuclei]))
+    tifffile.imwrite(tmp_path / "nuclei.tif", nuclei)
+    assert _segment([tmp_path / "unstated.tif", tmp_path / "nuclei.tif"], tmp_path / "a", model_dir) == 0
+    assert "unstated.tif: channel 1 of 2" in capsys.readouterr().err
+    assert "unstated.tif: 2 planes that look like different stains, and the file does not say" in caplog.text
+    assert np.array_equal(read_image(tmp_path / "a" / "unstated.tif"), read_image(tmp_path / "a" / "nuclei.tif"))
+    assert _segment([tmp_path / "unstated.tif"], tmp_path / "b", model_dir, "--axes", "TYX") == 0
+    assert read_image(tmp_path / "b" / "unstated.tif").shape == (2, *nuclei.shape)
+    look_alike = np.stack([nuclei, np.roll(nuclei, 9, axis=1)])  # two planes of one stain: a stack, as before
+    assert channel_axis(look_alike, "") is None

@@ -161,7 +161,7 @@ def _segment_file(
     started = time.perf_counter()
     extras = tuple(extras) + (("polygons",) if out_format == "geojson" and "polygons" not in extras else ())
     image = open_image(source, params.blocks, params.channel_axis)
-    image, channel = nuclear_plane_of(image, source, params.channel, params.channel_axis)
+    image, channel = nuclear_plane_of(image, source, params.channel, params.channel_axis, params.stack != AUTO)
     target = output_path(out_dir, source, out_format)
     single = is_single_plane(image)
     params = _with_file_stack(params, source, single)

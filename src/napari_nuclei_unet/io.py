@@ -13,6 +13,7 @@ images) and applied per tile, so no float copy of the whole image is ever made.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
@@ -77,8 +78,6 @@ def declared_bytes(path: Path) -> int:
         props = iio.improps(path)
         return int(np.prod(props.shape, dtype=np.float64)) * np.dtype(props.dtype).itemsize
     except Exception as error:  # noqa: BLE001 (a broken header: read_image's own reader names the fault)
-        import logging
-
         logging.getLogger(__name__).debug("%s: header not readable (%s)", path, describe(error))
         return 0
 
@@ -166,6 +165,15 @@ def guess_nuclear_channel(channels) -> int:
         if score >= best_score:
             best, best_score = index, score
     return best
+
+
+def looks_like_channels(planes) -> bool:
+    """Whether a stack's few planes (at most ``_FEW_CHANNELS``) are different stains rather than planes of one
+    (:func:`planes_look_alike`): how a stack whose axes are not stated is read, in the CLI and the widget alike."""
+    return len(planes) <= _FEW_CHANNELS and not planes_look_alike(planes)
+
+
+_FEW_CHANNELS = 4  # more planes than this, axes unstated: a Z/T stack
 
 
 def planes_look_alike(planes) -> bool:
@@ -468,10 +476,12 @@ def file_axes(path) -> str:
     return "" if "Q" in axes or axes.startswith("I") else axes
 
 
-def channel_axis(image, axes: str, given: int | None = None) -> int | None:
+def channel_axis(image, axes: str, given: int | None = None, stack_stated: bool = False) -> int | None:
     """Where ``image``'s channels are: ``given`` (the user's), else the C of ``axes`` (the file's), else the last
-    axis of a plane with one or two channels there (grey + alpha, two stains; never planes 1 or 2 px wide); None
-    when it has none."""
+    axis of a plane with one or two channels there (grey + alpha, two stains; never planes 1 or 2 px wide), else,
+    when ``axes`` are not stated, the first axis of a few planes that look like different stains
+    (:func:`looks_like_channels`) unless the user said what the stack is (``stack_stated``); None when it has
+    none."""
     if given is not None:
         if not 0 <= given < len(image.shape) - 2:
             raise InputError(
@@ -482,7 +492,10 @@ def channel_axis(image, axes: str, given: int | None = None) -> int | None:
     if position is not None and len(axes) == len(image.shape):
         return position
     shape = image.shape
-    return 2 if len(shape) == 3 and shape[-1] in (1, 2) and shape[-1] < min(shape[:2]) else None
+    if len(shape) == 3 and shape[-1] in (1, 2) and shape[-1] < min(shape[:2]):
+        return 2
+    unstated = not axes and not stack_stated and len(shape) == 3 and shape[0] < min(shape[1:])
+    return 0 if unstated and looks_like_channels([image[i] for i in range(shape[0])]) else None
 
 
 def declared_channel_axis(path) -> int | None:
@@ -490,12 +503,15 @@ def declared_channel_axis(path) -> int | None:
     return split_channel_axis(file_axes(path))[1]
 
 
-def nuclear_plane_of(image, path, channel: int | str = AUTO, given_axis: int | None = None) -> tuple[object, dict]:
+def nuclear_plane_of(
+    image, path, channel: int | str = AUTO, given_axis: int | None = None, stack_stated: bool = False
+) -> tuple[object, dict]:
     """The nuclear channel (``channel``: a number, or "auto") of an image read from ``path`` when it has channels
-    (:func:`channel_axis`; ``given_axis``: the user's), with ``{"channel": picked, "channels": count}``; the image
-    as it is, and ``{}``, when it has none (an RGB image is read in colour unless a channel number is given).
-    Segmentation and training read files through this, alike."""
-    axis = channel_axis(image, file_axes(path), given_axis)
+    (:func:`channel_axis`; ``given_axis``, ``stack_stated``: what the user said), with ``{"channel": picked,
+    "channels": count}``; the image as it is, and ``{}``, when it has none (an RGB image is read in colour unless
+    a channel number is given). Segmentation and training read files through this, alike."""
+    axes = file_axes(path)
+    axis = channel_axis(image, axes, given_axis, stack_stated)
     if axis is None and channel not in (AUTO, None) and is_rgb(image):  # asked for: one colour of a composite
         axis = len(image.shape) - 1
     if axis is None:
@@ -504,6 +520,14 @@ def nuclear_plane_of(image, path, channel: int | str = AUTO, given_axis: int | N
         return image, {}
     count = int(image.shape[axis])
     image, picked = nuclear_channel(image, axis, channel)
+    if axis == 0 and given_axis is None and not axes:  # read from how its planes look: say so, and how to undo it
+        logging.getLogger(__name__).warning(
+            "%s: %d planes that look like different stains, and the file does not say: read as channels, channel %d "
+            "segmented (--axes ZYX or TYX: a stack)",
+            path,
+            count,
+            picked,
+        )
     return image, {"channel": picked, "channels": count}
 
 

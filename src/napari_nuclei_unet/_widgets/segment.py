@@ -371,7 +371,7 @@ class SegmentWidget(Container):
         images (grey + alpha) get their nuclear channel guessed (``io.guess_nuclear_channel``); the
         rest are Z/T stacks.
         """
-        from ..io import guess_nuclear_channel, middle_plane, planes_look_alike
+        from ..io import guess_nuclear_channel, looks_like_channels, middle_plane
 
         layer = self.image_layer.value
         self.channel.reset_choices()
@@ -391,7 +391,7 @@ class SegmentWidget(Container):
             axis == 0
             and data.ndim == 3
             and not named_channels
-            and (label in ("z", "t", "time") or data.shape[0] > 4 or planes_look_alike(planes))
+            and (label in ("z", "t", "time") or not looks_like_channels(planes))
         )
         if (axis == -1 and data.dtype == np.uint8) or stack:
             self.channel.value = ALL_CHANNELS
