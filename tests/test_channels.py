@@ -43,7 +43,7 @@ def test_where_the_channels_are():
     grey_alpha = np.zeros((40, 50, 2))
     assert channel_axis(grey_alpha, "") == 2  # two channels last: never 40 planes of 50 x 2 pixels
     assert channel_axis(np.zeros((40, 50, 1)), "") == 2  # a trailing channel axis of one
-    assert channel_axis(np.zeros((2, 40, 50)), "") is None  # two planes, or two channels: the file must say
+    assert channel_axis(np.zeros((2, 40, 50)), "") is None  # planes alike, the file silent: a stack
     assert channel_axis(np.zeros((2, 40, 50)), "CYX") == 0 and channel_axis(np.zeros((3, 2, 40, 50)), "ZCYX") == 1
     assert channel_axis(np.zeros((40, 50, 3)), "YXS") is None  # colour
     with pytest.raises(InputError, match="channels come before Y and X"):
