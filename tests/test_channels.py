@@ -9,7 +9,7 @@ import zarr
 
 from napari_nuclei_unet.cli import main
 from napari_nuclei_unet.errors import InputError
-from napari_nuclei_unet.io import channel_axis, nuclear_channel, read_image
+from napari_nuclei_unet.io import channel_axis, middle_plane, nuclear_channel, read_image
 from napari_nuclei_unet.params import split_channel_axis, stack_of_axes
 from napari_nuclei_unet.synthetic import nuclei_field
 
@@ -58,6 +58,8 @@ def test_the_nuclear_channel_is_guessed_and_a_lazy_one_stays_lazy(tmp_path):
     assert index == 1 and not isinstance(picked, np.ndarray)  # dask: nothing read beyond the guess's sample
     assert np.array_equal(np.asarray(picked), nuclei)
     assert nuclear_channel(both, 0, 0)[1] == 0
+    assert middle_plane(np.zeros((5, 40, 50, 3))).shape == (40, 50, 3)  # a colour plane, not one of its rows
+    assert middle_plane(np.zeros((5, 2, 40, 50))).shape == (40, 50)
     with pytest.raises(InputError, match="has 2 channels"):
         nuclear_channel(both, 0, 2)
 

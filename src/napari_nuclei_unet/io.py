@@ -552,8 +552,8 @@ def take_channel(image, axis: int, index: int):
 
 
 def middle_plane(image):
-    """The middle 2D plane of an image or stack (lazy stays lazy: only a sample of it is read)."""
-    while len(image.shape) > 2:
+    """The middle 2D plane (grey, or colour) of an image or stack (lazy stays lazy: only a sample of it is read)."""
+    while len(image.shape) > (3 if is_rgb(image) else 2):
         image = image[image.shape[0] // 2]
     return image
 
