@@ -23,7 +23,7 @@ from .errors import Cancelled, InputError, NucleiUnetError, describe
 from .io import (
     TIFF_READ_SUFFIXES,
     check_image_layout,
-    declared_channel_axis,
+    file_axes,
     file_pixel_size,
     file_stack,
     is_single_plane,
@@ -33,7 +33,7 @@ from .io import (
     zarr_axes,
 )
 from .model import Checkpoint
-from .params import AUTO, BlockParams, SegmentParams
+from .params import AUTO, BlockParams, SegmentParams, split_channel_axis
 from .segment import RunProgress, estimate_share, resolve, segment_planes
 from .tiling import CancelCheck, ProgressCallback
 
@@ -62,7 +62,7 @@ def open_image(path: str | os.PathLike, blocks: BlockParams | None = None, chann
     """An image file as numpy, or a lazy zarr array for a ``.zarr`` store (first array of a
     group, e.g. OME-Zarr level 0) and for a TIFF holding one plane too large to segment whole
     or a large grey stack (:func:`_lazy_tiff`). ``channel_axis``: channels the caller takes one of
-    (the file's C axis when None).
+    (``io.nuclear_plane_of``).
     """
     path = Path(path)
     if path.suffix.lower() in TIFF_READ_SUFFIXES:
@@ -70,7 +70,7 @@ def open_image(path: str | os.PathLike, blocks: BlockParams | None = None, chann
         if lazy is not None:
             return lazy
     if path.suffix.lower() != ".zarr":
-        return read_image(path, channel_axis if channel_axis is not None else declared_channel_axis(path))
+        return read_image(path, channel_axis)
     import zarr
 
     try:
@@ -160,11 +160,13 @@ def _segment_file(
 ) -> FileResult:
     started = time.perf_counter()
     extras = tuple(extras) + (("polygons",) if out_format == "geojson" and "polygons" not in extras else ())
-    image = open_image(source, params.blocks, params.channel_axis)
-    image, channel = nuclear_plane_of(image, source, params.channel, params.channel_axis, params.stack != AUTO)
+    axes = file_axes(source)  # read once: channels, then the stack
+    given = params.channel_axis
+    image = open_image(source, params.blocks, given if given is not None else split_channel_axis(axes)[1])
+    image, channel = nuclear_plane_of(image, axes, source, params.channel, given, params.stack != AUTO)
     target = output_path(out_dir, source, out_format)
     single = is_single_plane(image)
-    params = _with_file_stack(params, source, single)
+    params = _with_file_stack(params, source, single, axes)
     shape = tuple(image.shape[:2]) if single else tuple(image.shape[:3])
     stages = RunProgress(progress, estimate_share(checkpoint, params))  # one bar: the size estimate, then the rest
     resolved = resolve(checkpoint, image, params, progress=stages.estimating, cancel=cancel)
@@ -220,11 +222,11 @@ def _segment_file(
     )
 
 
-def _with_file_stack(params: SegmentParams, source: Path, single: bool) -> SegmentParams:
+def _with_file_stack(params: SegmentParams, source: Path, single: bool, axes: str) -> SegmentParams:
     """``params`` with an "auto" stack (and no voxel size) taken from the file's own axes (ImageJ, OME)."""
     if single or params.stack != AUTO:
         return params
-    stack, voxel_size = file_stack(source)
+    stack, voxel_size = file_stack(source, axes)
     if stack == AUTO:
         log.warning(
             "%s: a stack whose file does not say Z, T or C: segmented as separate planes (--axes ZYX: a Z-stack; CYX: "

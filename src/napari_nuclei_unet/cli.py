@@ -869,13 +869,10 @@ def _is_csv(path: str) -> bool:
 
 
 def _as_planes(labels: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Label images with each stack split into its planes, named as RLE CSVs name them (``rle.plane_ids``)."""
-    from .rle import plane_ids
+    """Label images with each stack split into its planes, named as RLE CSVs name them (``rle.rle_items``)."""
+    from .rle import rle_items
 
-    planes = {}
-    for name, image in labels.items():
-        planes.update(zip(plane_ids(name, len(image)), image) if image.ndim == 3 else [(name, image)])
-    return planes
+    return dict(item for name, image in labels.items() for item in rle_items(name, image))
 
 
 def _shape_lookup(images: str | None):
@@ -947,7 +944,7 @@ def cmd_evaluate(args) -> int:
 
 def cmd_rle(args) -> int:
     from .io import find_images, read_image, write_labels
-    from .rle import plane_ids, read_csv, write_csv
+    from .rle import read_csv, rle_items, write_csv
 
     if args.rle_command == "decode":
         entries = read_csv(args.csv)
@@ -976,10 +973,7 @@ def cmd_rle(args) -> int:
             labels = read_image(path)
             if labels.ndim not in (2, 3) or labels.dtype.kind not in "iub":
                 raise InputError(f"{path}: not an integer label image or stack (shape {labels.shape}, {labels.dtype})")
-            if labels.ndim == 2:
-                items.append((path.stem, labels))
-            else:  # a stack, as segment writes it: one ImageId per plane, as segment --rle-csv names them
-                items.extend(zip(plane_ids(path.stem, len(labels)), labels))
+            items += rle_items(path.stem, labels)  # a stack as segment --rle-csv names its planes
         write_csv(args.out, items, with_shape=not args.no_shape)
         nuclei = sum(int(len(np.unique(labels)) - (0 in labels)) for _, labels in items)
         print(f"encoded {len(items)} label image(s), {nuclei} nuclei -> {args.out}")

@@ -13,13 +13,14 @@ import numpy as np
 from .errors import InputError
 from .io import (
     IMAGE_SUFFIXES,
-    declared_channel_axis,
+    file_axes,
     find_images,
     nuclear_plane_of,
     read_image,
     sample_step,
     shown_pixels,
 )
+from .params import split_channel_axis
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,8 @@ def load_pairs(
 
 def _read_nuclear(path: Path) -> np.ndarray:
     """A training image as segmentation reads it: its nuclear channel when it has channels (``io.nuclear_plane_of``)."""
-    image, picked = nuclear_plane_of(read_image(path, declared_channel_axis(path)), path)
+    axes = file_axes(path)
+    image, picked = nuclear_plane_of(read_image(path, split_channel_axis(axes)[1]), axes, path)
     if picked:
         log.info("%s: channel %d of %d (looks most like a nuclear stain)", path, picked["channel"], picked["channels"])
     return np.asarray(image)

@@ -438,16 +438,17 @@ def image_shape_lookup(folder: str | os.PathLike):
     return shape_of
 
 
-def file_stack(path) -> tuple[str, tuple[float, float, float] | None]:
+def file_stack(path, axes: str | None = None) -> tuple[str, tuple[float, float, float] | None]:
     """What a file's own metadata says of its stack: ``(stack, voxel size Z,Y,X)``: ImageJ hyperstacks and OME-TIFF,
     OME-Zarr (NGFF ``multiscales`` axes and scale) and zarr arrays with ``_ARRAY_DIMENSIONS`` (xarray's, and what
     ``segment --out-format zarr`` writes). ``("auto", None)`` when it says nothing, or for other formats. A channel
-    axis does not count: one channel is segmented (:func:`nuclear_channel`)."""
+    axis does not count: one channel is segmented (:func:`nuclear_channel`). ``axes``: :func:`file_axes`, when the
+    caller has read them already."""
     import tifffile
 
     if Path(path).suffix.lower() == ".zarr":
         return _zarr_stack(path)
-    axes, _ = split_channel_axis(file_axes(path))
+    axes, _ = split_channel_axis(file_axes(path) if axes is None else axes)
     try:
         stack = stack_of_axes(axes) if axes[:1] in ("Z", "T") else AUTO
     except ValueError:  # e.g. TZYX: not one of the stacks segmented
@@ -498,19 +499,14 @@ def channel_axis(image, axes: str, given: int | None = None, stack_stated: bool 
     return 0 if unstated and looks_like_channels([image[i] for i in range(shape[0])]) else None
 
 
-def declared_channel_axis(path) -> int | None:
-    """Where a file's metadata puts its channels (a C before Y and X: ImageJ CYX, ZCYX; OME CZYX); None: nowhere."""
-    return split_channel_axis(file_axes(path))[1]
-
-
 def nuclear_plane_of(
-    image, path, channel: int | str = AUTO, given_axis: int | None = None, stack_stated: bool = False
+    image, axes: str, path, channel: int | str = AUTO, given_axis: int | None = None, stack_stated: bool = False
 ) -> tuple[object, dict]:
-    """The nuclear channel (``channel``: a number, or "auto") of an image read from ``path`` when it has channels
-    (:func:`channel_axis`; ``given_axis``, ``stack_stated``: what the user said), with ``{"channel": picked,
-    "channels": count}``; the image as it is, and ``{}``, when it has none (an RGB image is read in colour unless
-    a channel number is given). Segmentation and training read files through this, alike."""
-    axes = file_axes(path)
+    """The nuclear channel (``channel``: a number, or "auto") of an image read from ``path``, whose file states
+    ``axes`` (:func:`file_axes`), when it has channels (:func:`channel_axis`; ``given_axis``, ``stack_stated``: what
+    the user said), with ``{"channel": picked, "channels": count}``; the image as it is, and ``{}``, when it has
+    none (an RGB image is read in colour unless a channel number is given). Segmentation and training read files
+    through this, alike."""
     axis = channel_axis(image, axes, given_axis, stack_stated)
     if axis is None and channel not in (AUTO, None) and is_rgb(image):  # asked for: one colour of a composite
         axis = len(image.shape) - 1
@@ -543,12 +539,13 @@ def nuclear_channel(image, axis: int, channel: int | str = AUTO) -> tuple[object
 
 
 def take_channel(image, axis: int, index: int):
-    """``image`` at ``index`` along ``axis``; a lazy array through dask, so nothing is read yet."""
+    """``image`` at ``index`` along ``axis`` (-1: the colour of an RGB image); a lazy array through dask, so nothing
+    is read yet."""
     if not isinstance(image, np.ndarray):
         import dask.array as da
 
         image = da.from_array(image, chunks=getattr(image, "chunks", "auto"))
-    return image[(slice(None),) * axis + (index,)]
+    return image[(slice(None),) * (axis % len(image.shape)) + (index,)]
 
 
 def middle_plane(image):

@@ -287,6 +287,11 @@ def plane_ids(stem: str, count: int) -> list[str]:
     return [f"{stem}_{index}" for index in range(count)]
 
 
+def rle_items(stem: str, labels: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """``(ImageId, plane)`` of a label image (``stem``) or of each plane of a stack (:func:`plane_ids`)."""
+    return [(stem, labels)] if labels.ndim == 2 else list(zip(plane_ids(stem, len(labels)), labels))
+
+
 def write_csv(path: str | os.PathLike, items: Iterable[tuple[str, np.ndarray]], with_shape: bool = True) -> Path:
     """Write ``(image_id, label_image)`` pairs as one RLE CSV, atomically; empty images keep one row."""
     path = Path(path)

@@ -114,8 +114,6 @@ def _segmented_channel(image: Image, labels: Labels) -> tuple[object, bool]:
         return pixels, image.rgb
     if not 0 <= channel < pixels.shape[axis]:  # labels of another image: the shape check names the mismatch
         return pixels, image.rgb
-    if axis == -1:
-        return pixels[..., channel], False
     return take_channel(pixels, axis, channel), False
 
 

@@ -380,11 +380,7 @@ class SegmentWidget(Container):
         if axis is None:
             return
         data = _layer_data(layer)
-        planes = (
-            [data[..., i] for i in range(data.shape[-1])]
-            if axis == -1
-            else [middle_plane(take_channel(data, axis, i)) for i in range(data.shape[axis])]
-        )
+        planes = [middle_plane(take_channel(data, axis, i)) for i in range(data.shape[axis])]
         label = str(getattr(layer, "axis_labels", ("",) * data.ndim)[0]).lower()
         named_channels = label in ("c", "ch", "channel", "channels")
         stack = (
@@ -444,7 +440,7 @@ class SegmentWidget(Container):
         source = data = _layer_data(layer)
         channel = self._picked_channel(layer)
         if channel is not None:
-            data = data[..., channel] if layer.rgb else take_channel(data, _channel_axis(layer), channel)
+            data = take_channel(data, _channel_axis(layer), channel)
         colour = layer.rgb and channel is None
         if data.ndim - (1 if colour else 0) > 3:
             raise ValueError(f"{layer.name}: {data.ndim}D data; choose a 2D image or a single T/Z stack")
