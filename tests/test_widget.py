@@ -250,12 +250,32 @@ def test_a_layer_whose_first_axis_is_z_segments_in_3d_and_relabels_from_its_cach
     shared = ids[0] & ids[1] & ids[2] & ids[3]
     assert len(shared) >= 0.6 * len(set().union(*ids)) > 5  # one ID through the planes, not numbered per plane
     assert f"{nuclei.data.max()} nuclei" in widget.status.value
+    _assert_volume_features(nuclei, stack, (2.0, 0.5, 0.5))
     widget.split_h.value = 3.0  # live re-label: from the cached planes, still in 3D
     qtbot.waitUntil(lambda: "re-labelled" in widget.status.value, timeout=60000)
     qtbot.waitUntil(lambda: widget._relabel_worker is None, timeout=60000)
     again = viewer.layers["volume nuclei"].data
     assert again.shape == stack.shape and len(set(np.unique(again[0])) & set(np.unique(again[3])) - {0}) > 3
     assert widget.status.value.startswith(f"{again.max()} nuclei in 3D (4 planes)")  # not summed over planes
+    _assert_volume_features(nuclei, stack, (2.0, 0.5, 0.5))  # the table follows the re-labelled nuclei
+    widget.scope.value = WHOLE_STACK  # planes labelled each on their own: no table keyed by a label they share
+    run_and_wait(widget, qtbot)
+    assert len(viewer.layers["volume nuclei"].features) == 0
+
+
+def _assert_volume_features(nuclei, stack: np.ndarray, voxel: tuple[float, float, float]) -> None:
+    """Issue #33, part 3: one row per nucleus in 3D, its volume, planes and intensity, in µm with the scale."""
+    labels = nuclei.data
+    features = nuclei.features
+    ids = np.unique(labels)[1:]
+    assert features["index"].tolist() == ids.tolist()
+    volumes = np.bincount(labels.ravel())[ids]
+    assert features["volume"].tolist() == volumes.tolist()
+    assert np.allclose(features["volume_um3"], volumes * np.prod(voxel))
+    first = [int(np.flatnonzero((labels == i).any(axis=(1, 2)))[0]) for i in ids]
+    assert features["first_plane"].tolist() == first
+    sums = np.bincount(labels.ravel(), weights=stack.ravel().astype(float))[ids]
+    assert np.allclose(features["integrated_intensity"], sums, rtol=1e-6)
 
 
 def test_edited_results_are_kept_when_running_again(viewer_and_widget, qtbot, monkeypatch):

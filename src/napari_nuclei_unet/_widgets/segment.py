@@ -659,7 +659,7 @@ class SegmentWidget(Container):
         self, labelled: dict, params: PostprocessParams, used: dict, features: dict | None = None
     ) -> list[int]:
         """Write planes ``{index: (mask, labels)}`` into the result layers, and the measurements of a
-        2D image's nuclei into the nuclei layer's ``features``; returns each plane's highest label."""
+        2D image's or a Z-stack's nuclei into the nuclei layer's ``features``; returns each plane's highest label."""
         self._adding_results = True
         try:
             return self._write_result_layers(labelled, params, used, features)
@@ -691,8 +691,7 @@ class SegmentWidget(Container):
                     target[...] = cache.planes[index].probabilities[cache.outputs.index("foreground")]
             layer.metadata["nuclei_unet"] = metadata
             layer.refresh()
-        if features is not None:
-            layers["nuclei"].features = features
+        layers["nuclei"].features = features or {}  # no stale table once planes are labelled each on their own
         self.viewer.layers.selection.active = layers["nuclei"]  # what a user paints next (the mask layer is hidden)
         return maxima
 
@@ -795,7 +794,7 @@ def _segment_worker(
         checkpoint, request.image, request.params, planes_to_do=planes, cached=cached, progress=progress, cancel=cancel
     )
     tiling = request.params.tiling
-    features = _nuclei_features(result.planes, request.image, request.pixel_size)
+    features = _nuclei_features(result, request.image, request.pixel_size)
     return (
         checkpoint,
         result,
@@ -812,18 +811,23 @@ def _relabel_worker(
     checkpoint = model.checkpoint(request.model_path)
     planes = None if list(cached) == [None] else sorted(cached)
     result = segment_planes(checkpoint, request.image, request.params, planes_to_do=planes, cached=cached)
-    return result.planes, _nuclei_features(result.planes, request.image, request.pixel_size), result.params.postprocess
+    return result.planes, _nuclei_features(result, request.image, request.pixel_size), result.params.postprocess
 
 
-def _nuclei_features(planes: dict, image, pixel_size: float | None) -> dict | None:
-    """The measurements of a 2D image's nuclei (``measure.measure``), as a napari features table: the label as
-    ``index``, napari's key, and not again as ``label``. None for stacks, whose planes number their nuclei each
-    from 1."""
-    from ..measure import measure
+def _nuclei_features(result: Segmentation, image, pixel_size: float | None) -> dict | None:
+    """The measurements of a 2D image's nuclei (``measure.measure``) or of a Z-stack's in 3D (``measure_volume``:
+    volume, z/y/x centroid, first and last plane; µm with the layer's scale), as a napari features table: the label
+    as ``index``, napari's key, and not again as ``label``. None for planes labelled each on their own, whose
+    nuclei are numbered from 1 in every plane."""
+    from ..measure import measure, measure_volume
 
-    if list(planes) != [None]:
+    if result.volume:
+        grey = np.asarray(image) if len(image.shape) == 3 else None  # the intensity of a grey stack
+        table = measure_volume(result.labels, grey, result.params.voxel_size)
+    elif list(result.planes) == [None]:
+        table = measure(result.planes[None].labels, image, pixel_size)
+    else:
         return None
-    table = measure(planes[None].labels, image, pixel_size)
     return {"index": table.pop("label"), **table}
 
 
