@@ -853,14 +853,16 @@ def _describe(args, train) -> str:
 
 
 def _read_label_source(path: str, images: str | None) -> dict[str, np.ndarray]:
-    from .io import IMAGE_SUFFIXES, find_images, read_image
+    from .data import label_names, read_labels
+    from .io import IMAGE_SUFFIXES, find_images
     from .rle import decode_csv
 
     source = Path(path)
     if source.is_file() and source.suffix.lower() == ".csv":
         return decode_csv(source, _shape_lookup(images))
     if source.is_dir():
-        return {p.stem: read_image(p) for p in find_images([str(source)]) if p.suffix.lower() in IMAGE_SUFFIXES}
+        files = [p for p in find_images([str(source)]) if p.suffix.lower() in IMAGE_SUFFIXES]
+        return {name: read_labels(p) for name, p in label_names(files).items()}
     raise InputError(f"{path}: expected a folder of label images or an RLE CSV")
 
 
@@ -943,7 +945,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_rle(args) -> int:
-    from .io import find_images, read_image, write_labels
+    from .io import find_images, write_labels
     from .rle import read_csv, rle_items, write_csv
 
     if args.rle_command == "decode":
@@ -967,12 +969,14 @@ def cmd_rle(args) -> int:
                 file=sys.stderr,
             )
     else:
+        from .data import read_labels
+
         files = find_images(args.labels)
         items = []
         for path in files:
-            labels = read_image(path)
-            if labels.ndim not in (2, 3) or labels.dtype.kind not in "iub":
-                raise InputError(f"{path}: not an integer label image or stack (shape {labels.shape}, {labels.dtype})")
+            labels = read_labels(path)
+            if labels.ndim not in (2, 3):
+                raise InputError(f"{path}: not a label image or stack (shape {labels.shape})")
             items += rle_items(path.stem, labels)  # a stack as segment --rle-csv names its planes
         write_csv(args.out, items, with_shape=not args.no_shape)
         nuclei = sum(int(len(np.unique(labels)) - (0 in labels)) for _, labels in items)

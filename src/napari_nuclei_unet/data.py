@@ -119,31 +119,107 @@ def load_pairs(
     images, labels = Path(images), Path(labels)
     if labels.is_dir() and _is_kaggle_layout(labels):
         return _load_kaggle_layout(labels, names)
-    image_files = {p.stem: p for p in find_images([str(images)])}
-    if names is not None:
-        image_files = {k: v for k, v in image_files.items() if k in names}
+    image_paths = find_images([str(images)])
     pairs = []
     if labels.is_file() and labels.suffix.lower() == ".csv":
         from .rle import read_csv
 
         entries = read_csv(labels)
-        for stem, path in sorted(image_files.items()):
+        for stem, path in sorted(_named(image_paths, names).items()):
             if stem not in entries:
                 continue
             image = _read_nuclear(path)
             pairs.append(LabelledImage(stem, image, entries[stem].to_labels(image.shape[:2], source=str(labels))))
     elif labels.is_dir():
-        label_files = {p.stem: p for p in sorted(labels.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
-        for stem, path in sorted(image_files.items()):
+        image_paths, label_files = _label_files(image_paths, labels)
+        for stem, path in sorted(_named(image_paths, names).items()):
             if stem in label_files:
-                pairs.append(
-                    LabelledImage(stem, _read_nuclear(path), np.asarray(read_image(label_files[stem])).astype(np.int32))
-                )
+                pairs.append(LabelledImage(stem, _read_nuclear(path), read_labels(label_files[stem])))
     else:
         raise InputError(f"{labels}: labels must be a folder of label images, an RLE CSV or a Kaggle DSB folder")
     if not pairs:
-        raise InputError(f"{labels}: no labels match the images in {images} by file name")
+        raise InputError(
+            f"{labels}: no labels match the images in {images} by file name (a label image has its image's name, in "
+            f"another folder, or that name with one of {', '.join(LABEL_SUFFIXES)}, as cellpose and napari save them)"
+        )
     return pairs
+
+
+def _named(paths: list[Path], names: set[str] | None) -> dict[str, Path]:
+    return {p.stem: p for p in paths if names is None or p.stem in names}
+
+
+# How other tools name a label image kept beside its image: cellpose's "_masks" ("_cp_masks" for those it writes),
+# "_labels" and "_label" (napari, StarDist's examples), "_mask".
+LABEL_SUFFIXES = ("_cp_masks", "_masks", "_mask", "_labels", "_label")
+
+
+def _without_label_suffix(stem: str) -> str:
+    lowered = stem.lower()
+    return next((stem[: -len(suffix)] for suffix in LABEL_SUFFIXES if lowered.endswith(suffix)), stem)
+
+
+def label_names(paths: list[Path]) -> dict[str, Path]:
+    """Label images keyed by the stem of the image each labels: their stem without a suffix of ``LABEL_SUFFIXES``
+    (cellpose's ``x_masks.tif`` labels ``x``). A file whose label file lies beside it is an image, not a label."""
+    stems = {p.stem for p in paths}
+    imaged = {base for p in paths if (base := _without_label_suffix(p.stem)) != p.stem and base in stems}
+    named: dict[str, Path] = {}
+    for path in paths:
+        if path.stem in imaged:
+            continue
+        key = _without_label_suffix(path.stem)
+        if key in named:
+            raise InputError(f"{named[key]} and {path.name} both label the image {key!r}: keep one")
+        named[key] = path
+    return named
+
+
+def _label_files(image_paths: list[Path], folder: Path) -> tuple[list[Path], dict[str, Path]]:
+    """The images left once label files are set apart, and the label files of ``folder`` keyed by the stem of the
+    image each labels (``label_names``). In the images' own folder (cellpose's layout) only a file named after
+    another image is a label: it is then no image, and no image labels itself."""
+    named = label_names([p for p in find_images([str(folder)]) if p.suffix.lower() in IMAGE_SUFFIXES])
+    if folder.resolve() in {p.parent for p in image_paths}:
+        named = {key: path for key, path in named.items() if path.stem != key}
+        image_paths = [p for p in image_paths if p not in named.values()]
+    return image_paths, named
+
+
+def read_labels(path: str | os.PathLike) -> np.ndarray:
+    """A label image (or stack) to train on or score against, as int32 IDs, one per nucleus.
+
+    A binary mask (one value over several separate regions: what many tools export) has its regions
+    numbered, with a warning: nuclei that touch in it stay one. Colour pictures of labels, fractions
+    and negative values are refused, naming the file."""
+    labels = np.asarray(read_image(path))
+    if labels.ndim == 3 and labels.shape[-1] in (3, 4) and labels.shape[0] > 4:
+        raise InputError(
+            f"{path}: labels are a colour picture (shape {labels.shape}); save them as one plane of nucleus IDs "
+            "(a napari Labels layer saved as .tif, or `nuclei-unet rle decode`)"
+        )
+    if labels.dtype.kind not in "biuf" or (
+        labels.dtype.kind == "f" and not np.array_equal(labels, np.round(labels))  # NaN fails this too
+    ):
+        raise InputError(f"{path}: labels must be whole numbers, one ID per nucleus (got {labels.dtype} values)")
+    if labels.size and labels.min() < 0:
+        raise InputError(f"{path}: labels must not be negative (found {labels.min()})")
+    if labels.size and labels.max() > np.iinfo(np.int32).max:
+        raise InputError(f"{path}: label IDs above {np.iinfo(np.int32).max} are not supported")
+    labels = labels.astype(np.int32)
+    if np.unique(labels).size == 2:  # background and one value
+        from scipy import ndimage as ndi
+
+        regions, count = ndi.label(labels > 0)
+        if count > 1:
+            log.warning(
+                "%s: a mask (one value over %d separate regions): each region is taken as one nucleus, and nuclei "
+                "that touch in it stay one",
+                path,
+                count,
+            )
+            return regions.astype(np.int32)
+    return labels
 
 
 def _read_nuclear(path: Path) -> np.ndarray:
