@@ -1,6 +1,7 @@
 """The ``nuclei-unet`` command line, run in-process through ``main(argv)``."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -580,7 +581,11 @@ def test_every_command_prints_its_help(capsys):
         with pytest.raises(SystemExit) as exit_:
             main([*path, "--help"])
         assert exit_.value.code == 0, path
-        assert "usage: nuclei-unet" in capsys.readouterr().out
+        text = " ".join(capsys.readouterr().out.split())
+        assert "usage: nuclei-unet" in text
+        # A default is said once, and only where there is one (not "(default: None)" on the required --out).
+        assert "(default: None)" not in text and "(default: False)" not in text, path
+        assert not re.search(r"\(default: [^()]*(\([^()]*\))?[^()]*\) \(default:", text), path
     with pytest.raises(SystemExit):
         main(["segment", "--help"])
     assert "at most 40% of an image's objects" in " ".join(capsys.readouterr().out.split())

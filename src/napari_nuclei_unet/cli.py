@@ -270,11 +270,22 @@ def _number_pair(value: str) -> tuple[float, float]:
     return low, high
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Says an option's default after its help, unless the help says it already, the option is required, or it
+    has none to say (None, or off for a flag)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        help = action.help or ""
+        if "(default:" in help or action.required or action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nuclei-unet", description="Nuclei segmentation with a tiled U-Net and watershed."
     )
-    defaults = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}
+    defaults = {"formatter_class": _HelpFormatter}
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
