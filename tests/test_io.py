@@ -157,3 +157,17 @@ def test_transparent_pixels_do_not_count_in_the_normalisation():
     surrounded[:, :30] = 0  # transparent and black
     assert Normalizer.from_image(surrounded) == Normalizer.from_image(rgba[:, 30:])
     assert Normalizer.from_image(rgba) == Normalizer.from_image(tissue)  # opaque everywhere: as before
+
+
+def test_a_microscope_vendors_file_says_how_to_bring_it_in(tmp_path):
+    from napari_nuclei_unet.io import find_images
+
+    (tmp_path / "slide.czi").write_bytes(b"ZISRAWFILE" + bytes(100))
+    with pytest.raises(InputError, match=r"slide.czi: unsupported image type '.czi'.*OME-TIFF"):
+        read_image(tmp_path / "slide.czi")
+    with pytest.raises(InputError, match=r"no images found.*found .czi files.*OME-TIFF"):
+        find_images([str(tmp_path)])
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "slide.czi").unlink()
+    with pytest.raises(InputError, match=r"no images found \([^)]*\)$"):  # nothing said of files that are not images
+        find_images([str(tmp_path)])

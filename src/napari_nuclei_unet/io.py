@@ -26,6 +26,9 @@ from .errors import InputError, check_allocation, describe
 from .params import AUTO, split_channel_axis, stack_of_axes
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".svs", ".ndpi")
+# Microscope vendors' formats, not read here (Bio-Formats reads them): the error says how to bring them in.
+VENDOR_SUFFIXES = (".czi", ".nd2", ".lif", ".lsm", ".oib", ".oir", ".vsi", ".ims", ".dv", ".mrxs", ".scn", ".lof")
+_VENDOR_ADVICE = " (a microscope vendor's format: save as OME-TIFF first, e.g. with Fiji's Bio-Formats Exporter)"
 _TIFF_SUFFIXES = (".tif", ".tiff")  # written and read
 TIFF_READ_SUFFIXES = (*_TIFF_SUFFIXES, ".svs", ".ndpi")  # whole-slide formats that are TIFFs, read only
 # Percentiles are estimated from at most this many pixels: exact enough, and cheap on huge images.
@@ -44,6 +47,7 @@ def read_image(path: str | os.PathLike, channel_axis: int | None = None) -> np.n
     if suffix not in IMAGE_SUFFIXES:
         raise InputError(
             f"{path}: unsupported image type {suffix or '(no suffix)'!r}; use one of {', '.join(IMAGE_SUFFIXES)}"
+            + (_VENDOR_ADVICE if suffix in VENDOR_SUFFIXES else "")
         )
     check_allocation(declared_bytes(path), "the image it declares", path)
     try:
@@ -407,8 +411,11 @@ def find_images(inputs: list[str]) -> list[Path]:
             found.extend(Path(m) for m in matches if is_image(Path(m)))
     unique = list(dict.fromkeys(p.resolve() for p in found))
     if not unique:
+        vendor = sorted({p.suffix.lower() for item in inputs if Path(item).is_dir() for p in Path(item).iterdir()})
+        vendor = [suffix for suffix in vendor if suffix in VENDOR_SUFFIXES]
         raise InputError(
             f"{', '.join(inputs)}: no images found (looked for {', '.join(IMAGE_SUFFIXES)} and .zarr stores)"
+            + (f"; found {', '.join(vendor)} files{_VENDOR_ADVICE}" if vendor else "")
         )
     return unique
 
