@@ -161,6 +161,11 @@ def _segment_file(
     started = time.perf_counter()
     extras = tuple(extras) + (("polygons",) if out_format == "geojson" and "polygons" not in extras else ())
     axes = file_axes(source)  # read once: channels, then the stack
+    if "T" in axes and "Z" in axes:  # tifffile names only the axes a file has more than one of
+        raise InputError(
+            f"{source}: a time-lapse of Z-stacks (axes {axes}): each Z-stack is segmented from a file of its own; "
+            "save the time points apart first (Fiji: Image > Duplicate, one frame each)"
+        )
     given = params.channel_axis
     image = open_image(source, params.blocks, given if given is not None else split_channel_axis(axes)[1])
     image, channel = nuclear_plane_of(image, axes, source, params.channel, given, params.stack != AUTO)
