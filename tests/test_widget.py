@@ -790,3 +790,35 @@ def test_closing_the_image_stops_its_run(viewer_and_widget, qtbot):
     assert widget.status.value == "stopped: the image layer was closed"
     assert not [name for name in (x.name for x in viewer.layers) if name.startswith("big ")]
     assert widget.run_button.enabled
+
+
+def test_a_tiff_opened_in_napari_is_read_as_its_file_says(viewer_and_widget, qtbot, tmp_path):
+    """napari's own TIFF reader keeps neither ImageJ's axes nor its calibration: a Z-stack file opened from disk was
+    segmented at its current plane, without its voxel size, and a calibrated image had no µm measurements."""
+    import tifffile
+
+    viewer, widget = viewer_and_widget
+    image, _ = nuclei_field((96, 96), count=6, diameter=16, seed=4)
+    stack = np.stack([image] * 4)
+    tifffile.imwrite(
+        tmp_path / "z.tif",
+        stack,
+        imagej=True,
+        metadata={"axes": "ZYX", "spacing": 2.0, "unit": "um"},
+        resolution=(2.0, 2.0),
+    )
+    tifffile.imwrite(tmp_path / "t.tif", stack, imagej=True, metadata={"axes": "TYX"})
+    tifffile.imwrite(tmp_path / "flat.tif", image, imagej=True, metadata={"unit": "um"}, resolution=(2.0, 2.0))
+    (z_layer,) = viewer.open(str(tmp_path / "z.tif"))
+    assert tuple(z_layer.scale) == (1.0, 1.0, 1.0)  # what napari kept of the file
+    widget.image_layer.value = z_layer
+    assert widget.scope.value == Z_STACK and widget.request().params.voxel_size == (2.0, 0.5, 0.5)
+    assert not widget.channel.visible or widget.channel.value == segment_module.ALL_CHANNELS  # a stack, not channels
+    (t_layer,) = viewer.open(str(tmp_path / "t.tif"))
+    widget.image_layer.value = t_layer
+    assert widget.scope.value == WHOLE_STACK
+    (flat,) = viewer.open(str(tmp_path / "flat.tif"))
+    widget.image_layer.value = flat
+    run_and_wait(widget, qtbot)
+    features = viewer.layers["flat nuclei"].features
+    assert len(features) and np.allclose(features["area_um2"], features["area"] * 0.25)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -387,7 +388,7 @@ class SegmentWidget(Container):
             axis == 0
             and data.ndim == 3
             and not named_channels
-            and (label in ("z", "t", "time") or not looks_like_channels(planes))
+            and (_stated_stack(layer) != "" or not looks_like_channels(planes))
         )
         if (axis == -1 and data.dtype == np.uint8) or stack:
             self.channel.value = ALL_CHANNELS
@@ -396,9 +397,9 @@ class SegmentWidget(Container):
 
     def _update_scope(self, *_):
         layer = self.image_layer.value
-        first_axis = str(getattr(layer, "axis_labels", ("",))[0]).lower() if layer is not None else ""
-        if first_axis in ("z", "t", "time"):  # the layer says what its stack is
-            self.scope.value = Z_STACK if first_axis == "z" else WHOLE_STACK
+        stated = _stated_stack(layer) if layer is not None else ""
+        if stated:  # the layer, or the file it was opened from, says what its stack is
+            self.scope.value = Z_STACK if stated == "z" else WHOLE_STACK
         picked = None if layer is None else self._picked_channel(layer)
         self.scope.enabled = layer is not None and len(_spatial_shape(layer, picked)) == 3
         self.stain.enabled = layer is not None and layer.rgb and picked is None
@@ -832,14 +833,48 @@ def _nuclei_features(result: Segmentation, image, pixel_size: float | None) -> d
 
 
 def _voxel_size(layer: Image, channel: int | None = None) -> tuple[float, float, float] | None:
-    """A Z-stack layer's (z, y, x) scale, when it has one (napari's default scale of 1 says nothing); a hyperstack's
-    without its channel axis."""
+    """A Z-stack layer's (z, y, x) scale, when it has one (napari's default scale of 1 says nothing), else the voxel
+    size of the file it was opened from; a hyperstack's without its channel axis."""
     scale = tuple(float(layer.scale[i]) for i in _spatial_axes(layer, channel)[-3:])
-    return None if scale == (1.0, 1.0, 1.0) else scale
+    return _source_metadata(layer)[1] if scale == (1.0, 1.0, 1.0) else scale
+
+
+def _stated_stack(layer: Image) -> str:
+    """What the layer's first axis is as its axis label says ("z" or "t"), else as the file it was opened from says
+    (ImageJ / OME axes, ``io.file_stack``); "" when neither says."""
+    label = str(getattr(layer, "axis_labels", ("",))[0]).lower()
+    if label in ("z", "t", "time"):
+        return label[0]
+    return {"z": "z", "planes": "t"}.get(_source_metadata(layer)[0], "")
+
+
+def _source_metadata(layer: Image) -> tuple[str, tuple[float, float, float] | None, float | None]:
+    """``(stack, voxel size, pixel size)`` as the TIFF or zarr the layer was opened from states them: napari's own
+    TIFF reader keeps neither the axes nor the calibration. ``("auto", None, None)`` for a layer of no such file."""
+    from pathlib import Path
+
+    from ..io import TIFF_READ_SUFFIXES
+
+    path = getattr(getattr(layer, "source", None), "path", None)
+    suffix = Path(str(path)).suffix.lower()
+    if not path or not (suffix in TIFF_READ_SUFFIXES or suffix == ".zarr") or not Path(path).exists():
+        return AUTO, None, None
+    return _file_metadata(str(path), Path(path).stat().st_mtime_ns)
+
+
+@lru_cache(maxsize=16)
+def _file_metadata(path: str, _modified: int) -> tuple[str, tuple[float, float, float] | None, float | None]:
+    from ..io import file_pixel_size, file_stack
+
+    stack, voxel_size = file_stack(path)
+    return stack, voxel_size, file_pixel_size(path)
 
 
 def _pixel_size(layer: Image) -> float:
-    """The layer's pixel size along x, in its world unit (µm for microscopy images with a scale)."""
+    """The layer's pixel size along x, in its world unit (µm for microscopy images with a scale), else the one the
+    file it was opened from states (µm); 1 when neither says."""
+    if float(layer.scale[-1]) == 1.0:
+        return _source_metadata(layer)[2] or 1.0
     return float(layer.scale[-1])
 
 
