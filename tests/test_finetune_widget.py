@@ -242,6 +242,22 @@ def test_stacks_contribute_their_labelled_planes(make_napari_viewer):
     assert [s.name for s in samples] == ["stack[0]", "stack[2]"]
 
 
+def test_a_nucleus_painted_with_a_label_in_use_is_trained_as_a_nucleus_of_its_own(make_napari_viewer):
+    """napari's brush keeps the last label: a missed nucleus painted with it was taught as part of a far-away one."""
+    viewer = make_napari_viewer()
+    image, labels = nuclei_field((96, 96), count=5, diameter=16, seed=3)
+    corrected = labels.copy()
+    corrected[80:90, 80:90] = 1  # a missed nucleus, painted with the label of nucleus 1
+    assert not (labels[80:90, 80:90]).any()
+    (sample,) = samples_from_layers(viewer.add_image(image, name="cells"), viewer.add_labels(corrected, name="fix"))
+    assert sample.labels.max() == labels.max() + 1
+    assert len(np.unique(sample.labels[80:90, 80:90])) == 1 and sample.labels[85, 85] not in set(
+        np.unique(sample.labels[labels == 1])
+    )
+    for value in np.unique(labels)[1:]:  # every other nucleus is still one nucleus
+        assert len(np.unique(sample.labels[labels == value])) == 1
+
+
 def test_widget_is_declared_in_the_manifest(make_napari_viewer):
     viewer = make_napari_viewer()
     _dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Fine-tune")

@@ -686,6 +686,7 @@ def test_the_nuclei_layer_carries_a_measurements_table(viewer_and_widget, qtbot)
     features = nuclei.features
     count = int(nuclei.data.max())
     assert len(features) == count and features["index"].tolist() == list(range(1, count + 1))
+    assert nuclei.selected_label == count + 1  # the brush paints a missed nucleus as a new one, not as nucleus 1
     assert "label" not in features.columns  # napari shows its row Index beside: the label once, as index
     areas = np.bincount(nuclei.data.ravel())[1:]
     assert features["area"].tolist() == areas.tolist() and np.allclose(features["area_um2"], areas * 0.25)

@@ -95,11 +95,19 @@ def samples_from_layers(image: Image, labels: Labels, roi: Shapes | None = None)
         LabelledImage(
             name=image.name if index is None else f"{image.name}[{index}]",
             image=plane,
-            labels=plane_labels.astype(np.int32),
+            labels=_one_region_per_label(plane_labels),
             roi=region,
         )
         for index, plane, plane_labels in planes
     ]
+
+
+def _one_region_per_label(labels: np.ndarray) -> np.ndarray:
+    """Labels renumbered so that each separate region of one label is a nucleus of its own: a missed nucleus painted
+    with a label already in use (napari's brush keeps the last label) is not taught as part of a far-away one."""
+    from skimage.measure import label
+
+    return label(labels, background=0, connectivity=2).astype(np.int32)
 
 
 def _segmented_channel(image: Image, labels: Labels) -> tuple[object, bool]:

@@ -693,6 +693,7 @@ class SegmentWidget(Container):
             layer.metadata["nuclei_unet"] = metadata
             layer.refresh()
         layers["nuclei"].features = features or {}  # no stale table once planes are labelled each on their own
+        layers["nuclei"].selected_label = max(maxima, default=0) + 1  # the brush paints a new nucleus
         self.viewer.layers.selection.active = layers["nuclei"]  # what a user paints next (the mask layer is hidden)
         return maxima
 
