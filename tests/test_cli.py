@@ -51,7 +51,12 @@ def test_segment_folder_writes_labels_and_rle(tmp_path, model_dir, image_folder,
         ]
     )
     assert code == 0
-    assert sorted(p.name for p in out.iterdir()) == ["bright8.tif", "fluo16.tif", "stack.tif"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "bright8.tif",
+        "fluo16.tif",
+        "nuclei-unet-summary.csv",
+        "stack.tif",
+    ]
     labels = read_image(out / "fluo16.tif")
     assert labels.shape == (96, 128) and labels.dtype == np.uint16
     assert read_image(out / "stack.tif").shape == (2, 96, 128)
@@ -407,6 +412,7 @@ def test_measurements_are_written_beside_each_label_image(tmp_path, model_dir, i
         "bright8_nuclei.csv",
         "fluo16.tif",
         "fluo16_nuclei.csv",
+        "nuclei-unet-summary.csv",
         "stack.tif",
         "stack_nuclei.csv",
     ]
@@ -589,3 +595,29 @@ def test_every_command_prints_its_help(capsys):
     with pytest.raises(SystemExit):
         main(["segment", "--help"])
     assert "at most 40% of an image's objects" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_run_summary_counts_each_image_and_keeps_earlier_runs_rows(tmp_path, model_dir, image_folder):
+    """A plate's nuclei per image, and what every "auto" became, in one table beside the labels."""
+    import csv
+
+    out = tmp_path / "out"
+    argv = ["--out", str(out), "--model", str(model_dir), "--tile-size", "64"]
+    assert main(["segment", str(image_folder / "fluo16.tif"), str(image_folder / "stack.tif"), *argv]) == 0
+
+    def rows():
+        with open(out / "nuclei-unet-summary.csv", newline="") as handle:
+            return {row["labels"]: row for row in csv.DictReader(handle)}
+
+    first = rows()
+    assert list(first) == ["fluo16.tif", "stack.tif"]
+    for name, row in first.items():
+        labels = read_image(out / name)
+        assert int(row["nuclei"]) == (labels.max() if name == "fluo16.tif" else sum(p.max() for p in labels))
+        assert row["image"].endswith(name) and row["image_type"] and row["markers"]
+        assert float(row["threshold"].split("-")[0]) > 0  # a time-lapse's planes: a range
+        assert "napari-nuclei-unet" in row["model"]
+    assert main(["segment", str(image_folder / "bright8.png"), str(image_folder / "fluo16.tif"), *argv]) == 0
+    second = rows()
+    assert sorted(second) == ["bright8.tif", "fluo16.tif", "stack.tif"]  # the first run's stack row is kept
+    assert second["stack.tif"] == first["stack.tif"] and second["fluo16.tif"]["seconds"]  # fluo16's row: this run's

@@ -241,6 +241,70 @@ def _with_file_stack(params: SegmentParams, source: Path, single: bool, axes: st
     return replace(params, stack=stack, voxel_size=params.voxel_size or voxel_size)
 
 
+SUMMARY_FILE = "nuclei-unet-summary.csv"
+SUMMARY_COLUMNS = (
+    "image", "labels", "nuclei", "megapixels", "diameter_px", "zoom", "image_type", "stain", "channel", "stack",
+    "markers", "threshold", "min_confidence", "seconds", "model",
+)  # fmt: skip
+
+
+def write_run_summary(out_dir: str | os.PathLike, results: list[FileResult], model: str) -> Path:
+    """``<out_dir>/nuclei-unet-summary.csv``: one row per segmented image (its nucleus count and what every "auto"
+    became), for a plate's counts and to reproduce the run. Rows of earlier runs into the same folder are kept,
+    unless this run wrote the same label file again."""
+    import csv
+
+    from .io import atomic_write
+
+    path = Path(out_dir) / SUMMARY_FILE
+    written = {Path(result.output).name for result in results}
+    rows = [row for row in _summary_rows(path) if row.get("labels") not in written]
+    rows += [_summary_row(result, model) for result in results]
+    with atomic_write(path, "w") as handle:
+        writer = csv.DictWriter(handle, SUMMARY_COLUMNS, lineterminator="\n", extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def _summary_rows(path: Path) -> list[dict]:
+    """The rows of an earlier summary; none when there is none, or it is not one (another file of that name)."""
+    import csv
+
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            return list(reader) if tuple(reader.fieldnames or ()) == SUMMARY_COLUMNS else []
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []
+
+
+def _summary_row(result: FileResult, model: str) -> dict:
+    record = result.record
+    threshold = record.get("threshold")
+    if isinstance(threshold, list):  # a stack's planes, each its own: their range
+        low, high = (f"{min(threshold):.4g}", f"{max(threshold):.4g}") if threshold else ("", "")
+        threshold = low if low == high else f"{low}-{high}"
+    channel = record.get("channel")
+    return {
+        "image": result.source,
+        "labels": Path(result.output).name,
+        "nuclei": result.nuclei,
+        "megapixels": f"{result.pixels / 1e6:.4g}",
+        "diameter_px": "" if result.diameter is None else f"{result.diameter:.4g}",
+        "zoom": f"{result.factor:.4g}",
+        "image_type": record.get("image_type", ""),
+        "stain": record.get("stain", ""),
+        "channel": "" if channel is None else f"{channel} of {record.get('channels')}",
+        "stack": record.get("stack", ""),
+        "markers": record.get("markers", ""),
+        "threshold": threshold,
+        "min_confidence": record.get("min_confidence", ""),
+        "seconds": f"{result.seconds:.3g}",
+        "model": model,
+    }
+
+
 def measurements_path(out_dir: str | os.PathLike, source: str | os.PathLike) -> Path:
     return Path(out_dir) / f"{Path(source).stem}_nuclei.csv"
 

@@ -481,7 +481,7 @@ def _load_checkpoint(args):
 
 
 def cmd_segment(args) -> int:
-    from .batch import output_path
+    from .batch import output_path, write_run_summary
     from .devices import device_name
     from .io import find_images
     from .rle import join_csv_parts
@@ -527,6 +527,7 @@ def cmd_segment(args) -> int:
             result.output = str(final)
             for extra in result.extra_outputs:
                 os.replace(extra, out / Path(extra).name)
+        write_run_summary(out, results, f"{checkpoint.name} ({args.model}), napari-nuclei-unet {__version__}")
     except KeyboardInterrupt:
         done = sum(1 for target in targets if (staging / target.name).exists())
         raise Cancelled(
