@@ -176,6 +176,31 @@ def test_evaluate_prints_table_and_json(tmp_path, capsys):
     assert metrics["kaggle_score"] == 1.0 and metrics["n_true"] == labels.max()
 
 
+def test_evaluate_writes_each_images_scores_where_the_set_loses(tmp_path, capsys):
+    import csv
+
+    labels = nuclei_field((64, 80), count=6, seed=3)[1]
+    truth, pred = tmp_path / "t", tmp_path / "p"
+    truth.mkdir(), pred.mkdir()
+    merged = labels.copy()
+    merged[merged > 0] = 1  # five nuclei one object (not a mask: nucleus 2 keeps its own label)
+    merged[labels == 2] = 2
+    for name, predicted in (("good", labels), ("merged", merged), ("missing", None)):
+        tifffile.imwrite(truth / f"{name}.tif", labels.astype(np.uint16))
+        if predicted is not None:
+            tifffile.imwrite(pred / f"{name}.tif", predicted.astype(np.uint16))
+    per_image = tmp_path / "per_image.csv"
+    assert main(["evaluate", "--truth", str(truth), "--pred", str(pred), "--per-image", str(per_image)]) == 0
+    with open(per_image, newline="") as handle:
+        rows = {row["image"]: row for row in csv.DictReader(handle)}
+    assert list(rows) == ["good", "merged", "missing"]
+    assert float(rows["good"]["dsb_score"]) == 1.0 and rows["good"]["matched_at_0.5"] == "6"
+    assert rows["merged"]["nuclei_pred"] == "2" and rows["merged"]["matched_at_0.5"] == "1"
+    assert rows["missing"]["nuclei_pred"] == "0" and float(rows["missing"]["dsb_score"]) == 0.0
+    overall = float(capsys.readouterr().out.splitlines()[2].split("|")[1])
+    assert abs(overall - np.mean([float(r["dsb_score"]) for r in rows.values()])) < 1e-3  # the table's mean
+
+
 def test_evaluate_says_what_is_missing_and_refuses_disjoint_sets(tmp_path, capsys):
     import json
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import csv
 import json
 import os
 import shutil
@@ -380,6 +381,12 @@ def _add_evaluate_command(commands, defaults: dict) -> None:
     ev.add_argument("--pred", required=True, help="folder of label images or an RLE CSV")
     ev.add_argument("--images", default=None, help="image folder giving shapes for RLE CSVs without Height/Width")
     ev.add_argument("--json", default=None, help="also write the metrics as JSON")
+    ev.add_argument(
+        "--per-image",
+        default=None,
+        help="also write a CSV with each image's scores (nuclei true and predicted, matched, DSB score, AP@0.5, "
+        "precision, recall, pixel Dice): where a set's score is lost",
+    )
     ev.add_argument(
         "--only-predicted", action="store_true", help="score only the ground-truth images that have a prediction"
     )
@@ -916,7 +923,7 @@ def _interrupted_training(out: Path, event) -> str:
 
 def cmd_evaluate(args) -> int:
     from .io import atomic_write
-    from .metrics import evaluate, format_table
+    from .metrics import format_table, image_row, match_image, summarize
 
     truth = _read_label_source(args.truth, args.images)
     pred = _read_label_source(args.pred, args.images)
@@ -940,19 +947,27 @@ def cmd_evaluate(args) -> int:
     extra = sorted(set(pred) - set(truth))
     if extra:
         print(f"note: {len(extra)} predicted image(s) have no ground truth and are ignored", file=sys.stderr)
-    pairs = []
+    if args.per_image:
+        writable_file(args.per_image)
+    counts = {}
     for key, labels in truth.items():
         predicted = pred.get(key, np.zeros_like(labels))
         if predicted.shape != labels.shape:
             raise InputError(
                 f"{args.pred}: {key}: shape {predicted.shape} differs from the ground truth {labels.shape}"
             )
-        pairs.append((labels, predicted))
-    scores = evaluate(pairs)
+        counts[key] = match_image(labels, predicted)
+    scores = summarize(counts.values())
     print(format_table({Path(args.pred).name: scores}))
     if args.json:
         with atomic_write(args.json, "w") as handle:
             json.dump(scores.as_dict(), handle, indent=2)
+    if args.per_image:
+        rows = [image_row(key, counts[key]) for key in sorted(counts)]
+        with atomic_write(args.per_image, "w") as handle:
+            writer = csv.DictWriter(handle, list(rows[0]), lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
     return 0
 
 

@@ -155,6 +155,24 @@ def summarize(counts: Iterable[ImageCounts]) -> Scores:
     )
 
 
+def image_row(name: str, counts: ImageCounts) -> dict[str, object]:
+    """One image's scores, for a per-image table: where a set's score is lost."""
+    tp = int(counts.tp[0])
+    missed, extra = counts.n_true - tp, counts.n_pred - tp
+    pixels = counts.pixel_true + counts.pixel_pred
+    return {
+        "image": name,
+        "nuclei_true": counts.n_true,
+        "nuclei_pred": counts.n_pred,
+        "matched_at_0.5": tp,
+        "dsb_score": round(counts.kaggle_score, 4),
+        "ap50": round(tp / max(tp + missed + extra, 1), 4) if tp + missed + extra else 1.0,
+        "precision50": round(tp / counts.n_pred, 4) if counts.n_pred else 1.0,
+        "recall50": round(tp / counts.n_true, 4) if counts.n_true else 1.0,
+        "pixel_dice": round(2 * counts.pixel_inter / pixels, 4) if pixels else 1.0,
+    }
+
+
 def evaluate(pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> Scores:
     """Scores of ``(truth, prediction)`` label image pairs."""
     return summarize(match_image(t, p) for t, p in pairs)
