@@ -177,18 +177,3 @@ def test_a_few_planes_of_different_stains_are_read_as_channels_as_the_widget_rea
     assert read_image(tmp_path / "b" / "unstated.tif").shape == (2, *nuclei.shape)
     look_alike = np.stack([nuclei, np.roll(nuclei, 9, axis=1)])  # two planes of one stain: a stack, as before
     assert channel_axis(look_alike, "") is None
-
-
-@pytest.mark.parametrize("axes", ["TZYX", "TZCYX"])
-def test_a_time_lapse_of_z_stacks_says_what_to_do_and_writes_nothing(tmp_path, model_dir, capsys, axes):
-    """Before: "4D images must be stacks of RGB/RGBA planes ... (--axes ZCYX or CZYX)", which would have read the
-    time points as channels."""
-    nuclei, _ = _nuclei_and_cytoplasm()
-    shape = (2, 3, 2) if "C" in axes else (2, 3)
-    tifffile.imwrite(
-        tmp_path / "live.tif", np.broadcast_to(nuclei, shape + nuclei.shape), imagej=True, metadata={"axes": axes}
-    )
-    assert _segment([tmp_path / "live.tif"], tmp_path / "out", model_dir) != 0
-    err = capsys.readouterr().err
-    assert f"live.tif: a time-lapse of Z-stacks (axes {axes})" in err and "one frame each" in err
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -223,6 +223,89 @@ def test_cli_segments_a_volume_in_3d(tmp_path, capsys):
     assert "axes 'XYZ' not understood" in capsys.readouterr().err
 
 
+def _time_lapse(tmp_path) -> tuple[np.ndarray, dict]:
+    """Two time points of a Z-stack (the shifted stack, and it flipped), and the ImageJ metadata of a calibrated
+    TZYX hyperstack."""
+    stack, _ = _shifted_stack(planes=4)
+    return np.stack([stack, stack[:, ::-1]]), {"axes": "TZYX", "spacing": 2.0, "unit": "um"}
+
+
+def test_a_time_lapse_of_z_stacks_labels_each_time_point_in_3d_as_a_z_stack_alone(tmp_path, capsys):
+    """A TZYX file was refused ("4D images must be stacks of RGB planes"): each time point is now the Z-stack it is,
+    labelled in 3D on its own, byte for byte what that Z-stack saved alone gives; its outputs name t and z."""
+    import csv
+
+    series, metadata = _time_lapse(tmp_path)
+    tifffile.imwrite(tmp_path / "live.tif", series, imagej=True, metadata=metadata, resolution=(2.0, 2.0))
+    for t in range(2):
+        tifffile.imwrite(
+            tmp_path / f"alone{t}.tif",
+            series[t],
+            imagej=True,
+            metadata={**metadata, "axes": "ZYX"},
+            resolution=(2.0, 2.0),
+        )
+    tifffile.imwrite(tmp_path / "plain.tif", series)  # no axes stated
+    out = tmp_path / "out"
+    files = [str(tmp_path / name) for name in ("live.tif", "alone0.tif", "alone1.tif")]
+    code = main(["segment", *files, "--out", str(out), "--measurements", "--rle-csv", str(tmp_path / "rle.csv")])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "live.tif: " in err and "in 2 time points (each a Z-stack labelled in 3D" in err
+    labels = tifffile.imread(out / "live.tif")
+    assert labels.shape == series.shape and labels.max() > 0
+    for t in range(2):
+        assert np.array_equal(labels[t], tifffile.imread(out / f"alone{t}.tif")), t
+    with open(out / "live_nuclei.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["time"]) for r in rows] == [0] * int(labels[0].max()) + [1] * int(labels[1].max())
+    assert float(rows[0]["volume_um3"]) == float(rows[0]["volume"]) * 2.0 * 0.25  # the file's voxel size
+    ids = {row.split(",")[0] for row in (tmp_path / "rle.csv").read_text().splitlines()[1:]}
+    assert {f"live_{t}_{z}" for t in range(2) for z in range(4)} <= ids
+    with open(out / "nuclei-unet-summary.csv", newline="") as handle:
+        summary = {row["labels"]: row for row in csv.DictReader(handle)}
+    assert (
+        summary["live.tif"]["stack"] == "tz" and int(summary["live.tif"]["nuclei"]) == labels[0].max() + labels[1].max()
+    )
+    assert main(["segment", str(tmp_path / "plain.tif"), "--out", str(tmp_path / "plain")]) == 2
+    assert "--axes TZYX" in capsys.readouterr().err  # a 4D grey file that does not say its axes
+    argv = ["segment", str(tmp_path / "plain.tif"), "--out", str(tmp_path / "plain"), "--axes", "TZYX"]
+    assert main([*argv, "--voxel-size", "2,0.5,0.5"]) == 0
+    assert np.array_equal(tifffile.imread(tmp_path / "plain" / "plain.tif"), labels)
+
+
+def test_a_time_lapse_with_channels_goes_to_zarr_and_large_time_points_say_so(tmp_path, capsys):
+    import zarr
+
+    series, metadata = _time_lapse(tmp_path)
+    noise = np.random.default_rng(1).integers(0, 50, series.shape).astype(series.dtype)
+    hyper = np.stack([noise, series], axis=2)  # T, Z, C, Y, X: the nuclei in channel 1
+    tifffile.imwrite(
+        tmp_path / "hyper.tif", hyper, imagej=True, metadata={**metadata, "axes": "TZCYX"}, resolution=(2.0, 2.0)
+    )
+    tifffile.imwrite(tmp_path / "grey.tif", series, imagej=True, metadata=metadata, resolution=(2.0, 2.0))
+    out = tmp_path / "out"
+    argv = ["--out", str(out), "--out-format", "zarr"]
+    assert main(["segment", str(tmp_path / "hyper.tif"), "--channel", "1", *argv]) == 0
+    assert "hyper.tif: channel 1 of 2, " in capsys.readouterr().err
+    assert main(["segment", str(tmp_path / "grey.tif"), *argv]) == 0
+    hyper_labels, grey_labels = (
+        zarr.open(str(out / "hyper.zarr"), mode="r"),
+        zarr.open(str(out / "grey.zarr"), mode="r"),
+    )
+    assert hyper_labels.shape == series.shape and np.array_equal(hyper_labels[:], grey_labels[:])
+    assert dict(hyper_labels.attrs) == {"_ARRAY_DIMENSIONS": ["t", "z", "y", "x"], "voxel_size": [2.0, 0.5, 0.5]}
+    small = ["--large-volume", "10000"]  # each time point labelled block by block
+    assert main(["segment", str(tmp_path / "grey.tif"), "--out", str(tmp_path / "blocks"), "--out-format", "zarr",
+                 *small]) == 0  # fmt: skip
+    blocked = zarr.open(str(tmp_path / "blocks" / "grey.zarr"), mode="r")[:]
+    assert all(_same_partition(blocked[t], grey_labels[t]) for t in range(2))
+    capsys.readouterr()
+    assert main(["segment", str(tmp_path / "grey.tif"), "--out", str(tmp_path / "tif"), *small]) == 2
+    err = capsys.readouterr().err
+    assert "grey.tif: a time-lapse of Z-stacks this large" in err and "--out-format zarr" in err
+
+
 def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:
     """Whether two label images hold the same objects, whatever their IDs."""
     if not np.array_equal(a > 0, b > 0):

@@ -8,6 +8,7 @@ folder must therefore be reachable from every worker (a shared file system on a 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -34,7 +35,7 @@ from .io import (
 )
 from .model import Checkpoint
 from .params import AUTO, BlockParams, SegmentParams, split_channel_axis
-from .segment import RunProgress, estimate_share, resolve, segment_planes
+from .segment import RunProgress, estimate_share, recorded_thresholds, resolve, segment_planes, segment_time_points
 from .tiling import CancelCheck, ProgressCallback
 
 # "geojson": the TIFF labels and, beside them, the nuclei as GeoJSON polygons (QuPath).
@@ -161,41 +162,29 @@ def _segment_file(
     started = time.perf_counter()
     extras = tuple(extras) + (("polygons",) if out_format == "geojson" and "polygons" not in extras else ())
     axes = file_axes(source)  # read once: channels, then the stack
-    if "T" in axes and "Z" in axes:  # tifffile names only the axes a file has more than one of
-        raise InputError(
-            f"{source}: a time-lapse of Z-stacks (axes {axes}): each Z-stack is segmented from a file of its own; "
-            "save the time points apart first (Fiji: Image > Duplicate, one frame each)"
-        )
     given = params.channel_axis
     image = open_image(source, params.blocks, given if given is not None else split_channel_axis(axes)[1])
     image, channel = nuclear_plane_of(image, axes, source, params.channel, given, params.stack != AUTO)
     target = output_path(out_dir, source, out_format)
     single = is_single_plane(image)
     params = _with_file_stack(params, source, single, axes)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if params.stack == "tz":
+        result = _segment_time_lapse(checkpoint, source, image, params, target, out_format, progress, cancel, extras)
+        result.record.update(channel)
+        return result
     shape = tuple(image.shape[:2]) if single else tuple(image.shape[:3])
     stages = RunProgress(progress, estimate_share(checkpoint, params))  # one bar: the size estimate, then the rest
     resolved = resolve(checkpoint, image, params, progress=stages.estimating, cancel=cancel)
     progress = stages.segmenting
-    target.parent.mkdir(parents=True, exist_ok=True)
     if out_format == "zarr":
-        import zarr
-
-        partial = target.with_name(f".{target.name}.part")
-        shutil.rmtree(partial, ignore_errors=True)
-        labels_out = zarr.open_array(
-            str(partial), mode="w", shape=shape, chunks=(1,) * (len(shape) - 2) + (1024, 1024), dtype="int32"
-        )
         stack = resolved.params.stack if not single else AUTO
-        labels_out.attrs.update(zarr_axes(stack, resolved.params.voxel_size if stack == "z" else None))
-        try:
+        attrs = zarr_axes(stack, resolved.params.voxel_size if stack == "z" else None)
+        with _zarr_labels(target, shape, attrs) as labels_out:
             result = segment_planes(
                 checkpoint, image, resolved, labels_out=labels_out, progress=progress, cancel=cancel
             )
             extra = _write_extra_outputs(image, labels_out, out_dir, source, extras, result)
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(partial, target)
-        finally:
-            shutil.rmtree(partial, ignore_errors=True)
     elif resolved.large:  # labels on disk, then streamed into a tiled TIFF: memory stays flat
         import zarr
 
@@ -225,6 +214,95 @@ def _segment_file(
         [path for path in extra if not path.endswith(RLE_PART_SUFFIX)],
         next((path for path in extra if path.endswith(RLE_PART_SUFFIX)), None),
     )
+
+
+@contextlib.contextmanager
+def _zarr_labels(target: Path, shape: tuple[int, ...], attrs: dict):
+    """An int32 zarr array written as ``.<name>.part`` beside ``target`` and moved to it only when the block ends
+    without an error; removed otherwise."""
+    import zarr
+
+    partial = target.with_name(f".{target.name}.part")
+    shutil.rmtree(partial, ignore_errors=True)
+    chunks = (1,) * (len(shape) - 2) + (1024, 1024)
+    labels_out = zarr.open_array(str(partial), mode="w", shape=shape, chunks=chunks, dtype="int32")
+    labels_out.attrs.update(attrs)
+    try:
+        yield labels_out
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(partial, target)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def _segment_time_lapse(
+    checkpoint, source: Path, image, params: SegmentParams, target: Path, out_format, progress, cancel, extras
+) -> FileResult:
+    """A time-lapse of Z-stacks ``(T, Z, Y, X)``: each time point labelled in 3D on its own
+    (``segment.segment_time_points``) into one ``(T, Z, Y, X)`` label image. Measurements carry a ``time`` column;
+    RLE rows and GeoJSON files name each plane ``<stem>_<t>_<z>``."""
+    started = time.perf_counter()
+    shape = tuple(int(n) for n in image.shape[:4])
+    if params.blocks.is_large_volume(shape[1:]) and out_format != "zarr":
+        raise InputError(
+            "a time-lapse of Z-stacks this large (each labelled block by block) is written as zarr: --out-format zarr"
+        )
+    if out_format == "zarr":
+        with _zarr_labels(target, shape, zarr_axes("tz", params.voxel_size)) as labels:
+            results = segment_time_points(checkpoint, image, params, labels, progress, cancel)
+            extra = _write_time_lapse_extras(image, labels, target.parent, source, extras, results)
+    else:
+        labels = np.zeros(shape, np.int32)
+        results = segment_time_points(checkpoint, image, params, labels, progress, cancel)
+        write_labels(target, labels, max_label=max(result.max_label for result in results))
+        extra = _write_time_lapse_extras(image, labels, target.parent, source, extras, results)
+    first = results[0]
+    thresholds = [t for result in results for t in result.thresholds.values()]
+    record = {**first.record(), "stack": "tz", "time_points": shape[0], "threshold": recorded_thresholds(thresholds)}
+    return FileResult(
+        str(source),
+        str(target),
+        sum(result.count for result in results),
+        int(np.prod(shape)),
+        first.diameter,
+        first.factor,
+        time.perf_counter() - started,
+        record,
+        [path for path in extra if not path.endswith(RLE_PART_SUFFIX)],
+        next((path for path in extra if path.endswith(RLE_PART_SUFFIX)), None),
+    )
+
+
+def _write_time_lapse_extras(image, labels, out_dir: Path, source: Path, extras, results) -> list[str]:
+    """The extra outputs of a time-lapse of Z-stacks: one measurements table (each time point's nuclei in 3D, with
+    its ``time``), and the RLE rows and GeoJSON polygons of its planes, named ``<stem>_<t>_<z>``."""
+    from .geojson import write_geojson
+    from .measure import measure_volume, write_measurements_csv
+    from .rle import write_csv
+
+    unknown = sorted(set(extras) - set(EXTRA_OUTPUTS))
+    if unknown:
+        raise ValueError(f"unknown extra outputs {unknown}; choose from {', '.join(EXTRA_OUTPUTS)}")
+    count, depth = int(labels.shape[0]), int(labels.shape[1])
+    names = [(t, z, f"{source.stem}_{t}_{z}") for t in range(count) for z in range(depth)]
+    written = []
+    if "measurements" in extras:
+        grey = len(image.shape) == 4
+        tables = [
+            measure_volume(np.asarray(labels[t]), np.asarray(image[t]) if grey else None, results[t].params.voxel_size)
+            for t in range(count)
+        ]
+        table = {"time": np.concatenate([np.full(t["label"].shape, i) for i, t in enumerate(tables)])}
+        table.update({key: np.concatenate([t[key] for t in tables]) for key in tables[0]})
+        path = measurements_path(out_dir, source)
+        write_measurements_csv(path, table)
+        written.append(str(path))
+    if "polygons" in extras:
+        written += [str(write_geojson(out_dir / f"{name}.geojson", np.asarray(labels[t][z]))) for t, z, name in names]
+    if "rle" in extras:
+        items = ((name, np.asarray(labels[t][z])) for t, z, name in names)
+        written.append(str(write_csv(out_dir / f".{source.stem}{RLE_PART_SUFFIX}", items)))
+    return written
 
 
 def _with_file_stack(params: SegmentParams, source: Path, single: bool, axes: str) -> SegmentParams:

@@ -132,8 +132,9 @@ def _add_segment_args(parser: argparse.ArgumentParser) -> None:
         type=_axes,
         default=None,
         help="what a stack's axes are, e.g. ZYX (a Z-stack: nuclei labelled in 3D), TYX (time-lapse or separate "
-        "planes: each labelled on its own), YX, YXC, CYX or ZCYX (C before YX: channels, --channel picks one); "
-        "default: the file's own axes (ImageJ/OME), else separate planes",
+        "planes: each labelled on its own), TZYX (a time-lapse of Z-stacks: each time point labelled in 3D), YX, "
+        "YXC, CYX, ZCYX or TZCYX (C before YX: channels, --channel picks one); default: the file's own axes "
+        "(ImageJ/OME), else separate planes",
     )
     _option(parser, "--channel", SegmentParams, "channel", type=_channel)
     _option(parser, "--voxel-size", SegmentParams, "voxel_size", type=_voxel_size)
@@ -699,11 +700,16 @@ class _ImageProgress:
         else:
             print(
                 f"[{self.done}/{self.total}] {Path(path).name}: {_channel_text(result.record)}"
-                f"{nuclei_text(result.nuclei)}, diameter "
+                f"{nuclei_text(result.nuclei)}{_time_points_text(result.record)}, diameter "
                 f"{_format_diameter(result)}",
                 file=sys.stderr,
                 flush=True,
             )
+
+
+def _time_points_text(record: dict) -> str:
+    count = record.get("time_points")
+    return f" in {count} time points (each a Z-stack labelled in 3D, numbered from 1; no tracking)" if count else ""
 
 
 def _segment_distributed(args, files, params, out: Path, extras=()):

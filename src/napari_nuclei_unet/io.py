@@ -97,10 +97,18 @@ def check_image_layout(image, name: str = "image", channel_axis: int | None = No
         raise InputError(f"{name}: unsupported pixel type {dtype}")
     if len(shape) < 2 or len(shape) > 4 or min(shape) == 0:
         raise InputError(f"{name}: expected a 2D image or a stack of 2D images, got shape {shape}")
-    if len(shape) == 4 and shape[-1] not in (3, 4):
+
+
+def check_stack_layout(image, stack: str) -> None:
+    """Raise :class:`InputError` unless a 4D ``image`` is a stack of RGB(A) planes, or a time-lapse of Z-stacks
+    (``stack`` "tz"): what the axes of a 4D grey image are cannot be guessed."""
+    shape = tuple(image.shape)
+    if stack == "tz" and len(shape) != 4:
+        raise InputError(f"a time-lapse of Z-stacks (T, Z, Y, X) is 4D, got shape {shape}")
+    if len(shape) == 4 and stack != "tz" and not is_rgb(image):
         raise InputError(
-            f"{name}: 4D images must be stacks of RGB/RGBA planes (N, Y, X, 3|4) or say where their channels are "
-            f"(--axes ZCYX or CZYX), got shape {shape}"
+            f"4D images must be stacks of RGB/RGBA planes (N, Y, X, 3|4), or say their axes: a time-lapse of Z-stacks "
+            f"(--axes TZYX), or channels (--axes ZCYX or CZYX); got shape {shape}"
         )
 
 
@@ -458,13 +466,13 @@ def file_stack(path, axes: str | None = None) -> tuple[str, tuple[float, float, 
     axes, _ = split_channel_axis(file_axes(path) if axes is None else axes)
     try:
         stack = stack_of_axes(axes) if axes[:1] in ("Z", "T") else AUTO
-    except ValueError:  # e.g. TZYX: not one of the stacks segmented
+    except ValueError:  # e.g. ZTYX: not one of the stacks segmented
         return AUTO, None
     if stack == AUTO:
         return AUTO, None
     try:
         with tifffile.TiffFile(path) as tif:
-            return stack, _voxel_size(tif) if stack == "z" else None
+            return stack, _voxel_size(tif) if stack in ("z", "tz") else None
     except (tifffile.TiffFileError, OSError, ValueError, IndexError, KeyError):
         return stack, None
 
@@ -583,7 +591,7 @@ def _zarr_stack(path) -> tuple[str, tuple[float, float, float] | None]:
         stack = stack_of_axes(letters) if letters[:1] in ("Z", "T") else AUTO
     except (KeyError, IndexError, TypeError, ValueError, AttributeError, OSError):
         return AUTO, None
-    if stack != "z" or not scale or len(scale) < 3:
+    if stack not in ("z", "tz") or not scale or len(scale) < 3:
         return stack, None
     return stack, tuple(float(v) for v in scale[-3:])
 
@@ -591,7 +599,7 @@ def _zarr_stack(path) -> tuple[str, tuple[float, float, float] | None]:
 def zarr_axes(stack: str, voxel_size: tuple[float, float, float] | None) -> dict:
     """The attributes a labels zarr array gets so that its axes (and a Z-stack's voxel size) travel with it:
     xarray's ``_ARRAY_DIMENSIONS``, read back by :func:`file_stack`."""
-    dimensions = {"z": ["z", "y", "x"], "planes": ["t", "y", "x"]}.get(stack, ["y", "x"])
+    dimensions = {"z": ["z", "y", "x"], "planes": ["t", "y", "x"], "tz": ["t", "z", "y", "x"]}.get(stack, ["y", "x"])
     return {"_ARRAY_DIMENSIONS": dimensions, **({"voxel_size": list(voxel_size)} if voxel_size else {})}
 
 

@@ -133,8 +133,9 @@ AUTO = "auto"
 STAINS = (AUTO, "none", "hematoxylin", "brightest")
 IMAGE_TYPES = (AUTO, "fluorescence", "brightfield", "tissue")
 # How a stack's first axis is read: a Z-stack (one 3D labelling) or separate planes (a time-lapse,
-# a set of fields; each plane its own labelling). "auto": the file's or layer's axes say, else planes.
-STACKS = (AUTO, "z", "planes")
+# a set of fields; each plane its own labelling); "tz": a time-lapse of Z-stacks (T, Z, Y, X), each time point
+# labelled in 3D on its own (segment.segment_time_points). "auto": the file's or layer's axes say, else planes.
+STACKS = (AUTO, "z", "planes", "tz")
 
 
 @dataclass
@@ -176,12 +177,14 @@ def split_channel_axis(axes: str) -> tuple[str, int | None]:
 
 
 def stack_of_axes(axes: str) -> str:
-    """``SegmentParams.stack`` for an axes string (ImageJ/OME letters, e.g. ZYX, TZYX is refused): "z" for a
-    Z-stack, "planes" for a time-lapse or a plain sequence of planes, "auto" for a single plane. A channel
+    """``SegmentParams.stack`` for an axes string (ImageJ/OME letters, e.g. ZYX): "z" for a Z-stack, "planes" for a
+    time-lapse or a plain sequence of planes, "tz" for a time-lapse of Z-stacks, "auto" for a single plane. A channel
     axis before Y and X (CYX, ZCYX) is left out: one channel is segmented (``SegmentParams.channel``)."""
     axes, _ = split_channel_axis(axes)
     if axes in ("YX", "YXC", "YXS"):
         return AUTO
+    if axes == "TZYX":
+        return "tz"
     if len(axes) in (3, 4) and axes[1:3] == "YX" and axes[3:] in ("", "C", "S"):
         if axes[0] == "Z":
             return "z"
@@ -189,7 +192,7 @@ def stack_of_axes(axes: str) -> str:
             return "planes"
     raise ValueError(
         f"axes {axes!r} not understood: one of ZYX, TYX (each with C last for colour, or C before YX for channels), "
-        "YX, YXC or CYX"
+        "TZYX (a time-lapse of Z-stacks; TZCYX with channels), YX, YXC or CYX"
     )
 
 
@@ -239,7 +242,8 @@ class SegmentParams:
         default=AUTO,
         metadata={
             "help": "a stack's first axis: z (a Z-stack: nuclei labelled in 3D, one ID through the planes), planes "
-            "(time-lapse or separate fields: each plane labelled on its own), or auto (the file's axes, else planes)",
+            "(time-lapse or separate fields: each plane labelled on its own), tz (a time-lapse of Z-stacks: each "
+            "time point labelled in 3D on its own), or auto (the file's axes, else planes)",
             "choices": STACKS,
         },
     )

@@ -20,7 +20,7 @@ import numpy as np
 
 from .blocks import segment_large
 from .errors import Cancelled, InputError
-from .io import Normalizer, is_single_plane, sample_step
+from .io import Normalizer, check_stack_layout, is_single_plane, sample_step
 from .model import Checkpoint
 from .params import AUTO, IMAGE_TYPES, STACKS, STAINS, SegmentParams
 from .plane import (
@@ -251,6 +251,9 @@ def _is_volume(image, params: SegmentParams) -> bool:
             z_ratio(params.voxel_size)
         except (TypeError, ValueError) as error:
             raise InputError(str(error)) from None
+    if params.stack == "tz":
+        raise InputError("a time-lapse of Z-stacks is segmented one time point at a time: segment_time_points")
+    check_stack_layout(image, params.stack)
     return params.stack == "z" and not is_single_plane(image)
 
 
@@ -545,3 +548,30 @@ def segment(
 ) -> Segmentation:
     """Segment a 2D image or every plane of a stack, in memory (:func:`segment_planes`)."""
     return segment_planes(checkpoint, image, params, progress=progress, cancel=cancel)
+
+
+def segment_time_points(
+    checkpoint: Checkpoint,
+    image,
+    params: SegmentParams | None = None,
+    labels_out=None,
+    progress: ProgressCallback | None = None,
+    cancel: CancelCheck | None = None,
+) -> list[Segmentation]:
+    """Segment a time-lapse of Z-stacks ``(T, Z, Y, X)``: each time point a Z-stack labelled in 3D on its own
+    (:func:`segment_planes` with ``stack`` "z": its own size estimate, normaliser and threshold; its nuclei numbered
+    from 1; no tracking). ``labels_out`` (numpy or zarr, ``(T, Z, Y, X)``) receives the labels, else each result
+    holds its own. ``progress(done, total)`` runs once over all time points."""
+    check_stack_layout(image, "tz")
+    params = replace(params or SegmentParams(), stack="z")
+    count = int(image.shape[0])
+    results = []
+    for index in range(count):
+        if cancel is not None and cancel():
+            raise Cancelled("segmentation cancelled")
+        step = None if progress is None else _plane_progress(progress, index, count)
+        target = None if labels_out is None else _PlaneOf(labels_out, index)
+        results.append(
+            segment_planes(checkpoint, image[index], params, labels_out=target, progress=step, cancel=cancel)
+        )
+    return results
