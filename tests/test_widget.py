@@ -823,3 +823,23 @@ def test_a_tiff_opened_in_napari_is_read_as_its_file_says(viewer_and_widget, qtb
     run_and_wait(widget, qtbot)
     features = viewer.layers["flat nuclei"].features
     assert len(features) and np.allclose(features["area_um2"], features["area"] * 0.25)
+
+
+def test_a_time_lapse_of_z_stacks_is_not_read_as_channels_and_says_where_it_is_segmented(
+    viewer_and_widget, qtbot, tmp_path
+):
+    """A TZYX file of 2 time points opened in napari was offered as 2 "channels" (its time points)."""
+    import tifffile
+
+    viewer, widget = viewer_and_widget
+    image, _ = nuclei_field((64, 64), count=4, diameter=16, seed=4)
+    series = np.stack([np.stack([image] * 5), np.stack([image[::-1]] * 5)])
+    tifffile.imwrite(tmp_path / "live.tif", series, imagej=True, metadata={"axes": "TZYX"})
+    (layer,) = viewer.open(str(tmp_path / "live.tif"))
+    widget.image_layer.value = layer
+    assert not widget.channel.visible
+    with pytest.raises(ValueError, match="time-lapse of Z-stacks.*--axes TZYX"):
+        widget.request()
+    labelled = viewer.add_image(series[:, :3], name="labelled", axis_labels=("t", "z", "y", "x"))
+    widget.image_layer.value = labelled  # 3 planes: few enough to pass for channels
+    assert not widget.channel.visible

@@ -439,6 +439,11 @@ class SegmentWidget(Container):
         if layer is None:
             raise ValueError("open an image first (File > Open, or File > Open Sample)")
         source = data = _layer_data(layer)
+        if _is_time_lapse_of_stacks(layer):
+            raise ValueError(
+                f"{layer.name}: a time-lapse of Z-stacks (T, Z, Y, X): the widget segments one Z-stack; segment every "
+                "time point in 3D with `nuclei-unet segment FILE --axes TZYX`, or open one time point"
+            )
         channel = self._picked_channel(layer)
         if channel is not None:
             data = take_channel(data, _channel_axis(layer), channel)
@@ -755,6 +760,8 @@ def _channel_axis(layer: Image) -> int | None:
     data = _layer_data(layer)
     if data.ndim == 3 and data.shape[0] <= MAX_CHANNELS:
         return 0
+    if data.ndim == 4 and _is_time_lapse_of_stacks(layer):  # (T, Z, Y, X): no channels, however few planes
+        return None
     if data.ndim == 4:  # ImageJ's order (Z or T, C, Y, X), else OME's (C, Z, Y, X); the layer's axis labels say first
         labels = [str(label).lower() for label in getattr(layer, "axis_labels", ())]
         named = [i for i, label in enumerate(labels[:2]) if label in ("c", "ch", "channel", "channels")]
@@ -847,6 +854,14 @@ def _stated_stack(layer: Image) -> str:
     if label in ("z", "t", "time"):
         return label[0]
     return {"z": "z", "planes": "t"}.get(_source_metadata(layer)[0], "")
+
+
+def _is_time_lapse_of_stacks(layer: Image) -> bool:
+    """Whether a 4D layer is (T, Z, Y, X), as its axis labels or the file it was opened from say."""
+    if layer.ndim != 4 or layer.rgb:
+        return False
+    labels = [str(label).lower()[:1] for label in getattr(layer, "axis_labels", ())[:2]]
+    return labels == ["t", "z"] or _source_metadata(layer)[0] == "tz"
 
 
 def _source_metadata(layer: Image) -> tuple[str, tuple[float, float, float] | None, float | None]:
