@@ -694,6 +694,19 @@ def test_the_nuclei_layer_carries_a_measurements_table(viewer_and_widget, qtbot)
     widget.min_size.value = 400
     qtbot.waitUntil(lambda: len(nuclei.features) == int(nuclei.data.max()) < count, timeout=10_000)
     assert (nuclei.features["area"] >= 400).all()
+    # Corrections: the table follows them, so an export (GeoJSON, napari's Save as CSV) carries the edited nuclei's
+    qtbot.waitUntil(lambda: widget._relabel_worker is None, timeout=10_000)
+    kept = int(nuclei.data.max())
+    nuclei.selected_label = kept + 1
+    nuclei.brush_size = 12
+    nuclei.paint((20, 20), kept + 1)  # a missed nucleus, with the brush
+    first = int(nuclei.features["index"].iloc[0])
+    nuclei.fill(tuple(np.argwhere(nuclei.data == first)[0]), 0)  # a false one, removed with the bucket
+    qtbot.waitUntil(lambda: kept + 1 in set(nuclei.features["index"]), timeout=10_000)
+    features = nuclei.features
+    assert first not in set(features["index"]) and len(features) == len(np.unique(nuclei.data)) - 1
+    painted = features[features["index"] == kept + 1]
+    assert int(painted["area"].iloc[0]) == int((nuclei.data == kept + 1).sum()) > 50
 
 
 def test_closing_the_window_during_a_run_is_safe(qtbot):

@@ -68,6 +68,8 @@ ALL_CHANNELS = (
 )  # the channel choice for "all": a colour image, or a stack (not None: magicgui emits no change for None)
 # Debounce for live re-labelling while a slider is dragged, in ms.
 RELABEL_DELAY_MS = 150
+# The nuclei's measurements are refreshed this long after the last paint, fill or erase of the nuclei layer.
+MEASURE_DELAY_MS = 500
 
 
 SEGMENT_JOB = "segmenting"
@@ -282,6 +284,12 @@ class SegmentWidget(Container):
         self._relabel_timer.setSingleShot(True)
         self._relabel_timer.setInterval(RELABEL_DELAY_MS)
         self._relabel_timer.timeout.connect(self.relabel)
+        self._painted = None  # the nuclei layer last edited, whose measurements are refreshed when the edits pause
+        self._measuring = None
+        self._measure_timer = QTimer()
+        self._measure_timer.setSingleShot(True)
+        self._measure_timer.setInterval(MEASURE_DELAY_MS)
+        self._measure_timer.timeout.connect(self._remeasure)
         self.native.destroyed.connect(self._cancel_event.set)  # the window closed: stop a run between tiles
 
     def _connect(self) -> None:
@@ -728,8 +736,33 @@ class SegmentWidget(Container):
         if suffix == "mask":
             layer.visible = False
         if hasattr(layer.events, "paint"):
-            layer.events.paint.connect(lambda *_: layer.metadata.setdefault("nuclei_unet", {}).update(edited=True))
+            layer.events.paint.connect(lambda *_: self._on_painted(layer, suffix))
         return layer
+
+    def _on_painted(self, layer: Labels, suffix: str) -> None:
+        """A result layer edited with napari's tools: it is never overwritten; the nuclei's measurements follow the
+        edits once they pause (``MEASURE_DELAY_MS``), so an export carries the corrected nuclei's."""
+        layer.metadata.setdefault("nuclei_unet", {}).update(edited=True)
+        if suffix == "nuclei":
+            self._painted = layer
+            self._measure_timer.start()
+
+    def _remeasure(self) -> None:
+        """The edited nuclei layer's features table, measured again in a thread on the image it was segmented on."""
+        layer, cache = self._painted, self._cache
+        if layer is None or layer not in self.viewer.layers or cache is None or cache.layer not in self.viewer.layers:
+            return
+        if layer.name != f"{cache.layer.name} nuclei" or not len(layer.features):  # no table to keep up to date
+            return
+        request, volume = cache.request, cache.used.get("stack") == "z"
+        worker = _measure_worker(np.array(layer.data), request.image, request.pixel_size, volume, request.params)
+        worker.returned.connect(lambda features: _unless_closed(self._set_features, layer, features))
+        worker.start()
+        self._measuring = worker  # kept while it runs
+
+    def _set_features(self, layer: Labels, features: dict | None) -> None:
+        if features is not None and layer in self.viewer.layers:
+            layer.features = features
 
 
 def is_edited(layer) -> bool:
@@ -824,20 +857,33 @@ def _relabel_worker(
 
 
 def _nuclei_features(result: Segmentation, image, pixel_size: float | None) -> dict | None:
+    """The measurements of a segmentation's nuclei as a napari features table (:func:`_features`); None for planes
+    labelled each on their own, whose nuclei are numbered from 1 in every plane."""
+    if not result.volume and list(result.planes) != [None]:
+        return None
+    labels = result.labels if result.volume else result.planes[None].labels
+    return _features(labels, image, pixel_size, result.volume, result.params.voxel_size)
+
+
+def _features(labels, image, pixel_size: float | None, volume: bool, voxel_size) -> dict:
     """The measurements of a 2D image's nuclei (``measure.measure``) or of a Z-stack's in 3D (``measure_volume``:
     volume, z/y/x centroid, first and last plane; µm with the layer's scale), as a napari features table: the label
-    as ``index``, napari's key, and not again as ``label``. None for planes labelled each on their own, whose
-    nuclei are numbered from 1 in every plane."""
+    as ``index``, napari's key, and not again as ``label``."""
     from ..measure import measure, measure_volume
 
-    if result.volume:
+    if volume:
         grey = np.asarray(image) if len(image.shape) == 3 else None  # the intensity of a grey stack
-        table = measure_volume(result.labels, grey, result.params.voxel_size)
-    elif list(result.planes) == [None]:
-        table = measure(result.planes[None].labels, image, pixel_size)
+        table = measure_volume(labels, grey, voxel_size)
     else:
-        return None
+        table = measure(labels, image, pixel_size)
     return {"index": table.pop("label"), **table}
+
+
+@thread_worker(ignore_errors=True)  # a table that cannot be measured again stays as it was
+def _measure_worker(labels: np.ndarray, image, pixel_size: float | None, volume: bool, params) -> dict | None:
+    if volume != (labels.ndim == 3) or labels.shape != tuple(image.shape[: labels.ndim]):
+        return None
+    return _features(labels, image, pixel_size, volume, params.voxel_size if volume else None)
 
 
 def _voxel_size(layer: Image, channel: int | None = None) -> tuple[float, float, float] | None:
