@@ -68,8 +68,11 @@ ALL_CHANNELS = (
 )  # the channel choice for "all": a colour image, or a stack (not None: magicgui emits no change for None)
 # Debounce for live re-labelling while a slider is dragged, in ms.
 RELABEL_DELAY_MS = 150
-# The nuclei's measurements are refreshed this long after the last paint, fill or erase of the nuclei layer.
+# The nuclei's measurements are refreshed this long after the last paint, fill or erase of the nuclei layer, for
+# layers of up to this many pixels (a 5800 x 5800 image, 128 MB of labels copied and measured per pause); larger
+# ones are measured again when re-labelled.
 MEASURE_DELAY_MS = 500
+MEASURE_AFTER_EDITS_MAX = 2**25
 
 
 SEGMENT_JOB = "segmenting"
@@ -753,6 +756,8 @@ class SegmentWidget(Container):
         if layer is None or layer not in self.viewer.layers or cache is None or cache.layer not in self.viewer.layers:
             return
         if layer.name != f"{cache.layer.name} nuclei" or not len(layer.features):  # no table to keep up to date
+            return
+        if layer.data.size > MEASURE_AFTER_EDITS_MAX:
             return
         request, volume = cache.request, cache.used.get("stack") == "z"
         worker = _measure_worker(np.array(layer.data), request.image, request.pixel_size, volume, request.params)
