@@ -348,6 +348,8 @@ def test_the_generated_z_stack_sample_segments_in_3d_with_the_defaults(viewer_an
     assert nuclei.data.shape == truth.shape and tuple(nuclei.scale) == (2.0, 1.0, 1.0)
     scores = evaluate([(truth, nuclei.data)])  # in 3D: one object per nucleus through its planes
     assert scores.ap50 >= 0.8 and abs(scores.n_pred - scores.n_true) <= 4, scores
+    # its scale (2, 1, 1) is in pixels (a z step twice the pixel): no µm columns, which would claim 1 µm pixels
+    assert "volume" in nuclei.features and "volume_um3" not in nuclei.features
     assert widget.status.value.startswith(f"{nuclei.data.max()} nuclei in 3D (24 planes)")
 
 
@@ -671,6 +673,16 @@ def test_what_auto_chose_is_shown_and_forgotten_for_another_image(viewer_and_wid
     viewer.add_image(viewer.layers["synthetic nuclei"].data.copy(), name="another")
     widget.image_layer.value = viewer.layers["another"]
     assert widget.diameter.value == 0.0
+
+
+def test_micrometres_follow_the_layers_unit(viewer_and_widget):
+    viewer, widget = viewer_and_widget
+    image, _ = nuclei_field((64, 64), count=4, diameter=16, seed=4)
+    in_nm = viewer.add_image(image, name="nm", scale=(500, 500), units=("nm", "nm"))
+    plain = viewer.add_image(image, name="plain", scale=(0.65, 0.65))  # napari's default unit: read as µm
+    assert segment_module._pixel_size(in_nm) == pytest.approx(0.5)
+    assert segment_module._pixel_size(plain) == pytest.approx(0.65)
+    assert segment_module._pixel_size(viewer.add_image(image, name="none")) == 1.0
 
 
 def test_the_nuclei_layer_carries_a_measurements_table(viewer_and_widget, qtbot):

@@ -872,13 +872,17 @@ def _nuclei_features(result: Segmentation, image, pixel_size: float | None) -> d
 
 def _features(labels, image, pixel_size: float | None, volume: bool, voxel_size) -> dict:
     """The measurements of a 2D image's nuclei (``measure.measure``) or of a Z-stack's in 3D (``measure_volume``:
-    volume, z/y/x centroid, first and last plane; µm with the layer's scale), as a napari features table: the label
-    as ``index``, napari's key, and not again as ``label``."""
+    volume, z/y/x centroid, first and last plane), as a napari features table: the label as ``index``, napari's key,
+    and not again as ``label``. µm columns when ``pixel_size`` (µm per x pixel) is known: a Z-stack's ``voxel_size``
+    (the scale it was segmented with, in any one unit) is converted through it."""
     from ..measure import measure, measure_volume
 
     if volume:
         grey = np.asarray(image) if len(image.shape) == 3 else None  # the intensity of a grey stack
-        table = measure_volume(labels, grey, voxel_size)
+        micrometres = None if pixel_size is None or voxel_size is None else pixel_size / float(voxel_size[-1])
+        table = measure_volume(
+            labels, grey, None if micrometres is None else tuple(v * micrometres for v in voxel_size)
+        )
     else:
         table = measure(labels, image, pixel_size)
     return {"index": table.pop("label"), **table}
@@ -938,11 +942,19 @@ def _file_metadata(path: str, _modified: int) -> tuple[str, tuple[float, float, 
 
 
 def _pixel_size(layer: Image) -> float:
-    """The layer's pixel size along x, in its world unit (µm for microscopy images with a scale), else the one the
-    file it was opened from states (µm); 1 when neither says."""
-    if float(layer.scale[-1]) == 1.0:
+    """The layer's pixel size along x in µm: its scale in its unit when that is a length (napari's ``units``), or a
+    scale other than 1 in napari's default unit (microscopy images are scaled in µm); else the one the file it was
+    opened from states; 1 when nothing says."""
+    scale = float(layer.scale[-1])
+    unit = getattr(layer, "units", None)
+    if unit is not None and str(unit[-1]) != "pixel":
+        try:
+            return scale * float((1 * unit[-1]).to("micrometer").magnitude)
+        except Exception:  # noqa: BLE001 (pint: a unit that is not a length)
+            return scale
+    if scale == 1.0:
         return _source_metadata(layer)[2] or 1.0
-    return float(layer.scale[-1])
+    return scale
 
 
 def _counted(maxima: list[int], stack: str | None) -> tuple[int, str]:
