@@ -218,6 +218,12 @@ def test_cli_segments_a_volume_in_3d(tmp_path, capsys):
     table = (out / "volume_nuclei.csv").read_text().splitlines()
     assert "volume" in table[0].split(",") and "centroid_z" in table[0].split(",")
     assert len(table) - 1 == labels.max()
+    assert "volume_um3" not in table[0]  # 2.18,1,1 is a ratio: nothing says the pixel is 1 µm
+    argv = ["segment", str(source), "--out", str(tmp_path / "um"), "--axes", "ZYX", "--measurements"]
+    assert main([*argv, "--voxel-size", "1.4,0.65,0.65", "--precision", "float32"]) == 0
+    header, first = (tmp_path / "um" / "volume_nuclei.csv").read_text().splitlines()[:2]
+    row = dict(zip(header.split(","), first.split(",")))
+    assert float(row["volume_um3"]) == pytest.approx(float(row["volume"]) * 1.4 * 0.65 * 0.65, rel=1e-4)
     with pytest.raises(SystemExit):
         main(["segment", str(source), "--out", str(out), "--axes", "XYZ"])
     assert "axes 'XYZ' not understood" in capsys.readouterr().err

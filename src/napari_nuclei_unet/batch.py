@@ -289,7 +289,11 @@ def _write_time_lapse_extras(image, labels, out_dir: Path, source: Path, extras,
     if "measurements" in extras:
         grey = len(image.shape) == 4
         tables = [
-            measure_volume(np.asarray(labels[t]), np.asarray(image[t]) if grey else None, results[t].params.voxel_size)
+            measure_volume(
+                np.asarray(labels[t]),
+                np.asarray(image[t]) if grey else None,
+                micrometre_voxel(source, results[t].params.voxel_size),
+            )
             for t in range(count)
         ]
         table = {"time": np.concatenate([np.full(t["label"].shape, i) for i, t in enumerate(tables)])}
@@ -420,8 +424,19 @@ def _write_volume_measurements(out_dir: Path, source: Path, image, labels, voxel
 
     grey = np.asarray(image) if len(image.shape) == 3 else None
     path = measurements_path(out_dir, source)
-    write_measurements_csv(path, measure_volume(labels, grey, voxel_size))
+    write_measurements_csv(path, measure_volume(labels, grey, micrometre_voxel(source, voxel_size)))
     return str(path)
+
+
+def micrometre_voxel(source, voxel_size) -> tuple[float, float, float] | None:
+    """A Z-stack's voxel size in µm, for the measurements' µm columns: ``voxel_size`` (any one unit: it gives the
+    z step's ratio) scaled by the pixel size the file states in µm, or taken as µm when its pixel is not 1 (as
+    ``--voxel-size 2,0.65,0.65`` is); None when nothing says µm (``--voxel-size 2.18,1,1`` is a ratio only)."""
+    if voxel_size is None:
+        return None
+    pixel = float(voxel_size[-1])
+    micrometres = file_pixel_size(source) or (pixel if pixel != 1.0 else None)
+    return None if micrometres is None else tuple(float(v) * micrometres / pixel for v in voxel_size)
 
 
 def _write_measurements(out_dir: Path, source: Path, planes, tables, single: bool) -> list[str]:
