@@ -8,7 +8,8 @@ images by file (64-character names, as DSB2018's are), an H&E-stained one and a 
 one, segment them with the defaults with both widgets docked, at 1280 x 800 and 1600 x 1000 (and the fluorescence
 one saved blue on black),
 and show the Fine-tune tab after Add pair; then a Z-stack labelled in 3D and a time-lapse labelled
-frame by frame (they need ``../shared/data/dsb2018``; skipped without it).
+frame by frame (they need ``../shared/data/dsb2018``; skipped without it), and a real volume opened by file with its
+3D measurements (``../shared/data/bbbc050_3d``).
 """
 
 from __future__ import annotations
