@@ -102,3 +102,19 @@ def test_evaluate_takes_cellpose_named_truth_and_binary_predictions(tmp_path, ca
     row = next(line for line in out.splitlines() if line.startswith("pred"))
     true, found = (int(n) for n in row.split("|")[-1].split("/"))
     assert true == sum(int(t.max()) for t in truth.values()) and found >= 0.8 * true  # regions, not 1 per image
+
+
+def test_zarr_label_stores_are_scored_and_encoded_as_label_images_are(tmp_path, capsys):
+    """`segment --out-format zarr` writes label stores; evaluate and rle encode read none ("no image in common")."""
+    import zarr
+
+    truth = _write_pairs(tmp_path / "images", tmp_path / "truth", "")
+    (tmp_path / "pred").mkdir()
+    for name, labels in truth.items():
+        store = zarr.open_array(str(tmp_path / "pred" / f"{name}.zarr"), mode="w", shape=labels.shape, dtype="int32")
+        store[:] = labels
+    code = main(["evaluate", "--truth", str(tmp_path / "truth"), "--pred", str(tmp_path / "pred")])
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("pred"))
+    assert code == 0 and float(row.split("|")[1]) == 1.0
+    assert main(["rle", "encode", str(tmp_path / "pred"), "--out", str(tmp_path / "pred.csv")]) == 0
+    assert {line.split(",")[0] for line in (tmp_path / "pred.csv").read_text().splitlines()[1:]} == set(truth)

@@ -29,6 +29,7 @@ from .io import (
     file_stack,
     is_single_plane,
     nuclear_plane_of,
+    open_zarr_array,
     read_image,
     write_labels,
     zarr_axes,
@@ -72,17 +73,7 @@ def open_image(path: str | os.PathLike, blocks: BlockParams | None = None, chann
             return lazy
     if path.suffix.lower() != ".zarr":
         return read_image(path, channel_axis)
-    import zarr
-
-    try:
-        node = zarr.open(str(path), mode="r")
-    except Exception as error:  # noqa: BLE001 (zarr raises many types for a broken store)
-        raise InputError(f"{path}: cannot open zarr store ({describe(error)})") from None
-    if not hasattr(node, "shape"):  # a group: take its first array, as OME-Zarr stores level 0 first
-        keys = sorted(node.array_keys())
-        if not keys:
-            raise InputError(f"{path}: zarr group holds no array")
-        node = node[keys[0]]
+    node = open_zarr_array(path)
     check_image_layout(node, name=str(path))
     return node
 

@@ -886,7 +886,7 @@ def _read_label_source(path: str, images: str | None) -> dict[str, np.ndarray]:
     if source.is_file() and source.suffix.lower() == ".csv":
         return decode_csv(source, _shape_lookup(images))
     if source.is_dir():
-        files = [p for p in find_images([str(source)]) if p.suffix.lower() in IMAGE_SUFFIXES]
+        files = [p for p in find_images([str(source)]) if p.suffix.lower() in (*IMAGE_SUFFIXES, ".zarr")]
         return {name: read_labels(p) for name, p in label_names(files).items()}
     raise InputError(f"{path}: expected a folder of label images or an RLE CSV")
 

@@ -16,6 +16,7 @@ from .io import (
     file_axes,
     find_images,
     nuclear_plane_of,
+    open_zarr_array,
     read_image,
     sample_step,
     shown_pixels,
@@ -192,7 +193,7 @@ def read_labels(path: str | os.PathLike) -> np.ndarray:
     A binary mask (one value over several separate regions: what many tools export) has its regions
     numbered, with a warning: nuclei that touch in it stay one. Colour pictures of labels, fractions
     and negative values are refused, naming the file."""
-    labels = np.asarray(read_image(path))
+    labels = np.asarray(open_zarr_array(path) if Path(path).suffix.lower() == ".zarr" else read_image(path))
     if labels.ndim == 3 and labels.shape[-1] in (3, 4) and labels.shape[0] > 4:
         raise InputError(
             f"{path}: labels are a colour picture (shape {labels.shape}); save them as one plane of nucleus IDs "

@@ -570,6 +570,22 @@ def middle_plane(image):
     return image
 
 
+def open_zarr_array(path):
+    """The array of a ``.zarr`` store, lazily: the store's own, or a group's first (OME-Zarr keeps level 0 first)."""
+    import zarr
+
+    try:
+        node = zarr.open(str(path), mode="r")
+    except Exception as error:  # noqa: BLE001 (zarr raises many types for a broken store)
+        raise InputError(f"{path}: cannot open zarr store ({describe(error)})") from None
+    if not hasattr(node, "shape"):
+        keys = sorted(node.array_keys())
+        if not keys:
+            raise InputError(f"{path}: zarr group holds no array")
+        node = node[keys[0]]
+    return node
+
+
 def _zarr_stack(path) -> tuple[str, tuple[float, float, float] | None]:
     """:func:`file_stack` of a zarr store: the axes of its first multiscale level (or of the array itself)."""
     import zarr
