@@ -118,3 +118,15 @@ def test_zarr_label_stores_are_scored_and_encoded_as_label_images_are(tmp_path, 
     assert code == 0 and float(row.split("|")[1]) == 1.0
     assert main(["rle", "encode", str(tmp_path / "pred"), "--out", str(tmp_path / "pred.csv")]) == 0
     assert {line.split(",")[0] for line in (tmp_path / "pred.csv").read_text().splitlines()[1:]} == set(truth)
+
+
+def test_training_pairs_images_with_zarr_label_stores(tmp_path):
+    import zarr
+
+    truth = _write_pairs(tmp_path / "images", tmp_path / "tiffs", "")
+    (tmp_path / "labels").mkdir()
+    for name, labels in truth.items():
+        store = zarr.open_array(str(tmp_path / "labels" / f"{name}.zarr"), mode="w", shape=labels.shape, dtype="int32")
+        store[:] = labels
+    pairs = load_pairs(tmp_path / "images", tmp_path / "labels")
+    assert [p.name for p in pairs] == sorted(truth) and all(np.array_equal(p.labels, truth[p.name]) for p in pairs)

@@ -878,15 +878,15 @@ def _describe(args, train) -> str:
 
 
 def _read_label_source(path: str, images: str | None) -> dict[str, np.ndarray]:
-    from .data import label_names, read_labels
-    from .io import IMAGE_SUFFIXES, find_images
+    from .data import LABEL_FILE_SUFFIXES, label_names, read_labels
+    from .io import find_images
     from .rle import decode_csv
 
     source = Path(path)
     if source.is_file() and source.suffix.lower() == ".csv":
         return decode_csv(source, _shape_lookup(images))
     if source.is_dir():
-        files = [p for p in find_images([str(source)]) if p.suffix.lower() in (*IMAGE_SUFFIXES, ".zarr")]
+        files = [p for p in find_images([str(source)]) if p.suffix.lower() in LABEL_FILE_SUFFIXES]
         return {name: read_labels(p) for name, p in label_names(files).items()}
     raise InputError(f"{path}: expected a folder of label images or an RLE CSV")
 

@@ -153,6 +153,8 @@ def _named(paths: list[Path], names: set[str] | None) -> dict[str, Path]:
 # How other tools name a label image kept beside its image: cellpose's "_masks" ("_cp_masks" for those it writes),
 # "_labels" and "_label" (napari, StarDist's examples), "_mask".
 LABEL_SUFFIXES = ("_cp_masks", "_masks", "_mask", "_labels", "_label")
+# Files that hold label images: image files, and zarr stores (what `segment --out-format zarr` writes).
+LABEL_FILE_SUFFIXES = (*IMAGE_SUFFIXES, ".zarr")
 
 
 def _without_label_suffix(stem: str) -> str:
@@ -180,7 +182,7 @@ def _label_files(image_paths: list[Path], folder: Path) -> tuple[list[Path], dic
     """The images left once label files are set apart, and the label files of ``folder`` keyed by the stem of the
     image each labels (``label_names``). In the images' own folder (cellpose's layout) only a file named after
     another image is a label: it is then no image, and no image labels itself."""
-    named = label_names([p for p in find_images([str(folder)]) if p.suffix.lower() in IMAGE_SUFFIXES])
+    named = label_names([p for p in find_images([str(folder)]) if p.suffix.lower() in LABEL_FILE_SUFFIXES])
     if folder.resolve() in {p.parent for p in image_paths}:
         named = {key: path for key, path in named.items() if path.stem != key}
         image_paths = [p for p in image_paths if p not in named.values()]
