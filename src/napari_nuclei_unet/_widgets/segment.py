@@ -453,7 +453,8 @@ class SegmentWidget(Container):
         if _is_time_lapse_of_stacks(layer):
             raise ValueError(
                 f"{layer.name}: a time-lapse of Z-stacks (T, Z, Y, X): the widget segments one Z-stack; segment every "
-                "time point in 3D with `nuclei-unet segment FILE --axes TZYX`, or open one time point"
+                "time point in 3D with `nuclei-unet segment FILE --axes TZYX`, or split the layer into its time points "
+                "(right-click it > Split Stack) and segment each as a Z-stack (3D)"
             )
         channel = self._picked_channel(layer)
         if channel is not None:
