@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -850,21 +851,32 @@ def test_a_tiff_opened_in_napari_is_read_as_its_file_says(viewer_and_widget, qtb
     assert len(features) and np.allclose(features["area_um2"], features["area"] * 0.25)
 
 
-def test_a_time_lapse_of_z_stacks_is_not_read_as_channels_and_says_where_it_is_segmented(
-    viewer_and_widget, qtbot, tmp_path
-):
-    """A TZYX file of 2 time points opened in napari was offered as 2 "channels" (its time points)."""
+def test_a_time_lapse_of_z_stacks_is_labelled_in_3d_at_every_time_point(viewer_and_widget, qtbot, tmp_path):
+    """A TZYX file of 2 time points opened in napari was offered as 2 "channels" (its time points). Now each time
+    point is labelled in 3D on its own, as the core (and the CLI's --axes TZYX) labels it."""
     import tifffile
 
+    from napari_nuclei_unet.segment import segment
+
     viewer, widget = viewer_and_widget
-    image, _ = nuclei_field((64, 64), count=4, diameter=16, seed=4)
+    image, _ = nuclei_field((96, 96), count=6, diameter=16, seed=4)
     series = np.stack([np.stack([image] * 5), np.stack([image[::-1]] * 5)])
-    tifffile.imwrite(tmp_path / "live.tif", series, imagej=True, metadata={"axes": "TZYX"})
+    tifffile.imwrite(
+        tmp_path / "live.tif", series, imagej=True, metadata={"axes": "TZYX", "spacing": 2.0}, resolution=(1.0, 1.0)
+    )
     (layer,) = viewer.open(str(tmp_path / "live.tif"))
     widget.image_layer.value = layer
     assert not widget.channel.visible
-    with pytest.raises(ValueError, match="time-lapse of Z-stacks.*--axes TZYX"):
-        widget.request()
+    request = widget.request()
+    assert request.params.stack == "tz" and request.params.voxel_size == (2.0, 1.0, 1.0)
+    run_and_wait(widget, qtbot)
+    nuclei = viewer.layers["live nuclei"]
+    assert nuclei.data.shape == series.shape
+    checkpoint = widget.model.checkpoint(request.model_path)
+    for t in range(2):
+        alone = segment(checkpoint, series[t], replace(request.params, stack="z")).labels
+        assert np.array_equal(nuclei.data[t], alone), t
+    assert "in 2 time points" in widget.status.value and "each labelled in 3D" in widget.status.value
     labelled = viewer.add_image(series[:, :3], name="labelled", axis_labels=("t", "z", "y", "x"))
     widget.image_layer.value = labelled  # 3 planes: few enough to pass for channels
-    assert not widget.channel.visible
+    assert not widget.channel.visible and widget.request().params.stack == "tz"

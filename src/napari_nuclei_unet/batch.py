@@ -36,7 +36,7 @@ from .io import (
 )
 from .model import Checkpoint
 from .params import AUTO, BlockParams, SegmentParams, split_channel_axis
-from .segment import RunProgress, estimate_share, recorded_thresholds, resolve, segment_planes, segment_time_points
+from .segment import RunProgress, estimate_share, resolve, segment_planes, segment_time_points
 from .tiling import CancelCheck, ProgressCallback
 
 # "geojson": the TIFF labels and, beside them, the nuclei as GeoJSON polygons (QuPath).
@@ -240,25 +240,22 @@ def _segment_time_lapse(
         )
     if out_format == "zarr":
         with _zarr_labels(target, shape, zarr_axes("tz", params.voxel_size)) as labels:
-            results = segment_time_points(checkpoint, image, params, labels, progress, cancel)
-            extra = _write_time_lapse_extras(image, labels, target.parent, source, extras, results)
+            result = segment_time_points(checkpoint, image, params, labels, progress, cancel)
+            extra = _write_time_lapse_extras(image, labels, target.parent, source, extras, result.time_points)
     else:
         labels = np.zeros(shape, np.int32)
-        results = segment_time_points(checkpoint, image, params, labels, progress, cancel)
-        write_labels(target, labels, max_label=max(result.max_label for result in results))
-        extra = _write_time_lapse_extras(image, labels, target.parent, source, extras, results)
-    first = results[0]
-    thresholds = [t for result in results for t in result.thresholds.values()]
-    record = {**first.record(), "stack": "tz", "time_points": shape[0], "threshold": recorded_thresholds(thresholds)}
+        result = segment_time_points(checkpoint, image, params, labels, progress, cancel)
+        write_labels(target, labels, max_label=result.max_label)
+        extra = _write_time_lapse_extras(image, labels, target.parent, source, extras, result.time_points)
     return FileResult(
         str(source),
         str(target),
-        sum(result.count for result in results),
+        result.count,
         int(np.prod(shape)),
-        first.diameter,
-        first.factor,
+        result.diameter,
+        result.factor,
         time.perf_counter() - started,
-        record,
+        result.record(),
         [path for path in extra if not path.endswith(RLE_PART_SUFFIX)],
         next((path for path in extra if path.endswith(RLE_PART_SUFFIX)), None),
     )

@@ -152,6 +152,64 @@ class Segmentation:
         }
 
 
+@dataclass
+class TimeLapse:
+    """A time-lapse of Z-stacks: each time point's :class:`Segmentation`, a Z-stack labelled in 3D on its own."""
+
+    time_points: list[Segmentation]
+
+    @property
+    def planes(self) -> dict[int, PlaneResult]:
+        """Each time point as one entry of the ``(T, Z, Y, X)`` result: its 3D labels and mask (no probabilities)."""
+        return {
+            index: PlaneResult(np.asarray(point.labels), point.mask, min(point.thresholds.values()), point.count, None,
+                               point.unsure)
+            for index, point in enumerate(self.time_points)
+        }  # fmt: skip
+
+    @property
+    def count(self) -> int:
+        return sum(point.count for point in self.time_points)
+
+    @property
+    def unsure(self) -> int:
+        return sum(point.unsure for point in self.time_points)
+
+    @property
+    def max_label(self) -> int:
+        return max(point.max_label for point in self.time_points)
+
+    @property
+    def megapixels(self) -> float:
+        return sum(point.megapixels for point in self.time_points)
+
+    @property
+    def diameter(self) -> float | None:
+        return self.time_points[0].diameter
+
+    @property
+    def factor(self) -> float:
+        return self.time_points[0].factor
+
+    @property
+    def min_confidence(self) -> float:
+        return self.time_points[0].min_confidence
+
+    @property
+    def volume(self) -> bool:
+        return False  # several 3D labellings, each numbered from 1
+
+    def record(self) -> dict:
+        """The first time point's record (each has its own estimate, normaliser and threshold), every threshold."""
+        thresholds = [t for point in self.time_points for t in point.thresholds.values()]
+        return {
+            **self.time_points[0].record(),
+            "stack": "tz",
+            "time_points": len(self.time_points),
+            "threshold": recorded_thresholds(thresholds),
+        }
+
+
 def recorded_thresholds(thresholds) -> float | list[float]:
     """Thresholds as recorded: one number for one plane, a list for a stack's planes."""
     values = [round(float(t), 4) for t in thresholds]
@@ -557,7 +615,7 @@ def segment_time_points(
     labels_out=None,
     progress: ProgressCallback | None = None,
     cancel: CancelCheck | None = None,
-) -> list[Segmentation]:
+) -> TimeLapse:
     """Segment a time-lapse of Z-stacks ``(T, Z, Y, X)``: each time point a Z-stack labelled in 3D on its own
     (:func:`segment_planes` with ``stack`` "z": its own size estimate, normaliser and threshold; its nuclei numbered
     from 1; no tracking). ``labels_out`` (numpy or zarr, ``(T, Z, Y, X)``) receives the labels, else each result
@@ -574,4 +632,4 @@ def segment_time_points(
         results.append(
             segment_planes(checkpoint, image[index], params, labels_out=target, progress=step, cancel=cancel)
         )
-    return results
+    return TimeLapse(results)

@@ -36,7 +36,7 @@ from ..params import (
 )
 from ..plane import PlanePrediction
 from ..postprocess import MAX_UNSURE_SHARE
-from ..segment import Segmentation, recorded_thresholds, segment_planes
+from ..segment import Segmentation, TimeLapse, recorded_thresholds, segment_planes, segment_time_points
 from ._common import (
     DOCK_MAX_WIDTH,
     ModelPicker,
@@ -450,21 +450,21 @@ class SegmentWidget(Container):
         if layer is None:
             raise ValueError("open an image first (File > Open, or File > Open Sample)")
         source = data = _layer_data(layer)
-        if _is_time_lapse_of_stacks(layer):
-            raise ValueError(
-                f"{layer.name}: a time-lapse of Z-stacks (T, Z, Y, X): the widget segments one Z-stack; segment every "
-                "time point in 3D with `nuclei-unet segment FILE --axes TZYX`, or split the layer into its time points "
-                "(right-click it > Split Stack) and segment each as a Z-stack (3D)"
-            )
-        channel = self._picked_channel(layer)
+        time_lapse = _is_time_lapse_of_stacks(layer)  # (T, Z, Y, X): every time point labelled in 3D on its own
+        channel = None if time_lapse else self._picked_channel(layer)
         if channel is not None:
             data = take_channel(data, _channel_axis(layer), channel)
         colour = layer.rgb and channel is None
-        if data.ndim - (1 if colour else 0) > 3:
-            raise ValueError(f"{layer.name}: {data.ndim}D data; choose a 2D image or a single T/Z stack")
+        if data.ndim - (1 if colour else 0) > 3 and not time_lapse:
+            raise ValueError(
+                f"{layer.name}: {data.ndim}D data; choose a 2D image, a single T/Z stack, or a time-lapse of Z-stacks "
+                "(axis labels t, z, y, x)"
+            )
         plane = None
         if data.ndim - (1 if colour else 0) == 3 and self.scope.value == CURRENT_PLANE:
             plane = self._current_plane(layer, data.shape[0])
+        stack = "tz" if time_lapse else "z" if self.scope.value == Z_STACK else "planes"
+        in_3d = stack == "tz" or (stack == "z" and data.ndim - colour == 3)
         params = SegmentParams(
             tiling=TilingParams(
                 tile_size=int(self.tile_size.value),
@@ -477,8 +477,8 @@ class SegmentWidget(Container):
             diameter=AUTO if self.auto_diameter.value else self._diameter_in_pixels(layer),
             image_type=self.image_type.value,
             stain=self.stain.value if colour else "none",
-            stack="z" if self.scope.value == Z_STACK else "planes",
-            voxel_size=_voxel_size(layer, channel) if self.scope.value == Z_STACK and data.ndim - colour == 3 else None,
+            stack=stack,
+            voxel_size=_voxel_size(layer, channel) if in_3d else None,
         )
         pixel_size = _pixel_size(layer) if _pixel_size(layer) != 1.0 else None
         axis = None if channel is None else _channel_axis(layer)
@@ -832,15 +832,19 @@ def _help(owner: type, name: str) -> str:
 @thread_worker(ignore_errors=True)  # errors are shown as notifications by the widget
 def _segment_worker(
     request: SegmentRequest, model: ModelPicker, cached: dict, cancel, progress
-) -> tuple[object, Segmentation, str, dict | None]:
+) -> tuple[object, Segmentation | TimeLapse, str, dict | None]:
     """The core's dispatcher on the requested planes, reusing cached predictions."""
     from ..devices import resolve_device
 
     checkpoint = model.checkpoint(request.model_path)
     planes = None if request.plane is None else [request.plane]
-    result = segment_planes(
-        checkpoint, request.image, request.params, planes_to_do=planes, cached=cached, progress=progress, cancel=cancel
-    )
+    if request.params.stack == "tz":  # no cache: each time point is segmented again
+        result = segment_time_points(checkpoint, request.image, request.params, progress=progress, cancel=cancel)
+    else:
+        result = segment_planes(
+            checkpoint, request.image, request.params, planes_to_do=planes, cached=cached, progress=progress,
+            cancel=cancel,
+        )  # fmt: skip
     tiling = request.params.tiling
     features = _nuclei_features(result, request.image, request.pixel_size)
     return (
@@ -862,9 +866,9 @@ def _relabel_worker(
     return result.planes, _nuclei_features(result, request.image, request.pixel_size), result.params.postprocess
 
 
-def _nuclei_features(result: Segmentation, image, pixel_size: float | None) -> dict | None:
+def _nuclei_features(result: Segmentation | TimeLapse, image, pixel_size: float | None) -> dict | None:
     """The measurements of a segmentation's nuclei as a napari features table (:func:`_features`); None for planes
-    labelled each on their own, whose nuclei are numbered from 1 in every plane."""
+    (or the Z-stacks of a time-lapse) labelled each on their own, whose nuclei are numbered from 1 in each."""
     if not result.volume and list(result.planes) != [None]:
         return None
     labels = result.labels if result.volume else result.planes[None].labels
@@ -960,7 +964,14 @@ def _pixel_size(layer: Image) -> float:
 
 def _counted(maxima: list[int], stack: str | None) -> tuple[int, str]:
     """The nucleus count of written planes (their highest labels) and how the status line says it: a Z-stack's IDs
-    run through its planes; planes labelled each on their own (a time-lapse) are counted per plane."""
+    run through its planes; planes labelled each on their own (a time-lapse) are counted per plane, and the Z-stacks
+    of a time-lapse of them per time point."""
+    if stack == "tz":
+        total = sum(maxima)
+        return total, (
+            f"{nuclei_text(total)} in {len(maxima)} time points ({min(maxima)}-{max(maxima)} per time point, each "
+            "labelled in 3D on its own: IDs restart at 1; no tracking)"
+        )
     if stack == "z":
         return max(maxima, default=0), f"{nuclei_text(max(maxima, default=0))} in 3D ({len(maxima)} planes)"
     if len(maxima) <= 1:
