@@ -35,6 +35,8 @@ ZOO_PACKAGE = Path(__file__).resolve().parents[2] / "shared" / "models" / "unet2
 BBBC050 = Path(__file__).resolve().parents[2] / "shared" / "data" / "bbbc050_3d"
 BBBC050_VOLUME = "Emb01_t401"
 VOLUME_NAME = "BBBC050_mouse_embryo_H2B-mRFP1_nuclei_confocal_zstack_Emb01_t401"  # 64 characters
+BBBC050_TIME_POINTS = ("Emb01_t201", "Emb01_t401")
+TIME_LAPSE_NAME = "BBBC050_mouse_embryo_H2B-mRFP1_confocal_timelapse_Emb01_t201_401"  # 64 characters
 warnings.filterwarnings("ignore", message=".*PyQt5.*")  # keep napari's deprecation toast out of the pictures
 
 
@@ -325,7 +327,7 @@ def volume_file_views(out: Path, size: tuple[int, int]) -> None:
     widget.image_layer.value = viewer.layers[VOLUME_NAME]
     print(f"volume {size}: scope {widget.scope.value}, voxel size {widget.request().params.voxel_size}")
     segment(widget)
-    _dock, _table = viewer.window.add_plugin_dock_widget("napari", "Features table widget")
+    table_dock, _table = viewer.window.add_plugin_dock_widget("napari", "Features table widget")
     viewer.layers.selection.active = viewer.layers[f"{VOLUME_NAME} nuclei"]
     viewer.dims.set_current_step(0, volume.shape[0] // 2)
     for _ in range(20):  # the docks take their room first: the view is fitted to the canvas they leave
@@ -333,6 +335,24 @@ def volume_file_views(out: Path, size: tuple[int, int]) -> None:
     viewer.reset_view()
     save(viewer, out / f"17-volume-file-features-{size[0]}x{size[1]}.png")
     print(f"volume {size}: {widget.status.value}")
+    viewer.window.remove_dock_widget(table_dock)  # a time-lapse's nuclei are numbered per time point: no table
+    for layer in list(viewer.layers):
+        viewer.layers.remove(layer)
+    # Two time points of the same embryo as one ImageJ TZYX hyperstack: each labelled in 3D on its own.
+    series = np.stack([tifffile.imread(BBBC050 / "images" / f"{stem}.tif") for stem in BBBC050_TIME_POINTS])
+    path = folder / f"{TIME_LAPSE_NAME}.tif"
+    tifffile.imwrite(path, series, imagej=True, metadata={"axes": "TZYX", "spacing": 2.18}, resolution=(1.0, 1.0))
+    viewer.open(str(path))
+    widget.image_layer.value = viewer.layers[TIME_LAPSE_NAME]
+    segment(widget)
+    viewer.layers.selection.active = viewer.layers[f"{TIME_LAPSE_NAME} nuclei"]
+    viewer.dims.set_current_step(0, 1)
+    viewer.dims.set_current_step(1, series.shape[1] // 2)
+    for _ in range(20):
+        QApplication.processEvents()
+    viewer.reset_view()
+    save(viewer, out / f"18-time-lapse-of-z-stacks-{size[0]}x{size[1]}.png", bottom=True)
+    print(f"time-lapse of z-stacks {size}: {widget.status.value}")
     viewer.close()
 
 
