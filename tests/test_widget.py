@@ -877,6 +877,8 @@ def test_a_time_lapse_of_z_stacks_is_labelled_in_3d_at_every_time_point(viewer_a
         alone = segment(checkpoint, series[t], replace(request.params, stack="z")).labels
         assert np.array_equal(nuclei.data[t], alone), t
     assert "in 2 time points" in widget.status.value and "each labelled in 3D" in widget.status.value
+    widget.min_size.value = 200  # no cached planes to re-label from: the status says what to do
+    qtbot.waitUntil(lambda: "press Segment to apply" in widget.status.value, timeout=10_000)
     labelled = viewer.add_image(series[:, :3], name="labelled", axis_labels=("t", "z", "y", "x"))
     widget.image_layer.value = labelled  # 3 planes: few enough to pass for channels
     assert not widget.channel.visible and widget.request().params.stack == "tz"

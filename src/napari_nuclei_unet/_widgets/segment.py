@@ -633,6 +633,11 @@ class SegmentWidget(Container):
     def relabel(self, *_) -> None:
         """Re-run post-processing on the cached probabilities (no network), in a worker; the newest settings win."""
         cache = self._cache
+        if cache is not None and cache.used.get("stack") == "tz" and cache.layer in self.viewer.layers:
+            self.status.value = (
+                "a time-lapse of Z-stacks is not re-labelled live: press Segment to apply these settings"
+            )
+            return
         if cache is None or cache.layer not in self.viewer.layers or not cache.planes:
             return
         if self._relabel_worker is not None:
