@@ -240,6 +240,11 @@ def test_stacks_contribute_their_labelled_planes(make_napari_viewer):
     stack_labels = np.stack([labels, np.zeros_like(labels), labels])
     samples = samples_from_layers(stack, viewer.add_labels(stack_labels, name="stack nuclei"))
     assert [s.name for s in samples] == ["stack[0]", "stack[2]"]
+    # a time-lapse of Z-stacks (T, Z, Y, X): each labelled plane (before: "labels shape (3, 64, 64) does not match")
+    series = viewer.add_image(np.stack([np.stack([image] * 3)] * 2), name="live", axis_labels=("t", "z", "y", "x"))
+    series_labels = np.stack([stack_labels, np.zeros_like(stack_labels)])
+    samples = samples_from_layers(series, viewer.add_labels(series_labels, name="live nuclei"))
+    assert [s.name for s in samples] == ["live[0, 0]", "live[0, 2]"] and samples[0].image.shape == image.shape
 
 
 def test_a_nucleus_painted_with_a_label_in_use_is_trained_as_a_nucleus_of_its_own(make_napari_viewer):

@@ -86,14 +86,16 @@ def samples_from_layers(image: Image, labels: Labels, roi: Shapes | None = None)
             raise ValueError(f"region layer '{roi.name}' has no shapes")
         masks = roi.to_masks(mask_shape=spatial[-2:])
         region = np.any(masks, axis=0)
+    leading = spatial[:-2]  # a stack's planes (Z or T), or a time-lapse of Z-stacks' (T, Z): each plane a sample
     planes = (
-        [(None, np.asarray(pixels), label_array)]
-        if len(spatial) == 2
-        else [(i, np.asarray(pixels[i]), label_array[i]) for i in range(spatial[0]) if label_array[i].any()]
+        [(index, np.asarray(pixels[index]), label_array[index]) for index in np.ndindex(*leading)]
+        if leading
+        else [(None, np.asarray(pixels), label_array)]
     )
+    planes = [(index, plane, plane_labels) for index, plane, plane_labels in planes if plane_labels.any()]
     return [
         LabelledImage(
-            name=image.name if index is None else f"{image.name}[{index}]",
+            name=image.name if index is None else f"{image.name}[{', '.join(map(str, index))}]",
             image=plane,
             labels=_one_region_per_label(plane_labels),
             roi=region,
