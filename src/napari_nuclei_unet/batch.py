@@ -161,9 +161,9 @@ def _segment_file(
     params = _with_file_stack(params, source, single, axes)
     target.parent.mkdir(parents=True, exist_ok=True)
     if params.stack == "tz":
-        result = _segment_time_lapse(checkpoint, source, image, params, target, out_format, progress, cancel, extras)
-        result.record.update(channel)
-        return result
+        return _segment_time_lapse(
+            checkpoint, source, image, params, target, out_format, progress, cancel, extras, channel
+        )
     shape = tuple(image.shape[:2]) if single else tuple(image.shape[:3])
     stages = RunProgress(progress, estimate_share(checkpoint, params))  # one bar: the size estimate, then the rest
     resolved = resolve(checkpoint, image, params, progress=stages.estimating, cancel=cancel)
@@ -193,6 +193,11 @@ def _segment_file(
         result = segment_planes(checkpoint, image, resolved, progress=progress, cancel=cancel)
         write_labels(target, np.asarray(result.labels), max_label=result.max_label)
         extra = _write_extra_outputs(image, np.asarray(result.labels), out_dir, source, extras, result)
+    return _file_result(source, target, result, shape, started, extra, channel)
+
+
+def _file_result(source: Path, target: Path, result, shape: tuple, started: float, extra: list[str], channel: dict):
+    """The :class:`FileResult` of a :class:`~.segment.Segmentation` or a :class:`~.segment.TimeLapse`."""
     return FileResult(
         str(source),
         str(target),
@@ -227,7 +232,7 @@ def _zarr_labels(target: Path, shape: tuple[int, ...], attrs: dict):
 
 
 def _segment_time_lapse(
-    checkpoint, source: Path, image, params: SegmentParams, target: Path, out_format, progress, cancel, extras
+    checkpoint, source: Path, image, params: SegmentParams, target: Path, out_format, progress, cancel, extras, channel
 ) -> FileResult:
     """A time-lapse of Z-stacks ``(T, Z, Y, X)``: each time point labelled in 3D on its own
     (``segment.segment_time_points``) into one ``(T, Z, Y, X)`` label image. Measurements carry a ``time`` column;
@@ -247,18 +252,7 @@ def _segment_time_lapse(
         result = segment_time_points(checkpoint, image, params, labels, progress, cancel)
         write_labels(target, labels, max_label=result.max_label)
         extra = _write_time_lapse_extras(image, labels, target.parent, source, extras, result.time_points)
-    return FileResult(
-        str(source),
-        str(target),
-        result.count,
-        int(np.prod(shape)),
-        result.diameter,
-        result.factor,
-        time.perf_counter() - started,
-        result.record(),
-        [path for path in extra if not path.endswith(RLE_PART_SUFFIX)],
-        next((path for path in extra if path.endswith(RLE_PART_SUFFIX)), None),
-    )
+    return _file_result(source, target, result, shape, started, extra, channel)
 
 
 def _write_time_lapse_extras(image, labels, out_dir: Path, source: Path, extras, results) -> list[str]:
