@@ -8,13 +8,15 @@ images by file (64-character names, as DSB2018's are), an H&E-stained one and a 
 one, segment them with the defaults with both widgets docked, at 1280 x 800 and 1600 x 1000 (and the fluorescence
 one saved blue on black),
 and show the Fine-tune tab after Add pair; then a Z-stack labelled in 3D and a time-lapse labelled
-frame by frame (they need ``../shared/data/dsb2018``; skipped without it), and a real volume opened by file with its
-3D measurements (``../shared/data/bbbc050_3d``).
+frame by frame (they need ``../shared/data/dsb2018``; skipped without it). With ``--volumes A.tif B.tif``
+(real Z-stacks, ZYX, of one shape; ``--z-step`` their z step in pixels): the last one opened by file with its 3D
+measurements, and all of them as one time-lapse of Z-stacks (docs/user-guide.md names the files used).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import tempfile
 import warnings
 from pathlib import Path
@@ -31,12 +33,9 @@ DSB_FLUORESCENCE = "0a7d30b252359a10fd298b638b90cb9ada3acced4e0c0e5a3692013f432e
 WINDOW_SIZES = ((1280, 800), (1600, 1000))
 # The bioimage.io Model Zoo's "UNet 2D Nuclei Broad" package (a foreign model: it segments, but cannot be fine-tuned).
 ZOO_PACKAGE = Path(__file__).resolve().parents[2] / "shared" / "models" / "unet2d_nuclei_broad"
-# A real 3D volume (30 mouse-embryo volumes for choosing and testing the 3D rules), shown under a 64-character name.
-BBBC050 = Path(__file__).resolve().parents[2] / "shared" / "data" / "bbbc050_3d"
-BBBC050_VOLUME = "Emb01_t401"
-VOLUME_NAME = "BBBC050_mouse_embryo_H2B-mRFP1_nuclei_confocal_zstack_Emb01_t401"  # 64 characters
-BBBC050_TIME_POINTS = ("Emb01_t201", "Emb01_t401")
-TIME_LAPSE_NAME = "BBBC050_mouse_embryo_H2B-mRFP1_confocal_timelapse_Emb01_t201_401"  # 64 characters
+# Layer names of the volume views, 64 characters long as real file names can be.
+VOLUME_NAME = "mouse_embryo_H2B-mRFP1_nuclei_confocal_zstack_opened_from_file01"
+TIME_LAPSE_NAME = "mouse_embryo_H2B-mRFP1_nuclei_confocal_timelapse_of_zstacks_tp01"
 warnings.filterwarnings("ignore", message=".*PyQt5.*")  # keep napari's deprecation toast out of the pictures
 
 
@@ -77,7 +76,9 @@ def main() -> None:
     parser.add_argument("--zoo-only", action="store_true", help="only the Model Zoo package views at both window sizes")
     parser.add_argument("--stacks-only", action="store_true", help="only the Z-stack and time-lapse views")
     parser.add_argument("--tint-only", action="store_true", help="only the pseudo-coloured fluorescence view")
-    parser.add_argument("--volume-only", action="store_true", help="only the 3D volume opened by file")
+    parser.add_argument("--volume-only", action="store_true", help="only the views of --volumes")
+    parser.add_argument("--volumes", nargs="*", type=Path, default=[], help="real Z-stacks (ZYX) for the volume views")
+    parser.add_argument("--z-step", type=float, default=1.0, help="the z step of --volumes, in pixels")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -86,8 +87,10 @@ def main() -> None:
         "zoo_only": zoo_views,
         "stacks_only": stack_views,
         "tint_only": tint_views,
-        "volume_only": volume_file_views,
+        "volume_only": functools.partial(volume_file_views, volumes=args.volumes, z_step=args.z_step),
     }
+    if args.volume_only and not args.volumes:
+        parser.error("--volume-only needs --volumes")
     chosen = [views for flag, views in only.items() if getattr(args, flag)]
     if chosen:
         for size in WINDOW_SIZES:
@@ -199,8 +202,8 @@ def main() -> None:
             stack_views(out, size)
             if ZOO_PACKAGE.is_dir():
                 zoo_views(out, size)
-            if BBBC050.is_dir():
-                volume_file_views(out, size)
+            if args.volumes:
+                volume_file_views(out, size, args.volumes, args.z_step)
 
 
 def dsb_views(out: Path, size: tuple[int, int]) -> None:
@@ -309,16 +312,17 @@ def stack_views(out: Path, size: tuple[int, int]) -> None:
     viewer.close()
 
 
-def volume_file_views(out: Path, size: tuple[int, int]) -> None:
-    """A real 3D volume (a `bbbc050_3d` mouse embryo, saved as an ImageJ Z-stack under a 64-character name with its
-    z step, 2.18 pixels) opened by file: the widget reads Z-stack (3D) and the voxel size from the file, segments it
-    with the defaults, and napari's features table shows the nuclei measured in 3D."""
+def volume_file_views(out: Path, size: tuple[int, int], volumes: list[Path], z_step: float) -> None:
+    """Real Z-stacks saved as ImageJ files under 64-character names, with their z step, and opened by file: the last
+    one alone (the widget reads Z-stack (3D) and the voxel size from the file, segments it with the defaults, and
+    napari's features table shows its nuclei measured in 3D), then all of them as one TZYX time-lapse."""
     import tifffile
 
     folder = Path(tempfile.mkdtemp())
-    volume = tifffile.imread(BBBC050 / "images" / f"{BBBC050_VOLUME}.tif")
+    stacks = [tifffile.imread(path) for path in volumes]
+    volume = stacks[-1]
     path = folder / f"{VOLUME_NAME}.tif"
-    tifffile.imwrite(path, volume, imagej=True, metadata={"axes": "ZYX", "spacing": 2.18}, resolution=(1.0, 1.0))
+    tifffile.imwrite(path, volume, imagej=True, metadata={"axes": "ZYX", "spacing": z_step}, resolution=(1.0, 1.0))
     viewer = napari.Viewer(title="napari-nuclei-unet")
     viewer.window._qt_window.resize(*size)
     _dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment nuclei")
@@ -338,15 +342,15 @@ def volume_file_views(out: Path, size: tuple[int, int]) -> None:
     viewer.window.remove_dock_widget(table_dock)  # a time-lapse's nuclei are numbered per time point: no table
     for layer in list(viewer.layers):
         viewer.layers.remove(layer)
-    # Two time points of the same embryo as one ImageJ TZYX hyperstack: each labelled in 3D on its own.
-    series = np.stack([tifffile.imread(BBBC050 / "images" / f"{stem}.tif") for stem in BBBC050_TIME_POINTS])
+    # The volumes as the time points of one ImageJ TZYX hyperstack: each labelled in 3D on its own.
+    series = np.stack(stacks)
     path = folder / f"{TIME_LAPSE_NAME}.tif"
-    tifffile.imwrite(path, series, imagej=True, metadata={"axes": "TZYX", "spacing": 2.18}, resolution=(1.0, 1.0))
+    tifffile.imwrite(path, series, imagej=True, metadata={"axes": "TZYX", "spacing": z_step}, resolution=(1.0, 1.0))
     viewer.open(str(path))
     widget.image_layer.value = viewer.layers[TIME_LAPSE_NAME]
     segment(widget)
     viewer.layers.selection.active = viewer.layers[f"{TIME_LAPSE_NAME} nuclei"]
-    viewer.dims.set_current_step(0, 1)
+    viewer.dims.set_current_step(0, len(stacks) - 1)
     viewer.dims.set_current_step(1, series.shape[1] // 2)
     for _ in range(20):
         QApplication.processEvents()
