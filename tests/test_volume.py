@@ -266,8 +266,11 @@ def test_a_time_lapse_of_z_stacks_labels_each_time_point_in_3d_as_a_z_stack_alon
         rows = list(csv.DictReader(handle))
     assert [int(r["time"]) for r in rows] == [0] * int(labels[0].max()) + [1] * int(labels[1].max())
     assert float(rows[0]["volume_um3"]) == float(rows[0]["volume"]) * 2.0 * 0.25  # the file's voxel size
-    ids = {row.split(",")[0] for row in (tmp_path / "rle.csv").read_text().splitlines()[1:]}
-    assert {f"live_{t}_{z}" for t in range(2) for z in range(4)} <= ids
+    rows = (tmp_path / "rle.csv").read_text().splitlines()[1:]
+    assert {f"live_{t}_{z}" for t in range(2) for z in range(4)} <= {row.split(",")[0] for row in rows}
+    # rle encode takes the (T, Z, Y, X) labels segment wrote: the rows segment --rle-csv wrote for them
+    assert main(["rle", "encode", str(out / "live.tif"), "--out", str(tmp_path / "encoded.csv")]) == 0
+    assert (tmp_path / "encoded.csv").read_text().splitlines()[1:] == [r for r in rows if r.startswith("live_")]
     with open(out / "nuclei-unet-summary.csv", newline="") as handle:
         summary = {row["labels"]: row for row in csv.DictReader(handle)}
     assert (
@@ -301,6 +304,12 @@ def test_a_time_lapse_with_channels_goes_to_zarr_and_large_time_points_say_so(tm
     )
     assert hyper_labels.shape == series.shape and np.array_equal(hyper_labels[:], grey_labels[:])
     assert dict(hyper_labels.attrs) == {"_ARRAY_DIMENSIONS": ["t", "z", "y", "x"], "voxel_size": [2.0, 0.5, 0.5]}
+    from napari_nuclei_unet.batch import open_image
+    from napari_nuclei_unet.params import BlockParams
+
+    for name, axis in (("grey.tif", None), ("hyper.tif", 2)):  # larger than a Z-stack labelled whole: read lazily
+        lazy = open_image(tmp_path / name, BlockParams(large_volume=10000), axis)
+        assert not isinstance(lazy, np.ndarray) and lazy.shape[:2] == series.shape[:2]
     small = ["--large-volume", "10000"]  # each time point labelled block by block
     assert main(["segment", str(tmp_path / "grey.tif"), "--out", str(tmp_path / "blocks"), "--out-format", "zarr",
                  *small]) == 0  # fmt: skip

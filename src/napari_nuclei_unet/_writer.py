@@ -36,7 +36,7 @@ def write_rle_csv(path: str, layer_data: list[tuple[Any, dict, str]]) -> list[st
             continue
         planes = labels.reshape(-1, *labels.shape[-2:])
         ids = metadata.get("image_ids")
-        ids = ids if isinstance(ids, list) and len(ids) == len(planes) else plane_ids(name, len(planes))
+        ids = ids if isinstance(ids, list) and len(ids) == len(planes) else plane_ids(name, labels.shape[:-2])
         rows.extend(zip(ids, planes))
     return [str(write_csv(path, rows))]
 

@@ -68,7 +68,7 @@ def open_image(path: str | os.PathLike, blocks: BlockParams | None = None, chann
     """
     path = Path(path)
     if path.suffix.lower() in TIFF_READ_SUFFIXES:
-        lazy = _lazy_tiff(path, blocks or BlockParams())
+        lazy = _lazy_tiff(path, blocks or BlockParams(), channel_axis)
         if lazy is not None:
             return lazy
     if path.suffix.lower() != ".zarr":
@@ -78,10 +78,11 @@ def open_image(path: str | os.PathLike, blocks: BlockParams | None = None, chann
     return node
 
 
-def _lazy_tiff(path: Path, blocks: BlockParams):
-    """A TIFF holding one large plane, or a grey stack of more voxels than a Z-stack labelled whole, as a zarr
-    array read strip by strip, tile by tile or plane by plane; None otherwise. Of a pyramid (a whole-slide
-    OME-TIFF or SVS), the full-resolution level of the first series.
+def _lazy_tiff(path: Path, blocks: BlockParams, channel_axis: int | None = None):
+    """A TIFF holding one large plane, or a grey stack (a Z-stack, a time-lapse of them, with or without channels
+    at ``channel_axis``) of more voxels than a Z-stack labelled whole, as a zarr array read strip by strip, tile by
+    tile or plane by plane; None otherwise. Of a pyramid (a whole-slide OME-TIFF or SVS), the full-resolution level
+    of the first series.
 
     None also when tifffile can't parse the file: ``read_image`` then reports the problem
     with the file name.
@@ -93,14 +94,14 @@ def _lazy_tiff(path: Path, blocks: BlockParams):
         with tifffile.TiffFile(path) as tif:  # the first series' full resolution, as tifffile reads a file whole
             shape = tuple(tif.series[0].levels[0].shape)
         plane = len(shape) == 2 or (len(shape) == 3 and shape[-1] in (3, 4))
-        stack = len(shape) == 3 and not plane
-        if not ((plane and blocks.is_large(shape)) or (stack and blocks.is_large_volume(shape))):
+        stack = len(shape) >= 3 and not plane and shape[-1] not in (3, 4)  # stacks of colour planes: read whole
+        if not ((plane and blocks.is_large(shape)) or (stack and np.prod(shape, dtype=float) > blocks.large_volume)):
             return None
         array = zarr.open(tifffile.imread(path, aszarr=True, series=0, level=0), mode="r")
     except (tifffile.TiffFileError, OSError, ValueError, IndexError, KeyError, TypeError) as error:
         log.info("%s: not opened lazily (%s); reading it whole", path, describe(error))
         return None
-    check_image_layout(array, name=str(path))
+    check_image_layout(array, name=str(path), channel_axis=channel_axis)
     return array
 
 
@@ -177,13 +178,8 @@ def _segment_file(
             )
             extra = _write_extra_outputs(image, labels_out, out_dir, source, extras, result)
     elif resolved.large:  # labels on disk, then streamed into a tiled TIFF: memory stays flat
-        import zarr
-
         with tempfile.TemporaryDirectory(prefix=f".{target.name}.", dir=target.parent) as scratch:
-            chunks = (1,) * (len(shape) - 2) + (1024, 1024)
-            labels_out = zarr.open_array(
-                str(Path(scratch) / "labels.zarr"), mode="w", shape=shape, chunks=chunks, dtype="int32"
-            )
+            labels_out = _labels_array(Path(scratch) / "labels.zarr", shape)
             result = segment_planes(
                 checkpoint, image, resolved, labels_out=labels_out, progress=progress, cancel=cancel
             )
@@ -216,12 +212,9 @@ def _file_result(source: Path, target: Path, result, shape: tuple, started: floa
 def _zarr_labels(target: Path, shape: tuple[int, ...], attrs: dict):
     """An int32 zarr array written as ``.<name>.part`` beside ``target`` and moved to it only when the block ends
     without an error; removed otherwise."""
-    import zarr
-
     partial = target.with_name(f".{target.name}.part")
     shutil.rmtree(partial, ignore_errors=True)
-    chunks = (1,) * (len(shape) - 2) + (1024, 1024)
-    labels_out = zarr.open_array(str(partial), mode="w", shape=shape, chunks=chunks, dtype="int32")
+    labels_out = _labels_array(partial, shape)
     labels_out.attrs.update(attrs)
     try:
         yield labels_out
@@ -229,6 +222,14 @@ def _zarr_labels(target: Path, shape: tuple[int, ...], attrs: dict):
         os.replace(partial, target)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+
+
+def _labels_array(path: Path, shape: tuple[int, ...]):
+    """An empty int32 zarr array for labels, in 1024 x 1024 chunks of one plane."""
+    import zarr
+
+    chunks = (1,) * (len(shape) - 2) + (1024, 1024)
+    return zarr.open_array(str(path), mode="w", shape=shape, chunks=chunks, dtype="int32")
 
 
 def _segment_time_lapse(
@@ -260,13 +261,15 @@ def _write_time_lapse_extras(image, labels, out_dir: Path, source: Path, extras,
     its ``time``), and the RLE rows and GeoJSON polygons of its planes, named ``<stem>_<t>_<z>``."""
     from .geojson import write_geojson
     from .measure import measure_volume, write_measurements_csv
-    from .rle import write_csv
+    from .rle import plane_ids, write_csv
 
     unknown = sorted(set(extras) - set(EXTRA_OUTPUTS))
     if unknown:
         raise ValueError(f"unknown extra outputs {unknown}; choose from {', '.join(EXTRA_OUTPUTS)}")
-    count, depth = int(labels.shape[0]), int(labels.shape[1])
-    names = [(t, z, f"{source.stem}_{t}_{z}") for t in range(count) for z in range(depth)]
+    count = int(labels.shape[0])
+    names = [
+        (*index, name) for index, name in zip(np.ndindex(*labels.shape[:2]), plane_ids(source.stem, labels.shape[:2]))
+    ]
     written = []
     if "measurements" in extras:
         grey = len(image.shape) == 4

@@ -1008,9 +1008,9 @@ def cmd_rle(args) -> int:
         items = []
         for path in files:
             labels = read_labels(path)
-            if labels.ndim not in (2, 3):
+            if labels.ndim not in (2, 3, 4):
                 raise InputError(f"{path}: not a label image or stack (shape {labels.shape})")
-            items += rle_items(path.stem, labels)  # a stack as segment --rle-csv names its planes
+            items += rle_items(path.stem, labels)  # a stack (or a time-lapse of them) as segment --rle-csv names it
         write_csv(args.out, items, with_shape=not args.no_shape)
         nuclei = sum(int(len(np.unique(labels)) - (0 in labels)) for _, labels in items)
         print(f"encoded {len(items)} label image(s), {nuclei} nuclei -> {args.out}")

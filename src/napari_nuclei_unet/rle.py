@@ -282,14 +282,19 @@ def decode_csv(
     return labels
 
 
-def plane_ids(stem: str, count: int) -> list[str]:
-    """The ImageIds of a stack's planes in an RLE CSV: ``<stem>_<plane>`` (the nuclei keep their IDs across planes)."""
-    return [f"{stem}_{index}" for index in range(count)]
+def plane_ids(stem: str, planes: int | tuple[int, ...]) -> list[str]:
+    """The ImageIds of a stack's planes in an RLE CSV: ``<stem>_<plane>`` (the nuclei keep their IDs across planes),
+    or ``<stem>_<t>_<z>`` for a time-lapse of Z-stacks (``planes`` its leading shape, ``(T, Z)``)."""
+    shape = (planes,) if isinstance(planes, int) else tuple(planes)
+    return [f"{stem}_{'_'.join(map(str, index))}" for index in np.ndindex(*shape)]
 
 
 def rle_items(stem: str, labels: np.ndarray) -> list[tuple[str, np.ndarray]]:
-    """``(ImageId, plane)`` of a label image (``stem``) or of each plane of a stack (:func:`plane_ids`)."""
-    return [(stem, labels)] if labels.ndim == 2 else list(zip(plane_ids(stem, len(labels)), labels))
+    """``(ImageId, plane)`` of a label image (``stem``) or of each plane of a stack or time-lapse of Z-stacks
+    (:func:`plane_ids`)."""
+    if labels.ndim == 2:
+        return [(stem, labels)]
+    return list(zip(plane_ids(stem, labels.shape[:-2]), labels.reshape(-1, *labels.shape[-2:])))
 
 
 def write_csv(path: str | os.PathLike, items: Iterable[tuple[str, np.ndarray]], with_shape: bool = True) -> Path:
