@@ -81,6 +81,21 @@ def test_min_size_holes_and_sequential_labels():
     assert sorted(np.unique(labels).tolist()) == [0, 1, 2]
 
 
+def test_kept_labels_are_renumbered_in_order_as_relabel_sequential_does():
+    from skimage.segmentation import relabel_sequential
+
+    from napari_nuclei_unet.postprocess import keep_renumbered
+
+    labels = np.random.default_rng(2).integers(0, 40, (50, 60)).astype(np.int32)
+    labels[labels == 7] = 0  # a label in the table that no pixel has
+    keep = (np.random.default_rng(3).random(40) < 0.6) & (np.bincount(labels.ravel(), minlength=40) > 0)
+    expected = np.where(keep[labels], labels, 0).astype(np.int32)
+    expected = relabel_sequential(expected)[0]
+    got = keep_renumbered(labels, keep)
+    assert got.dtype == np.int32 and np.array_equal(got, expected)
+    assert keep_renumbered(labels, np.bincount(labels.ravel()) > 0).max() == len(np.unique(labels)) - 1
+
+
 def test_blank_image_gives_no_nuclei():
     blank = np.full((1, 50, 50), 0.01, np.float32)
     mask, labels = instances(blank, ("foreground",), with_threshold(replace(RESOLVED, threshold="auto"), blank[0]))

@@ -168,6 +168,8 @@ def test_a_lazy_colour_plane_is_converted_only_where_it_is_read():
         reads.clear()
     assert np.array_equal(np.asarray(apply_stain(Lazy(), "brightest")), rgb.max(-1))
     assert np.array_equal(apply_stain(rgb, "brightest"), rgb.max(-1))  # numpy: converted at once
+    rgba = np.concatenate([rgb, np.full(rgb.shape[:2] + (1,), 255, np.uint8)], axis=-1)
+    assert np.array_equal(apply_stain(rgba, "brightest"), rgb.max(-1))  # the alpha channel is no colour
     grey = Lazy()
     grey.shape, grey.ndim = rgb.shape[:2], 2
     reads.clear()

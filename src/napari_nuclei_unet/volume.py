@@ -15,7 +15,15 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from .params import PostprocessParams
-from .postprocess import block_grid, check_resolved, distance_markers, grow, unsure_objects, write_owned
+from .postprocess import (
+    block_grid,
+    check_resolved,
+    distance_markers,
+    grow,
+    keep_renumbered,
+    unsure_objects,
+    write_owned,
+)
 
 # z step over xy pixel size when nothing says otherwise: cubic voxels.
 DEFAULT_Z_RATIO = 1.0
@@ -56,7 +64,7 @@ def volume_instances(
     xy pixels at the scale the network ran at, as in 2D.
     """
     from skimage.morphology import remove_small_holes
-    from skimage.segmentation import relabel_sequential, watershed
+    from skimage.segmentation import watershed
 
     check_resolved(params)
     ratio = z_ratio(voxel_size)
@@ -87,8 +95,7 @@ def volume_instances(
     drop[0] = False
     if report is not None:
         report["unsure"] = int(unsure.sum())
-    labels[drop[labels]] = 0
-    labels = relabel_sequential(labels.astype(np.int32, copy=False))[0]
+    labels = keep_renumbered(labels, (sizes > 0) & ~drop)
     return labels > 0, labels
 
 
