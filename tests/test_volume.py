@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import tifffile
@@ -16,7 +18,9 @@ from napari_nuclei_unet.model import Checkpoint, bundled_model_path
 from napari_nuclei_unet.params import PostprocessParams, SegmentParams, TilingParams, stack_of_axes
 from napari_nuclei_unet.segment import segment
 from napari_nuclei_unet.synthetic import nuclei_field
-from napari_nuclei_unet.volume import min_voxels, stitch_planes, volume_instances, z_ratio
+from napari_nuclei_unet.volume import axial_stretch, min_voxels, stitch_planes, volume_instances, z_ratio
+
+BBBC050 = Path(__file__).resolve().parents[2] / "shared" / "data" / "bbbc050_3d"
 
 EXACT = TilingParams(precision="float32")  # the 8-bit network's output depends on the CPU's kernels
 
@@ -26,14 +30,15 @@ def bundled() -> Checkpoint:
     return Checkpoint.load(bundled_model_path())
 
 
-def _balls(shape=(24, 80, 80), z_step=2.0):
-    """Labels of ellipsoids (radius 9 px in xy, 9 / z_step planes in z), two of them touching in 3D."""
+def _balls(shape=(24, 80, 80), z_step=2.0, z_radius=9.0):
+    """Labels of ellipsoids (radius 9 px in xy, ``z_radius`` px in z, so ``z_radius / z_step`` planes), two of
+    them touching in 3D."""
     zz, yy, xx = np.indices(shape, dtype=np.float32)
     zz *= z_step
     truth = np.zeros(shape, np.int32)
     centres = [(24, 20, 20), (24, 20, 37), (20, 58, 56), (28, 56, 22)]  # the first two touch
     for index, (z, y, x) in enumerate(centres, start=1):
-        truth[((zz - z) ** 2 + (yy - y) ** 2 + (xx - x) ** 2) <= 81] = index
+        truth[((zz - z) / z_radius) ** 2 + ((yy - y) / 9) ** 2 + ((xx - x) / 9) ** 2 <= 1] = index
     return truth
 
 
@@ -66,6 +71,36 @@ def test_z_ratio_and_min_voxels():
     with pytest.raises(ValueError, match="voxel size"):
         z_ratio((0, 1, 1))
     assert min_voxels(15, 1.0) == 44 and min_voxels(15, 2.0) == 22
+
+
+@pytest.mark.parametrize("z_radius, expected", [(9.0, 1.0), (18.0, 2.0)])
+def test_the_axial_stretch_is_how_much_longer_along_z_nuclei_look(z_radius, expected):
+    """Round nuclei at the stated voxel size measure 1; nuclei blurred to twice their width along z measure 2."""
+    truth = _balls((48, 80, 80), 2.0, z_radius)
+    assert axial_stretch((truth > 0).astype(np.float32), 0.5, 2.0, 50) == pytest.approx(expected, abs=0.2)
+    assert axial_stretch(np.zeros((4, 8, 8), np.float32), 0.5, 2.0, 50) == 1.0  # nothing to measure
+    flat = _balls((48, 80, 80), 2.0, 4.0)  # flatter than round: not stretched, and never below 1
+    assert axial_stretch((flat > 0).astype(np.float32), 0.5, 2.0, 50) == 1.0
+
+
+@pytest.mark.realdata
+@pytest.mark.skipif(not (BBBC050 / "images").is_dir(), reason="../shared/data/bbbc050_3d is not available")
+def test_nuclei_stretched_along_z_by_the_microscope_are_not_cut_in_two(bundled, monkeypatch):
+    """A confocal embryo stack (z step 2.18 px) whose nuclei look about twice as long along z as wide: labelled as
+    if they were round, nuclei came out in pieces stacked along z (20 of 23 found, 26 objects; docs/zstacks.md)."""
+    image = tifffile.imread(BBBC050 / "images" / "Emb05_t401.tif")
+    truth = tifffile.imread(BBBC050 / "labels" / "Emb05_t401.tif")
+    params = SegmentParams(stack="z", voxel_size=(2.18, 1.0, 1.0), tiling=EXACT)
+    result = segment(bundled, image, params)
+    foreground = np.stack([result.planes[z].prediction.probabilities[0] for z in range(image.shape[0])])
+    assert axial_stretch(foreground, result.planes[0].threshold, 2.18, 50) > 1.5
+    from napari_nuclei_unet import volume
+
+    monkeypatch.setattr(volume, "axial_stretch", lambda *args: 1.0)
+    as_if_round = segment(bundled, image, params).labels
+    stretched = match_image(truth, result.labels)
+    assert stretched.tp[0] > match_image(truth, as_if_round).tp[0]
+    assert stretched.n_pred < as_if_round.max()
 
 
 def test_axes_strings():
@@ -329,21 +364,25 @@ def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:
     return len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == pairs.shape[1]
 
 
-def test_a_large_volume_labelled_block_by_block_gives_the_labels_of_the_whole(monkeypatch):
+@pytest.mark.parametrize("z_step", [2.0, 4.0])
+def test_a_large_volume_labelled_block_by_block_gives_the_labels_of_the_whole(monkeypatch, z_step):
     """Memory stays flat for volumes too large to label whole, and the labels are those of one piece: a nucleus
-    across a block border is one ID (here 6 blocks of 128 x 128 px, every one through all 24 planes)."""
+    across a block border is one ID (here 6 blocks of 128 x 128 px, every one through all 24 planes). At a z step
+    of 4 the round nuclei (generated at 2) look stretched along z, and every block takes the whole's stretch."""
     from napari_nuclei_unet import volume
     from napari_nuclei_unet.synthetic import nuclei_volume
 
     image, truth = nuclei_volume((24, 256, 384), count=70, seed=5)
     foreground = ndi.gaussian_filter((truth > 0).astype(np.float32), (0.5, 1, 1))
     params = PostprocessParams(threshold=0.5, min_confidence=0.0, h=0.5)
-    _mask, whole = volume_instances(foreground[:, None], ("foreground",), params, voxel_size=(2.0, 1.0, 1.0))
+    voxel_size = (z_step, 1.0, 1.0)
+    assert (axial_stretch(foreground, 0.5, z_step, 22) > 1.5) == (z_step == 4.0)
+    _mask, whole = volume_instances(foreground[:, None], ("foreground",), params, voxel_size=voxel_size)
     monkeypatch.setattr(volume, "BLOCK_VOXELS", 24 * 256 * 256)  # cores of 128 px
     into = np.zeros(truth.shape, np.int32)
     steps = []
     count = volume.volume_instances_blocked(
-        foreground, params, (2.0, 1.0, 1.0), 1.0, 20.0, into, lambda i, n: steps.append(n)
+        foreground, params, voxel_size, 1.0, 20.0, into, lambda i, n: steps.append(n)
     )
     assert len(steps) == 6 and count == whole.max() == into.max()
     assert _same_partition(into, whole)
