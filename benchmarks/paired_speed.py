@@ -71,8 +71,9 @@ def timed(command: list[str], env: dict | None = None) -> tuple[float, float]:
 
 
 def differing(first: Path, second: Path) -> int:
-    """How many label files of ``first`` are missing from ``second`` or differ from it."""
-    names = [path.name for path in first.iterdir() if path.is_file()]
+    """How many label files of ``first`` are missing from ``second`` or differ from it (the run summary, which
+    holds each image's seconds, is not a label file)."""
+    names = [path.name for path in first.iterdir() if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES]
     return sum(not (second / name).is_file() or not filecmp.cmp(first / name, second / name, False) for name in names)
 
 
