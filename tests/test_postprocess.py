@@ -9,6 +9,7 @@ from napari_nuclei_unet.postprocess import (
     MAX_UNSURE_SHARE,
     PostprocessParams,
     auto_threshold,
+    distance_markers,
     instances,
     semantic_mask,
     unsure_objects,
@@ -94,6 +95,55 @@ def test_kept_labels_are_renumbered_in_order_as_relabel_sequential_does():
     got = keep_renumbered(labels, keep)
     assert got.dtype == np.int32 and np.array_equal(got, expected)
     assert keep_renumbered(labels, np.bincount(labels.ravel()) > 0).max() == len(np.unique(labels)) - 1
+
+
+def _markers_by_h_maxima(distance, mask, h, smoothing):
+    """The markers as they were found before: the peak pixels of objects with one local-maximum region, and
+    ``h_maxima`` on the box of each object with several, alone; numbered object by object."""
+    from skimage.morphology import h_maxima
+
+    smooth = ndi.gaussian_filter(distance, smoothing)
+    objects, count = ndi.label(mask)
+    maxima = ndi.label((smooth == ndi.maximum_filter(smooth, size=3)) & mask)[0]
+    markers = np.zeros(mask.shape, np.int32)
+    next_label = 0
+    single = []
+    for label, box in enumerate(ndi.find_objects(objects), start=1):
+        inside = objects[box] == label
+        values = np.where(inside, smooth[box], 0.0).astype(np.float32)
+        if np.unique(maxima[box][inside & (maxima[box] > 0)]).size < 2 or values.max() <= h:
+            single.append((box, inside & (values == values.max())))
+    for box, top in single:  # labelled first, in raster order over the image
+        markers[box][top] = -1
+    markers, next_label = ndi.label(markers == -1)
+    for label, box in enumerate(ndi.find_objects(objects), start=1):
+        inside = objects[box] == label
+        values = np.where(inside, smooth[box], 0.0).astype(np.float32)
+        if np.unique(maxima[box][inside & (maxima[box] > 0)]).size >= 2 and values.max() > h:
+            found, found_count = ndi.label(h_maxima(values, h).astype(bool) & inside)
+            markers[box][found > 0] = found[found > 0] + next_label
+            next_label += found_count
+    return markers.astype(np.int32)
+
+
+@pytest.mark.parametrize("seed", range(7))
+def test_markers_are_the_h_maxima_of_each_object_alone(seed):
+    """Distance markers from the maxima's dynamics are exactly per-object ``h_maxima`` (2D and 3D, dense fields of
+    irregular clusters, pixels whose distance ties), numbered the same way. Seed 6's field has a pixel next to a
+    kept maximum and below it by less than float32's resolution, which ``h_maxima`` counts in."""
+    rng = np.random.default_rng(0 if seed == 6 else seed)
+    shape, sigma, sampling = ((160, 200), 3 + seed % 3, None) if seed < 3 else ((24, 64, 80), (1.5, 3, 3), (2, 1, 1))
+    if seed == 6:
+        rng.random((300, 300))
+        shape, sigma, sampling = (300, 300), 4, None
+    field = ndi.gaussian_filter(rng.random(shape), sigma)
+    mask = field > np.percentile(field, 40 if seed == 6 else 35 + 5 * seed)
+    distance = ndi.distance_transform_edt(mask, sampling=sampling).astype(np.float32)
+    smoothing = 1.0 if sampling is None else (0.5, 1.0, 1.0)
+    for h in (0.5, 1.5):
+        markers = distance_markers(distance, mask, h, smoothing)
+        expected = _markers_by_h_maxima(distance, mask, h, smoothing)
+        assert markers.max() > 20 and np.array_equal(markers, expected)
 
 
 def test_blank_image_gives_no_nuclei():
