@@ -294,7 +294,7 @@ def _dynamic_maxima(
     their object) is at least ``h``, and an object's highest.
 
     What ``skimage.morphology.h_maxima`` gives on each object alone (tests/test_postprocess.py), without its sort of
-    every pixel of every object's bounding box: a dense field's clusters made that 75% of a 3D labelling. The
+    every pixel of every object's bounding box, most of a dense 3D field's labelling (docs/performance.md). The
     passes come from a watershed of the maxima and the pixels where two basins of one object touch; the maxima
     merge from the highest pass down (union-find), and a maximum meets a higher one at its pass."""
     from skimage.segmentation import watershed

@@ -54,8 +54,8 @@ def axial_stretch(foreground, threshold: float, ratio: float, smallest: int) -> 
     """How many times longer than wide along z the objects of ``foreground > threshold`` look (z in xy pixels by
     ``ratio``; the median voxel's object, objects of at least ``smallest`` voxels), at least 1.
 
-    A microscope's axial blur stretches nuclei along z (about 2x in a confocal stack of ``bbbc050_3d``), so the
-    distance map of one nucleus has a long ridge along z with several maxima. Measured on the middle of the volume
+    A microscope's axial blur stretches nuclei along z (docs/zstacks.md), so the distance map of one nucleus has a
+    long ridge along z with several maxima. Measured on the middle of the volume
     (all planes, at most ``STRETCH_VOXELS``), so a volume labelled block by block gets what it gets whole."""
     depth, height, width = foreground.shape
     side = max(1, int(math.sqrt(STRETCH_VOXELS / max(depth, 1))))
