@@ -301,7 +301,13 @@ def _dynamic_maxima(
 
     seeds = np.where(region, maxima, 0).astype(np.int32, copy=False)
     count = int(maxima.max())
-    basins = watershed(-smooth, seeds, mask=region, connectivity=smooth.ndim)
+    basins = np.zeros(seeds.shape, np.int32)
+    # A flood through diagonal neighbours would cross from one object into another that touches it at a corner:
+    # objects that touch are flooded apart, in classes of objects no two of which touch.
+    colour = _colours(objects, region)
+    for shade in range(1, int(colour.max()) + 1):
+        part = region & (colour[objects] == shade)
+        basins += watershed(-smooth, np.where(part, seeds, 0), mask=part, connectivity=smooth.ndim)
     value = np.zeros(count + 1, np.float32)
     at_seed = seeds > 0
     value[seeds[at_seed]] = smooth[at_seed]
@@ -310,17 +316,45 @@ def _dynamic_maxima(
     return _with_near_ties(np.where(kept[seeds] & at_seed, seeds, 0), value, smooth, objects, region)
 
 
+def _neighbours(shape: tuple[int, ...]):
+    """``(here, there)`` slice pairs: each pixel and each of its neighbours (diagonals too), every pair once."""
+    from itertools import product
+
+    for offset in product((-1, 0, 1), repeat=len(shape)):
+        if offset > (0,) * len(shape):
+            here = tuple(slice(max(0, -o), n - max(0, o)) for n, o in zip(shape, offset))
+            there = tuple(slice(max(0, o), n - max(0, -o)) for n, o in zip(shape, offset))
+            yield here, there
+
+
+def _colours(objects: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """Per object label, a class from 1 up such that no two objects of ``region`` that touch (diagonally: they
+    are separate objects) share one (greedy colouring; 0 for the labels outside ``region``)."""
+    touching = []
+    for here, there in _neighbours(objects.shape):
+        a, b = objects[here], objects[there]
+        contact = (a != b) & region[here] & region[there]
+        if contact.any():
+            touching.append(np.stack([a[contact], b[contact]], axis=1))
+    colour = np.zeros(int(objects.max()) + 1, np.int32)
+    colour[np.unique(objects[region])] = 1
+    if not touching:
+        return colour
+    neighbours: dict[int, set[int]] = {}
+    for a, b in np.unique(np.concatenate(touching), axis=0).tolist():
+        neighbours.setdefault(a, set()).add(b)
+        neighbours.setdefault(b, set()).add(a)
+    for label in sorted(neighbours):
+        taken = {int(colour[other]) for other in neighbours[label] if other < label}
+        colour[label] = next(shade for shade in range(1, len(taken) + 2) if shade not in taken)
+    return colour
+
+
 def _basin_passes(smooth, objects, basins, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(low, high, level)``: each pair of basins of one object that touch (any neighbour, diagonals too) and the
     highest level at which they do (the lower of the two pixel values, over all touching pairs)."""
-    from itertools import product
-
     pairs, levels = [], []
-    for offset in product((-1, 0, 1), repeat=smooth.ndim):
-        if offset <= (0,) * smooth.ndim:
-            continue  # each neighbour pair once
-        here = tuple(slice(max(0, -o), n - max(0, o)) for n, o in zip(smooth.shape, offset))
-        there = tuple(slice(max(0, o), n - max(0, -o)) for n, o in zip(smooth.shape, offset))
+    for here, there in _neighbours(smooth.shape):
         a, b = basins[here], basins[there]
         touch = (a != b) & (a > 0) & (b > 0)
         touch &= objects[here] == objects[there]
