@@ -299,6 +299,9 @@ def _dynamic_maxima(
     merge from the highest pass down (union-find), and a maximum meets a higher one at its pass."""
     from skimage.segmentation import watershed
 
+    box = _bounding_box(region)  # everything below works on the objects' box only
+    found = np.zeros(region.shape, bool)
+    smooth, objects, region, maxima = smooth[box], objects[box], region[box], maxima[box]
     seeds = np.where(region, maxima, 0).astype(np.int32, copy=False)
     count = int(maxima.max())
     basins = np.zeros(seeds.shape, np.int32)
@@ -313,7 +316,17 @@ def _dynamic_maxima(
     value[seeds[at_seed]] = smooth[at_seed]
     low, high, level = _basin_passes(smooth, objects, basins, count)
     kept = _kept_by_dynamics(value, np.unique(seeds[at_seed]), low, high, level, h)
-    return _with_near_ties(np.where(kept[seeds] & at_seed, seeds, 0), value, smooth, objects, region)
+    found[box] = _with_near_ties(np.where(kept[seeds] & at_seed, seeds, 0), value, smooth, objects, region)
+    return found
+
+
+def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
+    """The slices of the smallest box holding every true pixel of ``mask`` (which has some)."""
+    box = []
+    for axis in range(mask.ndim):
+        along = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append(slice(int(along[0]), int(along[-1]) + 1))
+    return tuple(box)
 
 
 def _neighbours(shape: tuple[int, ...]):
