@@ -58,6 +58,27 @@ def test_touching_nuclei_separate_in_3d_and_keep_one_id_through_their_planes():
         assert all(np.any(labels[z][truth[z] == index] == found) for z in np.unique(np.nonzero(truth == index)[0]))
 
 
+def test_a_3d_labelling_stops_when_cancelled_between_its_steps():
+    """A Z-stack of tens of millions of voxels takes tens of seconds to label after its planes: cancel acts there."""
+    from napari_nuclei_unet.errors import Cancelled
+
+    truth = _balls()
+    probabilities = np.stack([(truth > 0).astype(np.float32)] * 2, axis=1)
+    params = PostprocessParams(threshold=0.5, min_confidence=0.0, h=0.5)
+    asked = []
+    for stop_at in range(1, 5):  # after the mask, the distance map, the markers, the watershed
+
+        def cancel(stop_at=stop_at):
+            asked.append(stop_at)
+            return len([a for a in asked if a == stop_at]) >= stop_at
+
+        with pytest.raises(Cancelled):
+            volume_instances(probabilities, ("foreground", "boundary"), params, (2.0, 1.0, 1.0), cancel=cancel)
+    whole = volume_instances(probabilities, ("foreground", "boundary"), params, (2.0, 1.0, 1.0))[1]
+    kept_on = volume_instances(probabilities, ("foreground", "boundary"), params, (2.0, 1.0, 1.0), cancel=lambda: False)
+    assert whole.max() == 4 and np.array_equal(kept_on[1], whole)
+
+
 def test_plane_by_plane_labelling_numbers_each_plane_from_one_but_3d_does_not():
     truth = _balls()
     planes = np.stack([ndi.label(plane > 0)[0] for plane in truth])
@@ -161,6 +182,19 @@ def test_a_z_stack_shares_one_normaliser_and_relabels_from_its_cache(bundled):
     cached = {z: plane.prediction for z, plane in first.planes.items()}
     again = segment_planes(bundled, stack, SegmentParams(stack="z", tiling=EXACT), cached=cached)
     assert again.megapixels == 0.0 and np.array_equal(np.asarray(again.labels), np.asarray(first.labels))
+    # Re-labelling asks cancel once per cached plane, then between the 3D labelling's steps: a cancel pressed
+    # after the planes stops it there.
+    from napari_nuclei_unet.errors import Cancelled
+
+    asked = []
+
+    def cancel() -> bool:
+        asked.append(1)
+        return len(asked) > 3  # pressed once the 3 planes are through
+
+    with pytest.raises(Cancelled):
+        segment_planes(bundled, stack, SegmentParams(stack="z", tiling=EXACT), cached=cached, cancel=cancel)
+    assert len(asked) == 4
 
 
 def test_a_z_stack_takes_distance_markers_whatever_its_planes_image_type(bundled):

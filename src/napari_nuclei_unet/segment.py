@@ -471,7 +471,7 @@ def _segment_volume(
     post = with_threshold(post, probabilities[:, outputs.index("foreground")])
     report: dict = {}
     voxel_size, factor = resolved.params.voxel_size, predictions[0].factor
-    mask, labels = volume_instances(probabilities, outputs, post, voxel_size, factor, report)
+    mask, labels = volume_instances(probabilities, outputs, post, voxel_size, factor, report, cancel=cancel)
     progress(steps, steps)
     results = {}
     for z in range(count):

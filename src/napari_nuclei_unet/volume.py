@@ -10,10 +10,12 @@ long), so that one nucleus is one ID from its first plane to its last. Which rul
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 from scipy import ndimage as ndi
 
+from .errors import Cancelled
 from .params import PostprocessParams
 from .postprocess import (
     block_grid,
@@ -86,6 +88,7 @@ def volume_instances(
     network_zoom: float = 1.0,
     report: dict | None = None,
     stretch: float | None = None,
+    cancel: Callable[[], bool] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(mask, labels)`` of a Z-stack from its planes' probabilities ``(Z, C, Y, X)``: 3D instances 1..N (int32).
 
@@ -95,7 +98,8 @@ def volume_instances(
     xy pixels at the scale the network ran at, as in 2D. Nuclei that look ``stretch`` times
     longer along z than wide (``axial_stretch`` when None) are split along z as if the z step
     were ``sqrt(stretch)`` times shorter: half the stretch, in log terms, is taken for blur
-    (docs/zstacks.md).
+    (docs/zstacks.md). ``cancel()`` is asked between the steps (each a few seconds for tens of
+    millions of voxels) and raises ``Cancelled``.
     """
     from skimage.morphology import remove_small_holes
     from skimage.segmentation import watershed
@@ -115,12 +119,16 @@ def volume_instances(
         report["unsure"] = 0
     if not mask.any():
         return mask, np.zeros(mask.shape, np.int32)
+    _stop_if(cancel)
     distance = ndi.distance_transform_edt(mask, sampling=(shortened, 1.0, 1.0)).astype(np.float32)
+    _stop_if(cancel)
     smoothing = 1.0 / network_zoom
     markers = distance_markers(
         distance, mask, params.h / network_zoom, smoothing=(smoothing / shortened, smoothing, smoothing)
     )
+    _stop_if(cancel)
     labels = watershed(-distance, markers, mask=mask)
+    _stop_if(cancel)
     orphans, count = ndi.label(mask & (labels == 0))
     if count:
         labels = np.where(orphans > 0, orphans + labels.max(), labels)
@@ -134,6 +142,11 @@ def volume_instances(
         report["unsure"] = int(unsure.sum())
     labels = keep_renumbered(labels, (sizes > 0) & ~drop)
     return labels > 0, labels
+
+
+def _stop_if(cancel: Callable[[], bool] | None) -> None:
+    if cancel is not None and cancel():
+        raise Cancelled("segmentation cancelled")
 
 
 def volume_instances_blocked(
