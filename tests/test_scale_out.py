@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 import tifffile
 import torch
 
@@ -136,3 +137,14 @@ def test_local_cluster_gives_exactly_the_serial_labels(tmp_path, capsys):
         serial = read_image(tmp_path / "serial" / f"plate_{seed}.tif")
         assert serial.max() > 5
         assert np.array_equal(serial, read_image(tmp_path / "cluster" / f"plate_{seed}.tif"))
+
+
+def test_an_unknown_extra_output_is_refused_before_any_work(tmp_path, tiny_checkpoint):
+    """Checked once, before the image is read or segmented, for single images and time-lapses alike."""
+    from napari_nuclei_unet import batch
+    from napari_nuclei_unet.errors import InputError
+
+    tifffile.imwrite(tmp_path / "field.tif", nuclei_field((64, 64), count=3, diameter=12, seed=1)[0])
+    with pytest.raises(InputError, match="field.tif: .*unknown extra outputs \\['outlines'\\]"):
+        batch.segment_file(tiny_checkpoint, tmp_path / "field.tif", tmp_path / "out", extras=("outlines",))
+    assert not (tmp_path / "out").exists()  # nothing written, not even the folder

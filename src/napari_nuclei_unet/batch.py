@@ -152,6 +152,9 @@ def _segment_file(
     checkpoint, source: Path, out_dir, params: SegmentParams, out_format, progress, cancel, extras=()
 ) -> FileResult:
     started = time.perf_counter()
+    unknown = sorted(set(extras) - set(EXTRA_OUTPUTS))
+    if unknown:  # before any work
+        raise ValueError(f"unknown extra outputs {unknown}; choose from {', '.join(EXTRA_OUTPUTS)}")
     extras = tuple(extras) + (("polygons",) if out_format == "geojson" and "polygons" not in extras else ())
     axes = file_axes(source)  # read once: channels, then the stack
     given = params.channel_axis
@@ -263,9 +266,6 @@ def _write_time_lapse_extras(image, labels, out_dir: Path, source: Path, extras,
     from .measure import measure_volume, write_measurements_csv
     from .rle import plane_ids, write_csv
 
-    unknown = sorted(set(extras) - set(EXTRA_OUTPUTS))
-    if unknown:
-        raise ValueError(f"unknown extra outputs {unknown}; choose from {', '.join(EXTRA_OUTPUTS)}")
     count = int(labels.shape[0])
     names = [
         (*index, name) for index, name in zip(np.ndindex(*labels.shape[:2]), plane_ids(source.stem, labels.shape[:2]))
@@ -382,9 +382,6 @@ def _write_extra_outputs(image, labels, out_dir, source: Path, extras: tuple[str
     labelled in 3D (``result.volume``) is measured in 3D."""
     from .measure import measure
 
-    unknown = sorted(set(extras) - set(EXTRA_OUTPUTS))
-    if unknown:
-        raise ValueError(f"unknown extra outputs {unknown}; choose from {', '.join(EXTRA_OUTPUTS)}")
     single = is_single_plane(image)
     planes = [labels] if single else [labels[i] for i in range(labels.shape[0])]  # zarr stays lazy: measured in strips
     written = []
@@ -417,11 +414,12 @@ def micrometre_voxel(source, voxel_size) -> tuple[float, float, float] | None:
     """A Z-stack's voxel size in µm, for the measurements' µm columns: ``voxel_size`` (any one unit: it gives the
     z step's ratio) scaled by the pixel size the file states in µm, or taken as µm when its pixel is not 1 (as
     ``--voxel-size 2,0.65,0.65`` is); None when nothing says µm (``--voxel-size 2.18,1,1`` is a ratio only)."""
+    from .measure import voxel_in_micrometres
+
     if voxel_size is None:
         return None
     pixel = float(voxel_size[-1])
-    micrometres = file_pixel_size(source) or (pixel if pixel != 1.0 else None)
-    return None if micrometres is None else tuple(float(v) * micrometres / pixel for v in voxel_size)
+    return voxel_in_micrometres(voxel_size, file_pixel_size(source) or (pixel if pixel != 1.0 else None))
 
 
 def _write_measurements(out_dir: Path, source: Path, planes, tables, single: bool) -> list[str]:

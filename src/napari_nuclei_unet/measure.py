@@ -113,6 +113,16 @@ def write_measurements_csv(path, table: dict[str, np.ndarray]) -> None:
             writer.writerow([int(v) if c in ("label", "plane") else f"{float(v):.6g}" for c, v in zip(columns, row)])
 
 
+def voxel_in_micrometres(
+    voxel_size: tuple[float, float, float] | None, x_micrometres: float | None
+) -> tuple[float, float, float] | None:
+    """``voxel_size`` (Z, Y, X in any one unit: it gives the z step's ratio) in µm, from the µm of one x pixel;
+    None when either is unknown."""
+    if voxel_size is None or x_micrometres is None:
+        return None
+    return tuple(float(v) * x_micrometres / float(voxel_size[-1]) for v in voxel_size)
+
+
 def measure_volume(labels, image=None, voxel_size: tuple[float, float, float] | None = None) -> dict[str, np.ndarray]:
     """The measurements of every nucleus of a 3D label image ``(Z, Y, X)``, sorted by label.
 

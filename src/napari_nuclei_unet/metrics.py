@@ -166,7 +166,7 @@ def image_row(name: str, counts: ImageCounts) -> dict[str, object]:
         "nuclei_pred": counts.n_pred,
         "matched_at_0.5": tp,
         "dsb_score": round(counts.kaggle_score, 4),
-        "ap50": round(tp / max(tp + missed + extra, 1), 4) if tp + missed + extra else 1.0,
+        "ap50": round(tp / (tp + missed + extra), 4) if tp + missed + extra else 1.0,
         "precision50": round(tp / counts.n_pred, 4) if counts.n_pred else 1.0,
         "recall50": round(tp / counts.n_true, 4) if counts.n_true else 1.0,
         "pixel_dice": round(2 * counts.pixel_inter / pixels, 4) if pixels else 1.0,

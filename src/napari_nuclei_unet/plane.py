@@ -17,7 +17,7 @@ from .errors import InputError
 from .io import Normalizer, brightest_channel, hematoxylin, sample_step
 from .model import Checkpoint
 from .params import AUTO, STAINS, PostprocessParams, SegmentParams
-from .postprocess import instances, keep_renumbered, with_threshold
+from .postprocess import drop_small_labels, instances, with_threshold
 from .scale import (
     NETWORK_GRID_MAX_PIXELS,
     RESCALE_TOLERANCE,
@@ -206,10 +206,7 @@ def label_plane(prediction: PlanePrediction, outputs: tuple[str, ...], postproce
         prediction.network, outputs, params, grid_zoom=prediction.factor, network_zoom=prediction.factor, report=report
     )
     rows, cols = (pixel_centres(f, c) for f, c in zip(fine.shape, prediction.probabilities.shape[1:]))
-    labels = fine[np.ix_(rows, cols)]
-    sizes = np.bincount(labels.ravel())
-    # Min size in image pixels, as sampled; a nucleus smaller than a pixel can fall between centres.
-    labels = keep_renumbered(labels, sizes >= max(postprocess.min_size, 1))
+    labels = drop_small_labels(fine[np.ix_(rows, cols)], postprocess.min_size)  # min size in image pixels, as sampled
     return LabelledPlane(labels > 0, labels, float(params.threshold), report["unsure"])
 
 

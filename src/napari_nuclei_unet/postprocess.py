@@ -188,15 +188,11 @@ def _markers_and_surface(
 
 
 def drop_small_labels(labels: np.ndarray, min_size: int) -> np.ndarray:
-    """``labels`` with the objects under ``min_size`` pixels set to 0 (in place; not renumbered).
+    """``labels`` without the objects under ``min_size`` pixels, renumbered 1..N in order (int32).
 
-    For labels sampled from a finer grid onto image pixels, where an object can come out a
-    few pixels smaller than it was on the grid it was measured on."""
-    if min_size > 0 and labels.size:
-        small = np.bincount(labels.ravel()) < min_size
-        small[0] = False
-        labels[small[labels]] = 0
-    return labels
+    For labels sampled from a finer grid onto image pixels, where an object can come out a few pixels smaller
+    than it was on the grid it was measured on, or vanish between pixel centres."""
+    return keep_renumbered(labels, np.bincount(labels.ravel()) >= max(min_size, 1))
 
 
 # The min confidence drops at most this share of an image's objects. The most it drops on any choosing image is

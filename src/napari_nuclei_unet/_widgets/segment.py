@@ -885,14 +885,11 @@ def _features(labels, image, pixel_size: float | None, volume: bool, voxel_size)
     volume, z/y/x centroid, first and last plane), as a napari features table: the label as ``index``, napari's key,
     and not again as ``label``. µm columns when ``pixel_size`` (µm per x pixel) is known: a Z-stack's ``voxel_size``
     (the scale it was segmented with, in any one unit) is converted through it."""
-    from ..measure import measure, measure_volume
+    from ..measure import measure, measure_volume, voxel_in_micrometres
 
     if volume:
         grey = np.asarray(image) if len(image.shape) == 3 else None  # the intensity of a grey stack
-        micrometres = None if pixel_size is None or voxel_size is None else pixel_size / float(voxel_size[-1])
-        table = measure_volume(
-            labels, grey, None if micrometres is None else tuple(v * micrometres for v in voxel_size)
-        )
+        table = measure_volume(labels, grey, voxel_in_micrometres(voxel_size, pixel_size))
     else:
         table = measure(labels, image, pixel_size)
     return {"index": table.pop("label"), **table}
