@@ -578,7 +578,7 @@ class SegmentWidget(Container):
         )
 
     def _on_segmented(self, layer: Image, request: SegmentRequest, outcome: tuple, started: float) -> None:
-        checkpoint, result, device, features = outcome
+        checkpoint, result, device = outcome
         if layer not in self.viewer.layers or _layer_data(layer) is not request.source:
             what = "closed" if layer not in self.viewer.layers else "given new data"
             self.status.value = (
@@ -591,12 +591,8 @@ class SegmentWidget(Container):
             self._cache = _Cache(layer, request, checkpoint.outputs, checkpoint.name)
         self._cache.used, self._cache.request = used, request
         self._cache.planes.update({i: p.prediction for i, p in result.planes.items() if p.prediction is not None})
-        written, counted = _counted(
-            self._write_layers(
-                {i: (p.mask, p.labels) for i, p in result.planes.items()}, request.params.postprocess, used, features
-            ),
-            used.get("stack"),
-        )
+        labelled = {i: (p.mask, p.labels) for i, p in result.planes.items()}
+        written, counted = _counted(self._write_layers(labelled, request.params.postprocess, used), used.get("stack"))
         if self.auto_confidence.value:
             with self.min_confidence.changed.blocked():  # shown (untick to override); the labels already use it
                 self.min_confidence.value = result.min_confidence
@@ -620,6 +616,7 @@ class SegmentWidget(Container):
             f"{counted} in {seconds:.1f} s{speed} on {device}{size}"
             + (f", rescaled x{factor:.2f}" if factor != 1.0 else "")
         ) + _unsure_warning(written, result.unsure, result.min_confidence)
+        self._measure(_measured_labels(result), result.volume)
         if self.postprocess_params() != request.params.postprocess:  # a control changed during the run
             self.relabel()
 
@@ -654,22 +651,24 @@ class SegmentWidget(Container):
         run = cache.request
         request = replace(run, params=replace(run.params, postprocess=self.postprocess_params()))
         worker = _relabel_worker(request, self.model, dict(cache.planes))
-        worker.returned.connect(lambda outcome: _unless_closed(self._on_relabelled, *outcome))
+        worker.returned.connect(lambda result: _unless_closed(self._on_relabelled, result))
         worker.errored.connect(lambda error: _unless_closed(self._on_error, error))
         worker.finished.connect(lambda: _unless_closed(self._on_relabel_finished))
         self._relabel_worker = worker
         worker.start()
 
-    def _on_relabelled(self, labelled: dict, features: dict | None, params: PostprocessParams) -> None:
+    def _on_relabelled(self, result: Segmentation) -> None:
+        labelled, params = result.planes, result.params.postprocess
         thresholds = recorded_thresholds(plane.threshold for plane in labelled.values())
         used = {**self._cache.used, "threshold": thresholds, "min_confidence": float(params.min_confidence)}
-        maxima = self._write_layers({i: (p.mask, p.labels) for i, p in labelled.items()}, params, used, features)
+        maxima = self._write_layers({i: (p.mask, p.labels) for i, p in labelled.items()}, params, used)
         count, counted = _counted(maxima, used.get("stack"))
         unsure = sum(p.unsure for p in labelled.values())
         self._show_threshold(thresholds)
         self.status.value = f"{counted} (re-labelled from cached probabilities)" + _unsure_warning(
             count, unsure, float(params.min_confidence)
         )
+        self._measure(_measured_labels(result), result.volume)
 
     def _on_relabel_finished(self) -> None:
         self._relabel_worker = None
@@ -678,18 +677,16 @@ class SegmentWidget(Container):
             self.relabel()
 
     # ------------------------------------------------------------------ output
-    def _write_layers(
-        self, labelled: dict, params: PostprocessParams, used: dict, features: dict | None = None
-    ) -> list[int]:
-        """Write planes ``{index: (mask, labels)}`` into the result layers, and the measurements of a
-        2D image's or a Z-stack's nuclei into the nuclei layer's ``features``; returns each plane's highest label."""
+    def _write_layers(self, labelled: dict, params: PostprocessParams, used: dict) -> list[int]:
+        """Write planes ``{index: (mask, labels)}`` into the result layers; returns each plane's highest label. The
+        nuclei layer's ``features`` table is emptied: its nuclei are measured once they are shown (``_measure``)."""
         self._adding_results = True
         try:
-            return self._write_result_layers(labelled, params, used, features)
+            return self._write_result_layers(labelled, params, used)
         finally:
             self._adding_results = False
 
-    def _write_result_layers(self, labelled: dict, params: PostprocessParams, used: dict, features) -> int:
+    def _write_result_layers(self, labelled: dict, params: PostprocessParams, used: dict) -> int:
         cache = self._cache
         source = cache.layer
         shape = _spatial_shape(source, cache.request.channel)
@@ -714,7 +711,7 @@ class SegmentWidget(Container):
                     target[...] = cache.planes[index].probabilities[cache.outputs.index("foreground")]
             layer.metadata["nuclei_unet"] = metadata
             layer.refresh()
-        layers["nuclei"].features = features or {}  # no stale table once planes are labelled each on their own
+        layers["nuclei"].features = {}  # no stale table: measured again once shown, unless planes are labelled alone
         layers["nuclei"].selected_label = max(maxima, default=0) + 1  # the brush paints a new nucleus
         self.viewer.layers.selection.active = layers["nuclei"]  # what a user paints next (the mask layer is hidden)
         return maxima
@@ -761,19 +758,39 @@ class SegmentWidget(Container):
         layer, cache = self._painted, self._cache
         if layer is None or layer not in self.viewer.layers or cache is None or cache.layer not in self.viewer.layers:
             return
-        if layer.name != f"{cache.layer.name} nuclei" or not len(layer.features):  # no table to keep up to date
-            return
+        if layer.name != f"{cache.layer.name} nuclei" or not layer.metadata.get("nuclei_unet", {}).get("measured"):
+            return  # no table to keep up to date
         if layer.data.size > MEASURE_AFTER_EDITS_MAX:
             return
-        request, volume = cache.request, cache.used.get("stack") == "z"
-        worker = _measure_worker(np.array(layer.data), request.image, request.pixel_size, volume, request.params)
-        worker.returned.connect(lambda features: _unless_closed(self._set_features, layer, features))
-        worker.start()
-        self._measuring = worker  # kept while it runs
+        labels = np.array(layer.data)
+        self._start_measuring(layer, labels, _digest(labels), cache.used.get("stack") == "z")
 
-    def _set_features(self, layer: Labels, features: dict | None) -> None:
-        if features is not None and layer in self.viewer.layers:
+    def _measure(self, labels: np.ndarray | None, volume: bool) -> None:
+        """Measure the nuclei just written and shown (``labels``: a 2D image's or a Z-stack's; None for planes labelled
+        each on their own, which get no table), in a thread: the user sees the labels without waiting for it."""
+        layer = self.viewer.layers[f"{self._cache.layer.name} nuclei"]
+        meta = layer.metadata["nuclei_unet"]
+        meta["measured"] = labels is not None
+        if labels is not None:
+            self._start_measuring(layer, labels, meta["written"], volume)
+
+    def _start_measuring(self, layer: Labels, labels: np.ndarray, digest: str, volume: bool) -> None:
+        """The features table of ``labels`` (``digest``: their fingerprint), set on ``layer`` if it still holds them
+        when measured: a table that a later re-labelling or edit outdated is dropped."""
+        request = self._cache.request
+        worker = _measure_worker(labels, request.image, request.pixel_size, volume, request.params)
+        worker.returned.connect(lambda features: _unless_closed(self._set_features, layer, features, digest))
+        worker.finished.connect(lambda: _unless_closed(self._on_measured, worker))
+        self._measuring = worker  # the latest measurement, while it runs
+        worker.start()
+
+    def _set_features(self, layer: Labels, features: dict | None, digest: str) -> None:
+        if features is not None and layer in self.viewer.layers and _digest(layer.data) == digest:
             layer.features = features
+
+    def _on_measured(self, worker) -> None:
+        if self._measuring is worker:
+            self._measuring = None
 
 
 def is_edited(layer) -> bool:
@@ -837,7 +854,7 @@ def _help(owner: type, name: str) -> str:
 @thread_worker(ignore_errors=True)  # errors are shown as notifications by the widget
 def _segment_worker(
     request: SegmentRequest, model: ModelPicker, cached: dict, cancel, progress
-) -> tuple[object, Segmentation | TimeLapse, str, dict | None]:
+) -> tuple[object, Segmentation | TimeLapse, str]:
     """The core's dispatcher on the requested planes, reusing cached predictions."""
     from ..devices import resolve_device
 
@@ -851,33 +868,23 @@ def _segment_worker(
             cancel=cancel,
         )  # fmt: skip
     tiling = request.params.tiling
-    features = _nuclei_features(result, request.image, request.pixel_size)
-    return (
-        checkpoint,
-        result,
-        checkpoint.device_line(resolve_device(tiling.device), tiling),
-        features,
-    )
+    return checkpoint, result, checkpoint.device_line(resolve_device(tiling.device), tiling)
 
 
 @thread_worker(ignore_errors=True)  # errors are shown as notifications by the widget
-def _relabel_worker(
-    request: SegmentRequest, model: ModelPicker, cached: dict
-) -> tuple[dict, dict | None, PostprocessParams]:
+def _relabel_worker(request: SegmentRequest, model: ModelPicker, cached: dict) -> Segmentation:
     """The dispatcher again on the cached planes with new post-processing: the network does not run."""
     checkpoint = model.checkpoint(request.model_path)
     planes = None if list(cached) == [None] else sorted(cached)
-    result = segment_planes(checkpoint, request.image, request.params, planes_to_do=planes, cached=cached)
-    return result.planes, _nuclei_features(result, request.image, request.pixel_size), result.params.postprocess
+    return segment_planes(checkpoint, request.image, request.params, planes_to_do=planes, cached=cached)
 
 
-def _nuclei_features(result: Segmentation | TimeLapse, image, pixel_size: float | None) -> dict | None:
-    """The measurements of a segmentation's nuclei as a napari features table (:func:`_features`); None for planes
-    (or the Z-stacks of a time-lapse) labelled each on their own, whose nuclei are numbered from 1 in each."""
+def _measured_labels(result: Segmentation | TimeLapse) -> np.ndarray | None:
+    """The labels a segmentation's measurements table describes: a 2D image's, or a Z-stack's in 3D; None for
+    planes (or the Z-stacks of a time-lapse) labelled each on their own, whose nuclei are numbered from 1 in each."""
     if not result.volume and list(result.planes) != [None]:
         return None
-    labels = result.labels if result.volume else result.planes[None].labels
-    return _features(labels, image, pixel_size, result.volume, result.params.voxel_size)
+    return result.labels if result.volume else result.planes[None].labels
 
 
 def _features(labels, image, pixel_size: float | None, volume: bool, voxel_size) -> dict:
@@ -895,7 +902,7 @@ def _features(labels, image, pixel_size: float | None, volume: bool, voxel_size)
     return {"index": table.pop("label"), **table}
 
 
-@thread_worker(ignore_errors=True)  # a table that cannot be measured again stays as it was
+@thread_worker(ignore_errors=True)  # a table that cannot be measured stays empty or as it was
 def _measure_worker(labels: np.ndarray, image, pixel_size: float | None, volume: bool, params) -> dict | None:
     if volume != (labels.ndim == 3) or labels.shape != tuple(image.shape[: labels.ndim]):
         return None
