@@ -42,6 +42,45 @@ def test_hand_checked_values_and_regionprops_agree():
         assert table["equivalent_diameter_um"][row] == pytest.approx(region.equivalent_diameter_area * 0.5)
 
 
+def test_every_column_is_regionprops_on_touching_odd_shaped_nuclei():
+    """The table is computed for all labels at once (not region by region): it must give regionprops' numbers on
+    nuclei that touch each other and the image's edges, with holes, single pixels, lines and diagonal contacts."""
+    from skimage.measure import regionprops_table
+
+    from napari_nuclei_unet.synthetic import nuclei_field
+
+    image, labels = nuclei_field((160, 200), count=60, diameter=16, seed=5)
+    labels = labels.astype(np.int32)
+    top = int(labels.max())
+    labels[0:9, 0:30] = top + 1  # along two image edges
+    labels[4, 10:20] = 0  # a slit
+    labels[20, 190] = top + 2  # one pixel
+    labels[30:31, 150:200] = top + 3  # a one-pixel line to the right edge
+    labels[150:160, 0:10] = top + 4
+    labels[153:157, 3:7] = 0  # a hole
+    labels[140:150, 10:20] = top + 5  # touches top + 4 at a corner only
+    labels[labels == 7] = 0  # a missing label number
+    colour = np.stack([image, 255 - image, image // 3], axis=-1).astype(np.uint8)
+    table = measure(labels, colour)
+    reference = regionprops_table(
+        labels,
+        intensity_image=colour,
+        properties=("label", "centroid", "area", "perimeter", "equivalent_diameter_area", "eccentricity", "solidity",
+                    "intensity_mean", "intensity_max"),
+    )  # fmt: skip
+    renamed = {
+        "centroid-0": "centroid_y",
+        "centroid-1": "centroid_x",
+        "equivalent_diameter_area": "equivalent_diameter",
+    }
+    for key, values in reference.items():
+        if key.startswith("intensity_"):
+            kind, channel = key[len("intensity_") :].split("-")
+            key = f"{kind}_intensity_{channel}"
+        assert np.allclose(table[renamed.get(key, key)], values, rtol=1e-9, atol=1e-12), key
+    assert np.allclose(table["integrated_intensity_1"], table["mean_intensity_1"] * table["area"])
+
+
 def test_strips_give_the_whole_planes_table():
     """Nuclei across strip borders, and one taller than the first look below a strip, are measured whole, once."""
     from napari_nuclei_unet.synthetic import nuclei_field

@@ -1,4 +1,4 @@
-"""Per-nucleus measurements: one row per label, from scikit-image's ``regionprops_table``.
+"""Per-nucleus measurements: one row per label, as scikit-image's ``regionprops`` gives them.
 
 Columns: ``label``, ``centroid_y``, ``centroid_x``, ``area``, ``perimeter``,
 ``equivalent_diameter``, ``eccentricity``, ``solidity`` (pixels), and with an image
@@ -20,8 +20,6 @@ import numpy as np
 
 from .errors import InputError
 
-_PROPERTIES = ("label", "centroid", "area", "perimeter", "equivalent_diameter_area", "eccentricity", "solidity")
-_RENAMED = {"centroid-0": "centroid_y", "centroid-1": "centroid_x", "equivalent_diameter_area": "equivalent_diameter"}
 BLOCK_ROWS = 4096
 _HALO_ROWS = 256  # first guess at how far below its strip a nucleus reaches
 
@@ -81,22 +79,113 @@ def _measure_strip(labels, image, start: int, stop: int) -> dict[str, np.ndarray
 
 
 def _measure_rows(labels: np.ndarray, image: np.ndarray | None) -> dict[str, np.ndarray]:
-    from skimage.measure import regionprops_table
-
-    properties = list(_PROPERTIES) + (["intensity_mean", "intensity_max"] if image is not None else [])
-    raw = regionprops_table(labels.astype(np.int64, copy=False), intensity_image=image, properties=properties)
+    """The table of the labels in a 2D array: regionprops' numbers, from sums over each label's pixels at once (a
+    3000 x 3000 field's 3,400 nuclei in ~1 s instead of ~2.4 s; docs/performance.md), the convex hull per nucleus."""
+    pixels = _Pixels(labels)
+    area = pixels.count.astype(np.float64)
+    top, left = pixels.first(pixels.rows), pixels.first(pixels.cols)
+    rows, cols = pixels.rows - pixels.spread(top), pixels.cols - pixels.spread(left)  # small: exact sums
+    mean_row, mean_col = pixels.total(rows.astype(np.float64)) / area, pixels.total(cols.astype(np.float64)) / area
     table = {
-        _RENAMED.get(key, key): np.asarray(values) for key, values in raw.items() if not key.startswith("intensity_")
+        "label": pixels.label.astype(np.int64),
+        "centroid_y": mean_row + top,
+        "centroid_x": mean_col + left,
+        "area": area,
+        "perimeter": _perimeters(labels, pixels),
+        "equivalent_diameter": np.sqrt(4.0 * area / np.pi),
+        "eccentricity": _eccentricities(pixels, rows, cols, mean_row, mean_col),
+        "solidity": area / _convex_areas(labels, pixels),
     }
     if image is not None:
-        channels = sorted({key.split("-")[1] for key in raw if key.startswith("intensity_mean-")})
-        suffixes = [("", "")] if not channels else [(f"-{c}", f"_{c}") for c in channels]
-        for source, target in suffixes:
-            mean = np.asarray(raw[f"intensity_mean{source}"], dtype=np.float64)
-            table[f"mean_intensity{target}"] = mean
-            table[f"max_intensity{target}"] = np.asarray(raw[f"intensity_max{source}"], dtype=np.float64)
-            table[f"integrated_intensity{target}"] = mean * table["area"]
+        planes = [image] if image.ndim == 2 else [image[..., c] for c in range(image.shape[-1])]
+        for channel, plane in enumerate(planes):
+            suffix = "" if image.ndim == 2 else f"_{channel}"
+            values = plane.ravel()[pixels.index]
+            mean = pixels.total(values.astype(np.float64)) / area
+            table[f"mean_intensity{suffix}"] = mean
+            table[f"max_intensity{suffix}"] = pixels.reduce(np.maximum, values).astype(np.float64)
+            table[f"integrated_intensity{suffix}"] = mean * area
     return table
+
+
+class _Pixels:
+    """The labelled pixels of a 2D array grouped by label (ascending): their flat index, row and column."""
+
+    def __init__(self, labels: np.ndarray):
+        flat = labels.ravel()
+        index = np.flatnonzero(flat)
+        order = np.argsort(flat[index], kind="stable")
+        self.index, ids = index[order], flat[index][order]
+        self.starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if ids.size else np.zeros(0, np.int64)
+        self.label = ids[self.starts]
+        self.count = np.diff(np.r_[self.starts, ids.size])
+        self.rows, self.cols = np.divmod(self.index, labels.shape[1])
+
+    def reduce(self, ufunc, values: np.ndarray) -> np.ndarray:
+        return ufunc.reduceat(values, self.starts) if self.starts.size else values[:0]
+
+    def total(self, values: np.ndarray) -> np.ndarray:
+        return self.reduce(np.add, values)
+
+    def first(self, values: np.ndarray) -> np.ndarray:
+        """Per label, the smallest of ``values`` (broadcast back to its pixels with ``spread``)."""
+        return self.reduce(np.minimum, values)
+
+    def spread(self, per_label: np.ndarray) -> np.ndarray:
+        return np.repeat(per_label, self.count)
+
+
+def _eccentricities(pixels: _Pixels, rows, cols, mean_row, mean_col) -> np.ndarray:
+    """regionprops' eccentricity: from the eigenvalues of each label's inertia tensor (central second moments)."""
+    area = pixels.count.astype(np.float64)
+    dr, dc = rows - pixels.spread(mean_row), cols - pixels.spread(mean_col)
+    a, c, b = pixels.total(dc * dc) / area, pixels.total(dr * dr) / area, -pixels.total(dr * dc) / area
+    half_sum, spread = (a + c) / 2.0, np.sqrt(((a - c) / 2.0) ** 2 + b * b)
+    large, small = np.maximum(half_sum + spread, 0.0), np.maximum(half_sum - spread, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(large > 0, np.sqrt(np.clip(1.0 - small / large, 0.0, None)), 0.0)
+
+
+# skimage.measure.perimeter's weights (4-connected border, Benkrid & Crookes), per neighbourhood code.
+_PERIMETER_WEIGHTS = np.zeros(50)
+_PERIMETER_WEIGHTS[[5, 7, 15, 17, 25, 27]] = 1.0
+_PERIMETER_WEIGHTS[[21, 33]] = math.sqrt(2.0)
+_PERIMETER_WEIGHTS[[13, 23]] = (1.0 + math.sqrt(2.0)) / 2.0
+
+
+def _perimeters(labels: np.ndarray, pixels: _Pixels) -> np.ndarray:
+    """regionprops' perimeter of every label at once: its border pixels (a 4-neighbour outside it) coded by which of
+    their neighbours are border pixels of the same label (2 per side, 10 per corner), and weighted by the code."""
+    padded = np.pad(labels, 1)
+    width = padded.shape[1]
+    flat = padded.ravel()
+    index = (pixels.rows + 1) * width + pixels.cols + 1
+    own = flat[index]
+    sides, corners = (-width, width, -1, 1), (-width - 1, -width + 1, width - 1, width + 1)
+    border = np.zeros(flat.size, bool)
+    border[index] = np.any([flat[index + step] != own for step in sides], axis=0)
+    edge = border[index]
+    index, own = index[edge], own[edge]
+    code = np.ones(index.size, np.int64)
+    for weight, steps in ((2, sides), (10, corners)):
+        for step in steps:
+            code += weight * (border[index + step] & (flat[index + step] == own))
+    lengths = _PERIMETER_WEIGHTS[code]
+    per_pixel = np.zeros(pixels.index.size)
+    per_pixel[edge] = lengths
+    return pixels.total(per_pixel)
+
+
+def _convex_areas(labels: np.ndarray, pixels: _Pixels) -> np.ndarray:
+    """The pixels of each label's convex hull image (``skimage.morphology.convex_hull_image``, as regionprops)."""
+    from skimage.morphology import convex_hull_image
+
+    top, left = pixels.first(pixels.rows), pixels.first(pixels.cols)
+    bottom, right = pixels.reduce(np.maximum, pixels.rows), pixels.reduce(np.maximum, pixels.cols)
+    areas = np.empty(pixels.label.size)
+    for i, (label, y0, x0, y1, x1) in enumerate(zip(pixels.label.tolist(), top, left, bottom, right)):
+        areas[i] = np.count_nonzero(convex_hull_image(labels[y0 : y1 + 1, x0 : x1 + 1] == label))
+    return areas
 
 
 def write_measurements_csv(path, table: dict[str, np.ndarray]) -> None:
