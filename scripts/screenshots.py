@@ -53,8 +53,9 @@ def wait_for(widget, condition, seconds: float = 300.0) -> None:
 
 
 def segment(widget) -> None:
+    """Segment, and wait until the nuclei are shown and measured (the table follows them)."""
     widget.run()
-    wait_for(widget, lambda: widget._worker is None)
+    wait_for(widget, lambda: widget._worker is None and widget._measuring is None)
 
 
 def save(viewer, path: Path, bottom: bool = False) -> None:
@@ -124,7 +125,10 @@ def main() -> None:
     wait_for(widget, lambda: "re-labelled" in widget.status.value)
     save(viewer, out / "04-tuned-split.png")
     widget.split_h.value = 0.5
-    wait_for(widget, lambda: widget._relabel_worker is None and not widget._relabel_timer.isActive())
+    wait_for(
+        widget,
+        lambda: widget._relabel_worker is None and not widget._relabel_timer.isActive() and widget._measuring is None,
+    )
 
     # 3. Correcting with napari's label tools: paint mode on the nuclei layer, zoomed in.
     nuclei = viewer.layers["synthetic nuclei nuclei"]
