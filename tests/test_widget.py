@@ -422,8 +422,11 @@ def test_the_nuclei_are_shown_before_they_are_measured(viewer_and_widget, qtbot,
     nuclei = viewer.layers["shown first nuclei"]
     count = int(nuclei.data.max())
     assert count > 0 and f"{count} nuclei in" in widget.status.value and len(nuclei.features) == 0
+    assert widget.status.value.endswith(segment_module.MEASURING)  # the table is coming
     release.set()
     qtbot.waitUntil(lambda: len(nuclei.features) == count, timeout=10_000)
+    qtbot.waitUntil(lambda: segment_module.MEASURING not in widget.status.value, timeout=10_000)
+    assert f"{count} nuclei in" in widget.status.value
     release.clear()
     widget.min_size.value = 200  # a re-labelling: its nuclei are shown before their table too
     qtbot.waitUntil(lambda: len(measuring) == 2 and widget._relabel_worker is None, timeout=TIMEOUT_MS)

@@ -73,6 +73,7 @@ RELABEL_DELAY_MS = 150
 # ones are measured again when re-labelled.
 MEASURE_DELAY_MS = 500
 MEASURE_AFTER_EDITS_MAX = 2**25
+MEASURING = " · measuring the nuclei…"  # added to the status while the table of the nuclei shown is computed
 
 
 SEGMENT_JOB = "segmenting"
@@ -780,7 +781,9 @@ class SegmentWidget(Container):
         request = self._cache.request
         worker = _measure_worker(labels, request.image, request.pixel_size, volume, request.params)
         worker.returned.connect(lambda features: _unless_closed(self._set_features, layer, features, digest))
-        worker.finished.connect(lambda: _unless_closed(self._on_measured, worker))
+        shown = self.status.value.removesuffix(MEASURING)
+        self.status.value = shown + MEASURING
+        worker.finished.connect(lambda: _unless_closed(self._on_measured, worker, shown))
         self._measuring = worker  # the latest measurement, while it runs
         worker.start()
 
@@ -788,7 +791,10 @@ class SegmentWidget(Container):
         if features is not None and layer in self.viewer.layers and _digest(layer.data) == digest:
             layer.features = features
 
-    def _on_measured(self, worker) -> None:
+    def _on_measured(self, worker, shown: str) -> None:
+        """A measurement ended: the status it extended says no more that the table is coming."""
+        if self.status.value == shown + MEASURING:
+            self.status.value = shown
         if self._measuring is worker:
             self._measuring = None
 
