@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .errors import Cancelled
+from .errors import stop_if_cancelled
 from .io import Normalizer, sample_step
 from .model import Checkpoint
 from .plane import Resolved, pixel_centres, predict_plane
@@ -111,8 +111,7 @@ def segment_large(
     total = 2 * len(cores)
 
     def step(done: int) -> None:
-        if cancel is not None and cancel():
-            raise Cancelled("segmentation cancelled")
+        stop_if_cancelled(cancel)
         if progress is not None:
             progress(done, total)
 

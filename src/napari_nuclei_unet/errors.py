@@ -25,6 +25,12 @@ class Cancelled(NucleiUnetError):
     """Long work stopped at the user's request."""
 
 
+def stop_if_cancelled(cancel) -> None:
+    """Raise :class:`Cancelled` when ``cancel()`` (a callable, or None: never) says the user asked to stop."""
+    if cancel is not None and cancel():
+        raise Cancelled("segmentation cancelled")
+
+
 def describe(error: BaseException, limit: int = 200) -> str:
     """``"TypeName: first line of the message"``, for one-line reports; never raises itself.
 

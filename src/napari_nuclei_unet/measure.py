@@ -93,8 +93,8 @@ def _measure_rows(labels: np.ndarray, image: np.ndarray | None) -> dict[str, np.
         "area": area,
         "perimeter": _perimeters(labels, pixels),
         "equivalent_diameter": np.sqrt(4.0 * area / np.pi),
-        "eccentricity": _eccentricities(pixels, rows, cols, mean_row, mean_col),
-        "solidity": area / _convex_areas(labels, pixels),
+        "eccentricity": _eccentricities(pixels, area, rows - pixels.spread(mean_row), cols - pixels.spread(mean_col)),
+        "solidity": area / _convex_areas(labels, pixels, top, left),
     }
     if image is not None:
         planes = [image] if image.ndim == 2 else [image[..., c] for c in range(image.shape[-1])]
@@ -136,10 +136,9 @@ class _Pixels:
         return np.repeat(per_label, self.count)
 
 
-def _eccentricities(pixels: _Pixels, rows, cols, mean_row, mean_col) -> np.ndarray:
-    """regionprops' eccentricity: from the eigenvalues of each label's inertia tensor (central second moments)."""
-    area = pixels.count.astype(np.float64)
-    dr, dc = rows - pixels.spread(mean_row), cols - pixels.spread(mean_col)
+def _eccentricities(pixels: _Pixels, area: np.ndarray, dr: np.ndarray, dc: np.ndarray) -> np.ndarray:
+    """regionprops' eccentricity: from the eigenvalues of each label's inertia tensor (the second moments of its
+    pixels' offsets ``dr``, ``dc`` from its centroid)."""
     a, c, b = pixels.total(dc * dc) / area, pixels.total(dr * dr) / area, -pixels.total(dr * dc) / area
     half_sum, spread = (a + c) / 2.0, np.sqrt(((a - c) / 2.0) ** 2 + b * b)
     large, small = np.maximum(half_sum + spread, 0.0), np.maximum(half_sum - spread, 0.0)
@@ -177,11 +176,11 @@ def _perimeters(labels: np.ndarray, pixels: _Pixels) -> np.ndarray:
     return pixels.total(per_pixel)
 
 
-def _convex_areas(labels: np.ndarray, pixels: _Pixels) -> np.ndarray:
-    """The pixels of each label's convex hull image (``skimage.morphology.convex_hull_image``, as regionprops)."""
+def _convex_areas(labels: np.ndarray, pixels: _Pixels, top: np.ndarray, left: np.ndarray) -> np.ndarray:
+    """The pixels of each label's convex hull image (``skimage.morphology.convex_hull_image``, as regionprops);
+    ``top``, ``left``: each label's first row and column."""
     from skimage.morphology import convex_hull_image
 
-    top, left = pixels.first(pixels.rows), pixels.first(pixels.cols)
     bottom, right = pixels.reduce(np.maximum, pixels.rows), pixels.reduce(np.maximum, pixels.cols)
     areas = np.empty(pixels.label.size)
     for i, (label, y0, x0, y1, x1) in enumerate(zip(pixels.label.tolist(), top, left, bottom, right)):

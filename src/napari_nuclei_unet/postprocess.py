@@ -27,6 +27,12 @@ MARKERS = ("distance", "boundary", "centre")
 MARKER_THRESHOLDS = {"distance": 0.5, "boundary": 0.7, "centre": 0.4}  # distance markers use none
 
 
+# The min confidence drops at most this share of an image's objects. The most it drops on any choosing image is
+# 0.399 (a MoNuSeg tile; docs/model-card.md): an image where the model is unsure of more is unlike the images its
+# level was calibrated on (a stain it never saw, such as DAB), and only its least sure objects go.
+MAX_UNSURE_SHARE = 0.4
+
+
 def auto_threshold(probability: np.ndarray) -> float:
     """Otsu's threshold of the probability map, kept within [0.3, 0.7].
 
@@ -139,13 +145,28 @@ def instances(
         return mask, np.zeros(mask.shape, np.int32)
     markers, surface = _markers_and_surface(probabilities, outputs, params, mask, scale)
     labels = watershed(surface, markers, mask=mask)
-    # Mask components that got no marker (tiny or thin) still count as nuclei.
+    return finished(labels, mask, foreground, params.min_size, float(params.min_confidence), report=report)
+
+
+def finished(
+    labels: np.ndarray,
+    mask: np.ndarray,
+    foreground: np.ndarray,
+    min_size: int,
+    min_confidence: float,
+    max_share: float = MAX_UNSURE_SHARE,
+    report: dict | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(mask, labels)`` from a watershed's labels (2D or 3D): the parts of ``mask`` no marker reached (tiny or
+    thin) count as nuclei; objects under ``min_size`` pixels and those the network is unsure of
+    (:func:`unsure_objects`, at most ``max_share``) are dropped; the rest renumbered 1..N (int32).
+    ``report["unsure"]``: the objects dropped by the min confidence alone."""
     orphans, count = ndi.label(mask & (labels == 0))
     if count:
         labels = np.where(orphans > 0, orphans + labels.max(), labels)
     sizes = np.bincount(labels.ravel())
-    drop = sizes < params.min_size
-    unsure = unsure_objects(labels, foreground, sizes, drop, float(params.min_confidence))
+    drop = sizes < min_size
+    unsure = unsure_objects(labels, foreground, sizes, drop, min_confidence, max_share)
     drop |= unsure
     drop[0] = False
     if report is not None:
@@ -193,12 +214,6 @@ def drop_small_labels(labels: np.ndarray, min_size: int) -> np.ndarray:
     For labels sampled from a finer grid onto image pixels, where an object can come out a few pixels smaller
     than it was on the grid it was measured on, or vanish between pixel centres."""
     return keep_renumbered(labels, np.bincount(labels.ravel()) >= max(min_size, 1))
-
-
-# The min confidence drops at most this share of an image's objects. The most it drops on any choosing image is
-# 0.399 (a MoNuSeg tile; docs/model-card.md): an image where the model is unsure of more is unlike the images its
-# level was calibrated on (a stain it never saw, such as DAB), and only its least sure objects go.
-MAX_UNSURE_SHARE = 0.4
 
 
 def unsure_objects(

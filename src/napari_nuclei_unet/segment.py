@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from .blocks import segment_large
-from .errors import Cancelled, InputError
+from .errors import InputError, stop_if_cancelled
 from .io import Normalizer, check_stack_layout, is_single_plane, sample_step
 from .model import Checkpoint
 from .params import AUTO, IMAGE_TYPES, STACKS, STAINS, SegmentParams
@@ -433,8 +433,7 @@ def segment_planes(
             # Labelled: drop the finer grid, up to 16x the plane's probabilities (zoom 4), so a
             # stack of small nuclei holds no more than its image-grid probabilities.
             results[index].prediction.network = None
-    if cancel is not None and cancel():
-        raise Cancelled("segmentation cancelled")
+    stop_if_cancelled(cancel)
     shown = next(iter(results.values())).prediction
     factor = resolved.factor if shown is None else shown.factor  # an estimation pass reused at its own zoom
     seconds = time.perf_counter() - started
@@ -460,8 +459,7 @@ def _segment_volume(
             prediction.network = None  # labelled on the image grid: the volume holds no finer one
             predictions[z] = prediction
             megapixels += plane.shape[0] * plane.shape[1] / 1e6
-        if cancel is not None and cancel():
-            raise Cancelled("segmentation cancelled")
+        stop_if_cancelled(cancel)
         if large:
             foreground[z] = predictions.pop(z).probabilities[checkpoint.outputs.index("foreground")]
     if large:
@@ -513,8 +511,7 @@ def _label_volume_blocks(
     nucleus = resolved.diameter or (checkpoint.nucleus_diameter or 20.0) / resolved.factor
 
     def step(index: int, blocks: int) -> None:
-        if cancel is not None and cancel():
-            raise Cancelled("segmentation cancelled")
+        stop_if_cancelled(cancel)
         if progress is not None:
             progress(count * blocks + index, (count + 1) * blocks)
 
@@ -625,8 +622,7 @@ def segment_time_points(
     count = int(image.shape[0])
     results = []
     for index in range(count):
-        if cancel is not None and cancel():
-            raise Cancelled("segmentation cancelled")
+        stop_if_cancelled(cancel)
         step = None if progress is None else _plane_progress(progress, index, count)
         target = None if labels_out is None else _PlaneOf(labels_out, index)
         results.append(

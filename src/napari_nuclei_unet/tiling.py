@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import Cancelled
+from .errors import stop_if_cancelled
 from .forward import Forward, torch_forward
 from .io import Normalizer
 from .params import InputSizes, TilingParams
@@ -138,8 +138,7 @@ def _run_tiles(
     """Run ``forward`` on each batch of tiles and blend the results into ``out``."""
     done, total = 0, sum(len(batch) for batch in batches)
     for batch_tiles in batches:
-        if cancel is not None and cancel():
-            raise Cancelled("segmentation cancelled")
+        stop_if_cancelled(cancel)
         batch = np.zeros((len(batch_tiles), normalizer.channels, *tile_shape), np.float32)
         for slot, tile in enumerate(batch_tiles):
             crop = normalizer(plane[tile.y : tile.y + tile.height, tile.x : tile.x + tile.width])

@@ -15,15 +15,14 @@ from collections.abc import Callable
 import numpy as np
 from scipy import ndimage as ndi
 
-from .errors import Cancelled
+from .errors import stop_if_cancelled
 from .params import PostprocessParams
 from .postprocess import (
     block_grid,
     check_resolved,
     distance_markers,
+    finished,
     grow,
-    keep_renumbered,
-    unsure_objects,
     write_owned,
 )
 
@@ -119,34 +118,19 @@ def volume_instances(
         report["unsure"] = 0
     if not mask.any():
         return mask, np.zeros(mask.shape, np.int32)
-    _stop_if(cancel)
+    stop_if_cancelled(cancel)
     distance = ndi.distance_transform_edt(mask, sampling=(shortened, 1.0, 1.0)).astype(np.float32)
-    _stop_if(cancel)
+    stop_if_cancelled(cancel)
     smoothing = 1.0 / network_zoom
     markers = distance_markers(
         distance, mask, params.h / network_zoom, smoothing=(smoothing / shortened, smoothing, smoothing)
     )
-    _stop_if(cancel)
+    stop_if_cancelled(cancel)
     labels = watershed(-distance, markers, mask=mask)
-    _stop_if(cancel)
-    orphans, count = ndi.label(mask & (labels == 0))
-    if count:
-        labels = np.where(orphans > 0, orphans + labels.max(), labels)
-    sizes = np.bincount(labels.ravel())
-    drop = sizes < min_voxels(params.min_size, ratio)
+    stop_if_cancelled(cancel)
     # No cap on the share dropped in 3D: volumes hold few nuclei (docs/model-card.md).
-    unsure = unsure_objects(labels, foreground, sizes, drop, float(params.min_confidence), max_share=1.0)
-    drop |= unsure
-    drop[0] = False
-    if report is not None:
-        report["unsure"] = int(unsure.sum())
-    labels = keep_renumbered(labels, (sizes > 0) & ~drop)
-    return labels > 0, labels
-
-
-def _stop_if(cancel: Callable[[], bool] | None) -> None:
-    if cancel is not None and cancel():
-        raise Cancelled("segmentation cancelled")
+    smallest = min_voxels(params.min_size, ratio)
+    return finished(labels, mask, foreground, smallest, float(params.min_confidence), max_share=1.0, report=report)
 
 
 def volume_instances_blocked(
