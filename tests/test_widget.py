@@ -441,6 +441,51 @@ def test_the_nuclei_are_shown_before_they_are_measured(viewer_and_widget, qtbot,
     assert offered[0] is not None and len(offered[0]["index"]) > 0 and len(nuclei.features) == 0
 
 
+def test_a_geojson_saved_before_the_table_is_there_carries_the_nuclei_on_screen(
+    viewer_and_widget, qtbot, monkeypatch, tmp_path
+):
+    """Saved while a re-labelling's table was being measured (or after an edit it did not follow yet), a GeoJSON
+    used to carry no measurements or another labelling's: its nuclei's shapes are now measured for the file."""
+    import json
+
+    viewer, widget = viewer_and_widget
+    image, _ = nuclei_field((96, 128), count=6, diameter=16, seed=2)
+    widget.image_layer.value = viewer.add_image(image, name="saved early")
+    release = threading.Event()
+    release.set()
+    measured = segment_module._features
+    monkeypatch.setattr(segment_module, "_features", lambda *args: release.wait(30) and measured(*args))
+    run_and_wait(widget, qtbot)
+    nuclei = viewer.layers["saved early nuclei"]
+
+    def saved() -> dict[int, dict]:
+        nuclei.save(str(tmp_path / "nuclei.geojson"), plugin=PLUGIN)
+        collection = json.loads((tmp_path / "nuclei.geojson").read_text())
+        rows = [feature["properties"]["measurements"] for feature in collection["features"]]
+        return {row["label"]: row for row in rows}
+
+    def areas() -> dict[int, float]:
+        values, counts = np.unique(nuclei.data[nuclei.data > 0], return_counts=True)
+        return dict(zip(values.tolist(), counts.astype(float).tolist()))
+
+    table = saved()  # the widget's own table: intensities included
+    assert len(table) == len(areas()) > 0 and all("mean_intensity" in row for row in table.values())
+    release.clear()
+    widget.min_size.value = widget.min_size.value + 20  # re-labelled; its table is held back
+    qtbot.waitUntil(lambda: widget._relabel_worker is None and "re-labelled" in widget.status.value, timeout=TIMEOUT_MS)
+    assert len(nuclei.features) == 0
+    with pytest.warns(UserWarning, match="not up to date"):
+        table = saved()
+    assert {label: row["area"] for label, row in table.items()} == areas()
+    release.set()
+    qtbot.waitUntil(lambda: widget._measuring is None and len(nuclei.features) > 0, timeout=10_000)
+    first = min(areas())
+    nuclei.data = np.where(nuclei.data == first, 0, nuclei.data)  # an edit the table has not followed yet
+    with pytest.warns(UserWarning, match="not up to date"):
+        table = saved()
+    assert first not in table and {label: row["area"] for label, row in table.items()} == areas()
+
+
 def test_start_is_visible_at_1280x800_with_advanced_settings_collapsed(viewer_and_widget, qtbot):
     """Item 2: two docked widgets were 1631-1813 px tall on a 1000 px screen, with Start off-screen."""
     viewer, widget = viewer_and_widget

@@ -57,10 +57,31 @@ def write_geojson_polygons(path: str, data: Any, meta: dict) -> list[str]:
         from .errors import InputError
 
         raise InputError(f"{path}: GeoJSON holds one 2D plane; this layer is {labels.ndim}D")
+    return [str(write_geojson(path, labels, _measurements(path, labels, meta)))]
+
+
+def _measurements(path: str, labels: np.ndarray, meta: dict) -> dict | None:
+    """The layer's features table as ``{column: values}`` with a ``label`` column, if it describes these labels.
+
+    A layer the Segment widget wrote records which labels its table was measured on. Saved before the table of its
+    latest labels is there (just re-labelled or edited), that table would give nuclei another's numbers: their
+    shapes are measured here instead (the writer has no image, so no intensities), and a warning says so."""
+    ours = (meta.get("metadata") or {}).get("nuclei_unet") or {}
+    if ours.get("measured"):  # a nuclei layer whose table the widget keeps
+        from .measure import fingerprint, measure
+
+        if ours.get("table") != fingerprint(labels):
+            import warnings
+
+            warnings.warn(
+                f"{path}: the nuclei's measurements table was not up to date with their labels; their shapes were "
+                "measured again for the file, without the intensity columns",
+                stacklevel=2,
+            )
+            return measure(labels, None, ours.get("pixel_size"))
     features = meta.get("features")
-    table = None
     key = next((name for name in ("label", "index") if features is not None and name in features), None)
-    if key is not None and len(features):  # napari's convention: "index" is the label a row describes
-        others = {str(c): np.asarray(features[c]) for c in features.columns if c not in ("index", "label")}
-        table = {"label": np.asarray(features[key]), **others}
-    return [str(write_geojson(path, labels, table))]
+    if key is None or not len(features):  # napari's convention: "index" is the label a row describes
+        return None
+    others = {str(c): np.asarray(features[c]) for c in features.columns if c not in ("index", "label")}
+    return {"label": np.asarray(features[key]), **others}

@@ -24,6 +24,15 @@ BLOCK_ROWS = 4096
 _HALO_ROWS = 256  # first guess at how far below its strip a nucleus reaches
 
 
+def fingerprint(labels) -> str:
+    """A fingerprint of a label image, to tell later whether anything changed it (an edit, a re-labelling), and so
+    whether a table measured on it still describes it."""
+    import hashlib
+
+    array = np.ascontiguousarray(np.asarray(labels))
+    return hashlib.blake2b(array.view(np.uint8).ravel(), digest_size=16).hexdigest() + f"|{array.dtype}|{array.shape}"
+
+
 def measure(labels, image=None, pixel_size: float | None = None, block_rows: int = BLOCK_ROWS) -> dict[str, np.ndarray]:
     """The measurements of every nucleus of a 2D label image, as ``{column: array}`` sorted by label.
 

@@ -24,6 +24,7 @@ from qtpy.QtCore import QTimer
 
 from ..errors import Cancelled, nuclei_text
 from ..io import channel_axis, take_channel
+from ..measure import fingerprint
 from ..params import (
     AUTO,
     IMAGE_TYPES,
@@ -693,6 +694,7 @@ class SegmentWidget(Container):
         shape = _spatial_shape(source, cache.request.channel)
         axes = _spatial_axes(source, cache.request.channel)
         metadata = result_metadata(cache.model_name, cache.key, params, used, image_id(source))
+        metadata["pixel_size"] = cache.request.pixel_size  # µm, for measurements made without the widget
         layers = {}
         for suffix, position, dtype in (("nuclei", 1, np.int32), ("mask", 0, np.uint8)):
             layer = layers[suffix] = self._result_layer(source, suffix, Labels, shape, dtype, axes)
@@ -701,7 +703,7 @@ class SegmentWidget(Container):
                 target = data if index is None else data[index]
                 if planes[position] is not None:
                     target[...] = planes[position]
-            layer.metadata["nuclei_unet"] = {**metadata, "edited": False, "written": _digest(layer.data)}
+            layer.metadata["nuclei_unet"] = {**metadata, "edited": False, "written": fingerprint(layer.data)}
             layer.refresh()
         maxima = [int(labels.max()) for _mask, labels in labelled.values()]
         if self.show_probability.value:
@@ -764,7 +766,7 @@ class SegmentWidget(Container):
         if layer.data.size > MEASURE_AFTER_EDITS_MAX:
             return
         labels = np.array(layer.data)
-        self._start_measuring(layer, labels, _digest(labels), cache.used.get("stack") == "z")
+        self._start_measuring(layer, labels, fingerprint(labels), cache.used.get("stack") == "z")
 
     def _measure(self, labels: np.ndarray | None, volume: bool) -> None:
         """Measure the nuclei just written and shown (``labels``: a 2D image's or a Z-stack's; None for planes labelled
@@ -788,8 +790,9 @@ class SegmentWidget(Container):
         worker.start()
 
     def _set_features(self, layer: Labels, features: dict | None, digest: str) -> None:
-        if features is not None and layer in self.viewer.layers and _digest(layer.data) == digest:
+        if features is not None and layer in self.viewer.layers and fingerprint(layer.data) == digest:
             layer.features = features
+            layer.metadata["nuclei_unet"]["table"] = digest  # the labels it describes: exports check it
 
     def _on_measured(self, worker, shown: str) -> None:
         """A measurement ended: the status it extended says no more that the table is coming."""
@@ -803,15 +806,7 @@ def is_edited(layer) -> bool:
     """Whether a result layer holds edits: painted, or its data changed in any other way (the console, a
     script, another plugin) since the widget wrote it. Such a layer is never overwritten."""
     meta = layer.metadata.get("nuclei_unet", {})
-    return bool(meta.get("edited")) or ("written" in meta and _digest(layer.data) != meta["written"])
-
-
-def _digest(data) -> str:
-    """A fingerprint of a layer's labels, to tell later whether anything changed them."""
-    import hashlib
-
-    array = np.ascontiguousarray(np.asarray(data))
-    return hashlib.blake2b(array.view(np.uint8).ravel(), digest_size=16).hexdigest() + f"|{array.dtype}|{array.shape}"
+    return bool(meta.get("edited")) or ("written" in meta and fingerprint(layer.data) != meta["written"])
 
 
 def _layer_data(layer: Image):
