@@ -123,8 +123,9 @@ class _Pixels:
     def __init__(self, labels: np.ndarray):
         flat = labels.ravel()
         index = np.flatnonzero(flat)
-        order = np.argsort(flat[index], kind="stable")
-        self.index, ids = index[order], flat[index][order]
+        values = flat[index]
+        order = np.argsort(values, kind="stable")
+        self.index, ids = index[order], values[order]
         self.starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if ids.size else np.zeros(0, np.int64)
         self.label = ids[self.starts]
         self.count = np.diff(np.r_[self.starts, ids.size])
